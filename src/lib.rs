@@ -1,0 +1,5 @@
+//! walrelay: transactional-outbox events from PostgreSQL to Kafka through
+//! logical replication.
+
+pub mod lsn;
+pub mod pgoutput;
