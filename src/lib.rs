@@ -3,3 +3,7 @@
 
 pub mod lsn;
 pub mod pgoutput;
+pub mod replication;
+pub mod relation_cache;
+pub mod tail;
+pub mod cli;

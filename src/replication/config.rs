@@ -1,0 +1,359 @@
+//! Where and how to connect: a libpq-style URL, parsed and checked.
+//!
+//! Options walrelay does not implement are refused with an error that names
+//! them; silently ignoring, say, `sslmode=require` would send a password in
+//! the clear to a user who asked for encryption.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+
+/// A password that never shows itself in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(text: impl Into<String>) -> Self {
+        Password(text.into())
+    }
+
+    /// The secret itself, for the authentication exchange only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Tcp(String),
+    /// A directory holding the server's Unix socket (`.s.PGSQL.<port>`).
+    UnixSocketDir(PathBuf),
+}
+
+/// libpq's `sslmode`, restricted to what this build can honour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    /// `allow` and `prefer`: encryption if available. This build has no TLS,
+    /// so both connect in plain text, exactly as libpq does with a server
+    /// that offers no TLS.
+    Prefer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    pub host: Host,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Password>,
+    pub dbname: String,
+    pub ssl_mode: SslMode,
+    pub application_name: String,
+    pub connect_timeout: Option<Duration>,
+}
+
+/// A connection URL walrelay cannot use as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "connection URL must start with postgres:// or postgresql:// (got {0:?}); example: postgres://walrelay:secret@localhost:5432/app"
+    )]
+    Scheme(String),
+    #[error("connection URL: invalid port {0:?}: use a number from 1 to 65535")]
+    Port(String),
+    #[error("connection URL: {0} is not valid percent-encoded UTF-8")]
+    Encoding(&'static str),
+    #[error(
+        "connection URL: sslmode={0} is not supported yet (this build has no TLS); use sslmode=disable or prefer, or connect through a local TLS tunnel"
+    )]
+    UnsupportedSslMode(String),
+    #[error("connection URL: unknown sslmode {0:?}; use disable, allow, prefer, require, verify-ca or verify-full")]
+    UnknownSslMode(String),
+    #[error(
+        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, application_name, connect_timeout"
+    )]
+    UnknownParameter(String),
+    #[error("connection URL: connect_timeout={0:?} is not a whole number of seconds")]
+    ConnectTimeout(String),
+}
+
+impl ConnectionConfig {
+    /// Parses `postgres://user:password@host:port/dbname?param=value`.
+    ///
+    /// The host may be a percent-encoded Unix socket directory
+    /// (`postgres://%2Fvar%2Frun%2Fpostgresql/app`) or given as `?host=/dir`.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| ConfigError::Scheme(redact_url(url)))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.split_once('/') {
+            Some((authority, path)) => (authority, path),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, authority),
+        };
+
+        let mut user = None;
+        let mut password = None;
+        if let Some(userinfo) = userinfo {
+            let (u, p) = match userinfo.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (userinfo, None),
+            };
+            if !u.is_empty() {
+                user = Some(decode(u, "user name")?);
+            }
+            if let Some(p) = p {
+                password = Some(Password(decode(p, "password")?));
+            }
+        }
+
+        let (host_text, port_text) = split_host_port(hostport);
+        let mut host = if host_text.is_empty() {
+            None
+        } else {
+            Some(decode(host_text, "host")?)
+        };
+        let mut port = match port_text {
+            Some(p) => Some(parse_port(p)?),
+            None => None,
+        };
+        let mut dbname = if path.is_empty() {
+            None
+        } else {
+            Some(decode(path, "database name")?)
+        };
+        let mut ssl_mode = SslMode::Prefer;
+        let mut application_name = "walrelay".to_owned();
+        let mut connect_timeout = None;
+
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode(value, "query parameter")?;
+            match key {
+                "host" => host = Some(value),
+                "port" => port = Some(parse_port(&value)?),
+                "user" => user = Some(value),
+                "password" => password = Some(Password(value)),
+                "dbname" => dbname = Some(value),
+                "application_name" => application_name = value,
+                "sslmode" => {
+                    ssl_mode = match value.as_str() {
+                        "disable" => SslMode::Disable,
+                        "allow" | "prefer" => SslMode::Prefer,
+                        "require" | "verify-ca" | "verify-full" => {
+                            return Err(ConfigError::UnsupportedSslMode(value));
+                        }
+                        _ => return Err(ConfigError::UnknownSslMode(value)),
+                    }
+                }
+                "connect_timeout" => {
+                    let secs: u64 = value
+                        .parse()
+                        .map_err(|_| ConfigError::ConnectTimeout(value.clone()))?;
+                    connect_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+                }
+                other => return Err(ConfigError::UnknownParameter(other.to_owned())),
+            }
+        }
+
+        let user = user
+            .or_else(|| std::env::var("PGUSER").ok())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".to_owned());
+        let host = match host {
+            Some(h) if h.starts_with('/') => Host::UnixSocketDir(PathBuf::from(h)),
+            Some(h) => Host::Tcp(h),
+            None => Host::Tcp("localhost".to_owned()),
+        };
+        Ok(ConnectionConfig {
+            host,
+            port: port.unwrap_or(5432),
+            dbname: dbname.unwrap_or_else(|| user.clone()),
+            user,
+            password: password.or_else(|| std::env::var("PGPASSWORD").ok().map(Password)),
+            ssl_mode,
+            application_name,
+            connect_timeout,
+        })
+    }
+
+    /// The same settings for tokio-postgres, used by the ordinary SQL
+    /// connection (setup, slot monitoring).
+    pub fn to_tokio_postgres(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        match &self.host {
+            Host::Tcp(h) => config.host(h),
+            Host::UnixSocketDir(dir) => config.host_path(dir),
+        };
+        config
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name(&self.application_name)
+            .ssl_mode(match self.ssl_mode {
+                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            });
+        if let Some(password) = &self.password {
+            config.password(password.expose());
+        }
+        if let Some(timeout) = self.connect_timeout {
+            config.connect_timeout(timeout);
+        }
+        config
+    }
+
+    /// Where the server is, for messages: `host:port` or the socket path.
+    pub fn address(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) => format!("{h}:{}", self.port),
+            Host::UnixSocketDir(dir) => format!("{}/.s.PGSQL.{}", dir.display(), self.port),
+        }
+    }
+}
+
+/// The URL with any password replaced, safe to print.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let after = &url[scheme_end + 3..];
+    let authority_end = after.find(['/', '?']).unwrap_or(after.len());
+    let authority = &after[..authority_end];
+    let mut out = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{}{user}:***@{host}", &url[..scheme_end + 3]),
+            None => url[..scheme_end + 3 + authority_end].to_owned(),
+        },
+        None => url[..scheme_end + 3 + authority_end].to_owned(),
+    };
+    let tail = &after[authority_end..];
+    // A password may also hide in the query string.
+    let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
+    out.push_str(path);
+    if !query.is_empty() {
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some(("password", _)) => "password=***".to_owned(),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&redacted.join("&"));
+    }
+    out
+}
+
+fn decode(text: &str, what: &'static str) -> Result<String, ConfigError> {
+    percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ConfigError::Encoding(what))
+}
+
+fn parse_port(text: &str) -> Result<u16, ConfigError> {
+    match text.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(ConfigError::Port(text.to_owned())),
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host` or `:port`.
+fn split_host_port(text: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = text.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            return (host, after.strip_prefix(':'));
+        }
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (text, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_with_every_part_is_parsed() {
+        let c = ConnectionConfig::from_url(
+            "postgres://relay:s%40cret@db.example:6543/app?sslmode=disable&application_name=x&connect_timeout=5",
+        )
+        .unwrap();
+        assert_eq!(c.host, Host::Tcp("db.example".into()));
+        assert_eq!(c.port, 6543);
+        assert_eq!(c.user, "relay");
+        assert_eq!(c.password.as_ref().unwrap().expose(), "s@cret");
+        assert_eq!(c.dbname, "app");
+        assert_eq!(c.ssl_mode, SslMode::Disable);
+        assert_eq!(c.application_name, "x");
+        assert_eq!(c.connect_timeout, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn unix_socket_directory_is_accepted_encoded_or_as_a_parameter() {
+        let a = ConnectionConfig::from_url("postgres://u@%2Ftmp%2Fpg:5433/db").unwrap();
+        assert_eq!(a.host, Host::UnixSocketDir("/tmp/pg".into()));
+        assert_eq!(a.address(), "/tmp/pg/.s.PGSQL.5433");
+        let b = ConnectionConfig::from_url("postgresql:///db?host=/tmp/pg&user=u").unwrap();
+        assert_eq!(b.host, Host::UnixSocketDir("/tmp/pg".into()));
+        assert_eq!(b.user, "u");
+    }
+
+    #[test]
+    fn ipv6_host_in_brackets_is_parsed() {
+        let c = ConnectionConfig::from_url("postgres://u@[::1]:5544/db").unwrap();
+        assert_eq!(c.host, Host::Tcp("::1".into()));
+        assert_eq!(c.port, 5544);
+    }
+
+    #[test]
+    fn sslmode_require_is_refused_until_tls_exists() {
+        let err = ConnectionConfig::from_url("postgres://u@h/db?sslmode=require").unwrap_err();
+        assert_eq!(err, ConfigError::UnsupportedSslMode("require".into()));
+        assert!(err.to_string().contains("sslmode=disable"));
+    }
+
+    #[test]
+    fn unknown_parameters_and_bad_ports_are_refused_by_name() {
+        let err = ConnectionConfig::from_url("postgres://u@h/db?target_session_attrs=any").unwrap_err();
+        assert_eq!(err, ConfigError::UnknownParameter("target_session_attrs".into()));
+        let err = ConnectionConfig::from_url("postgres://u@h:99999/db").unwrap_err();
+        assert_eq!(err, ConfigError::Port("99999".into()));
+        assert!(matches!(
+            ConnectionConfig::from_url("mysql://u@h/db"),
+            Err(ConfigError::Scheme(_))
+        ));
+    }
+
+    #[test]
+    fn password_never_appears_in_debug_output_or_redacted_urls() {
+        let c = ConnectionConfig::from_url("postgres://u:hunter2@h/db").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=hunter2&sslmode=disable"),
+            "postgres://u@h/db?password=***&sslmode=disable"
+        );
+        let err = ConnectionConfig::from_url("mysql://u:hunter2@h/db").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+}

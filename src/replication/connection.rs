@@ -1,0 +1,463 @@
+//! A walsender connection: startup, authentication, simple queries and the
+//! replication commands. `stream.rs` takes over once START_REPLICATION
+//! switches the connection into CopyBoth mode.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::config::{ConnectionConfig, Host};
+use super::error::{ReplicationError, ServerError};
+use super::stream::ReplicationStream;
+use crate::lsn::Lsn;
+
+/// Any byte stream to the server (TCP or a Unix socket).
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// A backend message, including CopyBothResponse, which postgres-protocol
+/// does not parse.
+pub(crate) enum BackendMessage {
+    CopyBothResponse,
+    Other(backend::Message),
+}
+
+/// Framing shared by the command phase and the CopyBoth phase.
+pub(crate) struct Wire {
+    socket: Box<dyn Socket>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+impl Wire {
+    /// Reads the next complete message. Cancel-safe: a partial message stays
+    /// in the buffer for the next call.
+    pub(crate) async fn read_message(&mut self) -> Result<BackendMessage, ReplicationError> {
+        loop {
+            if let Some(header) = backend::Header::parse(&self.read_buf)? {
+                if header.tag() == b'W' {
+                    let total = header.len() as usize + 1;
+                    if self.read_buf.len() >= total {
+                        self.read_buf.advance(total);
+                        return Ok(BackendMessage::CopyBothResponse);
+                    }
+                } else if let Some(message) = backend::Message::parse(&mut self.read_buf)? {
+                    return Ok(BackendMessage::Other(message));
+                }
+            }
+            self.read_buf.reserve(64 * 1024);
+            if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ReplicationError::Closed);
+            }
+        }
+    }
+
+    /// The buffer to encode frontend messages into before `flush`.
+    pub(crate) fn out(&mut self) -> &mut BytesMut {
+        &mut self.write_buf
+    }
+
+    pub(crate) async fn flush(&mut self) -> Result<(), ReplicationError> {
+        let data = self.write_buf.split();
+        self.socket.write_all(&data).await?;
+        self.socket.flush().await?;
+        Ok(())
+    }
+}
+
+/// Server identity from IDENTIFY_SYSTEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    /// The current WAL flush position.
+    pub xlog_pos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// A slot made by CREATE_REPLICATION_SLOT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreatedSlot {
+    pub name: String,
+    /// Changes committed after this position will be decoded.
+    pub consistent_point: Lsn,
+}
+
+/// Options of START_REPLICATION for pgoutput.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    pub slot: String,
+    pub start_lsn: Lsn,
+    pub publications: Vec<String>,
+    /// `None`: the highest version the server supports.
+    pub proto_version: Option<u32>,
+    /// Ask for logical decoding messages (`pg_logical_emit_message`).
+    pub messages: bool,
+}
+
+/// Result rows of a simple query, as text.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// An authenticated walsender connection (`replication=database`).
+pub struct ReplicationConnection {
+    wire: Wire,
+    parameters: HashMap<String, String>,
+}
+
+impl ReplicationConnection {
+    /// Connects, authenticates and waits until the server is ready.
+    pub async fn connect(config: &ConnectionConfig) -> Result<Self, ReplicationError> {
+        let timeout = config.connect_timeout.unwrap_or(Duration::from_secs(30));
+        let socket = tokio::time::timeout(timeout, open_socket(config))
+            .await
+            .map_err(|_| ReplicationError::Connect {
+                address: config.address(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ),
+            })??;
+        let mut conn = ReplicationConnection {
+            wire: Wire {
+                socket,
+                read_buf: BytesMut::with_capacity(64 * 1024),
+                write_buf: BytesMut::with_capacity(1024),
+            },
+            parameters: HashMap::new(),
+        };
+        conn.startup(config).await?;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, config: &ConnectionConfig) -> Result<(), ReplicationError> {
+        // Fixed output settings, so timestamps and text values decode the
+        // same way whatever the server's defaults are.
+        let params = [
+            ("user", config.user.as_str()),
+            ("database", config.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", config.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
+        ];
+        frontend::startup_message(params, self.wire.out())?;
+        self.wire.flush().await?;
+        self.authenticate(config).await?;
+        loop {
+            match self.read().await? {
+                backend::Message::ParameterStatus(p) => {
+                    self.parameters.insert(p.name()?.to_owned(), p.value()?.to_owned());
+                }
+                backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                other => return Err(unexpected("startup", &other)),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, config: &ConnectionConfig) -> Result<(), ReplicationError> {
+        let password = || {
+            config
+                .password
+                .as_ref()
+                .map(|p| p.expose().as_bytes())
+                .ok_or(ReplicationError::PasswordRequired)
+        };
+        match self.read().await? {
+            backend::Message::AuthenticationOk => return Ok(()),
+            backend::Message::AuthenticationCleartextPassword => {
+                frontend::password_message(password()?, self.wire.out())?;
+            }
+            backend::Message::AuthenticationMd5Password(body) => {
+                let hash = md5_hash(config.user.as_bytes(), password()?, body.salt());
+                frontend::password_message(hash.as_bytes(), self.wire.out())?;
+            }
+            backend::Message::AuthenticationSasl(body) => {
+                let mut mechanisms = body.mechanisms();
+                let mut has_scram = false;
+                while let Some(m) = mechanisms.next()? {
+                    has_scram |= m == sasl::SCRAM_SHA_256;
+                }
+                if !has_scram {
+                    return Err(ReplicationError::UnsupportedAuthentication(
+                        "SASL without SCRAM-SHA-256".into(),
+                    ));
+                }
+                self.scram(password()?).await?;
+            }
+            backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
+                return Err(ReplicationError::UnsupportedAuthentication("GSSAPI/SSPI".into()));
+            }
+            backend::Message::AuthenticationKerberosV5 => {
+                return Err(ReplicationError::UnsupportedAuthentication("Kerberos V5".into()));
+            }
+            backend::Message::AuthenticationScmCredential => {
+                return Err(ReplicationError::UnsupportedAuthentication("SCM credential".into()));
+            }
+            other => return Err(unexpected("authentication", &other)),
+        }
+        if !matches!(self.wire_flush_then_read().await?, backend::Message::AuthenticationOk) {
+            return Err(ReplicationError::Protocol("authentication did not end with AuthenticationOk".into()));
+        }
+        Ok(())
+    }
+
+    async fn scram(&mut self, password: &[u8]) -> Result<(), ReplicationError> {
+        let mut scram = sasl::ScramSha256::new(password, sasl::ChannelBinding::unsupported());
+        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), self.wire.out())?;
+        match self.wire_flush_then_read().await? {
+            backend::Message::AuthenticationSaslContinue(body) => scram.update(body.data())?,
+            other => return Err(unexpected("SCRAM exchange", &other)),
+        }
+        frontend::sasl_response(scram.message(), self.wire.out())?;
+        match self.wire_flush_then_read().await? {
+            backend::Message::AuthenticationSaslFinal(body) => scram.finish(body.data())?,
+            other => return Err(unexpected("SCRAM exchange", &other)),
+        }
+        Ok(())
+    }
+
+    async fn wire_flush_then_read(&mut self) -> Result<backend::Message, ReplicationError> {
+        self.wire.flush().await?;
+        self.read().await
+    }
+
+    /// Reads one message; an ErrorResponse becomes an error.
+    async fn read(&mut self) -> Result<backend::Message, ReplicationError> {
+        match self.wire.read_message().await? {
+            BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                Err(parse_server_error(body.fields())?.into())
+            }
+            BackendMessage::Other(message) => Ok(message),
+            BackendMessage::CopyBothResponse => {
+                Err(ReplicationError::Protocol("unexpected CopyBothResponse".into()))
+            }
+        }
+    }
+
+    /// A server parameter reported at startup (`server_version`, ...).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters.get(name).map(String::as_str)
+    }
+
+    /// The server's major version (10, 11, ... 17), from `server_version`.
+    pub fn server_major_version(&self) -> Option<u32> {
+        let version = self.parameter("server_version")?;
+        let digits: String = version.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    }
+
+    /// Runs one statement through the simple query protocol and returns its
+    /// rows as text. Used for replication commands and a few queries.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, ReplicationError> {
+        frontend::query(sql, self.wire.out())?;
+        self.wire.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.wire.read_message().await? {
+                BackendMessage::Other(message) => match message {
+                    backend::Message::DataRow(row) => {
+                        let buffer = row.buffer();
+                        let mut values = Vec::new();
+                        let mut ranges = row.ranges();
+                        while let Some(range) = ranges.next()? {
+                            values.push(match range {
+                                Some(r) => Some(
+                                    std::str::from_utf8(&buffer[r])
+                                        .map_err(|_| ReplicationError::Protocol("non UTF-8 text in a result row".into()))?
+                                        .to_owned(),
+                                ),
+                                None => None,
+                            });
+                        }
+                        rows.push(values);
+                    }
+                    backend::Message::ErrorResponse(body) => {
+                        error = Some(parse_server_error(body.fields())?);
+                    }
+                    backend::Message::ReadyForQuery(_) => {
+                        return match error {
+                            Some(e) => Err(e.into()),
+                            None => Ok(rows),
+                        };
+                    }
+                    _ => {}
+                },
+                BackendMessage::CopyBothResponse => {
+                    return Err(ReplicationError::Protocol(
+                        "simple_query cannot run a command that starts replication".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let missing = || ReplicationError::Protocol("IDENTIFY_SYSTEM row is incomplete".into());
+        Ok(SystemIdentity {
+            system_id: field(0).ok_or_else(missing)?,
+            timeline: field(1).and_then(|t| t.parse().ok()).ok_or_else(missing)?,
+            xlog_pos: field(2).and_then(|l| l.parse().ok()).ok_or_else(missing)?,
+            dbname: field(3),
+        })
+    }
+
+    /// Creates a pgoutput slot. A temporary slot disappears with the
+    /// connection, so it can never pin WAL after its user has gone.
+    pub async fn create_slot(&mut self, name: &str, temporary: bool) -> Result<CreatedSlot, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} {}LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(name),
+            if temporary { "TEMPORARY " } else { "" }
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        Ok(CreatedSlot {
+            name: row.first().cloned().flatten().unwrap_or_else(|| name.to_owned()),
+            consistent_point: row
+                .get(1)
+                .cloned()
+                .flatten()
+                .and_then(|l| l.parse().ok())
+                .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?,
+        })
+    }
+
+    /// The pgoutput protocol version to ask for: the highest this server
+    /// speaks (1 on 10-13, 2 on 14, 3 on 15, 4 on 16 and later).
+    pub fn best_proto_version(&self) -> u32 {
+        match self.server_major_version() {
+            Some(v) if v >= 16 => 4,
+            Some(15) => 3,
+            Some(14) => 2,
+            _ => 1,
+        }
+    }
+
+    /// Switches to CopyBoth and streams changes from the slot.
+    pub async fn start_replication(mut self, options: &StartOptions) -> Result<ReplicationStream, ReplicationError> {
+        let proto_version = options.proto_version.unwrap_or_else(|| self.best_proto_version());
+        let publications = options
+            .publications
+            .iter()
+            .map(|p| quote_ident(p))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '{}', publication_names {}, messages '{}')",
+            quote_ident(&options.slot),
+            options.start_lsn,
+            proto_version,
+            quote_literal(&publications),
+            options.messages,
+        );
+        frontend::query(&sql, self.wire.out())?;
+        self.wire.flush().await?;
+        loop {
+            match self.wire.read_message().await? {
+                BackendMessage::CopyBothResponse => break,
+                BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
+                    let error = parse_server_error(body.fields())?;
+                    return Err(error.into());
+                }
+                BackendMessage::Other(backend::Message::NoticeResponse(_)) => {}
+                BackendMessage::Other(other) => return Err(unexpected("START_REPLICATION", &other)),
+            }
+        }
+        Ok(ReplicationStream::new(self.wire, proto_version))
+    }
+
+    /// Ends the session politely.
+    pub async fn close(mut self) -> Result<(), ReplicationError> {
+        frontend::terminate(self.wire.out());
+        self.wire.flush().await
+    }
+}
+
+async fn open_socket(config: &ConnectionConfig) -> Result<Box<dyn Socket>, ReplicationError> {
+    let connect_error = |source| ReplicationError::Connect {
+        address: config.address(),
+        source,
+    };
+    Ok(match &config.host {
+        Host::Tcp(host) => {
+            let stream = TcpStream::connect((host.as_str(), config.port))
+                .await
+                .map_err(connect_error)?;
+            stream.set_nodelay(true).map_err(connect_error)?;
+            Box::new(stream)
+        }
+        Host::UnixSocketDir(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{}", config.port));
+            Box::new(UnixStream::connect(path).await.map_err(connect_error)?)
+        }
+    })
+}
+
+pub(crate) fn parse_server_error(
+    mut fields: backend::ErrorFields<'_>,
+) -> Result<ServerError, ReplicationError> {
+    let mut error = ServerError {
+        severity: "ERROR".into(),
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
+    while let Some(field) = fields.next()? {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'V' => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
+            b'H' => error.hint = Some(value),
+            _ => {}
+        }
+    }
+    Ok(error)
+}
+
+fn unexpected(phase: &str, message: &backend::Message) -> ReplicationError {
+    let name = match message {
+        backend::Message::CopyData(_) => "CopyData",
+        backend::Message::CopyDone => "CopyDone",
+        backend::Message::DataRow(_) => "DataRow",
+        backend::Message::CommandComplete(_) => "CommandComplete",
+        backend::Message::ReadyForQuery(_) => "ReadyForQuery",
+        backend::Message::RowDescription(_) => "RowDescription",
+        _ => "another message",
+    };
+    ReplicationError::Protocol(format!("unexpected {name} during {phase}"))
+}
+
+/// Quotes an identifier for a replication command.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A CopyData payload ready to send.
+pub(crate) fn copy_data(payload: Bytes, out: &mut BytesMut) -> Result<(), ReplicationError> {
+    frontend::CopyData::new(payload)?.write(out);
+    Ok(())
+}

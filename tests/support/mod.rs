@@ -1,0 +1,282 @@
+//! The shared integration-test harness: real servers on free ports, removed
+//! on drop.
+//!
+//! `PgCluster` runs a throwaway PostgreSQL (initdb in a temp dir,
+//! wal_level=logical, a free port). PostgreSQL refuses to run as root, so
+//! when the tests run as root the server runs as the `postgres` user.
+
+#![allow(dead_code)]
+
+
+
+use std::net::TcpListener;
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A name unique within this test process, for databases, slots and topics.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Where PostgreSQL's server binaries are: `WALRELAY_PG_BINDIR`, else the
+/// newest `/usr/lib/postgresql/N/bin`, else `pg_config --bindir`.
+pub fn pg_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("WALRELAY_PG_BINDIR") {
+        return dir.into();
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    if let Some((_, dir)) = versions.pop() {
+        return dir;
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().expect(
+        "PostgreSQL server binaries not found: install Debian's `postgresql` package or set WALRELAY_PG_BINDIR",
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The `postgres` user's uid and gid, when we are root and must drop to it.
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY-free check: /proc/self/status carries the effective uid.
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let euid: u32 = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()?;
+    if euid != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("tests run as root need a `postgres` user to run the server (install Debian's postgresql package)");
+    let fields: Vec<&str> = line.split(':').collect();
+    Some((fields[2].parse().unwrap(), fields[3].parse().unwrap()))
+}
+
+/// Settings a test may change before the cluster starts.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    pub wal_level: &'static str,
+    pub wal_sender_timeout: &'static str,
+    pub extra_conf: Vec<String>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            wal_level: "logical",
+            wal_sender_timeout: "60s",
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+/// A running throwaway PostgreSQL cluster.
+pub struct PgCluster {
+    pub port: u16,
+    pub dir: TempDir,
+    bindir: PathBuf,
+    user: Option<(u32, u32)>,
+}
+
+impl PgCluster {
+    pub fn start() -> Self {
+        Self::start_with(PgOptions::default())
+    }
+
+    pub fn start_with(options: PgOptions) -> Self {
+        let bindir = pg_bindir();
+        let user = server_user();
+        let dir = tempfile::Builder::new().prefix("walrelay-pg-").tempdir().unwrap();
+        if let Some((uid, gid)) = user {
+            chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let cluster = PgCluster {
+            port: free_port(),
+            dir,
+            bindir,
+            user,
+        };
+        cluster.run(
+            "initdb",
+            &["-D", cluster.data_dir().to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"],
+        );
+        let mut conf = vec![
+            format!("port = {}", cluster.port),
+            "listen_addresses = '127.0.0.1'".into(),
+            format!("unix_socket_directories = '{}'", cluster.dir.path().display()),
+            format!("wal_level = {}", options.wal_level),
+            "max_replication_slots = 32".into(),
+            "max_wal_senders = 32".into(),
+            "max_connections = 100".into(),
+            "fsync = off".into(),
+            "full_page_writes = off".into(),
+            "shared_buffers = 64MB".into(),
+            format!("wal_sender_timeout = '{}'", options.wal_sender_timeout),
+            "logical_decoding_work_mem = '64MB'".into(),
+        ];
+        conf.extend(options.extra_conf.iter().cloned());
+        append(&cluster.data_dir().join("postgresql.conf"), &conf.join("\n"));
+        // The superuser may connect without a password; every other role
+        // authenticates with the method its password was stored with.
+        let hba = "\
+local all all trust
+local replication all trust
+host all postgres 127.0.0.1/32 trust
+host replication postgres 127.0.0.1/32 trust
+host all +walrelay_cleartext 127.0.0.1/32 password
+host replication +walrelay_cleartext 127.0.0.1/32 password
+host all all 127.0.0.1/32 md5
+host replication all 127.0.0.1/32 md5
+";
+        std::fs::write(cluster.data_dir().join("pg_hba.conf"), hba).unwrap();
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let mut cmd = Command::new(self.bindir.join(program));
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.log_file()).unwrap_or_default()
+        );
+    }
+
+    fn pg_ctl_start(&self) {
+        let data = self.data_dir();
+        let log = self.log_file();
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+        );
+    }
+
+    /// Stops the server (fast shutdown) and starts it again on the same port.
+    pub fn restart(&self) {
+        self.stop("fast");
+        self.pg_ctl_start();
+    }
+
+    /// Stops the server; `mode` is smart, fast or immediate.
+    pub fn stop(&self, mode: &str) {
+        let data = self.data_dir();
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"]);
+    }
+
+    /// A URL for `role` on `db` over TCP.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    /// A connected tokio-postgres client to `db` as the superuser.
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {db}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Creates a fresh database and returns its name.
+    pub async fn create_database(&self, prefix: &str) -> String {
+        let name = unique_name(prefix);
+        self.client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Runs `psql -c` as the superuser (for statements like ALTER SYSTEM).
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(db), "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// The server log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.data_dir();
+        let mut cmd = Command::new(self.bindir.join("pg_ctl"));
+        cmd.args(["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        let _ = cmd.status();
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    writeln!(f, "\n{text}").unwrap();
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
