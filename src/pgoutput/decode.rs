@@ -237,6 +237,11 @@ impl StreamDecoder {
         Self::default()
     }
 
+    /// Whether the next message is inside a streamed transaction block.
+    pub fn in_stream(&self) -> bool {
+        self.in_stream
+    }
+
     pub fn decode(&mut self, body: &Bytes) -> Result<LogicalMessage, DecodeError> {
         let message = decode(body, self.in_stream)?;
         match message {

@@ -15,3 +15,6 @@ mod message;
 
 pub use decode::{DecodeError, StreamDecoder, decode};
 pub use message::*;
+
+#[cfg(test)]
+mod tests;
