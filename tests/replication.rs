@@ -462,3 +462,184 @@ async fn wal_level_replica_is_refused_with_the_setting_to_change() {
     assert_eq!(err.sqlstate(), Some("55000"));
     assert!(err.to_string().contains("wal_level = logical"), "{err}");
 }
+
+/// Parses one test_decoding INSERT line into column name -> value, where a
+/// value is the unquoted text (None for SQL NULL).
+fn parse_test_decoding_insert(line: &str) -> Vec<(String, Option<String>)> {
+    let rest = line.split_once(": INSERT: ").expect("an INSERT line").1;
+    let mut out = Vec::new();
+    let mut s = rest;
+    while !s.is_empty() {
+        let open = s.find('[').unwrap();
+        let name = s[..open].to_owned();
+        let close = s[open..].find("]:").unwrap() + open;
+        let type_name = s[open + 1..close].to_owned();
+        s = &s[close + 2..];
+        let value = if let Some(quoted) = s.strip_prefix('\'') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices().peekable();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                if c == '\'' {
+                    if matches!(chars.peek(), Some((_, '\''))) {
+                        chars.next();
+                        value.push('\'');
+                    } else {
+                        end = i + 1;
+                        break;
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+            s = &quoted[end..];
+            Some(value)
+        } else {
+            let end = s.find(' ').unwrap_or(s.len());
+            let token = &s[..end];
+            s = &s[end..];
+            (token != "null").then(|| token.to_owned())
+        };
+        s = s.trim_start();
+        // test_decoding spells booleans out; the type's output function
+        // (which pgoutput uses) prints t and f.
+        let value = match (type_name.as_str(), value.as_deref()) {
+            ("boolean", Some("true")) => Some("t".to_owned()),
+            ("boolean", Some("false")) => Some("f".to_owned()),
+            _ => value,
+        };
+        out.push((name, value));
+    }
+    out
+}
+
+#[tokio::test]
+async fn pgoutput_values_agree_with_test_decoding_for_many_column_types() {
+    let f = Fixture::new(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE TABLE t (
+           id int PRIMARY KEY, i2 smallint, i8 bigint, num numeric(20,5), f4 real, f8 double precision,
+           b boolean, txt text, vc varchar(20), ch char(5), by bytea, d date, tm time, ts timestamp,
+           tstz timestamptz, iv interval, u uuid, j json, jb jsonb, ia integer[], ta text[], ip inet,
+           mac macaddr, pt point, r int4range, m mood
+         )",
+    )
+    .await;
+    let client = f.pg.client(&f.db).await;
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('td', 'test_decoding')")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO';
+             INSERT INTO t VALUES
+              (1, -32768, 9223372036854775807, 12345.67891, 3.14159, 2.718281828459045, true,
+               'it''s \"quoted\" \\ 東京 🚀', 'varchar', 'ab', '\\x00ff7f', '2026-11-23', '08:30:00.123',
+               '2026-11-23 08:30:00.5', '2026-11-23 08:30:00.5+02', '1 day 02:03:04', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+               '{\"k\": [1, 2]}', '{\"k\": [1, 2], \"u\": \"ü\"}', '{1,2,3}', '{\"a b\",NULL,c}', '10.0.0.1/8',
+               '08:00:2b:01:02:03', '(1.5,-2)', '[1,10)', 'sad'),
+              (2, NULL, NULL, NULL, 'NaN', '-Infinity', false, '', NULL, NULL, '\\x', NULL, NULL, NULL, NULL,
+               NULL, NULL, 'null', '[]', '{}', '{}', NULL, NULL, NULL, 'empty', NULL),
+              (3, 1, 2, 0.00001, 1e-30, 1e300, NULL, 'line1\nline2\ttab', 'x', 'abcde', NULL, '0001-01-01', '24:00',
+               '1999-12-31 23:59:59.999999', '1970-01-01 00:00:00+00', '-3 mons', NULL, '\"s\"', '\"s\"', '{{1,2},{3,4}}',
+               '{}', '::1', NULL, NULL, NULL, 'happy');",
+        )
+        .await
+        .unwrap();
+    let expected: Vec<Vec<(String, Option<String>)>> = client
+        .query(
+            "SELECT data FROM pg_logical_slot_get_changes('td', NULL, NULL, 'include-xids', '0', 'skip-empty-xacts', '1')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|line| line.contains(": INSERT: "))
+        .map(|line| parse_test_decoding_insert(&line))
+        .collect();
+    assert_eq!(expected.len(), 3);
+
+    let messages = f.collect(1, Duration::from_secs(20), true).await;
+    let actual: Vec<Vec<(String, Option<String>)>> = inserted_rows(&messages)
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|(name, value)| {
+                    let value = match value {
+                        ColumnValue::Null => None,
+                        other => Some(text(&other).to_owned()),
+                    };
+                    (name, value)
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(actual.len(), 3);
+    for (a, e) in actual.iter().zip(&expected) {
+        assert_eq!(a.len(), 26);
+        for (column_a, column_e) in a.iter().zip(e) {
+            assert_eq!(column_a, column_e);
+        }
+    }
+}
+
+#[tokio::test]
+async fn tail_prints_each_decoded_message_as_a_json_line() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("tail").await;
+    let client = pg.client(&db).await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION walrelay FOR TABLE t")
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args(["tail", "--pg-url", &pg.url(&db)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until the temporary slot exists, so the insert is after its start.
+    support::wait_for("the temporary slot", Duration::from_secs(20), async || {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM pg_replication_slots WHERE temporary", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    client.batch_execute("INSERT INTO t VALUES (7, 'Zürich')").await.unwrap();
+
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("tail printed nothing")
+            .unwrap()
+            .expect("tail exited");
+        seen.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    let kinds: Vec<&str> = seen.iter().map(|v| v["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Begin", "Relation", "Insert", "Commit"]);
+    assert_eq!(seen[2]["relation"], "public.t");
+    assert_eq!(seen[2]["new"], serde_json::json!({"id": "7", "v": "Zürich"}));
+    assert!(seen[0]["xid"].as_u64().unwrap() > 0);
+    assert!(seen[3]["end_lsn"].as_str().unwrap().contains('/'));
+
+    // Ctrl-C ends it cleanly and the temporary slot goes with it.
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "tail exited with {status}");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the temporary slot is gone");
+}
