@@ -7,3 +7,4 @@ pub mod replication;
 pub mod relation_cache;
 pub mod tail;
 pub mod cli;
+pub mod ack_tracker;
