@@ -8,3 +8,6 @@ pub mod relation_cache;
 pub mod tail;
 pub mod cli;
 pub mod ack_tracker;
+pub mod router;
+pub mod kafka;
+pub mod metrics;

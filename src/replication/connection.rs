@@ -146,6 +146,7 @@ impl ReplicationConnection {
             ("client_encoding", "UTF8"),
             ("DateStyle", "ISO"),
             ("TimeZone", "UTC"),
+            ("bytea_output", "hex"),
         ];
         frontend::startup_message(params, self.wire.out())?;
         self.wire.flush().await?;

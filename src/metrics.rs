@@ -1,0 +1,73 @@
+//! Metric names, each described once. Labels stay low-cardinality: slot,
+//! topic, error kind.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const SLOT_LAG_BYTES: &str = "walrelay_slot_lag_bytes";
+pub const SLOT_RETAINED_WAL_BYTES: &str = "walrelay_slot_retained_wal_bytes";
+pub const SLOT_ACTIVE: &str = "walrelay_slot_active";
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walrelay_slot_safe_wal_size_bytes";
+pub const SLOT_WAL_STATUS: &str = "walrelay_slot_wal_status";
+pub const SLOT_WRITE_LAG_SECONDS: &str = "walrelay_slot_write_lag_seconds";
+pub const SLOT_FLUSH_LAG_SECONDS: &str = "walrelay_slot_flush_lag_seconds";
+pub const MONITOR_ERRORS_TOTAL: &str = "walrelay_monitor_errors_total";
+pub const EVENTS_PUBLISHED_TOTAL: &str = "walrelay_events_published_total";
+pub const PUBLISH_ERRORS_TOTAL: &str = "walrelay_publish_errors_total";
+pub const DEAD_LETTERS_TOTAL: &str = "walrelay_dead_letters_total";
+pub const EVENTS_IN_FLIGHT: &str = "walrelay_events_in_flight";
+pub const BYTES_IN_FLIGHT: &str = "walrelay_bytes_in_flight";
+pub const COMMIT_TO_ACK_SECONDS: &str = "walrelay_commit_to_ack_seconds";
+pub const CONFIRMED_LSN: &str = "walrelay_confirmed_lsn";
+pub const REPLICATION_CONNECTED: &str = "walrelay_replication_connected";
+pub const RECONNECTS_TOTAL: &str = "walrelay_reconnects_total";
+pub const LAST_ACK_TIMESTAMP_SECONDS: &str = "walrelay_last_ack_timestamp_seconds";
+pub const TRANSACTIONS_TOTAL: &str = "walrelay_transactions_total";
+pub const WINDOW_FULL_TOTAL: &str = "walrelay_window_full_total";
+
+/// Registers every metric's help text and unit with the recorder.
+pub fn describe() {
+    describe_gauge!(SLOT_LAG_BYTES, Unit::Bytes, "pg_current_wal_lsn() - confirmed_flush_lsn of the slot");
+    describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "pg_current_wal_lsn() - restart_lsn: WAL the slot keeps on disk");
+    describe_gauge!(SLOT_ACTIVE, "1 when a walsender holds the slot");
+    describe_gauge!(SLOT_SAFE_WAL_SIZE_BYTES, Unit::Bytes, "WAL that can still be written before the slot is in danger of losing required WAL (safe_wal_size; -1 when unlimited)");
+    describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status (reserved, extended, unreserved, lost)");
+    describe_gauge!(SLOT_WRITE_LAG_SECONDS, Unit::Seconds, "walsender write_lag from pg_stat_replication");
+    describe_gauge!(SLOT_FLUSH_LAG_SECONDS, Unit::Seconds, "walsender flush_lag from pg_stat_replication");
+    describe_counter!(MONITOR_ERRORS_TOTAL, "slot monitor queries that failed");
+    describe_counter!(EVENTS_PUBLISHED_TOTAL, "events acknowledged by Kafka");
+    describe_counter!(PUBLISH_ERRORS_TOTAL, "failed deliveries, by kind");
+    describe_counter!(DEAD_LETTERS_TOTAL, "records sent to the dead-letter topic, by reason kind");
+    describe_gauge!(EVENTS_IN_FLIGHT, "events produced and not yet acknowledged");
+    describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "bytes of events produced and not yet acknowledged");
+    describe_histogram!(COMMIT_TO_ACK_SECONDS, Unit::Seconds, "PostgreSQL commit time to broker acknowledgement");
+    describe_gauge!(CONFIRMED_LSN, "last flush LSN sent to PostgreSQL, as a number");
+    describe_gauge!(REPLICATION_CONNECTED, "1 while streaming from the slot");
+    describe_counter!(RECONNECTS_TOTAL, "replication reconnect attempts");
+    describe_gauge!(LAST_ACK_TIMESTAMP_SECONDS, Unit::Seconds, "Unix time of the last acknowledged event");
+    describe_counter!(TRANSACTIONS_TOTAL, "transactions received from the slot");
+    describe_counter!(WINDOW_FULL_TOTAL, "times the in-flight window filled and reading WAL paused");
+}
+
+/// Every metric name walrelay exports, for checks of dashboards and alerts.
+pub const ALL: &[&str] = &[
+    SLOT_LAG_BYTES,
+    SLOT_RETAINED_WAL_BYTES,
+    SLOT_ACTIVE,
+    SLOT_SAFE_WAL_SIZE_BYTES,
+    SLOT_WAL_STATUS,
+    SLOT_WRITE_LAG_SECONDS,
+    SLOT_FLUSH_LAG_SECONDS,
+    MONITOR_ERRORS_TOTAL,
+    EVENTS_PUBLISHED_TOTAL,
+    PUBLISH_ERRORS_TOTAL,
+    DEAD_LETTERS_TOTAL,
+    EVENTS_IN_FLIGHT,
+    BYTES_IN_FLIGHT,
+    COMMIT_TO_ACK_SECONDS,
+    CONFIRMED_LSN,
+    REPLICATION_CONNECTED,
+    RECONNECTS_TOTAL,
+    LAST_ACK_TIMESTAMP_SECONDS,
+    TRANSACTIONS_TOTAL,
+    WINDOW_FULL_TOTAL,
+];
