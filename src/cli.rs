@@ -6,7 +6,15 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::kafka::ProducerSettings;
+use crate::relay::RelayConfig;
 use crate::replication::ConnectionConfig;
+use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
+use crate::setup::SetupOptions;
+use crate::status::RelayStatus;
 use crate::replication::config::redact_url;
 
 /// Streams transactional-outbox events from PostgreSQL to Kafka through
@@ -20,6 +28,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Stream outbox events to Kafka until stopped (SIGINT/SIGTERM: stop
+    /// reading, drain in-flight events, confirm, exit 0).
+    Run(Box<RunArgs>),
+    /// Create the outbox table, the publication and the slot if missing.
+    Setup(SetupArgs),
     /// Print every decoded change of a publication as JSON lines, from a
     /// temporary slot that disappears on exit (Ctrl-C to stop).
     Tail(TailArgs),
@@ -39,6 +52,219 @@ impl PgArgs {
     pub fn connection_config(&self) -> Result<ConnectionConfig, UsageError> {
         ConnectionConfig::from_url(&self.pg_url).map_err(|e| UsageError(format!("--pg-url {}: {e}", redact_url(&self.pg_url))))
     }
+}
+
+/// The slot, the publication and the outbox tables.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxArgs {
+    /// Logical replication slot (pgoutput).
+    #[arg(long, env = "WALRELAY_SLOT", default_value = "walrelay")]
+    pub slot: String,
+    /// Publication covering the outbox tables.
+    #[arg(long, env = "WALRELAY_PUBLICATION", default_value = "walrelay")]
+    pub publication: String,
+    /// Outbox table as schema.table; repeat (or separate with commas) for several.
+    #[arg(long = "table", env = "WALRELAY_TABLE", default_value = "public.outbox", value_delimiter = ',')]
+    pub tables: Vec<String>,
+    #[arg(long, env = "WALRELAY_ID_COLUMN", default_value = "id")]
+    pub id_column: String,
+    #[arg(long, env = "WALRELAY_AGGREGATE_TYPE_COLUMN", default_value = "aggregate_type")]
+    pub aggregate_type_column: String,
+    /// Becomes the Kafka key: events of one aggregate stay in order.
+    #[arg(long, env = "WALRELAY_AGGREGATE_ID_COLUMN", default_value = "aggregate_id")]
+    pub aggregate_id_column: String,
+    #[arg(long, env = "WALRELAY_EVENT_TYPE_COLUMN", default_value = "event_type")]
+    pub event_type_column: String,
+    /// Becomes the Kafka value (jsonb, json, text or bytea).
+    #[arg(long, env = "WALRELAY_PAYLOAD_COLUMN", default_value = "payload")]
+    pub payload_column: String,
+    /// A jsonb object whose string members become Kafka headers.
+    #[arg(long, env = "WALRELAY_HEADERS_COLUMN", default_value = "headers")]
+    pub headers_column: String,
+    /// Its time becomes the CloudEvents ce_time header.
+    #[arg(long, env = "WALRELAY_CREATED_AT_COLUMN", default_value = "created_at")]
+    pub created_at_column: String,
+}
+
+impl OutboxArgs {
+    pub fn tables(&self) -> Result<Vec<(String, String)>, UsageError> {
+        self.tables
+            .iter()
+            .map(|t| {
+                let (schema, table) = t.split_once('.').unwrap_or(("public", t.as_str()));
+                if schema.is_empty() || table.is_empty() || table.contains('.') {
+                    return Err(UsageError(format!("--table {t:?}: expected schema.table, such as public.outbox")));
+                }
+                Ok((schema.to_owned(), table.to_owned()))
+            })
+            .collect()
+    }
+
+    pub fn columns(&self) -> OutboxColumns {
+        OutboxColumns {
+            id: self.id_column.clone(),
+            aggregate_type: self.aggregate_type_column.clone(),
+            aggregate_id: self.aggregate_id_column.clone(),
+            event_type: self.event_type_column.clone(),
+            payload: self.payload_column.clone(),
+            headers: self.headers_column.clone(),
+            created_at: self.created_at_column.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "WALRELAY_BROKERS")]
+    pub brokers: String,
+    /// librdkafka option key=value, as kcat's -X (TLS, SASL, linger.ms, ...).
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "WALRELAY_KAFKA_OPTIONS", value_delimiter = ';', hide_env_values = true)]
+    pub kafka_options: Vec<String>,
+    /// Topic per event: {aggregate_type}, {event_type}, {schema} and {table} are replaced.
+    #[arg(long, env = "WALRELAY_TOPIC_TEMPLATE", default_value = "outbox.event.{aggregate_type}")]
+    pub topic_template: String,
+    /// Extra column placed in a header: COLUMN or COLUMN:HEADER; repeatable.
+    #[arg(long = "header-column", env = "WALRELAY_HEADER_COLUMNS", value_delimiter = ',')]
+    pub header_columns: Vec<String>,
+    /// Prefix of transactional logical decoding messages that are events.
+    #[arg(long, env = "WALRELAY_MESSAGE_PREFIX", default_value = "walrelay")]
+    pub message_prefix: String,
+    /// Topic for what cannot be published, with the reason in a walrelay_error header.
+    #[arg(long, env = "WALRELAY_DEAD_LETTER_TOPIC", default_value = "walrelay.dead-letter")]
+    pub dead_letter_topic: String,
+    /// Leave out the CloudEvents binary-mode headers (ce_*).
+    #[arg(long, env = "WALRELAY_NO_CLOUDEVENTS")]
+    pub no_cloudevents: bool,
+    /// CloudEvents source; {schema} and {table} are replaced. Default /walrelay/{schema}/{table}.
+    #[arg(long, env = "WALRELAY_CLOUDEVENTS_SOURCE")]
+    pub cloudevents_source: Option<String>,
+    /// Stop with an error instead of creating a missing topic.
+    #[arg(long, env = "WALRELAY_NO_CREATE_TOPICS")]
+    pub no_create_topics: bool,
+    /// Partitions of topics walrelay creates.
+    #[arg(long, env = "WALRELAY_TOPIC_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_partitions: i32,
+    /// Replication factor of topics walrelay creates.
+    #[arg(long, env = "WALRELAY_TOPIC_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_replication_factor: i32,
+    /// Most events produced and not yet acknowledged; reading WAL pauses at the limit.
+    #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_EVENTS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_in_flight_events: u64,
+    /// Most bytes of events produced and not yet acknowledged.
+    #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_in_flight_bytes: u64,
+    /// How often to send a status update to PostgreSQL even when nothing moved.
+    #[arg(long, env = "WALRELAY_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+    /// How long a stop waits for in-flight events to be acknowledged.
+    #[arg(long, env = "WALRELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Longest wait between reconnect attempts.
+    #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+    /// pgoutput protocol version (1-4); default: the highest the server speaks.
+    #[arg(long, env = "WALRELAY_PROTO_VERSION", value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub proto_version: Option<u32>,
+    /// Create the slot if it does not exist (otherwise a missing slot is an error:
+    /// a slot that vanished may mean lost events).
+    #[arg(long, env = "WALRELAY_CREATE_SLOT")]
+    pub create_slot: bool,
+    /// Address of the HTTP server: /metrics, /healthz, /readyz and the dashboard at /.
+    #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
+    pub http_addr: String,
+}
+
+impl RunArgs {
+    /// Validates everything and builds the relay's configuration.
+    pub fn relay_config(&self) -> Result<RelayConfig, UsageError> {
+        let pg = self.pg.connection_config()?;
+        let topic_template: TopicTemplate = self
+            .topic_template
+            .parse()
+            .map_err(|e| UsageError(format!("--topic-template {e}")))?;
+        check_topic_name(&self.dead_letter_topic).map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
+        let header_columns = self
+            .header_columns
+            .iter()
+            .map(|h| h.parse::<HeaderColumn>().map_err(|e| UsageError(format!("--header-column {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let overrides = self
+            .kafka_options
+            .iter()
+            .map(|o| match o.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+                _ => Err(UsageError(format!("-X {o:?}: expected KEY=VALUE, such as -X linger.ms=10"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.brokers.trim().is_empty() {
+            return Err(UsageError("--brokers is empty: name at least one broker, such as localhost:9092".into()));
+        }
+        let producer = ProducerSettings {
+            brokers: self.brokers.clone(),
+            overrides,
+        };
+        producer.client_config().map_err(|e| UsageError(format!("-X: {e}")))?;
+        if self.message_prefix.is_empty() {
+            return Err(UsageError("--message-prefix must not be empty".into()));
+        }
+        Ok(RelayConfig {
+            pg,
+            slot: self.outbox.slot.clone(),
+            publication: self.outbox.publication.clone(),
+            router: RouterConfig {
+                tables: self.outbox.tables()?,
+                columns: self.outbox.columns(),
+                header_columns,
+                topic_template,
+                message_prefix: self.message_prefix.clone(),
+                dead_letter_topic: self.dead_letter_topic.clone(),
+                cloudevents: !self.no_cloudevents,
+                cloudevents_source: self.cloudevents_source.clone(),
+            },
+            producer,
+            create_topics: !self.no_create_topics,
+            topic_partitions: self.topic_partitions,
+            topic_replication_factor: self.topic_replication_factor,
+            max_in_flight_events: self.max_in_flight_events as usize,
+            max_in_flight_bytes: self.max_in_flight_bytes as usize,
+            status_interval: self.status_interval,
+            shutdown_timeout: self.shutdown_timeout,
+            proto_version: self.proto_version,
+            max_backoff: self.max_backoff,
+            permanent_error_attempts: 3,
+        })
+    }
+}
+
+/// `500ms`, `1s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; use a number with ms, s, m or h, such as 500ms or 30s"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("{text:?}: unknown unit {other:?}; use ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +311,38 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => {
+            let config = args.relay_config()?;
+            let addr: std::net::SocketAddr = args
+                .http_addr
+                .parse()
+                .map_err(|_| UsageError(format!("--http-addr {:?}: expected host:port, such as 127.0.0.1:9187", args.http_addr)))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| UsageError(format!("--http-addr {addr}: cannot listen ({e}); choose a free port")))?;
+            let status = Arc::new(RelayStatus::new());
+            let metrics = crate::http::install_metrics()?;
+            crate::http::spawn(listener, metrics, Arc::clone(&status), config.producer.clone(), config.slot.clone())?;
+            ensure_slot(&config, args.create_slot).await?;
+            crate::monitor::spawn(config.pg.clone(), config.slot.clone(), Arc::clone(&status));
+            let shutdown = shutdown_signal();
+            crate::relay::run(config, shutdown, status).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Setup(args) => {
+            let config = args.pg.connection_config()?;
+            let options = SetupOptions {
+                tables: args.outbox.tables()?,
+                columns: args.outbox.columns(),
+                publication: args.outbox.publication.clone(),
+                slot: args.outbox.slot.clone(),
+            };
+            let client = control_connection(&config).await?;
+            for line in crate::setup::setup(&client, &options).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Tail(args) => {
             let config = args.pg.connection_config()?;
             let options = crate::tail::TailOptions {
@@ -96,6 +354,54 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::tail::tail(&config, &options, &mut stdout, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// An ordinary SQL connection (tokio-postgres) with the same settings.
+pub async fn control_connection(config: &ConnectionConfig) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config
+        .to_tokio_postgres()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", config.address()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "control connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// A missing slot is an error unless the operator asked to create it: a
+/// slot that vanished means events may have been lost.
+async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
+    let client = control_connection(&config.pg).await?;
+    let exists = client
+        .query_opt("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1", &[&config.slot])
+        .await?;
+    match exists {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            if plugin.as_deref() != Some("pgoutput") {
+                anyhow::bail!(
+                    "replication slot {:?} uses output plugin {:?}, not pgoutput; drop it or choose another --slot",
+                    config.slot,
+                    plugin.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        None if create => {
+            client
+                .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
+                .await?;
+            tracing::info!(slot = %config.slot, "created replication slot");
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "replication slot {:?} does not exist: run `walrelay setup` (or pass --create-slot). If it existed before, someone dropped it and events written meanwhile were not relayed",
+            config.slot
+        ),
     }
 }
 

@@ -11,3 +11,8 @@ pub mod ack_tracker;
 pub mod router;
 pub mod kafka;
 pub mod metrics;
+pub mod relay;
+pub mod status;
+pub mod setup;
+pub mod monitor;
+pub mod http;

@@ -1,0 +1,171 @@
+//! The relay's live state, shared with the HTTP endpoints (`/readyz`, the
+//! dashboard): whether it streams, what it confirmed, the last error.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::lsn::Lsn;
+
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    connected: AtomicBool,
+    /// Set when a session started streaming; taken by the reconnect loop to
+    /// reset its attempt counter.
+    streamed: AtomicBool,
+    confirmed: AtomicU64,
+    last_ack_unix_micros: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    slot: Mutex<Option<SlotSnapshot>>,
+    pub counters: LiveCounters,
+    pub latency: LatencyWindow,
+    pub history: History,
+}
+
+impl RelayStatus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        if connected {
+            self.streamed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Whether a session streamed since the last call.
+    pub fn take_streamed(&self) -> bool {
+        self.streamed.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn set_confirmed(&self, lsn: Lsn) {
+        self.confirmed.store(lsn.0, Ordering::Relaxed);
+    }
+
+    pub fn confirmed(&self) -> Lsn {
+        Lsn(self.confirmed.load(Ordering::Relaxed))
+    }
+
+    pub fn record_ack(&self) {
+        let now = crate::pgoutput::PgTimestamp::now().unix_micros();
+        self.last_ack_unix_micros.store(now.max(0) as u64, Ordering::Relaxed);
+    }
+
+    /// Unix time in microseconds of the last acknowledged event (0: none yet).
+    pub fn last_ack_unix_micros(&self) -> u64 {
+        self.last_ack_unix_micros.load(Ordering::Relaxed)
+    }
+
+    pub fn set_last_error(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    }
+
+    pub fn set_slot(&self, slot: Option<SlotSnapshot>) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = slot;
+    }
+
+    pub fn slot(&self) -> Option<SlotSnapshot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One reading of the slot, from `pg_replication_slots` and
+/// `pg_stat_replication`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SlotSnapshot {
+    pub slot_name: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+    pub lag_bytes: Option<i64>,
+    pub retained_wal_bytes: Option<i64>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    pub write_lag_seconds: Option<f64>,
+    pub flush_lag_seconds: Option<f64>,
+}
+
+/// A point of the dashboard's history.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Sample {
+    pub unix_ms: u64,
+    pub lag_bytes: Option<i64>,
+    pub retained_wal_bytes: Option<i64>,
+    pub events_published: u64,
+    pub in_flight: u64,
+    pub p99_commit_to_ack_ms: Option<f64>,
+}
+
+/// Live counters the dashboard reads (Prometheus gets the same through the
+/// `metrics` crate; these are for the page and `/readyz`).
+#[derive(Debug, Default)]
+pub struct LiveCounters {
+    pub events_published: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub broker_reachable: AtomicBool,
+    pub monitor_errors: AtomicU64,
+}
+
+/// Recent commit-to-ack latencies, for the dashboard's percentiles.
+#[derive(Debug, Default)]
+pub struct LatencyWindow {
+    samples: Mutex<std::collections::VecDeque<f64>>,
+}
+
+impl LatencyWindow {
+    const CAPACITY: usize = 4096;
+
+    pub fn record(&self, seconds: f64) {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() == Self::CAPACITY {
+            samples.pop_front();
+        }
+        samples.push_back(seconds);
+    }
+
+    /// The q-quantile (0..=1) of the recent latencies, in seconds.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.is_empty() {
+            return None;
+        }
+        let mut sorted: Vec<f64> = samples.iter().copied().collect();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+        Some(sorted[index])
+    }
+}
+
+/// The dashboard's ring of samples.
+#[derive(Debug, Default)]
+pub struct History {
+    samples: Mutex<std::collections::VecDeque<Sample>>,
+}
+
+impl History {
+    /// Ten minutes at one sample every two seconds.
+    const CAPACITY: usize = 300;
+
+    pub fn push(&self, sample: Sample) {
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() == Self::CAPACITY {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    pub fn snapshot(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+}
