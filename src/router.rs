@@ -317,11 +317,11 @@ impl Router {
         if let Some(ColumnValue::Text(json)) = row.get(&c.headers) {
             headers_from_json(json, &mut headers)?;
         }
+        // A header column that this table lacks, or that is NULL, is left
+        // out: with several outbox tables, not every one has every column.
         for extra in &self.config.header_columns {
-            match row.get(&extra.column) {
-                Some(ColumnValue::Text(value)) => headers.push((extra.header.clone(), value.clone())),
-                Some(_) => {}
-                None => return Err(format!("{table} has no column {:?} (from --header-column)", extra.column)),
+            if let Some(ColumnValue::Text(value)) = row.get(&extra.column) {
+                headers.push((extra.header.clone(), value.clone()));
             }
         }
         if self.config.cloudevents {

@@ -7,6 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+pub mod relay;
+
 
 
 use std::net::TcpListener;

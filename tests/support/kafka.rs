@@ -1,0 +1,197 @@
+//! A real Kafka-protocol broker for tests: tansu on a free port (memory or
+//! SQLite storage), or the Apache Kafka named by `WALRELAY_TEST_BROKERS`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tempfile::TempDir;
+
+use super::free_port;
+
+/// Where tansu is: `WALRELAY_TANSU`, `~/.cargo/bin/tansu`, or on PATH.
+fn tansu_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("WALRELAY_TANSU") {
+        return path.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_bin = PathBuf::from(home).join(".cargo/bin/tansu");
+    if cargo_bin.exists() { cargo_bin } else { PathBuf::from("tansu") }
+}
+
+pub struct Broker {
+    pub port: u16,
+    external: Option<String>,
+    child: Option<Child>,
+    dir: TempDir,
+    persistent: bool,
+}
+
+impl Broker {
+    /// A broker that forgets everything when stopped.
+    pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// A broker that keeps its data across `stop` and `restart` (SQLite).
+    pub fn start_persistent() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(persistent: bool) -> Self {
+        let external = std::env::var("WALRELAY_TEST_BROKERS").ok().filter(|b| !b.is_empty());
+        let mut broker = Broker {
+            port: free_port(),
+            external,
+            child: None,
+            dir: tempfile::Builder::new().prefix("walrelay-broker-").tempdir().unwrap(),
+            persistent,
+        };
+        if broker.external.is_none() {
+            broker.spawn();
+        }
+        broker
+    }
+
+    /// True when the tests run against a broker they cannot stop.
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = if self.persistent { "sqlite://tansu.db".to_owned() } else { "memory://tansu/".to_owned() };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .unwrap();
+        let child = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &storage])
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("cannot start tansu: install it with `cargo install --locked tansu --features dynostore,libsql` or set WALRELAY_TEST_BROKERS");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.external
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Stops the broker (SIGKILL: the worst case for the relay).
+    pub fn stop(&mut self) {
+        assert!(!self.is_external(), "cannot stop an external broker");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Every record of `topic`, across partitions, once at least `expected`
+    /// have arrived or `timeout` passed.
+    pub fn consume(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", "walrelay-tests")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        let partitions = loop {
+            let found = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+                })
+                .filter(|p| !p.is_empty());
+            match found {
+                Some(p) => break p,
+                None if Instant::now() > deadline => return Vec::new(),
+                None => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        let mut assignment = TopicPartitionList::new();
+        for p in &partitions {
+            assignment.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut records = Vec::new();
+        while records.len() < expected && Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => records.push(Record {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+                        .unwrap_or_default(),
+                }),
+                Some(Err(e)) => eprintln!("consumer: {e}"),
+                None => {}
+            }
+        }
+        records.sort_by_key(|r| (r.partition, r.offset));
+        records
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A consumed record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| std::str::from_utf8(v).unwrap())
+    }
+
+    pub fn header_names(&self) -> Vec<&str> {
+        self.headers.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}

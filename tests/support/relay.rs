@@ -1,0 +1,99 @@
+//! The walrelay binary as a child process: started, signalled and killed
+//! the way an operator or a crash would.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub struct RelayProcess {
+    pub child: Child,
+    pub http_port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    /// Starts `walrelay run` with `args` after the standard connection flags.
+    pub fn start(pg_url: &str, brokers: &str, args: &[&str]) -> Self {
+        let http_port = super::free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .arg("run")
+            .args(["--pg-url", pg_url, "--brokers", brokers, "--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(["--status-interval", "200ms"])
+            .args(args)
+            .env("WALRELAY_LOG", "info,walrelay=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        RelayProcess {
+            child,
+            http_port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: the crash case.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("relay did not stop in time")
+            .unwrap()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("relay did not exit; log:\n{}", self.log()))
+            .unwrap()
+    }
+
+    /// GET a path of the relay's HTTP server.
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+        Some((status, body))
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
