@@ -33,13 +33,16 @@ fn bench(c: &mut Criterion) {
     let insert = outbox_insert();
     let mut group = c.benchmark_group("pgoutput");
     group.throughput(Throughput::Elements(1));
-    group.bench_function(format!("decode_outbox_insert_{}_bytes", insert.len()), |b| {
-        b.iter(|| {
-            let message = decode(black_box(&insert), false).unwrap();
-            assert!(matches!(message, LogicalMessage::Insert(_)));
-            message
-        })
-    });
+    group.bench_function(
+        format!("decode_outbox_insert_{}_bytes", insert.len()),
+        |b| {
+            b.iter(|| {
+                let message = decode(black_box(&insert), false).unwrap();
+                assert!(matches!(message, LogicalMessage::Insert(_)));
+                message
+            })
+        },
+    );
     group.finish();
 }
 

@@ -212,7 +212,11 @@ mod tests {
         assert_eq!(t.confirmed(), Lsn(300));
         let a = t.begin();
         t.commit(a, Lsn(250)).unwrap();
-        assert_eq!(t.confirmed(), Lsn(300), "an older commit does not move it back");
+        assert_eq!(
+            t.confirmed(),
+            Lsn(300),
+            "an older commit does not move it back"
+        );
     }
 
     #[test]
@@ -221,7 +225,11 @@ mod tests {
         let a = t.begin();
         assert_eq!(t.ack(a), Err(AckError::NothingInFlight(a)));
         t.commit(a, Lsn(1)).unwrap();
-        assert_eq!(t.ack(a), Err(AckError::UnknownTransaction(a)), "already confirmed and gone");
+        assert_eq!(
+            t.ack(a),
+            Err(AckError::UnknownTransaction(a)),
+            "already confirmed and gone"
+        );
         let b = t.begin();
         t.event_sent(b).unwrap();
         t.commit(b, Lsn(2)).unwrap();

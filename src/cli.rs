@@ -12,10 +12,10 @@ use std::time::Duration;
 use crate::kafka::ProducerSettings;
 use crate::relay::RelayConfig;
 use crate::replication::ConnectionConfig;
+use crate::replication::config::redact_url;
 use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
 use crate::setup::SetupOptions;
 use crate::status::RelayStatus;
-use crate::replication::config::redact_url;
 
 /// Streams transactional-outbox events from PostgreSQL to Kafka through
 /// logical replication.
@@ -32,7 +32,7 @@ pub enum Command {
     /// reading, drain in-flight events, confirm, exit 0).
     Run(Box<RunArgs>),
     /// Create the outbox table, the publication and the slot if missing.
-    Setup(SetupArgs),
+    Setup(Box<SetupArgs>),
     /// Print every decoded change of a publication as JSON lines, from a
     /// temporary slot that disappears on exit (Ctrl-C to stop).
     Tail(TailArgs),
@@ -50,7 +50,8 @@ pub struct PgArgs {
 impl PgArgs {
     /// The parsed URL, or a configuration error naming the flag.
     pub fn connection_config(&self) -> Result<ConnectionConfig, UsageError> {
-        ConnectionConfig::from_url(&self.pg_url).map_err(|e| UsageError(format!("--pg-url {}: {e}", redact_url(&self.pg_url))))
+        ConnectionConfig::from_url(&self.pg_url)
+            .map_err(|e| UsageError(format!("--pg-url {}: {e}", redact_url(&self.pg_url))))
     }
 }
 
@@ -64,14 +65,27 @@ pub struct OutboxArgs {
     #[arg(long, env = "WALRELAY_PUBLICATION", default_value = "walrelay")]
     pub publication: String,
     /// Outbox table as schema.table; repeat (or separate with commas) for several.
-    #[arg(long = "table", env = "WALRELAY_TABLE", default_value = "public.outbox", value_delimiter = ',')]
+    #[arg(
+        long = "table",
+        env = "WALRELAY_TABLE",
+        default_value = "public.outbox",
+        value_delimiter = ','
+    )]
     pub tables: Vec<String>,
     #[arg(long, env = "WALRELAY_ID_COLUMN", default_value = "id")]
     pub id_column: String,
-    #[arg(long, env = "WALRELAY_AGGREGATE_TYPE_COLUMN", default_value = "aggregate_type")]
+    #[arg(
+        long,
+        env = "WALRELAY_AGGREGATE_TYPE_COLUMN",
+        default_value = "aggregate_type"
+    )]
     pub aggregate_type_column: String,
     /// Becomes the Kafka key: events of one aggregate stay in order.
-    #[arg(long, env = "WALRELAY_AGGREGATE_ID_COLUMN", default_value = "aggregate_id")]
+    #[arg(
+        long,
+        env = "WALRELAY_AGGREGATE_ID_COLUMN",
+        default_value = "aggregate_id"
+    )]
     pub aggregate_id_column: String,
     #[arg(long, env = "WALRELAY_EVENT_TYPE_COLUMN", default_value = "event_type")]
     pub event_type_column: String,
@@ -93,7 +107,9 @@ impl OutboxArgs {
             .map(|t| {
                 let (schema, table) = t.split_once('.').unwrap_or(("public", t.as_str()));
                 if schema.is_empty() || table.is_empty() || table.contains('.') {
-                    return Err(UsageError(format!("--table {t:?}: expected schema.table, such as public.outbox")));
+                    return Err(UsageError(format!(
+                        "--table {t:?}: expected schema.table, such as public.outbox"
+                    )));
                 }
                 Ok((schema.to_owned(), table.to_owned()))
             })
@@ -131,19 +147,37 @@ pub struct RunArgs {
     #[arg(long, env = "WALRELAY_BROKERS")]
     pub brokers: String,
     /// librdkafka option key=value, as kcat's -X (TLS, SASL, linger.ms, ...).
-    #[arg(short = 'X', value_name = "KEY=VALUE", env = "WALRELAY_KAFKA_OPTIONS", value_delimiter = ';', hide_env_values = true)]
+    #[arg(
+        short = 'X',
+        value_name = "KEY=VALUE",
+        env = "WALRELAY_KAFKA_OPTIONS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
     pub kafka_options: Vec<String>,
     /// Topic per event: {aggregate_type}, {event_type}, {schema} and {table} are replaced.
-    #[arg(long, env = "WALRELAY_TOPIC_TEMPLATE", default_value = "outbox.event.{aggregate_type}")]
+    #[arg(
+        long,
+        env = "WALRELAY_TOPIC_TEMPLATE",
+        default_value = "outbox.event.{aggregate_type}"
+    )]
     pub topic_template: String,
     /// Extra column placed in a header: COLUMN or COLUMN:HEADER; repeatable.
-    #[arg(long = "header-column", env = "WALRELAY_HEADER_COLUMNS", value_delimiter = ',')]
+    #[arg(
+        long = "header-column",
+        env = "WALRELAY_HEADER_COLUMNS",
+        value_delimiter = ','
+    )]
     pub header_columns: Vec<String>,
     /// Prefix of transactional logical decoding messages that are events.
     #[arg(long, env = "WALRELAY_MESSAGE_PREFIX", default_value = "walrelay")]
     pub message_prefix: String,
     /// Topic for what cannot be published, with the reason in a walrelay_error header.
-    #[arg(long, env = "WALRELAY_DEAD_LETTER_TOPIC", default_value = "walrelay.dead-letter")]
+    #[arg(
+        long,
+        env = "WALRELAY_DEAD_LETTER_TOPIC",
+        default_value = "walrelay.dead-letter"
+    )]
     pub dead_letter_topic: String,
     /// Leave out the CloudEvents binary-mode headers (ce_*).
     #[arg(long, env = "WALRELAY_NO_CLOUDEVENTS")]
@@ -195,28 +229,38 @@ impl RunArgs {
             .topic_template
             .parse()
             .map_err(|e| UsageError(format!("--topic-template {e}")))?;
-        check_topic_name(&self.dead_letter_topic).map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
+        check_topic_name(&self.dead_letter_topic)
+            .map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
         let header_columns = self
             .header_columns
             .iter()
-            .map(|h| h.parse::<HeaderColumn>().map_err(|e| UsageError(format!("--header-column {e}"))))
+            .map(|h| {
+                h.parse::<HeaderColumn>()
+                    .map_err(|e| UsageError(format!("--header-column {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let overrides = self
             .kafka_options
             .iter()
             .map(|o| match o.split_once('=') {
                 Some((k, v)) if !k.is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-                _ => Err(UsageError(format!("-X {o:?}: expected KEY=VALUE, such as -X linger.ms=10"))),
+                _ => Err(UsageError(format!(
+                    "-X {o:?}: expected KEY=VALUE, such as -X linger.ms=10"
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         if self.brokers.trim().is_empty() {
-            return Err(UsageError("--brokers is empty: name at least one broker, such as localhost:9092".into()));
+            return Err(UsageError(
+                "--brokers is empty: name at least one broker, such as localhost:9092".into(),
+            ));
         }
         let producer = ProducerSettings {
             brokers: self.brokers.clone(),
             overrides,
         };
-        producer.client_config().map_err(|e| UsageError(format!("-X: {e}")))?;
+        producer
+            .client_config()
+            .map_err(|e| UsageError(format!("-X: {e}")))?;
         if self.message_prefix.is_empty() {
             return Err(UsageError("--message-prefix must not be empty".into()));
         }
@@ -252,17 +296,23 @@ impl RunArgs {
 /// `500ms`, `1s`, `2m`, `1h`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; use a number with ms, s, m or h, such as 500ms or 30s"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a duration; use a number with ms, s, m or h, such as 500ms or 30s")
+    })?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("{text:?}: unknown unit {other:?}; use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?}; use ms, s, m or h"
+            ));
+        }
     };
     Ok(Duration::from_secs_f64(seconds))
 }
@@ -272,7 +322,12 @@ pub struct TailArgs {
     #[command(flatten)]
     pub pg: PgArgs,
     /// Publication(s) to stream; repeat the flag for several.
-    #[arg(long = "publication", env = "WALRELAY_PUBLICATION", default_value = "walrelay", value_delimiter = ',')]
+    #[arg(
+        long = "publication",
+        env = "WALRELAY_PUBLICATION",
+        default_value = "walrelay",
+        value_delimiter = ','
+    )]
     pub publications: Vec<String>,
     /// pgoutput protocol version (1-4); default: the highest the server speaks.
     #[arg(long, env = "WALRELAY_PROTO_VERSION", value_parser = clap::value_parser!(u32).range(1..=4))]
@@ -289,7 +344,10 @@ pub struct UsageError(pub String);
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("walrelay: cannot start the async runtime: {e}");
@@ -313,16 +371,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             let config = args.relay_config()?;
-            let addr: std::net::SocketAddr = args
-                .http_addr
-                .parse()
-                .map_err(|_| UsageError(format!("--http-addr {:?}: expected host:port, such as 127.0.0.1:9187", args.http_addr)))?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| UsageError(format!("--http-addr {addr}: cannot listen ({e}); choose a free port")))?;
+            let addr: std::net::SocketAddr = args.http_addr.parse().map_err(|_| {
+                UsageError(format!(
+                    "--http-addr {:?}: expected host:port, such as 127.0.0.1:9187",
+                    args.http_addr
+                ))
+            })?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                UsageError(format!(
+                    "--http-addr {addr}: cannot listen ({e}); choose a free port"
+                ))
+            })?;
             let status = Arc::new(RelayStatus::new());
             let metrics = crate::http::install_metrics()?;
-            crate::http::spawn(listener, metrics, Arc::clone(&status), config.producer.clone(), config.slot.clone())?;
+            crate::http::spawn(
+                listener,
+                metrics,
+                Arc::clone(&status),
+                config.producer.clone(),
+                config.slot.clone(),
+            )?;
             ensure_slot(&config, args.create_slot).await?;
             crate::monitor::spawn(config.pg.clone(), config.slot.clone(), Arc::clone(&status));
             let shutdown = shutdown_signal();
@@ -358,12 +426,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// An ordinary SQL connection (tokio-postgres) with the same settings.
-pub async fn control_connection(config: &ConnectionConfig) -> anyhow::Result<tokio_postgres::Client> {
+pub async fn control_connection(
+    config: &ConnectionConfig,
+) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = config
         .to_tokio_postgres()
         .connect(tokio_postgres::NoTls)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", config.address()))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", config.address())
+        })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "control connection closed");
@@ -377,7 +449,10 @@ pub async fn control_connection(config: &ConnectionConfig) -> anyhow::Result<tok
 async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
     let client = control_connection(&config.pg).await?;
     let exists = client
-        .query_opt("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1", &[&config.slot])
+        .query_opt(
+            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
         .await?;
     match exists {
         Some(row) => {
@@ -393,7 +468,10 @@ async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
         }
         None if create => {
             client
-                .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&config.slot])
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&config.slot],
+                )
                 .await?;
             tracing::info!(slot = %config.slot, "created replication slot");
             Ok(())
@@ -409,7 +487,8 @@ async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let term_recv = async {
             match term.as_mut() {
                 Some(t) => {

@@ -23,7 +23,7 @@ use crate::status::RelayStatus;
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// How often the broker is probed for `/readyz`.
-const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 struct AppState {
@@ -37,7 +37,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(crate::metrics::COMMIT_TO_ACK_SECONDS.to_owned()),
-            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
         )?
         .install_recorder()?;
     crate::metrics::describe();
@@ -63,14 +66,26 @@ pub fn spawn(
     tokio::spawn(async move {
         loop {
             let admin = Arc::clone(&admin);
-            let ok = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, Duration::from_secs(3)).is_ok())
-                .await
-                .unwrap_or(false);
-            probe_status.counters.broker_reachable.store(ok, Ordering::Relaxed);
+            let ok = tokio::task::spawn_blocking(move || {
+                admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_secs(3))
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            probe_status
+                .counters
+                .broker_reachable
+                .store(ok, Ordering::Relaxed);
             tokio::time::sleep(BROKER_PROBE_INTERVAL).await;
         }
     });
-    let app = router(AppState { metrics, status, slot });
+    let app = router(AppState {
+        metrics,
+        status,
+        slot,
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP server stopped");
@@ -90,13 +105,20 @@ fn router(state: AppState) -> Router {
 }
 
 async fn dashboard() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     state.metrics.run_upkeep();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -104,7 +126,11 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let streaming = state.status.connected();
-    let broker = state.status.counters.broker_reachable.load(Ordering::Relaxed);
+    let broker = state
+        .status
+        .counters
+        .broker_reachable
+        .load(Ordering::Relaxed);
     let body = json!({
         "ready": streaming && broker,
         "role": if streaming { "active" } else { "waiting" },
@@ -112,7 +138,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "broker_reachable": broker,
         "slot": state.slot,
     });
-    let code = if streaming && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if streaming && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 

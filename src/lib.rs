@@ -1,18 +1,18 @@
 //! walrelay: transactional-outbox events from PostgreSQL to Kafka through
 //! logical replication.
 
-pub mod lsn;
-pub mod pgoutput;
-pub mod replication;
-pub mod relation_cache;
-pub mod tail;
-pub mod cli;
 pub mod ack_tracker;
-pub mod router;
-pub mod kafka;
-pub mod metrics;
-pub mod relay;
-pub mod status;
-pub mod setup;
-pub mod monitor;
+pub mod cli;
 pub mod http;
+pub mod kafka;
+pub mod lsn;
+pub mod metrics;
+pub mod monitor;
+pub mod pgoutput;
+pub mod relation_cache;
+pub mod relay;
+pub mod replication;
+pub mod router;
+pub mod setup;
+pub mod status;
+pub mod tail;

@@ -24,7 +24,9 @@ impl fmt::Display for Lsn {
 
 /// The text is not of the form `HEX/HEX`.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid LSN {0:?}: expected two hexadecimal numbers separated by '/', such as 16/B374D848")]
+#[error(
+    "invalid LSN {0:?}: expected two hexadecimal numbers separated by '/', such as 16/B374D848"
+)]
 pub struct ParseLsnError(String);
 
 impl FromStr for Lsn {

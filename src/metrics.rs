@@ -26,26 +26,70 @@ pub const WINDOW_FULL_TOTAL: &str = "walrelay_window_full_total";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
-    describe_gauge!(SLOT_LAG_BYTES, Unit::Bytes, "pg_current_wal_lsn() - confirmed_flush_lsn of the slot");
-    describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "pg_current_wal_lsn() - restart_lsn: WAL the slot keeps on disk");
+    describe_gauge!(
+        SLOT_LAG_BYTES,
+        Unit::Bytes,
+        "pg_current_wal_lsn() - confirmed_flush_lsn of the slot"
+    );
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "pg_current_wal_lsn() - restart_lsn: WAL the slot keeps on disk"
+    );
     describe_gauge!(SLOT_ACTIVE, "1 when a walsender holds the slot");
-    describe_gauge!(SLOT_SAFE_WAL_SIZE_BYTES, Unit::Bytes, "WAL that can still be written before the slot is in danger of losing required WAL (safe_wal_size; -1 when unlimited)");
-    describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status (reserved, extended, unreserved, lost)");
-    describe_gauge!(SLOT_WRITE_LAG_SECONDS, Unit::Seconds, "walsender write_lag from pg_stat_replication");
-    describe_gauge!(SLOT_FLUSH_LAG_SECONDS, Unit::Seconds, "walsender flush_lag from pg_stat_replication");
+    describe_gauge!(
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        Unit::Bytes,
+        "WAL that can still be written before the slot is in danger of losing required WAL (safe_wal_size; -1 when unlimited)"
+    );
+    describe_gauge!(
+        SLOT_WAL_STATUS,
+        "1 for the slot's current wal_status (reserved, extended, unreserved, lost)"
+    );
+    describe_gauge!(
+        SLOT_WRITE_LAG_SECONDS,
+        Unit::Seconds,
+        "walsender write_lag from pg_stat_replication"
+    );
+    describe_gauge!(
+        SLOT_FLUSH_LAG_SECONDS,
+        Unit::Seconds,
+        "walsender flush_lag from pg_stat_replication"
+    );
     describe_counter!(MONITOR_ERRORS_TOTAL, "slot monitor queries that failed");
     describe_counter!(EVENTS_PUBLISHED_TOTAL, "events acknowledged by Kafka");
     describe_counter!(PUBLISH_ERRORS_TOTAL, "failed deliveries, by kind");
-    describe_counter!(DEAD_LETTERS_TOTAL, "records sent to the dead-letter topic, by reason kind");
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "records sent to the dead-letter topic, by reason kind"
+    );
     describe_gauge!(EVENTS_IN_FLIGHT, "events produced and not yet acknowledged");
-    describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "bytes of events produced and not yet acknowledged");
-    describe_histogram!(COMMIT_TO_ACK_SECONDS, Unit::Seconds, "PostgreSQL commit time to broker acknowledgement");
-    describe_gauge!(CONFIRMED_LSN, "last flush LSN sent to PostgreSQL, as a number");
+    describe_gauge!(
+        BYTES_IN_FLIGHT,
+        Unit::Bytes,
+        "bytes of events produced and not yet acknowledged"
+    );
+    describe_histogram!(
+        COMMIT_TO_ACK_SECONDS,
+        Unit::Seconds,
+        "PostgreSQL commit time to broker acknowledgement"
+    );
+    describe_gauge!(
+        CONFIRMED_LSN,
+        "last flush LSN sent to PostgreSQL, as a number"
+    );
     describe_gauge!(REPLICATION_CONNECTED, "1 while streaming from the slot");
     describe_counter!(RECONNECTS_TOTAL, "replication reconnect attempts");
-    describe_gauge!(LAST_ACK_TIMESTAMP_SECONDS, Unit::Seconds, "Unix time of the last acknowledged event");
+    describe_gauge!(
+        LAST_ACK_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Unix time of the last acknowledged event"
+    );
     describe_counter!(TRANSACTIONS_TOTAL, "transactions received from the slot");
-    describe_counter!(WINDOW_FULL_TOTAL, "times the in-flight window filled and reading WAL paused");
+    describe_counter!(
+        WINDOW_FULL_TOTAL,
+        "times the in-flight window filled and reading WAL paused"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.

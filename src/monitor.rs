@@ -36,7 +36,10 @@ WHERE $1::text IS NULL OR s.slot_name = $1
 ORDER BY s.slot_name";
 
 /// Reads slots (all when `slot` is `None`).
-pub async fn read_slots(client: &tokio_postgres::Client, slot: Option<&str>) -> Result<Vec<SlotSnapshot>, tokio_postgres::Error> {
+pub async fn read_slots(
+    client: &tokio_postgres::Client,
+    slot: Option<&str>,
+) -> Result<Vec<SlotSnapshot>, tokio_postgres::Error> {
     let rows = client.query(SLOT_QUERY, &[&slot]).await?;
     Ok(rows
         .iter()
@@ -64,7 +67,11 @@ pub fn spawn(config: ConnectionConfig, slot: String, status: Arc<RelayStatus>) {
         loop {
             tick.tick().await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match config.to_tokio_postgres().connect(tokio_postgres::NoTls).await {
+                match config
+                    .to_tokio_postgres()
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                {
                     Ok((c, connection)) => {
                         tokio::spawn(async move {
                             let _ = connection.await;
@@ -95,7 +102,10 @@ pub fn spawn(config: ConnectionConfig, slot: String, status: Arc<RelayStatus>) {
 fn failed(status: &RelayStatus, message: &str) {
     tracing::warn!(error = message, "slot monitor");
     metrics::counter!(m::MONITOR_ERRORS_TOTAL).increment(1);
-    status.counters.monitor_errors.fetch_add(1, Ordering::Relaxed);
+    status
+        .counters
+        .monitor_errors
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 fn export(slot: &str, snapshot: Option<&SlotSnapshot>) {
@@ -103,20 +113,32 @@ fn export(slot: &str, snapshot: Option<&SlotSnapshot>) {
         metrics::gauge!(m::SLOT_ACTIVE, "slot" => slot.to_owned()).set(0.0);
         return;
     };
-    metrics::gauge!(m::SLOT_ACTIVE, "slot" => slot.to_owned()).set(if s.active { 1.0 } else { 0.0 });
+    metrics::gauge!(m::SLOT_ACTIVE, "slot" => slot.to_owned()).set(if s.active {
+        1.0
+    } else {
+        0.0
+    });
     if let Some(v) = s.lag_bytes {
         metrics::gauge!(m::SLOT_LAG_BYTES, "slot" => slot.to_owned()).set(v as f64);
     }
     if let Some(v) = s.retained_wal_bytes {
         metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES, "slot" => slot.to_owned()).set(v as f64);
     }
-    metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES, "slot" => slot.to_owned()).set(s.safe_wal_size.map_or(-1.0, |v| v as f64));
+    metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES, "slot" => slot.to_owned())
+        .set(s.safe_wal_size.map_or(-1.0, |v| v as f64));
     for state in WAL_STATUSES {
-        let value = if s.wal_status.as_deref() == Some(state) { 1.0 } else { 0.0 };
-        metrics::gauge!(m::SLOT_WAL_STATUS, "slot" => slot.to_owned(), "wal_status" => state).set(value);
+        let value = if s.wal_status.as_deref() == Some(state) {
+            1.0
+        } else {
+            0.0
+        };
+        metrics::gauge!(m::SLOT_WAL_STATUS, "slot" => slot.to_owned(), "wal_status" => state)
+            .set(value);
     }
-    metrics::gauge!(m::SLOT_WRITE_LAG_SECONDS, "slot" => slot.to_owned()).set(s.write_lag_seconds.unwrap_or(0.0));
-    metrics::gauge!(m::SLOT_FLUSH_LAG_SECONDS, "slot" => slot.to_owned()).set(s.flush_lag_seconds.unwrap_or(0.0));
+    metrics::gauge!(m::SLOT_WRITE_LAG_SECONDS, "slot" => slot.to_owned())
+        .set(s.write_lag_seconds.unwrap_or(0.0));
+    metrics::gauge!(m::SLOT_FLUSH_LAG_SECONDS, "slot" => slot.to_owned())
+        .set(s.flush_lag_seconds.unwrap_or(0.0));
 }
 
 fn record_sample(status: &RelayStatus) {

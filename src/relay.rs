@@ -23,14 +23,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::ack_tracker::{AckTracker, TxnTicket};
-use crate::kafka::{Delivery, EventTicket, KafkaSink, ProducerSettings, SendError, TopicError, TopicManager};
+use crate::kafka::{
+    Delivery, EventTicket, KafkaSink, ProducerSettings, SendError, TopicError, TopicManager,
+};
 use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::pgoutput::{LogicalMessage, PgTimestamp, StreamDecoder};
 use crate::relation_cache::RelationCache;
 use crate::replication::{
-    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream, StartOptions,
-    StatusPositions,
+    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
+    StartOptions, StatusPositions,
 };
 use crate::router::{ChangeContext, KafkaRecord, Routed, Router, RouterConfig};
 use crate::status::RelayStatus;
@@ -87,13 +89,22 @@ enum SessionEnd {
 
 /// Runs until `shutdown` turns true (then drains and returns `Ok`) or a
 /// permanent error.
-pub async fn run(config: RelayConfig, mut shutdown: watch::Receiver<bool>, status: Arc<RelayStatus>) -> Result<(), RelayError> {
+pub async fn run(
+    config: RelayConfig,
+    mut shutdown: watch::Receiver<bool>,
+    status: Arc<RelayStatus>,
+) -> Result<(), RelayError> {
     let (sink, deliveries) = KafkaSink::new(&config.producer)?;
     let client_config = config
         .producer
         .client_config()
         .map_err(|e| RelayError::Protocol(e.to_string()))?;
-    let topics = TopicManager::new(&client_config, config.create_topics, config.topic_partitions, config.topic_replication_factor)?;
+    let topics = TopicManager::new(
+        &client_config,
+        config.create_topics,
+        config.topic_partitions,
+        config.topic_replication_factor,
+    )?;
     let mut relay = Relay {
         config,
         sink,
@@ -122,7 +133,11 @@ pub async fn run(config: RelayConfig, mut shutdown: watch::Receiver<bool>, statu
                 let backoff = backoff(attempt, relay.config.max_backoff);
                 tracing::warn!(error = %err, attempt, retry_in = ?backoff, "replication interrupted");
                 metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
-                relay.status.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                relay
+                    .status
+                    .counters
+                    .reconnects
+                    .fetch_add(1, Ordering::Relaxed);
                 // Wait, while still taking delivery reports.
                 let deadline = tokio::time::Instant::now() + backoff;
                 loop {
@@ -174,7 +189,8 @@ struct OpenTxn {
 
 impl Relay {
     fn window_full(&self) -> bool {
-        self.in_flight_events >= self.config.max_in_flight_events || self.in_flight_bytes >= self.config.max_in_flight_bytes
+        self.in_flight_events >= self.config.max_in_flight_events
+            || self.in_flight_bytes >= self.config.max_in_flight_bytes
     }
 
     fn set_connected(&self, connected: bool) {
@@ -182,11 +198,17 @@ impl Relay {
         self.status.set_connected(connected);
     }
 
-    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, RelayError> {
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, RelayError> {
         let mut conn = ReplicationConnection::connect(&self.config.pg).await?;
         let identity = conn.identify_system().await?;
         if self.router.is_none() {
-            self.router = Some(Router::new(self.config.router.clone(), identity.system_id.clone()));
+            self.router = Some(Router::new(
+                self.config.router.clone(),
+                identity.system_id.clone(),
+            ));
         }
         // Events still in flight from a previous session are waited for (as
         // long as it takes: the producer never gives up on them), so the
@@ -274,7 +296,9 @@ impl Relay {
         match message {
             LogicalMessage::Begin(begin) => {
                 if open.is_some() {
-                    return Err(RelayError::Protocol("Begin inside an open transaction".into()));
+                    return Err(RelayError::Protocol(
+                        "Begin inside an open transaction".into(),
+                    ));
                 }
                 *open = Some(OpenTxn {
                     ticket: self.tracker.begin(),
@@ -297,15 +321,24 @@ impl Relay {
                     .ok_or_else(|| RelayError::Protocol("Insert outside a transaction".into()))?;
                 let (ticket, commit_time) = (txn.ticket, txn.commit_time);
                 let relation = relations.get(insert.relation_id).cloned().ok_or_else(|| {
-                    RelayError::Protocol(format!("Insert into relation {} before its Relation message", insert.relation_id))
+                    RelayError::Protocol(format!(
+                        "Insert into relation {} before its Relation message",
+                        insert.relation_id
+                    ))
                 })?;
-                let routed = self.router().route_insert(&relation, &insert.new, ChangeContext { lsn, commit_time });
+                let routed = self.router().route_insert(
+                    &relation,
+                    &insert.new,
+                    ChangeContext { lsn, commit_time },
+                );
                 self.publish(routed, ticket, commit_time, stream).await?;
             }
             LogicalMessage::Message(message) => match open.as_ref() {
                 Some(txn) if message.transactional => {
                     let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                    let routed = self.router().route_message(&message, ChangeContext { lsn, commit_time });
+                    let routed = self
+                        .router()
+                        .route_message(&message, ChangeContext { lsn, commit_time });
                     self.publish(routed, ticket, commit_time, stream).await?;
                 }
                 _ => {
@@ -313,7 +346,13 @@ impl Relay {
                     // it gets a transaction of its own in the tracker, ending
                     // at its LSN, so it is confirmed in stream order.
                     let now = PgTimestamp::now();
-                    let routed = self.router().route_message(&message, ChangeContext { lsn, commit_time: now });
+                    let routed = self.router().route_message(
+                        &message,
+                        ChangeContext {
+                            lsn,
+                            commit_time: now,
+                        },
+                    );
                     if routed != Routed::Ignored {
                         let ticket = self.tracker.begin();
                         self.publish(routed, ticket, now, stream).await?;
@@ -329,14 +368,19 @@ impl Relay {
             | LogicalMessage::Type(_) => {}
             other => {
                 // Streaming and two-phase messages are never requested.
-                return Err(RelayError::Protocol(format!("unexpected {} message", other.kind())));
+                return Err(RelayError::Protocol(format!(
+                    "unexpected {} message",
+                    other.kind()
+                )));
             }
         }
         Ok(())
     }
 
     fn router(&self) -> &Router {
-        self.router.as_ref().expect("the router is built before streaming starts")
+        self.router
+            .as_ref()
+            .expect("the router is built before streaming starts")
     }
 
     fn commit(&mut self, ticket: TxnTicket, end_lsn: Lsn) -> Result<(), RelayError> {
@@ -346,7 +390,13 @@ impl Relay {
     }
 
     /// Produces a routed change, if it is one.
-    async fn publish(&mut self, routed: Routed, txn: TxnTicket, commit_time: PgTimestamp, stream: &mut ReplicationStream) -> Result<(), RelayError> {
+    async fn publish(
+        &mut self,
+        routed: Routed,
+        txn: TxnTicket,
+        commit_time: PgTimestamp,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), RelayError> {
         let (record, dead_letter) = match routed {
             Routed::Ignored => return Ok(()),
             Routed::Event(record) => (record, false),
@@ -373,7 +423,12 @@ impl Relay {
 
     /// Hands a record to the producer, waiting out a full queue or an
     /// unreachable broker while keeping the replication connection fed.
-    async fn produce(&mut self, mut record: KafkaRecord, mut ticket: EventTicket, mut stream: Option<&mut ReplicationStream>) -> Result<(), RelayError> {
+    async fn produce(
+        &mut self,
+        mut record: KafkaRecord,
+        mut ticket: EventTicket,
+        mut stream: Option<&mut ReplicationStream>,
+    ) -> Result<(), RelayError> {
         let mut attempt = 0u32;
         loop {
             match self.topics.ensure(&record.topic).await {
@@ -382,13 +437,23 @@ impl Relay {
                     attempt += 1;
                     tracing::warn!(topic, error = %source, "broker unreachable; waiting");
                     metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "metadata").increment(1);
-                    self.wait_feeding(backoff(attempt, Duration::from_secs(5)), stream.as_deref_mut()).await?;
+                    self.wait_feeding(
+                        backoff(attempt, Duration::from_secs(5)),
+                        stream.as_deref_mut(),
+                    )
+                    .await?;
                     continue;
                 }
-                Err(TopicError::Create { topic, source }) if !self.is_fatal_create_error(&source) => {
+                Err(TopicError::Create { topic, source })
+                    if !self.is_fatal_create_error(&source) =>
+                {
                     attempt += 1;
                     tracing::warn!(topic, error = %source, "cannot create topic yet; retrying");
-                    self.wait_feeding(backoff(attempt, Duration::from_secs(5)), stream.as_deref_mut()).await?;
+                    self.wait_feeding(
+                        backoff(attempt, Duration::from_secs(5)),
+                        stream.as_deref_mut(),
+                    )
+                    .await?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -396,20 +461,26 @@ impl Relay {
             match self.sink.send(record, ticket) {
                 Ok(()) => return Ok(()),
                 Err(SendError::QueueFull(r)) => {
-                    record = r;
-                    self.wait_feeding(Duration::from_millis(5), stream.as_deref_mut()).await?;
+                    record = *r;
+                    self.wait_feeding(Duration::from_millis(5), stream.as_deref_mut())
+                        .await?;
                 }
                 Err(SendError::Refused { error, record: r }) => {
                     if crate::kafka::producer::is_permanent(&error) && !ticket.dead_letter {
-                        record = self.to_dead_letter(&r, &error.to_string(), &mut ticket);
+                        record = self.dead_letter_for(&r, &error.to_string(), &mut ticket);
                     } else if ticket.dead_letter && crate::kafka::producer::is_permanent(&error) {
                         self.give_up(&r, &error.to_string(), ticket);
                         return Ok(());
                     } else {
-                        record = r;
+                        record = *r;
                         attempt += 1;
-                        metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "produce").increment(1);
-                        self.wait_feeding(backoff(attempt, Duration::from_secs(5)), stream.as_deref_mut()).await?;
+                        metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "produce")
+                            .increment(1);
+                        self.wait_feeding(
+                            backoff(attempt, Duration::from_secs(5)),
+                            stream.as_deref_mut(),
+                        )
+                        .await?;
                     }
                 }
             }
@@ -421,16 +492,27 @@ impl Relay {
         matches!(
             error,
             rdkafka::error::KafkaError::AdminOp(
-                C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::InvalidTopic | C::PolicyViolation
-                    | C::InvalidReplicationFactor | C::InvalidPartitions
+                C::TopicAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+                    | C::InvalidTopic
+                    | C::PolicyViolation
+                    | C::InvalidReplicationFactor
+                    | C::InvalidPartitions
             )
         )
     }
 
     /// Replaces a record the broker refused for good with its dead letter.
-    fn to_dead_letter(&mut self, original: &KafkaRecord, reason: &str, ticket: &mut EventTicket) -> KafkaRecord {
+    fn dead_letter_for(
+        &mut self,
+        original: &KafkaRecord,
+        reason: &str,
+        ticket: &mut EventTicket,
+    ) -> KafkaRecord {
         let too_large = reason.contains("too large") || reason.contains("Message size");
-        let dead = self.router().broker_dead_letter(original, reason, !too_large);
+        let dead = self
+            .router()
+            .broker_dead_letter(original, reason, !too_large);
         tracing::warn!(topic = %original.topic, reason, "broker refused a record; sending it to the dead-letter topic");
         metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected").increment(1);
         metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "rejected").increment(1);
@@ -443,7 +525,9 @@ impl Relay {
     /// A dead letter that itself cannot be delivered: log every detail we
     /// have and let the slot move on, rather than wedge it forever.
     fn give_up(&mut self, record: &KafkaRecord, reason: &str, ticket: EventTicket) {
-        let id = record.header("id").map(|v| String::from_utf8_lossy(v).into_owned());
+        let id = record
+            .header("id")
+            .map(|v| String::from_utf8_lossy(v).into_owned());
         tracing::error!(topic = %record.topic, id = ?id, reason, "the dead-letter topic refused a record; it is logged here and skipped");
         metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "dead_letter_rejected").increment(1);
         self.release(ticket);
@@ -457,14 +541,21 @@ impl Relay {
     }
 
     fn update_in_flight_gauges(&self) {
-        self.status.counters.in_flight.store(self.in_flight_events as u64, Ordering::Relaxed);
+        self.status
+            .counters
+            .in_flight
+            .store(self.in_flight_events as u64, Ordering::Relaxed);
         metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.in_flight_events as f64);
         metrics::gauge!(m::BYTES_IN_FLIGHT).set(self.in_flight_bytes as f64);
     }
 
     /// Sleeps for `duration` while handling delivery reports and keeping the
     /// walsender answered.
-    async fn wait_feeding(&mut self, duration: Duration, mut stream: Option<&mut ReplicationStream>) -> Result<(), RelayError> {
+    async fn wait_feeding(
+        &mut self,
+        duration: Duration,
+        stream: Option<&mut ReplicationStream>,
+    ) -> Result<(), RelayError> {
         let deadline = tokio::time::Instant::now() + duration;
         loop {
             tokio::select! {
@@ -472,8 +563,10 @@ impl Relay {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if let Some(stream) = stream.as_deref_mut() {
-            if self.last_report_at.elapsed() >= self.config.status_interval || self.tracker.confirmed() > self.last_reported {
+        if let Some(stream) = stream {
+            if self.last_report_at.elapsed() >= self.config.status_interval
+                || self.tracker.confirmed() > self.last_reported
+            {
                 self.report(stream, false).await?;
             }
         }
@@ -487,10 +580,17 @@ impl Relay {
                 let now = PgTimestamp::now();
                 let latency = (now.0 - ticket.commit_time.0).max(0) as f64 / 1e6;
                 if ticket.dead_letter {
-                    self.status.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    self.status
+                        .counters
+                        .dead_letters
+                        .fetch_add(1, Ordering::Relaxed);
                 } else {
-                    metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => delivery.topic).increment(1);
-                    self.status.counters.events_published.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => delivery.topic)
+                        .increment(1);
+                    self.status
+                        .counters
+                        .events_published
+                        .fetch_add(1, Ordering::Relaxed);
                     metrics::histogram!(m::COMMIT_TO_ACK_SECONDS).record(latency);
                     self.status.latency.record(latency);
                 }
@@ -505,7 +605,7 @@ impl Relay {
                 let reason = failure.error.to_string();
                 if failure.is_permanent() && !ticket.dead_letter {
                     let mut ticket = ticket;
-                    let dead = self.to_dead_letter(&failure.record, &reason, &mut ticket);
+                    let dead = self.dead_letter_for(&failure.record, &reason, &mut ticket);
                     Box::pin(self.produce(dead, ticket, None)).await?;
                 } else if failure.is_permanent() {
                     self.give_up(&failure.record, &reason, ticket);
@@ -521,9 +621,15 @@ impl Relay {
     }
 
     /// Sends a status update with the tracker's watermark.
-    async fn report(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), RelayError> {
+    async fn report(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply: bool,
+    ) -> Result<(), RelayError> {
         let confirmed = self.tracker.confirmed();
-        stream.send_status(StatusPositions::all(confirmed), reply).await?;
+        stream
+            .send_status(StatusPositions::all(confirmed), reply)
+            .await?;
         if confirmed != self.last_reported {
             tracing::debug!(lsn = %confirmed, "confirmed");
         }
@@ -537,7 +643,10 @@ impl Relay {
     /// Stops reading, waits for in-flight acknowledgements (bounded by the
     /// shutdown timeout), confirms, and ends the stream cleanly.
     async fn shutdown(&mut self, mut stream: ReplicationStream) -> Result<(), RelayError> {
-        tracing::info!(in_flight = self.in_flight_events, "stopping: draining in-flight events");
+        tracing::info!(
+            in_flight = self.in_flight_events,
+            "stopping: draining in-flight events"
+        );
         let deadline = Instant::now() + self.config.shutdown_timeout;
         let mut status_tick = tokio::time::interval(self.config.status_interval);
         while self.in_flight_events > 0 && Instant::now() < deadline {
@@ -548,7 +657,10 @@ impl Relay {
             }
         }
         if self.in_flight_events > 0 {
-            tracing::warn!(in_flight = self.in_flight_events, "shutdown timeout: unacknowledged events will be sent again on restart");
+            tracing::warn!(
+                in_flight = self.in_flight_events,
+                "shutdown timeout: unacknowledged events will be sent again on restart"
+            );
         }
         self.report(&mut stream, false).await?;
         tracing::info!(confirmed = %self.tracker.confirmed(), "stopped");
@@ -559,7 +671,11 @@ impl Relay {
     /// Waits for every in-flight event without a stream to report to
     /// (after a disconnect), up to `limit` if given. Returns whether all
     /// were acknowledged; false also when shutdown interrupted the wait.
-    async fn drain(&mut self, shutdown: &mut watch::Receiver<bool>, limit: Option<Duration>) -> Result<bool, RelayError> {
+    async fn drain(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        limit: Option<Duration>,
+    ) -> Result<bool, RelayError> {
         let deadline = limit.map(|l| tokio::time::Instant::now() + l);
         while self.in_flight_events > 0 {
             let timeout = async {

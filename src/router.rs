@@ -42,7 +42,11 @@ impl KafkaRecord {
     pub fn size(&self) -> usize {
         self.key.as_ref().map_or(0, Bytes::len)
             + self.value.as_ref().map_or(0, Bytes::len)
-            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 
     /// A header's value, if present.
@@ -59,7 +63,10 @@ pub enum Routed {
     Event(KafkaRecord),
     /// Cannot be published as an event; this record goes to the dead-letter
     /// topic instead.
-    DeadLetter { record: KafkaRecord, reason: String },
+    DeadLetter {
+        record: KafkaRecord,
+        reason: String,
+    },
 }
 
 /// Column names of an outbox table.
@@ -101,7 +108,9 @@ impl std::str::FromStr for HeaderColumn {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (column, header) = text.split_once(':').unwrap_or((text, text));
         if column.is_empty() || header.is_empty() {
-            return Err(format!("{text:?}: expected COLUMN or COLUMN:HEADER, such as tenant_id:tenant"));
+            return Err(format!(
+                "{text:?}: expected COLUMN or COLUMN:HEADER, such as tenant_id:tenant"
+            ));
         }
         Ok(HeaderColumn {
             column: column.into(),
@@ -192,7 +201,9 @@ impl std::fmt::Display for TopicTemplate {
 /// Kafka's rule for topic names.
 pub fn check_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 249 {
-        return Err(format!("topic name {name:?} must be 1 to 249 characters long"));
+        return Err(format!(
+            "topic name {name:?} must be 1 to 249 characters long"
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("topic name {name:?} is reserved"));
@@ -241,7 +252,8 @@ pub struct Router {
 }
 
 /// Namespace of the UUIDs derived from a message's LSN.
-const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b1f_39d6_4a8e_4c1e_9e5c_2f0d_7a3b_8c41);
+const MESSAGE_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6b1f_39d6_4a8e_4c1e_9e5c_2f0d_7a3b_8c41);
 
 impl Router {
     pub fn new(config: RouterConfig, system_id: impl Into<String>) -> Self {
@@ -264,7 +276,12 @@ impl Router {
     }
 
     /// An INSERT into `relation`.
-    pub fn route_insert(&self, relation: &RelationInfo, tuple: &TupleData, ctx: ChangeContext) -> Routed {
+    pub fn route_insert(
+        &self,
+        relation: &RelationInfo,
+        tuple: &TupleData,
+        ctx: ChangeContext,
+    ) -> Routed {
         if !self.is_outbox(relation) {
             return Routed::Ignored;
         }
@@ -277,7 +294,12 @@ impl Router {
         }
     }
 
-    fn insert_record(&self, relation: &RelationInfo, tuple: &TupleData, ctx: ChangeContext) -> Result<KafkaRecord, String> {
+    fn insert_record(
+        &self,
+        relation: &RelationInfo,
+        tuple: &TupleData,
+        ctx: ChangeContext,
+    ) -> Result<KafkaRecord, String> {
         let c = &self.config.columns;
         let row = relation.row(tuple).map_err(|e| e.to_string())?;
         let table = relation.qualified_name();
@@ -288,9 +310,13 @@ impl Router {
         };
         let required_text = |name: &str| -> Result<&str, String> {
             match column(name)? {
-                ColumnValue::Text(t) => std::str::from_utf8(t).map_err(|_| format!("column {name:?} is not UTF-8")),
+                ColumnValue::Text(t) => {
+                    std::str::from_utf8(t).map_err(|_| format!("column {name:?} is not UTF-8"))
+                }
                 ColumnValue::Null => Err(format!("column {name:?} is NULL")),
-                ColumnValue::UnchangedToast => Err(format!("column {name:?} arrived as an unchanged TOAST value")),
+                ColumnValue::UnchangedToast => Err(format!(
+                    "column {name:?} arrived as an unchanged TOAST value"
+                )),
                 ColumnValue::Binary(_) => Err(format!("column {name:?} arrived in binary format")),
             }
         };
@@ -303,17 +329,23 @@ impl Router {
             .column_index(&c.payload)
             .ok_or_else(|| format!("{table} has no column {:?}", c.payload))?;
         let payload_type = relation.columns[payload_index].type_oid;
-        let (value, content_type) = encode_payload(&tuple.columns[payload_index], payload_type, &c.payload)?;
+        let (value, content_type) =
+            encode_payload(&tuple.columns[payload_index], payload_type, &c.payload)?;
 
-        let topic = self
-            .config
-            .topic_template
-            .render(aggregate_type, event_type, &relation.schema, &relation.table);
+        let topic = self.config.topic_template.render(
+            aggregate_type,
+            event_type,
+            &relation.schema,
+            &relation.table,
+        );
         check_topic_name(&topic)?;
 
         let mut headers: Vec<(String, Bytes)> = Vec::with_capacity(10);
         headers.push(("id".into(), Bytes::copy_from_slice(id.as_bytes())));
-        headers.push(("event_type".into(), Bytes::copy_from_slice(event_type.as_bytes())));
+        headers.push((
+            "event_type".into(),
+            Bytes::copy_from_slice(event_type.as_bytes()),
+        ));
         if let Some(ColumnValue::Text(json)) = row.get(&c.headers) {
             headers_from_json(json, &mut headers)?;
         }
@@ -326,7 +358,9 @@ impl Router {
         }
         if self.config.cloudevents {
             let time = match row.get(&c.created_at) {
-                Some(ColumnValue::Text(t)) => std::str::from_utf8(t).ok().and_then(timestamp_text_to_rfc3339),
+                Some(ColumnValue::Text(t)) => std::str::from_utf8(t)
+                    .ok()
+                    .and_then(timestamp_text_to_rfc3339),
                 _ => None,
             }
             .unwrap_or_else(|| ctx.commit_time.to_rfc3339());
@@ -364,8 +398,14 @@ impl Router {
             Err(reason) => {
                 let mut headers = vec![
                     (ERROR_HEADER.to_owned(), Bytes::from(reason.clone())),
-                    ("walrelay_source".to_owned(), Bytes::from(format!("message:{}", message.prefix))),
-                    ("walrelay_lsn".to_owned(), Bytes::from(message.lsn.to_string())),
+                    (
+                        "walrelay_source".to_owned(),
+                        Bytes::from(format!("message:{}", message.prefix)),
+                    ),
+                    (
+                        "walrelay_lsn".to_owned(),
+                        Bytes::from(message.lsn.to_string()),
+                    ),
                 ];
                 headers.shrink_to_fit();
                 Routed::DeadLetter {
@@ -409,7 +449,9 @@ impl Router {
         };
         let value = match fields.get("payload") {
             None | Some(Value::Null) => None,
-            Some(payload) => Some(Bytes::from(serde_json::to_vec(payload).map_err(|e| e.to_string())?)),
+            Some(payload) => Some(Bytes::from(
+                serde_json::to_vec(payload).map_err(|e| e.to_string())?,
+            )),
         };
         let topic = self
             .config
@@ -437,7 +479,14 @@ impl Router {
                 None => format!("/walrelay/message/{}", message.prefix),
             };
             let time = ctx.commit_time.to_rfc3339();
-            push_cloudevents(&mut headers, &id, &event_type, &source, &time, "application/json");
+            push_cloudevents(
+                &mut headers,
+                &id,
+                &event_type,
+                &source,
+                &time,
+                "application/json",
+            );
         }
         Ok(KafkaRecord {
             topic,
@@ -449,7 +498,13 @@ impl Router {
 
     /// The dead letter for a row: every column as JSON text, the reason,
     /// and where the row came from.
-    fn row_dead_letter(&self, relation: &RelationInfo, tuple: &TupleData, ctx: ChangeContext, reason: &str) -> KafkaRecord {
+    fn row_dead_letter(
+        &self,
+        relation: &RelationInfo,
+        tuple: &TupleData,
+        ctx: ChangeContext,
+        reason: &str,
+    ) -> KafkaRecord {
         let mut columns = serde_json::Map::new();
         for (info, value) in relation.columns.iter().zip(&tuple.columns) {
             columns.insert(
@@ -480,7 +535,10 @@ impl Router {
             value: Some(Bytes::from(value.to_string())),
             headers: vec![
                 (ERROR_HEADER.to_owned(), Bytes::from(reason.to_owned())),
-                ("walrelay_source".to_owned(), Bytes::from(relation.qualified_name())),
+                (
+                    "walrelay_source".to_owned(),
+                    Bytes::from(relation.qualified_name()),
+                ),
                 ("walrelay_lsn".to_owned(), Bytes::from(ctx.lsn.to_string())),
             ],
         }
@@ -490,10 +548,18 @@ impl Router {
     /// not authorized): its key and headers, the reason, and its value when
     /// that was not the problem. An oversize value cannot travel; the row is
     /// still in the outbox table under its `id` header.
-    pub fn broker_dead_letter(&self, original: &KafkaRecord, reason: &str, keep_value: bool) -> KafkaRecord {
+    pub fn broker_dead_letter(
+        &self,
+        original: &KafkaRecord,
+        reason: &str,
+        keep_value: bool,
+    ) -> KafkaRecord {
         let mut headers = original.headers.clone();
         headers.push((ERROR_HEADER.to_owned(), Bytes::from(reason.to_owned())));
-        headers.push(("walrelay_original_topic".to_owned(), Bytes::from(original.topic.clone())));
+        headers.push((
+            "walrelay_original_topic".to_owned(),
+            Bytes::from(original.topic.clone()),
+        ));
         headers.push((
             "walrelay_original_size".to_owned(),
             Bytes::from(original.value.as_ref().map_or(0, Bytes::len).to_string()),
@@ -501,23 +567,47 @@ impl Router {
         KafkaRecord {
             topic: self.config.dead_letter_topic.clone(),
             key: original.key.clone(),
-            value: if keep_value { original.value.clone() } else { None },
+            value: if keep_value {
+                original.value.clone()
+            } else {
+                None
+            },
             headers,
         }
     }
 }
 
-fn push_cloudevents(headers: &mut Vec<(String, Bytes)>, id: &str, event_type: &str, source: &str, time: &str, content_type: &str) {
+fn push_cloudevents(
+    headers: &mut Vec<(String, Bytes)>,
+    id: &str,
+    event_type: &str,
+    source: &str,
+    time: &str,
+    content_type: &str,
+) {
     headers.push(("ce_specversion".into(), Bytes::from_static(b"1.0")));
     headers.push(("ce_id".into(), Bytes::copy_from_slice(id.as_bytes())));
-    headers.push(("ce_type".into(), Bytes::copy_from_slice(event_type.as_bytes())));
-    headers.push(("ce_source".into(), Bytes::copy_from_slice(source.as_bytes())));
+    headers.push((
+        "ce_type".into(),
+        Bytes::copy_from_slice(event_type.as_bytes()),
+    ));
+    headers.push((
+        "ce_source".into(),
+        Bytes::copy_from_slice(source.as_bytes()),
+    ));
     headers.push(("ce_time".into(), Bytes::copy_from_slice(time.as_bytes())));
-    headers.push(("content-type".into(), Bytes::copy_from_slice(content_type.as_bytes())));
+    headers.push((
+        "content-type".into(),
+        Bytes::copy_from_slice(content_type.as_bytes()),
+    ));
 }
 
 /// The payload column as the record value, and its content type.
-fn encode_payload(value: &ColumnValue, type_oid: u32, column: &str) -> Result<(Option<Bytes>, &'static str), String> {
+fn encode_payload(
+    value: &ColumnValue,
+    type_oid: u32,
+    column: &str,
+) -> Result<(Option<Bytes>, &'static str), String> {
     let content_type = match type_oid {
         oid::JSON | oid::JSONB => "application/json",
         oid::TEXT | oid::VARCHAR | oid::BPCHAR => "text/plain; charset=utf-8",
@@ -533,9 +623,15 @@ fn encode_payload(value: &ColumnValue, type_oid: u32, column: &str) -> Result<(O
         ColumnValue::Text(t) if type_oid == oid::BYTEA => decode_bytea_hex(t)
             .ok_or_else(|| format!("payload column {column:?}: bytea text is not in hex format"))?,
         ColumnValue::Text(t) => t.clone(),
-        ColumnValue::Binary(_) => return Err(format!("payload column {column:?} arrived in binary format")),
+        ColumnValue::Binary(_) => {
+            return Err(format!(
+                "payload column {column:?} arrived in binary format"
+            ));
+        }
         ColumnValue::UnchangedToast => {
-            return Err(format!("payload column {column:?} arrived as an unchanged TOAST value"));
+            return Err(format!(
+                "payload column {column:?} arrived as an unchanged TOAST value"
+            ));
         }
     };
     Ok((Some(bytes), content_type))
@@ -565,7 +661,8 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Each top-level string member of the `headers` JSON object.
 fn headers_from_json(json: &[u8], headers: &mut Vec<(String, Bytes)>) -> Result<(), String> {
-    let value: Value = serde_json::from_slice(json).map_err(|e| format!("headers column is not JSON: {e}"))?;
+    let value: Value =
+        serde_json::from_slice(json).map_err(|e| format!("headers column is not JSON: {e}"))?;
     match value {
         Value::Object(map) => {
             for (k, v) in map {
@@ -667,7 +764,12 @@ mod tests {
     }
 
     fn header<'a>(record: &'a KafkaRecord, name: &str) -> &'a str {
-        std::str::from_utf8(record.header(name).unwrap_or_else(|| panic!("no header {name}"))).unwrap()
+        std::str::from_utf8(
+            record
+                .header(name)
+                .unwrap_or_else(|| panic!("no header {name}")),
+        )
+        .unwrap()
     }
 
     const ID: &str = "6f1c1a52-8d7b-4f3e-9a51-2b0c7e4d9f10";
@@ -684,7 +786,8 @@ mod tests {
             Some(r#"{"traceparent": "00-abc-01", "n": 1}"#),
             Some("2026-11-23 08:32:03.5+00"),
         ]);
-        let Routed::Event(record) = router.route_insert(&outbox_relation(3802, &[]), &row, ctx()) else {
+        let Routed::Event(record) = router.route_insert(&outbox_relation(3802, &[]), &row, ctx())
+        else {
             panic!("expected an event")
         };
         assert_eq!(record.topic, "outbox.event.order");
@@ -693,7 +796,17 @@ mod tests {
         let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,
-            ["id", "event_type", "traceparent", "ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"],
+            [
+                "id",
+                "event_type",
+                "traceparent",
+                "ce_specversion",
+                "ce_id",
+                "ce_type",
+                "ce_source",
+                "ce_time",
+                "content-type"
+            ],
             "non-string members of headers are skipped"
         );
         assert_eq!(header(&record, "id"), ID);
@@ -711,20 +824,38 @@ mod tests {
     fn payload_types_map_to_values_and_content_types() {
         let router = Router::new(config(), "7000");
         let route = |oid: u32, payload: Option<&str>| {
-            let row = tuple(&[Some(ID), Some("a"), Some("k"), Some("E"), payload, Some("{}"), Some("2026-01-01 00:00:00+00")]);
+            let row = tuple(&[
+                Some(ID),
+                Some("a"),
+                Some("k"),
+                Some("E"),
+                payload,
+                Some("{}"),
+                Some("2026-01-01 00:00:00+00"),
+            ]);
             router.route_insert(&outbox_relation(oid, &[]), &row, ctx())
         };
-        let Routed::Event(bytea) = route(17, Some("\\x00ff41")) else { panic!() };
+        let Routed::Event(bytea) = route(17, Some("\\x00ff41")) else {
+            panic!()
+        };
         assert_eq!(bytea.value.as_deref(), Some(&[0x00, 0xff, 0x41][..]));
         assert_eq!(header(&bytea, "content-type"), "application/octet-stream");
-        let Routed::Event(text) = route(25, Some("plain ü")) else { panic!() };
+        let Routed::Event(text) = route(25, Some("plain ü")) else {
+            panic!()
+        };
         assert_eq!(text.value.as_deref(), Some("plain ü".as_bytes()));
         assert_eq!(header(&text, "content-type"), "text/plain; charset=utf-8");
-        let Routed::Event(json) = route(114, Some("[1, 2]")) else { panic!() };
+        let Routed::Event(json) = route(114, Some("[1, 2]")) else {
+            panic!()
+        };
         assert_eq!(json.value.as_deref(), Some(&b"[1, 2]"[..]));
-        let Routed::Event(tombstone) = route(3802, None) else { panic!() };
+        let Routed::Event(tombstone) = route(3802, None) else {
+            panic!()
+        };
         assert_eq!(tombstone.value, None, "a NULL payload is a tombstone");
-        let Routed::DeadLetter { reason, record } = route(23, Some("42")) else { panic!() };
+        let Routed::DeadLetter { reason, record } = route(23, Some("42")) else {
+            panic!()
+        };
         assert!(reason.contains("type oid 23"), "{reason}");
         assert_eq!(record.topic, "walrelay.dead-letter");
     }
@@ -732,8 +863,18 @@ mod tests {
     #[test]
     fn null_key_becomes_a_dead_letter_with_the_original_row() {
         let router = Router::new(config(), "7000");
-        let row = tuple(&[Some(ID), Some("order"), None, Some("E"), Some("{}"), Some("{}"), Some("2026-01-01 00:00:00+00")]);
-        let Routed::DeadLetter { record, reason } = router.route_insert(&outbox_relation(3802, &[]), &row, ctx()) else {
+        let row = tuple(&[
+            Some(ID),
+            Some("order"),
+            None,
+            Some("E"),
+            Some("{}"),
+            Some("{}"),
+            Some("2026-01-01 00:00:00+00"),
+        ]);
+        let Routed::DeadLetter { record, reason } =
+            router.route_insert(&outbox_relation(3802, &[]), &row, ctx())
+        else {
             panic!()
         };
         assert_eq!(reason, "column \"aggregate_id\" is NULL");
@@ -751,24 +892,54 @@ mod tests {
         let router = Router::new(config(), "7000");
         let mut relation = outbox_relation(3802, &[]);
         relation.table = "orders".into();
-        let row = tuple(&[Some(ID), Some("a"), Some("k"), Some("E"), Some("{}"), Some("{}"), Some("x")]);
+        let row = tuple(&[
+            Some(ID),
+            Some("a"),
+            Some("k"),
+            Some("E"),
+            Some("{}"),
+            Some("{}"),
+            Some("x"),
+        ]);
         assert_eq!(router.route_insert(&relation, &row, ctx()), Routed::Ignored);
     }
 
     #[test]
     fn header_columns_template_placeholders_and_custom_source() {
         let mut cfg = config();
-        cfg.header_columns = vec!["tenant_id:tenant".parse().unwrap(), "region".parse().unwrap()];
-        cfg.topic_template = "{schema}.{table}.{aggregate_type}.{event_type}".parse().unwrap();
+        cfg.header_columns = vec![
+            "tenant_id:tenant".parse().unwrap(),
+            "region".parse().unwrap(),
+        ];
+        cfg.topic_template = "{schema}.{table}.{aggregate_type}.{event_type}"
+            .parse()
+            .unwrap();
         cfg.cloudevents_source = Some("urn:shop:{table}".into());
         let router = Router::new(cfg, "7000");
-        let row = tuple(&[Some(ID), Some("order"), Some("k"), Some("Paid"), Some("{}"), Some("{}"), Some("2026-01-01 00:00:00+00"), Some("acme"), None]);
-        let Routed::Event(record) = router.route_insert(&outbox_relation(3802, &["tenant_id", "region"]), &row, ctx()) else {
+        let row = tuple(&[
+            Some(ID),
+            Some("order"),
+            Some("k"),
+            Some("Paid"),
+            Some("{}"),
+            Some("{}"),
+            Some("2026-01-01 00:00:00+00"),
+            Some("acme"),
+            None,
+        ]);
+        let Routed::Event(record) = router.route_insert(
+            &outbox_relation(3802, &["tenant_id", "region"]),
+            &row,
+            ctx(),
+        ) else {
             panic!()
         };
         assert_eq!(record.topic, "public.outbox.order.Paid");
         assert_eq!(header(&record, "tenant"), "acme");
-        assert!(record.header("region").is_none(), "a NULL header column is omitted");
+        assert!(
+            record.header("region").is_none(),
+            "a NULL header column is omitted"
+        );
         assert_eq!(header(&record, "ce_source"), "urn:shop:outbox");
     }
 
@@ -777,16 +948,37 @@ mod tests {
         let mut cfg = config();
         cfg.cloudevents = false;
         let router = Router::new(cfg, "7000");
-        let row = tuple(&[Some(ID), Some("a"), Some("k"), Some("E"), Some("{}"), Some("{}"), Some("2026-01-01 00:00:00+00")]);
-        let Routed::Event(record) = router.route_insert(&outbox_relation(3802, &[]), &row, ctx()) else { panic!() };
+        let row = tuple(&[
+            Some(ID),
+            Some("a"),
+            Some("k"),
+            Some("E"),
+            Some("{}"),
+            Some("{}"),
+            Some("2026-01-01 00:00:00+00"),
+        ]);
+        let Routed::Event(record) = router.route_insert(&outbox_relation(3802, &[]), &row, ctx())
+        else {
+            panic!()
+        };
         assert_eq!(record.headers.len(), 2);
     }
 
     #[test]
     fn an_aggregate_type_that_makes_an_illegal_topic_is_a_dead_letter() {
         let router = Router::new(config(), "7000");
-        let row = tuple(&[Some(ID), Some("has space"), Some("k"), Some("E"), Some("{}"), Some("{}"), Some("x")]);
-        let Routed::DeadLetter { reason, .. } = router.route_insert(&outbox_relation(3802, &[]), &row, ctx()) else {
+        let row = tuple(&[
+            Some(ID),
+            Some("has space"),
+            Some("k"),
+            Some("E"),
+            Some("{}"),
+            Some("{}"),
+            Some("x"),
+        ]);
+        let Routed::DeadLetter { reason, .. } =
+            router.route_insert(&outbox_relation(3802, &[]), &row, ctx())
+        else {
             panic!()
         };
         assert!(reason.contains("outbox.event.has space"), "{reason}");
@@ -809,7 +1001,9 @@ mod tests {
             true,
             r#"{"aggregate_type":"order","aggregate_id":"7","event_type":"Paid","payload":{"a":[1,2]},"headers":{"traceparent":"t"}}"#,
         );
-        let Routed::Event(record) = router.route_message(&m, ctx()) else { panic!() };
+        let Routed::Event(record) = router.route_message(&m, ctx()) else {
+            panic!()
+        };
         assert_eq!(record.topic, "outbox.event.order");
         assert_eq!(record.key.as_deref(), Some(&b"7"[..]));
         assert_eq!(record.value.as_deref(), Some(&br#"{"a":[1,2]}"#[..]));
@@ -817,13 +1011,22 @@ mod tests {
         assert_eq!(header(&record, "ce_time"), "2026-11-23T08:32:03.000000Z");
         let id = header(&record, "id").to_owned();
         assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 5);
-        let Routed::Event(again) = router.route_message(&m, ctx()) else { panic!() };
+        let Routed::Event(again) = router.route_message(&m, ctx()) else {
+            panic!()
+        };
         assert_eq!(header(&again, "id"), id, "a replay carries the same id");
         let other_cluster = Router::new(config(), "8000");
-        let Routed::Event(elsewhere) = other_cluster.route_message(&m, ctx()) else { panic!() };
+        let Routed::Event(elsewhere) = other_cluster.route_message(&m, ctx()) else {
+            panic!()
+        };
         assert_ne!(header(&elsewhere, "id"), id);
-        let with_id = message(true, r#"{"id":"given","aggregate_type":"a","aggregate_id":"k","event_type":"E","payload":null}"#);
-        let Routed::Event(record) = router.route_message(&with_id, ctx()) else { panic!() };
+        let with_id = message(
+            true,
+            r#"{"id":"given","aggregate_type":"a","aggregate_id":"k","event_type":"E","payload":null}"#,
+        );
+        let Routed::Event(record) = router.route_message(&with_id, ctx()) else {
+            panic!()
+        };
         assert_eq!(header(&record, "id"), "given");
         assert_eq!(record.value, None);
     }
@@ -831,16 +1034,22 @@ mod tests {
     #[test]
     fn non_transactional_and_malformed_messages_are_dead_letters_and_other_prefixes_ignored() {
         let router = Router::new(config(), "7000");
-        let Routed::DeadLetter { reason, record } = router.route_message(&message(false, "{}"), ctx()) else {
+        let Routed::DeadLetter { reason, record } =
+            router.route_message(&message(false, "{}"), ctx())
+        else {
             panic!()
         };
         assert!(reason.starts_with("non-transactional"), "{reason}");
         assert_eq!(record.value.as_deref(), Some(&b"{}"[..]));
-        let Routed::DeadLetter { reason, .. } = router.route_message(&message(true, "not json"), ctx()) else {
+        let Routed::DeadLetter { reason, .. } =
+            router.route_message(&message(true, "not json"), ctx())
+        else {
             panic!()
         };
         assert!(reason.contains("not a JSON object"), "{reason}");
-        let Routed::DeadLetter { reason, .. } = router.route_message(&message(true, r#"{"aggregate_type":"a"}"#), ctx()) else {
+        let Routed::DeadLetter { reason, .. } =
+            router.route_message(&message(true, r#"{"aggregate_type":"a"}"#), ctx())
+        else {
             panic!()
         };
         assert!(reason.contains("aggregate_id"), "{reason}");
@@ -851,18 +1060,40 @@ mod tests {
 
     #[test]
     fn topic_templates_are_validated() {
-        assert!("outbox.{nope}".parse::<TopicTemplate>().unwrap_err().contains("unknown placeholder {nope}"));
+        assert!(
+            "outbox.{nope}"
+                .parse::<TopicTemplate>()
+                .unwrap_err()
+                .contains("unknown placeholder {nope}")
+        );
         assert!("outbox.{aggregate_type".parse::<TopicTemplate>().is_err());
-        assert!("bad topic {table}".parse::<TopicTemplate>().unwrap_err().contains("' '"));
+        assert!(
+            "bad topic {table}"
+                .parse::<TopicTemplate>()
+                .unwrap_err()
+                .contains("' '")
+        );
         assert!("events".parse::<TopicTemplate>().is_ok());
     }
 
     #[test]
     fn timestamps_convert_to_rfc3339() {
-        assert_eq!(timestamp_text_to_rfc3339("2026-11-23 08:32:03.123456+00").as_deref(), Some("2026-11-23T08:32:03.123456Z"));
-        assert_eq!(timestamp_text_to_rfc3339("2026-11-23 08:32:03+05:30").as_deref(), Some("2026-11-23T08:32:03+05:30"));
-        assert_eq!(timestamp_text_to_rfc3339("2026-11-23 08:32:03-02").as_deref(), Some("2026-11-23T08:32:03-02:00"));
-        assert_eq!(timestamp_text_to_rfc3339("2026-11-23 08:32:03").as_deref(), Some("2026-11-23T08:32:03Z"));
+        assert_eq!(
+            timestamp_text_to_rfc3339("2026-11-23 08:32:03.123456+00").as_deref(),
+            Some("2026-11-23T08:32:03.123456Z")
+        );
+        assert_eq!(
+            timestamp_text_to_rfc3339("2026-11-23 08:32:03+05:30").as_deref(),
+            Some("2026-11-23T08:32:03+05:30")
+        );
+        assert_eq!(
+            timestamp_text_to_rfc3339("2026-11-23 08:32:03-02").as_deref(),
+            Some("2026-11-23T08:32:03-02:00")
+        );
+        assert_eq!(
+            timestamp_text_to_rfc3339("2026-11-23 08:32:03").as_deref(),
+            Some("2026-11-23T08:32:03Z")
+        );
         assert_eq!(timestamp_text_to_rfc3339("infinity"), None);
     }
 

@@ -20,9 +20,13 @@ pub struct SetupOptions {
 pub enum SetupError {
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("replication slot {slot:?} exists but uses output plugin {plugin:?}; walrelay needs pgoutput: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot")]
+    #[error(
+        "replication slot {slot:?} exists but uses output plugin {plugin:?}; walrelay needs pgoutput: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot"
+    )]
     WrongPlugin { slot: String, plugin: String },
-    #[error("replication slot {slot:?} belongs to database {database:?}, not this one; use another --slot or connect to {database:?}")]
+    #[error(
+        "replication slot {slot:?} belongs to database {database:?}, not this one; use another --slot or connect to {database:?}"
+    )]
     WrongDatabase { slot: String, database: String },
 }
 
@@ -38,13 +42,18 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
         if exists {
             report.push(format!("table {schema}.{table} exists"));
         } else {
-            client.batch_execute(&create_table_sql(schema, table, &options.columns)).await?;
+            client
+                .batch_execute(&create_table_sql(schema, table, &options.columns))
+                .await?;
             report.push(format!("created table {schema}.{table}"));
         }
     }
 
     let publication_exists: bool = client
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&options.publication])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&options.publication],
+        )
         .await?
         .get(0);
     let table_list = options
@@ -55,9 +64,16 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
         .join(", ");
     if !publication_exists {
         client
-            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {table_list}", quote_ident(&options.publication)))
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {table_list}",
+                quote_ident(&options.publication)
+            ))
             .await?;
-        report.push(format!("created publication {} for {}", options.publication, tables_text(&options.tables)));
+        report.push(format!(
+            "created publication {} for {}",
+            options.publication,
+            tables_text(&options.tables)
+        ));
     } else {
         let mut added = Vec::new();
         for (schema, table) in &options.tables {
@@ -81,9 +97,17 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
             }
         }
         if added.is_empty() {
-            report.push(format!("publication {} exists and covers {}", options.publication, tables_text(&options.tables)));
+            report.push(format!(
+                "publication {} exists and covers {}",
+                options.publication,
+                tables_text(&options.tables)
+            ));
         } else {
-            report.push(format!("added {} to publication {}", added.join(", "), options.publication));
+            report.push(format!(
+                "added {} to publication {}",
+                added.join(", "),
+                options.publication
+            ));
         }
     }
 
@@ -102,7 +126,10 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
                 )
                 .await?;
             let lsn: String = row.get(0);
-            report.push(format!("created replication slot {} at {lsn}", options.slot));
+            report.push(format!(
+                "created replication slot {} at {lsn}",
+                options.slot
+            ));
         }
         Some(row) => {
             let plugin: Option<String> = row.get(0);
@@ -114,7 +141,10 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
                     plugin,
                 });
             }
-            let current: String = client.query_one("SELECT current_database()::text", &[]).await?.get(0);
+            let current: String = client
+                .query_one("SELECT current_database()::text", &[])
+                .await?
+                .get(0);
             let database = database.unwrap_or_default();
             if database != current {
                 return Err(SetupError::WrongDatabase {
@@ -129,7 +159,11 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
 }
 
 fn tables_text(tables: &[(String, String)]) -> String {
-    tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>().join(", ")
+    tables
+        .iter()
+        .map(|(s, t)| format!("{s}.{t}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The default outbox table (DESIGN.md), with the configured column names.

@@ -52,7 +52,8 @@ impl RelayStatus {
 
     pub fn record_ack(&self) {
         let now = crate::pgoutput::PgTimestamp::now().unix_micros();
-        self.last_ack_unix_micros.store(now.max(0) as u64, Ordering::Relaxed);
+        self.last_ack_unix_micros
+            .store(now.max(0) as u64, Ordering::Relaxed);
     }
 
     /// Unix time in microseconds of the last acknowledged event (0: none yet).
@@ -73,7 +74,10 @@ impl RelayStatus {
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -166,6 +170,11 @@ impl History {
     }
 
     pub fn snapshot(&self) -> Vec<Sample> {
-        self.samples.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }

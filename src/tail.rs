@@ -12,7 +12,8 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder, TupleData};
 use crate::relation_cache::RelationCache;
 use crate::replication::{
-    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, StartOptions, StatusPositions,
+    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, StartOptions,
+    StatusPositions,
 };
 
 /// What `tail` needs to know.
@@ -55,21 +56,32 @@ pub async fn tail(
         };
         match event {
             None => return Ok(()),
-            Some(ReplicationEvent::Keepalive { reply_requested, .. }) => {
+            Some(ReplicationEvent::Keepalive {
+                reply_requested, ..
+            }) => {
                 if reply_requested {
-                    stream.send_status(StatusPositions::all(confirmed), false).await?;
+                    stream
+                        .send_status(StatusPositions::all(confirmed), false)
+                        .await?;
                 }
             }
-            Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
+            Some(ReplicationEvent::XLogData {
+                wal_start, data, ..
+            }) => {
                 let message = decoder
                     .decode(&data)
-                    .map_err(|source| ReplicationError::Decode { lsn: wal_start, source })?;
+                    .map_err(|source| ReplicationError::Decode {
+                        lsn: wal_start,
+                        source,
+                    })?;
                 let line = to_json(wal_start, &message, &mut relations);
                 writeln!(out, "{line}")?;
                 out.flush()?;
                 if let LogicalMessage::Commit(commit) = &message {
                     confirmed = commit.end_lsn;
-                    stream.send_status(StatusPositions::all(confirmed), false).await?;
+                    stream
+                        .send_status(StatusPositions::all(confirmed), false)
+                        .await?;
                 }
             }
         }
@@ -174,7 +186,12 @@ pub fn to_json(lsn: Lsn, message: &LogicalMessage, relations: &mut RelationCache
         LogicalMessage::Truncate(t) => {
             put(
                 "relations",
-                Value::Array(t.relation_ids.iter().map(|id| relation_name(relations, *id)).collect()),
+                Value::Array(
+                    t.relation_ids
+                        .iter()
+                        .map(|id| relation_name(relations, *id))
+                        .collect(),
+                ),
             );
             put("cascade", json!(t.cascade));
             put("restart_identity", json!(t.restart_identity));

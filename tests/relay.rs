@@ -16,13 +16,24 @@ fn setup(pg_url: &str, args: &[&str]) -> Vec<String> {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "setup failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    assert!(
+        out.status.success(),
+        "setup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn confirmed_flush_lsn(client: &tokio_postgres::Client, slot: &str) -> String {
     client
-        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .unwrap()
         .get(0)
@@ -35,7 +46,10 @@ async fn setup_is_idempotent_and_says_what_it_did() {
     let first = setup(&pg.url(&db), &[]);
     assert_eq!(first[0], "created table public.outbox");
     assert_eq!(first[1], "created publication walrelay for public.outbox");
-    assert!(first[2].starts_with("created replication slot walrelay at "), "{first:?}");
+    assert!(
+        first[2].starts_with("created replication slot walrelay at "),
+        "{first:?}"
+    );
     let second = setup(&pg.url(&db), &[]);
     assert_eq!(
         second,
@@ -61,11 +75,25 @@ async fn setup_is_idempotent_and_says_what_it_did() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(columns, ["id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at"]);
+    assert_eq!(
+        columns,
+        [
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "payload",
+            "headers",
+            "created_at"
+        ]
+    );
 }
 
 fn by_id(records: &[Record]) -> HashMap<String, Record> {
-    records.iter().map(|r| (r.header("id").unwrap().to_owned(), r.clone())).collect()
+    records
+        .iter()
+        .map(|r| (r.header("id").unwrap().to_owned(), r.clone()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -73,7 +101,13 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
     let pg = PgCluster::start();
     let broker = Broker::start();
     let db = pg.create_database("contract").await;
-    setup(&pg.url(&db), &["--table", "public.outbox,public.outbox_text,public.outbox_bytea,public.outbox_json"]);
+    setup(
+        &pg.url(&db),
+        &[
+            "--table",
+            "public.outbox,public.outbox_text,public.outbox_bytea,public.outbox_json",
+        ],
+    );
     let client = pg.client(&db).await;
     client
         .batch_execute(
@@ -120,7 +154,10 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         .await
         .unwrap();
     let expected_big: String = client
-        .query_one("SELECT payload::text FROM outbox WHERE aggregate_type = 'big'", &[])
+        .query_one(
+            "SELECT payload::text FROM outbox WHERE aggregate_type = 'big'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -137,19 +174,37 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
     assert_eq!(
         created.header_names(),
         [
-            "id", "event_type", "traceparent", "tracestate", "tenant", "ce_specversion", "ce_id", "ce_type", "ce_source",
-            "ce_time", "content-type"
+            "id",
+            "event_type",
+            "traceparent",
+            "tracestate",
+            "tenant",
+            "ce_specversion",
+            "ce_id",
+            "ce_type",
+            "ce_source",
+            "ce_time",
+            "content-type"
         ]
     );
     assert_eq!(created.header("event_type"), Some("OrderCreated"));
-    assert_eq!(created.header("traceparent"), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+    assert_eq!(
+        created.header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
     assert_eq!(created.header("tracestate"), Some("k=v"));
     assert_eq!(created.header("tenant"), Some("acme"));
     assert_eq!(created.header("ce_specversion"), Some("1.0"));
-    assert_eq!(created.header("ce_id"), Some("00000000-0000-0000-0000-000000000001"));
+    assert_eq!(
+        created.header("ce_id"),
+        Some("00000000-0000-0000-0000-000000000001")
+    );
     assert_eq!(created.header("ce_type"), Some("OrderCreated"));
     assert_eq!(created.header("ce_source"), Some("/walrelay/public/outbox"));
-    assert_eq!(created.header("ce_time"), Some("2026-11-23T08:32:03.123456Z"));
+    assert_eq!(
+        created.header("ce_time"),
+        Some("2026-11-23T08:32:03.123456Z")
+    );
     assert_eq!(created.header("content-type"), Some("application/json"));
     let deleted = &orders["00000000-0000-0000-0000-000000000002"];
     assert_eq!(deleted.value, None, "a NULL payload is a tombstone");
@@ -159,19 +214,563 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
 
     let big = broker.consume("public.big", 1, Duration::from_secs(60));
     assert_eq!(big.len(), 1);
-    assert_eq!(big[0].value.as_deref(), Some(expected_big.as_bytes()), "1 MB payload byte for byte");
+    assert_eq!(
+        big[0].value.as_deref(),
+        Some(expected_big.as_bytes()),
+        "1 MB payload byte for byte"
+    );
 
     let text = broker.consume("public.text", 1, Duration::from_secs(30));
     assert_eq!(text.len(), 1, "relay log:\n{}", relay.log());
     assert_eq!(text[0].value.as_deref(), Some("plain text, ü".as_bytes()));
-    assert_eq!(text[0].header("content-type"), Some("text/plain; charset=utf-8"));
-    assert_eq!(text[0].header("ce_source"), Some("/walrelay/public/outbox_text"));
+    assert_eq!(
+        text[0].header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(
+        text[0].header("ce_source"),
+        Some("/walrelay/public/outbox_text")
+    );
     let bytes = broker.consume("public.bytes", 1, Duration::from_secs(30));
-    assert_eq!(bytes[0].value.as_deref(), Some(&[0x00, 0xff, 0x0a, 0x7f][..]));
-    assert_eq!(bytes[0].header("content-type"), Some("application/octet-stream"));
+    assert_eq!(
+        bytes[0].value.as_deref(),
+        Some(&[0x00, 0xff, 0x0a, 0x7f][..])
+    );
+    assert_eq!(
+        bytes[0].header("content-type"),
+        Some("application/octet-stream")
+    );
     let json = broker.consume("public.json", 1, Duration::from_secs(30));
-    assert_eq!(json[0].value.as_deref(), Some(&br#"{"b": 1,   "a": [1, 2]}"#[..]), "json keeps its text as stored");
+    assert_eq!(
+        json[0].value.as_deref(),
+        Some(&br#"{"b": 1,   "a": [1, 2]}"#[..]),
+        "json keeps its text as stored"
+    );
 
     let status = relay.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status}; log:\n{}", relay.log());
+}
+
+/// Reads a twin slot with walrelay's own decoder and returns, in commit
+/// order, every outbox insert as (id, aggregate_id, commit end LSN).
+async fn commit_order(
+    pg: &PgCluster,
+    db: &str,
+    slot: &str,
+    expected: usize,
+) -> Vec<(String, String, walrelay::lsn::Lsn)> {
+    use walrelay::pgoutput::{ColumnValue, LogicalMessage, StreamDecoder};
+    use walrelay::relation_cache::RelationCache;
+    use walrelay::replication::{
+        ConnectionConfig, ReplicationConnection, ReplicationEvent, StartOptions,
+    };
+    let conn = ReplicationConnection::connect(&ConnectionConfig::from_url(&pg.url(db)).unwrap())
+        .await
+        .unwrap();
+    let mut stream = conn
+        .start_replication(&StartOptions {
+            slot: slot.into(),
+            start_lsn: walrelay::lsn::Lsn::ZERO,
+            publications: vec!["walrelay".into()],
+            proto_version: None,
+            messages: false,
+        })
+        .await
+        .unwrap();
+    let mut decoder = StreamDecoder::new();
+    let mut relations = RelationCache::new();
+    let mut pending = Vec::new();
+    let mut out = Vec::new();
+    let text = |v: Option<&ColumnValue>| match v {
+        Some(ColumnValue::Text(t)) => String::from_utf8(t.to_vec()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    while out.len() < expected {
+        let event = tokio::time::timeout(Duration::from_secs(60), stream.recv())
+            .await
+            .expect("twin slot stalled")
+            .unwrap()
+            .unwrap();
+        if let ReplicationEvent::XLogData { data, .. } = event {
+            match decoder.decode(&data).unwrap() {
+                LogicalMessage::Relation(r) => {
+                    relations.update(&r);
+                }
+                LogicalMessage::Insert(i) => {
+                    let info = relations.get(i.relation_id).unwrap();
+                    let row = info.row(&i.new).unwrap();
+                    pending.push((text(row.get("id")), text(row.get("aggregate_id"))));
+                }
+                LogicalMessage::Commit(c) => {
+                    out.extend(pending.drain(..).map(|(id, key)| (id, key, c.end_lsn)))
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writers_keep_per_aggregate_commit_order_in_kafka() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("order").await;
+    setup(&pg.url(&db), &[]);
+    let client = pg.client(&db).await;
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
+        .await
+        .unwrap();
+    let mut relay = RelayProcess::start(
+        &pg.url(&db),
+        &broker.bootstrap(),
+        &["--topic-partitions", "4"],
+    );
+    // 10 writers, 1,000 single-event transactions each, over 50 aggregates.
+    let mut writers = Vec::new();
+    for w in 0..10 {
+        let c = pg.client(&db).await;
+        writers.push(tokio::spawn(async move {
+            for i in 0..1000 {
+                let aggregate = format!("agg-{}", (w * 7 + i) % 50);
+                c.execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'E', jsonb_build_object('w', $2::int, 'i', $3::int))",
+                    &[&aggregate, &w, &i],
+                )
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let truth = commit_order(&pg, &db, "twin", 10_000).await;
+    let records = broker.consume("outbox.event.order", 10_000, Duration::from_secs(120));
+    assert_eq!(records.len(), 10_000, "relay log:\n{}", relay.log());
+    let mut kafka_order: HashMap<String, Vec<String>> = HashMap::new();
+    let mut partition_of: HashMap<String, i32> = HashMap::new();
+    for r in &records {
+        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+        let previous = partition_of.insert(key.clone(), r.partition);
+        assert!(
+            previous.is_none_or(|p| p == r.partition),
+            "one key, one partition"
+        );
+        kafka_order
+            .entry(key)
+            .or_default()
+            .push(r.header("id").unwrap().to_owned());
+    }
+    let mut commit: HashMap<String, Vec<String>> = HashMap::new();
+    for (id, key, _) in truth {
+        commit.entry(key).or_default().push(id);
+    }
+    assert_eq!(commit.len(), 50);
+    for (key, ids) in &commit {
+        assert_eq!(&kafka_order[key], ids, "order of {key}");
+    }
+    let partitions: std::collections::HashSet<i32> = partition_of.values().copied().collect();
+    assert!(partitions.len() > 1, "keys spread over partitions");
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("crash").await;
+    setup(&pg.url(&db), &[]);
+    let client = pg.client(&db).await;
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
+        .await
+        .unwrap();
+    let url = pg.url(&db);
+    let start =
+        |b: &Broker| RelayProcess::start(&url, &b.bootstrap(), &["--max-in-flight-events", "500"]);
+    let mut relay = start(&broker);
+
+    // A writer of 20,000 events, 10 per transaction, while the relay is killed.
+    let writer_client = pg.client(&db).await;
+    let writer = tokio::spawn(async move {
+        for batch in 0..2000 {
+            writer_client
+                .execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                     SELECT 'crash', 'agg-' || ((g + $1::int) % 20), 'E', jsonb_build_object('batch', $1::int, 'g', g)
+                     FROM generate_series(1, 10) g",
+                    &[&batch],
+                )
+                .await
+                .unwrap();
+            if batch % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let mut confirmed_at_kill = Vec::new();
+    for k in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400 + rand_millis(k) % 900)).await;
+        relay.kill9().await;
+        // The slot's position is what the killed relay had confirmed.
+        let lsn: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+            .await
+            .parse()
+            .unwrap();
+        confirmed_at_kill.push(lsn);
+        relay = start(&broker);
+    }
+    writer.await.unwrap();
+    let truth = commit_order(&pg, &db, "twin", 20_000).await;
+    let last_commit = truth.last().unwrap().2;
+    wait_for(
+        "the relay to confirm the last commit",
+        Duration::from_secs(120),
+        async || {
+            let lsn: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+                .await
+                .parse()
+                .unwrap();
+            (lsn >= last_commit).then_some(())
+        },
+    )
+    .await;
+    let records = broker.consume(
+        "outbox.event.crash",
+        20_000 + 5 * 500 * 2,
+        Duration::from_secs(30),
+    );
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *copies
+            .entry(r.header("id").unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let mut duplicates = 0;
+    for (id, _, end_lsn) in &truth {
+        let n = copies.get(id).copied().unwrap_or(0);
+        assert!(
+            n >= 1,
+            "event {id} (commit {end_lsn}) was lost; relay log:\n{}",
+            relay.log()
+        );
+        // Each kill may resend only what it had not confirmed.
+        let allowed = 1 + confirmed_at_kill.iter().filter(|c| *end_lsn > **c).count();
+        assert!(
+            n <= allowed,
+            "event {id} arrived {n} times but only {allowed} were possible"
+        );
+        duplicates += n - 1;
+    }
+    assert_eq!(copies.len(), 20_000, "no unknown ids");
+    eprintln!(
+        "kill -9 x5: {} records for 20000 events, {duplicates} duplicates",
+        records.len()
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
+/// A spread of pause lengths without a random-number crate in the tests.
+fn rand_millis(k: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (nanos / 1000 + k * 7919) % 10_000
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commits() {
+    let pg = PgCluster::start();
+    let mut broker = Broker::start_persistent();
+    if broker.is_external() {
+        eprintln!("skipped: needs a broker the test can stop");
+        return;
+    }
+    let db = pg.create_database("ackrule").await;
+    setup(&pg.url(&db), &[]);
+    let client = pg.client(&db).await;
+    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    client
+        .batch_execute("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('ack', 'a', 'First', '{}')")
+        .await
+        .unwrap();
+    assert_eq!(
+        broker
+            .consume("outbox.event.ack", 1, Duration::from_secs(30))
+            .len(),
+        1
+    );
+
+    broker.stop();
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'ack', 'a', 'WhileDown', jsonb_build_object('n', g) FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+    let after_insert: walrelay::lsn::Lsn = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    // Other traffic keeps the WAL moving, so keepalives would tempt a naive relay.
+    for _ in 0..20 {
+        client
+            .batch_execute("SELECT pg_logical_emit_message(true, 'noise', 'x')")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+            .await
+            .parse()
+            .unwrap();
+        assert!(
+            confirmed < after_insert,
+            "confirmed {confirmed} past unacknowledged events ending before {after_insert}"
+        );
+    }
+    wait_for(
+        "/readyz to report the broker down",
+        Duration::from_secs(20),
+        async || {
+            let (code, body) = relay.http_get("/readyz").await?;
+            (code == 503 && body.contains("\"broker_reachable\":false")).then_some(())
+        },
+    )
+    .await;
+
+    broker.restart();
+    let records = broker.consume("outbox.event.ack", 51, Duration::from_secs(60));
+    assert_eq!(records.len(), 51, "relay log:\n{}", relay.log());
+    wait_for(
+        "the LSN to move past the events",
+        Duration::from_secs(30),
+        async || {
+            let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+                .await
+                .parse()
+                .unwrap();
+            (confirmed >= after_insert).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alter_table_messages_rollbacks_deletes_and_idle_outbox_behave() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("behave").await;
+    setup(&pg.url(&db), &[]);
+    let client = pg.client(&db).await;
+    client
+        .batch_execute("CREATE TABLE busy (id serial PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let mut relay = RelayProcess::start(
+        &pg.url(&db),
+        &broker.bootstrap(),
+        &["--header-column", "tenant"],
+    );
+    // One statement or explicit transaction per call: several statements in
+    // one simple query would share an implicit transaction.
+    for sql in [
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('t', 'k', 'BeforeAlter', '{}')",
+        "BEGIN; INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('t', 'k', 'RolledBack', '{}'); ROLLBACK",
+        "ALTER TABLE outbox ADD COLUMN tenant text",
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, tenant) VALUES ('t', 'k', 'AfterAlter', '{}', 'acme')",
+        "BEGIN;
+           INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('00000000-0000-0000-0000-0000000000de', 't', 'k', 'DeletedInSameTxn', '{}');
+           DELETE FROM outbox WHERE id = '00000000-0000-0000-0000-0000000000de';
+         COMMIT",
+        r#"UPDATE outbox SET payload = '{"changed": true}'"#,
+        r#"SELECT pg_logical_emit_message(true, 'walrelay',
+             '{"aggregate_type":"t","aggregate_id":"k","event_type":"FromMessage","payload":{"m":1},"headers":{"traceparent":"tp"}}')"#,
+        r#"SELECT pg_logical_emit_message(true, 'other-prefix', '{"aggregate_type":"t"}')"#,
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let records = broker.consume("outbox.event.t", 4, Duration::from_secs(60));
+    let types: Vec<&str> = records
+        .iter()
+        .map(|r| r.header("event_type").unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "BeforeAlter",
+            "AfterAlter",
+            "DeletedInSameTxn",
+            "FromMessage"
+        ],
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        records[1].header("tenant"),
+        Some("acme"),
+        "the column added mid-stream is read by name"
+    );
+    assert_eq!(
+        records[2].header("id"),
+        Some("00000000-0000-0000-0000-0000000000de")
+    );
+    let message = &records[3];
+    assert_eq!(message.value.as_deref(), Some(&br#"{"m":1}"#[..]));
+    assert_eq!(message.header("traceparent"), Some("tp"));
+    assert_eq!(
+        message.header("ce_source"),
+        Some("/walrelay/message/walrelay")
+    );
+    let id = message.header("id").unwrap();
+    assert_eq!(
+        uuid::Uuid::parse_str(id).unwrap().get_version_num(),
+        5,
+        "LSN-derived id"
+    );
+
+    // An idle outbox with a busy table: the slot follows the WAL.
+    let base: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+        .await
+        .parse()
+        .unwrap();
+    for i in 0..30 {
+        client
+            .execute("INSERT INTO busy (v) SELECT repeat('x', 1000) FROM generate_series(1, 100) WHERE $1::int >= 0", &[&i])
+            .await
+            .unwrap();
+    }
+    let wal_now: walrelay::lsn::Lsn = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    wait_for(
+        "confirmed_flush_lsn to follow the busy WAL",
+        Duration::from_secs(30),
+        async || {
+            let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+                .await
+                .parse()
+                .unwrap();
+            (confirmed >= wal_now).then_some(())
+        },
+    )
+    .await;
+    assert!(wal_now.bytes_since(base) > 100_000);
+    // Nothing else was published.
+    assert_eq!(
+        broker
+            .consume("outbox.event.t", 5, Duration::from_secs(3))
+            .len(),
+        4
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unroutable_rows_and_oversize_records_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("dlq").await;
+    setup(&pg.url(&db), &[]);
+    let client = pg.client(&db).await;
+    client
+        .batch_execute("ALTER TABLE outbox ALTER COLUMN aggregate_id DROP NOT NULL")
+        .await
+        .unwrap();
+    let mut relay = RelayProcess::start(
+        &pg.url(&db),
+        &broker.bootstrap(),
+        &["-X", "message.max.bytes=100000"],
+    );
+    client
+        .batch_execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
+               VALUES ('00000000-0000-0000-0000-00000000000a', 'd', NULL, 'NoKey', '{\"x\": 1}');
+             INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
+               VALUES ('00000000-0000-0000-0000-00000000000b', 'd', 'k', 'TooBig', jsonb_build_object('blob', repeat('y', 200000)));
+             SELECT pg_logical_emit_message(false, 'walrelay', '{\"aggregate_type\":\"d\",\"aggregate_id\":\"k\",\"event_type\":\"NonTx\"}');
+             INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
+               VALUES ('00000000-0000-0000-0000-00000000000c', 'd', 'k', 'After', '{}');",
+        )
+        .await
+        .unwrap();
+    let after = broker.consume("outbox.event.d", 1, Duration::from_secs(60));
+    assert_eq!(after.len(), 1, "relay log:\n{}", relay.log());
+    assert_eq!(after[0].header("event_type"), Some("After"));
+    let dead = broker.consume("walrelay.dead-letter", 3, Duration::from_secs(30));
+    assert_eq!(dead.len(), 3, "relay log:\n{}", relay.log());
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|r| r.header("walrelay_error").unwrap())
+        .collect();
+    let no_key = dead
+        .iter()
+        .find(|r| r.header("walrelay_error") == Some("column \"aggregate_id\" is NULL"));
+    let no_key = no_key.unwrap_or_else(|| panic!("reasons: {reasons:?}"));
+    let original: serde_json::Value =
+        serde_json::from_slice(no_key.value.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        original["columns"]["id"],
+        "00000000-0000-0000-0000-00000000000a"
+    );
+    assert_eq!(original["columns"]["payload"], "{\"x\": 1}");
+    let too_big = dead
+        .iter()
+        .find(|r| r.header("id") == Some("00000000-0000-0000-0000-00000000000b"))
+        .unwrap_or_else(|| panic!("reasons: {reasons:?}"));
+    assert!(
+        too_big
+            .header("walrelay_error")
+            .unwrap()
+            .to_lowercase()
+            .contains("too large"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        too_big.header("walrelay_original_topic"),
+        Some("outbox.event.d")
+    );
+    assert!(
+        too_big
+            .header("walrelay_original_size")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            > 200_000
+    );
+    let non_tx = dead
+        .iter()
+        .find(|r| {
+            r.header("walrelay_error")
+                .unwrap()
+                .starts_with("non-transactional")
+        })
+        .unwrap_or_else(|| panic!("reasons: {reasons:?}"));
+    assert!(
+        std::str::from_utf8(non_tx.value.as_ref().unwrap())
+            .unwrap()
+            .contains("NonTx")
+    );
+    // The relay counts them.
+    let (_, metrics) = relay.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("walrelay_dead_letters_total{kind=\"unroutable\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("walrelay_dead_letters_total{kind=\"broker_rejected\"} 1"),
+        "{metrics}"
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }

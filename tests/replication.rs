@@ -10,7 +10,8 @@ use walrelay::lsn::Lsn;
 use walrelay::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder};
 use walrelay::relation_cache::RelationCache;
 use walrelay::replication::{
-    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, StartOptions, StatusPositions,
+    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, StartOptions,
+    StatusPositions,
 };
 
 /// One test's database with a table `t`, a publication and a slot.
@@ -33,7 +34,9 @@ impl Fixture {
             .batch_execute(&format!("CREATE PUBLICATION {publication} FOR ALL TABLES"))
             .await
             .unwrap();
-        let mut conn = ReplicationConnection::connect(&config(&pg.url(&db))).await.unwrap();
+        let mut conn = ReplicationConnection::connect(&config(&pg.url(&db)))
+            .await
+            .unwrap();
         conn.create_slot(&slot, false).await.unwrap();
         conn.close().await.unwrap();
         Fixture {
@@ -45,13 +48,25 @@ impl Fixture {
     }
 
     async fn sql(&self, sql: &str) {
-        self.pg.client(&self.db).await.batch_execute(sql).await.unwrap();
+        self.pg
+            .client(&self.db)
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap();
     }
 
     /// Streams from the slot until `commits` transactions have arrived (or
     /// `timeout` passes), confirming each commit when `confirm` is set.
-    async fn collect(&self, commits: usize, timeout: Duration, confirm: bool) -> Vec<(Lsn, LogicalMessage)> {
-        let conn = ReplicationConnection::connect(&config(&self.pg.url(&self.db))).await.unwrap();
+    async fn collect(
+        &self,
+        commits: usize,
+        timeout: Duration,
+        confirm: bool,
+    ) -> Vec<(Lsn, LogicalMessage)> {
+        let conn = ReplicationConnection::connect(&config(&self.pg.url(&self.db)))
+            .await
+            .unwrap();
         let mut stream = conn
             .start_replication(&StartOptions {
                 slot: self.slot.clone(),
@@ -72,18 +87,29 @@ impl Fixture {
                 Err(_) => break,
             };
             match event {
-                Some(ReplicationEvent::XLogData { wal_start, data, .. }) => {
+                Some(ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                }) => {
                     let message = decoder.decode(&data).unwrap();
                     if let LogicalMessage::Commit(c) = &message {
                         seen_commits += 1;
                         if confirm {
-                            stream.send_status(StatusPositions::all(c.end_lsn), false).await.unwrap();
+                            stream
+                                .send_status(StatusPositions::all(c.end_lsn), false)
+                                .await
+                                .unwrap();
                         }
                     }
                     out.push((wal_start, message));
                 }
-                Some(ReplicationEvent::Keepalive { reply_requested: true, .. }) => {
-                    stream.send_status(StatusPositions::default(), false).await.unwrap();
+                Some(ReplicationEvent::Keepalive {
+                    reply_requested: true,
+                    ..
+                }) => {
+                    stream
+                        .send_status(StatusPositions::default(), false)
+                        .await
+                        .unwrap();
                 }
                 Some(_) => {}
                 None => break,
@@ -117,7 +143,11 @@ fn inserted_rows(messages: &[(Lsn, LogicalMessage)]) -> Vec<Vec<(String, ColumnV
             LogicalMessage::Insert(i) => {
                 let info = cache.get(i.relation_id).expect("Relation before Insert");
                 let row = info.row(&i.new).unwrap();
-                rows.push(row.iter().map(|(c, v)| (c.name.clone(), v.clone())).collect());
+                rows.push(
+                    row.iter()
+                        .map(|(c, v)| (c.name.clone(), v.clone()))
+                        .collect(),
+                );
             }
             _ => {}
         }
@@ -134,9 +164,11 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
     let f = Fixture::new("CREATE TABLE t (id int PRIMARY KEY, name text, n bigint)").await;
     f.sql("INSERT INTO t VALUES (1, 'one', 10)").await;
     f.sql("UPDATE t SET name = 'uno' WHERE id = 1").await;
-    f.sql("ALTER TABLE t REPLICA IDENTITY FULL; UPDATE t SET n = 11 WHERE id = 1").await;
+    f.sql("ALTER TABLE t REPLICA IDENTITY FULL; UPDATE t SET n = 11 WHERE id = 1")
+        .await;
     f.sql("DELETE FROM t WHERE id = 1").await;
-    f.sql("INSERT INTO t VALUES (2, NULL, 20); TRUNCATE t").await;
+    f.sql("INSERT INTO t VALUES (2, NULL, 20); TRUNCATE t")
+        .await;
     let messages = f.collect(6, Duration::from_secs(20), true).await;
 
     let mut cache = RelationCache::new();
@@ -147,7 +179,13 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
                 cache.update(r);
                 assert_eq!(r.namespace, "public");
                 assert_eq!(r.name, "t");
-                assert_eq!(r.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["id", "name", "n"]);
+                assert_eq!(
+                    r.columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>(),
+                    ["id", "name", "n"]
+                );
                 assert!(r.columns[0].is_key);
                 assert_eq!(r.columns[0].type_oid, 23);
                 assert_eq!(r.columns[2].type_oid, 20);
@@ -168,7 +206,9 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
                 let old = match &u.old {
                     None => "none".to_string(),
                     Some(OldTuple::Key(_)) => "key".to_string(),
-                    Some(OldTuple::Full(t)) => format!("full n={}", text(info.row(t).unwrap().get("n").unwrap())),
+                    Some(OldTuple::Full(t)) => {
+                        format!("full n={}", text(info.row(t).unwrap().get("n").unwrap()))
+                    }
                 };
                 seen.push(format!(
                     "update {} {} {} old={old}",
@@ -182,7 +222,10 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
                 let OldTuple::Full(old) = &d.old else {
                     panic!("replica identity full sends the whole old row")
                 };
-                seen.push(format!("delete {}", text(info.row(old).unwrap().get("id").unwrap())));
+                seen.push(format!(
+                    "delete {}",
+                    text(info.row(old).unwrap().get("id").unwrap())
+                ));
             }
             LogicalMessage::Truncate(t) => {
                 assert_eq!(t.relation_ids.len(), 1);
@@ -208,7 +251,8 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
 #[tokio::test]
 async fn hundred_row_transaction_arrives_between_one_begin_and_commit() {
     let f = Fixture::new("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
-    f.sql("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g").await;
+    f.sql("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g")
+        .await;
     let messages = f.collect(1, Duration::from_secs(20), true).await;
     let k = kinds(&messages);
     assert_eq!(k.first(), Some(&"Begin"));
@@ -220,8 +264,12 @@ async fn hundred_row_transaction_arrives_between_one_begin_and_commit() {
         assert_eq!(text(&row[1].1), format!("row {}", i + 1));
     }
     // The Begin announces the commit LSN the Commit carries.
-    let LogicalMessage::Begin(begin) = &messages[0].1 else { unreachable!() };
-    let LogicalMessage::Commit(commit) = &messages.last().unwrap().1 else { unreachable!() };
+    let LogicalMessage::Begin(begin) = &messages[0].1 else {
+        unreachable!()
+    };
+    let LogicalMessage::Commit(commit) = &messages.last().unwrap().1 else {
+        unreachable!()
+    };
     assert_eq!(begin.final_lsn, commit.commit_lsn);
     assert!(commit.end_lsn > commit.commit_lsn);
 }
@@ -241,12 +289,18 @@ async fn rolled_back_transaction_yields_nothing() {
 async fn columns_added_and_dropped_mid_stream_are_decoded_by_name() {
     let f = Fixture::new("CREATE TABLE t (id int PRIMARY KEY, a text, b text)").await;
     f.sql("INSERT INTO t VALUES (1, 'a1', 'b1')").await;
-    f.sql("ALTER TABLE t ADD COLUMN c text; INSERT INTO t (id, a, b, c) VALUES (2, 'a2', 'b2', 'c2')").await;
-    f.sql("ALTER TABLE t DROP COLUMN a; INSERT INTO t (id, b, c) VALUES (3, 'b3', 'c3')").await;
+    f.sql(
+        "ALTER TABLE t ADD COLUMN c text; INSERT INTO t (id, a, b, c) VALUES (2, 'a2', 'b2', 'c2')",
+    )
+    .await;
+    f.sql("ALTER TABLE t DROP COLUMN a; INSERT INTO t (id, b, c) VALUES (3, 'b3', 'c3')")
+        .await;
     let messages = f.collect(3, Duration::from_secs(20), true).await;
     let rows = inserted_rows(&messages);
     let by_name = |row: &Vec<(String, ColumnValue)>, name: &str| {
-        row.iter().find(|(n, _)| n == name).map(|(_, v)| text(v).to_owned())
+        row.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| text(v).to_owned())
     };
     assert_eq!(rows.len(), 3);
     assert_eq!(by_name(&rows[0], "b").as_deref(), Some("b1"));
@@ -256,15 +310,23 @@ async fn columns_added_and_dropped_mid_stream_are_decoded_by_name() {
     assert_eq!(by_name(&rows[2], "a"), None);
     assert_eq!(by_name(&rows[2], "b").as_deref(), Some("b3"));
     assert_eq!(by_name(&rows[2], "c").as_deref(), Some("c3"));
-    let relations = messages.iter().filter(|(_, m)| m.kind() == "Relation").count();
-    assert_eq!(relations, 3, "the server re-sends the relation after each ALTER TABLE");
+    let relations = messages
+        .iter()
+        .filter(|(_, m)| m.kind() == "Relation")
+        .count();
+    assert_eq!(
+        relations, 3,
+        "the server re-sends the relation after each ALTER TABLE"
+    );
 }
 
 #[tokio::test]
 async fn logical_decoding_messages_arrive_transactional_or_not() {
     let f = Fixture::new("CREATE TABLE t (id int PRIMARY KEY)").await;
-    f.sql("SELECT pg_logical_emit_message(true, 'walrelay', '{\"a\":1}')").await;
-    f.sql("SELECT pg_logical_emit_message(false, 'other', 'plain')").await;
+    f.sql("SELECT pg_logical_emit_message(true, 'walrelay', '{\"a\":1}')")
+        .await;
+    f.sql("SELECT pg_logical_emit_message(false, 'other', 'plain')")
+        .await;
     f.sql("INSERT INTO t VALUES (1)").await;
     let messages = f.collect(2, Duration::from_secs(20), true).await;
     let decoded: Vec<_> = messages
@@ -350,7 +412,11 @@ async fn scram_md5_and_cleartext_logins_work_and_a_wrong_password_is_a_clear_err
         )
         .await
         .unwrap();
-    for (user, password) in [("scram_user", "scram%20pw"), ("md5_user", "md5%20pw"), ("plain_user", "plain%20pw")] {
+    for (user, password) in [
+        ("scram_user", "scram%20pw"),
+        ("md5_user", "md5%20pw"),
+        ("plain_user", "plain%20pw"),
+    ] {
         let mut conn = ReplicationConnection::connect(&config(&pg.url_as(user, password, &db)))
             .await
             .unwrap_or_else(|e| panic!("{user}: {e}"));
@@ -376,7 +442,10 @@ async fn scram_md5_and_cleartext_logins_work_and_a_wrong_password_is_a_clear_err
     .await
     .err()
     .expect("no password must fail");
-    assert!(matches!(missing, ReplicationError::PasswordRequired), "{missing}");
+    assert!(
+        matches!(missing, ReplicationError::PasswordRequired),
+        "{missing}"
+    );
 }
 
 #[tokio::test]
@@ -413,7 +482,11 @@ async fn server_errors_name_their_fix() {
     let err = second.start_replication(&options).await.err().unwrap();
     assert_eq!(err.sqlstate(), Some("55006"));
     assert!(err.is_transient(), "a busy slot may free up");
-    assert!(err.to_string().contains("another process holds this replication slot"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("another process holds this replication slot"),
+        "{err}"
+    );
 
     // A role without REPLICATION.
     f.sql("CREATE ROLE norepl LOGIN PASSWORD 'pw'").await;
@@ -427,7 +500,9 @@ async fn server_errors_name_their_fix() {
 #[tokio::test]
 async fn a_missing_publication_is_a_clear_error() {
     let f = Fixture::new("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let conn = ReplicationConnection::connect(&config(&f.pg.url(&f.db))).await.unwrap();
+    let conn = ReplicationConnection::connect(&config(&f.pg.url(&f.db)))
+        .await
+        .unwrap();
     let mut stream = conn
         .start_replication(&StartOptions {
             slot: f.slot.clone(),
@@ -441,7 +516,10 @@ async fn a_missing_publication_is_a_clear_error() {
     f.sql("INSERT INTO t VALUES (1)").await;
     // The server checks the publication when it decodes the first change.
     let err = loop {
-        match tokio::time::timeout(Duration::from_secs(20), stream.recv()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(20), stream.recv())
+            .await
+            .unwrap()
+        {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("stream ended without an error"),
             Err(e) => break e,
@@ -457,7 +535,9 @@ async fn wal_level_replica_is_refused_with_the_setting_to_change() {
         wal_level: "replica",
         ..Default::default()
     });
-    let mut conn = ReplicationConnection::connect(&config(&pg.url("postgres"))).await.unwrap();
+    let mut conn = ReplicationConnection::connect(&config(&pg.url("postgres")))
+        .await
+        .unwrap();
     let err = conn.create_slot("s", false).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("55000"));
     assert!(err.to_string().contains("wal_level = logical"), "{err}");
@@ -591,7 +671,9 @@ async fn tail_prints_each_decoded_message_as_a_json_line() {
     let db = pg.create_database("tail").await;
     let client = pg.client(&db).await;
     client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION walrelay FOR TABLE t")
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION walrelay FOR TABLE t",
+        )
         .await
         .unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
@@ -604,14 +686,20 @@ async fn tail_prints_each_decoded_message_as_a_json_line() {
     // Wait until the temporary slot exists, so the insert is after its start.
     support::wait_for("the temporary slot", Duration::from_secs(20), async || {
         let n: i64 = client
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE temporary", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE temporary",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
         (n == 1).then_some(())
     })
     .await;
-    client.batch_execute("INSERT INTO t VALUES (7, 'Zürich')").await.unwrap();
+    client
+        .batch_execute("INSERT INTO t VALUES (7, 'Zürich')")
+        .await
+        .unwrap();
 
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
@@ -627,14 +715,23 @@ async fn tail_prints_each_decoded_message_as_a_json_line() {
     let kinds: Vec<&str> = seen.iter().map(|v| v["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["Begin", "Relation", "Insert", "Commit"]);
     assert_eq!(seen[2]["relation"], "public.t");
-    assert_eq!(seen[2]["new"], serde_json::json!({"id": "7", "v": "Zürich"}));
+    assert_eq!(
+        seen[2]["new"],
+        serde_json::json!({"id": "7", "v": "Zürich"})
+    );
     assert!(seen[0]["xid"].as_u64().unwrap() > 0);
     assert!(seen[3]["end_lsn"].as_str().unwrap().contains('/'));
 
     // Ctrl-C ends it cleanly and the temporary slot goes with it.
     let pid = child.id().unwrap();
-    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "tail exited with {status}");
     let n: i64 = client
         .query_one("SELECT count(*) FROM pg_replication_slots", &[])

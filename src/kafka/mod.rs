@@ -4,5 +4,7 @@
 pub mod producer;
 pub mod topics;
 
-pub use producer::{Delivery, DeliveryFailure, EventTicket, KafkaSink, ProducerSettings, SendError};
+pub use producer::{
+    Delivery, DeliveryFailure, EventTicket, KafkaSink, ProducerSettings, SendError,
+};
 pub use topics::{TopicError, TopicManager};

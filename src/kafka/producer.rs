@@ -107,7 +107,9 @@ impl ProducerContext for DeliveryContext {
                                     .map(|header| {
                                         (
                                             header.key.to_owned(),
-                                            Bytes::copy_from_slice(header.value.unwrap_or_default()),
+                                            Bytes::copy_from_slice(
+                                                header.value.unwrap_or_default(),
+                                            ),
                                         )
                                     })
                                     .collect()
@@ -183,10 +185,13 @@ impl ProducerSettings {
 pub enum SendError {
     /// The local queue is full: wait for deliveries, then try again.
     #[error("the producer queue is full")]
-    QueueFull(KafkaRecord),
+    QueueFull(Box<KafkaRecord>),
     /// librdkafka refused the record itself (too large, say).
     #[error("the producer refused the record: {error}")]
-    Refused { error: KafkaError, record: KafkaRecord },
+    Refused {
+        error: KafkaError,
+        record: Box<KafkaRecord>,
+    },
 }
 
 /// The producer, and the stream of its delivery reports.
@@ -196,7 +201,9 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// Creates the producer. Delivery reports arrive on the returned channel.
-    pub fn new(settings: &ProducerSettings) -> Result<(Self, mpsc::UnboundedReceiver<Delivery>), KafkaError> {
+    pub fn new(
+        settings: &ProducerSettings,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Delivery>), KafkaError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let config = settings
             .client_config()
@@ -226,9 +233,12 @@ impl KafkaSink {
         match self.producer.send(base) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(SendError::QueueFull(record))
+                Err(SendError::QueueFull(Box::new(record)))
             }
-            Err((error, _)) => Err(SendError::Refused { error, record }),
+            Err((error, _)) => Err(SendError::Refused {
+                error,
+                record: Box::new(record),
+            }),
         }
     }
 
@@ -255,7 +265,10 @@ mod tests {
     fn settings(overrides: &[(&str, &str)]) -> ProducerSettings {
         ProducerSettings {
             brokers: "127.0.0.1:9092".into(),
-            overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -276,16 +289,33 @@ mod tests {
             .unwrap();
         assert_eq!(config.get("linger.ms"), Some("20"));
         assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
-        assert!(settings(&[("acks", "1")]).client_config().unwrap_err().contains("acks must stay all"));
-        assert!(settings(&[("enable.idempotence", "false")]).client_config().is_err());
+        assert!(
+            settings(&[("acks", "1")])
+                .client_config()
+                .unwrap_err()
+                .contains("acks must stay all")
+        );
+        assert!(
+            settings(&[("enable.idempotence", "false")])
+                .client_config()
+                .is_err()
+        );
         assert!(settings(&[("acks", "-1")]).client_config().is_ok());
     }
 
     #[test]
     fn size_and_authorization_errors_are_permanent_others_are_not() {
-        assert!(is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)));
-        assert!(is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed)));
-        assert!(!is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)));
-        assert!(!is_permanent(&KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(is_permanent(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        )));
+        assert!(is_permanent(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+        assert!(!is_permanent(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
+        assert!(!is_permanent(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
     }
 }

@@ -13,7 +13,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
-    #[error("topic {0:?} does not exist and --no-create-topics is set: create it, or drop --no-create-topics")]
+    #[error(
+        "topic {0:?} does not exist and --no-create-topics is set: create it, or drop --no-create-topics"
+    )]
     Missing(String),
     #[error("cannot create topic {topic:?}: {source}")]
     Create {
@@ -39,7 +41,12 @@ pub struct TopicManager {
 }
 
 impl TopicManager {
-    pub fn new(config: &ClientConfig, create: bool, partitions: i32, replication_factor: i32) -> Result<Self, KafkaError> {
+    pub fn new(
+        config: &ClientConfig,
+        create: bool,
+        partitions: i32,
+        replication_factor: i32,
+    ) -> Result<Self, KafkaError> {
         Ok(TopicManager {
             admin: Arc::new(config.create()?),
             known: HashSet::new(),
@@ -58,7 +65,9 @@ impl TopicManager {
         let name = topic.to_owned();
         // Metadata requests block; keep them off the async threads.
         let exists = tokio::task::spawn_blocking(move || {
-            let metadata = admin.inner().fetch_metadata(Some(&name), Duration::from_secs(10))?;
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
             Ok::<bool, KafkaError>(
                 metadata
                     .topics()
@@ -84,7 +93,11 @@ impl TopicManager {
     }
 
     async fn create_topic(&self, topic: &str) -> Result<(), TopicError> {
-        let new_topic = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(self.replication_factor));
+        let new_topic = NewTopic::new(
+            topic,
+            self.partitions,
+            TopicReplication::Fixed(self.replication_factor),
+        );
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = self
             .admin

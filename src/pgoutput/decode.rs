@@ -19,9 +19,15 @@ pub enum DecodeError {
         needed: usize,
     },
     #[error("{message}: a string at byte {offset} has no terminating NUL")]
-    UnterminatedString { message: &'static str, offset: usize },
+    UnterminatedString {
+        message: &'static str,
+        offset: usize,
+    },
     #[error("{message}: a string at byte {offset} is not valid UTF-8")]
-    InvalidUtf8 { message: &'static str, offset: usize },
+    InvalidUtf8 {
+        message: &'static str,
+        offset: usize,
+    },
     #[error("{message}: invalid {field} {value} at byte {offset}")]
     InvalidValue {
         message: &'static str,
@@ -46,7 +52,11 @@ pub fn decode(body: &Bytes, in_stream: bool) -> Result<LogicalMessage, DecodeErr
         message: name,
     };
     let stream_xid = |r: &mut Reader| -> Result<Option<Xid>, DecodeError> {
-        if in_stream { r.u32().map(Some) } else { Ok(None) }
+        if in_stream {
+            r.u32().map(Some)
+        } else {
+            Ok(None)
+        }
     };
     let message = match tag {
         b'B' => LogicalMessage::Begin(Begin {

@@ -23,7 +23,10 @@ fn load_fixtures() -> Vec<(String, Bytes)> {
         .filter(|p| p.extension().is_some_and(|e| e == "bin"))
         .collect();
     files.sort();
-    assert!(files.len() > 100, "record the fixtures with scripts/record-fixtures");
+    assert!(
+        files.len() > 100,
+        "record the fixtures with scripts/record-fixtures"
+    );
     files
         .into_iter()
         .map(|p| {
@@ -39,7 +42,9 @@ fn decode_all() -> Vec<(String, LogicalMessage)> {
     fixtures()
         .into_iter()
         .map(|(name, bytes)| {
-            let message = decoder.decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let message = decoder
+                .decode(&bytes)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             (name, message)
         })
         .collect()
@@ -65,9 +70,25 @@ fn every_recorded_message_decodes_to_the_kind_its_file_names() {
     assert_eq!(
         kinds,
         [
-            "Begin", "BeginPrepare", "Commit", "CommitPrepared", "Delete", "Insert", "Message", "Origin", "Prepare",
-            "Relation", "RollbackPrepared", "StreamAbort", "StreamCommit", "StreamPrepare", "StreamStart",
-            "StreamStop", "Truncate", "Type", "Update"
+            "Begin",
+            "BeginPrepare",
+            "Commit",
+            "CommitPrepared",
+            "Delete",
+            "Insert",
+            "Message",
+            "Origin",
+            "Prepare",
+            "Relation",
+            "RollbackPrepared",
+            "StreamAbort",
+            "StreamCommit",
+            "StreamPrepare",
+            "StreamStart",
+            "StreamStop",
+            "Truncate",
+            "Type",
+            "Update"
         ]
     );
 }
@@ -85,7 +106,15 @@ fn recorded_outbox_insert_carries_its_column_values() {
     let names: Vec<_> = relation.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
-        ["id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at"]
+        [
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "payload",
+            "headers",
+            "created_at"
+        ]
     );
     assert_eq!(relation.columns[0].type_oid, 2950, "uuid");
     assert_eq!(relation.columns[4].type_oid, 3802, "jsonb");
@@ -126,7 +155,10 @@ fn recorded_updates_carry_old_rows_and_unchanged_toast() {
         })
         .collect();
     assert_eq!(updates.len(), 3);
-    assert_eq!(updates[0].old, None, "default identity, key unchanged: no old row");
+    assert_eq!(
+        updates[0].old, None,
+        "default identity, key unchanged: no old row"
+    );
     let Some(OldTuple::Full(old)) = &updates[1].old else {
         panic!("REPLICA IDENTITY FULL sends the old row")
     };
@@ -143,22 +175,36 @@ fn recorded_updates_carry_old_rows_and_unchanged_toast() {
 fn recorded_messages_origin_type_and_two_phase_fields() {
     let decoded = decode_all();
     let find = |kind: &str| -> Vec<LogicalMessage> {
-        decoded.iter().filter(|(_, m)| m.kind() == kind).map(|(_, m)| m.clone()).collect()
+        decoded
+            .iter()
+            .filter(|(_, m)| m.kind() == kind)
+            .map(|(_, m)| m.clone())
+            .collect()
     };
     let messages = find("Message");
-    let LogicalMessage::Message(m) = &messages[0] else { unreachable!() };
+    let LogicalMessage::Message(m) = &messages[0] else {
+        unreachable!()
+    };
     assert!(m.transactional);
     assert_eq!(m.prefix, "walrelay");
     assert!(m.content.starts_with(b"{\"aggregate_type\""));
-    let LogicalMessage::Message(m) = &messages[1] else { unreachable!() };
+    let LogicalMessage::Message(m) = &messages[1] else {
+        unreachable!()
+    };
     assert!(!m.transactional);
     assert_eq!(&m.content[..], b"not transactional");
 
-    let LogicalMessage::Origin(o) = &find("Origin")[0] else { unreachable!() };
+    let LogicalMessage::Origin(o) = &find("Origin")[0] else {
+        unreachable!()
+    };
     assert_eq!(o.name, "upstream");
     assert_eq!(o.commit_lsn, "0/ABCDEF".parse::<Lsn>().unwrap());
 
-    assert!(find("Type").iter().any(|t| matches!(t, LogicalMessage::Type(t) if t.name == "mood")));
+    assert!(
+        find("Type")
+            .iter()
+            .any(|t| matches!(t, LogicalMessage::Type(t) if t.name == "mood"))
+    );
 
     let gids: Vec<String> = decoded
         .iter()
@@ -169,9 +215,14 @@ fn recorded_messages_origin_type_and_two_phase_fields() {
             _ => None,
         })
         .collect();
-    assert_eq!(gids, ["gid-commit", "gid-rollback", "gid-stream", "gid-stream"]);
+    assert_eq!(
+        gids,
+        ["gid-commit", "gid-rollback", "gid-stream", "gid-stream"]
+    );
 
-    let LogicalMessage::Truncate(t) = &find("Truncate")[0] else { unreachable!() };
+    let LogicalMessage::Truncate(t) = &find("Truncate")[0] else {
+        unreachable!()
+    };
     assert_eq!(t.relation_ids.len(), 1);
     assert!(!t.cascade && !t.restart_identity);
 }
@@ -210,7 +261,9 @@ fn every_fixture_truncated_at_every_offset_is_a_truncation_error_not_a_panic() {
             assert!(
                 matches!(
                     err,
-                    DecodeError::Empty | DecodeError::Truncated { .. } | DecodeError::UnterminatedString { .. }
+                    DecodeError::Empty
+                        | DecodeError::Truncated { .. }
+                        | DecodeError::UnterminatedString { .. }
                 ),
                 "{name} cut at {cut}: {err}"
             );
@@ -265,7 +318,12 @@ impl Body {
 
 #[test]
 fn hand_built_protocol_4_stream_abort_carries_abort_lsn_and_time() {
-    let body = Body::tag(b'A').u32(700).u32(701).u64(0x1_0000_0010).u64(42).bytes();
+    let body = Body::tag(b'A')
+        .u32(700)
+        .u32(701)
+        .u64(0x1_0000_0010)
+        .u64(42)
+        .bytes();
     assert_eq!(
         decode(&body, false).unwrap(),
         LogicalMessage::StreamAbort(StreamAbort {
@@ -277,7 +335,10 @@ fn hand_built_protocol_4_stream_abort_carries_abort_lsn_and_time() {
     );
     // Half of the optional fields is truncation, not silence.
     let half = Body::tag(b'A').u32(700).u32(701).u64(1).bytes();
-    assert!(matches!(decode(&half, false), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        decode(&half, false),
+        Err(DecodeError::Truncated { .. })
+    ));
 }
 
 #[test]
@@ -298,7 +359,9 @@ fn hand_built_streamed_relation_insert_and_message_read_the_xid_first() {
         .u32(17)
         .i32(-1)
         .bytes();
-    let LogicalMessage::Relation(r) = decode(&relation, true).unwrap() else { panic!() };
+    let LogicalMessage::Relation(r) = decode(&relation, true).unwrap() else {
+        panic!()
+    };
     assert_eq!(r.xid, Some(900));
     assert_eq!(r.replica_identity, ReplicaIdentity::Full);
     assert_eq!(r.columns[1].name, "data");
@@ -332,14 +395,35 @@ fn hand_built_streamed_relation_insert_and_message_read_the_xid_first() {
     // Outside a stream the same bytes are misread and rejected, never a panic.
     assert!(decode(&insert, false).is_err());
 
-    let message = Body::tag(b'M').u32(900).u8(1).u64(5).str("p").i32(2).raw(b"hi").bytes();
-    let LogicalMessage::Message(m) = decode(&message, true).unwrap() else { panic!() };
-    assert_eq!((m.xid, m.transactional, m.prefix.as_str(), &m.content[..]), (Some(900), true, "p", &b"hi"[..]));
+    let message = Body::tag(b'M')
+        .u32(900)
+        .u8(1)
+        .u64(5)
+        .str("p")
+        .i32(2)
+        .raw(b"hi")
+        .bytes();
+    let LogicalMessage::Message(m) = decode(&message, true).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (m.xid, m.transactional, m.prefix.as_str(), &m.content[..]),
+        (Some(900), true, "p", &b"hi"[..])
+    );
 }
 
 #[test]
 fn hand_built_two_phase_and_stream_messages_decode() {
-    let prepare = |tag| Body::tag(tag).u8(0).u64(10).u64(20).u64(30).u32(7).str("g1").bytes();
+    let prepare = |tag| {
+        Body::tag(tag)
+            .u8(0)
+            .u64(10)
+            .u64(20)
+            .u64(30)
+            .u32(7)
+            .str("g1")
+            .bytes()
+    };
     let expected = Prepare {
         flags: 0,
         prepare_lsn: Lsn(10),
@@ -348,11 +432,33 @@ fn hand_built_two_phase_and_stream_messages_decode() {
         xid: 7,
         gid: "g1".into(),
     };
-    assert_eq!(decode(&prepare(b'P'), false).unwrap(), LogicalMessage::Prepare(expected.clone()));
-    assert_eq!(decode(&prepare(b'p'), false).unwrap(), LogicalMessage::StreamPrepare(expected));
-    let begin_prepare = Body::tag(b'b').u64(10).u64(20).u64(30).u32(7).str("g1").bytes();
-    assert!(matches!(decode(&begin_prepare, false).unwrap(), LogicalMessage::BeginPrepare(b) if b.gid == "g1"));
-    let rollback = Body::tag(b'r').u8(0).u64(1).u64(2).u64(3).u64(4).u32(7).str("g2").bytes();
+    assert_eq!(
+        decode(&prepare(b'P'), false).unwrap(),
+        LogicalMessage::Prepare(expected.clone())
+    );
+    assert_eq!(
+        decode(&prepare(b'p'), false).unwrap(),
+        LogicalMessage::StreamPrepare(expected)
+    );
+    let begin_prepare = Body::tag(b'b')
+        .u64(10)
+        .u64(20)
+        .u64(30)
+        .u32(7)
+        .str("g1")
+        .bytes();
+    assert!(
+        matches!(decode(&begin_prepare, false).unwrap(), LogicalMessage::BeginPrepare(b) if b.gid == "g1")
+    );
+    let rollback = Body::tag(b'r')
+        .u8(0)
+        .u64(1)
+        .u64(2)
+        .u64(3)
+        .u64(4)
+        .u32(7)
+        .str("g2")
+        .bytes();
     assert!(matches!(
         decode(&rollback, false).unwrap(),
         LogicalMessage::RollbackPrepared(r) if r.rollback_time == PgTimestamp(4) && r.gid == "g2"
@@ -360,9 +466,15 @@ fn hand_built_two_phase_and_stream_messages_decode() {
     let start = Body::tag(b'S').u32(5).u8(1).bytes();
     assert_eq!(
         decode(&start, false).unwrap(),
-        LogicalMessage::StreamStart(StreamStart { xid: 5, first_segment: true })
+        LogicalMessage::StreamStart(StreamStart {
+            xid: 5,
+            first_segment: true
+        })
     );
-    assert_eq!(decode(&Body::tag(b'E').bytes(), true).unwrap(), LogicalMessage::StreamStop);
+    assert_eq!(
+        decode(&Body::tag(b'E').bytes(), true).unwrap(),
+        LogicalMessage::StreamStop
+    );
     let truncate = Body::tag(b'T').u32(2).u8(3).u32(1).u32(2).bytes();
     assert_eq!(
         decode(&truncate, false).unwrap(),
@@ -378,62 +490,153 @@ fn hand_built_two_phase_and_stream_messages_decode() {
 #[test]
 fn stream_decoder_tracks_stream_start_and_stop() {
     let mut decoder = StreamDecoder::new();
-    let insert_in_stream = Body::tag(b'I').u32(9).u32(1).u8(b'N').i16(1).u8(b'n').bytes();
+    let insert_in_stream = Body::tag(b'I')
+        .u32(9)
+        .u32(1)
+        .u8(b'N')
+        .i16(1)
+        .u8(b'n')
+        .bytes();
     let insert_plain = Body::tag(b'I').u32(1).u8(b'N').i16(1).u8(b'n').bytes();
-    decoder.decode(&Body::tag(b'S').u32(9).u8(1).bytes()).unwrap();
-    assert!(matches!(decoder.decode(&insert_in_stream).unwrap(), LogicalMessage::Insert(i) if i.xid == Some(9)));
+    decoder
+        .decode(&Body::tag(b'S').u32(9).u8(1).bytes())
+        .unwrap();
+    assert!(
+        matches!(decoder.decode(&insert_in_stream).unwrap(), LogicalMessage::Insert(i) if i.xid == Some(9))
+    );
     decoder.decode(&Body::tag(b'E').bytes()).unwrap();
-    assert!(matches!(decoder.decode(&insert_plain).unwrap(), LogicalMessage::Insert(i) if i.xid.is_none()));
+    assert!(
+        matches!(decoder.decode(&insert_plain).unwrap(), LogicalMessage::Insert(i) if i.xid.is_none())
+    );
 }
 
 #[test]
 fn malformed_input_is_an_error_that_says_what_is_wrong() {
     assert_eq!(decode(&Bytes::new(), false), Err(DecodeError::Empty));
-    assert_eq!(decode(&Bytes::from_static(b"Z"), false), Err(DecodeError::UnknownTag('Z')));
+    assert_eq!(
+        decode(&Bytes::from_static(b"Z"), false),
+        Err(DecodeError::UnknownTag('Z'))
+    );
     // A text column whose length runs past the end of the buffer.
-    let past = Body::tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(1000).raw(b"short").bytes();
-    assert!(matches!(decode(&past, false), Err(DecodeError::Truncated { needed: 995, .. })));
+    let past = Body::tag(b'I')
+        .u32(1)
+        .u8(b'N')
+        .i16(1)
+        .u8(b't')
+        .i32(1000)
+        .raw(b"short")
+        .bytes();
+    assert!(matches!(
+        decode(&past, false),
+        Err(DecodeError::Truncated { needed: 995, .. })
+    ));
     // A negative length.
-    let negative = Body::tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(-5).bytes();
-    assert!(matches!(decode(&negative, false), Err(DecodeError::InvalidValue { field: "length", .. })));
+    let negative = Body::tag(b'I')
+        .u32(1)
+        .u8(b'N')
+        .i16(1)
+        .u8(b't')
+        .i32(-5)
+        .bytes();
+    assert!(matches!(
+        decode(&negative, false),
+        Err(DecodeError::InvalidValue {
+            field: "length",
+            ..
+        })
+    ));
     // A negative column count.
     let count = Body::tag(b'I').u32(1).u8(b'N').i16(-1).bytes();
-    assert!(matches!(decode(&count, false), Err(DecodeError::InvalidValue { field: "count", .. })));
+    assert!(matches!(
+        decode(&count, false),
+        Err(DecodeError::InvalidValue { field: "count", .. })
+    ));
     // A huge column count with no columns behind it.
     let huge = Body::tag(b'I').u32(1).u8(b'N').i16(i16::MAX).bytes();
-    assert!(matches!(decode(&huge, false), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        decode(&huge, false),
+        Err(DecodeError::Truncated { .. })
+    ));
     // Names that are not UTF-8.
-    let bad_utf8 = Body::tag(b'Y').u32(1).raw(&[0xff, 0xfe, 0]).str("t").bytes();
-    assert!(matches!(decode(&bad_utf8, false), Err(DecodeError::InvalidUtf8 { .. })));
+    let bad_utf8 = Body::tag(b'Y')
+        .u32(1)
+        .raw(&[0xff, 0xfe, 0])
+        .str("t")
+        .bytes();
+    assert!(matches!(
+        decode(&bad_utf8, false),
+        Err(DecodeError::InvalidUtf8 { .. })
+    ));
     // A string without its NUL.
     let unterminated = Body::tag(b'O').u64(1).raw(b"origin").bytes();
-    assert!(matches!(decode(&unterminated, false), Err(DecodeError::UnterminatedString { .. })));
+    assert!(matches!(
+        decode(&unterminated, false),
+        Err(DecodeError::UnterminatedString { .. })
+    ));
     // An unknown column kind, tuple kind and replica identity.
     let kind = Body::tag(b'I').u32(1).u8(b'N').i16(1).u8(b'x').bytes();
-    assert!(matches!(decode(&kind, false), Err(DecodeError::InvalidValue { field: "column kind", .. })));
+    assert!(matches!(
+        decode(&kind, false),
+        Err(DecodeError::InvalidValue {
+            field: "column kind",
+            ..
+        })
+    ));
     let tuple = Body::tag(b'I').u32(1).u8(b'Q').bytes();
-    assert!(matches!(decode(&tuple, false), Err(DecodeError::InvalidValue { field: "tuple kind", .. })));
-    let ident = Body::tag(b'R').u32(1).str("s").str("t").u8(b'z').i16(0).bytes();
+    assert!(matches!(
+        decode(&tuple, false),
+        Err(DecodeError::InvalidValue {
+            field: "tuple kind",
+            ..
+        })
+    ));
+    let ident = Body::tag(b'R')
+        .u32(1)
+        .str("s")
+        .str("t")
+        .u8(b'z')
+        .i16(0)
+        .bytes();
     assert!(matches!(
         decode(&ident, false),
-        Err(DecodeError::InvalidValue { field: "replica identity", .. })
+        Err(DecodeError::InvalidValue {
+            field: "replica identity",
+            ..
+        })
     ));
     // Bytes after the end.
     let trailing = Body::tag(b'E').u8(0).bytes();
     assert_eq!(
         decode(&trailing, false),
-        Err(DecodeError::TrailingBytes { message: "Stream Stop", extra: 1 })
+        Err(DecodeError::TrailingBytes {
+            message: "Stream Stop",
+            extra: 1
+        })
     );
 }
 
 #[test]
 fn decoded_values_share_the_input_buffer() {
-    let body = Body::tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(5).raw(b"hello").bytes();
-    let LogicalMessage::Insert(insert) = decode(&body, false).unwrap() else { panic!() };
-    let ColumnValue::Text(value) = &insert.new.columns[0] else { panic!() };
+    let body = Body::tag(b'I')
+        .u32(1)
+        .u8(b'N')
+        .i16(1)
+        .u8(b't')
+        .i32(5)
+        .raw(b"hello")
+        .bytes();
+    let LogicalMessage::Insert(insert) = decode(&body, false).unwrap() else {
+        panic!()
+    };
+    let ColumnValue::Text(value) = &insert.new.columns[0] else {
+        panic!()
+    };
     let start = body.as_ptr() as usize;
     let at = value.as_ptr() as usize;
-    assert!(at > start && at < start + body.len(), "the value is a slice of the input, not a copy");
+    assert!(
+        at > start && at < start + body.len(),
+        "the value is a slice of the input, not a copy"
+    );
 }
 
 proptest! {

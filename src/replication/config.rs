@@ -75,7 +75,9 @@ pub enum ConfigError {
         "connection URL: sslmode={0} is not supported yet (this build has no TLS); use sslmode=disable or prefer, or connect through a local TLS tunnel"
     )]
     UnsupportedSslMode(String),
-    #[error("connection URL: unknown sslmode {0:?}; use disable, allow, prefer, require, verify-ca or verify-full")]
+    #[error(
+        "connection URL: unknown sslmode {0:?}; use disable, allow, prefer, require, verify-ca or verify-full"
+    )]
     UnknownSslMode(String),
     #[error(
         "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, application_name, connect_timeout"
@@ -334,8 +336,12 @@ mod tests {
 
     #[test]
     fn unknown_parameters_and_bad_ports_are_refused_by_name() {
-        let err = ConnectionConfig::from_url("postgres://u@h/db?target_session_attrs=any").unwrap_err();
-        assert_eq!(err, ConfigError::UnknownParameter("target_session_attrs".into()));
+        let err =
+            ConnectionConfig::from_url("postgres://u@h/db?target_session_attrs=any").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::UnknownParameter("target_session_attrs".into())
+        );
         let err = ConnectionConfig::from_url("postgres://u@h:99999/db").unwrap_err();
         assert_eq!(err, ConfigError::Port("99999".into()));
         assert!(matches!(
@@ -348,7 +354,10 @@ mod tests {
     fn password_never_appears_in_debug_output_or_redacted_urls() {
         let c = ConnectionConfig::from_url("postgres://u:hunter2@h/db").unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
-        assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(
             redact_url("postgres://u@h/db?password=hunter2&sslmode=disable"),
             "postgres://u@h/db?password=***&sslmode=disable"

@@ -154,7 +154,8 @@ impl ReplicationConnection {
         loop {
             match self.read().await? {
                 backend::Message::ParameterStatus(p) => {
-                    self.parameters.insert(p.name()?.to_owned(), p.value()?.to_owned());
+                    self.parameters
+                        .insert(p.name()?.to_owned(), p.value()?.to_owned());
                 }
                 backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(_) => return Ok(()),
@@ -194,18 +195,29 @@ impl ReplicationConnection {
                 self.scram(password()?).await?;
             }
             backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
-                return Err(ReplicationError::UnsupportedAuthentication("GSSAPI/SSPI".into()));
+                return Err(ReplicationError::UnsupportedAuthentication(
+                    "GSSAPI/SSPI".into(),
+                ));
             }
             backend::Message::AuthenticationKerberosV5 => {
-                return Err(ReplicationError::UnsupportedAuthentication("Kerberos V5".into()));
+                return Err(ReplicationError::UnsupportedAuthentication(
+                    "Kerberos V5".into(),
+                ));
             }
             backend::Message::AuthenticationScmCredential => {
-                return Err(ReplicationError::UnsupportedAuthentication("SCM credential".into()));
+                return Err(ReplicationError::UnsupportedAuthentication(
+                    "SCM credential".into(),
+                ));
             }
             other => return Err(unexpected("authentication", &other)),
         }
-        if !matches!(self.wire_flush_then_read().await?, backend::Message::AuthenticationOk) {
-            return Err(ReplicationError::Protocol("authentication did not end with AuthenticationOk".into()));
+        if !matches!(
+            self.wire_flush_then_read().await?,
+            backend::Message::AuthenticationOk
+        ) {
+            return Err(ReplicationError::Protocol(
+                "authentication did not end with AuthenticationOk".into(),
+            ));
         }
         Ok(())
     }
@@ -237,9 +249,9 @@ impl ReplicationConnection {
                 Err(parse_server_error(body.fields())?.into())
             }
             BackendMessage::Other(message) => Ok(message),
-            BackendMessage::CopyBothResponse => {
-                Err(ReplicationError::Protocol("unexpected CopyBothResponse".into()))
-            }
+            BackendMessage::CopyBothResponse => Err(ReplicationError::Protocol(
+                "unexpected CopyBothResponse".into(),
+            )),
         }
     }
 
@@ -273,7 +285,11 @@ impl ReplicationConnection {
                             values.push(match range {
                                 Some(r) => Some(
                                     std::str::from_utf8(&buffer[r])
-                                        .map_err(|_| ReplicationError::Protocol("non UTF-8 text in a result row".into()))?
+                                        .map_err(|_| {
+                                            ReplicationError::Protocol(
+                                                "non UTF-8 text in a result row".into(),
+                                            )
+                                        })?
                                         .to_owned(),
                                 ),
                                 None => None,
@@ -318,24 +334,36 @@ impl ReplicationConnection {
 
     /// Creates a pgoutput slot. A temporary slot disappears with the
     /// connection, so it can never pin WAL after its user has gone.
-    pub async fn create_slot(&mut self, name: &str, temporary: bool) -> Result<CreatedSlot, ReplicationError> {
+    pub async fn create_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT {} {}LOGICAL pgoutput NOEXPORT_SNAPSHOT",
             quote_ident(name),
             if temporary { "TEMPORARY " } else { "" }
         );
         let rows = self.simple_query(&sql).await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
         Ok(CreatedSlot {
-            name: row.first().cloned().flatten().unwrap_or_else(|| name.to_owned()),
+            name: row
+                .first()
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| name.to_owned()),
             consistent_point: row
                 .get(1)
                 .cloned()
                 .flatten()
                 .and_then(|l| l.parse().ok())
-                .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into()))?,
+                .ok_or_else(|| {
+                    ReplicationError::Protocol(
+                        "CREATE_REPLICATION_SLOT returned no consistent point".into(),
+                    )
+                })?,
         })
     }
 
@@ -351,8 +379,13 @@ impl ReplicationConnection {
     }
 
     /// Switches to CopyBoth and streams changes from the slot.
-    pub async fn start_replication(mut self, options: &StartOptions) -> Result<ReplicationStream, ReplicationError> {
-        let proto_version = options.proto_version.unwrap_or_else(|| self.best_proto_version());
+    pub async fn start_replication(
+        mut self,
+        options: &StartOptions,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let proto_version = options
+            .proto_version
+            .unwrap_or_else(|| self.best_proto_version());
         let publications = options
             .publications
             .iter()
@@ -377,7 +410,9 @@ impl ReplicationConnection {
                     return Err(error.into());
                 }
                 BackendMessage::Other(backend::Message::NoticeResponse(_)) => {}
-                BackendMessage::Other(other) => return Err(unexpected("START_REPLICATION", &other)),
+                BackendMessage::Other(other) => {
+                    return Err(unexpected("START_REPLICATION", &other));
+                }
             }
         }
         Ok(ReplicationStream::new(self.wire, proto_version))

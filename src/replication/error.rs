@@ -82,7 +82,9 @@ impl std::error::Error for ServerError {}
 /// Everything that can end a replication connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    #[error("cannot connect to PostgreSQL at {address}: {source}; check that the server runs and --pg-url names the right host and port")]
+    #[error(
+        "cannot connect to PostgreSQL at {address}: {source}; check that the server runs and --pg-url names the right host and port"
+    )]
     Connect {
         address: String,
         #[source]
@@ -94,9 +96,13 @@ pub enum ReplicationError {
     Closed,
     #[error("PostgreSQL: {0}")]
     Server(#[from] ServerError),
-    #[error("the server asks for a password but --pg-url has none: add it (postgres://user:password@host/db) or set PGPASSWORD")]
+    #[error(
+        "the server asks for a password but --pg-url has none: add it (postgres://user:password@host/db) or set PGPASSWORD"
+    )]
     PasswordRequired,
-    #[error("the server asks for authentication method {0}, which walrelay does not support; use scram-sha-256, md5, password or trust in pg_hba.conf")]
+    #[error(
+        "the server asks for authentication method {0}, which walrelay does not support; use scram-sha-256, md5, password or trust in pg_hba.conf"
+    )]
     UnsupportedAuthentication(String),
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -114,7 +120,9 @@ impl ReplicationError {
     /// cannot.
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Connect { .. } | ReplicationError::Io(_) | ReplicationError::Closed => true,
+            ReplicationError::Connect { .. }
+            | ReplicationError::Io(_)
+            | ReplicationError::Closed => true,
             ReplicationError::Server(e) => !e.is_permanent(),
             ReplicationError::PasswordRequired
             | ReplicationError::UnsupportedAuthentication(_)
@@ -148,7 +156,10 @@ mod tests {
 
     #[test]
     fn slot_in_use_names_the_fix_and_is_retried() {
-        let e = server_error("55006", "replication slot \"walrelay\" is active for PID 42");
+        let e = server_error(
+            "55006",
+            "replication slot \"walrelay\" is active for PID 42",
+        );
         assert!(e.to_string().contains("use a different --slot"));
         assert!(ReplicationError::Server(e).is_transient());
     }

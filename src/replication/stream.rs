@@ -80,19 +80,33 @@ impl ReplicationStream {
                 }
             };
             match message {
-                backend::Message::CopyData(body) => return parse_copy_data(body.into_bytes()).map(Some),
+                backend::Message::CopyData(body) => {
+                    return parse_copy_data(body.into_bytes()).map(Some);
+                }
                 backend::Message::CopyDone => return Ok(None),
-                backend::Message::ErrorResponse(body) => return Err(parse_server_error(body.fields())?.into()),
+                backend::Message::ErrorResponse(body) => {
+                    return Err(parse_server_error(body.fields())?.into());
+                }
                 backend::Message::NoticeResponse(_) | backend::Message::ParameterStatus(_) => {}
-                backend::Message::CommandComplete(_) | backend::Message::ReadyForQuery(_) => return Ok(None),
-                _ => return Err(ReplicationError::Protocol("unexpected message in CopyBoth mode".into())),
+                backend::Message::CommandComplete(_) | backend::Message::ReadyForQuery(_) => {
+                    return Ok(None);
+                }
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message in CopyBoth mode".into(),
+                    ));
+                }
             }
         }
     }
 
     /// Sends a standby status update. Positions are "handled up to here": the
     /// server may recycle WAL before `flushed` and will restart decoding there.
-    pub async fn send_status(&mut self, positions: StatusPositions, reply_requested: bool) -> Result<(), ReplicationError> {
+    pub async fn send_status(
+        &mut self,
+        positions: StatusPositions,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
         let mut payload = BytesMut::with_capacity(34);
         payload.put_u8(b'r');
         payload.put_u64(positions.written.0);

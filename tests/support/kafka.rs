@@ -20,7 +20,11 @@ fn tansu_binary() -> PathBuf {
     }
     let home = std::env::var("HOME").unwrap_or_default();
     let cargo_bin = PathBuf::from(home).join(".cargo/bin/tansu");
-    if cargo_bin.exists() { cargo_bin } else { PathBuf::from("tansu") }
+    if cargo_bin.exists() {
+        cargo_bin
+    } else {
+        PathBuf::from("tansu")
+    }
 }
 
 pub struct Broker {
@@ -43,12 +47,17 @@ impl Broker {
     }
 
     fn launch(persistent: bool) -> Self {
-        let external = std::env::var("WALRELAY_TEST_BROKERS").ok().filter(|b| !b.is_empty());
+        let external = std::env::var("WALRELAY_TEST_BROKERS")
+            .ok()
+            .filter(|b| !b.is_empty());
         let mut broker = Broker {
             port: free_port(),
             external,
             child: None,
-            dir: tempfile::Builder::new().prefix("walrelay-broker-").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("walrelay-broker-")
+                .tempdir()
+                .unwrap(),
             persistent,
         };
         if broker.external.is_none() {
@@ -64,7 +73,11 @@ impl Broker {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let storage = if self.persistent { "sqlite://tansu.db".to_owned() } else { "memory://tansu/".to_owned() };
+        let storage = if self.persistent {
+            "sqlite://tansu.db".to_owned()
+        } else {
+            "memory://tansu/".to_owned()
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -81,7 +94,11 @@ impl Broker {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -137,7 +154,9 @@ impl Broker {
         };
         let mut assignment = TopicPartitionList::new();
         for p in &partitions {
-            assignment.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
+            assignment
+                .add_partition_offset(topic, *p, Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&assignment).unwrap();
         let mut records = Vec::new();
@@ -151,7 +170,11 @@ impl Broker {
                     value: m.payload().map(<[u8]>::to_vec),
                     headers: m
                         .headers()
-                        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 }),
                 Some(Err(e)) => eprintln!("consumer: {e}"),

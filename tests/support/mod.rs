@@ -10,8 +10,6 @@
 pub mod kafka;
 pub mod relay;
 
-
-
 use std::net::TcpListener;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
@@ -24,13 +22,21 @@ use tempfile::TempDir;
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A name unique within this test process, for databases, slots and topics.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Where PostgreSQL's server binaries are: `WALRELAY_PG_BINDIR`, else the
@@ -113,7 +119,10 @@ impl PgCluster {
     pub fn start_with(options: PgOptions) -> Self {
         let bindir = pg_bindir();
         let user = server_user();
-        let dir = tempfile::Builder::new().prefix("walrelay-pg-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("walrelay-pg-")
+            .tempdir()
+            .unwrap();
         if let Some((uid, gid)) = user {
             chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
@@ -126,12 +135,25 @@ impl PgCluster {
         };
         cluster.run(
             "initdb",
-            &["-D", cluster.data_dir().to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"],
+            &[
+                "-D",
+                cluster.data_dir().to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ],
         );
         let mut conf = vec![
             format!("port = {}", cluster.port),
             "listen_addresses = '127.0.0.1'".into(),
-            format!("unix_socket_directories = '{}'", cluster.dir.path().display()),
+            format!(
+                "unix_socket_directories = '{}'",
+                cluster.dir.path().display()
+            ),
             format!("wal_level = {}", options.wal_level),
             "max_replication_slots = 32".into(),
             "max_wal_senders = 32".into(),
@@ -143,7 +165,10 @@ impl PgCluster {
             "logical_decoding_work_mem = '64MB'".into(),
         ];
         conf.extend(options.extra_conf.iter().cloned());
-        append(&cluster.data_dir().join("postgresql.conf"), &conf.join("\n"));
+        append(
+            &cluster.data_dir().join("postgresql.conf"),
+            &conf.join("\n"),
+        );
         // The superuser may connect without a password; every other role
         // authenticates with the method its password was stored with.
         let hba = "\
@@ -175,7 +200,9 @@ host replication all 127.0.0.1/32 md5
         if let Some((uid, gid)) = self.user {
             cmd.uid(uid).gid(gid);
         }
-        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         assert!(
             out.status.success(),
             "{program} failed: {}\nserver log:\n{}",
@@ -189,7 +216,16 @@ host replication all 127.0.0.1/32 md5
         let log = self.log_file();
         self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
     }
 
@@ -202,16 +238,25 @@ host replication all 127.0.0.1/32 md5
     /// Stops the server; `mode` is smart, fast or immediate.
     pub fn stop(&self, mode: &str) {
         let data = self.data_dir();
-        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"]);
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"],
+        );
     }
 
     /// A URL for `role` on `db` over TCP.
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
-        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     /// A connected tokio-postgres client to `db` as the superuser.
@@ -239,10 +284,24 @@ host replication all 127.0.0.1/32 md5
     /// Runs `psql -c` as the superuser (for statements like ALTER SYSTEM).
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new(self.bindir.join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(db), "-c", sql])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url(db),
+                "-c",
+                sql,
+            ])
             .output()
             .expect("run psql");
-        assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
@@ -256,9 +315,16 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         let data = self.data_dir();
         let mut cmd = Command::new(self.bindir.join("pg_ctl"));
-        cmd.args(["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if let Some((uid, gid)) = self.user {
             cmd.uid(uid).gid(gid);
         }
@@ -273,13 +339,20 @@ fn append(path: &Path, text: &str) {
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -23,7 +23,14 @@ impl RelayProcess {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_walrelay"))
             .arg("run")
-            .args(["--pg-url", pg_url, "--brokers", brokers, "--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args([
+                "--pg-url",
+                pg_url,
+                "--brokers",
+                brokers,
+                "--http-addr",
+                &format!("127.0.0.1:{http_port}"),
+            ])
             .args(["--status-interval", "200ms"])
             .args(args)
             .env("WALRELAY_LOG", "info,walrelay=debug")
@@ -53,7 +60,10 @@ impl RelayProcess {
     /// SIGTERM, then the exit status.
     pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running");
-        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
         tokio::time::timeout(timeout, self.child.wait())
             .await
             .expect("relay did not stop in time")
@@ -71,15 +81,28 @@ impl RelayProcess {
     /// GET a path of the relay's HTTP server.
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
+            .await
+            .ok()?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;
         let text = String::from_utf8_lossy(&response).into_owned();
         let status: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        let body = if text
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(&body)
+        } else {
+            body
+        };
         Some((status, body))
     }
 }
@@ -88,7 +111,9 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || after.len() < n {
             break;
         }
