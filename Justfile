@@ -1,0 +1,29 @@
+# walrelay's everyday commands. `just --list` shows them.
+
+# Start PostgreSQL, a local broker, walrelay and a demo writer; print the dashboard URL.
+start:
+    scripts/start
+
+# Stop everything `just start` started.
+stop:
+    scripts/stop
+
+# Run every test against a real PostgreSQL and a real broker.
+test:
+    scripts/test
+
+# The long chaos run (100,000 events, 20 kills, broker and PostgreSQL restarts).
+chaos:
+    WALRELAY_CHAOS_EVENTS=100000 WALRELAY_CHAOS_KILLS=20 cargo test --release --test chaos -- --nocapture
+
+# Benchmarks: drain, latency, resources, against pg_recvlogical.
+bench *ARGS:
+    scripts/bench {{ARGS}}
+
+# Record pgoutput fixtures from a real PostgreSQL.
+record-fixtures:
+    scripts/record-fixtures
+
+# Fuzz the pgoutput decoder (needs cargo-fuzz).
+fuzz SECONDS="600":
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode -- -max_total_time={{SECONDS}}
