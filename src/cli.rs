@@ -33,6 +33,12 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Create the outbox table, the publication and the slot if missing.
     Setup(Box<SetupArgs>),
+    /// Preflight: wal_level, free slots and senders, REPLICATION, publication
+    /// and table shape; each failure names its fix. Exit code 0 or 1.
+    Check(Box<SetupArgs>),
+    /// Replication slots: active pid, confirmed and restart LSN, lag and
+    /// retained WAL, wal_status.
+    Status(StatusArgs),
     /// Print every decoded change of a publication as JSON lines, from a
     /// temporary slot that disappears on exit (Ctrl-C to stop).
     Tail(TailArgs),
@@ -135,6 +141,21 @@ pub struct SetupArgs {
     pub pg: PgArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// Only this slot (default: all slots).
+    #[arg(long, env = "WALRELAY_STATUS_SLOT")]
+    pub slot: Option<String>,
+    /// Refresh every two seconds, in place, until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -409,6 +430,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for line in crate::setup::setup(&client, &options).await? {
                 println!("{line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => {
+            let config = args.pg.connection_config()?;
+            let options = crate::check::CheckOptions {
+                tables: args.outbox.tables()?,
+                columns: args.outbox.columns(),
+                publication: args.outbox.publication.clone(),
+                slot: args.outbox.slot.clone(),
+            };
+            let client = control_connection(&config).await?;
+            let findings = crate::check::check(&client, &options).await?;
+            let failed = crate::check::print(&findings);
+            Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Command::Status(args) => {
+            let config = args.pg.connection_config()?;
+            let client = control_connection(&config).await?;
+            crate::status_command::run(&client, args.slot.as_deref(), args.json, args.watch).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tail(args) => {

@@ -16,3 +16,5 @@ pub mod router;
 pub mod setup;
 pub mod status;
 pub mod tail;
+pub mod check;
+pub mod status_command;

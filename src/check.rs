@@ -1,0 +1,260 @@
+//! `walrelay check`: preflight against a database. Each failed check prints
+//! the SQL or setting that fixes it.
+
+use tokio_postgres::Client;
+
+use crate::replication::connection::{quote_ident, quote_literal};
+use crate::router::OutboxColumns;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One check's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub outcome: Outcome,
+    pub what: String,
+    /// The SQL or setting that fixes it (for warnings and failures).
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn pass(what: impl Into<String>) -> Self {
+        Finding {
+            outcome: Outcome::Pass,
+            what: what.into(),
+            fix: None,
+        }
+    }
+    fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            outcome: Outcome::Fail,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            outcome: Outcome::Warn,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// What to check.
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    pub tables: Vec<(String, String)>,
+    pub columns: OutboxColumns,
+    pub publication: String,
+    pub slot: String,
+}
+
+/// Runs every check.
+pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let mut findings = Vec::new();
+    let setting = async |name: &str| -> Result<String, tokio_postgres::Error> {
+        Ok(client.query_one("SELECT current_setting($1)", &[&name]).await?.get(0))
+    };
+
+    let wal_level = setting("wal_level").await?;
+    findings.push(if wal_level == "logical" {
+        Finding::pass("wal_level = logical")
+    } else {
+        Finding::fail(
+            format!("wal_level = {wal_level}; logical decoding needs logical"),
+            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+        )
+    });
+
+    let slot_row = client
+        .query_opt("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1", &[&options.slot])
+        .await?;
+    let max_slots: i64 = setting("max_replication_slots").await?.parse().unwrap_or(0);
+    let used_slots: i64 = client.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await?.get(0);
+    findings.push(match &slot_row {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            if plugin.as_deref() == Some("pgoutput") {
+                Finding::pass(format!("replication slot {} exists (pgoutput)", options.slot))
+            } else {
+                Finding::fail(
+                    format!("replication slot {} uses plugin {:?}, not pgoutput", options.slot, plugin.unwrap_or_default()),
+                    format!("SELECT pg_drop_replication_slot({}); then walrelay setup", quote_literal(&options.slot)),
+                )
+            }
+        }
+        None if used_slots < max_slots => Finding::warn(
+            format!(
+                "replication slot {} does not exist yet ({used_slots} of max_replication_slots = {max_slots} in use)",
+                options.slot
+            ),
+            "walrelay setup",
+        ),
+        None => Finding::fail(
+            format!("no free replication slot: {used_slots} of max_replication_slots = {max_slots} in use"),
+            "drop unused slots (SELECT slot_name FROM pg_replication_slots WHERE NOT active) or ALTER SYSTEM SET max_replication_slots = <more>; then restart",
+        ),
+    });
+
+    let max_senders: i64 = setting("max_wal_senders").await?.parse().unwrap_or(0);
+    let used_senders: i64 = client.query_one("SELECT count(*) FROM pg_stat_replication", &[]).await?.get(0);
+    findings.push(if used_senders < max_senders {
+        Finding::pass(format!("WAL senders: {used_senders} of max_wal_senders = {max_senders} in use"))
+    } else {
+        Finding::fail(
+            format!("no free WAL sender: {used_senders} of max_wal_senders = {max_senders} in use"),
+            "ALTER SYSTEM SET max_wal_senders = <more>; then restart PostgreSQL",
+        )
+    });
+
+    let role = client
+        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    let (user, can_replicate): (String, bool) = (role.get(0), role.get(1));
+    findings.push(if can_replicate {
+        Finding::pass(format!("role {user} may replicate"))
+    } else {
+        Finding::fail(format!("role {user} lacks the REPLICATION attribute"), format!("ALTER ROLE {} WITH REPLICATION", quote_ident(&user)))
+    });
+
+    let publication = client
+        .query_opt("SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = $1", &[&options.publication])
+        .await?;
+    match publication {
+        None => findings.push(Finding::fail(
+            format!("publication {} does not exist", options.publication),
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {} (or walrelay setup)",
+                quote_ident(&options.publication),
+                options.tables.iter().map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t))).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+        Some(row) => {
+            let publishes_inserts: bool = row.get(1);
+            findings.push(if publishes_inserts {
+                Finding::pass(format!("publication {} exists and publishes inserts", options.publication))
+            } else {
+                Finding::fail(
+                    format!("publication {} does not publish inserts", options.publication),
+                    format!("ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')", quote_ident(&options.publication)),
+                )
+            });
+        }
+    }
+
+    for (schema, table) in &options.tables {
+        findings.extend(check_table(client, options, schema, table).await?);
+    }
+
+    let keep = setting("max_slot_wal_keep_size").await?;
+    findings.push(if keep == "-1" {
+        Finding::warn(
+            "max_slot_wal_keep_size is unlimited: a stuck slot can keep WAL until the disk is full",
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB' (size it to your disk); then SELECT pg_reload_conf()",
+        )
+    } else {
+        Finding::pass(format!("max_slot_wal_keep_size = {keep}"))
+    });
+    Ok(findings)
+}
+
+async fn check_table(client: &Client, options: &CheckOptions, schema: &str, table: &str) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let name = format!("{schema}.{table}");
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let mut findings = Vec::new();
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified]).await?.get(0);
+    if !exists {
+        findings.push(Finding::fail(format!("outbox table {name} does not exist"), "walrelay setup (creates the default outbox table)"));
+        return Ok(findings);
+    }
+    let covered: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+            &[&options.publication, &schema, &table],
+        )
+        .await?
+        .get(0);
+    findings.push(if covered {
+        Finding::pass(format!("publication {} covers {name}", options.publication))
+    } else {
+        Finding::fail(
+            format!("publication {} does not cover {name}", options.publication),
+            format!("ALTER PUBLICATION {} ADD TABLE {qualified}", quote_ident(&options.publication)),
+        )
+    });
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+             FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&qualified],
+        )
+        .await?;
+    let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let c = &options.columns;
+    let required = [
+        (&c.id, "uuid"),
+        (&c.aggregate_type, "text"),
+        (&c.aggregate_id, "text"),
+        (&c.event_type, "text"),
+        (&c.payload, "jsonb"),
+    ];
+    let mut missing = Vec::new();
+    for (column, suggested_type) in required {
+        if !columns.iter().any(|(n, _)| n == column) {
+            missing.push(format!("ADD COLUMN {} {suggested_type}", quote_ident(column)));
+        }
+    }
+    findings.push(if missing.is_empty() {
+        Finding::pass(format!("{name} has the outbox columns"))
+    } else {
+        Finding::fail(format!("{name} lacks outbox columns"), format!("ALTER TABLE {qualified} {}", missing.join(", ")))
+    });
+    if let Some((_, payload_type)) = columns.iter().find(|(n, _)| *n == c.payload) {
+        let ok = matches!(payload_type.as_str(), "jsonb" | "json" | "text" | "bytea") || payload_type.starts_with("character");
+        if !ok {
+            findings.push(Finding::fail(
+                format!("{name}.{} has type {payload_type}, which walrelay cannot encode", c.payload),
+                format!("ALTER TABLE {qualified} ALTER COLUMN {} TYPE jsonb USING {}::text::jsonb", quote_ident(&c.payload), quote_ident(&c.payload)),
+            ));
+        }
+    }
+    let has_pk: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::text::regclass AND indisprimary)",
+            &[&qualified],
+        )
+        .await?
+        .get(0);
+    findings.push(if has_pk {
+        Finding::pass(format!("{name} has a primary key"))
+    } else {
+        Finding::fail(format!("{name} has no primary key"), format!("ALTER TABLE {qualified} ADD PRIMARY KEY ({})", quote_ident(&c.id)))
+    });
+    Ok(findings)
+}
+
+/// Prints findings for a person; returns whether any check failed.
+pub fn print(findings: &[Finding]) -> bool {
+    let mut failed = false;
+    for f in findings {
+        let label = match f.outcome {
+            Outcome::Pass => "ok  ",
+            Outcome::Warn => "warn",
+            Outcome::Fail => {
+                failed = true;
+                "FAIL"
+            }
+        };
+        println!("{label}  {}", f.what);
+        if let Some(fix) = &f.fix {
+            println!("      fix: {fix}");
+        }
+    }
+    failed
+}
