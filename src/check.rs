@@ -56,10 +56,16 @@ pub struct CheckOptions {
 }
 
 /// Runs every check.
-pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Finding>, tokio_postgres::Error> {
+pub async fn check(
+    client: &Client,
+    options: &CheckOptions,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
     let mut findings = Vec::new();
     let setting = async |name: &str| -> Result<String, tokio_postgres::Error> {
-        Ok(client.query_one("SELECT current_setting($1)", &[&name]).await?.get(0))
+        Ok(client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await?
+            .get(0))
     };
 
     let wal_level = setting("wal_level").await?;
@@ -73,10 +79,16 @@ pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Findin
     });
 
     let slot_row = client
-        .query_opt("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1", &[&options.slot])
+        .query_opt(
+            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&options.slot],
+        )
         .await?;
     let max_slots: i64 = setting("max_replication_slots").await?.parse().unwrap_or(0);
-    let used_slots: i64 = client.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await?.get(0);
+    let used_slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await?
+        .get(0);
     findings.push(match &slot_row {
         Some(row) => {
             let plugin: Option<String> = row.get(0);
@@ -103,9 +115,14 @@ pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Findin
     });
 
     let max_senders: i64 = setting("max_wal_senders").await?.parse().unwrap_or(0);
-    let used_senders: i64 = client.query_one("SELECT count(*) FROM pg_stat_replication", &[]).await?.get(0);
+    let used_senders: i64 = client
+        .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+        .await?
+        .get(0);
     findings.push(if used_senders < max_senders {
-        Finding::pass(format!("WAL senders: {used_senders} of max_wal_senders = {max_senders} in use"))
+        Finding::pass(format!(
+            "WAL senders: {used_senders} of max_wal_senders = {max_senders} in use"
+        ))
     } else {
         Finding::fail(
             format!("no free WAL sender: {used_senders} of max_wal_senders = {max_senders} in use"),
@@ -120,11 +137,17 @@ pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Findin
     findings.push(if can_replicate {
         Finding::pass(format!("role {user} may replicate"))
     } else {
-        Finding::fail(format!("role {user} lacks the REPLICATION attribute"), format!("ALTER ROLE {} WITH REPLICATION", quote_ident(&user)))
+        Finding::fail(
+            format!("role {user} lacks the REPLICATION attribute"),
+            format!("ALTER ROLE {} WITH REPLICATION", quote_ident(&user)),
+        )
     });
 
     let publication = client
-        .query_opt("SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = $1", &[&options.publication])
+        .query_opt(
+            "SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = $1",
+            &[&options.publication],
+        )
         .await?;
     match publication {
         None => findings.push(Finding::fail(
@@ -132,17 +155,31 @@ pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Findin
             format!(
                 "CREATE PUBLICATION {} FOR TABLE {} (or walrelay setup)",
                 quote_ident(&options.publication),
-                options.tables.iter().map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t))).collect::<Vec<_>>().join(", ")
+                options
+                    .tables
+                    .iter()
+                    .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
         Some(row) => {
             let publishes_inserts: bool = row.get(1);
             findings.push(if publishes_inserts {
-                Finding::pass(format!("publication {} exists and publishes inserts", options.publication))
+                Finding::pass(format!(
+                    "publication {} exists and publishes inserts",
+                    options.publication
+                ))
             } else {
                 Finding::fail(
-                    format!("publication {} does not publish inserts", options.publication),
-                    format!("ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')", quote_ident(&options.publication)),
+                    format!(
+                        "publication {} does not publish inserts",
+                        options.publication
+                    ),
+                    format!(
+                        "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+                        quote_ident(&options.publication)
+                    ),
                 )
             });
         }
@@ -164,13 +201,24 @@ pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Findin
     Ok(findings)
 }
 
-async fn check_table(client: &Client, options: &CheckOptions, schema: &str, table: &str) -> Result<Vec<Finding>, tokio_postgres::Error> {
+async fn check_table(
+    client: &Client,
+    options: &CheckOptions,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
     let name = format!("{schema}.{table}");
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let mut findings = Vec::new();
-    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified]).await?.get(0);
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
+        .await?
+        .get(0);
     if !exists {
-        findings.push(Finding::fail(format!("outbox table {name} does not exist"), "walrelay setup (creates the default outbox table)"));
+        findings.push(Finding::fail(
+            format!("outbox table {name} does not exist"),
+            "walrelay setup (creates the default outbox table)",
+        ));
         return Ok(findings);
     }
     let covered: bool = client
@@ -185,7 +233,10 @@ async fn check_table(client: &Client, options: &CheckOptions, schema: &str, tabl
     } else {
         Finding::fail(
             format!("publication {} does not cover {name}", options.publication),
-            format!("ALTER PUBLICATION {} ADD TABLE {qualified}", quote_ident(&options.publication)),
+            format!(
+                "ALTER PUBLICATION {} ADD TABLE {qualified}",
+                quote_ident(&options.publication)
+            ),
         )
     });
     let rows = client
@@ -207,20 +258,34 @@ async fn check_table(client: &Client, options: &CheckOptions, schema: &str, tabl
     let mut missing = Vec::new();
     for (column, suggested_type) in required {
         if !columns.iter().any(|(n, _)| n == column) {
-            missing.push(format!("ADD COLUMN {} {suggested_type}", quote_ident(column)));
+            missing.push(format!(
+                "ADD COLUMN {} {suggested_type}",
+                quote_ident(column)
+            ));
         }
     }
     findings.push(if missing.is_empty() {
         Finding::pass(format!("{name} has the outbox columns"))
     } else {
-        Finding::fail(format!("{name} lacks outbox columns"), format!("ALTER TABLE {qualified} {}", missing.join(", ")))
+        Finding::fail(
+            format!("{name} lacks outbox columns"),
+            format!("ALTER TABLE {qualified} {}", missing.join(", ")),
+        )
     });
     if let Some((_, payload_type)) = columns.iter().find(|(n, _)| *n == c.payload) {
-        let ok = matches!(payload_type.as_str(), "jsonb" | "json" | "text" | "bytea") || payload_type.starts_with("character");
+        let ok = matches!(payload_type.as_str(), "jsonb" | "json" | "text" | "bytea")
+            || payload_type.starts_with("character");
         if !ok {
             findings.push(Finding::fail(
-                format!("{name}.{} has type {payload_type}, which walrelay cannot encode", c.payload),
-                format!("ALTER TABLE {qualified} ALTER COLUMN {} TYPE jsonb USING {}::text::jsonb", quote_ident(&c.payload), quote_ident(&c.payload)),
+                format!(
+                    "{name}.{} has type {payload_type}, which walrelay cannot encode",
+                    c.payload
+                ),
+                format!(
+                    "ALTER TABLE {qualified} ALTER COLUMN {} TYPE jsonb USING {}::text::jsonb",
+                    quote_ident(&c.payload),
+                    quote_ident(&c.payload)
+                ),
             ));
         }
     }
@@ -234,7 +299,13 @@ async fn check_table(client: &Client, options: &CheckOptions, schema: &str, tabl
     findings.push(if has_pk {
         Finding::pass(format!("{name} has a primary key"))
     } else {
-        Finding::fail(format!("{name} has no primary key"), format!("ALTER TABLE {qualified} ADD PRIMARY KEY ({})", quote_ident(&c.id)))
+        Finding::fail(
+            format!("{name} has no primary key"),
+            format!(
+                "ALTER TABLE {qualified} ADD PRIMARY KEY ({})",
+                quote_ident(&c.id)
+            ),
+        )
     });
     Ok(findings)
 }

@@ -443,12 +443,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = control_connection(&config).await?;
             let findings = crate::check::check(&client, &options).await?;
             let failed = crate::check::print(&findings);
-            Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Status(args) => {
             let config = args.pg.connection_config()?;
             let client = control_connection(&config).await?;
-            crate::status_command::run(&client, args.slot.as_deref(), args.json, args.watch).await?;
+            crate::status_command::run(&client, args.slot.as_deref(), args.json, args.watch)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tail(args) => {

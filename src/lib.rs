@@ -2,6 +2,7 @@
 //! logical replication.
 
 pub mod ack_tracker;
+pub mod check;
 pub mod cli;
 pub mod http;
 pub mod kafka;
@@ -15,6 +16,5 @@ pub mod replication;
 pub mod router;
 pub mod setup;
 pub mod status;
-pub mod tail;
-pub mod check;
 pub mod status_command;
+pub mod tail;

@@ -14,7 +14,11 @@ pub fn human_bytes(bytes: i64) -> String {
         unit += 1;
     }
     let sign = if bytes < 0 { "-" } else { "" };
-    if unit == 0 { format!("{sign}{value:.0} B") } else { format!("{sign}{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{sign}{value:.0} B")
+    } else {
+        format!("{sign}{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// The slots as a table.
@@ -41,10 +45,16 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
             s.wal_status.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..8).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -55,7 +65,12 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
 }
 
 /// Prints once, or every two seconds with `watch`.
-pub async fn run(client: &tokio_postgres::Client, slot: Option<&str>, json: bool, watch: bool) -> anyhow::Result<()> {
+pub async fn run(
+    client: &tokio_postgres::Client,
+    slot: Option<&str>,
+    json: bool,
+    watch: bool,
+) -> anyhow::Result<()> {
     loop {
         let slots = read_slots(client, slot).await?;
         if json {

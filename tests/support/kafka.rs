@@ -66,6 +66,17 @@ impl Broker {
         broker
     }
 
+    /// A handle on a broker someone else runs (for consuming only).
+    pub fn connect_to(bootstrap: &str) -> Self {
+        Broker {
+            port: 0,
+            external: Some(bootstrap.to_owned()),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            persistent: false,
+        }
+    }
+
     /// True when the tests run against a broker they cannot stop.
     pub fn is_external(&self) -> bool {
         self.external.is_some()

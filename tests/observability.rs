@@ -1,0 +1,609 @@
+//! What operators look at: metrics, Prometheus, alert rules, the dashboard,
+//! `status` and `check`, and the `scripts/start` path.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::kafka::Broker;
+use support::relay::{RelayProcess, http_get};
+use support::{PgCluster, PgOptions, free_port, wait_for};
+use walrelay::lsn::Lsn;
+
+fn walrelay(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn setup(url: &str) {
+    let out = walrelay(&["setup", "--pg-url", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `name{labels}` -> value, from Prometheus text.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+struct SlotRow {
+    active: bool,
+    lag: i64,
+    retained: i64,
+    confirmed: Lsn,
+    restart: Lsn,
+}
+
+async fn slot_row(client: &tokio_postgres::Client, slot: &str) -> SlotRow {
+    let row = client
+        .query_one(
+            "SELECT active, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, (pg_current_wal_lsn() - restart_lsn)::bigint,
+                    confirmed_flush_lsn::text, restart_lsn::text
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    SlotRow {
+        active: row.get(0),
+        lag: row.get(1),
+        retained: row.get(2),
+        confirmed: row.get::<_, String>(3).parse().unwrap(),
+        restart: row.get::<_, String>(4).parse().unwrap(),
+    }
+}
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool (Debian's prometheus package) is needed: scripts/install-deps installs it",
+        );
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
+    let pg = PgCluster::start();
+    let mut broker = Broker::start_persistent();
+    if broker.is_external() {
+        eprintln!("skipped: needs a broker the test can stop");
+        return;
+    }
+    let db = pg.create_database("metrics").await;
+    setup(&pg.url(&db));
+    let client = pg.client(&db).await;
+    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'm', 'k' || (g % 5), 'E', jsonb_build_object('g', g) FROM generate_series(1, 200) g",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        broker
+            .consume("outbox.event.m", 200, Duration::from_secs(60))
+            .len(),
+        200
+    );
+
+    // The exported text is valid Prometheus exposition format.
+    let (code, text) = relay.http_get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let check = promtool(&["check", "metrics"], Some(&text));
+    assert!(
+        check.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let metrics = parse_metrics(&text);
+    assert_eq!(
+        metrics["walrelay_events_published_total{topic=\"outbox.event.m\"}"],
+        200.0
+    );
+    assert_eq!(metrics["walrelay_replication_connected"], 1.0);
+    assert_eq!(metrics["walrelay_commit_to_ack_seconds_count"], 200.0);
+
+    // The gauges agree with pg_replication_slots once the database is quiet.
+    wait_for(
+        "the slot gauges to match pg_replication_slots",
+        Duration::from_secs(30),
+        async || {
+            let (_, text) = relay.http_get("/metrics").await?;
+            let m = parse_metrics(&text);
+            let row = slot_row(&client, "walrelay").await;
+            let matches = m.get("walrelay_slot_lag_bytes{slot=\"walrelay\"}")
+                == Some(&(row.lag as f64))
+                && m.get("walrelay_slot_retained_wal_bytes{slot=\"walrelay\"}")
+                    == Some(&(row.retained as f64))
+                && m.get("walrelay_slot_active{slot=\"walrelay\"}")
+                    == Some(&(if row.active { 1.0 } else { 0.0 }))
+                && m.get("walrelay_confirmed_lsn") == Some(&(row.confirmed.0 as f64))
+                && m.get("walrelay_slot_wal_status{slot=\"walrelay\",wal_status=\"reserved\"}")
+                    == Some(&1.0);
+            matches.then_some(())
+        },
+    )
+    .await;
+    let row = slot_row(&client, "walrelay").await;
+    assert!(row.restart <= row.confirmed);
+
+    // With the broker down, events wait and the lag grows and stays up.
+    broker.stop();
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'm', 'k', 'WhileDown', jsonb_build_object('pad', repeat('p', 500)) FROM generate_series(1, 100)",
+        )
+        .await
+        .unwrap();
+    let lag_while_down = wait_for(
+        "the lag metric to rise",
+        Duration::from_secs(20),
+        async || {
+            let (_, text) = relay.http_get("/metrics").await?;
+            let lag = *parse_metrics(&text).get("walrelay_slot_lag_bytes{slot=\"walrelay\"}")?;
+            (lag > 50_000.0).then_some(lag)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, text) = relay.http_get("/metrics").await.unwrap();
+    assert!(parse_metrics(&text)["walrelay_slot_lag_bytes{slot=\"walrelay\"}"] >= lag_while_down);
+
+    broker.restart();
+    wait_for(
+        "the lag to return to zero",
+        Duration::from_secs(60),
+        async || {
+            let (_, text) = relay.http_get("/metrics").await?;
+            (*parse_metrics(&text).get("walrelay_slot_lag_bytes{slot=\"walrelay\"}")? == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        broker
+            .consume("outbox.event.m", 300, Duration::from_secs(30))
+            .len(),
+        300
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_scrapes_the_relay_and_returns_the_lag_series() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("prom").await;
+    setup(&pg.url(&db));
+    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nrule_files:\n  - {}/alerts/walrelay.rules.yml\nscrape_configs:\n  - job_name: walrelay\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            env!("CARGO_MANIFEST_DIR"),
+            relay.http_port
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (Debian's prometheus package) is needed");
+    let series = wait_for(
+        "Prometheus to return walrelay_slot_lag_bytes",
+        Duration::from_secs(60),
+        async || {
+            let (code, body) =
+                http_get(port, "/api/v1/query?query=walrelay_slot_lag_bytes").await?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let result = v["data"]["result"].as_array()?.clone();
+            (code == 200 && !result.is_empty()).then_some(result)
+        },
+    )
+    .await;
+    assert_eq!(series[0]["metric"]["slot"], "walrelay");
+    assert_eq!(series[0]["metric"]["job"], "walrelay");
+    // The alert rules loaded, and the relay is up.
+    let (_, rules) = http_get(port, "/api/v1/rules").await.unwrap();
+    assert!(rules.contains("WalrelayPublishingStalled"), "{rules}");
+    let (_, up) = http_get(port, "/api/v1/query?query=up").await.unwrap();
+    assert!(up.contains("\"1\""), "{up}");
+    prometheus.start_kill().unwrap();
+    drop(relay);
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let check = promtool(&["check", "rules", "alerts/walrelay.rules.yml"], None);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 7 rules found"));
+    let test = promtool(&["test", "rules", "alerts/walrelay.test.yml"], None);
+    assert!(
+        test.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
+}
+
+#[test]
+fn every_metric_in_the_dashboard_and_alerts_is_one_walrelay_exports() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The PromQL: `expr` of dashboard panels and alert rules, `series` of rule tests.
+    let mut queries: Vec<String> = Vec::new();
+    fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match v {
+                        serde_json::Value::String(s) if k == "expr" || k == "query" => {
+                            out.push(s.clone())
+                        }
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let dashboard_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("dashboards/walrelay.json")).unwrap(),
+    )
+    .unwrap();
+    exprs(&dashboard_json, &mut queries);
+    for file in ["alerts/walrelay.rules.yml", "alerts/walrelay.test.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        queries.extend(
+            text.lines()
+                .filter_map(|l| {
+                    l.trim()
+                        .strip_prefix("expr:")
+                        .or_else(|| l.trim().strip_prefix("- series:"))
+                })
+                .map(str::to_owned),
+        );
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for query in &queries {
+        let mut rest = query.as_str();
+        while let Some(i) = rest.find("walrelay_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            // `label_values(walrelay_x, instance)` and expressions name metrics; `job="walrelay"` does not match.
+            used.insert(name);
+        }
+    }
+    assert!(used.len() > 10, "{used:?}");
+    for name in used {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.clone(), |n, s| {
+                n.strip_suffix(s).map(str::to_owned).unwrap_or(n)
+            });
+        assert!(
+            walrelay::metrics::ALL.contains(&base.as_str()),
+            "{name} is used but walrelay does not export it"
+        );
+    }
+    // The scrape job the alerts expect is the one the compose file configures.
+    let prom = std::fs::read_to_string(root.join("deploy/prometheus.yml")).unwrap();
+    assert!(prom.contains("job_name: walrelay"));
+    let dashboard = dashboard_json;
+    let datasource = std::fs::read_to_string(
+        root.join("deploy/grafana/provisioning/datasources/prometheus.yml"),
+    )
+    .unwrap();
+    assert!(datasource.contains(
+        &format!("uid: {}", dashboard["panels"][0]["datasource"]["uid"].as_str().unwrap())
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_shows_a_chart_with_data_in_headless_chromium() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("dash").await;
+    setup(&pg.url(&db));
+    let client = pg.client(&db).await;
+    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    for i in 0..5 {
+        client
+            .execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'd', 'k', 'E', '{}' FROM generate_series(1, $1::int)",
+                &[&(10 * (i + 1))],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    wait_for(
+        "a few samples in the dashboard history",
+        Duration::from_secs(30),
+        async || {
+            let (_, body) = relay.http_get("/api/status").await?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (v["history"].as_array()?.len() >= 3 && v["events_published"] == 150).then_some(())
+        },
+    )
+    .await;
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/", relay.http_port);
+    let chromium = |extra: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1280,900",
+                "--virtual-time-budget=5000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium (Debian's chromium package) is needed")
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let points: usize = dom
+        .split("data-points=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no chart in the page:\n{dom}"));
+    assert!(points >= 3, "the chart has {points} data points");
+    assert!(
+        dom.contains("● streaming"),
+        "the page shows the stream state"
+    );
+    assert!(dom.contains(">150 / 0<"), "published / dead letters: {dom}");
+    let screenshot = artifacts.join("dashboard.png");
+    let shot = chromium(&[&format!("--screenshot={}", screenshot.display())]);
+    assert!(shot.status.success());
+    assert!(
+        std::fs::metadata(&screenshot).unwrap().len() > 10_000,
+        "screenshot saved to {}",
+        screenshot.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_the_fix_on_a_wrong_cluster_and_passes_on_a_right_one() {
+    let replica = PgCluster::start_with(PgOptions {
+        wal_level: "replica",
+        ..Default::default()
+    });
+    let out = walrelay(&["check", "--pg-url", &replica.url("postgres")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  wal_level = replica; logical decoding needs logical"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  outbox table public.outbox does not exist"),
+        "{text}"
+    );
+
+    let pg = PgCluster::start_with(PgOptions {
+        extra_conf: vec!["max_slot_wal_keep_size = '1GB'".into()],
+        ..Default::default()
+    });
+    let db = pg.create_database("check").await;
+    let before = walrelay(&["check", "--pg-url", &pg.url(&db)]);
+    assert_eq!(before.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&before.stdout)
+            .contains("fix: CREATE PUBLICATION \"walrelay\" FOR TABLE \"public\".\"outbox\"")
+    );
+    setup(&pg.url(&db));
+    let out = walrelay(&["check", "--pg-url", &pg.url(&db)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(
+        text.contains("ok    public.outbox has a primary key"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok    max_slot_wal_keep_size = 1GB"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_json_matches_pg_replication_slots() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("status").await;
+    setup(&pg.url(&db));
+    let client = pg.client(&db).await;
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('second', 'pgoutput'); INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('a', 'b', 'c')")
+        .await
+        .unwrap();
+    let out = walrelay(&["status", "--pg-url", &pg.url(&db), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slots: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slots = slots.as_array().unwrap();
+    assert_eq!(slots.len(), 2);
+    for slot in slots {
+        let name = slot["slot_name"].as_str().unwrap();
+        let row = slot_row(&client, name).await;
+        assert_eq!(slot["active"], row.active);
+        assert_eq!(slot["confirmed_flush_lsn"], row.confirmed.to_string());
+        assert_eq!(slot["restart_lsn"], row.restart.to_string());
+        assert_eq!(
+            slot["lag_bytes"], row.lag,
+            "no WAL was written between the two reads"
+        );
+        assert_eq!(slot["retained_wal_bytes"], row.retained);
+        assert_eq!(slot["wal_status"], "reserved");
+    }
+    let table = walrelay(&["status", "--pg-url", &pg.url(&db), "--slot", "walrelay"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("SLOT"), "{text}");
+    assert_eq!(text.lines().count(), 2, "one slot: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
+    if std::env::var("WALRELAY_TEST_BROKERS").is_ok() {
+        eprintln!("skipped: the local stack brings its own broker");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let state = tempfile::Builder::new()
+        .prefix("walrelay-start-")
+        .tempdir()
+        .unwrap();
+    let (pg_port, broker_port, http_port) = (free_port(), free_port(), free_port());
+    let env = [
+        ("WALRELAY_STATE_DIR", state.path().display().to_string()),
+        ("WALRELAY_PG_PORT", pg_port.to_string()),
+        ("WALRELAY_BROKER_PORT", broker_port.to_string()),
+        ("WALRELAY_HTTP_PORT", http_port.to_string()),
+        ("WALRELAY_DEMO_RATE", "20".into()),
+        ("WALRELAY_BIN", env!("CARGO_BIN_EXE_walrelay").into()),
+    ];
+    let start = Command::new(root.join("scripts/start"))
+        .envs(env.clone())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&start.stdout).into_owned();
+    let stop = || {
+        Command::new(root.join("scripts/stop"))
+            .envs(env.clone())
+            .output()
+            .unwrap()
+    };
+    if !start.status.success() {
+        stop();
+        panic!(
+            "scripts/start failed:\n{out}\n{}",
+            String::from_utf8_lossy(&start.stderr)
+        );
+    }
+    assert!(
+        out.contains(&format!("dashboard:  http://127.0.0.1:{http_port}/")),
+        "{out}"
+    );
+    assert!(
+        out.contains("tansu cat consume outbox.event.order"),
+        "{out}"
+    );
+
+    // An event written by the demo writer arrives in Kafka.
+    let consumer = support::kafka::Broker::connect_to(&format!("127.0.0.1:{broker_port}"));
+    let records = consumer.consume("outbox.event.order", 3, Duration::from_secs(60));
+    let pids: Vec<i32> = ["tansu", "walrelay", "demo-writer"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(state.path().join(format!("{n}.pid")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let stopped = stop();
+    assert!(stopped.status.success());
+    assert!(
+        records.len() >= 3,
+        "demo events in Kafka: {}",
+        records.len()
+    );
+    assert_eq!(records[0].header("event_type"), Some("OrderPlaced"));
+    assert!(records[0].key.as_ref().unwrap().starts_with(b"order-"));
+
+    // Nothing is left running: not the services, not their children, not PostgreSQL.
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is still running"
+        );
+    }
+    let leftovers = Command::new("pgrep")
+        .args(["-f", &state.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "left behind: {}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
+    let leftovers = Command::new("pgrep")
+        .args(["-f", &format!("127.0.0.1:{pg_port}")])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "left behind: {}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
+}
