@@ -237,6 +237,16 @@ pub struct RunArgs {
     /// a slot that vanished may mean lost events).
     #[arg(long, env = "WALRELAY_CREATE_SLOT")]
     pub create_slot: bool,
+    /// How often to emit a transactional heartbeat message, so the slot advances
+    /// while the outbox is idle and other tables are busy; 0 turns it off.
+    #[arg(long, env = "WALRELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Prefix of the heartbeat messages (never published).
+    #[arg(long, env = "WALRELAY_HEARTBEAT_PREFIX", default_value = crate::heartbeat::DEFAULT_PREFIX)]
+    pub heartbeat_prefix: String,
+    /// While another relay holds the slot, how often to ask for it (standby mode).
+    #[arg(long, env = "WALRELAY_STANDBY_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub standby_retry: Duration,
     /// Address of the HTTP server: /metrics, /healthz, /readyz and the dashboard at /.
     #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
     pub http_addr: String,
@@ -285,6 +295,16 @@ impl RunArgs {
         if self.message_prefix.is_empty() {
             return Err(UsageError("--message-prefix must not be empty".into()));
         }
+        if self.heartbeat_prefix.is_empty() || self.heartbeat_prefix == self.message_prefix {
+            return Err(UsageError(
+                "--heartbeat-prefix must be non-empty and differ from --message-prefix (heartbeats are never published)".into(),
+            ));
+        }
+        if self.standby_retry.is_zero() || self.status_interval.is_zero() {
+            return Err(UsageError(
+                "--standby-retry and --status-interval must be greater than zero".into(),
+            ));
+        }
         Ok(RelayConfig {
             pg,
             slot: self.outbox.slot.clone(),
@@ -310,6 +330,8 @@ impl RunArgs {
             proto_version: self.proto_version,
             max_backoff: self.max_backoff,
             permanent_error_attempts: 3,
+            standby_retry: self.standby_retry,
+            heartbeat_prefix: self.heartbeat_prefix.clone(),
         })
     }
 }
@@ -413,7 +435,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.slot.clone(),
             )?;
             ensure_slot(&config, args.create_slot).await?;
-            crate::monitor::spawn(config.pg.clone(), config.slot.clone(), Arc::clone(&status));
+            crate::monitor::spawn(
+                config.pg.clone(),
+                config.slot.clone(),
+                config.publication.clone(),
+                config.router.tables.clone(),
+                Arc::clone(&status),
+            );
+            if !args.heartbeat_interval.is_zero() {
+                crate::heartbeat::spawn(
+                    config.pg.clone(),
+                    config.heartbeat_prefix.clone(),
+                    args.heartbeat_interval,
+                );
+            }
             let shutdown = shutdown_signal();
             crate::relay::run(config, shutdown, status).await?;
             Ok(ExitCode::SUCCESS)

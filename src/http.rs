@@ -133,7 +133,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .load(Ordering::Relaxed);
     let body = json!({
         "ready": streaming && broker,
-        "role": if streaming { "active" } else { "waiting" },
+        "role": state.status.role(),
         "streaming": streaming,
         "broker_reachable": broker,
         "slot": state.slot,
@@ -153,6 +153,7 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "slot_name": state.slot,
         "slot": s.slot(),
         "streaming": s.connected(),
+        "role": s.role(),
         "broker_reachable": c.broker_reachable.load(Ordering::Relaxed),
         "confirmed_lsn": s.confirmed().to_string(),
         "events_published": c.events_published.load(Ordering::Relaxed),

@@ -4,6 +4,7 @@
 pub mod ack_tracker;
 pub mod check;
 pub mod cli;
+pub mod heartbeat;
 pub mod http;
 pub mod kafka;
 pub mod lsn;

@@ -23,6 +23,8 @@ pub const RECONNECTS_TOTAL: &str = "walrelay_reconnects_total";
 pub const LAST_ACK_TIMESTAMP_SECONDS: &str = "walrelay_last_ack_timestamp_seconds";
 pub const TRANSACTIONS_TOTAL: &str = "walrelay_transactions_total";
 pub const WINDOW_FULL_TOTAL: &str = "walrelay_window_full_total";
+pub const HEARTBEAT_LATENCY_SECONDS: &str = "walrelay_heartbeat_latency_seconds";
+pub const HEARTBEAT_ERRORS_TOTAL: &str = "walrelay_heartbeat_errors_total";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -114,4 +116,6 @@ pub const ALL: &[&str] = &[
     LAST_ACK_TIMESTAMP_SECONDS,
     TRANSACTIONS_TOTAL,
     WINDOW_FULL_TOTAL,
+    HEARTBEAT_LATENCY_SECONDS,
+    HEARTBEAT_ERRORS_TOTAL,
 ];

@@ -59,8 +59,15 @@ pub async fn read_slots(
         .collect())
 }
 
-/// Starts the monitor task.
-pub fn spawn(config: ConnectionConfig, slot: String, status: Arc<RelayStatus>) {
+/// Starts the monitor task. It also watches that the outbox tables exist:
+/// a dropped outbox table is a permanent condition that ends the relay.
+pub fn spawn(
+    config: ConnectionConfig,
+    slot: String,
+    publication: String,
+    tables: Vec<(String, String)>,
+    status: Arc<RelayStatus>,
+) {
     tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
         let mut tick = tokio::time::interval(INTERVAL);
@@ -94,9 +101,64 @@ pub fn spawn(config: ConnectionConfig, slot: String, status: Arc<RelayStatus>) {
                 }
                 Err(e) => failed(&status, &format!("slot monitor query failed: {e}")),
             }
+            match outbox_problem(c, &publication, &tables).await {
+                Ok(Some(problem)) => status.set_fatal(problem),
+                Ok(None) => {}
+                Err(e) => failed(&status, &format!("outbox check failed: {e}")),
+            }
             record_sample(&status);
         }
     });
+}
+
+/// A dropped outbox table or publication, or a table the publication no
+/// longer covers: changes to it are not streamed, so relaying on would
+/// silently skip events. These end the relay with their fix.
+async fn outbox_problem(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<Option<String>, tokio_postgres::Error> {
+    use crate::replication::connection::quote_ident;
+    let publication_exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await?
+        .get(0);
+    if !publication_exists {
+        return Ok(Some(format!(
+            "publication {publication:?} was dropped: recreate it (walrelay setup, or CREATE PUBLICATION {} FOR TABLE ...); events committed while it was missing were not streamed and are still in the outbox table unless deleted",
+            quote_ident(publication)
+        )));
+    }
+    for (schema, table) in tables {
+        let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(Some(format!(
+                "outbox table {schema}.{table} was dropped: recreate it (walrelay setup) and add it to the publication, or remove it from --table"
+            )));
+        }
+        let covered: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+                &[&publication, schema, table],
+            )
+            .await?
+            .get(0);
+        if !covered {
+            return Ok(Some(format!(
+                "publication {publication:?} no longer covers outbox table {schema}.{table}: ALTER PUBLICATION {} ADD TABLE {name}",
+                quote_ident(publication)
+            )));
+        }
+    }
+    Ok(None)
 }
 
 fn failed(status: &RelayStatus, message: &str) {

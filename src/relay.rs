@@ -35,7 +35,7 @@ use crate::replication::{
     StartOptions, StatusPositions,
 };
 use crate::router::{ChangeContext, KafkaRecord, Routed, Router, RouterConfig};
-use crate::status::RelayStatus;
+use crate::status::{RelayStatus, Role};
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
@@ -57,6 +57,11 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// Consecutive failed attempts after which a permanent error ends the relay.
     pub permanent_error_attempts: u32,
+    /// How often a standby asks for the slot held by another relay.
+    pub standby_retry: Duration,
+    /// Prefix of walrelay's own heartbeat messages: never published, used
+    /// to measure replication latency.
+    pub heartbeat_prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +74,8 @@ pub enum RelayError {
     Producer(#[from] rdkafka::error::KafkaError),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Fatal(String),
 }
 
 impl RelayError {
@@ -76,8 +83,16 @@ impl RelayError {
         match self {
             RelayError::Replication(e) => e.is_transient(),
             RelayError::Topic(TopicError::Metadata { .. }) => true,
-            RelayError::Topic(_) | RelayError::Producer(_) | RelayError::Protocol(_) => false,
+            RelayError::Topic(_)
+            | RelayError::Producer(_)
+            | RelayError::Protocol(_)
+            | RelayError::Fatal(_) => false,
         }
+    }
+
+    /// Another walsender holds the slot: another relay is active.
+    fn is_slot_busy(&self) -> bool {
+        matches!(self, RelayError::Replication(e) if e.sqlstate() == Some("55006"))
     }
 }
 
@@ -117,45 +132,74 @@ pub async fn run(
         status,
         last_reported: Lsn::ZERO,
         last_report_at: Instant::now(),
+        heartbeats: std::collections::VecDeque::new(),
+        retries: std::collections::VecDeque::new(),
+        retry_failures: 0,
     };
     let mut attempt: u32 = 0;
+    let mut fatal = relay.status.fatal();
     loop {
-        let result = relay.session(&mut shutdown).await;
+        let result = tokio::select! {
+            result = relay.session(&mut shutdown) => result,
+            _ = fatal.changed() => Err(RelayError::Fatal(fatal.borrow().clone().unwrap_or_default())),
+        };
         relay.set_connected(false);
-        match result {
+        let err = match result {
             Ok(SessionEnd::Shutdown) => return Ok(()),
-            Err(err) => {
-                relay.status.set_last_error(&err.to_string());
-                attempt += 1;
-                if !err.is_transient() && attempt >= relay.config.permanent_error_attempts {
-                    return Err(err);
+            Err(err) => err,
+        };
+        relay.status.set_last_error(&err.to_string());
+        let wait = if err.is_slot_busy() {
+            // High availability: another relay streams from the slot. Stand
+            // by and ask again soon, so a takeover takes seconds.
+            if relay.status.role() != Role::Standby {
+                tracing::info!(slot = %relay.config.slot, "the slot is held by another process; standing by");
+                relay.status.set_role(Role::Standby);
+            }
+            attempt = 0;
+            relay.config.standby_retry
+        } else {
+            relay.status.set_role(Role::Starting);
+            attempt += 1;
+            if matches!(err, RelayError::Fatal(_))
+                || (!err.is_transient() && attempt >= relay.config.permanent_error_attempts)
+            {
+                return Err(err);
+            }
+            let wait = backoff(attempt, relay.config.max_backoff);
+            tracing::warn!(error = %err, attempt, retry_in = ?wait, "replication interrupted");
+            metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
+            relay
+                .status
+                .counters
+                .reconnects
+                .fetch_add(1, Ordering::Relaxed);
+            wait
+        };
+        // Wait, while still taking delivery reports.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    let limit = relay.config.shutdown_timeout;
+                    relay.drain(&mut shutdown, Some(limit)).await?;
+                    return Ok(());
                 }
-                let backoff = backoff(attempt, relay.config.max_backoff);
-                tracing::warn!(error = %err, attempt, retry_in = ?backoff, "replication interrupted");
-                metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
-                relay
-                    .status
-                    .counters
-                    .reconnects
-                    .fetch_add(1, Ordering::Relaxed);
-                // Wait, while still taking delivery reports.
-                let deadline = tokio::time::Instant::now() + backoff;
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => {
-                            let limit = relay.config.shutdown_timeout;
-                            relay.drain(&mut shutdown, Some(limit)).await?;
-                            return Ok(());
-                        }
-                        Some(delivery) = relay.deliveries.recv() => relay.handle_delivery(delivery).await?,
-                        _ = tokio::time::sleep_until(deadline) => break,
-                    }
-                }
+                Some(delivery) = relay.deliveries.recv() => relay.handle_delivery(delivery).await?,
+                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         if relay.status.take_streamed() {
             attempt = 0;
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -179,12 +223,21 @@ struct Relay {
     status: Arc<RelayStatus>,
     last_reported: Lsn,
     last_report_at: Instant,
+    /// Heartbeat transactions not yet confirmed: (end LSN, emitted at).
+    heartbeats: std::collections::VecDeque<(Lsn, i64)>,
+    /// Records whose delivery failed transiently, in failure order, with
+    /// when to send them again.
+    retries: std::collections::VecDeque<(KafkaRecord, EventTicket, tokio::time::Instant)>,
+    /// Consecutive transient delivery failures, for the retry backoff.
+    retry_failures: u32,
 }
 
 /// The open transaction.
 struct OpenTxn {
     ticket: TxnTicket,
     commit_time: PgTimestamp,
+    /// When a heartbeat in this transaction was emitted (Unix microseconds).
+    heartbeat_emitted_at: Option<i64>,
 }
 
 impl Relay {
@@ -244,9 +297,11 @@ impl Relay {
                 metrics::counter!(m::WINDOW_FULL_TOTAL).increment(1);
             }
             window_was_full = !reading;
+            let next_retry = self.next_retry();
             // Branch order: 1. shutdown, 2. delivery reports (they free the
             // window and move the watermark), 3. the periodic status update,
-            // 4. new WAL, only while the window has room.
+            // 4. records due to be sent again, 5. new WAL, only while the
+            // window has room.
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -263,6 +318,9 @@ impl Relay {
                     }
                 }
                 _ = status_tick.tick() => self.report(&mut stream, false).await?,
+                _ = sleep_until_opt(next_retry), if next_retry.is_some() => {
+                    self.send_due_retries(Some(&mut stream)).await?;
+                }
                 event = stream.recv(), if reading => {
                     match event? {
                         None => return Err(ReplicationError::Closed.into()),
@@ -303,6 +361,7 @@ impl Relay {
                 *open = Some(OpenTxn {
                     ticket: self.tracker.begin(),
                     commit_time: begin.commit_time,
+                    heartbeat_emitted_at: None,
                 });
                 metrics::counter!(m::TRANSACTIONS_TOTAL).increment(1);
             }
@@ -310,6 +369,9 @@ impl Relay {
                 let txn = open
                     .take()
                     .ok_or_else(|| RelayError::Protocol("Commit without Begin".into()))?;
+                if let Some(emitted_at) = txn.heartbeat_emitted_at {
+                    self.heartbeats.push_back((commit.end_lsn, emitted_at));
+                }
                 self.commit(txn.ticket, commit.end_lsn)?;
             }
             LogicalMessage::Relation(relation) => {
@@ -332,6 +394,14 @@ impl Relay {
                     ChangeContext { lsn, commit_time },
                 );
                 self.publish(routed, ticket, commit_time, stream).await?;
+            }
+            LogicalMessage::Message(message) if message.prefix == self.config.heartbeat_prefix => {
+                // Our own heartbeat: never published. Its transaction has
+                // no events, so it is confirmed as soon as everything
+                // before it is, which measures end-to-end latency.
+                if let (Some(txn), true) = (open.as_mut(), message.transactional) {
+                    txn.heartbeat_emitted_at = crate::heartbeat::emitted_at(&message.content);
+                }
             }
             LogicalMessage::Message(message) => match open.as_ref() {
                 Some(txn) if message.transactional => {
@@ -577,6 +647,7 @@ impl Relay {
         let ticket = delivery.ticket;
         match delivery.result {
             Ok(()) => {
+                self.retry_failures = 0;
                 let now = PgTimestamp::now();
                 let latency = (now.0 - ticket.commit_time.0).max(0) as f64 / 1e6;
                 if ticket.dead_letter {
@@ -610,12 +681,40 @@ impl Relay {
                 } else if failure.is_permanent() {
                     self.give_up(&failure.record, &reason, ticket);
                 } else {
-                    // Only with a finite -X message.timeout.ms: send it again.
-                    tracing::warn!(topic = %failure.record.topic, error = %reason, "delivery failed; sending again");
+                    // A broker error, or a finite -X message.timeout.ms: send
+                    // it again after a pause (never in a tight loop). It stays
+                    // in flight meanwhile, so nothing is confirmed past it.
+                    self.retry_failures += 1;
+                    let wait = backoff(self.retry_failures.min(8), Duration::from_secs(5));
+                    if self.retries.is_empty() {
+                        tracing::warn!(topic = %failure.record.topic, error = %reason, retry_in = ?wait, "delivery failed; will send again");
+                    }
                     metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "delivery").increment(1);
-                    Box::pin(self.produce(failure.record, ticket, None)).await?;
+                    self.retries.push_back((
+                        failure.record,
+                        ticket,
+                        tokio::time::Instant::now() + wait,
+                    ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// When the next failed record is due to be sent again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.retries.front().map(|(_, _, due)| *due)
+    }
+
+    /// Sends again every failed record that is due.
+    async fn send_due_retries(
+        &mut self,
+        mut stream: Option<&mut ReplicationStream>,
+    ) -> Result<(), RelayError> {
+        let now = tokio::time::Instant::now();
+        while self.retries.front().is_some_and(|(_, _, due)| *due <= now) {
+            let (record, ticket, _) = self.retries.pop_front().expect("checked above");
+            Box::pin(self.produce(record, ticket, stream.as_deref_mut())).await?;
         }
         Ok(())
     }
@@ -635,6 +734,14 @@ impl Relay {
         }
         self.last_reported = confirmed;
         self.last_report_at = Instant::now();
+        while let Some(&(end_lsn, emitted_at)) = self.heartbeats.front() {
+            if end_lsn > confirmed {
+                break;
+            }
+            self.heartbeats.pop_front();
+            let latency = (PgTimestamp::now().unix_micros() - emitted_at).max(0) as f64 / 1e6;
+            metrics::gauge!(m::HEARTBEAT_LATENCY_SECONDS).set(latency);
+        }
         self.status.set_confirmed(confirmed);
         metrics::gauge!(m::CONFIRMED_LSN).set(confirmed.0 as f64);
         Ok(())
@@ -650,9 +757,13 @@ impl Relay {
         let deadline = Instant::now() + self.config.shutdown_timeout;
         let mut status_tick = tokio::time::interval(self.config.status_interval);
         while self.in_flight_events > 0 && Instant::now() < deadline {
+            let next_retry = self.next_retry();
             tokio::select! {
                 Some(delivery) = self.deliveries.recv() => self.handle_delivery(delivery).await?,
                 _ = status_tick.tick() => self.report(&mut stream, false).await?,
+                _ = sleep_until_opt(next_retry), if next_retry.is_some() => {
+                    self.send_due_retries(Some(&mut stream)).await?;
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => break,
             }
         }
@@ -684,8 +795,12 @@ impl Relay {
                     None => std::future::pending().await,
                 }
             };
+            let next_retry = self.next_retry();
             tokio::select! {
                 Some(delivery) = self.deliveries.recv() => self.handle_delivery(delivery).await?,
+                _ = sleep_until_opt(next_retry), if next_retry.is_some() => {
+                    self.send_due_retries(None).await?;
+                }
                 _ = shutdown.changed(), if limit.is_none() => return Ok(false),
                 _ = timeout => return Ok(false),
             }

@@ -6,9 +6,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::lsn::Lsn;
 
-#[derive(Debug, Default)]
+/// What this relay instance is doing with its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Not streaming yet, or reconnecting after an error.
+    Starting,
+    /// Streaming from the slot.
+    Active,
+    /// Another process holds the slot; this one waits to take over.
+    Standby,
+}
+
+#[derive(Debug)]
 pub struct RelayStatus {
     connected: AtomicBool,
+    role: Mutex<Role>,
+    /// A condition that ends the relay (set by the monitor, e.g. an outbox
+    /// table was dropped).
+    fatal: tokio::sync::watch::Sender<Option<String>>,
     /// Set when a session started streaming; taken by the reconnect loop to
     /// reset its attempt counter.
     streamed: AtomicBool,
@@ -21,6 +37,24 @@ pub struct RelayStatus {
     pub history: History,
 }
 
+impl Default for RelayStatus {
+    fn default() -> Self {
+        RelayStatus {
+            connected: AtomicBool::new(false),
+            role: Mutex::new(Role::Starting),
+            fatal: tokio::sync::watch::channel(None).0,
+            streamed: AtomicBool::new(false),
+            confirmed: AtomicU64::new(0),
+            last_ack_unix_micros: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            slot: Mutex::new(None),
+            counters: LiveCounters::default(),
+            latency: LatencyWindow::default(),
+            history: History::default(),
+        }
+    }
+}
+
 impl RelayStatus {
     pub fn new() -> Self {
         Self::default()
@@ -30,7 +64,26 @@ impl RelayStatus {
         self.connected.store(connected, Ordering::Relaxed);
         if connected {
             self.streamed.store(true, Ordering::Relaxed);
+            self.set_role(Role::Active);
         }
+    }
+
+    pub fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+    }
+
+    pub fn role(&self) -> Role {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the relay with `reason` (a permanent condition found elsewhere).
+    pub fn set_fatal(&self, reason: String) {
+        self.fatal.send_replace(Some(reason));
+    }
+
+    /// Turns to `Some(reason)` when something ends the relay.
+    pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
     }
 
     pub fn connected(&self) -> bool {

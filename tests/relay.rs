@@ -7,37 +7,8 @@ use std::time::Duration;
 
 use support::kafka::{Broker, Record};
 use support::relay::RelayProcess;
+use support::workload::{commit_order, confirmed_flush_lsn, setup};
 use support::{PgCluster, wait_for};
-
-/// Runs `walrelay setup` with `args` and returns its output lines.
-fn setup(pg_url: &str, args: &[&str]) -> Vec<String> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
-        .args(["setup", "--pg-url", pg_url])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "setup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-async fn confirmed_flush_lsn(client: &tokio_postgres::Client, slot: &str) -> String {
-    client
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn setup_is_idempotent_and_says_what_it_did() {
@@ -249,66 +220,6 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
 
     let status = relay.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit {status}; log:\n{}", relay.log());
-}
-
-/// Reads a twin slot with walrelay's own decoder and returns, in commit
-/// order, every outbox insert as (id, aggregate_id, commit end LSN).
-async fn commit_order(
-    pg: &PgCluster,
-    db: &str,
-    slot: &str,
-    expected: usize,
-) -> Vec<(String, String, walrelay::lsn::Lsn)> {
-    use walrelay::pgoutput::{ColumnValue, LogicalMessage, StreamDecoder};
-    use walrelay::relation_cache::RelationCache;
-    use walrelay::replication::{
-        ConnectionConfig, ReplicationConnection, ReplicationEvent, StartOptions,
-    };
-    let conn = ReplicationConnection::connect(&ConnectionConfig::from_url(&pg.url(db)).unwrap())
-        .await
-        .unwrap();
-    let mut stream = conn
-        .start_replication(&StartOptions {
-            slot: slot.into(),
-            start_lsn: walrelay::lsn::Lsn::ZERO,
-            publications: vec!["walrelay".into()],
-            proto_version: None,
-            messages: false,
-        })
-        .await
-        .unwrap();
-    let mut decoder = StreamDecoder::new();
-    let mut relations = RelationCache::new();
-    let mut pending = Vec::new();
-    let mut out = Vec::new();
-    let text = |v: Option<&ColumnValue>| match v {
-        Some(ColumnValue::Text(t)) => String::from_utf8(t.to_vec()).unwrap(),
-        other => panic!("{other:?}"),
-    };
-    while out.len() < expected {
-        let event = tokio::time::timeout(Duration::from_secs(60), stream.recv())
-            .await
-            .expect("twin slot stalled")
-            .unwrap()
-            .unwrap();
-        if let ReplicationEvent::XLogData { data, .. } = event {
-            match decoder.decode(&data).unwrap() {
-                LogicalMessage::Relation(r) => {
-                    relations.update(&r);
-                }
-                LogicalMessage::Insert(i) => {
-                    let info = relations.get(i.relation_id).unwrap();
-                    let row = info.row(&i.new).unwrap();
-                    pending.push((text(row.get("id")), text(row.get("aggregate_id"))));
-                }
-                LogicalMessage::Commit(c) => {
-                    out.extend(pending.drain(..).map(|(id, key)| (id, key, c.end_lsn)))
-                }
-                _ => {}
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -44,6 +44,9 @@ impl ServerError {
                 "all replication slots are in use: drop unused slots (SELECT slot_name FROM pg_replication_slots WHERE NOT active) or raise max_replication_slots and restart"
             }
             "28P01" => "the password is wrong: check the password in --pg-url (or PGPASSWORD)",
+            "28000" if m.contains("not permitted to log in") => {
+                "the role may not log in: ALTER ROLE <role> WITH LOGIN"
+            }
             "28000" => {
                 "pg_hba.conf has no entry allowing this replication connection: add `host replication <role> <address> scram-sha-256` and `host <db> <role> <address> scram-sha-256`, then reload"
             }

@@ -29,6 +29,8 @@ fn tansu_binary() -> PathBuf {
 
 pub struct Broker {
     pub port: u16,
+    /// The address the broker tells clients to use (a proxy's, in network tests).
+    advertised_port: Option<u16>,
     external: Option<String>,
     child: Option<Child>,
     dir: TempDir,
@@ -52,6 +54,7 @@ impl Broker {
             .filter(|b| !b.is_empty());
         let mut broker = Broker {
             port: free_port(),
+            advertised_port: None,
             external,
             child: None,
             dir: tempfile::Builder::new()
@@ -70,11 +73,47 @@ impl Broker {
     pub fn connect_to(bootstrap: &str) -> Self {
         Broker {
             port: 0,
+            advertised_port: None,
             external: Some(bootstrap.to_owned()),
             child: None,
             dir: tempfile::tempdir().unwrap(),
             persistent: false,
         }
+    }
+
+    /// A broker that advertises `advertised_port` instead of its own, so
+    /// clients connect through a proxy listening there.
+    pub fn start_behind(advertised_port: u16) -> Self {
+        let mut broker = Broker {
+            port: free_port(),
+            advertised_port: Some(advertised_port),
+            external: None,
+            child: None,
+            dir: tempfile::Builder::new()
+                .prefix("walrelay-broker-")
+                .tempdir()
+                .unwrap(),
+            persistent: false,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Suspends the broker (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        let pid = self.child.as_ref().expect("a local broker").id();
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub fn resume(&self) {
+        let pid = self.child.as_ref().expect("a local broker").id();
+        Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .unwrap();
     }
 
     /// True when the tests run against a broker they cannot stop.
@@ -84,6 +123,10 @@ impl Broker {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!(
+            "tcp://127.0.0.1:{}",
+            self.advertised_port.unwrap_or(self.port)
+        );
         let storage = if self.persistent {
             "sqlite://tansu.db".to_owned()
         } else {
@@ -95,7 +138,7 @@ impl Broker {
             .open(self.dir.path().join("broker.log"))
             .unwrap();
         let child = Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &storage])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised, "--storage-engine", &storage])
             .current_dir(self.dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -117,12 +160,36 @@ impl Broker {
     pub fn bootstrap(&self) -> String {
         self.external
             .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{}", self.port))
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.advertised_port.unwrap_or(self.port)))
     }
 
-    /// Stops the broker (SIGKILL: the worst case for the relay).
+    /// Stops the broker the way an operator does (SIGTERM). A broker
+    /// SIGKILLed may lose records it had already acknowledged (tansu's
+    /// SQLite storage, like a Kafka broker with replication factor 1 and
+    /// no fsync, is not durable across a crash), which no relay can mend.
     pub fn stop(&mut self) {
         assert!(!self.is_external(), "cannot stop an external broker");
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The broker's own log, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// Crashes the broker (SIGKILL).
+    pub fn kill9(&mut self) {
+        assert!(!self.is_external(), "cannot kill an external broker");
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

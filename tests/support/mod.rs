@@ -8,7 +8,9 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod proxy;
 pub mod relay;
+pub mod workload;
 
 use std::net::TcpListener;
 use std::os::unix::fs::{PermissionsExt, chown};
