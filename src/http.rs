@@ -165,6 +165,12 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "p50_commit_to_ack_ms": s.latency.quantile(0.5).map(|v| v * 1000.0),
         "p99_commit_to_ack_ms": s.latency.quantile(0.99).map(|v| v * 1000.0),
         "last_error": s.last_error(),
+        "commit_to_ack_since_start": {
+            "count": s.latency_histogram.count(),
+            "p50_ms": s.latency_histogram.quantile(0.5).map(|v| v * 1000.0),
+            "p99_ms": s.latency_histogram.quantile(0.99).map(|v| v * 1000.0),
+            "max_ms": s.latency_histogram.max_seconds() * 1000.0,
+        },
         "history": s.history.snapshot(),
     }))
     .into_response()

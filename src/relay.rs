@@ -664,6 +664,7 @@ impl Relay {
                         .fetch_add(1, Ordering::Relaxed);
                     metrics::histogram!(m::COMMIT_TO_ACK_SECONDS).record(latency);
                     self.status.latency.record(latency);
+                    self.status.latency_histogram.record(latency);
                 }
                 metrics::gauge!(m::LAST_ACK_TIMESTAMP_SECONDS).set(now.unix_micros() as f64 / 1e6);
                 self.status.record_ack();

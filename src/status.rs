@@ -34,6 +34,8 @@ pub struct RelayStatus {
     slot: Mutex<Option<SlotSnapshot>>,
     pub counters: LiveCounters,
     pub latency: LatencyWindow,
+    /// Every commit-to-ack latency since start.
+    pub latency_histogram: LatencyHistogram,
     pub history: History,
 }
 
@@ -50,6 +52,7 @@ impl Default for RelayStatus {
             slot: Mutex::new(None),
             counters: LiveCounters::default(),
             latency: LatencyWindow::default(),
+            latency_histogram: LatencyHistogram::default(),
             history: History::default(),
         }
     }
@@ -229,5 +232,115 @@ impl History {
             .iter()
             .cloned()
             .collect()
+    }
+}
+
+/// Commit-to-ack latencies over the whole run, in log-linear buckets (16
+/// per power of two, so any quantile is within about 6%), for benchmarks
+/// and the dashboard. Lock-free; fixed size.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    max_micros: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: (0..Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            max_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    const SUB: u64 = 16;
+    const BUCKETS: usize = 64 * 16;
+
+    fn index(micros: u64) -> usize {
+        if micros < Self::SUB {
+            return micros as usize;
+        }
+        let power = 63 - u64::from(micros.leading_zeros());
+        let shift = power - 4;
+        let mantissa = (micros >> shift) & (Self::SUB - 1);
+        ((power - 3) * Self::SUB + mantissa) as usize
+    }
+
+    /// The smallest value of a bucket.
+    fn lower_bound(index: usize) -> u64 {
+        let index = index as u64;
+        if index < Self::SUB {
+            return index;
+        }
+        let power = index / Self::SUB + 3;
+        let mantissa = index % Self::SUB;
+        (Self::SUB + mantissa) << (power - 4)
+    }
+
+    pub fn record(&self, seconds: f64) {
+        let micros = (seconds * 1e6).max(0.0) as u64;
+        self.buckets[Self::index(micros).min(Self::BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.max_micros.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn max_seconds(&self) -> f64 {
+        self.max_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// The q-quantile (0..=1) in seconds, `None` before the first value.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            seen += bucket.load(Ordering::Relaxed);
+            if seen >= rank {
+                // The bucket's midpoint.
+                let low = Self::lower_bound(i);
+                let high = Self::lower_bound(i + 1).max(low + 1);
+                return Some((low + high) as f64 / 2.0 / 1e6);
+            }
+        }
+        Some(self.max_seconds())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_a_few_percent() {
+        let h = LatencyHistogram::default();
+        for ms in 1..=1000 {
+            h.record(ms as f64 / 1000.0);
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((p50 - 0.5).abs() / 0.5 < 0.07, "p50 {p50}");
+        assert!((p99 - 0.99).abs() / 0.99 < 0.07, "p99 {p99}");
+        assert_eq!(h.count(), 1000);
+        assert_eq!(h.max_seconds(), 1.0);
+        assert_eq!(LatencyHistogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn histogram_buckets_are_ordered_and_cover_their_values() {
+        for micros in [0u64, 1, 15, 16, 17, 100, 1000, 123_456, 10_000_000] {
+            let i = LatencyHistogram::index(micros);
+            assert!(LatencyHistogram::lower_bound(i) <= micros, "{micros}");
+            assert!(LatencyHistogram::lower_bound(i + 1) > micros, "{micros}");
+        }
     }
 }
