@@ -106,7 +106,7 @@ enum SessionEnd {
 /// permanent error.
 pub async fn run(
     config: RelayConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     status: Arc<RelayStatus>,
 ) -> Result<(), RelayError> {
     let (sink, deliveries) = KafkaSink::new(&config.producer)?;
@@ -120,9 +120,35 @@ pub async fn run(
         config.topic_partitions,
         config.topic_replication_factor,
     )?;
+    let probe = sink.probe();
+    // Warm up: connect the producer and make sure the dead-letter topic
+    // exists before the first event, so early events do not wait for it.
+    // Failures here are not fatal: the same steps are retried when needed.
+    let warm = probe.clone();
+    if tokio::task::spawn_blocking(move || warm.connect(Duration::from_secs(10))).await.unwrap_or(false) {
+        let mut topics = topics;
+        if let Err(e) = topics.ensure(&config.router.dead_letter_topic, &probe).await {
+            tracing::warn!(error = %e, "cannot prepare the dead-letter topic yet");
+        }
+        return run_relay(config, sink, probe, deliveries, topics, shutdown, status).await;
+    }
+    tracing::warn!("no broker answered yet; events wait until one does");
+    run_relay(config, sink, probe, deliveries, topics, shutdown, status).await
+}
+
+async fn run_relay(
+    config: RelayConfig,
+    sink: KafkaSink,
+    probe: crate::kafka::MetadataProbe,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    topics: TopicManager,
+    mut shutdown: watch::Receiver<bool>,
+    status: Arc<RelayStatus>,
+) -> Result<(), RelayError> {
     let mut relay = Relay {
         config,
         sink,
+        probe,
         deliveries,
         topics,
         tracker: AckTracker::new(Lsn::ZERO),
@@ -214,6 +240,7 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
 struct Relay {
     config: RelayConfig,
     sink: KafkaSink,
+    probe: crate::kafka::MetadataProbe,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     topics: TopicManager,
     tracker: AckTracker,
@@ -501,7 +528,7 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let mut attempt = 0u32;
         loop {
-            match self.topics.ensure(&record.topic).await {
+            match self.topics.ensure(&record.topic, &self.probe).await {
                 Ok(()) => {}
                 Err(TopicError::Metadata { topic, source }) => {
                     attempt += 1;

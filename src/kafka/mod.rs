@@ -5,6 +5,6 @@ pub mod producer;
 pub mod topics;
 
 pub use producer::{
-    Delivery, DeliveryFailure, EventTicket, KafkaSink, ProducerSettings, SendError,
+    Delivery, DeliveryFailure, EventTicket, KafkaSink, MetadataProbe, ProducerSettings, SendError,
 };
 pub use topics::{TopicError, TopicManager};

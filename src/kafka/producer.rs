@@ -8,6 +8,7 @@
 //! go to the dead-letter topic; others are sent again.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -196,7 +197,31 @@ pub enum SendError {
 
 /// The producer, and the stream of its delivery reports.
 pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryContext>,
+    producer: Arc<ThreadedProducer<DeliveryContext>>,
+}
+
+/// A handle for the producer's blocking metadata requests, which run on
+/// blocking threads. Metadata fetched through the producer itself warms its
+/// cache, so the first record to a topic does not wait for a lookup.
+#[derive(Clone)]
+pub struct MetadataProbe {
+    producer: Arc<ThreadedProducer<DeliveryContext>>,
+}
+
+impl MetadataProbe {
+    /// Whether `topic` exists with at least one partition (blocking).
+    pub fn topic_exists(&self, topic: &str, timeout: Duration) -> Result<bool, KafkaError> {
+        let metadata = self.producer.client().fetch_metadata(Some(topic), timeout)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    }
+
+    /// Connects to the cluster (blocking); true when a broker answered.
+    pub fn connect(&self, timeout: Duration) -> bool {
+        self.producer.client().fetch_metadata(None, timeout).is_ok()
+    }
 }
 
 impl KafkaSink {
@@ -210,7 +235,12 @@ impl KafkaSink {
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let producer: ThreadedProducer<DeliveryContext> =
             config.create_with_context(DeliveryContext { deliveries: tx })?;
-        Ok((KafkaSink { producer }, rx))
+        Ok((
+            KafkaSink {
+                producer: Arc::new(producer),
+            },
+            rx,
+        ))
     }
 
     /// Queues one record. Its delivery report comes back with `ticket`.
@@ -252,9 +282,11 @@ impl KafkaSink {
         self.producer.flush(timeout)
     }
 
-    /// Checks that a broker answers, within `timeout` (blocking).
-    pub fn broker_reachable(&self, timeout: Duration) -> bool {
-        self.producer.client().fetch_metadata(None, timeout).is_ok()
+    /// A handle for metadata requests through this producer.
+    pub fn probe(&self) -> MetadataProbe {
+        MetadataProbe {
+            producer: Arc::clone(&self.producer),
+        }
     }
 }
 

@@ -11,6 +11,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+use super::producer::MetadataProbe;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
     #[error(
@@ -57,39 +59,35 @@ impl TopicManager {
     }
 
     /// Makes sure `topic` exists. Cheap after the first call per topic.
-    pub async fn ensure(&mut self, topic: &str) -> Result<(), TopicError> {
+    pub async fn ensure(&mut self, topic: &str, probe: &MetadataProbe) -> Result<(), TopicError> {
         if self.known.contains(topic) {
             return Ok(());
         }
-        let admin = Arc::clone(&self.admin);
-        let name = topic.to_owned();
-        // Metadata requests block; keep them off the async threads.
-        let exists = tokio::task::spawn_blocking(move || {
-            let metadata = admin
-                .inner()
-                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
-            Ok::<bool, KafkaError>(
-                metadata
-                    .topics()
-                    .iter()
-                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()),
-            )
-        })
-        .await
-        .expect("metadata task panicked")
-        .map_err(|source| TopicError::Metadata {
-            topic: topic.to_owned(),
-            source,
-        })?;
-        if !exists {
+        if !Self::exists(probe, topic).await? {
             if !self.create {
                 return Err(TopicError::Missing(topic.to_owned()));
             }
             self.create_topic(topic).await?;
             tracing::info!(topic, partitions = self.partitions, "created topic");
+            // Fetch it again through the producer, so its first record does
+            // not wait for a metadata refresh.
+            Self::exists(probe, topic).await?;
         }
         self.known.insert(topic.to_owned());
         Ok(())
+    }
+
+    async fn exists(probe: &MetadataProbe, topic: &str) -> Result<bool, TopicError> {
+        let probe = probe.clone();
+        let name = topic.to_owned();
+        // Metadata requests block; keep them off the async threads.
+        tokio::task::spawn_blocking(move || probe.topic_exists(&name, Duration::from_secs(10)))
+            .await
+            .expect("metadata task panicked")
+            .map_err(|source| TopicError::Metadata {
+                topic: topic.to_owned(),
+                source,
+            })
     }
 
     async fn create_topic(&self, topic: &str) -> Result<(), TopicError> {
