@@ -509,18 +509,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 pub async fn control_connection(
     config: &ConnectionConfig,
 ) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = config
-        .to_tokio_postgres()
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", config.address())
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "control connection closed");
-        }
-    });
+    let client = config.connect_sql().await.map_err(|e| {
+        anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", config.address())
+    })?;
     Ok(client)
 }
 

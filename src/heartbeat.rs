@@ -38,17 +38,8 @@ pub fn spawn(config: ConnectionConfig, prefix: String, interval: Duration) {
         loop {
             tick.tick().await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match config
-                    .to_tokio_postgres()
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                {
-                    Ok((c, connection)) => {
-                        tokio::spawn(async move {
-                            let _ = connection.await;
-                        });
-                        client = Some(c);
-                    }
+                match config.connect_sql().await {
+                    Ok(c) => client = Some(c),
                     Err(e) => {
                         tracing::debug!(error = %e, "heartbeat cannot connect");
                         metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);

@@ -74,17 +74,8 @@ pub fn spawn(
         loop {
             tick.tick().await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match config
-                    .to_tokio_postgres()
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                {
-                    Ok((c, connection)) => {
-                        tokio::spawn(async move {
-                            let _ = connection.await;
-                        });
-                        client = Some(c);
-                    }
+                match config.connect_sql().await {
+                    Ok(c) => client = Some(c),
                     Err(e) => {
                         failed(&status, &format!("slot monitor cannot connect: {e}"));
                         record_sample(&status);

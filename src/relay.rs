@@ -125,9 +125,15 @@ pub async fn run(
     // exists before the first event, so early events do not wait for it.
     // Failures here are not fatal: the same steps are retried when needed.
     let warm = probe.clone();
-    if tokio::task::spawn_blocking(move || warm.connect(Duration::from_secs(10))).await.unwrap_or(false) {
+    if tokio::task::spawn_blocking(move || warm.connect(Duration::from_secs(10)))
+        .await
+        .unwrap_or(false)
+    {
         let mut topics = topics;
-        if let Err(e) = topics.ensure(&config.router.dead_letter_topic, &probe).await {
+        if let Err(e) = topics
+            .ensure(&config.router.dead_letter_topic, &probe)
+            .await
+        {
             tracing::warn!(error = %e, "cannot prepare the dead-letter topic yet");
         }
         return run_relay(config, sink, probe, deliveries, topics, shutdown, status).await;
@@ -220,6 +226,10 @@ async fn run_relay(
         }
     }
 }
+
+/// Shortest time between two status updates sent because the watermark
+/// moved (the periodic update and replies to the server are not held back).
+const CONFIRM_COALESCE: Duration = Duration::from_millis(10);
 
 /// Sleeps until `deadline`, or forever without one.
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -325,10 +335,11 @@ impl Relay {
             }
             window_was_full = !reading;
             let next_retry = self.next_retry();
+            let confirm_due = self.confirm_due();
             // Branch order: 1. shutdown, 2. delivery reports (they free the
             // window and move the watermark), 3. the periodic status update,
-            // 4. records due to be sent again, 5. new WAL, only while the
-            // window has room.
+            // 4. a coalesced report of a moved watermark, 5. records due to
+            // be sent again, 6. new WAL, only while the window has room.
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -340,11 +351,14 @@ impl Relay {
                     while let Ok(delivery) = self.deliveries.try_recv() {
                         self.handle_delivery(delivery).await?;
                     }
-                    if self.tracker.confirmed() > self.last_reported {
+                    if self.confirm_due().is_some_and(|due| due <= Instant::now()) {
                         self.report(&mut stream, false).await?;
                     }
                 }
                 _ = status_tick.tick() => self.report(&mut stream, false).await?,
+                _ = sleep_until_opt(confirm_due.map(Into::into)), if confirm_due.is_some() => {
+                    self.report(&mut stream, false).await?;
+                }
                 _ = sleep_until_opt(next_retry), if next_retry.is_some() => {
                     self.send_due_retries(Some(&mut stream)).await?;
                 }
@@ -353,7 +367,7 @@ impl Relay {
                         None => return Err(ReplicationError::Closed.into()),
                         Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
                             self.tracker.server_idle_at(wal_end);
-                            if reply_requested || self.tracker.confirmed() > self.last_reported {
+                            if reply_requested || self.confirm_due().is_some_and(|due| due <= Instant::now()) {
                                 self.report(&mut stream, false).await?;
                             }
                         }
@@ -727,6 +741,14 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// When a moved watermark should be reported: at once, unless a report
+    /// went out in the last few milliseconds. Coalescing keeps a busy
+    /// stream of small transactions from costing a write per commit.
+    fn confirm_due(&self) -> Option<Instant> {
+        (self.tracker.confirmed() > self.last_reported)
+            .then(|| self.last_report_at + CONFIRM_COALESCE)
     }
 
     /// When the next failed record is due to be sent again.

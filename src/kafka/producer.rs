@@ -211,7 +211,10 @@ pub struct MetadataProbe {
 impl MetadataProbe {
     /// Whether `topic` exists with at least one partition (blocking).
     pub fn topic_exists(&self, topic: &str, timeout: Duration) -> Result<bool, KafkaError> {
-        let metadata = self.producer.client().fetch_metadata(Some(topic), timeout)?;
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)?;
         Ok(metadata
             .topics()
             .iter()

@@ -38,14 +38,15 @@ pub enum Host {
     UnixSocketDir(PathBuf),
 }
 
-/// libpq's `sslmode`, restricted to what this build can honour.
+/// libpq's `sslmode` (see `tls.rs` for what each checks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
-    /// `allow` and `prefer`: encryption if available. This build has no TLS,
-    /// so both connect in plain text, exactly as libpq does with a server
-    /// that offers no TLS.
+    /// `allow` and `prefer`: encryption when the server offers it.
     Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +57,11 @@ pub struct ConnectionConfig {
     pub password: Option<Password>,
     pub dbname: String,
     pub ssl_mode: SslMode,
+    /// CA certificate(s) for verify-ca and verify-full (`sslrootcert`).
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Client certificate and key (`sslcert`, `sslkey`).
+    pub ssl_cert: Option<PathBuf>,
+    pub ssl_key: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Option<Duration>,
 }
@@ -71,16 +77,14 @@ pub enum ConfigError {
     Port(String),
     #[error("connection URL: {0} is not valid percent-encoded UTF-8")]
     Encoding(&'static str),
-    #[error(
-        "connection URL: sslmode={0} is not supported yet (this build has no TLS); use sslmode=disable or prefer, or connect through a local TLS tunnel"
-    )]
-    UnsupportedSslMode(String),
+    #[error("connection URL: sslcert and sslkey go together; give both or neither")]
+    ClientCertPair,
     #[error(
         "connection URL: unknown sslmode {0:?}; use disable, allow, prefer, require, verify-ca or verify-full"
     )]
     UnknownSslMode(String),
     #[error(
-        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, application_name, connect_timeout"
+        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout"
     )]
     UnknownParameter(String),
     #[error("connection URL: connect_timeout={0:?} is not a whole number of seconds")]
@@ -141,6 +145,7 @@ impl ConnectionConfig {
             Some(decode(path, "database name")?)
         };
         let mut ssl_mode = SslMode::Prefer;
+        let (mut ssl_root_cert, mut ssl_cert, mut ssl_key) = (None, None, None);
         let mut application_name = "walrelay".to_owned();
         let mut connect_timeout = None;
 
@@ -158,12 +163,15 @@ impl ConnectionConfig {
                     ssl_mode = match value.as_str() {
                         "disable" => SslMode::Disable,
                         "allow" | "prefer" => SslMode::Prefer,
-                        "require" | "verify-ca" | "verify-full" => {
-                            return Err(ConfigError::UnsupportedSslMode(value));
-                        }
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
                         _ => return Err(ConfigError::UnknownSslMode(value)),
                     }
                 }
+                "sslrootcert" => ssl_root_cert = Some(PathBuf::from(value)),
+                "sslcert" => ssl_cert = Some(PathBuf::from(value)),
+                "sslkey" => ssl_key = Some(PathBuf::from(value)),
                 "connect_timeout" => {
                     let secs: u64 = value
                         .parse()
@@ -178,6 +186,9 @@ impl ConnectionConfig {
             .or_else(|| std::env::var("PGUSER").ok())
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".to_owned());
+        if ssl_cert.is_some() != ssl_key.is_some() {
+            return Err(ConfigError::ClientCertPair);
+        }
         let host = match host {
             Some(h) if h.starts_with('/') => Host::UnixSocketDir(PathBuf::from(h)),
             Some(h) => Host::Tcp(h),
@@ -190,6 +201,9 @@ impl ConnectionConfig {
             user,
             password: password.or_else(|| std::env::var("PGPASSWORD").ok().map(Password)),
             ssl_mode,
+            ssl_root_cert,
+            ssl_cert,
+            ssl_key,
             application_name,
             connect_timeout,
         })
@@ -211,6 +225,9 @@ impl ConnectionConfig {
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                    tokio_postgres::config::SslMode::Require
+                }
             });
         if let Some(password) = &self.password {
             config.password(password.expose());
@@ -221,6 +238,45 @@ impl ConnectionConfig {
         config
     }
 
+    /// `sslrootcert`, or libpq's default `~/.postgresql/root.crt`.
+    pub fn root_cert_path(&self) -> PathBuf {
+        self.ssl_root_cert.clone().unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".postgresql/root.crt")
+        })
+    }
+
+    /// An ordinary SQL connection (tokio-postgres) with these settings,
+    /// TLS included; its connection task runs in the background.
+    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
+        let tls = super::tls::client_config(self)?;
+        let config = self.to_tokio_postgres();
+        let client = match tls {
+            Some(tls) => {
+                let (client, connection) = config
+                    .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                        (*tls).clone(),
+                    ))
+                    .await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "SQL connection closed");
+                    }
+                });
+                client
+            }
+            None => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "SQL connection closed");
+                    }
+                });
+                client
+            }
+        };
+        Ok(client)
+    }
+
     /// Where the server is, for messages: `host:port` or the socket path.
     pub fn address(&self) -> String {
         match &self.host {
@@ -228,6 +284,15 @@ impl ConnectionConfig {
             Host::UnixSocketDir(dir) => format!("{}/.s.PGSQL.{}", dir.display(), self.port),
         }
     }
+}
+
+/// Why an ordinary SQL connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlConnectError {
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsConfigError),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
 }
 
 /// The URL with any password replaced, safe to print.
@@ -328,10 +393,30 @@ mod tests {
     }
 
     #[test]
-    fn sslmode_require_is_refused_until_tls_exists() {
-        let err = ConnectionConfig::from_url("postgres://u@h/db?sslmode=require").unwrap_err();
-        assert_eq!(err, ConfigError::UnsupportedSslMode("require".into()));
-        assert!(err.to_string().contains("sslmode=disable"));
+    fn every_libpq_sslmode_and_certificate_parameter_is_understood() {
+        for (text, mode) in [
+            ("disable", SslMode::Disable),
+            ("allow", SslMode::Prefer),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            let c =
+                ConnectionConfig::from_url(&format!("postgres://u@h/db?sslmode={text}")).unwrap();
+            assert_eq!(c.ssl_mode, mode);
+        }
+        let c = ConnectionConfig::from_url("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem").unwrap();
+        assert_eq!(c.root_cert_path(), PathBuf::from("/ca.pem"));
+        assert_eq!(c.ssl_cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(
+            ConnectionConfig::from_url("postgres://u@h/db?sslcert=/c.pem").unwrap_err(),
+            ConfigError::ClientCertPair
+        );
+        assert!(matches!(
+            ConnectionConfig::from_url("postgres://u@h/db?sslmode=maybe"),
+            Err(ConfigError::UnknownSslMode(_))
+        ));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::config::{ConnectionConfig, Host};
+use super::config::{ConnectionConfig, Host, SslMode};
 use super::error::{ReplicationError, ServerError};
 use super::stream::ReplicationStream;
 use crate::lsn::Lsn;
@@ -436,13 +436,49 @@ async fn open_socket(config: &ConnectionConfig) -> Result<Box<dyn Socket>, Repli
                 .await
                 .map_err(connect_error)?;
             stream.set_nodelay(true).map_err(connect_error)?;
-            Box::new(stream)
+            negotiate_tls(config, host, stream).await?
         }
         Host::UnixSocketDir(dir) => {
             let path = dir.join(format!(".s.PGSQL.{}", config.port));
             Box::new(UnixStream::connect(path).await.map_err(connect_error)?)
         }
     })
+}
+
+/// Asks for TLS (SSLRequest) unless sslmode is disable, and wraps the
+/// stream when the server agrees. Unix sockets never use TLS, as in libpq.
+async fn negotiate_tls(
+    config: &ConnectionConfig,
+    host: &str,
+    mut stream: TcpStream,
+) -> Result<Box<dyn Socket>, ReplicationError> {
+    let tls_error = |reason: String| ReplicationError::Tls {
+        address: config.address(),
+        reason,
+    };
+    let Some(tls) = super::tls::client_config(config).map_err(|e| tls_error(e.to_string()))? else {
+        return Ok(Box::new(stream));
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = super::tls::server_name(host).map_err(|e| tls_error(e.to_string()))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, stream)
+                .await
+                .map_err(|e| tls_error(e.to_string()))?;
+            Ok(Box::new(stream))
+        }
+        b'N' if config.ssl_mode == SslMode::Prefer => Ok(Box::new(stream)),
+        b'N' => Err(tls_error(
+            "the server does not accept TLS connections (ssl = off); turn ssl on in postgresql.conf, or use sslmode=prefer or disable".into(),
+        )),
+        other => Err(ReplicationError::Protocol(format!("unexpected answer {other:?} to SSLRequest"))),
+    }
 }
 
 pub(crate) fn parse_server_error(

@@ -93,6 +93,10 @@ pub enum ReplicationError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "TLS with PostgreSQL at {address} failed: {reason}; check sslmode, sslrootcert and the host name in --pg-url against the server's certificate"
+    )]
+    Tls { address: String, reason: String },
     #[error("connection to PostgreSQL lost: {0}")]
     Io(#[from] io::Error),
     #[error("PostgreSQL closed the connection")]
@@ -128,6 +132,7 @@ impl ReplicationError {
             | ReplicationError::Closed => true,
             ReplicationError::Server(e) => !e.is_permanent(),
             ReplicationError::PasswordRequired
+            | ReplicationError::Tls { .. }
             | ReplicationError::UnsupportedAuthentication(_)
             | ReplicationError::Protocol(_)
             | ReplicationError::Decode { .. } => false,

@@ -22,6 +22,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod stream;
+pub mod tls;
 
 pub use config::{ConnectionConfig, Password, SslMode};
 pub use connection::{CreatedSlot, ReplicationConnection, StartOptions, SystemIdentity};

@@ -93,6 +93,8 @@ pub struct PgOptions {
     pub wal_level: &'static str,
     pub wal_sender_timeout: &'static str,
     pub extra_conf: Vec<String>,
+    /// Server certificate and key (PEM): the cluster starts with ssl = on.
+    pub tls: Option<(String, String)>,
 }
 
 impl Default for PgOptions {
@@ -101,6 +103,7 @@ impl Default for PgOptions {
             wal_level: "logical",
             wal_sender_timeout: "60s",
             extra_conf: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -167,6 +170,19 @@ impl PgCluster {
             "logical_decoding_work_mem = '64MB'".into(),
         ];
         conf.extend(options.extra_conf.iter().cloned());
+        if let Some((cert, key)) = &options.tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = cluster.data_dir().join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = cluster.user {
+                    chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            conf.push("ssl = on".into());
+            conf.push("ssl_cert_file = 'server.crt'".into());
+            conf.push("ssl_key_file = 'server.key'".into());
+        }
         append(
             &cluster.data_dir().join("postgresql.conf"),
             &conf.join("\n"),
