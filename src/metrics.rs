@@ -92,6 +92,15 @@ pub fn describe() {
         WINDOW_FULL_TOTAL,
         "times the in-flight window filled and reading WAL paused"
     );
+    describe_gauge!(
+        HEARTBEAT_LATENCY_SECONDS,
+        Unit::Seconds,
+        "last heartbeat: emitted by pg_logical_emit_message to confirmed to PostgreSQL"
+    );
+    describe_counter!(
+        HEARTBEAT_ERRORS_TOTAL,
+        "heartbeats that could not be emitted"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
