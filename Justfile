@@ -12,9 +12,9 @@ stop:
 test:
     scripts/test
 
-# The long chaos run (100,000 events, 20 kills, broker and PostgreSQL restarts).
+# The long chaos run: 100,000 events, 20 relay kills, 3 broker outages, a PostgreSQL restart.
 chaos:
-    WALRELAY_CHAOS_EVENTS=100000 WALRELAY_CHAOS_KILLS=20 cargo test --release --test chaos -- --nocapture
+    WALRELAY_CHAOS_EVENTS=100000 WALRELAY_CHAOS_KILLS=20 cargo test --release --test faults chaos -- --nocapture
 
 # Benchmarks: drain, latency, resources, against pg_recvlogical.
 bench *ARGS:
@@ -24,6 +24,8 @@ bench *ARGS:
 record-fixtures:
     scripts/record-fixtures
 
-# Fuzz the pgoutput decoder (needs cargo-fuzz).
+# Fuzz the pgoutput decoder, seeded with the recorded fixtures (installs cargo-fuzz).
 fuzz SECONDS="600":
-    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode -- -max_total_time={{SECONDS}}
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    mkdir -p fuzz/corpus/decode && cp tests/fixtures/pgoutput/*.bin fuzz/corpus/decode/
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode corpus/decode -- -max_total_time={{SECONDS}}
