@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::replication::ConnectionConfig;
+use crate::replication::config::SqlSession;
 
 /// The default heartbeat prefix.
 pub const DEFAULT_PREFIX: &str = "walrelay.heartbeat";
@@ -32,22 +33,19 @@ pub fn emitted_at(content: &[u8]) -> Option<i64> {
 /// Emits a heartbeat every `interval` until the process ends.
 pub fn spawn(config: ConnectionConfig, prefix: String, interval: Duration) {
     tokio::spawn(async move {
-        let mut client: Option<tokio_postgres::Client> = None;
+        let mut session = SqlSession::new(config);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match config.connect_sql().await {
-                    Ok(c) => client = Some(c),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "heartbeat cannot connect");
-                        metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);
-                        continue;
-                    }
+            let c = match session.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat cannot connect");
+                    metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);
+                    continue;
                 }
-            }
-            let Some(c) = client.as_ref() else { continue };
+            };
             let body = content(PgTimestamp::now());
             if let Err(e) = c
                 .execute(

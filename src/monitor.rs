@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::metrics as m;
 use crate::replication::ConnectionConfig;
+use crate::replication::config::SqlSession;
 use crate::status::{RelayStatus, Sample, SlotSnapshot};
 
 /// How often the slot is read.
@@ -69,21 +70,18 @@ pub fn spawn(
     status: Arc<RelayStatus>,
 ) {
     tokio::spawn(async move {
-        let mut client: Option<tokio_postgres::Client> = None;
+        let mut session = SqlSession::new(config);
         let mut tick = tokio::time::interval(INTERVAL);
         loop {
             tick.tick().await;
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match config.connect_sql().await {
-                    Ok(c) => client = Some(c),
-                    Err(e) => {
-                        failed(&status, &format!("slot monitor cannot connect: {e}"));
-                        record_sample(&status);
-                        continue;
-                    }
+            let c = match session.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    failed(&status, &format!("slot monitor cannot connect: {e}"));
+                    record_sample(&status);
+                    continue;
                 }
-            }
-            let Some(c) = client.as_ref() else { continue };
+            };
             match read_slots(c, Some(&slot)).await {
                 Ok(slots) => {
                     let snapshot = slots.into_iter().next();

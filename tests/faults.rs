@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use support::kafka::Broker;
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{commit_order, confirmed_flush_lsn, setup};
+use support::workload::{commit_order, confirmed_flush_lsn, create_twin_slot, setup};
 use support::{PgCluster, PgOptions, wait_for};
 use walrelay::lsn::Lsn;
 
@@ -339,10 +339,7 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies_and_nothing_is_lost
     let db = pg.create_database("failover").await;
     setup(&pg.url(&db), &[]);
     let client = pg.client(&db).await;
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
-        .await
-        .unwrap();
+    create_twin_slot(&client).await;
     let mut a = RelayProcess::start(
         &pg.url(&db),
         &broker.bootstrap(),
@@ -415,10 +412,7 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
     let db = pg.create_database("netcut").await;
     setup(&pg.url(&db), &[]);
     let client = pg.client(&db).await;
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
-        .await
-        .unwrap();
+    create_twin_slot(&client).await;
     let pg_proxy = Proxy::start(pg.port).await;
     let kafka_proxy = Proxy::start_on(broker_proxy_port, broker.port).await;
     let url = format!(
@@ -503,10 +497,7 @@ async fn chaos_kills_and_restarts_lose_nothing_and_keep_per_key_order() {
     let db = pg.create_database("chaos").await;
     setup(&pg.url(&db), &[]);
     let admin = pg.client(&db).await;
-    admin
-        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
-        .await
-        .unwrap();
+    create_twin_slot(&admin).await;
     let url = pg.url(&db);
     let start = |b: &Broker| {
         RelayProcess::start(

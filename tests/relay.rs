@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use support::kafka::{Broker, Record};
 use support::relay::RelayProcess;
-use support::workload::{commit_order, confirmed_flush_lsn, setup};
+use support::workload::{commit_order, confirmed_flush_lsn, create_twin_slot, setup};
 use support::{PgCluster, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -229,10 +229,7 @@ async fn concurrent_writers_keep_per_aggregate_commit_order_in_kafka() {
     let db = pg.create_database("order").await;
     setup(&pg.url(&db), &[]);
     let client = pg.client(&db).await;
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
-        .await
-        .unwrap();
+    create_twin_slot(&client).await;
     let mut relay = RelayProcess::start(
         &pg.url(&db),
         &broker.bootstrap(),
@@ -294,10 +291,7 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events(
     let db = pg.create_database("crash").await;
     setup(&pg.url(&db), &[]);
     let client = pg.client(&db).await;
-    client
-        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
-        .await
-        .unwrap();
+    create_twin_slot(&client).await;
     let url = pg.url(&db);
     let start =
         |b: &Broker| RelayProcess::start(&url, &b.bootstrap(), &["--max-in-flight-events", "500"]);

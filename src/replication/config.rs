@@ -286,6 +286,31 @@ impl ConnectionConfig {
     }
 }
 
+/// An ordinary SQL connection that reconnects on first use after it broke,
+/// for background tasks (slot monitor, heartbeat) that must outlive
+/// database restarts.
+pub struct SqlSession {
+    config: ConnectionConfig,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl SqlSession {
+    pub fn new(config: ConnectionConfig) -> Self {
+        SqlSession {
+            config,
+            client: None,
+        }
+    }
+
+    /// The connected client, connecting first if there is none or it closed.
+    pub async fn client(&mut self) -> Result<&tokio_postgres::Client, SqlConnectError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(self.config.connect_sql().await?);
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+}
+
 /// Why an ordinary SQL connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum SqlConnectError {

@@ -35,6 +35,15 @@ pub async fn confirmed_flush_lsn(client: &tokio_postgres::Client, slot: &str) ->
         .get(0)
 }
 
+/// Creates the slot `twin` beside the relay's, so `commit_order` can read
+/// the same changes as ground truth.
+pub async fn create_twin_slot(client: &tokio_postgres::Client) {
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('twin', 'pgoutput')")
+        .await
+        .unwrap();
+}
+
 /// Reads a twin slot with walrelay's own decoder and returns, in commit
 /// order, every outbox insert as (id, aggregate_id, commit end LSN).
 pub async fn commit_order(
