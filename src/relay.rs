@@ -171,6 +171,8 @@ async fn run_relay(
     let mut attempt: u32 = 0;
     let mut fatal = relay.status.fatal();
     loop {
+        let session_started = Instant::now();
+        let confirmed_before = relay.tracker.confirmed();
         let result = tokio::select! {
             result = relay.session(&mut shutdown) => result,
             _ = fatal.changed() => Err(RelayError::Fatal(fatal.borrow().clone().unwrap_or_default())),
@@ -192,6 +194,14 @@ async fn run_relay(
             relay.config.standby_retry
         } else {
             relay.status.set_role(Role::Starting);
+            // A session that made progress (or lasted) starts the count of
+            // failed attempts afresh; one that failed on the same change
+            // again counts towards giving up on a permanent error.
+            if relay.tracker.confirmed() > confirmed_before
+                || session_started.elapsed() > HEALTHY_SESSION
+            {
+                attempt = 0;
+            }
             attempt += 1;
             if matches!(err, RelayError::Fatal(_))
                 || (!err.is_transient() && attempt >= relay.config.permanent_error_attempts)
@@ -221,11 +231,11 @@ async fn run_relay(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        if relay.status.take_streamed() {
-            attempt = 0;
-        }
     }
 }
+
+/// A session that streamed this long counts as healthy for the retry count.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 
 /// Shortest time between two status updates sent because the watermark
 /// moved (the periodic update and replies to the server are not held back).
@@ -529,7 +539,13 @@ impl Relay {
         self.in_flight_events += 1;
         self.in_flight_bytes += ticket.bytes;
         self.update_in_flight_gauges();
-        self.produce(record, ticket, Some(stream)).await
+        let result = self.produce(record, ticket, Some(stream)).await;
+        if result.is_err() {
+            // The producer never took it: it is not in flight. (The session
+            // ends with this error; the transaction is streamed again.)
+            self.release(ticket);
+        }
+        result
     }
 
     /// Hands a record to the producer, waiting out a full queue or an

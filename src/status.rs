@@ -25,9 +25,6 @@ pub struct RelayStatus {
     /// A condition that ends the relay (set by the monitor, e.g. an outbox
     /// table was dropped).
     fatal: tokio::sync::watch::Sender<Option<String>>,
-    /// Set when a session started streaming; taken by the reconnect loop to
-    /// reset its attempt counter.
-    streamed: AtomicBool,
     confirmed: AtomicU64,
     last_ack_unix_micros: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -45,7 +42,6 @@ impl Default for RelayStatus {
             connected: AtomicBool::new(false),
             role: Mutex::new(Role::Starting),
             fatal: tokio::sync::watch::channel(None).0,
-            streamed: AtomicBool::new(false),
             confirmed: AtomicU64::new(0),
             last_ack_unix_micros: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -66,7 +62,6 @@ impl RelayStatus {
     pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
         if connected {
-            self.streamed.store(true, Ordering::Relaxed);
             self.set_role(Role::Active);
         }
     }
@@ -91,11 +86,6 @@ impl RelayStatus {
 
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
-    }
-
-    /// Whether a session streamed since the last call.
-    pub fn take_streamed(&self) -> bool {
-        self.streamed.swap(false, Ordering::Relaxed)
     }
 
     pub fn set_confirmed(&self, lsn: Lsn) {

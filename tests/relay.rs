@@ -679,3 +679,79 @@ async fn unroutable_rows_and_oversize_records_go_to_the_dead_letter_topic_and_th
     );
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_create_topics_a_missing_topic_stops_the_relay_naming_it() {
+    let pg = PgCluster::start();
+    let broker = Broker::start();
+    let db = pg.create_database("notopics").await;
+    setup(&pg.url(&db), &[]);
+    let mut relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &["--no-create-topics"]);
+    pg.client(&db)
+        .await
+        .batch_execute("INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('missing', 'k', 'E')")
+        .await
+        .unwrap();
+    let status = relay.wait(Duration::from_secs(60)).await;
+    let log = relay.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("topic \"outbox.event.missing\" does not exist and --no-create-topics is set"),
+        "{log}"
+    );
+    // Nothing was confirmed past the event.
+    let client = pg.client(&db).await;
+    let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
+        .await
+        .parse()
+        .unwrap();
+    let now: walrelay::lsn::Lsn = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    assert!(confirmed < now);
+}
+
+#[test]
+fn bad_options_exit_with_code_2_and_name_the_option() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .args([
+                "run",
+                "--pg-url",
+                "postgres://u@127.0.0.1:1/db",
+                "--brokers",
+                "127.0.0.1:1",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, expected) in [
+        (
+            &["--topic-template", "outbox.{nope}"][..],
+            "--topic-template",
+        ),
+        (&["-X", "acks=1"][..], "acks must stay all"),
+        (&["-X", "novalue"][..], "expected KEY=VALUE"),
+        (&["--header-column", ":x"][..], "--header-column"),
+        (&["--table", "a.b.c"][..], "--table"),
+        (&["--status-interval", "soon"][..], "status-interval"),
+        (&["--http-addr", "nowhere"][..], "--http-addr"),
+        (
+            &["--dead-letter-topic", "bad topic"][..],
+            "--dead-letter-topic",
+        ),
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

@@ -33,7 +33,10 @@ impl RelayProcess {
             ])
             .args(["--status-interval", "200ms"])
             .args(args)
-            .env("WALRELAY_LOG", "info,walrelay=debug")
+            .env(
+                "WALRELAY_LOG",
+                std::env::var("WALRELAY_TEST_LOG").unwrap_or_else(|_| "info,walrelay=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
             .kill_on_drop(true)
