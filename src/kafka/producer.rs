@@ -275,16 +275,6 @@ impl KafkaSink {
         }
     }
 
-    /// Records queued or in flight inside librdkafka.
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
-    }
-
-    /// Waits up to `timeout` for every queued record to be delivered.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
-    }
-
     /// A handle for metadata requests through this producer.
     pub fn probe(&self) -> MetadataProbe {
         MetadataProbe {
