@@ -210,3 +210,74 @@ fn passwords_never_appear_in_help_or_configuration_errors() {
     assert!(stderr.contains("sslmode"), "{stderr}");
     assert!(!stderr.contains(secret), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_authenticates_the_role_it_names() {
+    let good = pki("walrelay test CA");
+    // A client certificate for role `certuser`, signed by the same CA.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "client CA");
+    let client_ca = ca.self_signed(&ca_key).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "certuser");
+    let client_cert = client.signed_by(&client_key, &client_ca, &ca_key).unwrap();
+
+    let pg = PgCluster::start_with(PgOptions {
+        tls: Some((good.server_cert_pem.clone(), good.server_key_pem.clone())),
+        client_ca: Some(client_ca.pem()),
+        hba_first: vec![
+            "hostssl all certuser 127.0.0.1/32 cert".into(),
+            "hostssl replication certuser 127.0.0.1/32 cert".into(),
+        ],
+        ..Default::default()
+    });
+    pg.client("postgres")
+        .await
+        .batch_execute("CREATE ROLE certuser LOGIN REPLICATION")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("client.pem"),
+        dir.path().join("client.key"),
+    );
+    std::fs::write(&ca, &good.ca_pem).unwrap();
+    std::fs::write(&cert, client_cert.pem()).unwrap();
+    std::fs::write(&key, client_key.serialize_pem()).unwrap();
+    let base = format!(
+        "postgres://certuser@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        ca.display()
+    );
+    let with_cert = format!("{base}&sslcert={}&sslkey={}", cert.display(), key.display());
+    let mut conn = connect(&with_cert)
+        .await
+        .expect("the certificate authenticates certuser");
+    conn.identify_system().await.unwrap();
+    let sql = ConnectionConfig::from_url(&with_cert)
+        .unwrap()
+        .connect_sql()
+        .await
+        .unwrap();
+    let user: String = sql
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "certuser");
+    // Without the certificate the server refuses the role.
+    let err = connect(&base)
+        .await
+        .err()
+        .expect("no certificate, no login");
+    assert!(
+        err.sqlstate() == Some("28000") || matches!(err, ReplicationError::Tls { .. }),
+        "{err}"
+    );
+}

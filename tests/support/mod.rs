@@ -95,6 +95,10 @@ pub struct PgOptions {
     pub extra_conf: Vec<String>,
     /// Server certificate and key (PEM): the cluster starts with ssl = on.
     pub tls: Option<(String, String)>,
+    /// A CA (PEM) whose client certificates the server accepts (ssl_ca_file).
+    pub client_ca: Option<String>,
+    /// pg_hba.conf lines placed before the harness's own.
+    pub hba_first: Vec<String>,
 }
 
 impl Default for PgOptions {
@@ -104,6 +108,8 @@ impl Default for PgOptions {
             wal_sender_timeout: "60s",
             extra_conf: Vec::new(),
             tls: None,
+            client_ca: None,
+            hba_first: Vec::new(),
         }
     }
 }
@@ -179,6 +185,14 @@ impl PgCluster {
                     chown(&path, Some(uid), Some(gid)).unwrap();
                 }
             }
+            if let Some(ca) = &options.client_ca {
+                let path = cluster.data_dir().join("client-ca.crt");
+                std::fs::write(&path, ca).unwrap();
+                if let Some((uid, gid)) = cluster.user {
+                    chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+                conf.push("ssl_ca_file = 'client-ca.crt'".into());
+            }
             conf.push("ssl = on".into());
             conf.push("ssl_cert_file = 'server.crt'".into());
             conf.push("ssl_key_file = 'server.key'".into());
@@ -199,6 +213,7 @@ host replication +walrelay_cleartext 127.0.0.1/32 password
 host all all 127.0.0.1/32 md5
 host replication all 127.0.0.1/32 md5
 ";
+        let hba = format!("{}\n{hba}", options.hba_first.join("\n"));
         std::fs::write(cluster.data_dir().join("pg_hba.conf"), hba).unwrap();
         cluster.pg_ctl_start();
         cluster
