@@ -2,20 +2,18 @@
 //! subcommands. Every option also reads an environment variable.
 
 use std::process::ExitCode;
-
-use clap::{Args, Parser, Subcommand};
-use tokio::sync::watch;
-
-use std::sync::Arc;
 use std::time::Duration;
 
+use clap::{Args, Parser, Subcommand};
+
+use crate::commands;
+use crate::commands::setup::SetupOptions;
 use crate::kafka::ProducerSettings;
 use crate::relay::RelayConfig;
 use crate::replication::ConnectionConfig;
 use crate::replication::config::redact_url;
 use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
-use crate::setup::SetupOptions;
-use crate::status::RelayStatus;
+use crate::sql;
 
 /// Streams transactional-outbox events from PostgreSQL to Kafka through
 /// logical replication.
@@ -289,9 +287,7 @@ impl RunArgs {
             brokers: self.brokers.clone(),
             overrides,
         };
-        producer
-            .client_config()
-            .map_err(|e| UsageError(format!("-X: {e}")))?;
+        producer.validate().map_err(UsageError)?;
         if self.message_prefix.is_empty() {
             return Err(UsageError("--message-prefix must not be empty".into()));
         }
@@ -415,44 +411,17 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
-            let config = args.relay_config()?;
-            let addr: std::net::SocketAddr = args.http_addr.parse().map_err(|_| {
-                UsageError(format!(
-                    "--http-addr {:?}: expected host:port, such as 127.0.0.1:9187",
-                    args.http_addr
-                ))
-            })?;
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                UsageError(format!(
-                    "--http-addr {addr}: cannot listen ({e}); choose a free port"
-                ))
-            })?;
-            let status = Arc::new(RelayStatus::new());
-            let metrics = crate::http::install_metrics()?;
-            crate::http::spawn(
+            let relay = args.relay_config()?;
+            let listener = commands::run::listen(&args.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::run::run(commands::run::RunOptions {
+                relay,
                 listener,
-                metrics,
-                Arc::clone(&status),
-                config.producer.clone(),
-                config.slot.clone(),
-            )?;
-            ensure_slot(&config, args.create_slot).await?;
-            crate::monitor::spawn(
-                config.pg.clone(),
-                config.slot.clone(),
-                config.publication.clone(),
-                config.router.tables.clone(),
-                Arc::clone(&status),
-            );
-            if !args.heartbeat_interval.is_zero() {
-                crate::heartbeat::spawn(
-                    config.pg.clone(),
-                    config.heartbeat_prefix.clone(),
-                    args.heartbeat_interval,
-                );
-            }
-            let shutdown = shutdown_signal();
-            crate::relay::run(config, shutdown, status).await?;
+                create_slot: args.create_slot,
+                heartbeat_interval: args.heartbeat_interval,
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Setup(args) => {
@@ -463,23 +432,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 publication: args.outbox.publication.clone(),
                 slot: args.outbox.slot.clone(),
             };
-            let client = control_connection(&config).await?;
-            for line in crate::setup::setup(&client, &options).await? {
+            let client = sql::connect(&config).await?;
+            for line in commands::setup::setup(&client, &options).await? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => {
             let config = args.pg.connection_config()?;
-            let options = crate::check::CheckOptions {
+            let options = commands::check::CheckOptions {
                 tables: args.outbox.tables()?,
                 columns: args.outbox.columns(),
                 publication: args.outbox.publication.clone(),
                 slot: args.outbox.slot.clone(),
             };
-            let client = control_connection(&config).await?;
-            let findings = crate::check::check(&client, &options).await?;
-            let failed = crate::check::print(&findings);
+            let client = sql::connect(&config).await?;
+            let findings = commands::check::check(&client, &options).await?;
+            let failed = commands::check::print(&findings);
             Ok(if failed {
                 ExitCode::from(1)
             } else {
@@ -488,96 +457,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => {
             let config = args.pg.connection_config()?;
-            let client = control_connection(&config).await?;
-            crate::status_command::run(&client, args.slot.as_deref(), args.json, args.watch)
-                .await?;
+            let client = sql::connect(&config).await?;
+            commands::status::run(&client, args.slot.as_deref(), args.json, args.watch).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tail(args) => {
             let config = args.pg.connection_config()?;
-            let options = crate::tail::TailOptions {
+            let options = commands::tail::TailOptions {
                 publications: args.publications,
                 proto_version: args.proto_version,
             };
-            let shutdown = shutdown_signal();
+            let shutdown = commands::shutdown_signal();
             let mut stdout = std::io::stdout();
-            crate::tail::tail(&config, &options, &mut stdout, shutdown).await?;
+            commands::tail::tail(&config, &options, &mut stdout, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// An ordinary SQL connection (tokio-postgres) with the same settings.
-pub async fn control_connection(
-    config: &ConnectionConfig,
-) -> anyhow::Result<tokio_postgres::Client> {
-    let client = config.connect_sql().await.map_err(|e| {
-        anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", config.address())
-    })?;
-    Ok(client)
-}
-
-/// A missing slot is an error unless the operator asked to create it: a
-/// slot that vanished means events may have been lost.
-async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
-    let client = control_connection(&config.pg).await?;
-    let exists = client
-        .query_opt(
-            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
-        .await?;
-    match exists {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            if plugin.as_deref() != Some("pgoutput") {
-                anyhow::bail!(
-                    "replication slot {:?} uses output plugin {:?}, not pgoutput; drop it or choose another --slot",
-                    config.slot,
-                    plugin.unwrap_or_default()
-                );
-            }
-            Ok(())
-        }
-        None if create => {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&config.slot],
-                )
-                .await?;
-            tracing::info!(slot = %config.slot, "created replication slot");
-            Ok(())
-        }
-        None => anyhow::bail!(
-            "replication slot {:?} does not exist: run `walrelay setup` (or pass --create-slot). If it existed before, someone dropped it and events written meanwhile were not relayed",
-            config.slot
-        ),
-    }
-}
-
-/// A receiver that turns true on SIGINT or SIGTERM.
-pub fn shutdown_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term_recv = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term_recv => {}
-        }
-        tracing::info!("shutdown requested");
-        let _ = tx.send(true);
-    });
-    rx
 }
 
 fn init_tracing() {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::replication::ConnectionConfig;
-use crate::replication::config::SqlSession;
+use crate::sql::SqlSession;
 
 /// The default heartbeat prefix.
 pub const DEFAULT_PREFIX: &str = "walrelay.heartbeat";

@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use serde_json::json;
 
 use crate::kafka::ProducerSettings;
-use crate::status::RelayStatus;
+use crate::live::LiveState;
 
 /// The page, self-contained: no CDN, so it works offline.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -28,7 +28,7 @@ const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
-    status: Arc<RelayStatus>,
+    status: Arc<LiveState>,
     slot: String,
 }
 
@@ -56,7 +56,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 pub fn spawn(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
-    status: Arc<RelayStatus>,
+    status: Arc<LiveState>,
     producer: ProducerSettings,
     slot: String,
 ) -> anyhow::Result<()> {
@@ -153,6 +153,7 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "slot_name": state.slot,
         "slot": s.slot(),
         "streaming": s.connected(),
+        "host": s.host(),
         "role": s.role(),
         "broker_reachable": c.broker_reachable.load(Ordering::Relaxed),
         "confirmed_lsn": s.confirmed().to_string(),

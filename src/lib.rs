@@ -1,21 +1,21 @@
 //! walrelay: transactional-outbox events from PostgreSQL to Kafka through
-//! logical replication.
+//! logical replication. `docs/architecture.md` maps the modules to the
+//! pipeline and says where each guarantee is enforced.
 
-pub mod ack_tracker;
-pub mod check;
+pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod heartbeat;
 pub mod http;
 pub mod kafka;
+pub mod live;
 pub mod lsn;
 pub mod metrics;
 pub mod monitor;
 pub mod pgoutput;
+pub mod record;
 pub mod relation_cache;
 pub mod relay;
 pub mod replication;
 pub mod router;
-pub mod setup;
-pub mod status;
-pub mod status_command;
-pub mod tail;
+pub mod sql;

@@ -10,8 +10,8 @@ use walrelay::lsn::Lsn;
 use walrelay::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder};
 use walrelay::relation_cache::RelationCache;
 use walrelay::replication::{
-    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, StartOptions,
-    StatusPositions,
+    ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
+    StartOptions,
 };
 
 /// One test's database with a table `t`, a publication and a slot.
@@ -95,7 +95,7 @@ impl Fixture {
                         seen_commits += 1;
                         if confirm {
                             stream
-                                .send_status(StatusPositions::all(c.end_lsn), false)
+                                .send_feedback(FeedbackPositions::all(c.end_lsn), false)
                                 .await
                                 .unwrap();
                         }
@@ -107,7 +107,7 @@ impl Fixture {
                     ..
                 }) => {
                     stream
-                        .send_status(StatusPositions::default(), false)
+                        .send_feedback(FeedbackPositions::default(), false)
                         .await
                         .unwrap();
                 }

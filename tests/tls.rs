@@ -65,11 +65,11 @@ async fn verify_full_succeeds_with_the_ca_and_fails_clearly_without_it_or_with_a
         .await
         .expect("verify-full with the CA");
     conn.identify_system().await.unwrap();
-    let sql = ConnectionConfig::from_url(&url("localhost", "verify-full", &ca))
-        .unwrap()
-        .connect_sql()
-        .await
-        .expect("the SQL connection verifies too");
+    let sql = walrelay::sql::connect(
+        &ConnectionConfig::from_url(&url("localhost", "verify-full", &ca)).unwrap(),
+    )
+    .await
+    .expect("the SQL connection verifies too");
     let encrypted: bool = sql
         .query_one(
             "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
@@ -260,9 +260,7 @@ async fn a_client_certificate_authenticates_the_role_it_names() {
         .await
         .expect("the certificate authenticates certuser");
     conn.identify_system().await.unwrap();
-    let sql = ConnectionConfig::from_url(&with_cert)
-        .unwrap()
-        .connect_sql()
+    let sql = walrelay::sql::connect(&ConnectionConfig::from_url(&with_cert).unwrap())
         .await
         .unwrap();
     let user: String = sql

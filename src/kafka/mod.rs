@@ -1,10 +1,9 @@
-//! The Kafka side: a producer whose delivery reports feed the ack tracker,
-//! and topic management.
+//! The Kafka side: the librdkafka client configuration, the producer as a
+//! [`crate::relay::Sink`], and topic preparation.
 
+pub mod config;
 pub mod producer;
 pub mod topics;
 
-pub use producer::{
-    Delivery, DeliveryFailure, EventTicket, KafkaSink, MetadataProbe, ProducerSettings, SendError,
-};
-pub use topics::{TopicError, TopicManager};
+pub use config::ProducerSettings;
+pub use producer::KafkaSink;

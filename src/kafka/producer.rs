@@ -1,75 +1,47 @@
-//! The producer: rdkafka with its bundled librdkafka, idempotent, acks=all.
+//! The producer: rdkafka with its bundled librdkafka, idempotent,
+//! acks=all, as the relay's [`Sink`].
 //!
 //! Each record carries an [`EventTicket`] through librdkafka; the delivery
 //! callback returns it on a channel, and only then does the relay count the
-//! event as acknowledged. A full local queue is backpressure (the caller
-//! waits and retries), never an error. Deliveries that fail for good
-//! (message too large, not authorized) come back with the record so it can
-//! go to the dead-letter topic; others are sent again.
+//! event as acknowledged. librdkafka's errors are classified here, once,
+//! into [`BrokerError`]s; what to do about them is decided in
+//! `relay::error::decide`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
-use crate::ack_tracker::TxnTicket;
-use crate::pgoutput::PgTimestamp;
-use crate::router::KafkaRecord;
+use super::config::ProducerSettings;
+use super::topics::TopicCreator;
+use crate::record::KafkaRecord;
+use crate::relay::{
+    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
+    SendRefused, Sink, TopicError,
+};
 
-/// What travels with a record through librdkafka and back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EventTicket {
-    pub txn: TxnTicket,
-    pub commit_time: PgTimestamp,
-    /// The record's size, released from the in-flight window on delivery.
-    pub bytes: usize,
-    pub dead_letter: bool,
-}
-
-/// A delivery report.
-#[derive(Debug)]
-pub struct Delivery {
-    pub ticket: EventTicket,
-    pub topic: String,
-    pub result: Result<(), DeliveryFailure>,
-}
-
-/// A record the broker did not take, and the record itself.
-#[derive(Debug)]
-pub struct DeliveryFailure {
-    pub error: KafkaError,
-    pub record: KafkaRecord,
-}
-
-impl DeliveryFailure {
-    /// True when sending the same record again cannot succeed.
-    pub fn is_permanent(&self) -> bool {
-        is_permanent(&self.error)
+/// librdkafka's error, classified by what sending again can do.
+pub fn classify(error: &KafkaError) -> BrokerError {
+    use RDKafkaErrorCode as C;
+    let class = match error.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => BrokerErrorClass::TooLarge,
+        Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::InvalidTopic) => {
+            BrokerErrorClass::InvalidRecord
+        }
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
+            BrokerErrorClass::NotAuthorized
+        }
+        _ => BrokerErrorClass::Transient,
+    };
+    BrokerError {
+        class,
+        message: error.to_string(),
     }
-}
-
-/// Errors that no retry can fix: the record must go to the dead letters.
-pub fn is_permanent(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-                | RDKafkaErrorCode::PolicyViolation
-                | RDKafkaErrorCode::InvalidTopic
-        )
-    )
 }
 
 struct DeliveryContext {
@@ -96,7 +68,7 @@ impl ProducerContext for DeliveryContext {
                 ticket: *ticket,
                 topic: message.topic().to_owned(),
                 result: Err(DeliveryFailure {
-                    error: error.clone(),
+                    error: classify(error),
                     record: KafkaRecord {
                         topic: message.topic().to_owned(),
                         key: message.key().map(Bytes::copy_from_slice),
@@ -125,129 +97,56 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
-/// Producer settings: the brokers and librdkafka options.
-#[derive(Clone, Debug)]
-pub struct ProducerSettings {
-    pub brokers: String,
-    /// `-X key=value` options, applied over walrelay's defaults.
-    pub overrides: Vec<(String, String)>,
-}
-
-impl ProducerSettings {
-    /// The librdkafka configuration: walrelay's defaults, then the user's
-    /// overrides, except the two that the delivery guarantee rests on.
-    pub fn client_config(&self) -> Result<ClientConfig, String> {
-        let mut options: BTreeMap<String, String> = [
-            ("bootstrap.servers", self.brokers.as_str()),
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("compression.type", "lz4"),
-            // Java clients' partitioner, so keys land where theirs do.
-            ("partitioner", "murmur2_random"),
-            // Never give up on a record: a broker outage of any length is
-            // waited out; the in-flight window bounds what waits.
-            ("message.timeout.ms", "0"),
-            ("linger.ms", "5"),
-            ("batch.num.messages", "10000"),
-            ("queue.buffering.max.messages", "1000000"),
-            ("queue.buffering.max.kbytes", "1048576"),
-            ("message.max.bytes", "1000000"),
-            ("client.id", "walrelay"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        for (key, value) in &self.overrides {
-            match (key.as_str(), value.as_str()) {
-                ("enable.idempotence", v) if v != "true" => {
-                    return Err("-X enable.idempotence must stay true: without it a broker failover duplicates or reorders events".into());
-                }
-                ("acks", v) if v != "all" && v != "-1" => {
-                    return Err("-X acks must stay all: with fewer acknowledgements a broker crash loses events that were already confirmed to PostgreSQL".into());
-                }
-                ("bootstrap.servers", _) => {
-                    return Err("set the brokers with --brokers, not -X bootstrap.servers".into());
-                }
-                _ => {
-                    options.insert(key.clone(), value.clone());
-                }
-            }
-        }
-        let mut config = ClientConfig::new();
-        for (k, v) in options {
-            config.set(k, v);
-        }
-        Ok(config)
-    }
-}
-
-/// Why a record was not queued.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// The local queue is full: wait for deliveries, then try again.
-    #[error("the producer queue is full")]
-    QueueFull(Box<KafkaRecord>),
-    /// librdkafka refused the record itself (too large, say).
-    #[error("the producer refused the record: {error}")]
-    Refused {
-        error: KafkaError,
-        record: Box<KafkaRecord>,
-    },
-}
-
-/// The producer, and the stream of its delivery reports.
+/// The producer, its delivery reports, and topic preparation.
 pub struct KafkaSink {
     producer: Arc<ThreadedProducer<DeliveryContext>>,
-}
-
-/// A handle for the producer's blocking metadata requests, which run on
-/// blocking threads. Metadata fetched through the producer itself warms its
-/// cache, so the first record to a topic does not wait for a lookup.
-#[derive(Clone)]
-pub struct MetadataProbe {
-    producer: Arc<ThreadedProducer<DeliveryContext>>,
-}
-
-impl MetadataProbe {
-    /// Whether `topic` exists with at least one partition (blocking).
-    pub fn topic_exists(&self, topic: &str, timeout: Duration) -> Result<bool, KafkaError> {
-        let metadata = self
-            .producer
-            .client()
-            .fetch_metadata(Some(topic), timeout)?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
-    }
-
-    /// Connects to the cluster (blocking); true when a broker answered.
-    pub fn connect(&self, timeout: Duration) -> bool {
-        self.producer.client().fetch_metadata(None, timeout).is_ok()
-    }
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    topics: Arc<TopicCreator>,
 }
 
 impl KafkaSink {
-    /// Creates the producer. Delivery reports arrive on the returned channel.
+    /// Creates the producer (nothing connects yet).
     pub fn new(
         settings: &ProducerSettings,
-    ) -> Result<(Self, mpsc::UnboundedReceiver<Delivery>), KafkaError> {
+        create_topics: bool,
+        topic_partitions: i32,
+        topic_replication_factor: i32,
+    ) -> Result<Self, KafkaError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let config = settings
             .client_config()
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let producer: ThreadedProducer<DeliveryContext> =
             config.create_with_context(DeliveryContext { deliveries: tx })?;
-        Ok((
-            KafkaSink {
-                producer: Arc::new(producer),
-            },
-            rx,
-        ))
+        let producer = Arc::new(producer);
+        let topics = TopicCreator::new(
+            &config,
+            Arc::clone(&producer),
+            create_topics,
+            topic_partitions,
+            topic_replication_factor,
+        )?;
+        Ok(KafkaSink {
+            producer,
+            deliveries: rx,
+            topics: Arc::new(topics),
+        })
     }
 
-    /// Queues one record. Its delivery report comes back with `ticket`.
-    pub fn send(&self, record: KafkaRecord, ticket: EventTicket) -> Result<(), SendError> {
+    /// A handle for connecting from a blocking task.
+    pub fn connector(&self) -> impl FnOnce(Duration) -> bool + Send + 'static {
+        let producer = Arc::clone(&self.producer);
+        move |timeout| producer.client().fetch_metadata(None, timeout).is_ok()
+    }
+}
+
+impl Sink for KafkaSink {
+    fn send(
+        &mut self,
+        record: KafkaRecord,
+        partition: Option<i32>,
+        ticket: EventTicket,
+    ) -> Result<(), SendRefused> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -257,29 +156,36 @@ impl KafkaSink {
         }
         let mut base: BaseRecord<'_, [u8], [u8], Box<EventTicket>> =
             BaseRecord::with_opaque_to(&record.topic, Box::new(ticket)).headers(headers);
+        if let Some(partition) = partition {
+            base = base.partition(partition);
+        }
         if let Some(key) = &record.key {
             base = base.key(key.as_ref());
         }
         if let Some(value) = &record.value {
             base = base.payload(value.as_ref());
         }
-        match self.producer.send(base) {
+        let result = self.producer.send(base).map_err(|(error, _)| error);
+        match result {
             Ok(()) => Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(SendError::QueueFull(Box::new(record)))
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                Err(SendRefused::QueueFull(Box::new(record)))
             }
-            Err((error, _)) => Err(SendError::Refused {
-                error,
+            Err(error) => Err(SendRefused::Rejected {
+                error: classify(&error),
                 record: Box::new(record),
             }),
         }
     }
 
-    /// A handle for metadata requests through this producer.
-    pub fn probe(&self) -> MetadataProbe {
-        MetadataProbe {
-            producer: Arc::clone(&self.producer),
-        }
+    fn deliveries(&mut self) -> &mut mpsc::UnboundedReceiver<Delivery> {
+        &mut self.deliveries
+    }
+
+    fn prepare_topic(&self, topic: &str) -> LocalBoxFuture<Result<i32, TopicError>> {
+        let topics = Arc::clone(&self.topics);
+        let topic = topic.to_owned();
+        Box::pin(async move { topics.prepare(&topic).await })
     }
 }
 
@@ -287,60 +193,24 @@ impl KafkaSink {
 mod tests {
     use super::*;
 
-    fn settings(overrides: &[(&str, &str)]) -> ProducerSettings {
-        ProducerSettings {
-            brokers: "127.0.0.1:9092".into(),
-            overrides: overrides
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
     #[test]
-    fn defaults_are_idempotent_acks_all_lz4_murmur2() {
-        let config = settings(&[]).client_config().unwrap();
-        assert_eq!(config.get("enable.idempotence"), Some("true"));
-        assert_eq!(config.get("acks"), Some("all"));
-        assert_eq!(config.get("compression.type"), Some("lz4"));
-        assert_eq!(config.get("partitioner"), Some("murmur2_random"));
-        assert_eq!(config.get("message.timeout.ms"), Some("0"));
-    }
-
-    #[test]
-    fn overrides_apply_but_never_weaken_the_guarantee() {
-        let config = settings(&[("linger.ms", "20"), ("security.protocol", "SASL_SSL")])
-            .client_config()
-            .unwrap();
-        assert_eq!(config.get("linger.ms"), Some("20"));
-        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
-        assert!(
-            settings(&[("acks", "1")])
-                .client_config()
-                .unwrap_err()
-                .contains("acks must stay all")
+    fn size_and_authorization_errors_are_classified_others_are_transient() {
+        let class = |code| classify(&KafkaError::MessageProduction(code)).class;
+        assert_eq!(
+            class(RDKafkaErrorCode::MessageSizeTooLarge),
+            BrokerErrorClass::TooLarge
         );
-        assert!(
-            settings(&[("enable.idempotence", "false")])
-                .client_config()
-                .is_err()
+        assert_eq!(
+            class(RDKafkaErrorCode::TopicAuthorizationFailed),
+            BrokerErrorClass::NotAuthorized
         );
-        assert!(settings(&[("acks", "-1")]).client_config().is_ok());
-    }
-
-    #[test]
-    fn size_and_authorization_errors_are_permanent_others_are_not() {
-        assert!(is_permanent(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageSizeTooLarge
-        )));
-        assert!(is_permanent(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::TopicAuthorizationFailed
-        )));
-        assert!(!is_permanent(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageTimedOut
-        )));
-        assert!(!is_permanent(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::BrokerTransportFailure
-        )));
+        assert_eq!(
+            class(RDKafkaErrorCode::MessageTimedOut),
+            BrokerErrorClass::Transient
+        );
+        assert_eq!(
+            class(RDKafkaErrorCode::BrokerTransportFailure),
+            BrokerErrorClass::Transient
+        );
     }
 }

@@ -1,8 +1,7 @@
 //! Topics: walrelay makes sure a topic exists before producing to it
 //! (brokers such as tansu, and many production clusters, do not create
-//! topics on first use).
+//! topics on first use), and learns its partition count.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,83 +9,90 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{Producer, ThreadedProducer};
 
-use super::producer::MetadataProbe;
+use crate::relay::TopicError;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TopicError {
-    #[error(
-        "topic {0:?} does not exist and --no-create-topics is set: create it, or drop --no-create-topics"
-    )]
-    Missing(String),
-    #[error("cannot create topic {topic:?}: {source}")]
-    Create {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
-    #[error("cannot read metadata for topic {topic:?} (is the broker reachable?): {source}")]
-    Metadata {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
-}
+/// How long one metadata request may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Knows which topics exist, and creates the missing ones.
-pub struct TopicManager {
-    admin: Arc<AdminClient<DefaultClientContext>>,
-    known: HashSet<String>,
+/// Reads topic metadata through the producer (which warms its cache, so
+/// the first record to a topic does not wait for a lookup) and creates the
+/// missing topics with an admin client.
+pub struct TopicCreator {
+    admin: AdminClient<DefaultClientContext>,
+    metadata: Arc<dyn MetadataSource>,
     create: bool,
     partitions: i32,
     replication_factor: i32,
 }
 
-impl TopicManager {
-    pub fn new(
+/// A client whose metadata requests tell a topic's partition count.
+trait MetadataSource: Send + Sync {
+    /// `Ok(None)` when the topic does not exist (blocking).
+    fn partitions(&self, topic: &str) -> Result<Option<i32>, KafkaError>;
+}
+
+impl<C: rdkafka::producer::ProducerContext + 'static> MetadataSource for ThreadedProducer<C> {
+    fn partitions(&self, topic: &str) -> Result<Option<i32>, KafkaError> {
+        let metadata = self
+            .client()
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32))
+    }
+}
+
+impl TopicCreator {
+    pub(super) fn new<C: rdkafka::producer::ProducerContext + 'static>(
         config: &ClientConfig,
+        producer: Arc<ThreadedProducer<C>>,
         create: bool,
         partitions: i32,
         replication_factor: i32,
     ) -> Result<Self, KafkaError> {
-        Ok(TopicManager {
-            admin: Arc::new(config.create()?),
-            known: HashSet::new(),
+        Ok(TopicCreator {
+            admin: config.create()?,
+            metadata: producer,
             create,
             partitions,
             replication_factor,
         })
     }
 
-    /// Makes sure `topic` exists. Cheap after the first call per topic.
-    pub async fn ensure(&mut self, topic: &str, probe: &MetadataProbe) -> Result<(), TopicError> {
-        if self.known.contains(topic) {
-            return Ok(());
+    /// Makes sure `topic` exists and returns its partition count.
+    pub async fn prepare(&self, topic: &str) -> Result<i32, TopicError> {
+        if let Some(partitions) = self.partitions(topic).await? {
+            return Ok(partitions);
         }
-        if !Self::exists(probe, topic).await? {
-            if !self.create {
-                return Err(TopicError::Missing(topic.to_owned()));
-            }
-            self.create_topic(topic).await?;
-            tracing::info!(topic, partitions = self.partitions, "created topic");
-            // Fetch it again through the producer, so its first record does
-            // not wait for a metadata refresh.
-            Self::exists(probe, topic).await?;
+        if !self.create {
+            return Err(TopicError::Missing(topic.to_owned()));
         }
-        self.known.insert(topic.to_owned());
-        Ok(())
+        self.create_topic(topic).await?;
+        tracing::info!(topic, partitions = self.partitions, "created topic");
+        // Fetch it again through the producer, so its first record does
+        // not wait for a metadata refresh.
+        self.partitions(topic)
+            .await?
+            .ok_or_else(|| TopicError::Metadata {
+                topic: topic.to_owned(),
+                reason: "the topic was created but its metadata does not list it yet".into(),
+            })
     }
 
-    async fn exists(probe: &MetadataProbe, topic: &str) -> Result<bool, TopicError> {
-        let probe = probe.clone();
+    async fn partitions(&self, topic: &str) -> Result<Option<i32>, TopicError> {
+        let source = Arc::clone(&self.metadata);
         let name = topic.to_owned();
         // Metadata requests block; keep them off the async threads.
-        tokio::task::spawn_blocking(move || probe.topic_exists(&name, Duration::from_secs(10)))
+        tokio::task::spawn_blocking(move || source.partitions(&name))
             .await
             .expect("metadata task panicked")
-            .map_err(|source| TopicError::Metadata {
+            .map_err(|e| TopicError::Metadata {
                 topic: topic.to_owned(),
-                source,
+                reason: e.to_string(),
             })
     }
 
@@ -97,22 +103,34 @@ impl TopicManager {
             TopicReplication::Fixed(self.replication_factor),
         );
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let create_error = |code: Option<RDKafkaErrorCode>, reason: String| TopicError::Create {
+            topic: topic.to_owned(),
+            reason,
+            permanent: matches!(
+                code,
+                Some(
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed
+                        | RDKafkaErrorCode::InvalidTopic
+                        | RDKafkaErrorCode::PolicyViolation
+                        | RDKafkaErrorCode::InvalidReplicationFactor
+                        | RDKafkaErrorCode::InvalidPartitions
+                )
+            ),
+        };
         let results = self
             .admin
             .create_topics([&new_topic], &options)
             .await
-            .map_err(|source| TopicError::Create {
-                topic: topic.to_owned(),
-                source,
-            })?;
+            .map_err(|e| create_error(e.rdkafka_error_code(), e.to_string()))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((_, code)) => {
-                    return Err(TopicError::Create {
-                        topic: topic.to_owned(),
-                        source: KafkaError::AdminOp(code),
-                    });
+                    return Err(create_error(
+                        Some(code),
+                        KafkaError::AdminOp(code).to_string(),
+                    ));
                 }
             }
         }

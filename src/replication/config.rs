@@ -210,7 +210,7 @@ impl ConnectionConfig {
     }
 
     /// The same settings for tokio-postgres, used by the ordinary SQL
-    /// connection (setup, slot monitoring).
+    /// connection (`crate::sql`).
     pub fn to_tokio_postgres(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         match &self.host {
@@ -245,38 +245,6 @@ impl ConnectionConfig {
         })
     }
 
-    /// An ordinary SQL connection (tokio-postgres) with these settings,
-    /// TLS included; its connection task runs in the background.
-    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
-        let tls = super::tls::client_config(self)?;
-        let config = self.to_tokio_postgres();
-        let client = match tls {
-            Some(tls) => {
-                let (client, connection) = config
-                    .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
-                        (*tls).clone(),
-                    ))
-                    .await?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "SQL connection closed");
-                    }
-                });
-                client
-            }
-            None => {
-                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "SQL connection closed");
-                    }
-                });
-                client
-            }
-        };
-        Ok(client)
-    }
-
     /// Where the server is, for messages: `host:port` or the socket path.
     pub fn address(&self) -> String {
         match &self.host {
@@ -284,40 +252,6 @@ impl ConnectionConfig {
             Host::UnixSocketDir(dir) => format!("{}/.s.PGSQL.{}", dir.display(), self.port),
         }
     }
-}
-
-/// An ordinary SQL connection that reconnects on first use after it broke,
-/// for background tasks (slot monitor, heartbeat) that must outlive
-/// database restarts.
-pub struct SqlSession {
-    config: ConnectionConfig,
-    client: Option<tokio_postgres::Client>,
-}
-
-impl SqlSession {
-    pub fn new(config: ConnectionConfig) -> Self {
-        SqlSession {
-            config,
-            client: None,
-        }
-    }
-
-    /// The connected client, connecting first if there is none or it closed.
-    pub async fn client(&mut self) -> Result<&tokio_postgres::Client, SqlConnectError> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(self.config.connect_sql().await?);
-        }
-        Ok(self.client.as_ref().expect("connected above"))
-    }
-}
-
-/// Why an ordinary SQL connection could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum SqlConnectError {
-    #[error(transparent)]
-    Tls(#[from] super::tls::TlsConfigError),
-    #[error(transparent)]
-    Postgres(#[from] tokio_postgres::Error),
 }
 
 /// The URL with any password replaced, safe to print.

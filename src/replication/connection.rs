@@ -15,6 +15,7 @@ use tokio::net::{TcpStream, UnixStream};
 use super::config::{ConnectionConfig, Host, SslMode};
 use super::error::{ReplicationError, ServerError};
 use super::stream::ReplicationStream;
+use crate::catalog::{quote_ident, quote_literal};
 use crate::lsn::Lsn;
 
 /// Any byte stream to the server (TCP or a Unix socket).
@@ -516,16 +517,6 @@ fn unexpected(phase: &str, message: &backend::Message) -> ReplicationError {
         _ => "another message",
     };
     ReplicationError::Protocol(format!("unexpected {name} during {phase}"))
-}
-
-/// Quotes an identifier for a replication command.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// A CopyData payload ready to send.

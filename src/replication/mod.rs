@@ -27,4 +27,4 @@ pub mod tls;
 pub use config::{ConnectionConfig, Password, SslMode};
 pub use connection::{CreatedSlot, ReplicationConnection, StartOptions, SystemIdentity};
 pub use error::{ReplicationError, ServerError};
-pub use stream::{ReplicationEvent, ReplicationStream, StatusPositions};
+pub use stream::{FeedbackPositions, ReplicationEvent, ReplicationStream};

@@ -28,18 +28,19 @@ pub enum ReplicationEvent {
     },
 }
 
-/// Positions reported to the server in a standby status update.
+/// Positions reported to the server in a standby status update (the
+/// "feedback" of the protocol).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StatusPositions {
+pub struct FeedbackPositions {
     pub written: Lsn,
     pub flushed: Lsn,
     pub applied: Lsn,
 }
 
-impl StatusPositions {
+impl FeedbackPositions {
     /// Everything up to `lsn` is durably handled.
     pub fn all(lsn: Lsn) -> Self {
-        StatusPositions {
+        FeedbackPositions {
             written: lsn,
             flushed: lsn,
             applied: lsn,
@@ -102,9 +103,9 @@ impl ReplicationStream {
 
     /// Sends a standby status update. Positions are "handled up to here": the
     /// server may recycle WAL before `flushed` and will restart decoding there.
-    pub async fn send_status(
+    pub async fn send_feedback(
         &mut self,
-        positions: StatusPositions,
+        positions: FeedbackPositions,
         reply_requested: bool,
     ) -> Result<(), ReplicationError> {
         let mut payload = BytesMut::with_capacity(34);

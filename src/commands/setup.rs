@@ -2,10 +2,9 @@
 //! if they are missing. Idempotent: run twice, the second run changes
 //! nothing and says so.
 
-use tokio_postgres::Client;
-
-use crate::replication::connection::quote_ident;
+use crate::catalog::{self, qualified, quote_ident};
 use crate::router::OutboxColumns;
+use crate::sql::{SqlClient as Client, SqlError};
 
 /// What setup needs.
 #[derive(Clone, Debug)]
@@ -18,8 +17,8 @@ pub struct SetupOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("PostgreSQL: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Postgres(#[from] SqlError),
     #[error(
         "replication slot {slot:?} exists but uses output plugin {plugin:?}; walrelay needs pgoutput: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot"
     )]
@@ -34,12 +33,7 @@ pub enum SetupError {
 pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String>, SetupError> {
     let mut report = Vec::new();
     for (schema, table) in &options.tables {
-        let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .await?
-            .get(0);
-        if exists {
+        if catalog::table_exists(client, schema, table).await? {
             report.push(format!("table {schema}.{table} exists"));
         } else {
             client
@@ -49,20 +43,13 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
         }
     }
 
-    let publication_exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&options.publication],
-        )
-        .await?
-        .get(0);
     let table_list = options
         .tables
         .iter()
-        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .map(|(s, t)| qualified(s, t))
         .collect::<Vec<_>>()
         .join(", ");
-    if !publication_exists {
+    if !catalog::publication_exists(client, &options.publication).await? {
         client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {} FOR TABLE {table_list}",
@@ -77,20 +64,12 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
     } else {
         let mut added = Vec::new();
         for (schema, table) in &options.tables {
-            let covered: bool = client
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
-                    &[&options.publication, schema, table],
-                )
-                .await?
-                .get(0);
-            if !covered {
+            if !catalog::publication_covers(client, &options.publication, schema, table).await? {
                 client
                     .batch_execute(&format!(
-                        "ALTER PUBLICATION {} ADD TABLE {}.{}",
+                        "ALTER PUBLICATION {} ADD TABLE {}",
                         quote_ident(&options.publication),
-                        quote_ident(schema),
-                        quote_ident(table)
+                        qualified(schema, table)
                     ))
                     .await?;
                 added.push(format!("{schema}.{table}"));
@@ -111,45 +90,25 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
         }
     }
 
-    let slot = client
-        .query_opt(
-            "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&options.slot],
-        )
-        .await?;
-    match slot {
+    match catalog::slot(client, &options.slot).await? {
         None => {
-            let row = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&options.slot],
-                )
-                .await?;
-            let lsn: String = row.get(0);
+            let lsn = catalog::create_logical_slot(client, &options.slot).await?;
             report.push(format!(
                 "created replication slot {} at {lsn}",
                 options.slot
             ));
         }
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            let database: Option<String> = row.get(1);
-            let plugin = plugin.unwrap_or_default();
-            if plugin != "pgoutput" {
+        Some(slot) => {
+            if slot.plugin != "pgoutput" {
                 return Err(SetupError::WrongPlugin {
                     slot: options.slot.clone(),
-                    plugin,
+                    plugin: slot.plugin,
                 });
             }
-            let current: String = client
-                .query_one("SELECT current_database()::text", &[])
-                .await?
-                .get(0);
-            let database = database.unwrap_or_default();
-            if database != current {
+            if slot.database != catalog::current_database(client).await? {
                 return Err(SetupError::WrongDatabase {
                     slot: options.slot.clone(),
-                    database,
+                    database: slot.database,
                 });
             }
             report.push(format!("replication slot {} exists", options.slot));

@@ -12,8 +12,8 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder, TupleData};
 use crate::relation_cache::RelationCache;
 use crate::replication::{
-    ConnectionConfig, ReplicationConnection, ReplicationError, ReplicationEvent, StartOptions,
-    StatusPositions,
+    ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
+    StartOptions,
 };
 
 /// What `tail` needs to know.
@@ -61,7 +61,7 @@ pub async fn tail(
             }) => {
                 if reply_requested {
                     stream
-                        .send_status(StatusPositions::all(confirmed), false)
+                        .send_feedback(FeedbackPositions::all(confirmed), false)
                         .await?;
                 }
             }
@@ -80,7 +80,7 @@ pub async fn tail(
                 if let LogicalMessage::Commit(commit) = &message {
                     confirmed = commit.end_lsn;
                     stream
-                        .send_status(StatusPositions::all(confirmed), false)
+                        .send_feedback(FeedbackPositions::all(confirmed), false)
                         .await?;
                 }
             }

@@ -1,10 +1,9 @@
 //! `walrelay check`: preflight against a database. Each failed check prints
 //! the SQL or setting that fixes it.
 
-use tokio_postgres::Client;
-
-use crate::replication::connection::{quote_ident, quote_literal};
+use crate::catalog::{self, qualified, quote_ident, quote_literal};
 use crate::router::OutboxColumns;
+use crate::sql::{SqlClient as Client, SqlError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -56,17 +55,9 @@ pub struct CheckOptions {
 }
 
 /// Runs every check.
-pub async fn check(
-    client: &Client,
-    options: &CheckOptions,
-) -> Result<Vec<Finding>, tokio_postgres::Error> {
+pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Finding>, SqlError> {
     let mut findings = Vec::new();
-    let setting = async |name: &str| -> Result<String, tokio_postgres::Error> {
-        Ok(client
-            .query_one("SELECT current_setting($1)", &[&name])
-            .await?
-            .get(0))
-    };
+    let setting = async |name: &str| catalog::setting(client, name).await;
 
     let wal_level = setting("wal_level").await?;
     findings.push(if wal_level == "logical" {
@@ -78,25 +69,16 @@ pub async fn check(
         )
     });
 
-    let slot_row = client
-        .query_opt(
-            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&options.slot],
-        )
-        .await?;
+    let slot = catalog::slot(client, &options.slot).await?;
     let max_slots: i64 = setting("max_replication_slots").await?.parse().unwrap_or(0);
-    let used_slots: i64 = client
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await?
-        .get(0);
-    findings.push(match &slot_row {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            if plugin.as_deref() == Some("pgoutput") {
+    let used_slots = catalog::replication_slot_count(client).await?;
+    findings.push(match &slot {
+        Some(slot) => {
+            if slot.plugin == "pgoutput" {
                 Finding::pass(format!("replication slot {} exists (pgoutput)", options.slot))
             } else {
                 Finding::fail(
-                    format!("replication slot {} uses plugin {:?}, not pgoutput", options.slot, plugin.unwrap_or_default()),
+                    format!("replication slot {} uses plugin {:?}, not pgoutput", options.slot, slot.plugin),
                     format!("SELECT pg_drop_replication_slot({}); then walrelay setup", quote_literal(&options.slot)),
                 )
             }
@@ -115,10 +97,7 @@ pub async fn check(
     });
 
     let max_senders: i64 = setting("max_wal_senders").await?.parse().unwrap_or(0);
-    let used_senders: i64 = client
-        .query_one("SELECT count(*) FROM pg_stat_replication", &[])
-        .await?
-        .get(0);
+    let used_senders = catalog::wal_sender_count(client).await?;
     findings.push(if used_senders < max_senders {
         Finding::pass(format!(
             "WAL senders: {used_senders} of max_wal_senders = {max_senders} in use"
@@ -130,10 +109,7 @@ pub async fn check(
         )
     });
 
-    let role = client
-        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
-        .await?;
-    let (user, can_replicate): (String, bool) = (role.get(0), role.get(1));
+    let (user, can_replicate) = catalog::role_can_replicate(client).await?;
     findings.push(if can_replicate {
         Finding::pass(format!("role {user} may replicate"))
     } else {
@@ -143,13 +119,7 @@ pub async fn check(
         )
     });
 
-    let publication = client
-        .query_opt(
-            "SELECT puballtables, pubinsert FROM pg_publication WHERE pubname = $1",
-            &[&options.publication],
-        )
-        .await?;
-    match publication {
+    match catalog::publication_publishes_inserts(client, &options.publication).await? {
         None => findings.push(Finding::fail(
             format!("publication {} does not exist", options.publication),
             format!(
@@ -158,13 +128,12 @@ pub async fn check(
                 options
                     .tables
                     .iter()
-                    .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+                    .map(|(s, t)| qualified(s, t))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         )),
-        Some(row) => {
-            let publishes_inserts: bool = row.get(1);
+        Some(publishes_inserts) => {
             findings.push(if publishes_inserts {
                 Finding::pass(format!(
                     "publication {} exists and publishes inserts",
@@ -206,28 +175,18 @@ async fn check_table(
     options: &CheckOptions,
     schema: &str,
     table: &str,
-) -> Result<Vec<Finding>, tokio_postgres::Error> {
+) -> Result<Vec<Finding>, SqlError> {
     let name = format!("{schema}.{table}");
-    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let qualified = qualified(schema, table);
     let mut findings = Vec::new();
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
-        .await?
-        .get(0);
-    if !exists {
+    if !catalog::table_exists(client, schema, table).await? {
         findings.push(Finding::fail(
             format!("outbox table {name} does not exist"),
             "walrelay setup (creates the default outbox table)",
         ));
         return Ok(findings);
     }
-    let covered: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
-            &[&options.publication, &schema, &table],
-        )
-        .await?
-        .get(0);
+    let covered = catalog::publication_covers(client, &options.publication, schema, table).await?;
     findings.push(if covered {
         Finding::pass(format!("publication {} covers {name}", options.publication))
     } else {
@@ -239,14 +198,7 @@ async fn check_table(
             ),
         )
     });
-    let rows = client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-             FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&qualified],
-        )
-        .await?;
-    let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let columns = catalog::table_columns(client, schema, table).await?;
     let c = &options.columns;
     let required = [
         (&c.id, "uuid"),
@@ -289,14 +241,7 @@ async fn check_table(
             ));
         }
     }
-    let has_pk: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::text::regclass AND indisprimary)",
-            &[&qualified],
-        )
-        .await?
-        .get(0);
-    findings.push(if has_pk {
+    findings.push(if catalog::has_primary_key(client, schema, table).await? {
         Finding::pass(format!("{name} has a primary key"))
     } else {
         Finding::fail(

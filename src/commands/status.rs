@@ -1,8 +1,8 @@
-//! `walrelay status`: the slots, their lag and retained WAL, for a person
+//! `walrelay status`: the replication slots, their lag and retained WAL, for a person
 //! (a table, optionally refreshed in place) or a script (`--json`).
 
-use crate::monitor::read_slots;
-use crate::status::SlotSnapshot;
+use crate::catalog::{self, SlotSnapshot};
+use crate::sql::SqlClient;
 
 /// Bytes in IEC units: `1.5 MiB`.
 pub fn human_bytes(bytes: i64) -> String {
@@ -66,13 +66,13 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
 
 /// Prints once, or every two seconds with `watch`.
 pub async fn run(
-    client: &tokio_postgres::Client,
+    client: &SqlClient,
     slot: Option<&str>,
     json: bool,
     watch: bool,
 ) -> anyhow::Result<()> {
     loop {
-        let slots = read_slots(client, slot).await?;
+        let slots = catalog::slots(client, slot).await?;
         if json {
             println!("{}", serde_json::to_string_pretty(&slots)?);
         } else {

@@ -1,9 +1,12 @@
 //! The relay's live state, shared with the HTTP endpoints (`/readyz`, the
-//! dashboard): whether it streams, what it confirmed, the last error.
+//! dashboard): whether it streams and from which host, what it confirmed,
+//! the last error. Written by the relay and the slot monitor, read by the
+//! HTTP server; the relay never reads it back to decide anything.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+pub use crate::catalog::SlotSnapshot;
 use crate::lsn::Lsn;
 
 /// What this relay instance is doing with its slot.
@@ -19,12 +22,11 @@ pub enum Role {
 }
 
 #[derive(Debug)]
-pub struct RelayStatus {
+pub struct LiveState {
     connected: AtomicBool,
     role: Mutex<Role>,
-    /// A condition that ends the relay (set by the monitor, e.g. an outbox
-    /// table was dropped).
-    fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The PostgreSQL host streaming, while connected.
+    host: Mutex<Option<String>>,
     confirmed: AtomicU64,
     last_ack_unix_micros: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -36,12 +38,12 @@ pub struct RelayStatus {
     pub history: History,
 }
 
-impl Default for RelayStatus {
+impl Default for LiveState {
     fn default() -> Self {
-        RelayStatus {
+        LiveState {
             connected: AtomicBool::new(false),
             role: Mutex::new(Role::Starting),
-            fatal: tokio::sync::watch::channel(None).0,
+            host: Mutex::new(None),
             confirmed: AtomicU64::new(0),
             last_ack_unix_micros: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -54,7 +56,7 @@ impl Default for RelayStatus {
     }
 }
 
-impl RelayStatus {
+impl LiveState {
     pub fn new() -> Self {
         Self::default()
     }
@@ -74,14 +76,13 @@ impl RelayStatus {
         *self.role.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ends the relay with `reason` (a permanent condition found elsewhere).
-    pub fn set_fatal(&self, reason: String) {
-        self.fatal.send_replace(Some(reason));
+    pub fn set_host(&self, host: Option<String>) {
+        *self.host.lock().unwrap_or_else(|e| e.into_inner()) = host;
     }
 
-    /// Turns to `Some(reason)` when something ends the relay.
-    pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
-        self.fatal.subscribe()
+    /// The PostgreSQL host streaming, while connected.
+    pub fn host(&self) -> Option<String> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn connected(&self) -> bool {
@@ -125,23 +126,6 @@ impl RelayStatus {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
-
-/// One reading of the slot, from `pg_replication_slots` and
-/// `pg_stat_replication`.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct SlotSnapshot {
-    pub slot_name: String,
-    pub active: bool,
-    pub active_pid: Option<i32>,
-    pub wal_status: Option<String>,
-    pub safe_wal_size: Option<i64>,
-    pub lag_bytes: Option<i64>,
-    pub retained_wal_bytes: Option<i64>,
-    pub confirmed_flush_lsn: Option<String>,
-    pub restart_lsn: Option<String>,
-    pub write_lag_seconds: Option<f64>,
-    pub flush_lag_seconds: Option<f64>,
 }
 
 /// A point of the dashboard's history.

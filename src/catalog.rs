@@ -1,0 +1,241 @@
+//! Every catalog query walrelay runs, and identifier quoting. `setup`,
+//! `check`, `status`, the slot monitor and slot creation all ask the same
+//! questions; they ask them here.
+
+use crate::sql::{SqlClient as Client, SqlError};
+
+/// Quotes an identifier (`"my ""table"""`).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `"schema"."table"`.
+pub fn qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+/// Whether a table (or any relation) of that name exists.
+pub async fn table_exists(client: &Client, schema: &str, table: &str) -> Result<bool, SqlError> {
+    Ok(client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&qualified(schema, table)],
+        )
+        .await?
+        .get(0))
+}
+
+pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, SqlError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await?
+        .get(0))
+}
+
+/// Whether the publication publishes inserts; `None` when it does not exist.
+pub async fn publication_publishes_inserts(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<bool>, SqlError> {
+    Ok(client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}
+
+/// Whether the publication covers the table (listed, or FOR ALL TABLES).
+pub async fn publication_covers(
+    client: &Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<bool, SqlError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+            &[&publication, &schema, &table],
+        )
+        .await?
+        .get(0))
+}
+
+/// A replication slot's plugin and database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub plugin: String,
+    pub database: String,
+}
+
+pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, SqlError> {
+    Ok(client
+        .query_opt(
+            "SELECT coalesce(plugin::text, ''), coalesce(database::text, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?
+        .map(|row| SlotInfo {
+            plugin: row.get(0),
+            database: row.get(1),
+        }))
+}
+
+/// Creates a pgoutput slot; returns the LSN it starts at.
+pub async fn create_logical_slot(client: &Client, name: &str) -> Result<String, SqlError> {
+    Ok(client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&name],
+        )
+        .await?
+        .get(0))
+}
+
+pub async fn current_database(client: &Client) -> Result<String, SqlError> {
+    Ok(client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// A server setting, as `SHOW` prints it.
+pub async fn setting(client: &Client, name: &str) -> Result<String, SqlError> {
+    Ok(client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?
+        .get(0))
+}
+
+pub async fn replication_slot_count(client: &Client) -> Result<i64, SqlError> {
+    Ok(client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await?
+        .get(0))
+}
+
+pub async fn wal_sender_count(client: &Client) -> Result<i64, SqlError> {
+    Ok(client
+        .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+        .await?
+        .get(0))
+}
+
+/// The current role, and whether it may replicate.
+pub async fn role_can_replicate(client: &Client) -> Result<(String, bool), SqlError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// A table's columns and their types (`format_type`), in order.
+pub async fn table_columns(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<(String, String)>, SqlError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+             FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&qualified(schema, table)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+pub async fn has_primary_key(client: &Client, schema: &str, table: &str) -> Result<bool, SqlError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::text::regclass AND indisprimary)",
+            &[&qualified(schema, table)],
+        )
+        .await?
+        .get(0))
+}
+
+/// One reading of a slot, from `pg_replication_slots` and
+/// `pg_stat_replication`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SlotSnapshot {
+    pub slot_name: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+    pub lag_bytes: Option<i64>,
+    pub retained_wal_bytes: Option<i64>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    pub write_lag_seconds: Option<f64>,
+    pub flush_lag_seconds: Option<f64>,
+}
+
+/// The query behind the lag metrics and `walrelay status`: one row per
+/// slot (all, or one by name).
+const SLOTS_QUERY: &str = "
+SELECT s.slot_name::text,
+       s.active,
+       s.active_pid,
+       s.wal_status,
+       s.safe_wal_size,
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+          - s.confirmed_flush_lsn)::bigint AS lag_bytes,
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END
+          - s.restart_lsn)::bigint AS retained_wal_bytes,
+       s.confirmed_flush_lsn::text,
+       s.restart_lsn::text,
+       EXTRACT(epoch FROM r.write_lag)::float8,
+       EXTRACT(epoch FROM r.flush_lag)::float8
+FROM pg_replication_slots s
+LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+WHERE $1::text IS NULL OR s.slot_name = $1
+ORDER BY s.slot_name";
+
+/// Reads slots (all when `slot` is `None`).
+pub async fn slots(client: &Client, slot: Option<&str>) -> Result<Vec<SlotSnapshot>, SqlError> {
+    let rows = client.query(SLOTS_QUERY, &[&slot]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| SlotSnapshot {
+            slot_name: r.get(0),
+            active: r.get(1),
+            active_pid: r.get(2),
+            wal_status: r.get(3),
+            safe_wal_size: r.get(4),
+            lag_bytes: r.get(5),
+            retained_wal_bytes: r.get(6),
+            confirmed_flush_lsn: r.get(7),
+            restart_lsn: r.get(8),
+            write_lag_seconds: r.get(9),
+            flush_lag_seconds: r.get(10),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_literals_are_quoted_with_their_quotes_doubled() {
+        assert_eq!(quote_ident("outbox"), "\"outbox\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(qualified("public", "outbox"), "\"public\".\"outbox\"");
+    }
+}

@@ -1,0 +1,91 @@
+//! `walrelay run`: wires the HTTP server, the slot monitor, the heartbeat
+//! and the relay together, and stops them on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::catalog;
+use crate::live::LiveState;
+use crate::monitor::MonitorConfig;
+use crate::relay::RelayConfig;
+use crate::sql;
+
+/// What `run` needs besides the relay's configuration.
+pub struct RunOptions {
+    pub relay: RelayConfig,
+    pub listener: tokio::net::TcpListener,
+    pub create_slot: bool,
+    pub heartbeat_interval: Duration,
+}
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let RunOptions {
+        relay: config,
+        listener,
+        create_slot,
+        heartbeat_interval,
+    } = options;
+    let live = Arc::new(LiveState::new());
+    let metrics = crate::http::install_metrics()?;
+    crate::http::spawn(
+        listener,
+        metrics,
+        Arc::clone(&live),
+        config.producer.clone(),
+        config.slot.clone(),
+    )?;
+    ensure_slot(&config, create_slot).await?;
+    let findings = crate::monitor::spawn(
+        MonitorConfig {
+            pg: config.pg.clone(),
+            slot: config.slot.clone(),
+            publication: config.publication.clone(),
+            tables: config.router.tables.clone(),
+        },
+        Arc::clone(&live),
+    );
+    if !heartbeat_interval.is_zero() {
+        crate::heartbeat::spawn(
+            config.pg.clone(),
+            config.heartbeat_prefix.clone(),
+            heartbeat_interval,
+        );
+    }
+    let shutdown = super::shutdown_signal();
+    crate::relay::run(config, shutdown, live, findings).await?;
+    Ok(())
+}
+
+/// Binds the HTTP address, or says which flag to change.
+pub async fn listen(addr: &str) -> Result<tokio::net::TcpListener, String> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("--http-addr {addr:?}: expected host:port, such as 127.0.0.1:9187"))?;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--http-addr {addr}: cannot listen ({e}); choose a free port"))
+}
+
+/// A missing slot is an error unless the operator asked to create it: a
+/// slot that vanished means events may have been lost.
+async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
+    let client = sql::connect(&config.pg).await?;
+    match catalog::slot(&client, &config.slot).await? {
+        Some(slot) if slot.plugin != "pgoutput" => anyhow::bail!(
+            "replication slot {:?} uses output plugin {:?}, not pgoutput; drop it or choose another --slot",
+            config.slot,
+            slot.plugin
+        ),
+        Some(_) => Ok(()),
+        None if create => {
+            catalog::create_logical_slot(&client, &config.slot).await?;
+            tracing::info!(slot = %config.slot, "created replication slot");
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "replication slot {:?} does not exist: run `walrelay setup` (or pass --create-slot). If it existed before, someone dropped it and events written meanwhile were not relayed",
+            config.slot
+        ),
+    }
+}

@@ -1,0 +1,367 @@
+//! An in-memory broker and a scripted walsender, for testing the relay's
+//! loop in-process with tokio's paused time. The broker keeps a real log
+//! per partition; the test decides when deliveries are acknowledged, which
+//! fail, and which records are too large.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::RelayError;
+use super::session::{Connector, SessionStart, WalStream};
+use super::sink::{
+    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
+    SendRefused, Sink, TopicError,
+};
+use crate::lsn::Lsn;
+use crate::pgoutput::PgTimestamp;
+use crate::record::KafkaRecord;
+use crate::replication::{ReplicationError, ReplicationEvent};
+
+#[derive(Default)]
+struct BrokerState {
+    /// Acknowledged records per (topic, partition), in log order.
+    logs: HashMap<(String, i32), Vec<KafkaRecord>>,
+    /// Records sent and not yet acknowledged, in send order.
+    held: VecDeque<(KafkaRecord, EventTicket)>,
+    paused: bool,
+    /// The next deliveries fail with these errors.
+    fail_next: VecDeque<BrokerError>,
+    /// Records larger than this are refused as too large.
+    max_record_bytes: Option<usize>,
+    /// Every send, in order.
+    sent: usize,
+}
+
+/// The test's handle on the in-memory broker.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    state: Arc<Mutex<BrokerState>>,
+    deliveries: Arc<Mutex<Option<mpsc::UnboundedSender<Delivery>>>>,
+}
+
+impl MemoryBroker {
+    pub fn sink(&self) -> MemorySink {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.deliveries.lock().unwrap() = Some(tx);
+        MemorySink {
+            broker: self.clone(),
+            deliveries: rx,
+        }
+    }
+
+    /// Holds every delivery until `resume` or `release`.
+    pub fn pause(&self) {
+        self.state.lock().unwrap().paused = true;
+    }
+
+    /// Acknowledges everything held, in order, and what comes after.
+    pub fn resume(&self) {
+        self.state.lock().unwrap().paused = false;
+        while !self.state.lock().unwrap().held.is_empty() {
+            self.release(0);
+        }
+    }
+
+    /// Acknowledges (or fails) the `index`-th held record.
+    pub fn release(&self, index: usize) {
+        let mut state = self.state.lock().unwrap();
+        let (record, ticket) = state.held.remove(index).expect("a held record");
+        let result = match state.fail_next.pop_front() {
+            Some(error) => Err(DeliveryFailure {
+                error,
+                record: record.clone(),
+            }),
+            None => match state.max_record_bytes {
+                Some(max) if record.size() > max => Err(DeliveryFailure {
+                    error: BrokerError {
+                        class: BrokerErrorClass::TooLarge,
+                        message: "Broker: Message size too large".into(),
+                    },
+                    record: record.clone(),
+                }),
+                _ => {
+                    state
+                        .logs
+                        .entry((record.topic.clone(), 0))
+                        .or_default()
+                        .push(record.clone());
+                    Ok(())
+                }
+            },
+        };
+        drop(state);
+        let delivery = Delivery {
+            ticket,
+            topic: record.topic,
+            result,
+        };
+        if let Some(tx) = self.deliveries.lock().unwrap().as_ref() {
+            let _ = tx.send(delivery);
+        }
+    }
+
+    pub fn fail_next(&self, error: BrokerError) {
+        self.state.lock().unwrap().fail_next.push_back(error);
+    }
+
+    pub fn refuse_records_over(&self, bytes: usize) {
+        self.state.lock().unwrap().max_record_bytes = Some(bytes);
+    }
+
+    /// Records acknowledged to `topic`.
+    pub fn log(&self, topic: &str) -> Vec<KafkaRecord> {
+        self.state
+            .lock()
+            .unwrap()
+            .logs
+            .get(&(topic.to_owned(), 0))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Records handed to the broker and not yet acknowledged.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().held.len()
+    }
+
+    /// Every send so far (retries included).
+    pub fn sent(&self) -> usize {
+        self.state.lock().unwrap().sent
+    }
+}
+
+pub struct MemorySink {
+    broker: MemoryBroker,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Sink for MemorySink {
+    fn send(
+        &mut self,
+        record: KafkaRecord,
+        _partition: Option<i32>,
+        ticket: EventTicket,
+    ) -> Result<(), SendRefused> {
+        let paused = {
+            let mut state = self.broker.state.lock().unwrap();
+            state.sent += 1;
+            state.held.push_back((record, ticket));
+            state.paused
+        };
+        if !paused {
+            self.broker.release(0);
+        }
+        Ok(())
+    }
+
+    fn deliveries(&mut self) -> &mut mpsc::UnboundedReceiver<Delivery> {
+        &mut self.deliveries
+    }
+
+    fn prepare_topic(&self, _topic: &str) -> LocalBoxFuture<Result<i32, TopicError>> {
+        Box::pin(async { Ok(1) })
+    }
+}
+
+/// A walsender the test scripts: it sends what the test pushes and
+/// records every status update.
+pub struct ScriptedWal {
+    events: mpsc::UnboundedReceiver<ReplicationEvent>,
+    feedback: Arc<Mutex<Vec<(Lsn, Instant)>>>,
+    finished: Arc<Mutex<bool>>,
+}
+
+impl WalStream for ScriptedWal {
+    async fn recv(&mut self) -> Result<Option<ReplicationEvent>, ReplicationError> {
+        Ok(self.events.recv().await)
+    }
+
+    async fn send_feedback(&mut self, flushed: Lsn, _reply: bool) -> Result<(), ReplicationError> {
+        self.feedback
+            .lock()
+            .unwrap()
+            .push((flushed, Instant::now()));
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(), ReplicationError> {
+        *self.finished.lock().unwrap() = true;
+        Ok(())
+    }
+}
+
+/// The test's side of the scripted server.
+#[derive(Clone, Default)]
+pub struct ScriptedServer {
+    sessions: Arc<Mutex<VecDeque<ScriptedWal>>>,
+    /// The start LSN of every connection attempt.
+    pub starts: Arc<Mutex<Vec<Lsn>>>,
+    pub feedback: Arc<Mutex<Vec<(Lsn, Instant)>>>,
+    pub finished: Arc<Mutex<bool>>,
+}
+
+impl ScriptedServer {
+    /// A session the next connection attempt gets; push events into it.
+    pub fn session(&self) -> mpsc::UnboundedSender<ReplicationEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sessions.lock().unwrap().push_back(ScriptedWal {
+            events: rx,
+            feedback: Arc::clone(&self.feedback),
+            finished: Arc::clone(&self.finished),
+        });
+        tx
+    }
+
+    /// The highest LSN reported so far.
+    pub fn confirmed(&self) -> Lsn {
+        self.feedback
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(lsn, _)| *lsn)
+            .max()
+            .unwrap_or(Lsn::ZERO)
+    }
+
+    pub fn connector(&self) -> ScriptedConnector {
+        ScriptedConnector {
+            server: self.clone(),
+        }
+    }
+}
+
+pub struct ScriptedConnector {
+    server: ScriptedServer,
+}
+
+impl Connector for ScriptedConnector {
+    type Stream = ScriptedWal;
+
+    fn connect(
+        &mut self,
+        start: Lsn,
+    ) -> LocalBoxFuture<Result<(ScriptedWal, SessionStart), RelayError>> {
+        self.server.starts.lock().unwrap().push(start);
+        let session = self.server.sessions.lock().unwrap().pop_front();
+        Box::pin(async move {
+            let stream = session.ok_or(ReplicationError::Closed)?;
+            Ok((
+                stream,
+                SessionStart {
+                    system_id: "7000".into(),
+                    timeline: 1,
+                    host: "memory".into(),
+                },
+            ))
+        })
+    }
+}
+
+/// pgoutput messages, encoded as a walsender sends them (protocol 1).
+pub mod wire {
+    use super::*;
+
+    fn cstring(out: &mut BytesMut, text: &str) {
+        out.put_slice(text.as_bytes());
+        out.put_u8(0);
+    }
+
+    fn xlog(lsn: u64, body: BytesMut) -> ReplicationEvent {
+        ReplicationEvent::XLogData {
+            wal_start: Lsn(lsn),
+            wal_end: Lsn(lsn),
+            send_time: PgTimestamp::now(),
+            data: body.freeze(),
+        }
+    }
+
+    /// The outbox table's Relation message (id 1).
+    pub fn outbox_relation(lsn: u64) -> ReplicationEvent {
+        let mut b = BytesMut::new();
+        b.put_u8(b'R');
+        b.put_u32(1);
+        cstring(&mut b, "public");
+        cstring(&mut b, "outbox");
+        b.put_u8(b'd');
+        let columns = [
+            ("id", 2950u32),
+            ("aggregate_type", 25),
+            ("aggregate_id", 25),
+            ("event_type", 25),
+            ("payload", 3802),
+            ("headers", 3802),
+            ("created_at", 1184),
+        ];
+        b.put_i16(columns.len() as i16);
+        for (name, oid) in columns {
+            b.put_u8(u8::from(name == "id"));
+            cstring(&mut b, name);
+            b.put_u32(oid);
+            b.put_i32(-1);
+        }
+        xlog(lsn, b)
+    }
+
+    /// A transaction of outbox rows `(id, aggregate_id, payload)`, its
+    /// commit ending at `end_lsn`; the Relation message goes first.
+    pub fn transaction(end_lsn: u64, rows: &[(&str, &str, &str)]) -> Vec<ReplicationEvent> {
+        let commit_lsn = end_lsn - 8;
+        let start = end_lsn - 100;
+        let time = PgTimestamp::now();
+        let mut events = vec![];
+        let mut b = BytesMut::new();
+        b.put_u8(b'B');
+        b.put_u64(commit_lsn);
+        b.put_i64(time.0);
+        b.put_u32(700);
+        events.push(xlog(start, b));
+        events.push(outbox_relation(start));
+        for (i, (id, key, payload)) in rows.iter().enumerate() {
+            let mut b = BytesMut::new();
+            b.put_u8(b'I');
+            b.put_u32(1);
+            b.put_u8(b'N');
+            let values = [
+                *id,
+                "order",
+                key,
+                "Placed",
+                payload,
+                "{}",
+                "2026-11-25 08:00:00+00",
+            ];
+            b.put_i16(values.len() as i16);
+            for v in values {
+                b.put_u8(b't');
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
+            }
+            events.push(xlog(start + 10 + i as u64, b));
+        }
+        let mut b = BytesMut::new();
+        b.put_u8(b'C');
+        b.put_u8(0);
+        b.put_u64(commit_lsn);
+        b.put_u64(end_lsn);
+        b.put_i64(time.0);
+        events.push(xlog(commit_lsn, b));
+        events
+    }
+
+    pub fn keepalive(wal_end: u64, reply_requested: bool) -> ReplicationEvent {
+        ReplicationEvent::Keepalive {
+            wal_end: Lsn(wal_end),
+            send_time: PgTimestamp::now(),
+            reply_requested,
+        }
+    }
+
+    /// A payload of `n` bytes of JSON.
+    pub fn payload(n: usize) -> String {
+        format!("{{\"pad\": \"{}\"}}", "x".repeat(n.saturating_sub(12)))
+    }
+}

@@ -1,0 +1,155 @@
+//! `walrelay run`: moves events from the slot to Kafka.
+//!
+//! ```text
+//!   PostgreSQL walsender ──XLogData──> session ──WalItem──> apply loop ──Outgoing──> publisher ──> sink (Kafka)
+//!         ^                          (decoder, relations,   (router, window,            (topics, retries,     │
+//!         │                           open transaction)      tracker tickets)            dead letters)        │ deliveries
+//!         └──── standby status update (flush = watermark) <── confirmer (ack tracker) <── outcomes ──────────┘
+//! ```
+//!
+//! | file | role |
+//! | --- | --- |
+//! | `session.rs` | one replication session: stream, decoder, relation cache, open transaction |
+//! | `apply.rs` | the loop: one biased `select!` over everything that can happen |
+//! | `window.rs` | the in-flight window (events and bytes): when to stop reading WAL |
+//! | `publisher.rs` | produce, topic preparation, retries with backoff, dead letters |
+//! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
+//! | `ack_tracker.rs` | which LSN may be confirmed |
+//! | `sink.rs` | the sink trait the Kafka producer implements |
+//! | `error.rs` | the error taxonomy and the one function that decides what to do |
+//!
+//! # The guarantee, and how progress is tracked
+//!
+//! The flush LSN sent to PostgreSQL never passes an event the broker has
+//! not acknowledged. PostgreSQL resumes a slot from the last flush LSN it
+//! was told, so telling it a position is a promise that everything before
+//! it is safe in Kafka. Only commit LSNs are totally ordered (several
+//! changes can share an LSN), so progress is tracked per transaction, in
+//! commit order, and the watermark is the end LSN of the newest
+//! transaction such that it and every earlier one have all their events
+//! acknowledged (`ack_tracker.rs`). A crash at any moment loses nothing;
+//! the events after the last confirmed LSN are sent again, with the same
+//! `id` header.
+//!
+//! Keepalive WAL ends are confirmed too, but only when nothing is open or
+//! in flight: every commit before them has then been streamed and handled,
+//! and without them an idle outbox on a busy database pins WAL forever.
+//!
+//! # Backpressure
+//!
+//! At most `--max-in-flight-events` / `--max-in-flight-bytes` are
+//! unacknowledged at once, and a full producer queue holds everything
+//! behind it. Either way the loop stops reading WAL, but it keeps handling
+//! delivery reports and sending status updates, so `wal_sender_timeout`
+//! never fires on a slow broker.
+//!
+//! # Sessions
+//!
+//! A lost connection, a restart of PostgreSQL or another relay holding the
+//! slot ends a session. The next one starts only once nothing is in flight
+//! (the producer never gives up on a record), so it resumes exactly after
+//! the watermark, with a fresh tracker.
+
+mod ack_tracker;
+mod apply;
+mod confirmer;
+mod error;
+mod publisher;
+mod session;
+mod sink;
+mod window;
+
+#[cfg(test)]
+mod memory_sink;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+pub use ack_tracker::{AckError, AckTracker, TxnTicket};
+pub use apply::Relay;
+pub use error::{Decision, Failure, RelayError, StreamError, decide};
+pub use session::{Connector, PgConnector, SessionStart, WalStream};
+pub use sink::{
+    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
+    SendRefused, Sink, TopicError,
+};
+
+use crate::kafka::{KafkaSink, ProducerSettings};
+use crate::live::LiveState;
+use crate::monitor::Finding;
+use crate::replication::ConnectionConfig;
+use crate::router::RouterConfig;
+
+/// Everything `run` needs, validated.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub pg: ConnectionConfig,
+    pub slot: String,
+    pub publication: String,
+    pub router: RouterConfig,
+    pub producer: ProducerSettings,
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+    pub max_in_flight_events: usize,
+    pub max_in_flight_bytes: usize,
+    /// How often a status update goes to PostgreSQL even when nothing moved
+    /// (`--status-interval`).
+    pub status_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub proto_version: Option<u32>,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// Consecutive failed attempts after which a permanent error ends the relay.
+    pub permanent_error_attempts: u32,
+    /// How often a standby asks for the slot held by another relay.
+    pub standby_retry: Duration,
+    /// Prefix of walrelay's own heartbeat messages: never published, used
+    /// to measure replication latency.
+    pub heartbeat_prefix: String,
+}
+
+/// How long the producer may take to reach a broker before streaming
+/// starts anyway (events then wait for the broker).
+const WARM_UP: Duration = Duration::from_secs(10);
+
+/// Runs the relay with the Kafka producer until `shutdown` turns true
+/// (then drains and returns `Ok`) or a permanent error.
+pub async fn run(
+    config: RelayConfig,
+    mut shutdown: watch::Receiver<bool>,
+    live: Arc<LiveState>,
+    findings: mpsc::Receiver<Finding>,
+) -> Result<(), RelayError> {
+    let sink = KafkaSink::new(
+        &config.producer,
+        config.create_topics,
+        config.topic_partitions,
+        config.topic_replication_factor,
+    )
+    .map_err(|e| RelayError::Producer(e.to_string()))?;
+    // Warm up: connect the producer before the first event, so early
+    // events do not wait for a connection.
+    let connect = sink.connector();
+    tokio::select! {
+        connected = tokio::task::spawn_blocking(move || connect(WARM_UP)) => {
+            if !connected.unwrap_or(false) {
+                tracing::warn!("no broker answered yet; events wait until one does");
+            }
+        }
+        _ = shutdown.changed() => return Ok(()),
+    }
+    let connector = PgConnector {
+        pg: config.pg.clone(),
+        slot: config.slot.clone(),
+        publication: config.publication.clone(),
+        proto_version: config.proto_version,
+    };
+    Relay::new(config, connector, sink, live, findings)
+        .run(shutdown)
+        .await
+}

@@ -1,0 +1,271 @@
+//! One replication session: the walsender stream, the pgoutput decoder, the
+//! relation cache and the transaction being received. It turns the byte
+//! stream into [`WalItem`]s that are already checked against the protocol
+//! (Begin and Commit pair up, rows belong to a transaction, relations are
+//! known before their rows), so the relay's loop only applies them.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::error::{RelayError, StreamError};
+use super::sink::LocalBoxFuture;
+use crate::lsn::Lsn;
+use crate::pgoutput::{LogicalMessage, Message, PgTimestamp, StreamDecoder, TupleData};
+use crate::relation_cache::{RelationCache, RelationInfo};
+use crate::replication::{
+    ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
+    ReplicationStream, StartOptions,
+};
+use crate::router::ChangeContext;
+
+/// The replication stream as the relay uses it. `ReplicationStream`
+/// implements it; the relay's tests use a scripted one.
+pub trait WalStream {
+    /// The next event, or `None` once the server ended the stream.
+    /// Must be cancel-safe: it sits in a `select!`.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<ReplicationEvent>, ReplicationError>>;
+    /// Sends a standby status update: everything before `flushed` is done.
+    fn send_feedback(
+        &mut self,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> impl Future<Output = Result<(), ReplicationError>>;
+    /// Ends streaming cleanly (CopyDone), freeing the walsender.
+    fn finish(self) -> impl Future<Output = Result<(), ReplicationError>>;
+}
+
+impl WalStream for ReplicationStream {
+    fn recv(&mut self) -> impl Future<Output = Result<Option<ReplicationEvent>, ReplicationError>> {
+        ReplicationStream::recv(self)
+    }
+
+    fn send_feedback(
+        &mut self,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> impl Future<Output = Result<(), ReplicationError>> {
+        ReplicationStream::send_feedback(self, FeedbackPositions::all(flushed), reply_requested)
+    }
+
+    fn finish(self) -> impl Future<Output = Result<(), ReplicationError>> {
+        ReplicationStream::finish(self)
+    }
+}
+
+/// What the server told us when the session started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionStart {
+    /// The cluster's system identifier.
+    pub system_id: String,
+    /// The server's timeline.
+    pub timeline: u32,
+    /// The host streaming, for the dashboard.
+    pub host: String,
+}
+
+/// Opens replication sessions. The real one connects to PostgreSQL; the
+/// relay's tests hand out scripted streams.
+pub trait Connector {
+    type Stream: WalStream;
+    /// Connects and starts streaming after `start` (the relay's watermark;
+    /// the server resumes from the slot's position if that is later).
+    fn connect(
+        &mut self,
+        start: Lsn,
+    ) -> LocalBoxFuture<Result<(Self::Stream, SessionStart), RelayError>>;
+}
+
+/// A decoded, checked item of the stream.
+#[derive(Debug)]
+pub enum WalItem {
+    Begin {
+        commit_time: PgTimestamp,
+    },
+    Insert {
+        relation: Arc<RelationInfo>,
+        tuple: TupleData,
+        ctx: ChangeContext,
+    },
+    /// A logical decoding message; `ctx.commit_time` is its transaction's,
+    /// or now for a non-transactional one.
+    Message {
+        message: Message,
+        ctx: ChangeContext,
+        in_transaction: bool,
+    },
+    Commit {
+        end_lsn: Lsn,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        reply_requested: bool,
+    },
+    /// Anything the relay does not act on: relations (cached here),
+    /// updates, deletes, truncates, origins, types.
+    Other,
+}
+
+/// The transaction being received.
+#[derive(Clone, Copy, Debug)]
+struct OpenTxn {
+    commit_time: PgTimestamp,
+}
+
+pub struct Session<W> {
+    stream: W,
+    decoder: StreamDecoder,
+    relations: RelationCache,
+    open: Option<OpenTxn>,
+}
+
+impl<W: WalStream> Session<W> {
+    pub fn new(stream: W) -> Self {
+        Session {
+            stream,
+            decoder: StreamDecoder::new(),
+            relations: RelationCache::new(),
+            open: None,
+        }
+    }
+
+    /// The next item. Cancel-safe: an event is either fully handled or not
+    /// read at all.
+    pub async fn next(&mut self) -> Result<WalItem, RelayError> {
+        let event = self.stream.recv().await?.ok_or(StreamError::Ended)?;
+        match event {
+            ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => Ok(WalItem::Keepalive {
+                wal_end,
+                reply_requested,
+            }),
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let message =
+                    self.decoder
+                        .decode(&data)
+                        .map_err(|source| ReplicationError::Decode {
+                            lsn: wal_start,
+                            source,
+                        })?;
+                self.check(message, wal_start)
+            }
+        }
+    }
+
+    fn check(&mut self, message: LogicalMessage, lsn: Lsn) -> Result<WalItem, RelayError> {
+        Ok(match message {
+            LogicalMessage::Begin(begin) => {
+                if self.open.is_some() {
+                    return Err(StreamError::BeginInTransaction.into());
+                }
+                self.open = Some(OpenTxn {
+                    commit_time: begin.commit_time,
+                });
+                WalItem::Begin {
+                    commit_time: begin.commit_time,
+                }
+            }
+            LogicalMessage::Commit(commit) => {
+                self.open.take().ok_or(StreamError::CommitWithoutBegin)?;
+                WalItem::Commit {
+                    end_lsn: commit.end_lsn,
+                }
+            }
+            LogicalMessage::Relation(relation) => {
+                self.relations.update(&relation);
+                WalItem::Other
+            }
+            LogicalMessage::Insert(insert) => {
+                let txn = self.open.ok_or(StreamError::InsertOutsideTransaction)?;
+                let relation = self
+                    .relations
+                    .get(insert.relation_id)
+                    .cloned()
+                    .ok_or(StreamError::UnknownRelation(insert.relation_id))?;
+                WalItem::Insert {
+                    relation,
+                    tuple: insert.new,
+                    ctx: ChangeContext {
+                        lsn,
+                        commit_time: txn.commit_time,
+                    },
+                }
+            }
+            LogicalMessage::Message(message) => {
+                let in_transaction = message.transactional && self.open.is_some();
+                let commit_time = match self.open {
+                    Some(txn) if in_transaction => txn.commit_time,
+                    _ => PgTimestamp::now(),
+                };
+                WalItem::Message {
+                    ctx: ChangeContext { lsn, commit_time },
+                    message,
+                    in_transaction,
+                }
+            }
+            LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::Origin(_)
+            | LogicalMessage::Type(_) => WalItem::Other,
+            other => return Err(StreamError::Unexpected(other.kind()).into()),
+        })
+    }
+
+    pub async fn send_feedback(&mut self, flushed: Lsn, reply: bool) -> Result<(), RelayError> {
+        Ok(self.stream.send_feedback(flushed, reply).await?)
+    }
+
+    /// Ends the session cleanly.
+    pub async fn finish(self) -> Result<(), RelayError> {
+        Ok(self.stream.finish().await?)
+    }
+}
+
+/// Connects to PostgreSQL's walsender and starts streaming from the slot.
+pub struct PgConnector {
+    pub pg: ConnectionConfig,
+    pub slot: String,
+    pub publication: String,
+    /// `None`: the highest pgoutput version the server speaks.
+    pub proto_version: Option<u32>,
+}
+
+impl Connector for PgConnector {
+    type Stream = ReplicationStream;
+
+    fn connect(
+        &mut self,
+        start: Lsn,
+    ) -> LocalBoxFuture<Result<(ReplicationStream, SessionStart), RelayError>> {
+        let pg = self.pg.clone();
+        let options = StartOptions {
+            slot: self.slot.clone(),
+            start_lsn: start,
+            publications: vec![self.publication.clone()],
+            proto_version: self.proto_version,
+            messages: true,
+        };
+        Box::pin(async move {
+            let mut conn = ReplicationConnection::connect(&pg).await?;
+            let identity = conn.identify_system().await?;
+            let stream = conn.start_replication(&options).await?;
+            tracing::debug!(
+                proto_version = stream.proto_version(),
+                "replication started"
+            );
+            Ok((
+                stream,
+                SessionStart {
+                    system_id: identity.system_id,
+                    timeline: identity.timeline,
+                    host: pg.address(),
+                },
+            ))
+        })
+    }
+}

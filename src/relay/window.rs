@@ -1,0 +1,96 @@
+//! The in-flight window: how many events, and how many bytes of them, are
+//! handed to the sink and not yet settled (acknowledged, skipped or given
+//! up). While it is full the relay stops reading WAL; it never stops
+//! answering the server, so `wal_sender_timeout` does not fire.
+
+use crate::metrics as m;
+
+#[derive(Debug)]
+pub struct InFlightWindow {
+    events: usize,
+    bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+    /// Whether the window was full at the last check, to count fillings once.
+    was_full: bool,
+}
+
+impl InFlightWindow {
+    pub fn new(max_events: usize, max_bytes: usize) -> Self {
+        InFlightWindow {
+            events: 0,
+            bytes: 0,
+            max_events,
+            max_bytes,
+            was_full: false,
+        }
+    }
+
+    /// Whether another event may be read. Counts each time the window fills.
+    pub fn has_room(&mut self) -> bool {
+        let full = self.events >= self.max_events || self.bytes >= self.max_bytes;
+        if full && !self.was_full {
+            metrics::counter!(m::WINDOW_FULL_TOTAL).increment(1);
+        }
+        self.was_full = full;
+        !full
+    }
+
+    /// An event of `bytes` enters the window.
+    pub fn admit(&mut self, bytes: usize) {
+        self.events += 1;
+        self.bytes += bytes;
+        self.export();
+    }
+
+    /// An event in the window was replaced by one of another size (its
+    /// dead letter).
+    pub fn resize(&mut self, old_bytes: usize, new_bytes: usize) {
+        self.bytes = self.bytes - old_bytes + new_bytes;
+        self.export();
+    }
+
+    /// An event left the window.
+    pub fn release(&mut self, bytes: usize) {
+        self.events -= 1;
+        self.bytes -= bytes;
+        self.export();
+    }
+
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    fn export(&self) {
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.events as f64);
+        metrics::gauge!(m::BYTES_IN_FLIGHT).set(self.bytes as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_full_at_either_limit() {
+        let mut w = InFlightWindow::new(2, 100);
+        assert!(w.has_room());
+        w.admit(10);
+        w.admit(10);
+        assert!(!w.has_room(), "two events");
+        w.release(10);
+        assert!(w.has_room());
+        w.admit(95);
+        assert!(!w.has_room(), "105 bytes");
+        w.resize(95, 5);
+        w.release(10);
+        assert!(w.has_room());
+        assert_eq!(w.events(), 1);
+        w.release(5);
+        assert!(w.is_empty());
+    }
+}

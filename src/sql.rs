@@ -1,0 +1,260 @@
+//! The ordinary SQL connection (tokio-postgres, TLS through rustls) used by
+//! `setup`, `check`, `status`, slot creation, the slot monitor and the
+//! heartbeat; and [`SqlError`], which says which server failed, what it or
+//! the operating system said, and what to do about it.
+
+use std::fmt;
+use std::io;
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::replication::ConnectionConfig;
+use crate::replication::error::{ServerError, os_error_fix};
+
+/// An SQL connection that knows where it goes, so every failure says so.
+pub struct SqlClient {
+    client: tokio_postgres::Client,
+    address: String,
+}
+
+impl SqlClient {
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, SqlError> {
+        self.client
+            .query(sql, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, SqlError> {
+        self.client
+            .query_one(sql, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, SqlError> {
+        self.client
+            .query_opt(sql, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, SqlError> {
+        self.client
+            .execute(sql, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), SqlError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// The tokio-postgres client, for what the wrappers above do not cover
+    /// (transactions, COPY); map its errors with [`SqlClient::error`].
+    pub fn inner(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+
+    /// A tokio-postgres error of this connection, classified.
+    pub fn error(&self, error: tokio_postgres::Error) -> SqlError {
+        SqlError::from_postgres(&self.address, error)
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
+
+/// Opens an SQL connection with `config`'s settings, TLS included; its
+/// connection task runs in the background until the client is dropped.
+pub async fn connect(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
+    let address = config.address();
+    let tls = crate::replication::tls::client_config(config)
+        .map_err(|e| SqlError::new(&address, SqlCause::Tls(e.to_string())))?;
+    let pg = config.to_tokio_postgres();
+    let at = |e| SqlError::from_postgres(&address, e);
+    let client = match tls {
+        Some(tls) => {
+            let (client, connection) = pg
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                    (*tls).clone(),
+                ))
+                .await
+                .map_err(at)?;
+            tokio::spawn(drive(connection, address.clone()));
+            client
+        }
+        None => {
+            let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(at)?;
+            tokio::spawn(drive(connection, address.clone()));
+            client
+        }
+    };
+    Ok(SqlClient { client, address })
+}
+
+async fn drive<F>(connection: F, address: String)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %SqlError::from_postgres(&address, e), "SQL connection closed");
+    }
+}
+
+/// An SQL connection that reconnects on first use after it broke, for
+/// background tasks (slot monitor, heartbeat) that must outlive database
+/// restarts.
+pub struct SqlSession {
+    config: ConnectionConfig,
+    client: Option<SqlClient>,
+}
+
+impl SqlSession {
+    pub fn new(config: ConnectionConfig) -> Self {
+        SqlSession {
+            config,
+            client: None,
+        }
+    }
+
+    /// The connected client, connecting first if there is none or it closed.
+    pub async fn client(&mut self) -> Result<&SqlClient, SqlError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            self.client = Some(connect(&self.config).await?);
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    /// Where this session connects, for messages.
+    pub fn address(&self) -> String {
+        self.config.address()
+    }
+}
+
+/// A failed connection or statement on the SQL connection.
+#[derive(Debug)]
+pub struct SqlError {
+    /// `host:port` (or the socket path) of the server.
+    pub address: String,
+    pub cause: SqlCause,
+}
+
+/// What went wrong.
+#[derive(Debug)]
+pub enum SqlCause {
+    /// The server answered with an error.
+    Server(ServerError),
+    /// The operating system: refused, timed out, name resolution, reset.
+    Os(io::Error),
+    /// TLS could not be set up or negotiated.
+    Tls(String),
+    /// The server closed the connection.
+    Closed,
+    /// Anything else tokio-postgres reports (a protocol or type error).
+    Other(String),
+}
+
+impl SqlError {
+    pub fn new(address: &str, cause: SqlCause) -> Self {
+        SqlError {
+            address: address.to_owned(),
+            cause,
+        }
+    }
+
+    /// Classifies a tokio-postgres error: the server's own error fields
+    /// when it sent some, else the operating system's error underneath.
+    pub fn from_postgres(address: &str, error: tokio_postgres::Error) -> Self {
+        let cause = if let Some(db) = error.as_db_error() {
+            SqlCause::Server(ServerError::from_db_error(db))
+        } else if let Some(os) = io_source(&error) {
+            SqlCause::Os(io::Error::new(os.kind(), os.to_string()))
+        } else if error.is_closed() {
+            SqlCause::Closed
+        } else {
+            let text = error.to_string();
+            if text.contains("TLS") || text.contains("tls") || text.contains("certificate") {
+                SqlCause::Tls(text)
+            } else {
+                SqlCause::Other(text)
+            }
+        };
+        SqlError::new(address, cause)
+    }
+
+    /// The server's error, if it sent one.
+    pub fn server(&self) -> Option<&ServerError> {
+        match &self.cause {
+            SqlCause::Server(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The server's SQLSTATE, if it sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.server().map(|e| e.code.as_str())
+    }
+}
+
+/// The first `io::Error` in an error's source chain.
+fn io_source<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut current = error.source();
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
+}
+
+impl fmt::Display for SqlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PostgreSQL at {}: ", self.address)?;
+        match &self.cause {
+            SqlCause::Server(e) => write!(f, "{e}"),
+            SqlCause::Os(e) => {
+                write!(f, "{e}")?;
+                if let Some(fix) = os_error_fix(e) {
+                    write!(f, "; fix: {fix}")?;
+                }
+                Ok(())
+            }
+            SqlCause::Tls(reason) => write!(
+                f,
+                "TLS failed: {reason}; fix: check sslmode, sslrootcert and the host name in --pg-url against the server's certificate"
+            ),
+            SqlCause::Closed => write!(f, "the server closed the connection"),
+            SqlCause::Other(text) => write!(f, "{text}"),
+        }
+    }
+}
+
+impl std::error::Error for SqlError {}
