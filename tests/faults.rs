@@ -7,11 +7,11 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use support::kafka::Broker;
+use rand::Rng;
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{commit_order, confirmed_flush_lsn, create_twin_slot, setup};
-use support::{PgCluster, PgOptions, wait_for};
+use support::workload::{commit_order, seeded_rng};
+use support::{PgOptions, Stack, StackOptions, wait_for};
 use walrelay::lsn::Lsn;
 
 async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
@@ -22,17 +22,6 @@ async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
         .get::<_, String>(0)
         .parse()
         .unwrap()
-}
-
-async fn insert_events(client: &tokio_postgres::Client, aggregate_type: &str, n: i32) {
-    client
-        .execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-             SELECT $1::text, 'k' || (g % 10), 'E', jsonb_build_object('g', g) FROM generate_series(1, $2::int) g",
-            &[&aggregate_type, &n],
-        )
-        .await
-        .unwrap();
 }
 
 /// Waits until the relay exits, and returns its exit code and log.
@@ -64,13 +53,9 @@ async fn terminate_walsender(client: &tokio_postgres::Client, slot: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_slot_ends_the_relay_with_its_fix() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("noslot").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    let mut relay =
-        RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &["--max-backoff", "1s"]);
+    let stack = Stack::start("noslot").await;
+    let client = &stack.client;
+    let mut relay = stack.relay(&["--max-backoff", "1s"]);
     wait_for("the relay to stream", Duration::from_secs(20), async || {
         let (code, _) = relay.http_get("/readyz").await?;
         (code == 200).then_some(())
@@ -81,7 +66,7 @@ async fn a_dropped_slot_ends_the_relay_with_its_fix() {
         "the slot to be dropped",
         Duration::from_secs(20),
         async || {
-            terminate_walsender(&client, "walrelay").await;
+            terminate_walsender(client, "walrelay").await;
             client
                 .batch_execute("SELECT pg_drop_replication_slot('walrelay')")
                 .await
@@ -100,13 +85,10 @@ async fn a_dropped_slot_ends_the_relay_with_its_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_publication_ends_the_relay_with_its_fix() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("nopub").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    let mut relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
-    insert_events(&client, "before", 1).await;
+    let stack = Stack::start("nopub").await;
+    let (client, broker) = (&stack.client, &stack.broker);
+    let mut relay = stack.relay(&[]);
+    stack.insert_events("before", 1).await;
     assert_eq!(
         broker
             .consume("outbox.event.before", 1, Duration::from_secs(30))
@@ -117,7 +99,7 @@ async fn a_dropped_publication_ends_the_relay_with_its_fix() {
         .batch_execute("DROP PUBLICATION walrelay")
         .await
         .unwrap();
-    insert_events(&client, "after", 1).await;
+    stack.insert_events("after", 1).await;
     let (code, log) = exit_of(&mut relay).await;
     assert_eq!(code, Some(1), "{log}");
     assert!(
@@ -139,18 +121,15 @@ async fn a_dropped_publication_ends_the_relay_with_its_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_login_ends_the_relay_with_its_fix() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("nologin").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
+    let stack = Stack::start("nologin").await;
+    let (pg, db, client, broker) = (&stack.pg, &stack.db, &stack.client, &stack.broker);
     client
         .batch_execute("CREATE ROLE relay LOGIN REPLICATION PASSWORD 'relay pw'")
         .await
         .unwrap();
-    let url = pg.url_as("relay", "relay%20pw", &db);
+    let url = pg.url_as("relay", "relay%20pw", db);
     let mut relay = RelayProcess::start(&url, &broker.bootstrap(), &["--heartbeat-interval", "0"]);
-    insert_events(&client, "login", 1).await;
+    stack.insert_events("login", 1).await;
     assert_eq!(
         broker
             .consume("outbox.event.login", 1, Duration::from_secs(30))
@@ -163,7 +142,7 @@ async fn a_revoked_login_ends_the_relay_with_its_fix() {
         .batch_execute("ALTER ROLE relay NOLOGIN")
         .await
         .unwrap();
-    terminate_walsender(&client, "walrelay").await;
+    terminate_walsender(client, "walrelay").await;
     let (code, log) = exit_of(&mut relay).await;
     assert_eq!(code, Some(1), "{log}");
     assert!(
@@ -179,13 +158,10 @@ async fn a_revoked_login_ends_the_relay_with_its_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_outbox_table_ends_the_relay_with_its_fix() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("notable").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    let mut relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
-    insert_events(&client, "t", 3).await;
+    let stack = Stack::start("notable").await;
+    let (client, broker) = (&stack.client, &stack.broker);
+    let mut relay = stack.relay(&[]);
+    stack.insert_events("t", 3).await;
     assert_eq!(
         broker
             .consume("outbox.event.t", 3, Duration::from_secs(30))
@@ -203,24 +179,24 @@ async fn a_dropped_outbox_table_ends_the_relay_with_its_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_paused_past_wal_sender_timeout_does_not_drop_the_replication_connection() {
-    let pg = PgCluster::start_with(PgOptions {
-        wal_sender_timeout: "3s",
-        ..Default::default()
-    });
-    let broker = Broker::start();
-    if broker.is_external() {
-        eprintln!("skipped: needs a broker the test can pause");
-        return;
-    }
-    let db = pg.create_database("backpressure").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    let relay = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["--max-in-flight-events", "5"],
+    let stack = Stack::start_with(
+        "backpressure",
+        StackOptions {
+            pg: PgOptions {
+                wal_sender_timeout: "3s",
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pg, client, broker) = (&stack.pg, &stack.client, &stack.broker);
+    assert!(
+        !broker.is_external(),
+        "this test pauses the broker: run it against tansu (unset WALRELAY_TEST_BROKERS)"
     );
-    insert_events(&client, "bp", 1).await;
+    let relay = stack.relay(&["--max-in-flight-events", "5"]);
+    stack.insert_events("bp", 1).await;
     assert_eq!(
         broker
             .consume("outbox.event.bp", 1, Duration::from_secs(30))
@@ -229,13 +205,13 @@ async fn a_broker_paused_past_wal_sender_timeout_does_not_drop_the_replication_c
         "{}",
         relay.log()
     );
-    let pid_before = walsender_pid(&client).await.expect("streaming");
+    let pid_before = walsender_pid(client).await.expect("streaming");
 
     broker.pause();
-    insert_events(&client, "bp", 200).await;
+    stack.insert_events("bp", 200).await;
     // Four times wal_sender_timeout with a full window.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let pid_during = walsender_pid(&client).await;
+    let pid_during = walsender_pid(client).await;
     let (_, metrics) = relay.http_get("/metrics").await.unwrap();
     broker.resume();
 
@@ -264,27 +240,20 @@ async fn a_broker_paused_past_wal_sender_timeout_does_not_drop_the_replication_c
 
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_keep_the_slot_moving_while_the_outbox_is_idle_and_another_table_is_busy() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("heartbeat").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
+    let stack = Stack::start("heartbeat").await;
+    let (client, broker) = (&stack.client, &stack.broker);
     client
         .batch_execute("CREATE TABLE busy (id bigserial PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let relay = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["--heartbeat-interval", "500ms"],
-    );
+    let relay = stack.relay(&["--heartbeat-interval", "500ms"]);
     wait_for("the relay to stream", Duration::from_secs(20), async || {
         let (code, _) = relay.http_get("/readyz").await?;
         (code == 200).then_some(())
     })
     .await;
     // About 40 MB of WAL into a table that is not an outbox.
-    let started = lsn(&client, "SELECT pg_current_wal_lsn()::text").await;
+    let started = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
     for _ in 0..40 {
         client
             .batch_execute("INSERT INTO busy (v) SELECT repeat(md5(random()::text), 30) FROM generate_series(1, 1000)")
@@ -293,7 +262,7 @@ async fn heartbeats_keep_the_slot_moving_while_the_outbox_is_idle_and_another_ta
         // A checkpoint lets the restart point move as the slot confirms.
         client.batch_execute("CHECKPOINT").await.unwrap();
     }
-    let end = lsn(&client, "SELECT pg_current_wal_lsn()::text").await;
+    let end = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
     assert!(end.bytes_since(started) > 30_000_000, "{started} .. {end}");
     let (lag, retained) = wait_for("the slot to follow the WAL", Duration::from_secs(30), async || {
         let row = client
@@ -324,27 +293,20 @@ async fn heartbeats_keep_the_slot_moving_while_the_outbox_is_idle_and_another_ta
         "heartbeat latency {latency}"
     );
     // Heartbeats are never published.
-    assert_eq!(
-        broker
-            .consume("walrelay.dead-letter", 1, Duration::from_secs(2))
-            .len(),
-        0
-    );
+    assert_eq!(broker.consume_all("walrelay.dead-letter").len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_relay_takes_over_when_the_active_one_dies_and_nothing_is_lost() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("failover").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    create_twin_slot(&client).await;
-    let mut a = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["--standby-retry", "500ms"],
-    );
+    let stack = Stack::start_with(
+        "failover",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut a = stack.relay(&["--standby-retry", "500ms"]);
     let role = |r: &RelayProcess| {
         let port = r.http_port;
         async move {
@@ -359,24 +321,28 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies_and_nothing_is_lost
         async || (role(&a).await? == (200, "active".into())).then_some(()),
     )
     .await;
-    let b = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["--standby-retry", "500ms"],
-    );
+    let b = stack.relay(&["--standby-retry", "500ms"]);
     wait_for("relay B to stand by", Duration::from_secs(20), async || {
         (role(&b).await? == (503, "standby".into())).then_some(())
     })
     .await;
 
-    let writer_client = pg.client(&db).await;
+    let writer_client = stack.pg.client(&stack.db).await;
     let writer = tokio::spawn(async move {
         for i in 0..100 {
-            insert_events(&writer_client, "ha", 20).await;
+            writer_client
+                .execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                     SELECT 'ha', 'k' || (g % 10), 'E', jsonb_build_object('g', g) FROM generate_series(1, 20) g",
+                    &[],
+                )
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(if i < 50 { 20 } else { 10 })).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut rng = seeded_rng("standby_takeover");
+    tokio::time::sleep(Duration::from_millis(rng.random_range(500..1100))).await;
     a.kill9().await;
     let killed = Instant::now();
     wait_for(
@@ -387,8 +353,11 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies_and_nothing_is_lost
     .await;
     let takeover = killed.elapsed();
     writer.await.unwrap();
-    let truth = commit_order(&pg, &db, "twin", 2000).await;
-    let records = broker.consume("outbox.event.ha", 4000, Duration::from_secs(20));
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 2000).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(60))
+        .await;
+    let records = stack.broker.consume_all("outbox.event.ha");
     let ids: HashSet<&str> = records.iter().map(|r| r.header("id").unwrap()).collect();
     for (id, _, end) in &truth {
         assert!(
@@ -406,21 +375,25 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies_and_nothing_is_lost
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_loss() {
-    let pg = PgCluster::start();
     let broker_proxy_port = support::free_port();
-    let broker = Broker::start_behind(broker_proxy_port);
-    let db = pg.create_database("netcut").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    create_twin_slot(&client).await;
-    let pg_proxy = Proxy::start(pg.port).await;
+    let stack = Stack::start_with(
+        "netcut",
+        StackOptions {
+            broker_behind: Some(broker_proxy_port),
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let broker = &stack.broker;
+    let pg_proxy = Proxy::start(stack.pg.port).await;
     let kafka_proxy = Proxy::start_on(broker_proxy_port, broker.port).await;
     let url = format!(
-        "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
-        pg_proxy.port
+        "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
+        pg_proxy.port, stack.db
     );
     let relay = RelayProcess::start(&url, &broker.bootstrap(), &["--max-backoff", "2s"]);
-    insert_events(&client, "net", 100).await;
+    stack.insert_events("net", 100).await;
     assert_eq!(
         broker
             .consume("outbox.event.net", 100, Duration::from_secs(30))
@@ -430,7 +403,7 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
 
     // Cut PostgreSQL: the replication connection drops; events written meanwhile wait.
     pg_proxy.cut();
-    insert_events(&client, "net", 100).await;
+    stack.insert_events("net", 100).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     pg_proxy.restore();
     assert_eq!(
@@ -444,11 +417,14 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
 
     // Cut the broker: deliveries wait, nothing is confirmed past them.
     kafka_proxy.cut();
-    insert_events(&client, "net", 100).await;
+    stack.insert_events("net", 100).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     kafka_proxy.restore();
-    let truth = commit_order(&pg, &db, "twin", 300).await;
-    let records = broker.consume("outbox.event.net", 300, Duration::from_secs(60));
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 300).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(60))
+        .await;
+    let records = broker.consume_all("outbox.event.net");
     let ids: HashSet<&str> = records.iter().map(|r| r.header("id").unwrap()).collect();
     for (id, _, _) in &truth {
         assert!(
@@ -490,27 +466,25 @@ async fn chaos_kills_and_restarts_lose_nothing_and_keep_per_key_order() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
     let broker_restarts = 3;
-    let pg = PgCluster::start();
     let broker_proxy_port = support::free_port();
-    let broker = Broker::start_behind(broker_proxy_port);
+    let stack = Stack::start_with(
+        "chaos",
+        StackOptions {
+            broker_behind: Some(broker_proxy_port),
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (pg, db, broker) = (&stack.pg, &stack.db, &stack.broker);
     let broker_link = Proxy::start_on(broker_proxy_port, broker.port).await;
-    let db = pg.create_database("chaos").await;
-    setup(&pg.url(&db), &[]);
-    let admin = pg.client(&db).await;
-    create_twin_slot(&admin).await;
-    let url = pg.url(&db);
-    let start = |b: &Broker| {
-        RelayProcess::start(
-            &url,
-            &b.bootstrap(),
-            &["--max-backoff", "1s", "--topic-partitions", "3"],
-        )
-    };
-    let mut relay = start(&broker);
+    let start = || stack.relay(&["--max-backoff", "1s", "--topic-partitions", "3"]);
+    let mut relay = start();
+    let mut rng = seeded_rng("chaos");
 
     // The writer: 10 events per transaction at a steady rate, reconnecting
     // across the PostgreSQL restart, until every event is committed.
-    let writer_url = pg.url(&db);
+    let writer_url = pg.url(db);
     let per_txn = 10;
     let writer = tokio::spawn(async move {
         let mut committed = 0;
@@ -550,7 +524,7 @@ async fn chaos_kills_and_restarts_lose_nothing_and_keep_per_key_order() {
     let mut confirmed_at_kill: Vec<Lsn> = Vec::new();
     let faults = kills + broker_restarts + 1;
     for step in 0..faults {
-        tokio::time::sleep(Duration::from_millis(300 + (step as u64 * 7919) % 700)).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
         if step == faults / 2 {
             pg.restart();
         } else if step % 3 == 1 && step / 3 < broker_restarts {
@@ -559,44 +533,28 @@ async fn chaos_kills_and_restarts_lose_nothing_and_keep_per_key_order() {
             broker_link.restore();
         } else {
             relay.kill9().await;
-            let client = pg.client(&db).await;
-            confirmed_at_kill.push(
-                confirmed_flush_lsn(&client, "walrelay")
-                    .await
-                    .parse()
-                    .unwrap(),
-            );
-            relay = start(&broker);
+            let client = pg.client(db).await;
+            confirmed_at_kill.push(support::workload::confirmed(&client, "walrelay").await);
+            relay = start();
         }
     }
     writer.await.unwrap();
-    let committed: i64 = pg
-        .client(&db)
-        .await
+    // The stack's own client died with the restart; count on a new one.
+    let client = pg.client(db).await;
+    let committed: i64 = client
         .query_one("SELECT count(*) FROM outbox", &[])
         .await
         .unwrap()
         .get(0);
-    let truth = commit_order(&pg, &db, "twin", committed as usize).await;
+    let truth = commit_order(pg, db, "twin", committed as usize).await;
     let last = truth.last().unwrap().2;
-    let client = pg.client(&db).await;
     wait_for(
         "the relay to confirm the last commit",
         Duration::from_secs(180),
-        async || {
-            let c: Lsn = confirmed_flush_lsn(&client, "walrelay")
-                .await
-                .parse()
-                .ok()?;
-            (c >= last).then_some(())
-        },
+        async || (support::workload::confirmed(&client, "walrelay").await >= last).then_some(()),
     )
     .await;
-    let records = broker.consume(
-        "outbox.event.chaos",
-        truth.len() * 2,
-        Duration::from_secs(20),
-    );
+    let records = broker.consume_all("outbox.event.chaos");
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut first_order: HashMap<String, Vec<String>> = HashMap::new();

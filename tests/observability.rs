@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use support::kafka::Broker;
-use support::relay::{RelayProcess, http_get};
-use support::{PgCluster, PgOptions, free_port, wait_for};
+use support::relay::http_get;
+use support::{PgCluster, PgOptions, Stack, StackOptions, free_port, wait_for};
 use walrelay::lsn::Lsn;
 
 fn walrelay(args: &[&str]) -> std::process::Output {
@@ -93,16 +92,20 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
-    let pg = PgCluster::start();
-    let mut broker = Broker::start_persistent();
-    if broker.is_external() {
-        eprintln!("skipped: needs a broker the test can stop");
-        return;
-    }
-    let db = pg.create_database("metrics").await;
-    setup(&pg.url(&db));
-    let client = pg.client(&db).await;
-    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    let mut stack = Stack::start_with(
+        "metrics",
+        StackOptions {
+            persistent_broker: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        !stack.broker.is_external(),
+        "this test stops the broker: run it against tansu (unset WALRELAY_TEST_BROKERS)"
+    );
+    let relay = stack.relay(&[]);
+    let (client, broker) = (&stack.client, &mut stack.broker);
     client
         .batch_execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
@@ -203,11 +206,8 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrapes_the_relay_and_returns_the_lag_series() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("prom").await;
-    setup(&pg.url(&db));
-    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    let stack = Stack::start("prom").await;
+    let relay = stack.relay(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
@@ -351,12 +351,9 @@ fn every_metric_in_the_dashboard_and_alerts_is_one_walrelay_exports() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_shows_a_chart_with_data_in_headless_chromium() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("dash").await;
-    setup(&pg.url(&db));
-    let client = pg.client(&db).await;
-    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
+    let stack = Stack::start("dash").await;
+    let client = &stack.client;
+    let relay = stack.relay(&[]);
     for i in 0..5 {
         client
             .execute(
@@ -513,10 +510,8 @@ async fn status_json_matches_pg_replication_slots() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
-    if std::env::var("WALRELAY_TEST_BROKERS").is_ok() {
-        eprintln!("skipped: the local stack brings its own broker");
-        return;
-    }
+    // The local stack brings its own broker (tansu), whatever
+    // WALRELAY_TEST_BROKERS names.
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let state = tempfile::Builder::new()
         .prefix("walrelay-start-")

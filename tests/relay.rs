@@ -5,10 +5,11 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::kafka::{Broker, Record};
-use support::relay::RelayProcess;
-use support::workload::{commit_order, confirmed_flush_lsn, create_twin_slot, setup};
-use support::{PgCluster, wait_for};
+use rand::Rng;
+use support::kafka::Record;
+use support::workload::{commit_order, seeded_rng, setup};
+use support::{PgCluster, Stack, StackOptions, wait_for};
+use walrelay::lsn::Lsn;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn setup_is_idempotent_and_says_what_it_did() {
@@ -69,17 +70,18 @@ fn by_id(records: &[Record]) -> HashMap<String, Record> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("contract").await;
-    setup(
-        &pg.url(&db),
-        &[
-            "--table",
-            "public.outbox,public.outbox_text,public.outbox_bytea,public.outbox_json",
-        ],
-    );
-    let client = pg.client(&db).await;
+    let stack = Stack::start_with(
+        "contract",
+        StackOptions {
+            setup_args: vec![
+                "--table",
+                "public.outbox,public.outbox_text,public.outbox_bytea,public.outbox_json",
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (client, broker) = (&stack.client, &stack.broker);
     client
         .batch_execute(
             "ALTER TABLE outbox_text ALTER COLUMN payload TYPE text USING payload::text;
@@ -89,20 +91,16 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         )
         .await
         .unwrap();
-    let mut relay = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &[
-            "--table",
-            "public.outbox,public.outbox_text,public.outbox_bytea,public.outbox_json",
-            "--topic-template",
-            "{schema}.{aggregate_type}",
-            "--header-column",
-            "tenant_id:tenant",
-            "-X",
-            "message.max.bytes=3000000",
-        ],
-    );
+    let mut relay = stack.relay(&[
+        "--table",
+        "public.outbox,public.outbox_text,public.outbox_bytea,public.outbox_json",
+        "--topic-template",
+        "{schema}.{aggregate_type}",
+        "--header-column",
+        "tenant_id:tenant",
+        "-X",
+        "message.max.bytes=3000000",
+    ]);
     client
         .batch_execute(
             r#"
@@ -224,21 +222,19 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_writers_keep_per_aggregate_commit_order_in_kafka() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("order").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    create_twin_slot(&client).await;
-    let mut relay = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["--topic-partitions", "4"],
-    );
+    let stack = Stack::start_with(
+        "order",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut relay = stack.relay(&["--topic-partitions", "4"]);
     // 10 writers, 1,000 single-event transactions each, over 50 aggregates.
     let mut writers = Vec::new();
     for w in 0..10 {
-        let c = pg.client(&db).await;
+        let c = stack.pg.client(&stack.db).await;
         writers.push(tokio::spawn(async move {
             for i in 0..1000 {
                 let aggregate = format!("agg-{}", (w * 7 + i) % 50);
@@ -254,8 +250,12 @@ async fn concurrent_writers_keep_per_aggregate_commit_order_in_kafka() {
     for w in writers {
         w.await.unwrap();
     }
-    let truth = commit_order(&pg, &db, "twin", 10_000).await;
-    let records = broker.consume("outbox.event.order", 10_000, Duration::from_secs(120));
+    // The truth is PostgreSQL's own decoding (test_decoding), not walrelay's.
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 10_000).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
+        .await;
+    let records = stack.broker.consume_all("outbox.event.order");
     assert_eq!(records.len(), 10_000, "relay log:\n{}", relay.log());
     let mut kafka_order: HashMap<String, Vec<String>> = HashMap::new();
     let mut partition_of: HashMap<String, i32> = HashMap::new();
@@ -286,19 +286,20 @@ async fn concurrent_writers_keep_per_aggregate_commit_order_in_kafka() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("crash").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    create_twin_slot(&client).await;
-    let url = pg.url(&db);
-    let start =
-        |b: &Broker| RelayProcess::start(&url, &b.bootstrap(), &["--max-in-flight-events", "500"]);
-    let mut relay = start(&broker);
+    let stack = Stack::start_with(
+        "crash",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let start = || stack.relay(&["--max-in-flight-events", "500"]);
+    let mut relay = start();
+    let mut rng = seeded_rng("kill_9_five_times");
 
     // A writer of 20,000 events, 10 per transaction, while the relay is killed.
-    let writer_client = pg.client(&db).await;
+    let writer_client = stack.pg.client(&stack.db).await;
     let writer = tokio::spawn(async move {
         for batch in 0..2000 {
             writer_client
@@ -316,37 +317,19 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events(
         }
     });
     let mut confirmed_at_kill = Vec::new();
-    for k in 0..5 {
-        tokio::time::sleep(Duration::from_millis(400 + rand_millis(k) % 900)).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(400..1300))).await;
         relay.kill9().await;
         // The slot's position is what the killed relay had confirmed.
-        let lsn: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-            .await
-            .parse()
-            .unwrap();
-        confirmed_at_kill.push(lsn);
-        relay = start(&broker);
+        confirmed_at_kill.push(stack.confirmed().await);
+        relay = start();
     }
     writer.await.unwrap();
-    let truth = commit_order(&pg, &db, "twin", 20_000).await;
-    let last_commit = truth.last().unwrap().2;
-    wait_for(
-        "the relay to confirm the last commit",
-        Duration::from_secs(120),
-        async || {
-            let lsn: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-                .await
-                .parse()
-                .unwrap();
-            (lsn >= last_commit).then_some(())
-        },
-    )
-    .await;
-    let records = broker.consume(
-        "outbox.event.crash",
-        20_000 + 5 * 500 * 2,
-        Duration::from_secs(30),
-    );
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 20_000).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
+        .await;
+    let records = stack.broker.consume_all("outbox.event.crash");
     let mut copies: HashMap<String, usize> = HashMap::new();
     for r in &records {
         *copies
@@ -377,67 +360,58 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events(
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
 
-/// A spread of pause lengths without a random-number crate in the tests.
-fn rand_millis(k: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    (nanos / 1000 + k * 7919) % 10_000
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commits() {
-    let pg = PgCluster::start();
-    let mut broker = Broker::start_persistent();
-    if broker.is_external() {
-        eprintln!("skipped: needs a broker the test can stop");
-        return;
-    }
-    let db = pg.create_database("ackrule").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
-    let relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &[]);
-    client
+    let mut stack = Stack::start_with(
+        "ackrule",
+        StackOptions {
+            persistent_broker: true,
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        !stack.broker.is_external(),
+        "this test stops the broker: run it against tansu (unset WALRELAY_TEST_BROKERS)"
+    );
+    let relay = stack.relay(&[]);
+    stack
+        .client
         .batch_execute("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('ack', 'a', 'First', '{}')")
         .await
         .unwrap();
     assert_eq!(
-        broker
+        stack
+            .broker
             .consume("outbox.event.ack", 1, Duration::from_secs(30))
             .len(),
         1
     );
 
-    broker.stop();
-    client
+    stack.broker.stop();
+    stack
+        .client
         .batch_execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
              SELECT 'ack', 'a', 'WhileDown', jsonb_build_object('n', g) FROM generate_series(1, 50) g",
         )
         .await
         .unwrap();
-    let after_insert: walrelay::lsn::Lsn = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    // The waiting events' own commit, from PostgreSQL's decoding.
+    let waiting_commit = commit_order(&stack.pg, &stack.db, "twin", 51).await[1].2;
     // Other traffic keeps the WAL moving, so keepalives would tempt a naive relay.
     for _ in 0..20 {
-        client
+        stack
+            .client
             .batch_execute("SELECT pg_logical_emit_message(true, 'noise', 'x')")
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-            .await
-            .parse()
-            .unwrap();
+        let confirmed = stack.confirmed().await;
         assert!(
-            confirmed < after_insert,
-            "confirmed {confirmed} past unacknowledged events ending before {after_insert}"
+            confirmed < waiting_commit,
+            "confirmed {confirmed} past unacknowledged events committed at {waiting_commit}"
         );
     }
     wait_for(
@@ -450,39 +424,25 @@ async fn with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commi
     )
     .await;
 
-    broker.restart();
-    let records = broker.consume("outbox.event.ack", 51, Duration::from_secs(60));
+    stack.broker.restart();
+    let records = stack
+        .broker
+        .consume("outbox.event.ack", 51, Duration::from_secs(60));
     assert_eq!(records.len(), 51, "relay log:\n{}", relay.log());
-    wait_for(
-        "the LSN to move past the events",
-        Duration::from_secs(30),
-        async || {
-            let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-                .await
-                .parse()
-                .unwrap();
-            (confirmed >= after_insert).then_some(())
-        },
-    )
-    .await;
+    stack
+        .wait_confirmed(waiting_commit, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alter_table_messages_rollbacks_deletes_and_idle_outbox_behave() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("behave").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
+    let stack = Stack::start("behave").await;
+    let (client, broker) = (&stack.client, &stack.broker);
     client
         .batch_execute("CREATE TABLE busy (id serial PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let mut relay = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["--header-column", "tenant"],
-    );
+    let mut relay = stack.relay(&["--header-column", "tenant"]);
     // One statement or explicit transaction per call: several statements in
     // one simple query would share an implicit transaction.
     for sql in [
@@ -542,62 +502,36 @@ async fn alter_table_messages_rollbacks_deletes_and_idle_outbox_behave() {
     );
 
     // An idle outbox with a busy table: the slot follows the WAL.
-    let base: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-        .await
-        .parse()
-        .unwrap();
+    let base = stack.confirmed().await;
     for i in 0..30 {
         client
             .execute("INSERT INTO busy (v) SELECT repeat('x', 1000) FROM generate_series(1, 100) WHERE $1::int >= 0", &[&i])
             .await
             .unwrap();
     }
-    let wal_now: walrelay::lsn::Lsn = client
+    let wal_now: Lsn = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get::<_, String>(0)
         .parse()
         .unwrap();
-    wait_for(
-        "confirmed_flush_lsn to follow the busy WAL",
-        Duration::from_secs(30),
-        async || {
-            let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-                .await
-                .parse()
-                .unwrap();
-            (confirmed >= wal_now).then_some(())
-        },
-    )
-    .await;
+    stack.wait_confirmed(wal_now, Duration::from_secs(30)).await;
     assert!(wal_now.bytes_since(base) > 100_000);
     // Nothing else was published.
-    assert_eq!(
-        broker
-            .consume("outbox.event.t", 5, Duration::from_secs(3))
-            .len(),
-        4
-    );
+    assert_eq!(broker.consume_all("outbox.event.t").len(), 4);
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unroutable_rows_and_oversize_records_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("dlq").await;
-    setup(&pg.url(&db), &[]);
-    let client = pg.client(&db).await;
+    let stack = Stack::start("dlq").await;
+    let (client, broker) = (&stack.client, &stack.broker);
     client
         .batch_execute("ALTER TABLE outbox ALTER COLUMN aggregate_id DROP NOT NULL")
         .await
         .unwrap();
-    let mut relay = RelayProcess::start(
-        &pg.url(&db),
-        &broker.bootstrap(),
-        &["-X", "message.max.bytes=100000"],
-    );
+    let mut relay = stack.relay(&["-X", "message.max.bytes=100000"]);
     client
         .batch_execute(
             "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
@@ -682,13 +616,17 @@ async fn unroutable_rows_and_oversize_records_go_to_the_dead_letter_topic_and_th
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_no_create_topics_a_missing_topic_stops_the_relay_naming_it() {
-    let pg = PgCluster::start();
-    let broker = Broker::start();
-    let db = pg.create_database("notopics").await;
-    setup(&pg.url(&db), &[]);
-    let mut relay = RelayProcess::start(&pg.url(&db), &broker.bootstrap(), &["--no-create-topics"]);
-    pg.client(&db)
-        .await
+    let stack = Stack::start_with(
+        "notopics",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut relay = stack.relay(&["--no-create-topics"]);
+    stack
+        .client
         .batch_execute("INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('missing', 'k', 'E')")
         .await
         .unwrap();
@@ -699,20 +637,9 @@ async fn with_no_create_topics_a_missing_topic_stops_the_relay_naming_it() {
         log.contains("topic \"outbox.event.missing\" does not exist and --no-create-topics is set"),
         "{log}"
     );
-    // Nothing was confirmed past the event.
-    let client = pg.client(&db).await;
-    let confirmed: walrelay::lsn::Lsn = confirmed_flush_lsn(&client, "walrelay")
-        .await
-        .parse()
-        .unwrap();
-    let now: walrelay::lsn::Lsn = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
-    assert!(confirmed < now);
+    // Nothing was confirmed up to the event's own commit.
+    let event_commit = commit_order(&stack.pg, &stack.db, "twin", 1).await[0].2;
+    assert!(stack.confirmed().await < event_commit);
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::workload::parse_test_decoding_insert;
 use support::{PgCluster, unique_name};
 use walrelay::lsn::Lsn;
 use walrelay::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder};
@@ -541,56 +542,6 @@ async fn wal_level_replica_is_refused_with_the_setting_to_change() {
     let err = conn.create_slot("s", false).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("55000"));
     assert!(err.to_string().contains("wal_level = logical"), "{err}");
-}
-
-/// Parses one test_decoding INSERT line into column name -> value, where a
-/// value is the unquoted text (None for SQL NULL).
-fn parse_test_decoding_insert(line: &str) -> Vec<(String, Option<String>)> {
-    let rest = line.split_once(": INSERT: ").expect("an INSERT line").1;
-    let mut out = Vec::new();
-    let mut s = rest;
-    while !s.is_empty() {
-        let open = s.find('[').unwrap();
-        let name = s[..open].to_owned();
-        let close = s[open..].find("]:").unwrap() + open;
-        let type_name = s[open + 1..close].to_owned();
-        s = &s[close + 2..];
-        let value = if let Some(quoted) = s.strip_prefix('\'') {
-            let mut value = String::new();
-            let mut chars = quoted.char_indices().peekable();
-            let mut end = quoted.len();
-            while let Some((i, c)) = chars.next() {
-                if c == '\'' {
-                    if matches!(chars.peek(), Some((_, '\''))) {
-                        chars.next();
-                        value.push('\'');
-                    } else {
-                        end = i + 1;
-                        break;
-                    }
-                } else {
-                    value.push(c);
-                }
-            }
-            s = &quoted[end..];
-            Some(value)
-        } else {
-            let end = s.find(' ').unwrap_or(s.len());
-            let token = &s[..end];
-            s = &s[end..];
-            (token != "null").then(|| token.to_owned())
-        };
-        s = s.trim_start();
-        // test_decoding spells booleans out; the type's output function
-        // (which pgoutput uses) prints t and f.
-        let value = match (type_name.as_str(), value.as_deref()) {
-            ("boolean", Some("true")) => Some("t".to_owned()),
-            ("boolean", Some("false")) => Some("f".to_owned()),
-            _ => value,
-        };
-        out.push((name, value));
-    }
-    out
 }
 
 #[tokio::test]

@@ -203,13 +203,25 @@ impl Broker {
     }
 
     /// Every record of `topic`, across partitions, once at least `expected`
-    /// have arrived or `timeout` passed.
+    /// have arrived (waiting up to `timeout` for them).
     pub fn consume(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+        self.read(topic, Some(expected), timeout)
+    }
+
+    /// Everything `topic` holds now: every partition read to its end. Use
+    /// it once the writer is done (the relay confirmed the last commit).
+    pub fn consume_all(&self, topic: &str) -> Vec<Record> {
+        self.read(topic, None, Duration::from_secs(60))
+    }
+
+    /// Reads `topic` from the beginning until `expected` records arrived,
+    /// or, with `None`, until every partition reported its end.
+    fn read(&self, topic: &str, expected: Option<usize>, timeout: Duration) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set("group.id", "walrelay-tests")
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
+            .set("enable.partition.eof", "true")
             .create()
             .unwrap();
         let deadline = Instant::now() + timeout;
@@ -238,7 +250,19 @@ impl Broker {
         }
         consumer.assign(&assignment).unwrap();
         let mut records = Vec::new();
-        while records.len() < expected && Instant::now() < deadline {
+        let mut at_end = std::collections::HashSet::new();
+        let done = |records: &Vec<Record>, at_end: &std::collections::HashSet<i32>| match expected {
+            Some(n) => records.len() >= n,
+            None => at_end.len() == partitions.len(),
+        };
+        while !done(&records, &at_end) {
+            assert!(
+                Instant::now() < deadline || expected.is_some(),
+                "{topic}: the partitions did not all report their end within {timeout:?}"
+            );
+            if Instant::now() >= deadline {
+                break;
+            }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => records.push(Record {
                     topic: m.topic().to_owned(),
@@ -255,6 +279,9 @@ impl Broker {
                         })
                         .unwrap_or_default(),
                 }),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
                 Some(Err(e)) => eprintln!("consumer: {e}"),
                 None => {}
             }

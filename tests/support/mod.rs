@@ -389,3 +389,90 @@ pub async fn wait_for<T>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// What most end-to-end tests start from: a PostgreSQL cluster, a broker,
+/// a fresh database with the outbox set up (`walrelay setup`), and a
+/// superuser client on it.
+pub struct Stack {
+    pub pg: PgCluster,
+    pub broker: kafka::Broker,
+    pub db: String,
+    pub client: tokio_postgres::Client,
+}
+
+/// How a [`Stack`] differs from the default.
+#[derive(Default)]
+pub struct StackOptions {
+    pub pg: PgOptions,
+    /// A broker whose data survives `stop` and `restart` (SQLite storage).
+    pub persistent_broker: bool,
+    /// A broker that advertises this port (a proxy's) instead of its own.
+    pub broker_behind: Option<u16>,
+    /// Extra arguments for `walrelay setup`.
+    pub setup_args: Vec<&'static str>,
+    /// A `test_decoding` slot `twin` for `workload::commit_order`.
+    pub twin: bool,
+}
+
+impl Stack {
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, StackOptions::default()).await
+    }
+
+    pub async fn start_with(name: &str, options: StackOptions) -> Self {
+        let pg = PgCluster::start_with(options.pg);
+        let broker = match (options.persistent_broker, options.broker_behind) {
+            (true, _) => kafka::Broker::start_persistent(),
+            (false, Some(port)) => kafka::Broker::start_behind(port),
+            (false, None) => kafka::Broker::start(),
+        };
+        let db = pg.create_database(name).await;
+        workload::setup(&pg.url(&db), &options.setup_args);
+        let client = pg.client(&db).await;
+        if options.twin {
+            workload::create_twin_slot(&client).await;
+        }
+        Stack {
+            pg,
+            broker,
+            db,
+            client,
+        }
+    }
+
+    /// The superuser URL of the test's database.
+    pub fn url(&self) -> String {
+        self.pg.url(&self.db)
+    }
+
+    /// Starts `walrelay run` against this stack.
+    pub fn relay(&self, args: &[&str]) -> relay::RelayProcess {
+        relay::RelayProcess::start(&self.url(), &self.broker.bootstrap(), args)
+    }
+
+    /// Inserts `n` events of `aggregate_type` in one transaction, over ten
+    /// aggregates.
+    pub async fn insert_events(&self, aggregate_type: &str, n: i32) {
+        self.client
+            .execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 SELECT $1::text, 'k' || (g % 10), 'E', jsonb_build_object('g', g) FROM generate_series(1, $2::int) g",
+                &[&aggregate_type, &n],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The slot's confirmed LSN.
+    pub async fn confirmed(&self) -> walrelay::lsn::Lsn {
+        workload::confirmed(&self.client, "walrelay").await
+    }
+
+    /// Waits until the slot has confirmed `lsn`.
+    pub async fn wait_confirmed(&self, lsn: walrelay::lsn::Lsn, timeout: Duration) {
+        wait_for(&format!("the slot to confirm {lsn}"), timeout, async || {
+            (self.confirmed().await >= lsn).then_some(())
+        })
+        .await;
+    }
+}
