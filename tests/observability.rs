@@ -145,7 +145,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
         async || {
             let (_, text) = relay.http_get("/metrics").await?;
             let m = parse_metrics(&text);
-            let row = slot_row(&client, "walrelay").await;
+            let row = slot_row(client, "walrelay").await;
             let matches = m.get("walrelay_slot_lag_bytes{slot=\"walrelay\"}")
                 == Some(&(row.lag as f64))
                 && m.get("walrelay_slot_retained_wal_bytes{slot=\"walrelay\"}")
@@ -159,7 +159,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
         },
     )
     .await;
-    let row = slot_row(&client, "walrelay").await;
+    let row = slot_row(client, "walrelay").await;
     assert!(row.restart <= row.confirmed);
 
     // With the broker down, events wait and the lag grows and stays up.
