@@ -125,7 +125,7 @@ fn tables_text(tables: &[(String, String)]) -> String {
         .join(", ")
 }
 
-/// The default outbox table (DESIGN.md), with the configured column names.
+/// The default outbox table (README, "The outbox"), with the configured column names.
 pub fn create_table_sql(schema: &str, table: &str, c: &OutboxColumns) -> String {
     let q = quote_ident;
     format!(
