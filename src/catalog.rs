@@ -4,15 +4,7 @@
 
 use crate::sql::{SqlClient as Client, SqlError};
 
-/// Quotes an identifier (`"my ""table"""`).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
+pub use crate::postgres::{quote_ident, quote_literal};
 
 /// `"schema"."table"`.
 pub fn qualified(schema: &str, table: &str) -> String {

@@ -8,10 +8,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::commands;
 use crate::commands::setup::SetupOptions;
-use crate::kafka::ProducerSettings;
+use crate::kafka::{ProducerSettings, SinkSettings};
+use crate::postgres::redact_url;
 use crate::relay::RelayConfig;
 use crate::replication::ConnectionConfig;
-use crate::replication::config::redact_url;
 use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
 use crate::sql;
 
@@ -251,23 +251,8 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// Validates everything and builds the relay's configuration.
-    pub fn relay_config(&self) -> Result<RelayConfig, UsageError> {
-        let pg = self.pg.connection_config()?;
-        let topic_template: TopicTemplate = self
-            .topic_template
-            .parse()
-            .map_err(|e| UsageError(format!("--topic-template {e}")))?;
-        check_topic_name(&self.dead_letter_topic)
-            .map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
-        let header_columns = self
-            .header_columns
-            .iter()
-            .map(|h| {
-                h.parse::<HeaderColumn>()
-                    .map_err(|e| UsageError(format!("--header-column {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Validates the Kafka options and builds the sink's settings.
+    pub fn sink_settings(&self) -> Result<SinkSettings, UsageError> {
         let overrides = self
             .kafka_options
             .iter()
@@ -288,6 +273,31 @@ impl RunArgs {
             overrides,
         };
         producer.validate().map_err(UsageError)?;
+        Ok(SinkSettings {
+            producer,
+            create_topics: !self.no_create_topics,
+            topic_partitions: self.topic_partitions,
+            topic_replication_factor: self.topic_replication_factor,
+        })
+    }
+
+    /// Validates everything else and builds the relay's configuration.
+    pub fn relay_config(&self) -> Result<RelayConfig, UsageError> {
+        let pg = self.pg.connection_config()?;
+        let topic_template: TopicTemplate = self
+            .topic_template
+            .parse()
+            .map_err(|e| UsageError(format!("--topic-template {e}")))?;
+        check_topic_name(&self.dead_letter_topic)
+            .map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
+        let header_columns = self
+            .header_columns
+            .iter()
+            .map(|h| {
+                h.parse::<HeaderColumn>()
+                    .map_err(|e| UsageError(format!("--header-column {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if self.message_prefix.is_empty() {
             return Err(UsageError("--message-prefix must not be empty".into()));
         }
@@ -315,10 +325,6 @@ impl RunArgs {
                 cloudevents: !self.no_cloudevents,
                 cloudevents_source: self.cloudevents_source.clone(),
             },
-            producer,
-            create_topics: !self.no_create_topics,
-            topic_partitions: self.topic_partitions,
-            topic_replication_factor: self.topic_replication_factor,
             max_in_flight_events: self.max_in_flight_events as usize,
             max_in_flight_bytes: self.max_in_flight_bytes as usize,
             status_interval: self.status_interval,
@@ -411,12 +417,14 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
+            let kafka = args.sink_settings()?;
             let relay = args.relay_config()?;
             let listener = commands::run::listen(&args.http_addr)
                 .await
                 .map_err(UsageError)?;
             commands::run::run(commands::run::RunOptions {
                 relay,
+                kafka,
                 listener,
                 create_slot: args.create_slot,
                 heartbeat_interval: args.heartbeat_interval,

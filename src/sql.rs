@@ -9,8 +9,7 @@ use std::io;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::replication::ConnectionConfig;
-use crate::replication::error::{ServerError, os_error_fix};
+use crate::postgres::{ConnectionConfig, ServerError, os_error_fix};
 
 /// An SQL connection that knows where it goes, so every failure says so.
 pub struct SqlClient {
@@ -94,7 +93,7 @@ impl SqlClient {
 /// connection task runs in the background until the client is dropped.
 pub async fn connect(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
     let address = config.address();
-    let tls = crate::replication::tls::client_config(config)
+    let tls = crate::postgres::tls::client_config(config)
         .map_err(|e| SqlError::new(&address, SqlCause::Tls(e.to_string())))?;
     let pg = config.to_tokio_postgres();
     let at = |e| SqlError::from_postgres(&address, e);

@@ -5,15 +5,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::catalog;
+use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::LiveState;
 use crate::monitor::MonitorConfig;
-use crate::relay::RelayConfig;
+use crate::relay::{PgConnector, Relay, RelayConfig};
 use crate::sql;
+
+/// How long the producer may take to reach a broker before streaming
+/// starts anyway (events then wait for the broker).
+const WARM_UP: Duration = Duration::from_secs(10);
 
 /// What `run` needs besides the relay's configuration.
 pub struct RunOptions {
     pub relay: RelayConfig,
+    pub kafka: SinkSettings,
     pub listener: tokio::net::TcpListener,
     pub create_slot: bool,
     pub heartbeat_interval: Duration,
@@ -22,6 +30,7 @@ pub struct RunOptions {
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let RunOptions {
         relay: config,
+        kafka,
         listener,
         create_slot,
         heartbeat_interval,
@@ -32,7 +41,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         listener,
         metrics,
         Arc::clone(&live),
-        config.producer.clone(),
+        kafka.producer.clone(),
         config.slot.clone(),
     )?;
     ensure_slot(&config, create_slot).await?;
@@ -52,9 +61,36 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             heartbeat_interval,
         );
     }
-    let shutdown = super::shutdown_signal();
-    crate::relay::run(config, shutdown, live, findings).await?;
+    let mut shutdown = super::shutdown_signal();
+    let sink = KafkaSink::new(&kafka)?;
+    if !warm_up(&sink, &mut shutdown).await {
+        return Ok(());
+    }
+    let connector = PgConnector {
+        pg: config.pg.clone(),
+        slot: config.slot.clone(),
+        publication: config.publication.clone(),
+        proto_version: config.proto_version,
+    };
+    Relay::new(config, connector, sink, live, findings)
+        .run(shutdown)
+        .await?;
     Ok(())
+}
+
+/// Connects the producer before the first event, so early events do not
+/// wait for a connection. False when shutdown came first.
+async fn warm_up(sink: &KafkaSink, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let connect = sink.connector();
+    tokio::select! {
+        connected = tokio::task::spawn_blocking(move || connect(WARM_UP)) => {
+            if !connected.unwrap_or(false) {
+                tracing::warn!("no broker answered yet; events wait until one does");
+            }
+            true
+        }
+        _ = shutdown.changed() => false,
+    }
 }
 
 /// Binds the HTTP address, or says which flag to change.

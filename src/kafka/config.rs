@@ -8,6 +8,16 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::BaseProducer;
 
+/// Everything the Kafka sink needs.
+#[derive(Clone, Debug)]
+pub struct SinkSettings {
+    pub producer: ProducerSettings,
+    /// Create missing topics (`--no-create-topics` turns it off).
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication_factor: i32,
+}
+
 /// Producer settings: the brokers and librdkafka options.
 #[derive(Clone, Debug)]
 pub struct ProducerSettings {

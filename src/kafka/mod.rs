@@ -5,5 +5,5 @@ pub mod config;
 pub mod producer;
 pub mod topics;
 
-pub use config::ProducerSettings;
+pub use config::{ProducerSettings, SinkSettings};
 pub use producer::KafkaSink;

@@ -17,10 +17,10 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::mpsc;
 
-use super::config::ProducerSettings;
+use super::config::SinkSettings;
 use super::topics::TopicCreator;
 use crate::record::KafkaRecord;
-use crate::relay::{
+use crate::sink::{
     BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
     SendRefused, Sink, TopicError,
 };
@@ -106,14 +106,10 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// Creates the producer (nothing connects yet).
-    pub fn new(
-        settings: &ProducerSettings,
-        create_topics: bool,
-        topic_partitions: i32,
-        topic_replication_factor: i32,
-    ) -> Result<Self, KafkaError> {
+    pub fn new(settings: &SinkSettings) -> Result<Self, KafkaError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let config = settings
+            .producer
             .client_config()
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let producer: ThreadedProducer<DeliveryContext> =
@@ -122,9 +118,9 @@ impl KafkaSink {
         let topics = TopicCreator::new(
             &config,
             Arc::clone(&producer),
-            create_topics,
-            topic_partitions,
-            topic_replication_factor,
+            settings.create_topics,
+            settings.topic_partitions,
+            settings.topic_replication_factor,
         )?;
         Ok(KafkaSink {
             producer,

@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{Producer, ThreadedProducer};
 
-use crate::relay::TopicError;
+use crate::sink::TopicError;
 
 /// How long one metadata request may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);

@@ -18,11 +18,7 @@
 use std::collections::VecDeque;
 
 use crate::lsn::Lsn;
-
-/// Identifies a transaction inside the tracker; events carry it so their
-/// acknowledgements find their transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TxnTicket(u64);
+pub use crate::sink::TxnTicket;
 
 #[derive(Debug)]
 struct TxnState {

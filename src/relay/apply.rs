@@ -30,7 +30,6 @@ use super::confirmer::Confirmer;
 use super::error::{Decision, Failure, RelayError, decide};
 use super::publisher::{Outcome, Outgoing, Publisher, PublisherEvent, backoff};
 use super::session::{Connector, Session, SessionStart, WalItem};
-use super::sink::{EventTicket, LocalBoxFuture, Sink};
 use super::window::InFlightWindow;
 use crate::live::{LiveState, Role};
 use crate::lsn::Lsn;
@@ -38,6 +37,7 @@ use crate::metrics as m;
 use crate::monitor::Finding;
 use crate::pgoutput::PgTimestamp;
 use crate::router::{Routed, Router};
+use crate::sink::{EventTicket, LocalBoxFuture, Sink};
 
 /// A session that streamed this long counts as healthy for the retry count.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);

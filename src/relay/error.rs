@@ -2,9 +2,9 @@
 //! to do about it: retry, stand by, dead-letter, give up, or stop.
 
 use super::ack_tracker::AckError;
-use super::sink::{BrokerError, BrokerErrorClass, TopicError};
 use crate::monitor::OutboxProblem;
 use crate::replication::ReplicationError;
+use crate::sink::{BrokerError, BrokerErrorClass, TopicError};
 
 /// Everything that can end a replication session or the relay.
 #[derive(Debug, thiserror::Error)]

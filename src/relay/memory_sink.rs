@@ -12,14 +12,14 @@ use tokio::time::Instant;
 
 use super::RelayError;
 use super::session::{Connector, SessionStart, WalStream};
-use super::sink::{
-    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
-    SendRefused, Sink, TopicError,
-};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 use crate::record::KafkaRecord;
 use crate::replication::{ReplicationError, ReplicationEvent};
+use crate::sink::{
+    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
+    SendRefused, Sink, TopicError,
+};
 
 #[derive(Default)]
 struct BrokerState {

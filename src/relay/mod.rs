@@ -15,7 +15,6 @@
 //! | `publisher.rs` | produce, topic preparation, retries with backoff, dead letters |
 //! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
 //! | `ack_tracker.rs` | which LSN may be confirmed |
-//! | `sink.rs` | the sink trait the Kafka producer implements |
 //! | `error.rs` | the error taxonomy and the one function that decides what to do |
 //!
 //! # The guarantee, and how progress is tracked
@@ -56,7 +55,6 @@ mod confirmer;
 mod error;
 mod publisher;
 mod session;
-mod sink;
 mod window;
 
 #[cfg(test)]
@@ -64,24 +62,14 @@ mod memory_sink;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::{mpsc, watch};
 
 pub use ack_tracker::{AckError, AckTracker, TxnTicket};
 pub use apply::Relay;
 pub use error::{Decision, Failure, RelayError, StreamError, decide};
 pub use session::{Connector, PgConnector, SessionStart, WalStream};
-pub use sink::{
-    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
-    SendRefused, Sink, TopicError,
-};
 
-use crate::kafka::{KafkaSink, ProducerSettings};
-use crate::live::LiveState;
-use crate::monitor::Finding;
-use crate::replication::ConnectionConfig;
+use crate::postgres::ConnectionConfig;
 use crate::router::RouterConfig;
 
 /// Everything `run` needs, validated.
@@ -91,10 +79,6 @@ pub struct RelayConfig {
     pub slot: String,
     pub publication: String,
     pub router: RouterConfig,
-    pub producer: ProducerSettings,
-    pub create_topics: bool,
-    pub topic_partitions: i32,
-    pub topic_replication_factor: i32,
     pub max_in_flight_events: usize,
     pub max_in_flight_bytes: usize,
     /// How often a status update goes to PostgreSQL even when nothing moved
@@ -111,45 +95,4 @@ pub struct RelayConfig {
     /// Prefix of walrelay's own heartbeat messages: never published, used
     /// to measure replication latency.
     pub heartbeat_prefix: String,
-}
-
-/// How long the producer may take to reach a broker before streaming
-/// starts anyway (events then wait for the broker).
-const WARM_UP: Duration = Duration::from_secs(10);
-
-/// Runs the relay with the Kafka producer until `shutdown` turns true
-/// (then drains and returns `Ok`) or a permanent error.
-pub async fn run(
-    config: RelayConfig,
-    mut shutdown: watch::Receiver<bool>,
-    live: Arc<LiveState>,
-    findings: mpsc::Receiver<Finding>,
-) -> Result<(), RelayError> {
-    let sink = KafkaSink::new(
-        &config.producer,
-        config.create_topics,
-        config.topic_partitions,
-        config.topic_replication_factor,
-    )
-    .map_err(|e| RelayError::Producer(e.to_string()))?;
-    // Warm up: connect the producer before the first event, so early
-    // events do not wait for a connection.
-    let connect = sink.connector();
-    tokio::select! {
-        connected = tokio::task::spawn_blocking(move || connect(WARM_UP)) => {
-            if !connected.unwrap_or(false) {
-                tracing::warn!("no broker answered yet; events wait until one does");
-            }
-        }
-        _ = shutdown.changed() => return Ok(()),
-    }
-    let connector = PgConnector {
-        pg: config.pg.clone(),
-        slot: config.slot.clone(),
-        publication: config.publication.clone(),
-        proto_version: config.proto_version,
-    };
-    Relay::new(config, connector, sink, live, findings)
-        .run(shutdown)
-        .await
 }

@@ -22,11 +22,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::error::{Decision, Failure, RelayError, decide};
-use super::sink::{
-    BrokerError, Delivery, EventTicket, LocalBoxFuture, SendRefused, Sink, TopicError,
-};
 use crate::metrics as m;
 use crate::record::KafkaRecord;
+use crate::sink::{
+    BrokerError, Delivery, EventTicket, LocalBoxFuture, SendRefused, Sink, TopicError,
+};
 
 /// How long a record that met a full producer queue waits before it is
 /// offered again (deliveries free the queue meanwhile).

@@ -8,7 +8,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::error::{RelayError, StreamError};
-use super::sink::LocalBoxFuture;
 use crate::lsn::Lsn;
 use crate::pgoutput::{LogicalMessage, Message, PgTimestamp, StreamDecoder, TupleData};
 use crate::relation_cache::{RelationCache, RelationInfo};
@@ -17,6 +16,7 @@ use crate::replication::{
     ReplicationStream, StartOptions,
 };
 use crate::router::ChangeContext;
+use crate::sink::LocalBoxFuture;
 
 /// The replication stream as the relay uses it. `ReplicationStream`
 /// implements it; the relay's tests use a scripted one.

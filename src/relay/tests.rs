@@ -10,7 +10,6 @@ use tokio::task::LocalSet;
 
 use super::memory_sink::{MemoryBroker, ScriptedServer, wire};
 use super::{Relay, RelayConfig, RelayError};
-use crate::kafka::ProducerSettings;
 use crate::live::LiveState;
 use crate::lsn::Lsn;
 use crate::replication::{ConnectionConfig, ReplicationEvent};
@@ -31,13 +30,6 @@ fn config() -> RelayConfig {
             cloudevents: true,
             cloudevents_source: None,
         },
-        producer: ProducerSettings {
-            brokers: "memory".into(),
-            overrides: vec![],
-        },
-        create_topics: true,
-        topic_partitions: 1,
-        topic_replication_factor: 1,
         max_in_flight_events: 10_000,
         max_in_flight_bytes: 64 << 20,
         status_interval: Duration::from_secs(1),
@@ -145,7 +137,7 @@ async fn a_failed_delivery_is_sent_again_after_its_backoff_and_holds_the_waterma
         .run_until(async {
             let server = ScriptedServer::default();
             let broker = MemoryBroker::default();
-            broker.fail_next(super::BrokerError::transient(
+            broker.fail_next(crate::sink::BrokerError::transient(
                 "Local: Broker transport failure",
             ));
             let wal = server.session();

@@ -18,13 +18,12 @@
 //! position is a promise that everything before it is safe elsewhere; this
 //! module only carries the positions, the ack tracker decides them.
 
-pub mod config;
 pub mod connection;
 pub mod error;
 pub mod stream;
-pub mod tls;
+mod wire;
 
-pub use config::{ConnectionConfig, Password, SslMode};
+pub use crate::postgres::{ConnectionConfig, Password, SslMode};
 pub use connection::{CreatedSlot, ReplicationConnection, StartOptions, SystemIdentity};
 pub use error::{ReplicationError, ServerError};
 pub use stream::{FeedbackPositions, ReplicationEvent, ReplicationStream};

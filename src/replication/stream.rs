@@ -3,8 +3,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::{backend, frontend};
 
-use super::connection::{BackendMessage, Wire, copy_data, parse_server_error};
 use super::error::ReplicationError;
+use super::wire::{BackendMessage, Wire, copy_data, parse_server_error};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 

@@ -1,5 +1,7 @@
 //! The sink: where records go. The Kafka producer implements it
-//! (`kafka::KafkaSink`); the relay's own tests use an in-memory one.
+//! (`kafka::KafkaSink`); the relay's own tests use an in-memory one. Its
+//! own module, so the relay and the Kafka side meet here and depend on
+//! neither each other.
 //!
 //! A record goes in with an [`EventTicket`]; its [`Delivery`] report comes
 //! back on a channel with the same ticket, and only then is the event
@@ -11,12 +13,16 @@ use std::pin::Pin;
 
 use tokio::sync::mpsc;
 
-use super::ack_tracker::TxnTicket;
 use crate::pgoutput::PgTimestamp;
 use crate::record::KafkaRecord;
 
 /// A future the relay polls beside its loop.
 pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// Identifies a transaction inside the relay's ack tracker; events carry
+/// it so their acknowledgements find their transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TxnTicket(pub(crate) u64);
 
 /// What travels with a record through the sink and back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
