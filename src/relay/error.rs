@@ -116,20 +116,25 @@ mod tests {
     use crate::replication::ServerError;
 
     fn server(code: &str, message: &str) -> RelayError {
-        RelayError::Replication(ReplicationError::Server(ServerError {
-            severity: "ERROR".into(),
-            code: code.into(),
-            message: message.into(),
-            detail: None,
-            hint: None,
-        }))
+        RelayError::Replication(ReplicationError::Server {
+            address: "db:5432".into(),
+            error: ServerError {
+                severity: "ERROR".into(),
+                code: code.into(),
+                message: message.into(),
+                detail: None,
+                hint: None,
+            },
+        })
     }
 
     #[test]
     fn a_held_slot_stands_by_a_lost_connection_retries_a_dropped_slot_stops() {
         let busy = server("55006", "replication slot \"walrelay\" is active for PID 7");
         assert_eq!(decide(Failure::Session(&busy)), Decision::StandBy);
-        let closed = RelayError::Replication(ReplicationError::Closed);
+        let closed = RelayError::Replication(ReplicationError::Closed {
+            address: "db:5432".into(),
+        });
         assert_eq!(decide(Failure::Session(&closed)), Decision::Retry);
         let dropped = server("42704", "replication slot \"walrelay\" does not exist");
         assert_eq!(

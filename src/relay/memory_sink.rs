@@ -34,6 +34,8 @@ struct BrokerState {
     max_record_bytes: Option<usize>,
     /// Every send, in order.
     sent: usize,
+    /// Topics that do not exist and may not be created.
+    missing_topics: Vec<String>,
 }
 
 /// The test's handle on the in-memory broker.
@@ -108,6 +110,15 @@ impl MemoryBroker {
         self.state.lock().unwrap().fail_next.push_back(error);
     }
 
+    /// `topic` does not exist and may not be created.
+    pub fn without_topic(&self, topic: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .missing_topics
+            .push(topic.to_owned());
+    }
+
     pub fn refuse_records_over(&self, bytes: usize) {
         self.state.lock().unwrap().max_record_bytes = Some(bytes);
     }
@@ -162,8 +173,23 @@ impl Sink for MemorySink {
         &mut self.deliveries
     }
 
-    fn prepare_topic(&self, _topic: &str) -> LocalBoxFuture<Result<i32, TopicError>> {
-        Box::pin(async { Ok(1) })
+    fn prepare_topic(&self, topic: &str) -> LocalBoxFuture<Result<i32, TopicError>> {
+        let missing = self
+            .broker
+            .state
+            .lock()
+            .unwrap()
+            .missing_topics
+            .iter()
+            .any(|t| t == topic);
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            if missing {
+                Err(TopicError::Missing(topic))
+            } else {
+                Ok(1)
+            }
+        })
     }
 }
 
@@ -248,7 +274,9 @@ impl Connector for ScriptedConnector {
         self.server.starts.lock().unwrap().push(start);
         let session = self.server.sessions.lock().unwrap().pop_front();
         Box::pin(async move {
-            let stream = session.ok_or(ReplicationError::Closed)?;
+            let stream = session.ok_or(ReplicationError::Closed {
+                address: "memory".into(),
+            })?;
             Ok((
                 stream,
                 SessionStart {

@@ -186,6 +186,17 @@ impl<S: Sink> Publisher<S> {
                 Ok(())
             }
             Err(error) => {
+                let waiting = matches!(
+                    self.topics.get(&topic),
+                    Some(TopicState::Preparing(w)) if !w.is_empty()
+                );
+                if !waiting {
+                    // Prepared ahead of need (warm-up): not an error yet;
+                    // the first record for it prepares it again.
+                    tracing::warn!(topic, error = %error, "cannot prepare the topic yet");
+                    self.topics.remove(&topic);
+                    return Ok(());
+                }
                 let relay_error = RelayError::Topic(error);
                 match decide(Failure::Session(&relay_error)) {
                     Decision::Retry => {

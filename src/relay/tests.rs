@@ -380,3 +380,34 @@ async fn keepalive_wal_ends_are_confirmed_only_when_nothing_is_in_flight() {
         })
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_dead_letter_topic_at_start_is_not_fatal_but_a_missing_event_topic_stops_the_relay()
+ {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            broker.without_topic("walrelay.dead-letter");
+            broker.without_topic("outbox.event.order");
+            let wal = server.session();
+            let h = start(config(), &server, &broker);
+            run_for(Duration::from_secs(5)).await;
+            assert!(
+                !h.relay.is_finished(),
+                "the dead-letter topic is only warmed up"
+            );
+            push(&wal, wire::transaction(1000, &[("a", "k", "{}")]));
+            let result = tokio::time::timeout(Duration::from_secs(5), h.relay)
+                .await
+                .expect("the relay stops")
+                .unwrap();
+            let error = result.unwrap_err().to_string();
+            assert!(
+                error.contains("topic \"outbox.event.order\" does not exist"),
+                "{error}"
+            );
+            assert_eq!(h.server.confirmed(), Lsn::ZERO);
+        })
+        .await;
+}

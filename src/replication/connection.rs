@@ -14,7 +14,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::error::ReplicationError;
 use super::stream::ReplicationStream;
-use super::wire::{BackendMessage, Socket, Wire, parse_server_error};
+use super::wire::{BackendMessage, Socket, Wire};
 use crate::lsn::Lsn;
 use crate::postgres::config::{ConnectionConfig, Host, SslMode};
 use crate::postgres::{quote_ident, quote_literal};
@@ -72,7 +72,7 @@ impl ReplicationConnection {
                 ),
             })??;
         let mut conn = ReplicationConnection {
-            wire: Wire::new(socket),
+            wire: Wire::new(socket, config.address()),
             parameters: HashMap::new(),
         };
         conn.startup(config).await?;
@@ -190,7 +190,7 @@ impl ReplicationConnection {
     async fn read(&mut self) -> Result<backend::Message, ReplicationError> {
         match self.wire.read_message().await? {
             BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                Err(parse_server_error(body.fields())?.into())
+                Err(self.wire.server_error(body.fields()))
             }
             BackendMessage::Other(message) => Ok(message),
             BackendMessage::CopyBothResponse => Err(ReplicationError::Protocol(
@@ -242,11 +242,11 @@ impl ReplicationConnection {
                         rows.push(values);
                     }
                     backend::Message::ErrorResponse(body) => {
-                        error = Some(parse_server_error(body.fields())?);
+                        error = Some(self.wire.server_error(body.fields()));
                     }
                     backend::Message::ReadyForQuery(_) => {
                         return match error {
-                            Some(e) => Err(e.into()),
+                            Some(e) => Err(e),
                             None => Ok(rows),
                         };
                     }
@@ -350,8 +350,7 @@ impl ReplicationConnection {
             match self.wire.read_message().await? {
                 BackendMessage::CopyBothResponse => break,
                 BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                    let error = parse_server_error(body.fields())?;
-                    return Err(error.into());
+                    return Err(self.wire.server_error(body.fields()));
                 }
                 BackendMessage::Other(backend::Message::NoticeResponse(_)) => {}
                 BackendMessage::Other(other) => {

@@ -5,12 +5,15 @@ use std::io;
 
 use crate::pgoutput::DecodeError;
 pub use crate::postgres::ServerError;
+use crate::postgres::os_error_fix;
 
-/// Everything that can end a replication connection.
+/// Everything that can end a replication connection. Each names the server
+/// it happened with, and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error(
-        "cannot connect to PostgreSQL at {address}: {source}; check that the server runs and --pg-url names the right host and port"
+        "PostgreSQL at {address}: cannot connect: {source}; fix: {}",
+        os_error_fix(source).unwrap_or("check that the server runs and that --pg-url names the right host and port")
     )]
     Connect {
         address: String,
@@ -18,15 +21,24 @@ pub enum ReplicationError {
         source: io::Error,
     },
     #[error(
-        "TLS with PostgreSQL at {address} failed: {reason}; check sslmode, sslrootcert and the host name in --pg-url against the server's certificate"
+        "PostgreSQL at {address}: TLS failed: {reason}; fix: check sslmode, sslrootcert and the host name in --pg-url against the server's certificate"
     )]
     Tls { address: String, reason: String },
-    #[error("connection to PostgreSQL lost: {0}")]
+    #[error(
+        "PostgreSQL at {address}: connection lost: {source}{}",
+        os_error_fix(source).map(|f| format!("; fix: {f}")).unwrap_or_default()
+    )]
+    Lost {
+        address: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot encode a message for PostgreSQL: {0}")]
     Io(#[from] io::Error),
-    #[error("PostgreSQL closed the connection")]
-    Closed,
-    #[error("PostgreSQL: {0}")]
-    Server(#[from] ServerError),
+    #[error("PostgreSQL at {address} closed the connection")]
+    Closed { address: String },
+    #[error("PostgreSQL at {address}: {error}")]
+    Server { address: String, error: ServerError },
     #[error(
         "the server asks for a password but --pg-url has none: add it (postgres://user:password@host/db) or set PGPASSWORD"
     )]
@@ -52,9 +64,10 @@ impl ReplicationError {
     pub fn is_transient(&self) -> bool {
         match self {
             ReplicationError::Connect { .. }
+            | ReplicationError::Lost { .. }
             | ReplicationError::Io(_)
-            | ReplicationError::Closed => true,
-            ReplicationError::Server(e) => !e.is_permanent(),
+            | ReplicationError::Closed { .. } => true,
+            ReplicationError::Server { error, .. } => !error.is_permanent(),
             ReplicationError::PasswordRequired
             | ReplicationError::Tls { .. }
             | ReplicationError::UnsupportedAuthentication(_)
@@ -66,7 +79,7 @@ impl ReplicationError {
     /// The server's SQLSTATE, when the server sent the error.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            ReplicationError::Server(e) => Some(&e.code),
+            ReplicationError::Server { error, .. } => Some(&error.code),
             _ => None,
         }
     }
@@ -75,6 +88,13 @@ impl ReplicationError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(error: ServerError) -> ReplicationError {
+        ReplicationError::Server {
+            address: "db:5432".into(),
+            error,
+        }
+    }
 
     fn server_error(code: &str, message: &str) -> ServerError {
         ServerError {
@@ -93,23 +113,28 @@ mod tests {
             "replication slot \"walrelay\" is active for PID 42",
         );
         assert!(e.to_string().contains("use a different --slot"));
-        assert!(ReplicationError::Server(e).is_transient());
+        assert!(at(e).is_transient());
     }
 
     #[test]
     fn missing_slot_and_wrong_password_are_permanent() {
         let slot = server_error("42704", "replication slot \"x\" does not exist");
         assert!(slot.to_string().contains("walrelay setup"));
-        assert!(!ReplicationError::Server(slot).is_transient());
+        assert!(!at(slot).is_transient());
         let password = server_error("28P01", "password authentication failed for user \"u\"");
         assert!(password.to_string().contains("password is wrong"));
-        assert!(!ReplicationError::Server(password).is_transient());
+        assert!(!at(password).is_transient());
     }
 
     #[test]
     fn wal_level_and_missing_replication_privilege_name_their_settings() {
         let wal = server_error("55000", "logical decoding requires wal_level >= logical");
         assert!(wal.to_string().contains("wal_level = logical"));
+        assert!(
+            at(wal)
+                .to_string()
+                .starts_with("PostgreSQL at db:5432: ERROR 55000")
+        );
         let role = server_error(
             "42501",
             "must be superuser or replication role to start walsender",
@@ -120,5 +145,28 @@ mod tests {
             "number of requested standby connections exceeds max_wal_senders (currently 1)",
         );
         assert!(senders.to_string().contains("max_wal_senders"));
+    }
+}
+
+#[cfg(test)]
+mod os_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_names_the_address_and_what_to_check() {
+        let e = ReplicationError::Connect {
+            address: "127.0.0.1:1".into(),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("PostgreSQL at 127.0.0.1:1: cannot connect: "),
+            "{text}"
+        );
+        assert!(text.contains("refused"), "{text}");
+        assert!(
+            text.contains("fix: nothing accepts connections there"),
+            "{text}"
+        );
     }
 }

@@ -4,7 +4,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::{backend, frontend};
 
 use super::error::ReplicationError;
-use super::wire::{BackendMessage, Wire, copy_data, parse_server_error};
+use super::wire::{BackendMessage, Wire, copy_data};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 
@@ -86,7 +86,7 @@ impl ReplicationStream {
                 }
                 backend::Message::CopyDone => return Ok(None),
                 backend::Message::ErrorResponse(body) => {
-                    return Err(parse_server_error(body.fields())?.into());
+                    return Err(self.wire.server_error(body.fields()));
                 }
                 backend::Message::NoticeResponse(_) | backend::Message::ParameterStatus(_) => {}
                 backend::Message::CommandComplete(_) | backend::Message::ReadyForQuery(_) => {
@@ -131,7 +131,7 @@ impl ReplicationStream {
             match self.wire.read_message().await? {
                 BackendMessage::Other(backend::Message::ReadyForQuery(_)) => break,
                 BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                    return Err(parse_server_error(body.fields())?.into());
+                    return Err(self.wire.server_error(body.fields()));
                 }
                 _ => {}
             }

@@ -24,14 +24,35 @@ pub(crate) struct Wire {
     socket: Box<dyn Socket>,
     read_buf: BytesMut,
     write_buf: BytesMut,
+    /// The server's address, for every error this connection reports.
+    address: String,
 }
 
 impl Wire {
-    pub(crate) fn new(socket: Box<dyn Socket>) -> Self {
+    pub(crate) fn new(socket: Box<dyn Socket>, address: String) -> Self {
         Wire {
             socket,
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
+            address,
+        }
+    }
+
+    /// An ErrorResponse of this connection's server.
+    pub(crate) fn server_error(&self, fields: backend::ErrorFields<'_>) -> ReplicationError {
+        match parse_server_error(fields) {
+            Ok(error) => ReplicationError::Server {
+                address: self.address.clone(),
+                error,
+            },
+            Err(e) => e,
+        }
+    }
+
+    fn lost(&self, source: std::io::Error) -> ReplicationError {
+        ReplicationError::Lost {
+            address: self.address.clone(),
+            source,
         }
     }
 }
@@ -53,8 +74,15 @@ impl Wire {
                 }
             }
             self.read_buf.reserve(64 * 1024);
-            if self.socket.read_buf(&mut self.read_buf).await? == 0 {
-                return Err(ReplicationError::Closed);
+            let read = self
+                .socket
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|e| self.lost(e))?;
+            if read == 0 {
+                return Err(ReplicationError::Closed {
+                    address: self.address.clone(),
+                });
             }
         }
     }
@@ -66,13 +94,14 @@ impl Wire {
 
     pub(crate) async fn flush(&mut self) -> Result<(), ReplicationError> {
         let data = self.write_buf.split();
-        self.socket.write_all(&data).await?;
-        self.socket.flush().await?;
-        Ok(())
+        if let Err(e) = self.socket.write_all(&data).await {
+            return Err(self.lost(e));
+        }
+        self.socket.flush().await.map_err(|e| self.lost(e))
     }
 }
 
-pub(crate) fn parse_server_error(
+fn parse_server_error(
     mut fields: backend::ErrorFields<'_>,
 ) -> Result<ServerError, ReplicationError> {
     let mut error = ServerError {
