@@ -118,13 +118,13 @@ mod tests {
     fn server(code: &str, message: &str) -> RelayError {
         RelayError::Replication(ReplicationError::Server {
             address: "db:5432".into(),
-            error: ServerError {
+            error: Box::new(ServerError {
                 severity: "ERROR".into(),
                 code: code.into(),
                 message: message.into(),
                 detail: None,
                 hint: None,
-            },
+            }),
         })
     }
 

@@ -38,7 +38,10 @@ pub enum ReplicationError {
     #[error("PostgreSQL at {address} closed the connection")]
     Closed { address: String },
     #[error("PostgreSQL at {address}: {error}")]
-    Server { address: String, error: ServerError },
+    Server {
+        address: String,
+        error: Box<ServerError>,
+    },
     #[error(
         "the server asks for a password but --pg-url has none: add it (postgres://user:password@host/db) or set PGPASSWORD"
     )]
@@ -92,7 +95,7 @@ mod tests {
     fn at(error: ServerError) -> ReplicationError {
         ReplicationError::Server {
             address: "db:5432".into(),
-            error,
+            error: Box::new(error),
         }
     }
 

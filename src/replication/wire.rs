@@ -43,7 +43,7 @@ impl Wire {
         match parse_server_error(fields) {
             Ok(error) => ReplicationError::Server {
                 address: self.address.clone(),
-                error,
+                error: Box::new(error),
             },
             Err(e) => e,
         }
