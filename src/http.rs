@@ -28,7 +28,7 @@ const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
-    status: Arc<LiveState>,
+    live: Arc<LiveState>,
     slot: String,
 }
 
@@ -48,6 +48,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::gauge!(crate::metrics::REPLICATION_CONNECTED).set(0.0);
     metrics::gauge!(crate::metrics::EVENTS_IN_FLIGHT).set(0.0);
     metrics::gauge!(crate::metrics::CONFIRMED_LSN).set(0.0);
+    metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(0.0);
     metrics::counter!(crate::metrics::RECONNECTS_TOTAL).absolute(0);
     Ok(handle)
 }
@@ -56,13 +57,13 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 pub fn spawn(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
-    status: Arc<LiveState>,
+    live: Arc<LiveState>,
     producer: ProducerSettings,
     slot: String,
 ) -> anyhow::Result<()> {
     let config = producer.client_config().map_err(anyhow::Error::msg)?;
     let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.create()?);
-    let probe_status = Arc::clone(&status);
+    let probe_live = Arc::clone(&live);
     tokio::spawn(async move {
         loop {
             let admin = Arc::clone(&admin);
@@ -74,7 +75,7 @@ pub fn spawn(
             })
             .await
             .unwrap_or(false);
-            probe_status
+            probe_live
                 .counters
                 .broker_reachable
                 .store(ok, Ordering::Relaxed);
@@ -83,7 +84,7 @@ pub fn spawn(
     });
     let app = router(AppState {
         metrics,
-        status,
+        live,
         slot,
     });
     tokio::spawn(async move {
@@ -125,16 +126,14 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let streaming = state.status.connected();
-    let broker = state
-        .status
-        .counters
-        .broker_reachable
-        .load(Ordering::Relaxed);
+    let streaming = state.live.connected();
+    let broker = state.live.counters.broker_reachable.load(Ordering::Relaxed);
     let body = json!({
         "ready": streaming && broker,
-        "role": state.status.role(),
+        "role": state.live.role(),
         "streaming": streaming,
+        "reason": state.live.reason(),
+        "waiting_for_broker": state.live.waiting_for_broker(),
         "broker_reachable": broker,
         "slot": state.slot,
     });
@@ -147,12 +146,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn api_status(State(state): State<AppState>) -> Response {
-    let s = &state.status;
+    let s = &state.live;
     let c = &s.counters;
     Json(json!({
         "slot_name": state.slot,
         "slot": s.slot(),
         "streaming": s.connected(),
+        "reason": s.reason(),
+        "waiting_for_broker": s.waiting_for_broker(),
         "host": s.host(),
         "role": s.role(),
         "broker_reachable": c.broker_reachable.load(Ordering::Relaxed),

@@ -27,6 +27,8 @@ pub struct LiveState {
     role: Mutex<Role>,
     /// The PostgreSQL host streaming, while connected.
     host: Mutex<Option<String>>,
+    /// The relay let go of the slot because the broker does not answer.
+    waiting_for_broker: AtomicBool,
     confirmed: AtomicU64,
     last_ack_unix_micros: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -44,6 +46,7 @@ impl Default for LiveState {
             connected: AtomicBool::new(false),
             role: Mutex::new(Role::Starting),
             host: Mutex::new(None),
+            waiting_for_broker: AtomicBool::new(false),
             confirmed: AtomicU64::new(0),
             last_ack_unix_micros: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -74,6 +77,31 @@ impl LiveState {
 
     pub fn role(&self) -> Role {
         *self.role.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_waiting_for_broker(&self, waiting: bool) {
+        self.waiting_for_broker.store(waiting, Ordering::Relaxed);
+    }
+
+    pub fn waiting_for_broker(&self) -> bool {
+        self.waiting_for_broker.load(Ordering::Relaxed)
+    }
+
+    /// Why the relay is not streaming, for people: `None` while it streams.
+    pub fn reason(&self) -> Option<String> {
+        if self.connected() {
+            return None;
+        }
+        Some(match self.role() {
+            Role::Standby => "standing by: another relay holds the slot".to_owned(),
+            _ if self.waiting_for_broker() => {
+                "waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay let go of the slot (PostgreSQL is not held); it streams again once the broker answers".to_owned()
+            }
+            _ => match self.last_error() {
+                Some(error) => format!("reconnecting after: {error}"),
+                None => "starting".to_owned(),
+            },
+        })
     }
 
     pub fn set_host(&self, host: Option<String>) {

@@ -25,6 +25,8 @@ pub const TRANSACTIONS_TOTAL: &str = "walrelay_transactions_total";
 pub const WINDOW_FULL_TOTAL: &str = "walrelay_window_full_total";
 pub const HEARTBEAT_LATENCY_SECONDS: &str = "walrelay_heartbeat_latency_seconds";
 pub const HEARTBEAT_ERRORS_TOTAL: &str = "walrelay_heartbeat_errors_total";
+pub const WAITING_FOR_BROKER: &str = "walrelay_waiting_for_broker";
+pub const SLOT_RELEASES_TOTAL: &str = "walrelay_slot_releases_total";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -101,6 +103,14 @@ pub fn describe() {
         HEARTBEAT_ERRORS_TOTAL,
         "heartbeats that could not be emitted"
     );
+    describe_gauge!(
+        WAITING_FOR_BROKER,
+        "1 while the relay has let go of the slot because the broker acknowledged nothing for --broker-stall-timeout"
+    );
+    describe_counter!(
+        SLOT_RELEASES_TOTAL,
+        "replication sessions ended on purpose so PostgreSQL is not held, by reason (broker, server_stopping)"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
@@ -127,4 +137,6 @@ pub const ALL: &[&str] = &[
     WINDOW_FULL_TOTAL,
     HEARTBEAT_LATENCY_SECONDS,
     HEARTBEAT_ERRORS_TOTAL,
+    WAITING_FOR_BROKER,
+    SLOT_RELEASES_TOTAL,
 ];

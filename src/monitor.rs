@@ -26,6 +26,10 @@ const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 pub enum Finding {
     /// The outbox can no longer be streamed: the relay stops with the fix.
     Outbox(OutboxProblem),
+    /// PostgreSQL is shutting down (it ended the monitor's session and
+    /// refuses new ones): the relay ends its replication session at once,
+    /// so the walsender does not hold the shutdown while events drain.
+    ServerStopping,
 }
 
 /// A dropped outbox table or publication, or a table the publication no
@@ -69,12 +73,34 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
     tokio::spawn(async move {
         let mut session = SqlSession::new(config.pg.clone());
         let mut tick = tokio::time::interval(INTERVAL);
+        let mut last_failure = None;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                reason = session.closed() => {
+                    // The server ended the session: a fast shutdown does
+                    // that first, then refuses new connections.
+                    tracing::debug!(reason = %reason.message, "slot monitor session ended");
+                    if let Err(e) = session.client().await {
+                        if is_shutting_down(&e) {
+                            tracing::info!("PostgreSQL is shutting down");
+                            let _ = tx.try_send(Finding::ServerStopping);
+                        }
+                    }
+                    continue;
+                }
+            }
             let client = match session.client().await {
                 Ok(c) => c,
                 Err(e) => {
-                    failed(&live, &format!("slot monitor cannot connect: {e}"));
+                    if is_shutting_down(&e) {
+                        let _ = tx.try_send(Finding::ServerStopping);
+                    }
+                    failed(
+                        &live,
+                        &mut last_failure,
+                        format!("slot monitor cannot connect: {e}"),
+                    );
                     record_sample(&live);
                     continue;
                 }
@@ -85,15 +111,23 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
                     export(&config.slot, snapshot.as_ref());
                     live.set_slot(snapshot);
                 }
-                Err(e) => failed(&live, &format!("slot monitor query failed: {e}")),
+                Err(e) => failed(
+                    &live,
+                    &mut last_failure,
+                    format!("slot monitor query failed: {e}"),
+                ),
             }
             match outbox_problem(client, &config.publication, &config.tables).await {
                 Ok(Some(problem)) => {
                     // The relay ends on the first; a full channel means it has one.
                     let _ = tx.try_send(Finding::Outbox(problem));
                 }
-                Ok(None) => {}
-                Err(e) => failed(&live, &format!("outbox check failed: {e}")),
+                Ok(None) => last_failure = None,
+                Err(e) => failed(
+                    &live,
+                    &mut last_failure,
+                    format!("outbox check failed: {e}"),
+                ),
             }
             record_sample(&live);
         }
@@ -129,8 +163,22 @@ async fn outbox_problem(
     Ok(None)
 }
 
-fn failed(live: &LiveState, message: &str) {
-    tracing::warn!(error = message, "slot monitor");
+/// The server refuses connections because it is shutting down.
+fn is_shutting_down(error: &SqlError) -> bool {
+    error
+        .server()
+        .is_some_and(|e| e.code == "57P03" && e.message.contains("shutting down"))
+}
+
+/// Counts a failed reading; logs it when it differs from the last one, so
+/// a server that is down for a while does not flood the log.
+fn failed(live: &LiveState, last: &mut Option<String>, message: String) {
+    if last.as_deref() != Some(message.as_str()) {
+        tracing::warn!(error = %message, "slot monitor");
+    } else {
+        tracing::debug!(error = %message, "slot monitor");
+    }
+    *last = Some(message);
     metrics::counter!(m::MONITOR_ERRORS_TOTAL).increment(1);
     live.counters.monitor_errors.fetch_add(1, Ordering::Relaxed);
 }

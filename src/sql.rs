@@ -6,6 +6,7 @@
 use std::fmt;
 use std::io;
 
+use tokio::sync::watch;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -15,6 +16,16 @@ use crate::postgres::{ConnectionConfig, ServerError, os_error_fix};
 pub struct SqlClient {
     client: tokio_postgres::Client,
     address: String,
+    /// Why the connection ended, once it has.
+    closed: watch::Receiver<Option<ClosedReason>>,
+}
+
+/// Why an SQL connection ended: the server's SQLSTATE (57P01 when it was
+/// terminated, as at a fast shutdown) and the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClosedReason {
+    pub sqlstate: Option<String>,
+    pub message: String,
 }
 
 impl SqlClient {
@@ -87,6 +98,17 @@ impl SqlClient {
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
+
+    /// Waits until the connection ends, and says why.
+    pub async fn closed(&mut self) -> ClosedReason {
+        match self.closed.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().expect("waited for Some"),
+            Err(_) => ClosedReason {
+                sqlstate: None,
+                message: "the connection task ended".into(),
+            },
+        }
+    }
 }
 
 /// Opens an SQL connection with `config`'s settings, TLS included; its
@@ -97,33 +119,47 @@ pub async fn connect(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
         .map_err(|e| SqlError::new(&address, SqlCause::Tls(e.to_string())))?;
     let pg = config.to_tokio_postgres();
     let at = |e| SqlError::from_postgres(&address, e);
+    let (closed_tx, closed) = watch::channel(None);
     let client = match tls {
         Some(tls) => {
-            let (client, connection) = pg
-                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
-                    (*tls).clone(),
-                ))
-                .await
-                .map_err(at)?;
-            tokio::spawn(drive(connection, address.clone()));
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = pg.connect(connector).await.map_err(at)?;
+            tokio::spawn(drive(connection, address.clone(), closed_tx));
             client
         }
         None => {
             let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(at)?;
-            tokio::spawn(drive(connection, address.clone()));
+            tokio::spawn(drive(connection, address.clone(), closed_tx));
             client
         }
     };
-    Ok(SqlClient { client, address })
+    Ok(SqlClient {
+        client,
+        address,
+        closed,
+    })
 }
 
-async fn drive<F>(connection: F, address: String)
+/// Runs the connection until it ends, then tells why.
+async fn drive<F>(connection: F, address: String, closed: watch::Sender<Option<ClosedReason>>)
 where
     F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
 {
-    if let Err(e) = connection.await {
-        tracing::debug!(error = %SqlError::from_postgres(&address, e), "SQL connection closed");
-    }
+    let reason = match connection.await {
+        Ok(()) => ClosedReason {
+            sqlstate: None,
+            message: "closed".into(),
+        },
+        Err(e) => {
+            let error = SqlError::from_postgres(&address, e);
+            tracing::debug!(error = %error, "SQL connection closed");
+            ClosedReason {
+                sqlstate: error.sqlstate().map(str::to_owned),
+                message: error.to_string(),
+            }
+        }
+    };
+    closed.send_replace(Some(reason));
 }
 
 /// An SQL connection that reconnects on first use after it broke, for
@@ -154,6 +190,14 @@ impl SqlSession {
     /// Where this session connects, for messages.
     pub fn address(&self) -> String {
         self.config.address()
+    }
+
+    /// Waits until the current connection ends (never, without one).
+    pub async fn closed(&mut self) -> ClosedReason {
+        match self.client.as_mut() {
+            Some(client) => client.closed().await,
+            None => std::future::pending().await,
+        }
     }
 }
 

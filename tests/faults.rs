@@ -195,7 +195,13 @@ async fn a_broker_paused_past_wal_sender_timeout_does_not_drop_the_replication_c
         !broker.is_external(),
         "this test pauses the broker: run it against tansu (unset WALRELAY_TEST_BROKERS)"
     );
-    let relay = stack.relay(&["--max-in-flight-events", "5"]);
+    // The window rule, not the stall rule (tested in tests/errors.rs).
+    let relay = stack.relay(&[
+        "--max-in-flight-events",
+        "5",
+        "--broker-stall-timeout",
+        "60s",
+    ]);
     stack.insert_events("bp", 1).await;
     assert_eq!(
         broker

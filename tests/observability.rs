@@ -263,7 +263,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 7 rules found"));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 8 rules found"));
     let test = promtool(&["test", "rules", "alerts/walrelay.test.yml"], None);
     assert!(
         test.status.success(),
@@ -378,26 +378,7 @@ async fn the_dashboard_shows_a_chart_with_data_in_headless_chromium() {
     std::fs::create_dir_all(&artifacts).unwrap();
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://127.0.0.1:{}/", relay.http_port);
-    let chromium = |extra: &[&str]| {
-        Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--window-size=1280,900",
-                "--virtual-time-budget=5000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("chromium (Debian's chromium package) is needed")
-    };
+    let chromium = |extra: &[&str]| support::chromium(profile.path(), &url, extra);
     let dom = chromium(&["--dump-dom"]);
     let dom = String::from_utf8_lossy(&dom.stdout);
     let points: usize = dom

@@ -645,14 +645,12 @@ async fn with_no_create_topics_a_missing_topic_stops_the_relay_naming_it() {
 #[test]
 fn bad_options_exit_with_code_2_and_name_the_option() {
     let run = |args: &[&str]| {
+        let mut all = vec!["run", "--brokers", "127.0.0.1:1"];
+        if !args.contains(&"--pg-url") {
+            all.extend(["--pg-url", "postgres://u@127.0.0.1:1/db"]);
+        }
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
-            .args([
-                "run",
-                "--pg-url",
-                "postgres://u@127.0.0.1:1/db",
-                "--brokers",
-                "127.0.0.1:1",
-            ])
+            .args(all)
             .args(args)
             .output()
             .unwrap();
@@ -667,6 +665,26 @@ fn bad_options_exit_with_code_2_and_name_the_option() {
             "--topic-template",
         ),
         (&["-X", "acks=1"][..], "acks must stay all"),
+        (
+            &["-X", "no.such.option=1"][..],
+            "-X no.such.option=1: librdkafka refuses it",
+        ),
+        (
+            &["-X", "linger.ms=soon"][..],
+            "-X linger.ms=soon: librdkafka refuses it",
+        ),
+        (
+            &["--pg-url", "mysql://u@h/db"][..],
+            "--pg-url mysql://u@h/db: connection URL must start with postgres://",
+        ),
+        (
+            &["--broker-stall-timeout", "0"][..],
+            "--broker-stall-timeout",
+        ),
+        (
+            &["--max-in-flight-bytes", "64 furlongs"][..],
+            "--max-in-flight-bytes",
+        ),
         (&["-X", "novalue"][..], "expected KEY=VALUE"),
         (&["--header-column", ":x"][..], "--header-column"),
         (&["--table", "a.b.c"][..], "--table"),

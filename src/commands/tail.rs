@@ -70,9 +70,9 @@ pub async fn tail(
             }) => {
                 let message = decoder
                     .decode(&data)
-                    .map_err(|source| ReplicationError::Decode {
+                    .map_err(|error| ReplicationError::Decode {
                         lsn: wal_start,
-                        source,
+                        error,
                     })?;
                 let line = to_json(wal_start, &message, &mut relations);
                 writeln!(out, "{line}")?;

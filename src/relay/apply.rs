@@ -10,16 +10,29 @@
 //!    watermark moved);
 //! 6. the replication link: a connection attempt finishing, or new WAL
 //!    while the window has room;
-//! 7. the timers: reconnecting (only once nothing is in flight) and the
-//!    shutdown deadline.
+//! 7. the timers: the broker stall (events wait and nothing was
+//!    acknowledged for `--broker-stall-timeout`), reconnecting (only once
+//!    nothing is in flight) and the shutdown deadline.
 //!
 //! No branch waits on anything but its own future, so shutdown, deliveries
 //! and the walsender are answered whatever else is going on.
+//!
+//! # Never holding the database
+//!
+//! At shutdown a walsender waits until its client has confirmed everything
+//! it sent, and walrelay confirms only what the broker acknowledged. So
+//! while the broker is away, or while a long backlog drains, a connected
+//! relay would hold PostgreSQL's shutdown. Two rules prevent that: when
+//! events wait and nothing has been acknowledged for the stall timeout,
+//! the relay ends its session cleanly (the walsender exits) and keeps
+//! waiting on the producer, streaming again once everything in flight is
+//! acknowledged; and when the slot monitor sees the server shutting down,
+//! the relay ends its session at once. Either way the slot keeps its
+//! confirmed position, so nothing is lost.
 
 use std::future::pending;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -27,79 +40,44 @@ use tokio::time::Instant;
 use super::RelayConfig;
 use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
-use super::error::{Decision, Failure, RelayError, decide};
-use super::publisher::{Outcome, Outgoing, Publisher, PublisherEvent, backoff};
-use super::session::{Connector, Session, SessionStart, WalItem};
+use super::error::RelayError;
+use super::link::{Link, LinkEvent, Release};
+use super::publisher::{Outcome, Outgoing, Publisher, PublisherEvent};
+use super::session::{Connector, Session, WalItem};
 use super::window::InFlightWindow;
-use crate::live::{LiveState, Role};
+use crate::live::LiveState;
 use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::monitor::Finding;
 use crate::pgoutput::PgTimestamp;
 use crate::router::{Routed, Router};
-use crate::sink::{EventTicket, LocalBoxFuture, Sink};
-
-/// A session that streamed this long counts as healthy for the retry count.
-const HEALTHY_SESSION: Duration = Duration::from_secs(60);
-
-/// How long ending a session cleanly may take before the connection is
-/// simply dropped.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::sink::{EventTicket, Sink};
 
 /// The transaction being applied.
-struct OpenTxn {
+pub(super) struct OpenTxn {
     ticket: TxnTicket,
     commit_time: PgTimestamp,
     /// When a heartbeat in this transaction was emitted (Unix microseconds).
     heartbeat_emitted_at: Option<i64>,
 }
 
-/// The replication link's state.
-enum Link<W> {
-    /// Not connected; connect again at this time once nothing is in flight.
-    Idle {
-        reconnect_at: Instant,
-    },
-    Connecting(LocalBoxFuture<Result<(W, SessionStart), RelayError>>),
-    Streaming(Session<W>),
-}
-
-enum LinkEvent<W> {
-    Connected(Result<(W, SessionStart), RelayError>),
-    Item(Result<WalItem, RelayError>),
-}
-
-impl<W: super::session::WalStream> Link<W> {
-    /// The link's next event; never ready while idle, or while streaming
-    /// when `reading` is false. Cancel-safe.
-    async fn next(&mut self, reading: bool) -> LinkEvent<W> {
-        match self {
-            Link::Connecting(attempt) => LinkEvent::Connected(attempt.as_mut().await),
-            Link::Streaming(session) if reading => LinkEvent::Item(session.next().await),
-            _ => pending().await,
-        }
-    }
-
-    fn is_streaming(&self) -> bool {
-        matches!(self, Link::Streaming(_))
-    }
-}
-
 pub struct Relay<C: Connector, S: Sink> {
-    config: RelayConfig,
-    connector: C,
+    pub(super) config: RelayConfig,
+    pub(super) connector: C,
     /// Built when the first session tells the system identifier.
-    router: Option<Router>,
-    window: InFlightWindow,
-    confirmer: Confirmer,
-    publisher: Publisher<S>,
-    live: Arc<LiveState>,
-    findings: mpsc::Receiver<Finding>,
-    open: Option<OpenTxn>,
+    pub(super) router: Option<Router>,
+    pub(super) window: InFlightWindow,
+    pub(super) confirmer: Confirmer,
+    pub(super) publisher: Publisher<S>,
+    pub(super) live: Arc<LiveState>,
+    pub(super) findings: mpsc::Receiver<Finding>,
+    pub(super) open: Option<OpenTxn>,
     /// Failed sessions in a row, towards giving up on a permanent error.
-    attempt: u32,
-    session_began: Instant,
-    confirmed_at_session_start: Lsn,
+    pub(super) attempt: u32,
+    pub(super) session_began: Instant,
+    pub(super) confirmed_at_session_start: Lsn,
+    /// The last acknowledgement, or when events started to wait.
+    pub(super) last_progress: Instant,
 }
 
 impl<C: Connector, S: Sink> Relay<C, S> {
@@ -125,6 +103,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
             attempt: 0,
             session_began: Instant::now(),
             confirmed_at_session_start: Lsn::ZERO,
+            last_progress: Instant::now(),
             config,
         }
     }
@@ -149,6 +128,8 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 && self.window.has_room();
             let feedback_at = streaming.then(|| self.confirmer.due_at());
             let resend_at = self.publisher.due_at();
+            let stall_at = (streaming && stop_deadline.is_none() && !self.window.is_empty())
+                .then(|| self.last_progress + self.config.broker_stall_timeout);
             let reconnect_at = match &link {
                 Link::Idle { reconnect_at }
                     if stop_deadline.is_none() && self.window.is_empty() =>
@@ -166,6 +147,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 }
                 Some(finding) = self.findings.recv() => match finding {
                     Finding::Outbox(problem) => Err(RelayError::Outbox(problem)),
+                    Finding::ServerStopping => self.release(&mut link, Release::ServerStopping).await,
                 },
                 event = self.publisher.next_event() => match event {
                     PublisherEvent::Delivery(delivery) => {
@@ -196,6 +178,9 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                     LinkEvent::Item(Ok(item)) => self.apply(item, &mut link).await,
                     LinkEvent::Item(Err(error)) => Err(error),
                 },
+                _ = sleep_until(stall_at), if stall_at.is_some() => {
+                    self.release(&mut link, Release::BrokerStalled).await
+                }
                 _ = sleep_until(reconnect_at), if reconnect_at.is_some() => {
                     link = Link::Connecting(self.connector.connect(self.confirmer.confirmed()));
                     Ok(())
@@ -206,81 +191,6 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 self.on_error(error, &mut link)?;
             }
         }
-    }
-
-    fn on_connected(&mut self, start: SessionStart) {
-        if self.router.is_none() {
-            self.router = Some(Router::new(
-                self.config.router.clone(),
-                start.system_id.clone(),
-            ));
-        }
-        self.confirmer.restart();
-        self.open = None;
-        self.session_began = Instant::now();
-        self.confirmed_at_session_start = self.confirmer.confirmed();
-        tracing::info!(slot = %self.config.slot, host = %start.host, start = %self.confirmer.confirmed(), "streaming");
-        self.live.set_host(Some(start.host));
-        self.set_connected(true);
-    }
-
-    /// A session (or the relay) failed: decide whether to reconnect, stand
-    /// by, or stop.
-    fn on_error(
-        &mut self,
-        error: RelayError,
-        link: &mut Link<C::Stream>,
-    ) -> Result<(), RelayError> {
-        self.set_connected(false);
-        self.open = None;
-        self.live.set_last_error(&error.to_string());
-        let decision = decide(Failure::Session(&error));
-        let wait = match decision {
-            Decision::StandBy => {
-                // High availability: another relay streams from the slot.
-                // Stand by and ask again soon, so a takeover takes seconds.
-                if self.live.role() != Role::Standby {
-                    tracing::info!(slot = %self.config.slot, "the slot is held by another process; standing by");
-                    self.live.set_role(Role::Standby);
-                }
-                self.attempt = 0;
-                self.config.standby_retry
-            }
-            Decision::Stop => return Err(error),
-            _ => {
-                self.live.set_role(Role::Starting);
-                // A session that made progress (or lasted) starts the count
-                // of failed attempts afresh; one that failed on the same
-                // change again counts towards giving up.
-                if self.confirmer.confirmed() > self.confirmed_at_session_start
-                    || self.session_began.elapsed() > HEALTHY_SESSION
-                {
-                    self.attempt = 0;
-                }
-                self.attempt += 1;
-                if decision == Decision::StopAfterRetries
-                    && self.attempt >= self.config.permanent_error_attempts
-                {
-                    return Err(error);
-                }
-                let wait = backoff(self.attempt, self.config.max_backoff);
-                tracing::warn!(error = %error, attempt = self.attempt, retry_in = ?wait, "replication interrupted");
-                metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
-                self.live
-                    .counters
-                    .reconnects
-                    .fetch_add(1, Ordering::Relaxed);
-                wait
-            }
-        };
-        self.session_began = Instant::now();
-        self.confirmed_at_session_start = self.confirmer.confirmed();
-        // Dropping the session closes its connection; events still in
-        // flight are waited for before the next one starts.
-        *link = Link::Idle {
-            reconnect_at: Instant::now() + wait,
-        };
-        Ok(())
     }
 
     /// Applies one item of the stream.
@@ -386,6 +296,10 @@ impl<C: Connector, S: Sink> Relay<C, S> {
             }
         };
         self.confirmer.event_sent(txn)?;
+        if self.window.is_empty() {
+            // Events start to wait: the stall clock starts now.
+            self.last_progress = Instant::now();
+        }
         let ticket = EventTicket {
             txn,
             commit_time,
@@ -402,11 +316,13 @@ impl<C: Connector, S: Sink> Relay<C, S> {
         for outcome in self.publisher.take_outcomes() {
             match outcome {
                 Outcome::Acked { ticket, topic } => {
+                    self.last_progress = Instant::now();
                     self.count_ack(&ticket, topic);
                     self.window.release(ticket.bytes);
                     self.confirmer.ack(ticket.txn)?;
                 }
                 Outcome::GaveUp { ticket } => {
+                    self.last_progress = Instant::now();
                     self.window.release(ticket.bytes);
                     self.confirmer.ack(ticket.txn)?;
                 }
@@ -443,7 +359,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
     }
 
     /// Sends a status update with the watermark, if streaming.
-    async fn send_feedback(
+    pub(super) async fn send_feedback(
         &mut self,
         link: &mut Link<C::Stream>,
         reply: bool,
@@ -456,34 +372,6 @@ impl<C: Connector, S: Sink> Relay<C, S> {
         self.confirmer.reported(lsn);
         self.live.set_confirmed(lsn);
         Ok(())
-    }
-
-    /// Confirms what was acknowledged and ends the session cleanly.
-    async fn stop(mut self, mut link: Link<C::Stream>) -> Result<(), RelayError> {
-        if !self.window.is_empty() {
-            tracing::warn!(
-                in_flight = self.window.events(),
-                "shutdown timeout: unacknowledged events will be sent again on restart"
-            );
-        }
-        self.send_feedback(&mut link, false).await?;
-        if let Link::Streaming(session) = link {
-            match tokio::time::timeout(FINISH_TIMEOUT, session.finish()).await {
-                Ok(result) => result?,
-                Err(_) => tracing::warn!("the server did not end the stream in time; closing"),
-            }
-        }
-        self.set_connected(false);
-        tracing::info!(confirmed = %self.confirmer.confirmed(), "stopped");
-        Ok(())
-    }
-
-    fn set_connected(&self, connected: bool) {
-        metrics::gauge!(m::REPLICATION_CONNECTED).set(if connected { 1.0 } else { 0.0 });
-        self.live.set_connected(connected);
-        if !connected {
-            self.live.set_host(None);
-        }
     }
 }
 

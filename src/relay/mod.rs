@@ -11,6 +11,7 @@
 //! | --- | --- |
 //! | `session.rs` | one replication session: stream, decoder, relation cache, open transaction |
 //! | `apply.rs` | the loop: one biased `select!` over everything that can happen |
+//! | `link.rs` | the replication link's life: connect, fail, let go of the slot, stop |
 //! | `window.rs` | the in-flight window (events and bytes): when to stop reading WAL |
 //! | `publisher.rs` | produce, topic preparation, retries with backoff, dead letters |
 //! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
@@ -53,6 +54,7 @@ mod ack_tracker;
 mod apply;
 mod confirmer;
 mod error;
+mod link;
 mod publisher;
 mod session;
 mod window;
@@ -92,6 +94,9 @@ pub struct RelayConfig {
     pub permanent_error_attempts: u32,
     /// How often a standby asks for the slot held by another relay.
     pub standby_retry: Duration,
+    /// How long events may wait with nothing acknowledged before the relay
+    /// lets go of the slot, so PostgreSQL is not held by a broker outage.
+    pub broker_stall_timeout: Duration,
     /// Prefix of walrelay's own heartbeat messages: never published, used
     /// to measure replication latency.
     pub heartbeat_prefix: String,

@@ -147,9 +147,9 @@ impl<W: WalStream> Session<W> {
                 let message =
                     self.decoder
                         .decode(&data)
-                        .map_err(|source| ReplicationError::Decode {
+                        .map_err(|error| ReplicationError::Decode {
                             lsn: wal_start,
-                            source,
+                            error,
                         })?;
                 self.check(message, wal_start)
             }

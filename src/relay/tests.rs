@@ -38,6 +38,7 @@ fn config() -> RelayConfig {
         max_backoff: Duration::from_secs(30),
         permanent_error_attempts: 3,
         standby_retry: Duration::from_secs(2),
+        broker_stall_timeout: Duration::from_secs(5),
         heartbeat_prefix: "walrelay.heartbeat".into(),
     }
 }
@@ -46,12 +47,13 @@ fn config() -> RelayConfig {
 struct Harness {
     server: ScriptedServer,
     stop: watch::Sender<bool>,
+    findings: mpsc::Sender<crate::monitor::Finding>,
     relay: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
 
 fn start(config: RelayConfig, server: &ScriptedServer, broker: &MemoryBroker) -> Harness {
     let (stop, shutdown) = watch::channel(false);
-    let (_findings_tx, findings) = mpsc::channel(1);
+    let (findings_tx, findings) = mpsc::channel(1);
     let relay = Relay::new(
         config,
         server.connector(),
@@ -62,6 +64,7 @@ fn start(config: RelayConfig, server: &ScriptedServer, broker: &MemoryBroker) ->
     Harness {
         server: server.clone(),
         stop,
+        findings: findings_tx,
         relay: tokio::task::spawn_local(relay.run(shutdown)),
     }
 }
@@ -94,6 +97,8 @@ async fn a_full_window_stops_reading_wal_and_keeps_sending_status_updates() {
             let wal = server.session();
             let mut cfg = config();
             cfg.max_in_flight_events = 2;
+            // This test is about the window; the stall rule has its own.
+            cfg.broker_stall_timeout = Duration::from_secs(60);
             let h = start(cfg, &server, &broker);
             for i in 1..=5u64 {
                 let id = format!("id-{i}");
@@ -408,6 +413,90 @@ async fn a_missing_dead_letter_topic_at_start_is_not_fatal_but_a_missing_event_t
                 "{error}"
             );
             assert_eq!(h.server.confirmed(), Lsn::ZERO);
+        })
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_acknowledges_nothing_makes_the_relay_let_go_of_the_slot_until_it_answers() {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            let first = server.session();
+            let second = server.session();
+            let h = start(config(), &server, &broker);
+            push(&first, wire::transaction(1000, &[("a", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            broker.pause();
+            push(&first, wire::transaction(2000, &[("b", "k", "{}")]));
+            run_for(Duration::from_secs(4)).await;
+            assert!(
+                !*h.server.finished.lock().unwrap(),
+                "within the stall timeout"
+            );
+            run_for(Duration::from_secs(2)).await;
+            assert!(
+                *h.server.finished.lock().unwrap(),
+                "after 5 s without an acknowledgement the session ended cleanly"
+            );
+            assert_eq!(
+                h.server.confirmed(),
+                Lsn(1000),
+                "the watermark was confirmed first"
+            );
+            run_for(Duration::from_secs(30)).await;
+            assert_eq!(
+                h.server.starts.lock().unwrap().len(),
+                1,
+                "no new session while the event waits"
+            );
+            broker.resume();
+            run_for(Duration::from_millis(100)).await;
+            assert_eq!(
+                *h.server.starts.lock().unwrap(),
+                [Lsn::ZERO, Lsn(2000)],
+                "streaming again after the acknowledged event"
+            );
+            push(&second, wire::transaction(3000, &[("c", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b", "c"]);
+            assert_eq!(h.server.confirmed(), Lsn(3000));
+            h.stop.send(true).unwrap();
+            h.relay.await.unwrap().unwrap();
+        })
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_shutting_down_makes_the_relay_end_its_session_at_once() {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            let first = server.session();
+            let _second = server.session();
+            let h = start(config(), &server, &broker);
+            push(&first, wire::transaction(1000, &[("a", "k", "{}")]));
+            broker.pause();
+            push(&first, wire::transaction(2000, &[("b", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            h.findings
+                .send(crate::monitor::Finding::ServerStopping)
+                .await
+                .unwrap();
+            run_for(Duration::from_millis(100)).await;
+            assert!(*h.server.finished.lock().unwrap(), "ended at once");
+            assert_eq!(h.server.confirmed(), Lsn::ZERO, "nothing acknowledged yet");
+            broker.resume();
+            run_for(Duration::from_secs(30)).await;
+            assert_eq!(
+                *h.server.starts.lock().unwrap(),
+                [Lsn::ZERO, Lsn(2000)],
+                "back after the in-flight events, from the watermark"
+            );
+            h.stop.send(true).unwrap();
+            h.relay.await.unwrap().unwrap();
         })
         .await;
 }

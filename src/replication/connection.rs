@@ -66,7 +66,7 @@ impl ReplicationConnection {
             .await
             .map_err(|_| ReplicationError::Connect {
                 address: config.address(),
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no answer within {timeout:?}"),
                 ),
@@ -369,9 +369,9 @@ impl ReplicationConnection {
 }
 
 async fn open_socket(config: &ConnectionConfig) -> Result<Box<dyn Socket>, ReplicationError> {
-    let connect_error = |source| ReplicationError::Connect {
+    let connect_error = |error| ReplicationError::Connect {
         address: config.address(),
-        source,
+        error,
     };
     Ok(match &config.host {
         Host::Tcp(host) => {

@@ -12,27 +12,23 @@ use crate::postgres::os_error_fix;
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error(
-        "PostgreSQL at {address}: cannot connect: {source}; fix: {}",
-        os_error_fix(source).unwrap_or("check that the server runs and that --pg-url names the right host and port")
+        "PostgreSQL at {address}: cannot connect: {error}; fix: {}",
+        os_error_fix(error).unwrap_or("check that the server runs and that --pg-url names the right host and port")
     )]
     Connect {
         address: String,
-        #[source]
-        source: io::Error,
+        // Named `error`, not `source`: the message says it, once.
+        error: io::Error,
     },
     #[error(
         "PostgreSQL at {address}: TLS failed: {reason}; fix: check sslmode, sslrootcert and the host name in --pg-url against the server's certificate"
     )]
     Tls { address: String, reason: String },
     #[error(
-        "PostgreSQL at {address}: connection lost: {source}{}",
-        os_error_fix(source).map(|f| format!("; fix: {f}")).unwrap_or_default()
+        "PostgreSQL at {address}: connection lost: {error}{}",
+        os_error_fix(error).map(|f| format!("; fix: {f}")).unwrap_or_default()
     )]
-    Lost {
-        address: String,
-        #[source]
-        source: io::Error,
-    },
+    Lost { address: String, error: io::Error },
     #[error("cannot encode a message for PostgreSQL: {0}")]
     Io(#[from] io::Error),
     #[error("PostgreSQL at {address} closed the connection")]
@@ -52,11 +48,10 @@ pub enum ReplicationError {
     UnsupportedAuthentication(String),
     #[error("protocol violation: {0}")]
     Protocol(String),
-    #[error("cannot decode a pgoutput message at {lsn}: {source}")]
+    #[error("cannot decode a pgoutput message at {lsn}: {error}")]
     Decode {
         lsn: crate::lsn::Lsn,
-        #[source]
-        source: DecodeError,
+        error: DecodeError,
     },
 }
 
@@ -159,7 +154,7 @@ mod os_tests {
     fn a_refused_connection_names_the_address_and_what_to_check() {
         let e = ReplicationError::Connect {
             address: "127.0.0.1:1".into(),
-            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            error: io::Error::from(io::ErrorKind::ConnectionRefused),
         };
         let text = e.to_string();
         assert!(

@@ -49,10 +49,10 @@ impl Wire {
         }
     }
 
-    fn lost(&self, source: std::io::Error) -> ReplicationError {
+    fn lost(&self, error: std::io::Error) -> ReplicationError {
         ReplicationError::Lost {
             address: self.address.clone(),
-            source,
+            error,
         }
     }
 }

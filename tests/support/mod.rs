@@ -268,6 +268,11 @@ host replication all 127.0.0.1/32 md5
         self.pg_ctl_start();
     }
 
+    /// Starts the server again after `stop`.
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
     /// Stops the server; `mode` is smart, fast or immediate.
     pub fn stop(&self, mode: &str) {
         let data = self.data_dir();
@@ -475,4 +480,27 @@ impl Stack {
         })
         .await;
     }
+}
+
+/// Headless Chromium on `url` with `extra` flags (`--dump-dom`,
+/// `--screenshot=...`), offline and with a throwaway profile.
+pub fn chromium(profile: &Path, url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,900",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian's chromium package) is needed")
 }

@@ -1,46 +1,17 @@
-//! The command line: clap definitions, validation, and dispatch to the
-//! subcommands. Every option also reads an environment variable.
+//! The commands' flags, each also read from an environment variable, and
+//! their validation into the configurations the commands run with.
 
-use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
-use crate::commands;
-use crate::commands::setup::SetupOptions;
+use super::UsageError;
+use super::values::{parse_duration, parse_size};
 use crate::kafka::{ProducerSettings, SinkSettings};
 use crate::postgres::redact_url;
 use crate::relay::RelayConfig;
 use crate::replication::ConnectionConfig;
 use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
-use crate::sql;
-
-/// Streams transactional-outbox events from PostgreSQL to Kafka through
-/// logical replication.
-#[derive(Debug, Parser)]
-#[command(name = "walrelay", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Stream outbox events to Kafka until stopped (SIGINT/SIGTERM: stop
-    /// reading, drain in-flight events, confirm, exit 0).
-    Run(Box<RunArgs>),
-    /// Create the outbox table, the publication and the slot if missing.
-    Setup(Box<SetupArgs>),
-    /// Preflight: wal_level, free slots and senders, REPLICATION, publication
-    /// and table shape; each failure names its fix. Exit code 0 or 1.
-    Check(Box<SetupArgs>),
-    /// Replication slots: active pid, confirmed and restart LSN, lag and
-    /// retained WAL, wal_status.
-    Status(StatusArgs),
-    /// Print every decoded change of a publication as JSON lines, from a
-    /// temporary slot that disappears on exit (Ctrl-C to stop).
-    Tail(TailArgs),
-}
 
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone, Args)]
@@ -217,7 +188,7 @@ pub struct RunArgs {
     #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_EVENTS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight_events: u64,
     /// Most bytes of events produced and not yet acknowledged.
-    #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_BYTES", default_value = "64MiB", value_parser = parse_size)]
     pub max_in_flight_bytes: u64,
     /// How often to send a status update to PostgreSQL even when nothing moved.
     #[arg(long, env = "WALRELAY_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -245,6 +216,11 @@ pub struct RunArgs {
     /// While another relay holds the slot, how often to ask for it (standby mode).
     #[arg(long, env = "WALRELAY_STANDBY_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub standby_retry: Duration,
+    /// When events wait and the broker acknowledged nothing for this long,
+    /// end the replication session (so PostgreSQL can shut down) and stream
+    /// again once the broker answers.
+    #[arg(long, env = "WALRELAY_BROKER_STALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub broker_stall_timeout: Duration,
     /// Address of the HTTP server: /metrics, /healthz, /readyz and the dashboard at /.
     #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
     pub http_addr: String,
@@ -306,9 +282,12 @@ impl RunArgs {
                 "--heartbeat-prefix must be non-empty and differ from --message-prefix (heartbeats are never published)".into(),
             ));
         }
-        if self.standby_retry.is_zero() || self.status_interval.is_zero() {
+        if self.standby_retry.is_zero()
+            || self.status_interval.is_zero()
+            || self.broker_stall_timeout.is_zero()
+        {
             return Err(UsageError(
-                "--standby-retry and --status-interval must be greater than zero".into(),
+                "--standby-retry, --status-interval and --broker-stall-timeout must be greater than zero".into(),
             ));
         }
         Ok(RelayConfig {
@@ -333,33 +312,10 @@ impl RunArgs {
             max_backoff: self.max_backoff,
             permanent_error_attempts: 3,
             standby_retry: self.standby_retry,
+            broker_stall_timeout: self.broker_stall_timeout,
             heartbeat_prefix: self.heartbeat_prefix.clone(),
         })
     }
-}
-
-/// `500ms`, `1s`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("{text:?} is not a duration; use a number with ms, s, m or h, such as 500ms or 30s")
-    })?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?}; use ms, s, m or h"
-            ));
-        }
-    };
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, Args)]
@@ -377,118 +333,4 @@ pub struct TailArgs {
     /// pgoutput protocol version (1-4); default: the highest the server speaks.
     #[arg(long, env = "WALRELAY_PROTO_VERSION", value_parser = clap::value_parser!(u32).range(1..=4))]
     pub proto_version: Option<u32>,
-}
-
-/// A bad flag or environment value: exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
-/// Parses the command line, runs the command and maps the outcome to an
-/// exit code: 0 success, 1 failure, 2 bad configuration.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
-    // One thread: the relay is one loop, and a single-threaded runtime
-    // saves the cross-thread wakeups that dominated its CPU profile.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("walrelay: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(dispatch(cli)) {
-        Ok(code) => code,
-        Err(err) => {
-            if let Some(usage) = err.downcast_ref::<UsageError>() {
-                eprintln!("walrelay: {usage}");
-                return ExitCode::from(2);
-            }
-            eprintln!("walrelay: {err:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Run(args) => {
-            let kafka = args.sink_settings()?;
-            let relay = args.relay_config()?;
-            let listener = commands::run::listen(&args.http_addr)
-                .await
-                .map_err(UsageError)?;
-            commands::run::run(commands::run::RunOptions {
-                relay,
-                kafka,
-                listener,
-                create_slot: args.create_slot,
-                heartbeat_interval: args.heartbeat_interval,
-            })
-            .await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Setup(args) => {
-            let config = args.pg.connection_config()?;
-            let options = SetupOptions {
-                tables: args.outbox.tables()?,
-                columns: args.outbox.columns(),
-                publication: args.outbox.publication.clone(),
-                slot: args.outbox.slot.clone(),
-            };
-            let client = sql::connect(&config).await?;
-            for line in commands::setup::setup(&client, &options).await? {
-                println!("{line}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Check(args) => {
-            let config = args.pg.connection_config()?;
-            let options = commands::check::CheckOptions {
-                tables: args.outbox.tables()?,
-                columns: args.outbox.columns(),
-                publication: args.outbox.publication.clone(),
-                slot: args.outbox.slot.clone(),
-            };
-            let client = sql::connect(&config).await?;
-            let findings = commands::check::check(&client, &options).await?;
-            let failed = commands::check::print(&findings);
-            Ok(if failed {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Status(args) => {
-            let config = args.pg.connection_config()?;
-            let client = sql::connect(&config).await?;
-            commands::status::run(&client, args.slot.as_deref(), args.json, args.watch).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Tail(args) => {
-            let config = args.pg.connection_config()?;
-            let options = commands::tail::TailOptions {
-                publications: args.publications,
-                proto_version: args.proto_version,
-            };
-            let shutdown = commands::shutdown_signal();
-            let mut stdout = std::io::stdout();
-            commands::tail::tail(&config, &options, &mut stdout, shutdown).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALRELAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
