@@ -8,6 +8,7 @@ pub mod commands;
 pub mod heartbeat;
 pub mod http;
 pub mod kafka;
+pub mod ledger;
 pub mod live;
 pub mod lsn;
 pub mod metrics;

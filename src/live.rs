@@ -172,6 +172,7 @@ pub struct Sample {
 #[derive(Debug, Default)]
 pub struct LiveCounters {
     pub events_published: AtomicU64,
+    pub events_skipped: AtomicU64,
     pub dead_letters: AtomicU64,
     pub in_flight: AtomicU64,
     pub reconnects: AtomicU64,

@@ -26,6 +26,10 @@ pub const WINDOW_FULL_TOTAL: &str = "walrelay_window_full_total";
 pub const HEARTBEAT_LATENCY_SECONDS: &str = "walrelay_heartbeat_latency_seconds";
 pub const HEARTBEAT_ERRORS_TOTAL: &str = "walrelay_heartbeat_errors_total";
 pub const WAITING_FOR_BROKER: &str = "walrelay_waiting_for_broker";
+pub const EVENTS_SKIPPED_TOTAL: &str = "walrelay_events_skipped_total";
+pub const PARTITION_RECOVERIES_TOTAL: &str = "walrelay_partition_recoveries_total";
+pub const PARTITION_RECOVERY_SECONDS: &str = "walrelay_partition_recovery_seconds";
+pub const PARTITIONS_AT_LEAST_ONCE_TOTAL: &str = "walrelay_partitions_at_least_once_total";
 pub const SLOT_RELEASES_TOTAL: &str = "walrelay_slot_releases_total";
 
 /// Registers every metric's help text and unit with the recorder.
@@ -108,6 +112,23 @@ pub fn describe() {
         "1 while the relay has let go of the slot because the broker acknowledged nothing for --broker-stall-timeout"
     );
     describe_counter!(
+        EVENTS_SKIPPED_TOTAL,
+        "events not published because their partition already holds them (exactly-once)"
+    );
+    describe_counter!(
+        PARTITION_RECOVERIES_TOTAL,
+        "partition tails scanned for records already in the log (exactly-once)"
+    );
+    describe_histogram!(
+        PARTITION_RECOVERY_SECONDS,
+        Unit::Seconds,
+        "time to scan a partition's tail, from the first record for it to its ledger"
+    );
+    describe_counter!(
+        PARTITIONS_AT_LEAST_ONCE_TOTAL,
+        "partitions whose tail could not be read in full (lookback) or at all (unreadable): events not seen in them are published again"
+    );
+    describe_counter!(
         SLOT_RELEASES_TOTAL,
         "replication sessions ended on purpose so PostgreSQL is not held, by reason (broker, server_stopping)"
     );
@@ -139,4 +160,8 @@ pub const ALL: &[&str] = &[
     HEARTBEAT_ERRORS_TOTAL,
     WAITING_FOR_BROKER,
     SLOT_RELEASES_TOTAL,
+    EVENTS_SKIPPED_TOTAL,
+    PARTITION_RECOVERIES_TOTAL,
+    PARTITION_RECOVERY_SECONDS,
+    PARTITIONS_AT_LEAST_ONCE_TOTAL,
 ];

@@ -13,6 +13,7 @@ use std::pin::Pin;
 
 use tokio::sync::mpsc;
 
+use crate::ledger::{LedgerScan, Position};
 use crate::pgoutput::PgTimestamp;
 use crate::record::KafkaRecord;
 
@@ -33,6 +34,8 @@ pub struct EventTicket {
     pub bytes: usize,
     /// The record is a dead letter (of this event).
     pub dead_letter: bool,
+    /// The event's position in the WAL (exactly-once delivery).
+    pub position: Option<Position>,
 }
 
 /// A delivery report.
@@ -126,4 +129,13 @@ pub trait Sink {
     /// Makes sure `topic` exists (creating it when allowed) and returns its
     /// partition count. The relay polls the future beside its loop.
     fn prepare_topic(&self, topic: &str) -> LocalBoxFuture<Result<i32, TopicError>>;
+
+    /// Reads `partition`'s records newest first into `scan` until it has
+    /// enough (or the partition's beginning), and gives it back.
+    fn scan_tail(
+        &self,
+        topic: &str,
+        partition: i32,
+        scan: LedgerScan,
+    ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>>;
 }

@@ -9,7 +9,7 @@ use super::UsageError;
 use super::values::{parse_duration, parse_size};
 use crate::kafka::{ProducerSettings, SinkSettings};
 use crate::postgres::redact_url;
-use crate::relay::RelayConfig;
+use crate::relay::{DeliveryGuarantee, RelayConfig};
 use crate::replication::ConnectionConfig;
 use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
 
@@ -216,6 +216,20 @@ pub struct RunArgs {
     /// While another relay holds the slot, how often to ask for it (standby mode).
     #[arg(long, env = "WALRELAY_STANDBY_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub standby_retry: Duration,
+    /// exactly-once: every event once in Kafka (records carry their position,
+    /// a restarted relay skips what a partition holds); at-least-once: a
+    /// restart may publish again what was not yet confirmed.
+    #[arg(
+        long,
+        env = "WALRELAY_DELIVERY",
+        value_enum,
+        default_value = "exactly-once"
+    )]
+    pub delivery: DeliveryGuarantee,
+    /// Exactly once: records of a partition's tail read at most when looking
+    /// for this relay's own (others' records are passed over).
+    #[arg(long, env = "WALRELAY_EXACTLY_ONCE_LOOKBACK", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub exactly_once_lookback: u64,
     /// When events wait and the broker acknowledged nothing for this long,
     /// end the replication session (so PostgreSQL can shut down) and stream
     /// again once the broker answers.
@@ -313,6 +327,8 @@ impl RunArgs {
             permanent_error_attempts: 3,
             standby_retry: self.standby_retry,
             broker_stall_timeout: self.broker_stall_timeout,
+            delivery: self.delivery,
+            exactly_once_lookback: self.exactly_once_lookback as usize,
             heartbeat_prefix: self.heartbeat_prefix.clone(),
         })
     }

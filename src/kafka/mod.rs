@@ -1,8 +1,9 @@
 //! The Kafka side: the librdkafka client configuration, the producer as a
-//! [`crate::relay::Sink`], and topic preparation.
+//! [`crate::sink::Sink`], topic preparation, and partition tail scans.
 
 pub mod config;
 pub mod producer;
+pub mod tail;
 pub mod topics;
 
 pub use config::{ProducerSettings, SinkSettings};

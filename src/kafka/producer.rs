@@ -18,7 +18,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use tokio::sync::mpsc;
 
 use super::config::SinkSettings;
+use super::tail::TailReader;
 use super::topics::TopicCreator;
+use crate::ledger::LedgerScan;
 use crate::record::KafkaRecord;
 use crate::sink::{
     BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
@@ -97,11 +99,12 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
-/// The producer, its delivery reports, and topic preparation.
+/// The producer, its delivery reports, topic preparation and tail scans.
 pub struct KafkaSink {
     producer: Arc<ThreadedProducer<DeliveryContext>>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     topics: Arc<TopicCreator>,
+    tails: Arc<TailReader>,
 }
 
 impl KafkaSink {
@@ -126,6 +129,7 @@ impl KafkaSink {
             producer,
             deliveries: rx,
             topics: Arc::new(topics),
+            tails: Arc::new(TailReader::new(&config)),
         })
     }
 
@@ -182,6 +186,17 @@ impl Sink for KafkaSink {
         let topics = Arc::clone(&self.topics);
         let topic = topic.to_owned();
         Box::pin(async move { topics.prepare(&topic).await })
+    }
+
+    fn scan_tail(
+        &self,
+        topic: &str,
+        partition: i32,
+        scan: LedgerScan,
+    ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>> {
+        let tails = Arc::clone(&self.tails);
+        let topic = topic.to_owned();
+        Box::pin(async move { tails.scan(topic, partition, scan).await })
     }
 }
 

@@ -37,14 +37,18 @@ use std::sync::atomic::Ordering;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::RelayConfig;
+use bytes::Bytes;
+
 use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
 use super::error::RelayError;
 use super::link::{Link, LinkEvent, Release};
+use super::partitions::{PartitionLedgers, ScanSettings};
 use super::publisher::{Outcome, Outgoing, Publisher, PublisherEvent};
 use super::session::{Connector, Session, WalItem};
 use super::window::InFlightWindow;
+use super::{DeliveryGuarantee, RelayConfig};
+use crate::ledger::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
 use crate::live::LiveState;
 use crate::lsn::Lsn;
 use crate::metrics as m;
@@ -78,6 +82,8 @@ pub struct Relay<C: Connector, S: Sink> {
     pub(super) confirmed_at_session_start: Lsn,
     /// The last acknowledgement, or when events started to wait.
     pub(super) last_progress: Instant,
+    /// Exactly once: this session's origin, written on every record.
+    pub(super) origin: Option<Origin>,
 }
 
 impl<C: Connector, S: Sink> Relay<C, S> {
@@ -88,7 +94,14 @@ impl<C: Connector, S: Sink> Relay<C, S> {
         live: Arc<LiveState>,
         findings: mpsc::Receiver<Finding>,
     ) -> Self {
-        let mut publisher = Publisher::new(sink, config.router.dead_letter_topic.clone());
+        let ledgers = (config.delivery == DeliveryGuarantee::ExactlyOnce).then(|| {
+            PartitionLedgers::new(ScanSettings {
+                lookback: config.exactly_once_lookback,
+                dead_letter_topic: config.router.dead_letter_topic.clone(),
+                window: config.max_in_flight_events,
+            })
+        });
+        let mut publisher = Publisher::new(sink, config.router.dead_letter_topic.clone(), ledgers);
         // The dead-letter topic is made ready before the first event needs it.
         publisher.warm_up(&config.router.dead_letter_topic);
         Relay {
@@ -104,6 +117,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
             session_began: Instant::now(),
             confirmed_at_session_start: Lsn::ZERO,
             last_progress: Instant::now(),
+            origin: None,
             config,
         }
     }
@@ -159,6 +173,10 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                     }
                     PublisherEvent::Prepared(topic, result) => {
                         self.publisher.on_prepared(topic, result).and_then(|()| self.settle())
+                    }
+                    PublisherEvent::Scanned(key, started, result) => {
+                        self.publisher.on_scanned(key, started, result);
+                        self.settle()
                     }
                 },
                 _ = sleep_until(resend_at), if resend_at.is_some() => {
@@ -216,6 +234,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 relation,
                 tuple,
                 ctx,
+                position,
             } => {
                 let txn = self
                     .open
@@ -223,12 +242,13 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                     .expect("the session checks inserts are in a transaction");
                 let (ticket, commit_time) = (txn.ticket, txn.commit_time);
                 let routed = self.router().route_insert(&relation, &tuple, ctx);
-                self.publish(routed, ticket, commit_time)?;
+                self.publish(routed, ticket, commit_time, position)?;
             }
             WalItem::Message {
                 message,
                 ctx,
                 in_transaction,
+                position,
             } => {
                 if message.prefix == self.config.heartbeat_prefix {
                     // Our own heartbeat: never published. Its transaction
@@ -246,7 +266,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 match self.open.as_ref() {
                     Some(txn) if in_transaction => {
                         let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                        self.publish(routed, ticket, commit_time)?;
+                        self.publish(routed, ticket, commit_time, position)?;
                     }
                     _ => {
                         // A non-transactional message stands alone in the
@@ -254,7 +274,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                         // tracker, ending at its LSN, so it is confirmed in
                         // stream order.
                         let ticket = self.confirmer.begin();
-                        self.publish(routed, ticket, ctx.commit_time)?;
+                        self.publish(routed, ticket, ctx.commit_time, position)?;
                         self.confirmer.commit(ticket, message.lsn, None)?;
                     }
                 }
@@ -285,8 +305,9 @@ impl<C: Connector, S: Sink> Relay<C, S> {
         routed: Routed,
         txn: TxnTicket,
         commit_time: PgTimestamp,
+        position: Position,
     ) -> Result<(), RelayError> {
-        let (record, dead_letter) = match routed {
+        let (mut record, dead_letter) = match routed {
             Routed::Ignored => return Ok(()),
             Routed::Event(record) => (record, false),
             Routed::DeadLetter { record, error } => {
@@ -300,14 +321,30 @@ impl<C: Connector, S: Sink> Relay<C, S> {
             // Events start to wait: the stall clock starts now.
             self.last_progress = Instant::now();
         }
+        // Exactly once: the record says where it comes from, so a later
+        // process can tell it is already in the log.
+        let position = match &self.origin {
+            Some(origin) => {
+                record.headers.push((
+                    POSITION_HEADER.to_owned(),
+                    Bytes::from(position.to_string()),
+                ));
+                record
+                    .headers
+                    .push((ORIGIN_HEADER.to_owned(), Bytes::from(origin.to_string())));
+                Some(position)
+            }
+            None => None,
+        };
         let ticket = EventTicket {
             txn,
             commit_time,
             bytes: record.size(),
             dead_letter,
+            position,
         };
         self.window.admit(ticket.bytes);
-        self.publisher.publish(Outgoing { record, ticket });
+        self.publisher.publish(Outgoing::new(record, ticket));
         self.settle()
     }
 
@@ -323,6 +360,15 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 }
                 Outcome::GaveUp { ticket } => {
                     self.last_progress = Instant::now();
+                    self.window.release(ticket.bytes);
+                    self.confirmer.ack(ticket.txn)?;
+                }
+                Outcome::Skipped { ticket } => {
+                    self.last_progress = Instant::now();
+                    self.live
+                        .counters
+                        .events_skipped
+                        .fetch_add(1, Ordering::Relaxed);
                     self.window.release(ticket.bytes);
                     self.confirmer.ack(ticket.txn)?;
                 }

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::DeliveryGuarantee;
 use super::apply::Relay;
 use super::error::{Decision, Failure, RelayError, decide};
+use super::partitions::Replay;
 use super::publisher::backoff;
 use super::session::{Connector, Session, SessionStart, WalItem, WalStream};
+use crate::ledger::Origin;
 use crate::live::Role;
 use crate::metrics as m;
 use crate::router::Router;
@@ -76,7 +79,21 @@ impl<C: Connector, S: Sink> Relay<C, S> {
         self.open = None;
         self.session_began = Instant::now();
         self.confirmed_at_session_start = self.confirmer.confirmed();
-        tracing::info!(slot = %self.config.slot, host = %start.host, start = %self.confirmer.confirmed(), "streaming");
+        let replay_start = start.slot_confirmed.max(self.confirmer.confirmed());
+        if self.config.delivery == DeliveryGuarantee::ExactlyOnce {
+            let origin = Origin {
+                system_id: start.system_id.clone(),
+                slot: self.config.slot.clone(),
+                timeline: start.history.current,
+            };
+            self.publisher.begin_replay(Replay {
+                origin: origin.clone(),
+                history: start.history.clone(),
+                start: replay_start,
+            });
+            self.origin = Some(origin);
+        }
+        tracing::info!(slot = %self.config.slot, host = %start.host, start = %replay_start, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
         self.set_waiting_for_broker(false);
         self.set_connected(true);

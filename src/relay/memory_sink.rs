@@ -12,6 +12,9 @@ use tokio::time::Instant;
 
 use super::RelayError;
 use super::session::{Connector, SessionStart, WalStream};
+use crate::ledger::{
+    LedgerScan, ORIGIN_HEADER, POSITION_HEADER, Scan, TailRecord, TimelineHistory,
+};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 use crate::record::KafkaRecord;
@@ -25,8 +28,10 @@ use crate::sink::{
 struct BrokerState {
     /// Acknowledged records per (topic, partition), in log order.
     logs: HashMap<(String, i32), Vec<KafkaRecord>>,
+    /// Partition counts of topics that have more than one.
+    partitions: HashMap<String, i32>,
     /// Records sent and not yet acknowledged, in send order.
-    held: VecDeque<(KafkaRecord, EventTicket)>,
+    held: VecDeque<(KafkaRecord, i32, EventTicket)>,
     paused: bool,
     /// The next deliveries fail with these errors.
     fail_next: VecDeque<BrokerError>,
@@ -71,7 +76,7 @@ impl MemoryBroker {
     /// Acknowledges (or fails) the `index`-th held record.
     pub fn release(&self, index: usize) {
         let mut state = self.state.lock().unwrap();
-        let (record, ticket) = state.held.remove(index).expect("a held record");
+        let (record, partition, ticket) = state.held.remove(index).expect("a held record");
         let result = match state.fail_next.pop_front() {
             Some(error) => Err(DeliveryFailure {
                 error,
@@ -88,7 +93,7 @@ impl MemoryBroker {
                 _ => {
                     state
                         .logs
-                        .entry((record.topic.clone(), 0))
+                        .entry((record.topic.clone(), partition))
                         .or_default()
                         .push(record.clone());
                     Ok(())
@@ -123,15 +128,34 @@ impl MemoryBroker {
         self.state.lock().unwrap().max_record_bytes = Some(bytes);
     }
 
-    /// Records acknowledged to `topic`.
+    /// Records acknowledged to `topic`, partition after partition.
     pub fn log(&self, topic: &str) -> Vec<KafkaRecord> {
+        let state = self.state.lock().unwrap();
+        let mut keys: Vec<&(String, i32)> = state.logs.keys().filter(|(t, _)| t == topic).collect();
+        keys.sort();
+        keys.iter()
+            .flat_map(|k| state.logs[*k].iter().cloned())
+            .collect()
+    }
+
+    /// `topic` has `n` partitions.
+    pub fn set_partitions(&self, topic: &str, n: i32) {
+        self.state
+            .lock()
+            .unwrap()
+            .partitions
+            .insert(topic.to_owned(), n);
+    }
+
+    /// Another producer writes `record` to `partition`.
+    pub fn append(&self, partition: i32, record: KafkaRecord) {
         self.state
             .lock()
             .unwrap()
             .logs
-            .get(&(topic.to_owned(), 0))
-            .cloned()
-            .unwrap_or_default()
+            .entry((record.topic.clone(), partition))
+            .or_default()
+            .push(record);
     }
 
     /// Records handed to the broker and not yet acknowledged.
@@ -154,13 +178,15 @@ impl Sink for MemorySink {
     fn send(
         &mut self,
         record: KafkaRecord,
-        _partition: Option<i32>,
+        partition: Option<i32>,
         ticket: EventTicket,
     ) -> Result<(), SendRefused> {
         let paused = {
             let mut state = self.broker.state.lock().unwrap();
             state.sent += 1;
-            state.held.push_back((record, ticket));
+            state
+                .held
+                .push_back((record, partition.unwrap_or(0), ticket));
             state.paused
         };
         if !paused {
@@ -182,13 +208,57 @@ impl Sink for MemorySink {
             .missing_topics
             .iter()
             .any(|t| t == topic);
+        let partitions = self
+            .broker
+            .state
+            .lock()
+            .unwrap()
+            .partitions
+            .get(topic)
+            .copied()
+            .unwrap_or(1);
         let topic = topic.to_owned();
         Box::pin(async move {
             if missing {
                 Err(TopicError::Missing(topic))
             } else {
-                Ok(1)
+                Ok(partitions)
             }
+        })
+    }
+
+    fn scan_tail(
+        &self,
+        topic: &str,
+        partition: i32,
+        mut scan: LedgerScan,
+    ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>> {
+        let log = self
+            .broker
+            .state
+            .lock()
+            .unwrap()
+            .logs
+            .get(&(topic.to_owned(), partition))
+            .cloned()
+            .unwrap_or_default();
+        Box::pin(async move {
+            for (offset, record) in log.iter().enumerate().rev() {
+                let header = |name: &str| {
+                    record
+                        .header(name)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                let tail = TailRecord {
+                    offset: offset as i64,
+                    origin: header(ORIGIN_HEADER),
+                    position: header(POSITION_HEADER),
+                };
+                if scan.push(&tail) == Scan::Enough {
+                    break;
+                }
+            }
+            Ok(scan)
         })
     }
 }
@@ -228,6 +298,8 @@ pub struct ScriptedServer {
     pub starts: Arc<Mutex<Vec<Lsn>>>,
     pub feedback: Arc<Mutex<Vec<(Lsn, Instant)>>>,
     pub finished: Arc<Mutex<bool>>,
+    /// The slot's confirmed LSN the next session reports.
+    pub slot_confirmed: Arc<Mutex<Lsn>>,
 }
 
 impl ScriptedServer {
@@ -273,6 +345,7 @@ impl Connector for ScriptedConnector {
     ) -> LocalBoxFuture<Result<(ScriptedWal, SessionStart), RelayError>> {
         self.server.starts.lock().unwrap().push(start);
         let session = self.server.sessions.lock().unwrap().pop_front();
+        let slot_confirmed = *self.server.slot_confirmed.lock().unwrap();
         Box::pin(async move {
             let stream = session.ok_or(ReplicationError::Closed {
                 address: "memory".into(),
@@ -281,7 +354,8 @@ impl Connector for ScriptedConnector {
                 stream,
                 SessionStart {
                     system_id: "7000".into(),
-                    timeline: 1,
+                    history: TimelineHistory::new(1),
+                    slot_confirmed,
                     host: "memory".into(),
                 },
             ))
@@ -335,7 +409,8 @@ pub mod wire {
     }
 
     /// A transaction of outbox rows `(id, aggregate_id, payload)`, its
-    /// commit ending at `end_lsn`; the Relation message goes first.
+    /// commit ending at `end_lsn`; the Relation message goes first. Each
+    /// row has its own change LSN; an aggregate_id "NULL" is SQL NULL.
     pub fn transaction(end_lsn: u64, rows: &[(&str, &str, &str)]) -> Vec<ReplicationEvent> {
         let commit_lsn = end_lsn - 8;
         let start = end_lsn - 100;
@@ -364,6 +439,11 @@ pub mod wire {
             ];
             b.put_i16(values.len() as i16);
             for v in values {
+                // The key "NULL" is SQL NULL: a row that becomes a dead letter.
+                if v == "NULL" {
+                    b.put_u8(b'n');
+                    continue;
+                }
                 b.put_u8(b't');
                 b.put_i32(v.len() as i32);
                 b.put_slice(v.as_bytes());

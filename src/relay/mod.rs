@@ -14,6 +14,7 @@
 //! | `link.rs` | the replication link's life: connect, fail, let go of the slot, stop |
 //! | `window.rs` | the in-flight window (events and bytes): when to stop reading WAL |
 //! | `publisher.rs` | produce, topic preparation, retries with backoff, dead letters |
+//! | `partitions.rs` | exactly once: each record's partition, and the ledger of what it holds |
 //! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
 //! | `ack_tracker.rs` | which LSN may be confirmed |
 //! | `error.rs` | the error taxonomy and the one function that decides what to do |
@@ -55,6 +56,7 @@ mod apply;
 mod confirmer;
 mod error;
 mod link;
+mod partitions;
 mod publisher;
 mod session;
 mod window;
@@ -73,6 +75,18 @@ pub use session::{Connector, PgConnector, SessionStart, WalStream};
 
 use crate::postgres::ConnectionConfig;
 use crate::router::RouterConfig;
+
+/// What the relay promises about duplicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryGuarantee {
+    /// Every event once in Kafka: records carry their position and origin,
+    /// and a restarted relay skips what a partition already holds.
+    ExactlyOnce,
+    /// Every event at least once: a restart may publish again what was
+    /// not yet confirmed to PostgreSQL.
+    AtLeastOnce,
+}
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
@@ -97,6 +111,9 @@ pub struct RelayConfig {
     /// How long events may wait with nothing acknowledged before the relay
     /// lets go of the slot, so PostgreSQL is not held by a broker outage.
     pub broker_stall_timeout: Duration,
+    pub delivery: DeliveryGuarantee,
+    /// Exactly once: records a partition scan reads at most.
+    pub exactly_once_lookback: usize,
     /// Prefix of walrelay's own heartbeat messages: never published, used
     /// to measure replication latency.
     pub heartbeat_prefix: String,

@@ -22,6 +22,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::error::{Decision, Failure, RelayError, decide};
+use super::partitions::{PartitionLedgers, Replay, Route};
+use crate::ledger::LedgerScan;
 use crate::metrics as m;
 use crate::record::KafkaRecord;
 use crate::sink::{
@@ -40,6 +42,19 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Outgoing {
     pub record: KafkaRecord,
     pub ticket: EventTicket,
+    /// The partition walrelay chose (exactly-once), or `None` for the
+    /// client's partitioner.
+    pub partition: Option<i32>,
+}
+
+impl Outgoing {
+    pub fn new(record: KafkaRecord, ticket: EventTicket) -> Self {
+        Outgoing {
+            record,
+            ticket,
+            partition: None,
+        }
+    }
 }
 
 /// What became of records: the relay applies these to its window and its
@@ -50,20 +65,26 @@ pub enum Outcome {
     Acked { ticket: EventTicket, topic: String },
     /// A dead letter that could not be delivered either: logged, released.
     GaveUp { ticket: EventTicket },
+    /// Already in the log (exactly-once): not sent again.
+    Skipped { ticket: EventTicket },
     /// A record was replaced by its dead letter, of another size.
     Resized { from: usize, to: usize },
 }
 
-/// Something the publisher's sink or topic preparations produced.
+/// Something the publisher's sink, topic preparations or tail scans
+/// produced.
 pub enum PublisherEvent {
     Delivery(Delivery),
     Prepared(String, Result<i32, TopicError>),
+    Scanned((String, i32), Instant, Result<LedgerScan, BrokerError>),
 }
 
 enum TopicState {
     /// Being prepared; these records wait for it, in order.
     Preparing(VecDeque<Outgoing>),
-    Ready,
+    Ready {
+        partitions: i32,
+    },
 }
 
 pub struct Publisher<S: Sink> {
@@ -79,11 +100,15 @@ pub struct Publisher<S: Sink> {
     /// Failures since the last success, for the backoff.
     failures: u32,
     outcomes: Vec<Outcome>,
+    /// Exactly-once: partitions and what they already hold.
+    ledgers: Option<PartitionLedgers>,
 }
 
 impl<S: Sink> Publisher<S> {
-    pub fn new(sink: S, dead_letter_topic: String) -> Self {
+    /// A publisher; with `ledgers`, exactly once.
+    pub fn new(sink: S, dead_letter_topic: String, ledgers: Option<PartitionLedgers>) -> Self {
         Publisher {
+            ledgers,
             sink,
             dead_letter_topic,
             topics: HashMap::new(),
@@ -117,14 +142,41 @@ impl<S: Sink> Publisher<S> {
         }
     }
 
+    /// Exactly-once: a session starts (see `PartitionLedgers::begin`).
+    pub fn begin_replay(&mut self, replay: Replay) {
+        if let Some(ledgers) = self.ledgers.as_mut() {
+            ledgers.begin(replay);
+        }
+    }
+
     /// Sends a record, or queues it behind what must go first.
     pub fn publish(&mut self, out: Outgoing) {
         if !self.backlog.is_empty() {
             self.backlog.push_back(out);
             return;
         }
+        self.route(out);
+    }
+
+    /// Sends a record once its topic is ready and, exactly once, its
+    /// partition's ledger is known.
+    fn route(&mut self, out: Outgoing) {
         match self.topics.get_mut(&out.record.topic) {
-            Some(TopicState::Ready) => self.send(out),
+            Some(TopicState::Ready { partitions }) => {
+                let partitions = *partitions;
+                let route = match self.ledgers.as_mut() {
+                    Some(ledgers) => ledgers.route(&self.sink, out, partitions),
+                    None => Route::Send(out),
+                };
+                match route {
+                    Route::Send(out) => self.send(out),
+                    Route::Skip(out) => {
+                        metrics::counter!(m::EVENTS_SKIPPED_TOTAL).increment(1);
+                        self.outcomes.push(Outcome::Skipped { ticket: out.ticket });
+                    }
+                    Route::Waiting => {}
+                }
+            }
             Some(TopicState::Preparing(waiting)) => waiting.push_back(out),
             None => {
                 let topic = out.record.topic.clone();
@@ -161,9 +213,30 @@ impl<S: Sink> Publisher<S> {
                     return Poll::Ready(PublisherEvent::Prepared(topic, result));
                 }
             }
+            if let Some(ledgers) = self.ledgers.as_mut().filter(|l| l.is_scanning()) {
+                let scanned = std::pin::pin!(ledgers.next_scanned());
+                if let Poll::Ready((key, started, result)) = scanned.poll(cx) {
+                    return Poll::Ready(PublisherEvent::Scanned(key, started, result));
+                }
+            }
             Poll::Pending
         })
         .await
+    }
+
+    /// A partition's tail was scanned: its waiting records go on.
+    pub fn on_scanned(
+        &mut self,
+        key: (String, i32),
+        started: Instant,
+        result: Result<LedgerScan, BrokerError>,
+    ) {
+        let Some(ledgers) = self.ledgers.as_mut() else {
+            return;
+        };
+        for out in ledgers.on_scanned(key, started, result) {
+            self.route(out);
+        }
     }
 
     /// A topic preparation finished: release its records, retry it later,
@@ -176,7 +249,7 @@ impl<S: Sink> Publisher<S> {
         match result {
             Ok(partitions) => {
                 tracing::debug!(topic, partitions, "topic ready");
-                let waiting = match self.topics.insert(topic, TopicState::Ready) {
+                let waiting = match self.topics.insert(topic, TopicState::Ready { partitions }) {
                     Some(TopicState::Preparing(waiting)) => waiting,
                     _ => VecDeque::new(),
                 };
@@ -215,13 +288,18 @@ impl<S: Sink> Publisher<S> {
     }
 
     fn send(&mut self, out: Outgoing) {
-        let Outgoing { record, ticket } = out;
-        match self.sink.send(record, None, ticket) {
+        let Outgoing {
+            record,
+            ticket,
+            partition,
+        } = out;
+        match self.sink.send(record, partition, ticket) {
             Ok(()) => {}
             Err(SendRefused::QueueFull(record)) => {
                 self.backlog.push_front(Outgoing {
                     record: *record,
                     ticket,
+                    partition,
                 });
                 self.backlog_retry_at = Some(Instant::now() + QUEUE_FULL_PAUSE);
             }
@@ -271,10 +349,7 @@ impl<S: Sink> Publisher<S> {
                 });
                 ticket.bytes = dead.size();
                 ticket.dead_letter = true;
-                self.publish(Outgoing {
-                    record: dead,
-                    ticket,
-                });
+                self.publish(Outgoing::new(dead, ticket));
             }
             Decision::GiveUp => {
                 let id = record
@@ -296,7 +371,7 @@ impl<S: Sink> Publisher<S> {
                 }
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "delivery").increment(1);
                 self.retries
-                    .push_back((Outgoing { record, ticket }, Instant::now() + wait));
+                    .push_back((Outgoing::new(record, ticket), Instant::now() + wait));
             }
         }
     }
@@ -333,7 +408,7 @@ impl<S: Sink> Publisher<S> {
     /// sent once already) and nothing may overtake it.
     fn send_from_backlog(&mut self, out: Outgoing) {
         match self.topics.get_mut(&out.record.topic) {
-            Some(TopicState::Ready) => self.send(out),
+            Some(TopicState::Ready { .. }) => self.send(out),
             Some(TopicState::Preparing(waiting)) => waiting.push_back(out),
             None => {
                 let topic = out.record.topic.clone();

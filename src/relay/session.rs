@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::error::{RelayError, StreamError};
+use crate::ledger::{Position, TimelineHistory};
 use crate::lsn::Lsn;
 use crate::pgoutput::{LogicalMessage, Message, PgTimestamp, StreamDecoder, TupleData};
 use crate::relation_cache::{RelationCache, RelationInfo};
@@ -57,8 +58,11 @@ impl WalStream for ReplicationStream {
 pub struct SessionStart {
     /// The cluster's system identifier.
     pub system_id: String,
-    /// The server's timeline.
-    pub timeline: u32,
+    /// The server's timeline and its ancestors.
+    pub history: TimelineHistory,
+    /// The slot's confirmed position: the stream starts at the later of it
+    /// and the relay's own watermark.
+    pub slot_confirmed: Lsn,
     /// The host streaming, for the dashboard.
     pub host: String,
 }
@@ -85,6 +89,7 @@ pub enum WalItem {
         relation: Arc<RelationInfo>,
         tuple: TupleData,
         ctx: ChangeContext,
+        position: Position,
     },
     /// A logical decoding message; `ctx.commit_time` is its transaction's,
     /// or now for a non-transactional one.
@@ -92,6 +97,7 @@ pub enum WalItem {
         message: Message,
         ctx: ChangeContext,
         in_transaction: bool,
+        position: Position,
     },
     Commit {
         end_lsn: Lsn,
@@ -109,6 +115,26 @@ pub enum WalItem {
 #[derive(Clone, Copy, Debug)]
 struct OpenTxn {
     commit_time: PgTimestamp,
+    /// Where its commit record is (Begin's final LSN).
+    commit_lsn: Lsn,
+    /// The last change's LSN and rank, to rank changes sharing an LSN.
+    last_change: Option<(Lsn, u16)>,
+}
+
+impl OpenTxn {
+    /// The position of the next change, at `lsn`.
+    fn position(&mut self, lsn: Lsn) -> Position {
+        let rank = match self.last_change {
+            Some((last, rank)) if last == lsn => rank.saturating_add(1),
+            _ => 0,
+        };
+        self.last_change = Some((lsn, rank));
+        Position {
+            commit: self.commit_lsn,
+            change: lsn,
+            rank,
+        }
+    }
 }
 
 pub struct Session<W> {
@@ -164,6 +190,8 @@ impl<W: WalStream> Session<W> {
                 }
                 self.open = Some(OpenTxn {
                     commit_time: begin.commit_time,
+                    commit_lsn: begin.final_lsn,
+                    last_change: None,
                 });
                 WalItem::Begin {
                     commit_time: begin.commit_time,
@@ -180,7 +208,10 @@ impl<W: WalStream> Session<W> {
                 WalItem::Other
             }
             LogicalMessage::Insert(insert) => {
-                let txn = self.open.ok_or(StreamError::InsertOutsideTransaction)?;
+                let txn = self
+                    .open
+                    .as_mut()
+                    .ok_or(StreamError::InsertOutsideTransaction)?;
                 let relation = self
                     .relations
                     .get(insert.relation_id)
@@ -193,25 +224,39 @@ impl<W: WalStream> Session<W> {
                         lsn,
                         commit_time: txn.commit_time,
                     },
+                    position: txn.position(lsn),
                 }
             }
             LogicalMessage::Message(message) => {
                 let in_transaction = message.transactional && self.open.is_some();
-                let commit_time = match self.open {
-                    Some(txn) if in_transaction => txn.commit_time,
-                    _ => PgTimestamp::now(),
+                let (commit_time, position) = match self.open.as_mut() {
+                    Some(txn) if in_transaction => (txn.commit_time, txn.position(lsn)),
+                    // A non-transactional message stands alone at its LSN.
+                    _ => (
+                        PgTimestamp::now(),
+                        Position {
+                            commit: message.lsn,
+                            change: message.lsn,
+                            rank: 0,
+                        },
+                    ),
                 };
                 WalItem::Message {
                     ctx: ChangeContext { lsn, commit_time },
                     message,
                     in_transaction,
+                    position,
                 }
             }
-            LogicalMessage::Update(_)
-            | LogicalMessage::Delete(_)
-            | LogicalMessage::Truncate(_)
-            | LogicalMessage::Origin(_)
-            | LogicalMessage::Type(_) => WalItem::Other,
+            LogicalMessage::Update(_) | LogicalMessage::Delete(_) | LogicalMessage::Truncate(_) => {
+                // Not events, but changes: they keep the ranks of later
+                // changes at the same LSN what a replay gives them.
+                if let Some(txn) = self.open.as_mut() {
+                    txn.position(lsn);
+                }
+                WalItem::Other
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => WalItem::Other,
             other => return Err(StreamError::Unexpected(other.kind()).into()),
         })
     }
@@ -253,6 +298,13 @@ impl Connector for PgConnector {
         Box::pin(async move {
             let mut conn = ReplicationConnection::connect(&pg).await?;
             let identity = conn.identify_system().await?;
+            let history = if identity.timeline > 1 {
+                let content = conn.timeline_history(identity.timeline).await?;
+                TimelineHistory::parse(identity.timeline, &content)
+            } else {
+                TimelineHistory::new(identity.timeline)
+            };
+            let slot_confirmed = conn.slot_confirmed_lsn(&options.slot).await?;
             let stream = conn.start_replication(&options).await?;
             tracing::debug!(
                 proto_version = stream.proto_version(),
@@ -262,7 +314,8 @@ impl Connector for PgConnector {
                 stream,
                 SessionStart {
                     system_id: identity.system_id,
-                    timeline: identity.timeline,
+                    history,
+                    slot_confirmed: slot_confirmed.unwrap_or(Lsn::ZERO),
                     host: pg.address(),
                 },
             ))

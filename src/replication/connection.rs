@@ -276,6 +276,47 @@ impl ReplicationConnection {
         })
     }
 
+    /// The content of timeline `timeline`'s history file: one line per
+    /// ancestor timeline and the LSN where it ended.
+    pub async fn timeline_history(&mut self, timeline: u32) -> Result<String, ReplicationError> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        let content = rows
+            .first()
+            .and_then(|row| row.get(1).cloned().flatten())
+            .ok_or_else(|| {
+                ReplicationError::Protocol("TIMELINE_HISTORY returned no content".into())
+            })?;
+        // A bytea in text form: hex after `\x`.
+        Ok(match content.strip_prefix("\\x") {
+            Some(hex) => String::from_utf8_lossy(
+                &(0..hex.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                    .collect::<Vec<u8>>(),
+            )
+            .into_owned(),
+            None => content,
+        })
+    }
+
+    /// The slot's confirmed flush position, if the slot exists.
+    pub async fn slot_confirmed_lsn(
+        &mut self,
+        slot: &str,
+    ) -> Result<Option<Lsn>, ReplicationError> {
+        let rows = self
+            .simple_query(&format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = {}",
+                quote_literal(slot)
+            ))
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|row| row.first().cloned().flatten())
+            .and_then(|lsn| lsn.parse().ok()))
+    }
+
     /// Creates a pgoutput slot. A temporary slot disappears with the
     /// connection, so it can never pin WAL after its user has gone.
     pub async fn create_slot(

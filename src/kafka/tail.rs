@@ -1,0 +1,204 @@
+//! Reading a partition's tail, newest records first, for exactly-once
+//! delivery (`crate::ledger` says what is looked for).
+//!
+//! Kafka is read forwards, so the tail is read in chunks stepping back from
+//! the high watermark: each chunk is fetched from its start offset up to
+//! the oldest record the previous chunk saw, and handed to the scan newest
+//! first. This also works with brokers (tansu) whose high watermark is the
+//! base offset of the last batch and whose fetches start at the first
+//! batch at or after the requested offset: the first chunk is read to the
+//! partition's end, and a batch skipped by one chunk is read by the next.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+
+use crate::ledger::{LedgerScan, ORIGIN_HEADER, POSITION_HEADER, Scan, TailRecord};
+use crate::sink::BrokerError;
+
+/// Records fetched per step back.
+const CHUNK: i64 = 1000;
+/// Longest wait for one chunk.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Scans running at once, each with its own consumer.
+const CONCURRENT_SCANS: usize = 8;
+
+/// librdkafka options that only producers know; left out of the scanning
+/// consumers' configuration.
+const PRODUCER_ONLY: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "compression.type",
+    "partitioner",
+    "message.timeout.ms",
+    "linger.ms",
+    "batch.num.messages",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "message.max.bytes",
+];
+
+/// Scans partition tails with a small pool of consumers.
+pub struct TailReader {
+    config: ClientConfig,
+    idle: Arc<Mutex<Vec<BaseConsumer>>>,
+    permits: Arc<Semaphore>,
+}
+
+impl TailReader {
+    /// A reader with the producer's connection settings (brokers, TLS,
+    /// SASL), as a consumer that reads without committing anything.
+    pub fn new(producer: &ClientConfig) -> Self {
+        let mut config = ClientConfig::new();
+        for (key, value) in producer.config_map() {
+            if !PRODUCER_ONLY.contains(&key.as_str()) {
+                config.set(key, value);
+            }
+        }
+        config
+            .set("group.id", "walrelay-tail-scan")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .set("client.id", "walrelay-tail-scan");
+        TailReader {
+            config,
+            idle: Arc::new(Mutex::new(Vec::new())),
+            permits: Arc::new(Semaphore::new(CONCURRENT_SCANS)),
+        }
+    }
+
+    /// Feeds `partition`'s records to `scan`, newest first, until it has
+    /// enough or the partition's beginning.
+    pub async fn scan(
+        &self,
+        topic: String,
+        partition: i32,
+        scan: LedgerScan,
+    ) -> Result<LedgerScan, BrokerError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| BrokerError::transient("the tail reader is closed"))?;
+        let idle = Arc::clone(&self.idle);
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer = match idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                Some(consumer) => consumer,
+                None => config.create().map_err(|e| kafka_error(&e))?,
+            };
+            let result = scan_blocking(&consumer, &topic, partition, scan);
+            let _ = consumer.unassign();
+            idle.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(consumer);
+            result
+        })
+        .await
+        .map_err(|e| BrokerError::transient(format!("the tail scan task failed: {e}")))?
+    }
+}
+
+fn kafka_error(error: &KafkaError) -> BrokerError {
+    BrokerError::transient(error.to_string())
+}
+
+fn scan_blocking(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    mut scan: LedgerScan,
+) -> Result<LedgerScan, BrokerError> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, CHUNK_TIMEOUT)
+        .map_err(|e| kafka_error(&e))?;
+    if high <= low {
+        return Ok(scan);
+    }
+    // Records at or past `upper` were handed to the scan already.
+    let mut upper = i64::MAX;
+    let mut start = (high - CHUNK).max(low);
+    loop {
+        let chunk = read_chunk(consumer, topic, partition, start, upper)?;
+        if let Some(first) = chunk.first() {
+            upper = first.offset;
+        }
+        for record in chunk.iter().rev() {
+            if scan.push(record) == Scan::Enough {
+                return Ok(scan);
+            }
+        }
+        if start <= low {
+            return Ok(scan);
+        }
+        if (high - start) as usize > scan.lookback().saturating_mul(2) {
+            // Stepped back twice the look-back without the scan having
+            // enough (its own records are that far back, if anywhere).
+            scan.exhaust();
+            return Ok(scan);
+        }
+        start = (start - CHUNK).max(low);
+    }
+}
+
+/// The records from `start` (or the first batch the broker returns at or
+/// after it) up to `upper`, exclusive, or to the partition's end.
+fn read_chunk(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    upper: i64,
+) -> Result<Vec<TailRecord>, BrokerError> {
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(start))
+        .map_err(|e| kafka_error(&e))?;
+    consumer.assign(&assignment).map_err(|e| kafka_error(&e))?;
+    let deadline = Instant::now() + CHUNK_TIMEOUT;
+    let mut records = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(BrokerError::transient(format!(
+                "no end of {topic}/{partition} in sight after {CHUNK_TIMEOUT:?}"
+            )));
+        }
+        match consumer.poll(left.min(Duration::from_millis(500))) {
+            Some(Ok(message)) => {
+                if message.offset() >= upper {
+                    return Ok(records);
+                }
+                if message.offset() < start {
+                    continue;
+                }
+                let header = |name: &str| {
+                    message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == name)
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    })
+                };
+                records.push(TailRecord {
+                    offset: message.offset(),
+                    origin: header(ORIGIN_HEADER),
+                    position: header(POSITION_HEADER),
+                });
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+            Some(Err(error)) => return Err(kafka_error(&error)),
+            None => {}
+        }
+    }
+}
