@@ -12,7 +12,7 @@ stop:
 test:
     scripts/test
 
-# The long chaos run: 100,000 events, 20 relay kills, 3 broker outages, a PostgreSQL restart.
+# The long chaos run: 100,000 events, 20 relay kills, 3 broker outages, a PostgreSQL restart; reports duplicates (0).
 chaos:
     WALRELAY_CHAOS_EVENTS=100000 WALRELAY_CHAOS_KILLS=20 cargo test --release --test faults chaos -- --nocapture
 

@@ -30,6 +30,8 @@ struct AppState {
     metrics: PrometheusHandle,
     live: Arc<LiveState>,
     slot: String,
+    /// `exactly-once` or `at-least-once`.
+    delivery: &'static str,
 }
 
 /// Installs the Prometheus recorder and describes every metric.
@@ -50,6 +52,8 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::gauge!(crate::metrics::CONFIRMED_LSN).set(0.0);
     metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(0.0);
     metrics::counter!(crate::metrics::RECONNECTS_TOTAL).absolute(0);
+    metrics::counter!(crate::metrics::EVENTS_SKIPPED_TOTAL).absolute(0);
+    metrics::counter!(crate::metrics::PARTITION_RECOVERIES_TOTAL).absolute(0);
     Ok(handle)
 }
 
@@ -60,6 +64,7 @@ pub fn spawn(
     live: Arc<LiveState>,
     producer: ProducerSettings,
     slot: String,
+    delivery: &'static str,
 ) -> anyhow::Result<()> {
     let config = producer.client_config().map_err(anyhow::Error::msg)?;
     let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.create()?);
@@ -86,6 +91,7 @@ pub fn spawn(
         metrics,
         live,
         slot,
+        delivery,
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -150,6 +156,8 @@ async fn api_status(State(state): State<AppState>) -> Response {
     let c = &s.counters;
     Json(json!({
         "slot_name": state.slot,
+        "delivery": state.delivery,
+        "events_skipped": c.events_skipped.load(Ordering::Relaxed),
         "slot": s.slot(),
         "streaming": s.connected(),
         "reason": s.reason(),

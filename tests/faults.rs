@@ -451,7 +451,8 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
 }
 
 /// Chaos: a steady writer while the relay is SIGKILLed at random moments,
-/// the broker goes away three times, and PostgreSQL restarts once. CI runs
+/// the broker goes away three times, and PostgreSQL restarts once: every
+/// event arrives exactly once, in per-key order. CI runs
 /// a short variant; `just chaos` sets WALRELAY_CHAOS_EVENTS=100000 and
 /// WALRELAY_CHAOS_KILLS=20.
 ///
@@ -462,7 +463,7 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
 /// restarted broker is covered, at rest, by
 /// `with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commits`.
 #[tokio::test(flavor = "multi_thread")]
-async fn chaos_kills_and_restarts_lose_nothing_and_keep_per_key_order() {
+async fn chaos_kills_and_restarts_deliver_every_event_exactly_once_in_per_key_order() {
     let events: i32 = std::env::var("WALRELAY_CHAOS_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -609,18 +610,19 @@ async fn chaos_kills_and_restarts_lose_nothing_and_keep_per_key_order() {
         assert_eq!(&first_order[key], ids, "per-key order of {key}");
     }
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    let min_kill = confirmed_at_kill.iter().min().copied().unwrap_or(Lsn::ZERO);
-    for (id, _, end) in &truth {
-        if seen[id] > 1 {
-            assert!(
-                *end > min_kill,
-                "event {id} at {end} was confirmed before every kill yet repeated"
-            );
-        }
-    }
     eprintln!(
         "chaos: {} events, {kills} kills, {broker_restarts} broker outages, 1 PostgreSQL restart: {} records, {duplicates} duplicates",
         truth.len(),
         records.len()
+    );
+    // Exactly once (the default): no event twice, whatever happened.
+    let twice: Vec<_> = truth
+        .iter()
+        .filter(|(id, _, _)| seen[id] > 1)
+        .take(5)
+        .collect();
+    assert_eq!(
+        duplicates, 0,
+        "duplicates, first {twice:?}; kills confirmed at {confirmed_at_kill:?}"
     );
 }

@@ -393,6 +393,7 @@ async fn the_dashboard_shows_a_chart_with_data_in_headless_chromium() {
         "the page shows the stream state"
     );
     assert!(dom.contains(">150 / 0<"), "published / dead letters: {dom}");
+    assert!(dom.contains(">exactly-once<"), "the delivery mode: {dom}");
     let screenshot = artifacts.join("dashboard.png");
     let shot = chromium(&[&format!("--screenshot={}", screenshot.display())]);
     assert!(shot.status.success());

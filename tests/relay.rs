@@ -153,8 +153,37 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
             "ce_type",
             "ce_source",
             "ce_time",
-            "content-type"
+            "content-type",
+            "walrelay_position",
+            "walrelay_origin"
         ]
+    );
+    // Exactly once (the default): where the event comes from.
+    let system_id: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        created.header("walrelay_origin"),
+        Some(format!("{system_id}/walrelay/1").as_str())
+    );
+    let position = created.header("walrelay_position").unwrap();
+    let parsed: walrelay::ledger::Position = position.parse().unwrap();
+    assert_eq!(parsed.to_string(), position, "fixed width");
+    let deleted_position: walrelay::ledger::Position =
+        orders["00000000-0000-0000-0000-000000000002"]
+            .header("walrelay_position")
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert_eq!(parsed.commit, deleted_position.commit, "one transaction");
+    assert!(
+        parsed.change < deleted_position.change,
+        "in statement order"
     );
     assert_eq!(created.header("event_type"), Some("OrderCreated"));
     assert_eq!(
@@ -294,7 +323,15 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events(
         },
     )
     .await;
-    let start = || stack.relay(&["--max-in-flight-events", "500"]);
+    // At least once: what this test has always checked.
+    let start = || {
+        stack.relay(&[
+            "--max-in-flight-events",
+            "500",
+            "--delivery",
+            "at-least-once",
+        ])
+    };
     let mut relay = start();
     let mut rng = seeded_rng("kill_9_five_times");
 

@@ -11,7 +11,7 @@ use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::LiveState;
 use crate::monitor::MonitorConfig;
-use crate::relay::{PgConnector, Relay, RelayConfig};
+use crate::relay::{DeliveryGuarantee, PgConnector, Relay, RelayConfig};
 use crate::sql;
 
 /// How long the producer may take to reach a broker before streaming
@@ -43,6 +43,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&live),
         kafka.producer.clone(),
         config.slot.clone(),
+        match config.delivery {
+            DeliveryGuarantee::ExactlyOnce => "exactly-once",
+            DeliveryGuarantee::AtLeastOnce => "at-least-once",
+        },
     )?;
     ensure_slot(&config, create_slot).await?;
     let findings = crate::monitor::spawn(

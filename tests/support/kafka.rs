@@ -202,6 +202,125 @@ impl Broker {
         self.spawn();
     }
 
+    /// Another producer: writes `n` plain records (no walrelay headers) to
+    /// `topic`, spread over its partitions; returns `n`.
+    pub fn produce_plain(&self, topic: &str, n: usize) -> usize {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .unwrap();
+        for i in 0..n {
+            let key = format!("foreign-{i}");
+            producer
+                .send(BaseRecord::to(topic).key(&key).payload("{}"))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        n
+    }
+
+    /// Raises `topic`'s partition count to `total`, as CreatePartitions
+    /// does: the records stay where they are, new partitions start empty.
+    /// tansu 0.6 does not implement CreatePartitions; there the topic is
+    /// recreated with `total` partitions and every record written back to
+    /// its old partition, in order, with its key, value and headers, which
+    /// leaves the log as adding partitions would.
+    pub fn add_partitions(&self, topic: &str, total: usize) {
+        use rdkafka::admin::{
+            AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication,
+        };
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .unwrap();
+        let grown = block_on(async {
+            admin
+                .create_partitions(&[NewPartitions::new(topic, total)], &AdminOptions::new())
+                .await
+                .map(|results| results.into_iter().all(|r| r.is_ok()))
+        });
+        if !matches!(grown, Ok(true)) {
+            let records = self.consume_all(topic);
+            let deleted = block_on(async {
+                admin
+                    .delete_topics(&[topic], &AdminOptions::new())
+                    .await
+                    .map(drop)
+            });
+            deleted.expect("delete the topic to recreate it");
+            let created = block_on(async {
+                admin
+                    .create_topics(
+                        &[NewTopic::new(
+                            topic,
+                            total as i32,
+                            TopicReplication::Fixed(1),
+                        )],
+                        &AdminOptions::new(),
+                    )
+                    .await
+                    .map(drop)
+            });
+            created.expect("recreate the topic");
+            std::thread::sleep(Duration::from_secs(1));
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", self.bootstrap())
+                .set("enable.idempotence", "true")
+                .create()
+                .unwrap();
+            for r in &records {
+                let mut headers = OwnedHeaders::new();
+                for (k, v) in &r.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+                    .partition(r.partition)
+                    .headers(headers);
+                if let Some(key) = &r.key {
+                    record = record.key(key);
+                }
+                if let Some(value) = &r.value {
+                    record = record.payload(value);
+                }
+                producer.send(record).map_err(|(e, _)| e).unwrap();
+                producer.flush(Duration::from_secs(30)).unwrap();
+            }
+            assert_eq!(
+                self.consume_all(topic).len(),
+                records.len(),
+                "records written back"
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = admin
+                .inner()
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .map(|t| t.partitions().len())
+                });
+            if found == Some(total) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic} did not grow to {total} partitions: {found:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Every record of `topic`, across partitions, once at least `expected`
     /// have arrived (waiting up to `timeout` for them).
     pub fn consume(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
@@ -289,6 +408,26 @@ impl Broker {
         records.sort_by_key(|r| (r.partition, r.offset));
         records
     }
+}
+
+/// Runs a future to completion on a runtime of its own (the broker
+/// helpers are called from within the tests' runtime).
+fn block_on<F>(future: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(future)
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 impl Drop for Broker {

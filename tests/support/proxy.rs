@@ -11,6 +11,9 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    /// While set, what the client sends is dropped (what the server sends
+    /// still passes).
+    hold_upstream: watch::Sender<bool>,
     generation: watch::Sender<u64>,
     counter: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -27,10 +30,12 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
+        let (hold_upstream, _) = watch::channel(false);
         let counter = Arc::new(AtomicU64::new(0));
         let task = {
             let cut = Arc::clone(&cut);
             let generation = generation.clone();
+            let hold_upstream = hold_upstream.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -41,6 +46,7 @@ impl Proxy {
                         continue;
                     }
                     let mut cut_signal = generation.subscribe();
+                    let hold = hold_upstream.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await
                         else {
@@ -49,7 +55,7 @@ impl Proxy {
                         let (mut cr, mut cw) = client.into_split();
                         let (mut sr, mut sw) = server.into_split();
                         tokio::select! {
-                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = upstream(&mut cr, &mut sw, hold) => {}
                             _ = tokio::io::copy(&mut sr, &mut cw) => {}
                             _ = cut_signal.changed() => {}
                         }
@@ -60,10 +66,21 @@ impl Proxy {
         Proxy {
             port,
             cut,
+            hold_upstream,
             generation,
             counter,
             task,
         }
+    }
+
+    /// Drops what clients send (a relay's status updates never reach
+    /// PostgreSQL) until `release_upstream`.
+    pub fn hold_upstream(&self) {
+        self.hold_upstream.send_replace(true);
+    }
+
+    pub fn release_upstream(&self) {
+        self.hold_upstream.send_replace(false);
     }
 
     /// Drops every open connection and refuses new ones.
@@ -81,5 +98,28 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Copies client to server; while `hold` is set, what the client sends is
+/// read and dropped, as a network losing it would.
+async fn upstream(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    hold: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if *hold.borrow() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

@@ -31,7 +31,11 @@ impl RelayProcess {
                 "--http-addr",
                 &format!("127.0.0.1:{http_port}"),
             ])
-            .args(["--status-interval", "200ms"])
+            .args(if args.contains(&"--status-interval") {
+                &[][..]
+            } else {
+                &["--status-interval", "200ms"][..]
+            })
             .args(args)
             .env(
                 "WALRELAY_LOG",

@@ -1,0 +1,397 @@
+//! Exactly once into Kafka without broker transactions, against a real
+//! PostgreSQL and a real broker: kills, a standby takeover, a broker
+//! outage and a PostgreSQL restart leave every event exactly once; another
+//! producer, a raised partition count and dead letters never cost an event.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use support::kafka::Record;
+use support::proxy::Proxy;
+use support::relay::RelayProcess;
+use support::workload::{commit_order, seeded_rng};
+use support::{Stack, StackOptions, wait_for};
+
+/// Checks that every committed event is in `records` exactly once and in
+/// commit order per key; returns the number of records.
+fn assert_exactly_once_in_order(
+    truth: &[(String, String, walrelay::lsn::Lsn)],
+    records: &[Record],
+) {
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    let mut order: HashMap<String, Vec<&str>> = HashMap::new();
+    for r in records {
+        let id = r.header("id").unwrap();
+        *copies.entry(id).or_default() += 1;
+        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+        order.entry(key).or_default().push(id);
+    }
+    let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (id, key, end) in truth {
+        let n = copies.get(id.as_str()).copied().unwrap_or(0);
+        assert_eq!(n, 1, "event {id} (commit {end}) arrived {n} times");
+        expected.entry(key.as_str()).or_default().push(id.as_str());
+    }
+    assert_eq!(
+        records.len(),
+        truth.len(),
+        "no record that was not committed"
+    );
+    for (key, ids) in expected {
+        assert_eq!(order[key], ids, "per-key order of {key}");
+    }
+}
+
+/// `writers` connections committing `txns` transactions of `per_txn`
+/// events each, over 50 aggregates, as fast as they can.
+fn spawn_writers(
+    stack: &Stack,
+    topic: &'static str,
+    writers: i32,
+    txns: i32,
+    per_txn: i32,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|w| {
+            let url = stack.url();
+            tokio::spawn(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                for t in 0..txns {
+                    client
+                        .execute(
+                            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                             SELECT $1::text, 'agg-' || (($2::int * 7 + $3::int + g) % 50), 'E',
+                                    jsonb_build_object('w', $2::int, 't', $3::int, 'g', g)
+                             FROM generate_series(1, $4::int) g",
+                            &[&topic, &w, &t, &per_txn],
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_kills_during_twenty_thousand_events_leave_every_event_exactly_once_in_order() {
+    let stack = Stack::start_with(
+        "eokill",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let start = || stack.relay(&["--topic-partitions", "4", "--max-in-flight-events", "500"]);
+    let mut relay = start();
+    let mut rng = seeded_rng("twenty_kills");
+    // 10 writers x 200 transactions x 10 events.
+    let writers = spawn_writers(&stack, "eo", 10, 200, 10);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..900))).await;
+        relay.kill9().await;
+        relay = start();
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 20_000).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
+        .await;
+    let records = stack.broker.consume_all("outbox.event.eo");
+    assert_exactly_once_in_order(&truth, &records);
+    let (_, metrics) = relay.http_get("/metrics").await.unwrap();
+    eprintln!(
+        "20 kills, 20000 events: {} records; last relay: {}",
+        records.len(),
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("walrelay_events_skipped_total")
+                || l.starts_with("walrelay_partition_recoveries_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_taking_over_under_load_loses_nothing_and_duplicates_nothing() {
+    let stack = Stack::start_with(
+        "eotakeover",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let args = ["--standby-retry", "300ms", "--topic-partitions", "3"];
+    let mut active = stack.relay(&args);
+    wait_for(
+        "the first relay to stream",
+        Duration::from_secs(20),
+        async || {
+            let (code, _) = active.http_get("/readyz").await?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+    let standby = stack.relay(&args);
+    wait_for(
+        "the second relay to stand by",
+        Duration::from_secs(20),
+        async || {
+            let (_, body) = standby.http_get("/readyz").await?;
+            body.contains("\"role\":\"standby\"").then_some(())
+        },
+    )
+    .await;
+    let writers = spawn_writers(&stack, "takeover", 4, 150, 5);
+    let mut rng = seeded_rng("standby_takeover_exactly_once");
+    tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
+    active.kill9().await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 3000).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(60))
+        .await;
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all("outbox.event.takeover"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exactly_once() {
+    let broker_port = support::free_port();
+    let stack = Stack::start_with(
+        "eooutage",
+        StackOptions {
+            broker_behind: Some(broker_port),
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let link = Proxy::start_on(broker_port, stack.broker.port).await;
+    let relay = stack.relay(&["--max-backoff", "1s", "--topic-partitions", "2"]);
+    // A steady writer that reconnects across the restart.
+    let url = stack.url();
+    let writer = tokio::spawn(async move {
+        let mut written = 0;
+        let mut client: Option<tokio_postgres::Client> = None;
+        let deadline = Instant::now() + Duration::from_secs(14);
+        while Instant::now() < deadline {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        client = Some(c);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+            let result = client
+                .as_ref()
+                .unwrap()
+                .execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                     SELECT 'outage', 'agg-' || (g % 7), 'E', '{}' FROM generate_series(1, 5) g",
+                    &[],
+                )
+                .await;
+            if result.is_ok() {
+                written += 5;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        written
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.cut();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    link.restore();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.pg.restart();
+    writer.await.unwrap();
+    let client = stack.pg.client(&stack.db).await;
+    let committed: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let truth = commit_order(&stack.pg, &stack.db, "twin", committed as usize).await;
+    wait_for(
+        "the relay to confirm the last commit",
+        Duration::from_secs(90),
+        async || {
+            (support::workload::confirmed(&client, "walrelay").await >= truth.last().unwrap().2)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all("outbox.event.outage"));
+    drop(relay);
+}
+
+/// A counter of the relay's /metrics.
+async fn metric(relay: &RelayProcess, name: &str) -> f64 {
+    let (_, text) = relay.http_get("/metrics").await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} not exported: {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_an_event() {
+    let stack = Stack::start_with(
+        "eoforeign",
+        StackOptions {
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .client
+        .batch_execute("ALTER TABLE outbox ALTER COLUMN aggregate_id DROP NOT NULL")
+        .await
+        .unwrap();
+    // The relays reach PostgreSQL through a proxy that can hold their
+    // status updates back: what they publish then stays unconfirmed, so
+    // the next relay replays it, for certain.
+    let proxy = Proxy::start(stack.pg.port).await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
+        proxy.port, stack.db
+    );
+    let relay_for = |args: &[&str]| RelayProcess::start(&url, &stack.broker.bootstrap(), args);
+    let streaming = async |relay: &RelayProcess| {
+        wait_for("the relay to stream", Duration::from_secs(20), async || {
+            let (code, _) = relay.http_get("/readyz").await?;
+            (code == 200).then_some(())
+        })
+        .await
+    };
+    let insert = async |aggregate_id: Option<&str>, n: i32| {
+        stack
+            .client
+            .execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 SELECT 'mixed', $1::text || (g % 5), 'E', '{}' FROM generate_series(1, $2::int) g",
+                &[&aggregate_id, &n],
+            )
+            .await
+            .unwrap();
+    };
+
+    // Round 1: 50 events and a dead letter (a NULL key), published but
+    // never confirmed; then a crash.
+    let mut relay = relay_for(&["--topic-partitions", "2"]);
+    streaming(&relay).await;
+    proxy.hold_upstream();
+    insert(Some("k"), 50).await;
+    insert(None, 1).await;
+    let first = stack
+        .broker
+        .consume("outbox.event.mixed", 50, Duration::from_secs(30));
+    assert_eq!(first.len(), 50, "{}", relay.log());
+    assert_eq!(
+        stack
+            .broker
+            .consume("walrelay.dead-letter", 1, Duration::from_secs(30))
+            .len(),
+        1
+    );
+    relay.kill9().await;
+    proxy.release_upstream();
+
+    // Another producer writes to the same topics.
+    let foreign = stack.broker.produce_plain("outbox.event.mixed", 30);
+    stack.broker.produce_plain("walrelay.dead-letter", 5);
+
+    // Round 2: the replay skips all 51, past the other producer's records;
+    // 20 new events, unconfirmed again; a crash.
+    let mut relay = relay_for(&["--topic-partitions", "2"]);
+    streaming(&relay).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let skipped = metric(&relay, "walrelay_events_skipped_total").await;
+    assert_eq!(
+        skipped,
+        51.0,
+        "the replay skips what round 1 wrote: {}",
+        relay.log()
+    );
+    proxy.hold_upstream();
+    insert(Some("k"), 20).await;
+    assert_eq!(
+        stack
+            .broker
+            .consume("outbox.event.mixed", 100, Duration::from_secs(30))
+            .len(),
+        100,
+        "{}",
+        relay.log()
+    );
+    relay.kill9().await;
+    proxy.release_upstream();
+
+    // The topic grows from 2 to 6 partitions between crashes: keys move,
+    // so some events are published again; none is lost.
+    stack.broker.add_partitions("outbox.event.mixed", 6);
+    let relay = relay_for(&[]);
+    streaming(&relay).await;
+    insert(Some("k"), 10).await;
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 81).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(60))
+        .await;
+
+    let records = stack.broker.consume_all("outbox.event.mixed");
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.header("walrelay_origin").is_some())
+    {
+        *copies.entry(r.header("id").unwrap()).or_default() += 1;
+    }
+    let keyed: Vec<&str> = truth
+        .iter()
+        .filter(|(_, key, _)| !key.is_empty())
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    assert_eq!(keyed.len(), 80);
+    for id in &keyed {
+        assert!(copies.get(id).copied().unwrap_or(0) >= 1, "event {id} lost");
+    }
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.header("walrelay_origin").is_none())
+            .count(),
+        foreign,
+        "the other producer's records are untouched"
+    );
+    let again = keyed.iter().filter(|id| copies[*id] > 1).count();
+    eprintln!("after the partition count grew: {again} of 80 events published again (allowed)");
+    let dead = stack.broker.consume_all("walrelay.dead-letter");
+    assert_eq!(
+        dead.iter()
+            .filter(|r| r.header("walrelay_origin").is_some())
+            .count(),
+        1,
+        "the dead letter is neither lost nor doubled"
+    );
+    drop(relay);
+}
