@@ -12,8 +12,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -44,10 +45,26 @@ const PRODUCER_ONLY: &[&str] = &[
     "message.max.bytes",
 ];
 
+/// A consumer context that does not report reaching a partition's end,
+/// which every scan does, as an error.
+pub struct ScanContext;
+
+impl ClientContext for ScanContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "kafka tail scan");
+        }
+    }
+}
+
+impl ConsumerContext for ScanContext {}
+
+type ScanConsumer = BaseConsumer<ScanContext>;
+
 /// Scans partition tails with a small pool of consumers.
 pub struct TailReader {
     config: ClientConfig,
-    idle: Arc<Mutex<Vec<BaseConsumer>>>,
+    idle: Arc<Mutex<Vec<ScanConsumer>>>,
     permits: Arc<Semaphore>,
 }
 
@@ -94,7 +111,9 @@ impl TailReader {
         tokio::task::spawn_blocking(move || {
             let consumer = match idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
                 Some(consumer) => consumer,
-                None => config.create().map_err(|e| kafka_error(&e))?,
+                None => config
+                    .create_with_context(ScanContext)
+                    .map_err(|e| kafka_error(&e))?,
             };
             let result = scan_blocking(&consumer, &topic, partition, scan);
             let _ = consumer.unassign();
@@ -113,7 +132,7 @@ fn kafka_error(error: &KafkaError) -> BrokerError {
 }
 
 fn scan_blocking(
-    consumer: &BaseConsumer,
+    consumer: &ScanConsumer,
     topic: &str,
     partition: i32,
     mut scan: LedgerScan,
@@ -153,7 +172,7 @@ fn scan_blocking(
 /// The records from `start` (or the first batch the broker returns at or
 /// after it) up to `upper`, exclusive, or to the partition's end.
 fn read_chunk(
-    consumer: &BaseConsumer,
+    consumer: &ScanConsumer,
     topic: &str,
     partition: i32,
     start: i64,
