@@ -62,33 +62,88 @@ pub async fn publication_covers(
         .get(0))
 }
 
-/// A replication slot's plugin and database.
+/// A replication slot's plugin, database, and failover state (17+).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotInfo {
     pub plugin: String,
     pub database: String,
+    /// Synchronized to standbys (`None` before PostgreSQL 17).
+    pub failover: Option<bool>,
+    /// A copy a standby keeps of its primary's slot (17+).
+    pub synced: Option<bool>,
 }
 
+/// The first PostgreSQL major version with failover slots.
+pub const FAILOVER_SLOTS_SINCE: i32 = 17;
+
+/// Columns that exist only in some versions are read through `to_jsonb`,
+/// so one query serves PostgreSQL 14 to 18.
 pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, SqlError> {
     Ok(client
         .query_opt(
-            "SELECT coalesce(plugin::text, ''), coalesce(database::text, '') FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''),
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&name],
         )
         .await?
         .map(|row| SlotInfo {
             plugin: row.get(0),
             database: row.get(1),
+            failover: row.get(2),
+            synced: row.get(3),
         }))
 }
 
-/// Creates a pgoutput slot; returns the LSN it starts at.
-pub async fn create_logical_slot(client: &Client, name: &str) -> Result<String, SqlError> {
+/// The server's major version (14, 15, ... 18).
+pub async fn server_major(client: &Client) -> Result<i32, SqlError> {
+    let num: String = client
+        .query_one("SELECT current_setting('server_version_num')", &[])
+        .await?
+        .get(0);
+    Ok(num.parse::<i32>().unwrap_or(0) / 10_000)
+}
+
+/// Creates a pgoutput slot, a failover slot when asked and the server has
+/// them (17+); returns the LSN it starts at.
+pub async fn create_logical_slot(
+    client: &Client,
+    name: &str,
+    failover: bool,
+) -> Result<String, SqlError> {
+    let sql = if failover && server_major(client).await? >= FAILOVER_SLOTS_SINCE {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    Ok(client.query_one(sql, &[&name]).await?.get(0))
+}
+
+/// Whether the server is a standby.
+pub async fn in_recovery(client: &Client) -> Result<bool, SqlError> {
     Ok(client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&name],
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0))
+}
+
+/// Physical slots (the standbys'), by name.
+pub async fn physical_slots(client: &Client) -> Result<Vec<String>, SqlError> {
+    Ok(client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY 1",
+            &[],
         )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A setting that may not exist in this version (`None` then).
+pub async fn setting_if_any(client: &Client, name: &str) -> Result<Option<String>, SqlError> {
+    Ok(client
+        .query_one("SELECT current_setting($1, true)", &[&name])
         .await?
         .get(0))
 }
@@ -175,10 +230,17 @@ pub struct SlotSnapshot {
     pub restart_lsn: Option<String>,
     pub write_lag_seconds: Option<f64>,
     pub flush_lag_seconds: Option<f64>,
+    /// Synchronized to standbys (17+).
+    pub failover: Option<bool>,
+    /// A standby's copy of its primary's slot (17+).
+    pub synced: Option<bool>,
+    /// Why the slot was invalidated (17+), or its conflict (16).
+    pub invalidation_reason: Option<String>,
 }
 
 /// The query behind the lag metrics and `walrelay status`: one row per
-/// slot (all, or one by name).
+/// slot (all, or one by name). Columns of newer versions come through
+/// `to_jsonb`, so the query runs on PostgreSQL 14 to 18.
 const SLOTS_QUERY: &str = "
 SELECT s.slot_name::text,
        s.active,
@@ -192,7 +254,11 @@ SELECT s.slot_name::text,
        s.confirmed_flush_lsn::text,
        s.restart_lsn::text,
        EXTRACT(epoch FROM r.write_lag)::float8,
-       EXTRACT(epoch FROM r.flush_lag)::float8
+       EXTRACT(epoch FROM r.flush_lag)::float8,
+       (to_jsonb(s) ->> 'failover')::bool,
+       (to_jsonb(s) ->> 'synced')::bool,
+       coalesce(to_jsonb(s) ->> 'invalidation_reason',
+                CASE WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflicting' END)
 FROM pg_replication_slots s
 LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
 WHERE $1::text IS NULL OR s.slot_name = $1
@@ -215,6 +281,9 @@ pub async fn slots(client: &Client, slot: Option<&str>) -> Result<Vec<SlotSnapsh
             restart_lsn: r.get(8),
             write_lag_seconds: r.get(9),
             flush_lag_seconds: r.get(10),
+            failover: r.get(11),
+            synced: r.get(12),
+            invalidation_reason: r.get(13),
         })
         .collect())
 }

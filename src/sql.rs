@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::postgres::{ConnectionConfig, ServerError, os_error_fix};
+use crate::postgres::{
+    ConnectionConfig, ServerError, describe_failures, first_suitable, os_error_fix,
+};
 
 /// An SQL connection that knows where it goes, so every failure says so.
 pub struct SqlClient {
@@ -111,9 +113,46 @@ impl SqlClient {
     }
 }
 
-/// Opens an SQL connection with `config`'s settings, TLS included; its
+/// Opens an SQL connection with `config`'s settings, TLS included, to
+/// the first of its hosts that suits its `target_session_attrs`; the
 /// connection task runs in the background until the client is dropped.
 pub async fn connect(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
+    let check = config.target_session_attrs.needs_check();
+    if config.hosts.len() == 1 && !check {
+        return connect_one(config).await;
+    }
+    let found = first_suitable(config, |host| async move {
+        let client = connect_one(&host).await?;
+        let (in_recovery, read_only) = if check {
+            let row = client
+                .query_one(
+                    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+                    &[],
+                )
+                .await?;
+            (row.get(0), row.get(1))
+        } else {
+            (false, false)
+        };
+        Ok((client, in_recovery, read_only))
+    })
+    .await;
+    found.map_err(|mut failures| {
+        if failures.len() == 1 && failures[0].1.is_err() {
+            return failures.remove(0).1.unwrap_err();
+        }
+        SqlError::new(
+            &config.address(),
+            SqlCause::NoSuitableHost {
+                attrs: config.target_session_attrs.as_str(),
+                failures: describe_failures(&failures),
+            },
+        )
+    })
+}
+
+/// Opens an SQL connection to the first host of `config`.
+async fn connect_one(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
     let address = config.address();
     let tls = crate::postgres::tls::client_config(config)
         .map_err(|e| SqlError::new(&address, SqlCause::Tls(e.to_string())))?;
@@ -222,6 +261,11 @@ pub enum SqlCause {
     Closed,
     /// Anything else tokio-postgres reports (a protocol or type error).
     Other(String),
+    /// Several hosts, none of which suits `target_session_attrs`.
+    NoSuitableHost {
+        attrs: &'static str,
+        failures: String,
+    },
 }
 
 impl SqlError {
@@ -295,6 +339,10 @@ impl fmt::Display for SqlError {
                 "TLS failed: {reason}; fix: check sslmode, sslrootcert and the host name in --pg-url against the server's certificate"
             ),
             SqlCause::Closed => write!(f, "the server closed the connection"),
+            SqlCause::NoSuitableHost { attrs, failures } => write!(
+                f,
+                "no server will do for target_session_attrs={attrs}: {failures}; fix: check that one of them is up and is what target_session_attrs asks for"
+            ),
             SqlCause::Other(text) => write!(f, "{text}"),
         }
     }

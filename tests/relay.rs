@@ -24,13 +24,42 @@ async fn setup_is_idempotent_and_says_what_it_did() {
     );
     let second = setup(&pg.url(&db), &[]);
     assert_eq!(
-        second,
+        second[..3],
         [
             "table public.outbox exists",
             "publication walrelay exists and covers public.outbox",
             "replication slot walrelay exists"
         ]
     );
+    // The slot is a failover slot where the server has them (17+), and
+    // setup says why it is not one where it does not.
+    let failover: Option<bool> = pg
+        .client(&db)
+        .await
+        .query_one(
+            "SELECT (to_jsonb(s) ->> 'failover')::bool FROM pg_replication_slots s WHERE slot_name = 'walrelay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if pg.major >= 17 {
+        assert_eq!(failover, Some(true));
+        assert!(
+            second[3].starts_with("replication slot walrelay is a failover slot"),
+            "{second:?}"
+        );
+    } else {
+        assert_eq!(failover, None);
+        assert_eq!(
+            second[3],
+            format!(
+                "failover slots need PostgreSQL 17, and this server is {}: after a primary failover the new primary has no slot walrelay; upgrade to keep it on standbys",
+                pg.major
+            )
+        );
+    }
+    assert_eq!(first[3], second[3]);
     // A second table is added to the existing publication.
     let third = setup(&pg.url(&db), &["--table", "public.outbox,public.outbox2"]);
     assert_eq!(third[1], "created table public.outbox2");

@@ -691,3 +691,34 @@ async fn tail_prints_each_decoded_message_as_a_json_line() {
         .get(0);
     assert_eq!(n, 0, "the temporary slot is gone");
 }
+
+#[tokio::test]
+async fn the_pgoutput_version_follows_the_server_under_test() {
+    let f = Fixture::new("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let conn = ReplicationConnection::connect(&config(&f.pg.url(&f.db)))
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.server_major_version(),
+        Some(f.pg.major),
+        "the harness runs the version WALRELAY_TEST_PG names"
+    );
+    let expected = match f.pg.major {
+        14 => 2,
+        15 => 3,
+        _ => 4,
+    };
+    assert_eq!(conn.best_proto_version(), expected);
+    let stream = conn
+        .start_replication(&StartOptions {
+            slot: f.slot.clone(),
+            start_lsn: Lsn::ZERO,
+            publications: vec![f.publication.clone()],
+            proto_version: None,
+            messages: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stream.proto_version(), expected);
+    stream.finish().await.unwrap();
+}

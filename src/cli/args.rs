@@ -8,7 +8,7 @@ use clap::Args;
 use super::UsageError;
 use super::values::{parse_duration, parse_size};
 use crate::kafka::{ProducerSettings, SinkSettings};
-use crate::postgres::redact_url;
+use crate::postgres::{TargetSessionAttrs, redact_url};
 use crate::relay::{DeliveryGuarantee, RelayConfig};
 use crate::replication::ConnectionConfig;
 use crate::router::{HeaderColumn, OutboxColumns, RouterConfig, TopicTemplate, check_topic_name};
@@ -110,6 +110,10 @@ pub struct SetupArgs {
     pub pg: PgArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
+    /// Do not make the slot a failover slot (PostgreSQL 17+ keeps failover
+    /// slots on standbys with sync_replication_slots = on).
+    #[arg(long, env = "WALRELAY_NO_FAILOVER")]
+    pub no_failover: bool,
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +278,18 @@ impl RunArgs {
     /// Validates everything else and builds the relay's configuration.
     pub fn relay_config(&self) -> Result<RelayConfig, UsageError> {
         let pg = self.pg.connection_config()?;
+        if pg.hosts.len() > 1
+            && !matches!(
+                pg.target_session_attrs,
+                TargetSessionAttrs::ReadWrite | TargetSessionAttrs::Primary
+            )
+        {
+            return Err(UsageError(format!(
+                "--pg-url names {} hosts with target_session_attrs={}: the relay needs the primary, so add target_session_attrs=read-write (or primary)",
+                pg.hosts.len(),
+                pg.target_session_attrs.as_str()
+            )));
+        }
         let topic_template: TopicTemplate = self
             .topic_template
             .parse()

@@ -102,9 +102,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 columns: args.outbox.columns(),
                 publication: args.outbox.publication.clone(),
                 slot: args.outbox.slot.clone(),
+                failover: !args.no_failover,
             };
             let client = sql::connect(&config).await?;
-            for line in commands::setup::setup(&client, &options).await? {
+            for line in commands::setup::setup(&client, &config, &options).await? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
@@ -116,9 +117,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 columns: args.outbox.columns(),
                 publication: args.outbox.publication.clone(),
                 slot: args.outbox.slot.clone(),
+                failover: !args.no_failover,
             };
-            let client = sql::connect(&config).await?;
-            let findings = commands::check::check(&client, &options).await?;
+            // With several hosts, the checks of the outbox run on the primary.
+            let mut primary = config.clone();
+            if primary.hosts.len() > 1 {
+                primary.target_session_attrs = crate::postgres::TargetSessionAttrs::Primary;
+            }
+            let client = sql::connect(&primary).await?;
+            let findings = commands::check::check(&client, &config, &options).await?;
             let failed = commands::check::print(&findings);
             Ok(if failed {
                 ExitCode::from(1)

@@ -2,6 +2,7 @@
 //! the SQL or setting that fixes it.
 
 use crate::catalog::{self, qualified, quote_ident, quote_literal};
+use crate::postgres::ConnectionConfig;
 use crate::router::OutboxColumns;
 use crate::sql::{SqlClient as Client, SqlError};
 
@@ -22,21 +23,21 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn pass(what: impl Into<String>) -> Self {
+    pub(super) fn pass(what: impl Into<String>) -> Self {
         Finding {
             outcome: Outcome::Pass,
             what: what.into(),
             fix: None,
         }
     }
-    fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(super) fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Finding {
             outcome: Outcome::Fail,
             what: what.into(),
             fix: Some(fix.into()),
         }
     }
-    fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(super) fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Finding {
             outcome: Outcome::Warn,
             what: what.into(),
@@ -52,10 +53,17 @@ pub struct CheckOptions {
     pub columns: OutboxColumns,
     pub publication: String,
     pub slot: String,
+    /// Check what a failover needs (PostgreSQL 17+ failover slots).
+    pub failover: bool,
 }
 
-/// Runs every check.
-pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Finding>, SqlError> {
+/// Runs every check against the primary `client`; `pg` reaches the
+/// standbys the URL names, for the failover checks.
+pub async fn check(
+    client: &Client,
+    pg: &ConnectionConfig,
+    options: &CheckOptions,
+) -> Result<Vec<Finding>, SqlError> {
     let mut findings = Vec::new();
     let setting = async |name: &str| catalog::setting(client, name).await;
 
@@ -167,6 +175,8 @@ pub async fn check(client: &Client, options: &CheckOptions) -> Result<Vec<Findin
     } else {
         Finding::pass(format!("max_slot_wal_keep_size = {keep}"))
     });
+    findings
+        .extend(super::check_failover::check(client, pg, &options.slot, options.failover).await?);
     Ok(findings)
 }
 

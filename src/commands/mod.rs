@@ -1,6 +1,7 @@
 //! The bodies of walrelay's commands; `cli.rs` parses flags and calls them.
 
 pub mod check;
+pub mod check_failover;
 pub mod run;
 pub mod setup;
 pub mod status;

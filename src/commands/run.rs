@@ -119,7 +119,7 @@ async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
         ),
         Some(_) => Ok(()),
         None if create => {
-            catalog::create_logical_slot(&client, &config.slot).await?;
+            catalog::create_logical_slot(&client, &config.slot, true).await?;
             tracing::info!(slot = %config.slot, "created replication slot");
             Ok(())
         }

@@ -3,6 +3,8 @@
 //! nothing and says so.
 
 use crate::catalog::{self, qualified, quote_ident};
+use crate::postgres::ConnectionConfig;
+use crate::replication::ReplicationConnection;
 use crate::router::OutboxColumns;
 use crate::sql::{SqlClient as Client, SqlError};
 
@@ -13,6 +15,8 @@ pub struct SetupOptions {
     pub columns: OutboxColumns,
     pub publication: String,
     pub slot: String,
+    /// Make the slot a failover slot (PostgreSQL 17+), kept on standbys.
+    pub failover: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +31,18 @@ pub enum SetupError {
         "replication slot {slot:?} belongs to database {database:?}, not this one; use another --slot or connect to {database:?}"
     )]
     WrongDatabase { slot: String, database: String },
+    #[error(transparent)]
+    Replication(#[from] crate::replication::ReplicationError),
 }
 
-/// Runs setup and returns one line per step, saying what it did.
-pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String>, SetupError> {
+/// Runs setup and returns one line per step, saying what it did. `pg`
+/// reaches the same server for the replication command that makes an
+/// existing slot a failover slot.
+pub async fn setup(
+    client: &Client,
+    pg: &ConnectionConfig,
+    options: &SetupOptions,
+) -> Result<Vec<String>, SetupError> {
     let mut report = Vec::new();
     for (schema, table) in &options.tables {
         if catalog::table_exists(client, schema, table).await? {
@@ -90,13 +102,15 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
         }
     }
 
-    match catalog::slot(client, &options.slot).await? {
+    let slot = catalog::slot(client, &options.slot).await?;
+    let failover = match slot {
         None => {
-            let lsn = catalog::create_logical_slot(client, &options.slot).await?;
+            let lsn = catalog::create_logical_slot(client, &options.slot, options.failover).await?;
             report.push(format!(
                 "created replication slot {} at {lsn}",
                 options.slot
             ));
+            options.failover
         }
         Some(slot) => {
             if slot.plugin != "pgoutput" {
@@ -112,9 +126,46 @@ pub async fn setup(client: &Client, options: &SetupOptions) -> Result<Vec<String
                 });
             }
             report.push(format!("replication slot {} exists", options.slot));
+            slot.failover.unwrap_or(false)
         }
-    }
+    };
+    report.push(failover_line(client, pg, options, failover).await?);
     Ok(report)
+}
+
+/// What setup says (and does) about failover: a slot on 17+ becomes a
+/// failover slot; on older servers it cannot be one, and that is said.
+async fn failover_line(
+    client: &Client,
+    pg: &ConnectionConfig,
+    options: &SetupOptions,
+    failover: bool,
+) -> Result<String, SetupError> {
+    let major = catalog::server_major(client).await?;
+    let slot = &options.slot;
+    Ok(if !options.failover {
+        format!("replication slot {slot} is not a failover slot (--no-failover)")
+    } else if major < catalog::FAILOVER_SLOTS_SINCE {
+        format!(
+            "failover slots need PostgreSQL {}, and this server is {major}: after a primary failover the new primary has no slot {slot}; upgrade to keep it on standbys",
+            catalog::FAILOVER_SLOTS_SINCE
+        )
+    } else if failover {
+        format!(
+            "replication slot {slot} is a failover slot: standbys with sync_replication_slots = on keep it (walrelay check verifies the rest)"
+        )
+    } else {
+        // An existing slot made before: ALTER_REPLICATION_SLOT is a
+        // replication command.
+        let mut conn = ReplicationConnection::connect(pg).await?;
+        conn.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+            quote_ident(slot)
+        ))
+        .await?;
+        conn.close().await?;
+        format!("made replication slot {slot} a failover slot")
+    })
 }
 
 fn tables_text(tables: &[(String, String)]) -> String {

@@ -21,9 +21,15 @@ pub fn human_bytes(bytes: i64) -> String {
     }
 }
 
-/// The slots as a table.
+/// The slots as a table; on PostgreSQL 17+ with their failover state.
 pub fn render_table(slots: &[SlotSnapshot]) -> String {
-    let mut rows = vec![[
+    let failover = slots.iter().any(|s| s.failover.is_some());
+    let yes_no = |v: Option<bool>| match v {
+        Some(true) => "yes".to_owned(),
+        Some(false) => "no".to_owned(),
+        None => "-".to_owned(),
+    };
+    let mut header = vec![
         "SLOT".to_owned(),
         "ACTIVE".into(),
         "PID".into(),
@@ -32,9 +38,13 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
         "LAG".into(),
         "RETAINED WAL".into(),
         "WAL STATUS".into(),
-    ]];
+    ];
+    if failover {
+        header.extend(["FAILOVER".into(), "SYNCED".into()]);
+    }
+    let mut rows = vec![header];
     for s in slots {
-        rows.push([
+        let mut row = vec![
             s.slot_name.clone(),
             if s.active { "yes" } else { "no" }.into(),
             s.active_pid.map_or("-".into(), |p| p.to_string()),
@@ -43,9 +53,14 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
             s.lag_bytes.map_or("-".into(), human_bytes),
             s.retained_wal_bytes.map_or("-".into(), human_bytes),
             s.wal_status.clone().unwrap_or_else(|| "-".into()),
-        ]);
+        ];
+        if failover {
+            row.extend([yes_no(s.failover), yes_no(s.synced)]);
+        }
+        rows.push(row);
     }
-    let widths: Vec<usize> = (0..8)
+    let columns = rows[0].len();
+    let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -125,5 +140,22 @@ mod tests {
         assert!(lines[1].contains("2.0 KiB"));
         assert!(lines[1].contains("10.0 MiB"));
         assert!(lines[1].ends_with("reserved"));
+    }
+
+    #[test]
+    fn failover_and_synced_columns_appear_when_the_server_has_them() {
+        let table = render_table(&[SlotSnapshot {
+            slot_name: "walrelay".into(),
+            wal_status: Some("reserved".into()),
+            failover: Some(true),
+            synced: Some(false),
+            ..Default::default()
+        }]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].ends_with("WAL STATUS  FAILOVER  SYNCED"),
+            "{table}"
+        );
+        assert!(lines[1].ends_with("reserved    yes       no"), "{table}");
     }
 }

@@ -49,10 +49,70 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// libpq's `target_session_attrs`: which of several hosts to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetSessionAttrs {
+    Any,
+    ReadWrite,
+    ReadOnly,
+    Primary,
+    Standby,
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    /// Whether a server in this state will do.
+    pub fn accepts(self, in_recovery: bool, read_only: bool) -> bool {
+        match self {
+            TargetSessionAttrs::Any | TargetSessionAttrs::PreferStandby => true,
+            TargetSessionAttrs::ReadWrite => !read_only,
+            TargetSessionAttrs::ReadOnly => read_only,
+            TargetSessionAttrs::Primary => !in_recovery,
+            TargetSessionAttrs::Standby => in_recovery,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// Whether this needs to ask each server what it is.
+    pub fn needs_check(self) -> bool {
+        self != TargetSessionAttrs::Any
+    }
+}
+
+/// One server of the URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnectionConfig {
+pub struct HostPort {
     pub host: Host,
     pub port: u16,
+}
+
+impl HostPort {
+    /// `host:port` or the socket path, for messages.
+    pub fn address(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", self.port),
+            Host::Tcp(h) => format!("{h}:{}", self.port),
+            Host::UnixSocketDir(dir) => format!("{}/.s.PGSQL.{}", dir.display(), self.port),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// The servers to try, in order (libpq: `host1:port1,host2:port2`).
+    pub hosts: Vec<HostPort>,
+    /// Which of them to use (`target_session_attrs`, default `any`).
+    pub target_session_attrs: TargetSessionAttrs,
     pub user: String,
     pub password: Option<Password>,
     pub dbname: String,
@@ -84,9 +144,17 @@ pub enum ConfigError {
     )]
     UnknownSslMode(String),
     #[error(
-        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout"
+        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs"
     )]
     UnknownParameter(String),
+    #[error(
+        "connection URL: unknown target_session_attrs {0:?}; use any, read-write, read-only, primary, standby or prefer-standby"
+    )]
+    UnknownTargetSessionAttrs(String),
+    #[error(
+        "connection URL: {hosts} hosts but {ports} ports; give one port for all, or one per host"
+    )]
+    PortCount { hosts: usize, ports: usize },
     #[error("connection URL: connect_timeout={0:?} is not a whole number of seconds")]
     ConnectTimeout(String),
 }
@@ -96,6 +164,9 @@ impl ConnectionConfig {
     ///
     /// The host may be a percent-encoded Unix socket directory
     /// (`postgres://%2Fvar%2Frun%2Fpostgresql/app`) or given as `?host=/dir`.
+    /// Several hosts are separated by commas, as libpq takes them
+    /// (`h1:5432,h2:5432`, or `?host=h1,h2&port=5432`), and
+    /// `target_session_attrs` picks among them.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let rest = url
             .strip_prefix("postgres://")
@@ -129,16 +200,20 @@ impl ConnectionConfig {
             }
         }
 
-        let (host_text, port_text) = split_host_port(hostport);
-        let mut host = if host_text.is_empty() {
-            None
-        } else {
-            Some(decode(host_text, "host")?)
-        };
-        let mut port = match port_text {
-            Some(p) => Some(parse_port(p)?),
-            None => None,
-        };
+        // host[:port] entries of the authority; a port may be missing.
+        let mut hosts: Vec<String> = Vec::new();
+        let mut ports: Vec<Option<u16>> = Vec::new();
+        if !hostport.is_empty() {
+            for entry in hostport.split(',') {
+                let (host_text, port_text) = split_host_port(entry);
+                hosts.push(decode(host_text, "host")?);
+                ports.push(match port_text {
+                    Some(p) => Some(parse_port(p)?),
+                    None => None,
+                });
+            }
+        }
+        let mut target_session_attrs = TargetSessionAttrs::Any;
         let mut dbname = if path.is_empty() {
             None
         } else {
@@ -153,8 +228,24 @@ impl ConnectionConfig {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = decode(value, "query parameter")?;
             match key {
-                "host" => host = Some(value),
-                "port" => port = Some(parse_port(&value)?),
+                "host" => hosts = value.split(',').map(str::to_owned).collect(),
+                "port" => {
+                    ports = value
+                        .split(',')
+                        .map(|p| parse_port(p).map(Some))
+                        .collect::<Result<_, _>>()?
+                }
+                "target_session_attrs" => {
+                    target_session_attrs = match value.as_str() {
+                        "any" => TargetSessionAttrs::Any,
+                        "read-write" => TargetSessionAttrs::ReadWrite,
+                        "read-only" => TargetSessionAttrs::ReadOnly,
+                        "primary" => TargetSessionAttrs::Primary,
+                        "standby" => TargetSessionAttrs::Standby,
+                        "prefer-standby" => TargetSessionAttrs::PreferStandby,
+                        _ => return Err(ConfigError::UnknownTargetSessionAttrs(value)),
+                    }
+                }
                 "user" => user = Some(value),
                 "password" => password = Some(Password(value)),
                 "dbname" => dbname = Some(value),
@@ -189,14 +280,38 @@ impl ConnectionConfig {
         if ssl_cert.is_some() != ssl_key.is_some() {
             return Err(ConfigError::ClientCertPair);
         }
-        let host = match host {
-            Some(h) if h.starts_with('/') => Host::UnixSocketDir(PathBuf::from(h)),
-            Some(h) => Host::Tcp(h),
-            None => Host::Tcp("localhost".to_owned()),
+        if hosts.is_empty() {
+            hosts.push(String::new());
+        }
+        // One port for all hosts, or one per host (libpq's rule).
+        let ports: Vec<Option<u16>> = match ports.len() {
+            0 => vec![None; hosts.len()],
+            1 => vec![ports[0]; hosts.len()],
+            n if n == hosts.len() => ports,
+            n => {
+                return Err(ConfigError::PortCount {
+                    hosts: hosts.len(),
+                    ports: n,
+                });
+            }
         };
+        let hosts = hosts
+            .into_iter()
+            .zip(ports)
+            .map(|(h, port)| HostPort {
+                host: if h.is_empty() {
+                    Host::Tcp("localhost".to_owned())
+                } else if h.starts_with('/') {
+                    Host::UnixSocketDir(PathBuf::from(h))
+                } else {
+                    Host::Tcp(h)
+                },
+                port: port.unwrap_or(5432),
+            })
+            .collect();
         Ok(ConnectionConfig {
-            host,
-            port: port.unwrap_or(5432),
+            hosts,
+            target_session_attrs,
             dbname: dbname.unwrap_or_else(|| user.clone()),
             user,
             password: password.or_else(|| std::env::var("PGPASSWORD").ok().map(Password)),
@@ -213,12 +328,12 @@ impl ConnectionConfig {
     /// connection (`crate::sql`).
     pub fn to_tokio_postgres(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
-        match &self.host {
+        match self.host() {
             Host::Tcp(h) => config.host(h),
             Host::UnixSocketDir(dir) => config.host_path(dir),
         };
         config
-            .port(self.port)
+            .port(self.port())
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
@@ -245,12 +360,34 @@ impl ConnectionConfig {
         })
     }
 
-    /// Where the server is, for messages: `host:port` or the socket path.
+    /// The first server: the one a single-host connection uses.
+    pub fn host(&self) -> &Host {
+        &self.hosts[0].host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.hosts[0].port
+    }
+
+    /// Where the server is, for messages: `host:port` or the socket path
+    /// (every host, comma-separated, when there are several).
     pub fn address(&self) -> String {
-        match &self.host {
-            Host::Tcp(h) => format!("{h}:{}", self.port),
-            Host::UnixSocketDir(dir) => format!("{}/.s.PGSQL.{}", dir.display(), self.port),
-        }
+        self.hosts
+            .iter()
+            .map(HostPort::address)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One configuration per host, in the URL's order.
+    pub fn each_host(&self) -> Vec<ConnectionConfig> {
+        self.hosts
+            .iter()
+            .map(|host| ConnectionConfig {
+                hosts: vec![host.clone()],
+                ..self.clone()
+            })
+            .collect()
     }
 }
 
@@ -324,8 +461,8 @@ mod tests {
             "postgres://relay:s%40cret@db.example:6543/app?sslmode=disable&application_name=x&connect_timeout=5",
         )
         .unwrap();
-        assert_eq!(c.host, Host::Tcp("db.example".into()));
-        assert_eq!(c.port, 6543);
+        assert_eq!(c.host(), &Host::Tcp("db.example".into()));
+        assert_eq!(c.port(), 6543);
         assert_eq!(c.user, "relay");
         assert_eq!(c.password.as_ref().unwrap().expose(), "s@cret");
         assert_eq!(c.dbname, "app");
@@ -337,18 +474,18 @@ mod tests {
     #[test]
     fn unix_socket_directory_is_accepted_encoded_or_as_a_parameter() {
         let a = ConnectionConfig::from_url("postgres://u@%2Ftmp%2Fpg:5433/db").unwrap();
-        assert_eq!(a.host, Host::UnixSocketDir("/tmp/pg".into()));
+        assert_eq!(a.host(), &Host::UnixSocketDir("/tmp/pg".into()));
         assert_eq!(a.address(), "/tmp/pg/.s.PGSQL.5433");
         let b = ConnectionConfig::from_url("postgresql:///db?host=/tmp/pg&user=u").unwrap();
-        assert_eq!(b.host, Host::UnixSocketDir("/tmp/pg".into()));
+        assert_eq!(b.host(), &Host::UnixSocketDir("/tmp/pg".into()));
         assert_eq!(b.user, "u");
     }
 
     #[test]
     fn ipv6_host_in_brackets_is_parsed() {
         let c = ConnectionConfig::from_url("postgres://u@[::1]:5544/db").unwrap();
-        assert_eq!(c.host, Host::Tcp("::1".into()));
-        assert_eq!(c.port, 5544);
+        assert_eq!(c.host(), &Host::Tcp("::1".into()));
+        assert_eq!(c.port(), 5544);
     }
 
     #[test]
@@ -380,18 +517,42 @@ mod tests {
 
     #[test]
     fn unknown_parameters_and_bad_ports_are_refused_by_name() {
-        let err =
-            ConnectionConfig::from_url("postgres://u@h/db?target_session_attrs=any").unwrap_err();
-        assert_eq!(
-            err,
-            ConfigError::UnknownParameter("target_session_attrs".into())
-        );
+        let err = ConnectionConfig::from_url("postgres://u@h/db?keepalives=1").unwrap_err();
+        assert_eq!(err, ConfigError::UnknownParameter("keepalives".into()));
         let err = ConnectionConfig::from_url("postgres://u@h:99999/db").unwrap_err();
         assert_eq!(err, ConfigError::Port("99999".into()));
         assert!(matches!(
             ConnectionConfig::from_url("mysql://u@h/db"),
             Err(ConfigError::Scheme(_))
         ));
+    }
+
+    #[test]
+    fn several_hosts_are_taken_as_libpq_takes_them() {
+        let c = ConnectionConfig::from_url(
+            "postgres://u@h1:5432,h2:5433,[::1]/db?target_session_attrs=read-write",
+        )
+        .unwrap();
+        let hosts: Vec<String> = c.hosts.iter().map(HostPort::address).collect();
+        assert_eq!(hosts, ["h1:5432", "h2:5433", "[::1]:5432"]);
+        assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!(c.address(), "h1:5432,h2:5433,[::1]:5432");
+        let each = c.each_host();
+        assert_eq!(each.len(), 3);
+        assert_eq!(each[1].address(), "h2:5433");
+        let q = ConnectionConfig::from_url("postgres://u@/db?host=a,b&port=6000").unwrap();
+        assert_eq!(q.address(), "a:6000,b:6000");
+        assert_eq!(
+            ConnectionConfig::from_url("postgres://u@/db?host=a,b,c&port=1,2").unwrap_err(),
+            ConfigError::PortCount { hosts: 3, ports: 2 }
+        );
+        assert!(matches!(
+            ConnectionConfig::from_url("postgres://u@h/db?target_session_attrs=master"),
+            Err(ConfigError::UnknownTargetSessionAttrs(_))
+        ));
+        assert!(TargetSessionAttrs::ReadWrite.accepts(false, false));
+        assert!(!TargetSessionAttrs::ReadWrite.accepts(true, true));
+        assert!(TargetSessionAttrs::Standby.accepts(true, true));
     }
 
     #[test]

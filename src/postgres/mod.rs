@@ -7,8 +7,59 @@ pub mod config;
 pub mod error;
 pub mod tls;
 
-pub use config::{ConnectionConfig, Password, SslMode, redact_url};
+pub use config::{
+    ConnectionConfig, Host, HostPort, Password, SslMode, TargetSessionAttrs, redact_url,
+};
 pub use error::{ServerError, os_error_fix};
+
+/// A host that does not suit, and why: its error, or what it is.
+pub type HostFailure<E> = (String, Result<String, E>);
+
+/// The outcome of trying several hosts: the first that suits
+/// `target_session_attrs`, tried in order (`prefer-standby`: standbys
+/// first, then any). `try_host` connects to one host and tells whether it
+/// is in recovery and read-only; a host that does not suit is noted.
+pub async fn first_suitable<C, E, F, Fut>(
+    config: &ConnectionConfig,
+    mut try_host: F,
+) -> Result<C, Vec<HostFailure<E>>>
+where
+    F: FnMut(ConnectionConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<(C, bool, bool), E>>,
+{
+    let attrs = config.target_session_attrs;
+    let passes = match attrs {
+        TargetSessionAttrs::PreferStandby => {
+            vec![TargetSessionAttrs::Standby, TargetSessionAttrs::Any]
+        }
+        other => vec![other],
+    };
+    let mut failures = Vec::new();
+    for wanted in &passes {
+        for host in config.each_host() {
+            let address = host.address();
+            match try_host(host).await {
+                Ok((conn, in_recovery, read_only)) if wanted.accepts(in_recovery, read_only) => {
+                    return Ok(conn);
+                }
+                Ok((_, in_recovery, _)) => failures.push((
+                    address,
+                    Ok(format!(
+                        "is {} (target_session_attrs={})",
+                        if in_recovery {
+                            "a standby"
+                        } else {
+                            "a primary"
+                        },
+                        attrs.as_str()
+                    )),
+                )),
+                Err(error) => failures.push((address, Err(error))),
+            }
+        }
+    }
+    Err(failures)
+}
 
 /// Quotes an identifier (`"my ""table"""`).
 pub fn quote_ident(name: &str) -> String {
@@ -18,4 +69,17 @@ pub fn quote_ident(name: &str) -> String {
 /// Quotes a string literal.
 pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The hosts that did not suit, for an error message: each host's error,
+/// or what it is.
+pub fn describe_failures<E: std::fmt::Display>(failures: &[HostFailure<E>]) -> String {
+    failures
+        .iter()
+        .map(|(address, failure)| match failure {
+            Ok(what) => format!("{address} {what}"),
+            Err(error) => error.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

@@ -305,6 +305,7 @@ impl Connector for PgConnector {
                 TimelineHistory::new(identity.timeline)
             };
             let slot_confirmed = conn.slot_confirmed_lsn(&options.slot).await?;
+            let host = conn.address().to_owned();
             let stream = conn.start_replication(&options).await?;
             tracing::debug!(
                 proto_version = stream.proto_version(),
@@ -316,7 +317,7 @@ impl Connector for PgConnector {
                     system_id: identity.system_id,
                     history,
                     slot_confirmed: slot_confirmed.unwrap_or(Lsn::ZERO),
-                    host: pg.address(),
+                    host,
                 },
             ))
         })

@@ -17,7 +17,7 @@ use super::stream::ReplicationStream;
 use super::wire::{BackendMessage, Socket, Wire};
 use crate::lsn::Lsn;
 use crate::postgres::config::{ConnectionConfig, Host, SslMode};
-use crate::postgres::{quote_ident, quote_literal};
+use crate::postgres::{describe_failures, first_suitable, quote_ident, quote_literal};
 
 /// Server identity from IDENTIFY_SYSTEM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,8 +59,49 @@ pub struct ReplicationConnection {
 }
 
 impl ReplicationConnection {
-    /// Connects, authenticates and waits until the server is ready.
+    /// Connects to the first server of `config` that suits its
+    /// `target_session_attrs`, authenticates and waits until it is ready.
     pub async fn connect(config: &ConnectionConfig) -> Result<Self, ReplicationError> {
+        let check = config.target_session_attrs.needs_check();
+        if config.hosts.len() == 1 && !check {
+            return Self::connect_one(config).await;
+        }
+        let found = first_suitable(config, |host| async move {
+            let mut conn = Self::connect_one(&host).await?;
+            let (in_recovery, read_only) = if check {
+                conn.server_state().await?
+            } else {
+                (false, false)
+            };
+            Ok((conn, in_recovery, read_only))
+        })
+        .await;
+        found.map_err(|mut failures| {
+            if failures.len() == 1 && failures[0].1.is_err() {
+                return failures.remove(0).1.unwrap_err();
+            }
+            ReplicationError::NoSuitableHost {
+                attrs: config.target_session_attrs.as_str(),
+                failures: describe_failures(&failures),
+            }
+        })
+    }
+
+    /// Whether the server is in recovery, and whether its transactions are
+    /// read-only (what `target_session_attrs` asks about).
+    async fn server_state(&mut self) -> Result<(bool, bool), ReplicationError> {
+        let rows = self
+            .simple_query("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::Protocol("no row for the server's state".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok((field(0) == "t", field(1) == "on"))
+    }
+
+    /// Connects to the first host of `config`.
+    async fn connect_one(config: &ConnectionConfig) -> Result<Self, ReplicationError> {
         let timeout = config.connect_timeout.unwrap_or(Duration::from_secs(30));
         let socket = tokio::time::timeout(timeout, open_socket(config))
             .await
@@ -197,6 +238,11 @@ impl ReplicationConnection {
                 "unexpected CopyBothResponse".into(),
             )),
         }
+    }
+
+    /// The server this connection went to (`host:port`).
+    pub fn address(&self) -> &str {
+        self.wire.address()
     }
 
     /// A server parameter reported at startup (`server_version`, ...).
@@ -414,16 +460,16 @@ async fn open_socket(config: &ConnectionConfig) -> Result<Box<dyn Socket>, Repli
         address: config.address(),
         error,
     };
-    Ok(match &config.host {
+    Ok(match config.host() {
         Host::Tcp(host) => {
-            let stream = TcpStream::connect((host.as_str(), config.port))
+            let stream = TcpStream::connect((host.as_str(), config.port()))
                 .await
                 .map_err(connect_error)?;
             stream.set_nodelay(true).map_err(connect_error)?;
             negotiate_tls(config, host, stream).await?
         }
         Host::UnixSocketDir(dir) => {
-            let path = dir.join(format!(".s.PGSQL.{}", config.port));
+            let path = dir.join(format!(".s.PGSQL.{}", config.port()));
             Box::new(UnixStream::connect(path).await.map_err(connect_error)?)
         }
     })

@@ -33,6 +33,13 @@ pub enum ReplicationError {
     Io(#[from] io::Error),
     #[error("PostgreSQL at {address} closed the connection")]
     Closed { address: String },
+    #[error(
+        "no server in --pg-url will do for target_session_attrs={attrs}: {failures}; fix: check that one of them is up and is what target_session_attrs asks for (after a failover, the promoted standby)"
+    )]
+    NoSuitableHost {
+        attrs: &'static str,
+        failures: String,
+    },
     #[error("PostgreSQL at {address}: {error}")]
     Server {
         address: String,
@@ -64,7 +71,8 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::Lost { .. }
             | ReplicationError::Io(_)
-            | ReplicationError::Closed { .. } => true,
+            | ReplicationError::Closed { .. }
+            | ReplicationError::NoSuitableHost { .. } => true,
             ReplicationError::Server { error, .. } => !error.is_permanent(),
             ReplicationError::PasswordRequired
             | ReplicationError::Tls { .. }

@@ -38,6 +38,11 @@ impl Wire {
         }
     }
 
+    /// The server's address.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
     /// An ErrorResponse of this connection's server.
     pub(crate) fn server_error(&self, fields: backend::ErrorFields<'_>) -> ReplicationError {
         match parse_server_error(fields) {

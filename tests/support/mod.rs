@@ -41,27 +41,58 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-/// Where PostgreSQL's server binaries are: `WALRELAY_PG_BINDIR`, else the
-/// newest `/usr/lib/postgresql/N/bin`, else `pg_config --bindir`.
-pub fn pg_bindir() -> PathBuf {
+/// The PostgreSQL major version the tests run against:
+/// `WALRELAY_TEST_PG` (14 to 18), default 15 (Debian's).
+pub fn pg_major() -> u32 {
+    std::env::var("WALRELAY_TEST_PG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse().unwrap_or_else(|_| {
+                panic!("WALRELAY_TEST_PG={v:?}: expected a major version, such as 17")
+            })
+        })
+        .unwrap_or(15)
+}
+
+/// Where the server binaries of `major` are: `WALRELAY_PG_BINDIR`, else
+/// Debian's `/usr/lib/postgresql/MAJOR/bin`, else what
+/// `scripts/fetch-postgres MAJOR` installed under `/opt/walrelay/postgres`.
+pub fn pg_bindir_of(major: u32) -> PathBuf {
     if let Ok(dir) = std::env::var("WALRELAY_PG_BINDIR") {
         return dir.into();
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
-        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").exists())
-        .collect();
-    versions.sort();
-    if let Some((_, dir)) = versions.pop() {
-        return dir;
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if debian.join("initdb").exists() {
+        return debian;
     }
-    let out = Command::new("pg_config").arg("--bindir").output().expect(
-        "PostgreSQL server binaries not found: install Debian's `postgresql` package or set WALRELAY_PG_BINDIR",
+    let root =
+        std::env::var("WALRELAY_PG_ROOT").unwrap_or_else(|_| "/opt/walrelay/postgres".into());
+    let fetched = PathBuf::from(root).join(major.to_string()).join("bin");
+    assert!(
+        fetched.join("initdb").exists(),
+        "PostgreSQL {major} server binaries not found: run scripts/fetch-postgres {major} (scripts/install-deps does), or set WALRELAY_PG_BINDIR"
     );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    fetched
+}
+
+/// The server binaries of the version under test.
+pub fn pg_bindir() -> PathBuf {
+    pg_bindir_of(pg_major())
+}
+
+/// `psql`: beside the server when it has one, else Debian's client (it
+/// talks to every supported server).
+pub fn psql_binary(bindir: &Path) -> PathBuf {
+    let beside = bindir.join("psql");
+    if beside.exists() {
+        return beside;
+    }
+    ["/usr/lib/postgresql/15/bin/psql", "/usr/bin/psql"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("psql not found: install Debian's postgresql-client")
 }
 
 /// The `postgres` user's uid and gid, when we are root and must drop to it.
@@ -118,6 +149,8 @@ impl Default for PgOptions {
 pub struct PgCluster {
     pub port: u16,
     pub dir: TempDir,
+    /// The server's major version.
+    pub major: u32,
     bindir: PathBuf,
     user: Option<(u32, u32)>,
 }
@@ -128,7 +161,12 @@ impl PgCluster {
     }
 
     pub fn start_with(options: PgOptions) -> Self {
-        let bindir = pg_bindir();
+        Self::start_version(pg_major(), options)
+    }
+
+    /// A cluster of PostgreSQL `major`, whatever WALRELAY_TEST_PG says.
+    pub fn start_version(major: u32, options: PgOptions) -> Self {
+        let bindir = pg_bindir_of(major);
         let user = server_user();
         let dir = tempfile::Builder::new()
             .prefix("walrelay-pg-")
@@ -141,6 +179,7 @@ impl PgCluster {
         let cluster = PgCluster {
             port: free_port(),
             dir,
+            major,
             bindir,
             user,
         };
@@ -321,7 +360,7 @@ host replication all 127.0.0.1/32 md5
 
     /// Runs `psql -c` as the superuser (for statements like ALTER SYSTEM).
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(self.bindir.join("psql"))
+        let out = Command::new(psql_binary(&self.bindir))
             .args([
                 "-X",
                 "-A",
