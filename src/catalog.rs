@@ -71,6 +71,9 @@ pub struct SlotInfo {
     pub failover: Option<bool>,
     /// A copy a standby keeps of its primary's slot (17+).
     pub synced: Option<bool>,
+    /// Dropped at disconnect or promotion (a synced copy is temporary
+    /// until it is usable).
+    pub temporary: bool,
 }
 
 /// The first PostgreSQL major version with failover slots.
@@ -82,7 +85,7 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, SqlEr
     Ok(client
         .query_opt(
             "SELECT coalesce(plugin::text, ''), coalesce(database::text, ''),
-                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool, temporary
              FROM pg_replication_slots s WHERE slot_name = $1",
             &[&name],
         )
@@ -92,6 +95,7 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotInfo>, SqlEr
             database: row.get(1),
             failover: row.get(2),
             synced: row.get(3),
+            temporary: row.get(4),
         }))
 }
 

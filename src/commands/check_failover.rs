@@ -4,7 +4,7 @@
 
 use super::check::Finding;
 use crate::catalog::{self, FAILOVER_SLOTS_SINCE, quote_ident, quote_literal};
-use crate::postgres::ConnectionConfig;
+use crate::postgres::{ConnectionConfig, TargetSessionAttrs};
 use crate::sql::{self, SqlClient as Client, SqlError};
 
 /// The failover findings: on the primary `client`, and on each standby
@@ -93,7 +93,8 @@ pub async fn check(
 
     // Each standby named in the URL.
     if pg.hosts.len() > 1 {
-        for host in pg.each_host() {
+        for mut host in pg.each_host() {
+            host.target_session_attrs = TargetSessionAttrs::Any;
             let address = host.address();
             let standby = match sql::connect(&host).await {
                 Ok(c) => c,
@@ -177,9 +178,15 @@ async fn check_standby(
         )
     });
     findings.push(match catalog::slot(standby, slot).await? {
-        Some(info) if info.synced == Some(true) => {
+        Some(info) if info.synced == Some(true) && !info.temporary => {
             Finding::pass(format!("standby {address} has a synchronized copy of slot {slot}"))
         }
+        Some(info) if info.synced == Some(true) => Finding::warn(
+            format!(
+                "standby {address}'s copy of slot {slot} is not usable yet (temporary): a promotion now would drop it"
+            ),
+            "wait: it becomes usable once the relay confirms a position the standby has (the heartbeat moves it while the outbox is idle)",
+        ),
         Some(_) => Finding::fail(
             format!("standby {address} has a slot {slot} that is not synchronized from the primary"),
             format!(

@@ -312,6 +312,81 @@ host replication all 127.0.0.1/32 md5
         self.pg_ctl_start();
     }
 
+    /// A physical standby of this cluster, streaming through the physical
+    /// slot `slot` and keeping copies of its failover slots (PostgreSQL
+    /// 17's sync_replication_slots). Made without pg_basebackup: the
+    /// primary stops, its data directory is copied (without its slots),
+    /// and both start again.
+    pub fn standby(&self, slot: &str, db: &str) -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("walrelay-standby-")
+            .tempdir()
+            .unwrap();
+        if let Some((uid, gid)) = self.user {
+            chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let standby = PgCluster {
+            port: free_port(),
+            dir,
+            major: self.major,
+            bindir: self.bindir.clone(),
+            user: self.user,
+        };
+        self.stop("fast");
+        let status = Command::new("cp")
+            .args(["-a"])
+            .arg(self.data_dir())
+            .arg(standby.data_dir())
+            .status()
+            .unwrap();
+        assert!(status.success(), "copy the data directory");
+        // The primary's slots are its own: the standby gets copies of the
+        // failover slots from the slot sync worker.
+        for entry in std::fs::read_dir(standby.data_dir().join("pg_replslot")).unwrap() {
+            std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
+        }
+        append(
+            &standby.data_dir().join("postgresql.conf"),
+            &[
+                format!("port = {}", standby.port),
+                format!(
+                    "unix_socket_directories = '{}'",
+                    standby.dir.path().display()
+                ),
+                format!(
+                    "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname={db}'",
+                    self.port
+                ),
+                format!("primary_slot_name = '{slot}'"),
+                "hot_standby_feedback = on".into(),
+                "sync_replication_slots = on".into(),
+            ]
+            .join("\n"),
+        );
+        std::fs::write(standby.data_dir().join("standby.signal"), "").unwrap();
+        if let Some((uid, gid)) = self.user {
+            let status = Command::new("chown")
+                .args(["-R", &format!("{uid}:{gid}")])
+                .arg(standby.dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        self.pg_ctl_start();
+        standby.pg_ctl_start();
+        standby
+    }
+
+    /// Promotes a standby to primary.
+    pub fn promote(&self) {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-w", "-t", "60", "promote"],
+        );
+    }
+
     /// Stops the server; `mode` is smart, fast or immediate.
     pub fn stop(&self, mode: &str) {
         let data = self.data_dir();
