@@ -1,4 +1,4 @@
-//! A PostgreSQL 17 primary failover under load: a primary and a physical
+//! A PostgreSQL 17+ primary failover under load: a primary and a physical
 //! standby keeping a copy of the relay's failover slot, with
 //! synchronized_standby_slots on the primary; the relay is given both
 //! hosts. The primary dies (`-m immediate`), the standby is promoted, and
@@ -20,8 +20,11 @@ use support::workload::setup;
 use support::{PgCluster, PgOptions, free_port, wait_for};
 use walrelay::lsn::Lsn;
 
-/// The failover slots of PostgreSQL 17, whatever WALRELAY_TEST_PG says.
-const MAJOR: u32 = 17;
+/// Failover slots came with PostgreSQL 17: the server under test when it
+/// has them (WALRELAY_TEST_PG), else 17.
+fn failover_major() -> u32 {
+    support::pg_major().max(17)
+}
 
 async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
     client
@@ -36,7 +39,7 @@ async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
 /// Primary, standby and a database with the outbox, the failover slot
 /// and synchronized_standby_slots.
 async fn primary_and_standby() -> (PgCluster, PgCluster, String) {
-    let primary = PgCluster::start_version(MAJOR, PgOptions::default());
+    let primary = PgCluster::start_version(failover_major(), PgOptions::default());
     let db = primary.create_database("failover").await;
     let lines = setup(&primary.url(&db), &[]);
     assert!(
@@ -256,7 +259,7 @@ async fn a_promotion_while_the_broker_is_down_loses_nothing_and_publishes_no_pha
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_names_the_fix_for_each_missing_piece_of_a_failover_and_setup_mends_the_slot() {
-    let primary = PgCluster::start_version(MAJOR, PgOptions::default());
+    let primary = PgCluster::start_version(failover_major(), PgOptions::default());
     let db = primary.create_database("failcheck").await;
     setup(&primary.url(&db), &["--no-failover"]);
     primary
