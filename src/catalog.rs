@@ -240,6 +240,10 @@ pub struct SlotSnapshot {
     pub synced: Option<bool>,
     /// Why the slot was invalidated (17+), or its conflict (16).
     pub invalidation_reason: Option<String>,
+    /// Since when an inactive slot has been unused (17+).
+    pub inactive_since: Option<String>,
+    /// Decodes prepared transactions at PREPARE (14+ with the slot option).
+    pub two_phase: Option<bool>,
 }
 
 /// The query behind the lag metrics and `walrelay status`: one row per
@@ -262,7 +266,9 @@ SELECT s.slot_name::text,
        (to_jsonb(s) ->> 'failover')::bool,
        (to_jsonb(s) ->> 'synced')::bool,
        coalesce(to_jsonb(s) ->> 'invalidation_reason',
-                CASE WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflicting' END)
+                CASE WHEN (to_jsonb(s) ->> 'conflicting')::bool THEN 'conflicting' END),
+       to_char((to_jsonb(s) ->> 'inactive_since')::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+       (to_jsonb(s) ->> 'two_phase')::bool
 FROM pg_replication_slots s
 LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
 WHERE $1::text IS NULL OR s.slot_name = $1
@@ -288,6 +294,8 @@ pub async fn slots(client: &Client, slot: Option<&str>) -> Result<Vec<SlotSnapsh
             failover: r.get(11),
             synced: r.get(12),
             invalidation_reason: r.get(13),
+            inactive_since: r.get(14),
+            two_phase: r.get(15),
         })
         .collect())
 }

@@ -141,6 +141,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "reason": state.live.reason(),
         "waiting_for_broker": state.live.waiting_for_broker(),
         "broker_reachable": broker,
+        "host": state.live.host(),
         "slot": state.slot,
     });
     let code = if streaming && broker {

@@ -483,6 +483,27 @@ async fn status_json_matches_pg_replication_slots() {
         );
         assert_eq!(slot["retained_wal_bytes"], row.retained);
         assert_eq!(slot["wal_status"], "reserved");
+        assert_eq!(slot["two_phase"], false, "{slot}");
+        // Columns of newer servers: present where the server has them.
+        if pg.major >= 17 {
+            let since: Option<String> = client
+                .query_one(
+                    "SELECT to_char(inactive_since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(since.is_some(), "{name} has never been used");
+            assert_eq!(slot["inactive_since"].as_str(), since.as_deref());
+            assert!(
+                slot["failover"].is_boolean() && slot["synced"] == false,
+                "{slot}"
+            );
+        } else {
+            assert!(slot["inactive_since"].is_null(), "{slot}");
+            assert!(slot["failover"].is_null(), "{slot}");
+        }
     }
     let table = walrelay(&["status", "--pg-url", &pg.url(&db), "--slot", "walrelay"]);
     let text = String::from_utf8_lossy(&table.stdout);

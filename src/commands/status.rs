@@ -21,9 +21,11 @@ pub fn human_bytes(bytes: i64) -> String {
     }
 }
 
-/// The slots as a table; on PostgreSQL 17+ with their failover state.
+/// The slots as a table; on PostgreSQL 17+ with their failover state and
+/// since when an inactive slot has been unused.
 pub fn render_table(slots: &[SlotSnapshot]) -> String {
     let failover = slots.iter().any(|s| s.failover.is_some());
+    let inactive_since = slots.iter().any(|s| s.inactive_since.is_some());
     let yes_no = |v: Option<bool>| match v {
         Some(true) => "yes".to_owned(),
         Some(false) => "no".to_owned(),
@@ -42,6 +44,9 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
     if failover {
         header.extend(["FAILOVER".into(), "SYNCED".into()]);
     }
+    if inactive_since {
+        header.push("INACTIVE SINCE".into());
+    }
     let mut rows = vec![header];
     for s in slots {
         let mut row = vec![
@@ -52,10 +57,17 @@ pub fn render_table(slots: &[SlotSnapshot]) -> String {
             s.restart_lsn.clone().unwrap_or_else(|| "-".into()),
             s.lag_bytes.map_or("-".into(), human_bytes),
             s.retained_wal_bytes.map_or("-".into(), human_bytes),
-            s.wal_status.clone().unwrap_or_else(|| "-".into()),
+            match (&s.wal_status, &s.invalidation_reason) {
+                (Some(status), Some(reason)) => format!("{status} ({reason})"),
+                (Some(status), None) => status.clone(),
+                (None, _) => "-".into(),
+            },
         ];
         if failover {
             row.extend([yes_no(s.failover), yes_no(s.synced)]);
+        }
+        if inactive_since {
+            row.push(s.inactive_since.clone().unwrap_or_else(|| "-".into()));
         }
         rows.push(row);
     }
@@ -157,5 +169,34 @@ mod tests {
             "{table}"
         );
         assert!(lines[1].ends_with("reserved    yes       no"), "{table}");
+    }
+
+    #[test]
+    fn an_invalidated_slot_says_why_and_an_inactive_one_since_when() {
+        let table = render_table(&[
+            SlotSnapshot {
+                slot_name: "old".into(),
+                wal_status: Some("lost".into()),
+                invalidation_reason: Some("wal_removed".into()),
+                inactive_since: Some("2026-11-25T10:00:00Z".into()),
+                ..Default::default()
+            },
+            SlotSnapshot {
+                slot_name: "walrelay".into(),
+                active: true,
+                wal_status: Some("reserved".into()),
+                ..Default::default()
+            },
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].ends_with("WAL STATUS          INACTIVE SINCE"),
+            "{table}"
+        );
+        assert!(
+            lines[1].ends_with("lost (wal_removed)  2026-11-25T10:00:00Z"),
+            "{table}"
+        );
+        assert!(lines[2].ends_with("reserved            -"), "{table}");
     }
 }
