@@ -417,6 +417,7 @@ impl ReplicationConnection {
         let proto_version = options
             .proto_version
             .unwrap_or_else(|| self.best_proto_version());
+        self.require_publications(&options.publications).await?;
         let publications = options
             .publications
             .iter()
@@ -446,6 +447,36 @@ impl ReplicationConnection {
             }
         }
         Ok(ReplicationStream::new(self.wire, proto_version))
+    }
+
+    /// Fails when a publication does not exist. Before PostgreSQL 18
+    /// pgoutput raised that error at the first change; 18 only warns and
+    /// streams nothing, which would look like an idle outbox.
+    async fn require_publications(
+        &mut self,
+        publications: &[String],
+    ) -> Result<(), ReplicationError> {
+        let names = publications
+            .iter()
+            .map(|p| quote_literal(p))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT p FROM unnest(ARRAY[{names}]::text[]) AS p \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = p)"
+        );
+        let missing = self.simple_query(&sql).await?;
+        match missing
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten())
+        {
+            Some(publication) => Err(ReplicationError::MissingPublication {
+                address: self.address().to_owned(),
+                publication,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Ends the session politely.

@@ -53,6 +53,13 @@ pub enum ReplicationError {
         "the server asks for authentication method {0}, which walrelay does not support; use scram-sha-256, md5, password or trust in pg_hba.conf"
     )]
     UnsupportedAuthentication(String),
+    #[error(
+        "PostgreSQL at {address}: publication {publication:?} does not exist; fix: run `walrelay setup`, or CREATE PUBLICATION {publication} FOR TABLE public.outbox"
+    )]
+    MissingPublication {
+        address: String,
+        publication: String,
+    },
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("cannot decode a pgoutput message at {lsn}: {error}")]
@@ -77,6 +84,7 @@ impl ReplicationError {
             ReplicationError::PasswordRequired
             | ReplicationError::Tls { .. }
             | ReplicationError::UnsupportedAuthentication(_)
+            | ReplicationError::MissingPublication { .. }
             | ReplicationError::Protocol(_)
             | ReplicationError::Decode { .. } => false,
         }
