@@ -209,6 +209,52 @@ pub async fn table_columns(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// A table's columns and their type OIDs, in order (what a Relation
+/// message would say; the polling source reads rows with it).
+pub async fn table_column_oids(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<(String, u32)>, SqlError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid
+             FROM pg_attribute a WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&qualified(schema, table)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The names of a table's (non-internal) triggers.
+pub async fn table_triggers(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<String>, SqlError> {
+    let rows = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+             WHERE tgrelid = $1::text::regclass AND NOT tgisinternal ORDER BY 1",
+            &[&qualified(schema, table)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Whether an index of that name exists in `schema`.
+pub async fn index_exists(client: &Client, schema: &str, index: &str) -> Result<bool, SqlError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('i', 'I'))",
+            &[&schema, &index],
+        )
+        .await?
+        .get(0))
+}
+
 pub async fn has_primary_key(client: &Client, schema: &str, table: &str) -> Result<bool, SqlError> {
     Ok(client
         .query_one(

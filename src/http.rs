@@ -156,6 +156,9 @@ async fn api_status(State(state): State<AppState>) -> Response {
     let s = &state.live;
     let c = &s.counters;
     Json(json!({
+        "source": s.source(),
+        "backlog": s.backlog(),
+        "consumer_lag": s.consumer_lag(),
         "slot_name": state.slot,
         "delivery": state.delivery,
         "events_skipped": c.events_skipped.load(Ordering::Relaxed),

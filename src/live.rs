@@ -9,6 +9,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub use crate::catalog::SlotSnapshot;
 use crate::lsn::Lsn;
 
+/// Where the events come from (or, for the inbox, go).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `run`: the replication slot.
+    #[default]
+    Wal,
+    /// `run --source poll`: the outbox table, polled.
+    Poll,
+    /// `inbox`: Kafka into an inbox table.
+    Inbox,
+}
+
+/// One reading of the outbox table's backlog (the polling source).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Backlog {
+    /// Rows not yet published.
+    pub pending_rows: i64,
+    /// Of those, rows that failed at least once.
+    pub failing_rows: i64,
+    /// Age of the oldest row not yet published.
+    pub oldest_pending_seconds: Option<f64>,
+}
+
 /// What this relay instance is doing with its slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,6 +57,10 @@ pub struct LiveState {
     last_ack_unix_micros: AtomicU64,
     last_error: Mutex<Option<String>>,
     slot: Mutex<Option<SlotSnapshot>>,
+    source: Source,
+    backlog: Mutex<Option<Backlog>>,
+    /// The inbox's consumer lag, summed over its partitions.
+    consumer_lag: Mutex<Option<i64>>,
     pub counters: LiveCounters,
     pub latency: LatencyWindow,
     /// Every commit-to-ack latency since start.
@@ -51,6 +79,9 @@ impl Default for LiveState {
             last_ack_unix_micros: AtomicU64::new(0),
             last_error: Mutex::new(None),
             slot: Mutex::new(None),
+            source: Source::Wal,
+            backlog: Mutex::new(None),
+            consumer_lag: Mutex::new(None),
             counters: LiveCounters::default(),
             latency: LatencyWindow::default(),
             latency_histogram: LatencyHistogram::default(),
@@ -62,6 +93,55 @@ impl Default for LiveState {
 impl LiveState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_source(source: Source) -> Self {
+        LiveState {
+            source,
+            ..Self::default()
+        }
+    }
+
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    pub fn set_backlog(&self, backlog: Option<Backlog>) {
+        *self.backlog.lock().unwrap_or_else(|e| e.into_inner()) = backlog;
+    }
+
+    pub fn backlog(&self) -> Option<Backlog> {
+        self.backlog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_consumer_lag(&self, lag: Option<i64>) {
+        *self.consumer_lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+    }
+
+    pub fn consumer_lag(&self) -> Option<i64> {
+        *self.consumer_lag.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a point to the dashboard's history, from the latest readings.
+    pub fn record_sample(&self) {
+        let slot = self.slot();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.history.push(Sample {
+            unix_ms,
+            lag_bytes: slot.as_ref().and_then(|s| s.lag_bytes),
+            retained_wal_bytes: slot.as_ref().and_then(|s| s.retained_wal_bytes),
+            pending_rows: self.backlog().map(|b| b.pending_rows),
+            consumer_lag: self.consumer_lag(),
+            events_published: self.counters.events_published.load(Ordering::Relaxed),
+            in_flight: self.counters.in_flight.load(Ordering::Relaxed),
+            p99_commit_to_ack_ms: self.latency.quantile(0.99).map(|s| s * 1000.0),
+        });
     }
 
     pub fn set_connected(&self, connected: bool) {
@@ -89,6 +169,9 @@ impl LiveState {
 
     /// Why the relay is not streaming, for people: `None` while it streams.
     pub fn reason(&self) -> Option<String> {
+        if self.source == Source::Poll && self.waiting_for_broker() {
+            return Some("waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay rolled its claim back (the rows stay in the table); it polls again once the broker answers".to_owned());
+        }
         if self.connected() {
             return None;
         }
@@ -162,6 +245,10 @@ pub struct Sample {
     pub unix_ms: u64,
     pub lag_bytes: Option<i64>,
     pub retained_wal_bytes: Option<i64>,
+    /// The polling source's rows not yet published.
+    pub pending_rows: Option<i64>,
+    /// The inbox's consumer lag.
+    pub consumer_lag: Option<i64>,
     pub events_published: u64,
     pub in_flight: u64,
     pub p99_commit_to_ack_ms: Option<f64>,

@@ -31,6 +31,11 @@ pub const PARTITION_RECOVERIES_TOTAL: &str = "walrelay_partition_recoveries_tota
 pub const PARTITION_RECOVERY_SECONDS: &str = "walrelay_partition_recovery_seconds";
 pub const PARTITIONS_AT_LEAST_ONCE_TOTAL: &str = "walrelay_partitions_at_least_once_total";
 pub const SLOT_RELEASES_TOTAL: &str = "walrelay_slot_releases_total";
+pub const POLL_BATCHES_TOTAL: &str = "walrelay_poll_batches_total";
+pub const POLL_ROW_FAILURES_TOTAL: &str = "walrelay_poll_row_failures_total";
+pub const OUTBOX_PENDING_ROWS: &str = "walrelay_outbox_pending_rows";
+pub const OUTBOX_FAILING_ROWS: &str = "walrelay_outbox_failing_rows";
+pub const OUTBOX_OLDEST_PENDING_SECONDS: &str = "walrelay_outbox_oldest_pending_seconds";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -132,6 +137,27 @@ pub fn describe() {
         SLOT_RELEASES_TOTAL,
         "replication sessions ended on purpose so PostgreSQL is not held, by reason (broker, server_stopping)"
     );
+    describe_counter!(
+        POLL_BATCHES_TOTAL,
+        "batches of rows claimed by the polling source"
+    );
+    describe_counter!(
+        POLL_ROW_FAILURES_TOTAL,
+        "polled rows that could not be published and wait for their next attempt"
+    );
+    describe_gauge!(
+        OUTBOX_PENDING_ROWS,
+        "rows of the outbox table not yet published (polling source)"
+    );
+    describe_gauge!(
+        OUTBOX_FAILING_ROWS,
+        "rows of the outbox table not yet published that failed at least once (polling source)"
+    );
+    describe_gauge!(
+        OUTBOX_OLDEST_PENDING_SECONDS,
+        Unit::Seconds,
+        "age of the oldest row of the outbox table not yet published (polling source)"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
@@ -164,4 +190,9 @@ pub const ALL: &[&str] = &[
     PARTITION_RECOVERIES_TOTAL,
     PARTITION_RECOVERY_SECONDS,
     PARTITIONS_AT_LEAST_ONCE_TOTAL,
+    POLL_BATCHES_TOTAL,
+    POLL_ROW_FAILURES_TOTAL,
+    OUTBOX_PENDING_ROWS,
+    OUTBOX_FAILING_ROWS,
+    OUTBOX_OLDEST_PENDING_SECONDS,
 ];

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::catalog::{self, SlotSnapshot, quote_ident};
-use crate::live::{LiveState, Sample};
+use crate::live::LiveState;
 use crate::metrics as m;
 use crate::replication::ConnectionConfig;
 use crate::sql::{SqlClient, SqlError, SqlSession};
@@ -217,17 +217,5 @@ fn export(slot: &str, snapshot: Option<&SlotSnapshot>) {
 }
 
 fn record_sample(live: &LiveState) {
-    let slot = live.slot();
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    live.history.push(Sample {
-        unix_ms,
-        lag_bytes: slot.as_ref().and_then(|s| s.lag_bytes),
-        retained_wal_bytes: slot.as_ref().and_then(|s| s.retained_wal_bytes),
-        events_published: live.counters.events_published.load(Ordering::Relaxed),
-        in_flight: live.counters.in_flight.load(Ordering::Relaxed),
-        p99_commit_to_ack_ms: live.latency.quantile(0.99).map(|s| s * 1000.0),
-    });
+    live.record_sample();
 }

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::io;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -151,8 +151,25 @@ pub async fn connect(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
     })
 }
 
+/// Opens an SQL connection that hands the channel names of the
+/// notifications it receives (after `LISTEN`) to the returned receiver.
+pub async fn connect_listening(
+    config: &ConnectionConfig,
+) -> Result<(SqlClient, mpsc::UnboundedReceiver<String>), SqlError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = connect_one_with(config, Some(tx)).await?;
+    Ok((client, rx))
+}
+
 /// Opens an SQL connection to the first host of `config`.
 async fn connect_one(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
+    connect_one_with(config, None).await
+}
+
+async fn connect_one_with(
+    config: &ConnectionConfig,
+    notifications: Option<mpsc::UnboundedSender<String>>,
+) -> Result<SqlClient, SqlError> {
     let address = config.address();
     let tls = crate::postgres::tls::client_config(config)
         .map_err(|e| SqlError::new(&address, SqlCause::Tls(e.to_string())))?;
@@ -163,12 +180,12 @@ async fn connect_one(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
         Some(tls) => {
             let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
             let (client, connection) = pg.connect(connector).await.map_err(at)?;
-            tokio::spawn(drive(connection, address.clone(), closed_tx));
+            tokio::spawn(drive(connection, address.clone(), closed_tx, notifications));
             client
         }
         None => {
             let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(at)?;
-            tokio::spawn(drive(connection, address.clone(), closed_tx));
+            tokio::spawn(drive(connection, address.clone(), closed_tx, notifications));
             client
         }
     };
@@ -179,12 +196,29 @@ async fn connect_one(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
     })
 }
 
-/// Runs the connection until it ends, then tells why.
-async fn drive<F>(connection: F, address: String, closed: watch::Sender<Option<ClosedReason>>)
-where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+/// Runs the connection until it ends, passing on notifications, then
+/// tells why it ended.
+async fn drive<T>(
+    mut connection: tokio_postgres::Connection<tokio_postgres::Socket, T>,
+    address: String,
+    closed: watch::Sender<Option<ClosedReason>>,
+    notifications: Option<mpsc::UnboundedSender<String>>,
+) where
+    T: tokio_postgres::tls::TlsStream + Unpin,
 {
-    let reason = match connection.await {
+    let ended = loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if let Some(tx) = &notifications {
+                    let _ = tx.send(n.channel().to_owned());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    let reason = match ended {
         Ok(()) => ClosedReason {
             sqlstate: None,
             message: "closed".into(),
@@ -307,6 +341,23 @@ impl SqlError {
     /// The server's SQLSTATE, if it sent one.
     pub fn sqlstate(&self) -> Option<&str> {
         self.server().map(|e| e.code.as_str())
+    }
+
+    /// Whether trying again later can work without anyone changing
+    /// anything: the connection or the server went away, a deadlock or
+    /// serialization failure, a server short of resources or shutting
+    /// down, no suitable host yet (a failover in progress).
+    pub fn is_transient(&self) -> bool {
+        match &self.cause {
+            SqlCause::Os(_) | SqlCause::Closed | SqlCause::NoSuitableHost { .. } => true,
+            SqlCause::Server(e) => {
+                matches!(
+                    &e.code[..2.min(e.code.len())],
+                    "08" | "40" | "53" | "57" | "58"
+                ) || e.code == "55P03"
+            }
+            SqlCause::Tls(_) | SqlCause::Other(_) => false,
+        }
     }
 }
 

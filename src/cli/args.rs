@@ -8,6 +8,7 @@ use clap::Args;
 use super::UsageError;
 use super::values::{parse_duration, parse_size};
 use crate::kafka::{ProducerSettings, SinkSettings};
+use crate::poll::{OnPublished, PollConfig};
 use crate::postgres::{TargetSessionAttrs, redact_url};
 use crate::relay::{DeliveryGuarantee, RelayConfig};
 use crate::replication::ConnectionConfig;
@@ -114,6 +115,20 @@ pub struct SetupArgs {
     /// slots on standbys with sync_replication_slots = on).
     #[arg(long, env = "WALRELAY_NO_FAILOVER")]
     pub no_failover: bool,
+    /// wal: the publication and the slot; poll: the columns, triggers and
+    /// index `run --source poll` needs (no logical replication).
+    #[arg(long, env = "WALRELAY_SOURCE", value_enum, default_value = "wal")]
+    pub source: SourceKind,
+}
+
+/// Where `run` reads events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// Logical replication: a slot on a publication (needs wal_level =
+    /// logical and the REPLICATION attribute).
+    Wal,
+    /// Polling the outbox table: claim, publish, delete or mark.
+    Poll,
 }
 
 #[derive(Debug, Args)]
@@ -223,13 +238,34 @@ pub struct RunArgs {
     /// exactly-once: every event once in Kafka (records carry their position,
     /// a restarted relay skips what a partition holds); at-least-once: a
     /// restart may publish again what was not yet confirmed.
+    /// (default: exactly-once; --source poll delivers at least once)
+    #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
+    pub delivery: Option<DeliveryGuarantee>,
+    /// wal: stream from the replication slot; poll: poll the outbox table
+    /// (no logical replication needed; at least once; set it up with
+    /// `walrelay setup --source poll`).
+    #[arg(long, env = "WALRELAY_SOURCE", value_enum, default_value = "wal")]
+    pub source: SourceKind,
+    /// --source poll: longest wait between polls of an idle outbox (a
+    /// NOTIFY from the insert trigger wakes the relay sooner).
+    #[arg(long, env = "WALRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// --source poll: rows claimed at most per batch.
+    #[arg(long, env = "WALRELAY_POLL_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub poll_batch_size: u64,
+    /// --source poll: what to do with a published row: delete it, or set
+    /// published_at and keep it.
     #[arg(
         long,
-        env = "WALRELAY_DELIVERY",
+        env = "WALRELAY_ON_PUBLISHED",
         value_enum,
-        default_value = "exactly-once"
+        default_value = "delete"
     )]
-    pub delivery: DeliveryGuarantee,
+    pub on_published: OnPublished,
+    /// --source poll: a row that failed this many times goes to the
+    /// dead-letter topic.
+    #[arg(long, env = "WALRELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
     /// Exactly once: records of a partition's tail read at most when looking
     /// for this relay's own (others' records are passed over).
     #[arg(long, env = "WALRELAY_EXACTLY_ONCE_LOOKBACK", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -277,6 +313,61 @@ impl RunArgs {
 
     /// Validates everything else and builds the relay's configuration.
     pub fn relay_config(&self) -> Result<RelayConfig, UsageError> {
+        let (pg, router) = self.pg_and_router()?;
+        if self.heartbeat_prefix.is_empty() || self.heartbeat_prefix == self.message_prefix {
+            return Err(UsageError(
+                "--heartbeat-prefix must be non-empty and differ from --message-prefix (heartbeats are never published)".into(),
+            ));
+        }
+        Ok(RelayConfig {
+            pg,
+            slot: self.outbox.slot.clone(),
+            publication: self.outbox.publication.clone(),
+            router,
+            max_in_flight_events: self.max_in_flight_events as usize,
+            max_in_flight_bytes: self.max_in_flight_bytes as usize,
+            status_interval: self.status_interval,
+            shutdown_timeout: self.shutdown_timeout,
+            proto_version: self.proto_version,
+            max_backoff: self.max_backoff,
+            permanent_error_attempts: 3,
+            standby_retry: self.standby_retry,
+            broker_stall_timeout: self.broker_stall_timeout,
+            delivery: self.delivery.unwrap_or(DeliveryGuarantee::ExactlyOnce),
+            exactly_once_lookback: self.exactly_once_lookback as usize,
+            heartbeat_prefix: self.heartbeat_prefix.clone(),
+        })
+    }
+
+    /// The polling source's configuration (`--source poll`).
+    pub fn poll_config(&self) -> Result<PollConfig, UsageError> {
+        if self.delivery == Some(DeliveryGuarantee::ExactlyOnce) {
+            return Err(UsageError(
+                "--source poll delivers at least once (a polled row has no log position to recognise it by in Kafka): drop --delivery exactly-once, and let consumers dedupe on the id header (walrelay inbox does)".into(),
+            ));
+        }
+        let (pg, router) = self.pg_and_router()?;
+        if self.poll_interval.is_zero() {
+            return Err(UsageError(
+                "--poll-interval must be greater than zero".into(),
+            ));
+        }
+        Ok(PollConfig {
+            pg,
+            router,
+            batch_size: self.poll_batch_size as usize,
+            poll_interval: self.poll_interval,
+            on_published: self.on_published,
+            max_attempts: self.max_attempts,
+            max_backoff: self.max_backoff,
+            broker_stall_timeout: self.broker_stall_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            permanent_error_attempts: 3,
+        })
+    }
+
+    /// What both sources share: the URL and the routing.
+    fn pg_and_router(&self) -> Result<(ConnectionConfig, RouterConfig), UsageError> {
         let pg = self.pg.connection_config()?;
         if pg.hosts.len() > 1
             && !matches!(
@@ -307,11 +398,6 @@ impl RunArgs {
         if self.message_prefix.is_empty() {
             return Err(UsageError("--message-prefix must not be empty".into()));
         }
-        if self.heartbeat_prefix.is_empty() || self.heartbeat_prefix == self.message_prefix {
-            return Err(UsageError(
-                "--heartbeat-prefix must be non-empty and differ from --message-prefix (heartbeats are never published)".into(),
-            ));
-        }
         if self.standby_retry.is_zero()
             || self.status_interval.is_zero()
             || self.broker_stall_timeout.is_zero()
@@ -320,33 +406,17 @@ impl RunArgs {
                 "--standby-retry, --status-interval and --broker-stall-timeout must be greater than zero".into(),
             ));
         }
-        Ok(RelayConfig {
-            pg,
-            slot: self.outbox.slot.clone(),
-            publication: self.outbox.publication.clone(),
-            router: RouterConfig {
-                tables: self.outbox.tables()?,
-                columns: self.outbox.columns(),
-                header_columns,
-                topic_template,
-                message_prefix: self.message_prefix.clone(),
-                dead_letter_topic: self.dead_letter_topic.clone(),
-                cloudevents: !self.no_cloudevents,
-                cloudevents_source: self.cloudevents_source.clone(),
-            },
-            max_in_flight_events: self.max_in_flight_events as usize,
-            max_in_flight_bytes: self.max_in_flight_bytes as usize,
-            status_interval: self.status_interval,
-            shutdown_timeout: self.shutdown_timeout,
-            proto_version: self.proto_version,
-            max_backoff: self.max_backoff,
-            permanent_error_attempts: 3,
-            standby_retry: self.standby_retry,
-            broker_stall_timeout: self.broker_stall_timeout,
-            delivery: self.delivery,
-            exactly_once_lookback: self.exactly_once_lookback as usize,
-            heartbeat_prefix: self.heartbeat_prefix.clone(),
-        })
+        let router = RouterConfig {
+            tables: self.outbox.tables()?,
+            columns: self.outbox.columns(),
+            header_columns,
+            topic_template,
+            message_prefix: self.message_prefix.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            cloudevents: !self.no_cloudevents,
+            cloudevents_source: self.cloudevents_source.clone(),
+        };
+        Ok((pg, router))
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use args::{OutboxArgs, PgArgs, RunArgs, SetupArgs, StatusArgs, TailArgs};
+pub use args::{OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs};
 pub use values::{parse_duration, parse_size};
 
 use crate::commands;
@@ -79,6 +79,15 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) if args.source == SourceKind::Poll => {
+            let kafka = args.sink_settings()?;
+            let poll = args.poll_config()?;
+            let listener = commands::run::listen(&args.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::run::run_poll(poll, kafka, listener, args.status_interval).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(args) => {
             let kafka = args.sink_settings()?;
             let relay = args.relay_config()?;
@@ -103,8 +112,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 publication: args.outbox.publication.clone(),
                 slot: args.outbox.slot.clone(),
                 failover: !args.no_failover,
+                poll: args.source == SourceKind::Poll,
             };
-            let client = sql::connect(&config).await?;
+            let mut client = sql::connect(&config).await?;
+            if options.poll {
+                for line in commands::setup::setup_poll(&mut client, &options).await? {
+                    println!("{line}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             for line in commands::setup::setup(&client, &config, &options).await? {
                 println!("{line}");
             }
@@ -118,6 +134,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 publication: args.outbox.publication.clone(),
                 slot: args.outbox.slot.clone(),
                 failover: !args.no_failover,
+                poll: args.source == SourceKind::Poll,
             };
             // With several hosts, the checks of the outbox run on the primary.
             let mut primary = config.clone();

@@ -55,7 +55,13 @@ pub struct CheckOptions {
     pub slot: String,
     /// Check what a failover needs (PostgreSQL 17+ failover slots).
     pub failover: bool,
+    /// Check what `run --source poll` needs instead of logical replication.
+    pub poll: bool,
 }
+
+/// The fix for a database that cannot do logical replication, besides
+/// making it: the polling source.
+const OR_POLL: &str = "; or, where logical replication is not allowed, poll the table instead: walrelay setup --source poll, then walrelay run --source poll";
 
 /// Runs every check against the primary `client`; `pg` reaches the
 /// standbys the URL names, for the failover checks.
@@ -65,6 +71,12 @@ pub async fn check(
     options: &CheckOptions,
 ) -> Result<Vec<Finding>, SqlError> {
     let mut findings = Vec::new();
+    if options.poll {
+        for (schema, table) in &options.tables {
+            findings.extend(check_table(client, options, schema, table).await?);
+        }
+        return Ok(findings);
+    }
     let setting = async |name: &str| catalog::setting(client, name).await;
 
     let wal_level = setting("wal_level").await?;
@@ -73,7 +85,7 @@ pub async fn check(
     } else {
         Finding::fail(
             format!("wal_level = {wal_level}; logical decoding needs logical"),
-            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+            format!("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL{OR_POLL}"),
         )
     });
 
@@ -123,7 +135,10 @@ pub async fn check(
     } else {
         Finding::fail(
             format!("role {user} lacks the REPLICATION attribute"),
-            format!("ALTER ROLE {} WITH REPLICATION", quote_ident(&user)),
+            format!(
+                "ALTER ROLE {} WITH REPLICATION{OR_POLL}",
+                quote_ident(&user)
+            ),
         )
     });
 
@@ -189,25 +204,45 @@ async fn check_table(
     let name = format!("{schema}.{table}");
     let qualified = qualified(schema, table);
     let mut findings = Vec::new();
+    let setup = if options.poll {
+        "walrelay setup --source poll"
+    } else {
+        "walrelay setup"
+    };
     if !catalog::table_exists(client, schema, table).await? {
         findings.push(Finding::fail(
             format!("outbox table {name} does not exist"),
-            "walrelay setup (creates the default outbox table)",
+            format!("{setup} (creates the default outbox table)"),
         ));
         return Ok(findings);
     }
-    let covered = catalog::publication_covers(client, &options.publication, schema, table).await?;
-    findings.push(if covered {
-        Finding::pass(format!("publication {} covers {name}", options.publication))
+    if options.poll {
+        let missing = crate::poll::schema::missing_pieces(client, schema, table).await?;
+        findings.push(if missing.is_empty() {
+            Finding::pass(format!(
+                "{name} is set up for polling (sequence, attempts, ordering and notify triggers, index)"
+            ))
+        } else {
+            Finding::fail(
+                format!("{name} is not set up for polling: no {}", missing.join(", no ")),
+                setup,
+            )
+        });
     } else {
-        Finding::fail(
-            format!("publication {} does not cover {name}", options.publication),
-            format!(
-                "ALTER PUBLICATION {} ADD TABLE {qualified}",
-                quote_ident(&options.publication)
-            ),
-        )
-    });
+        let covered =
+            catalog::publication_covers(client, &options.publication, schema, table).await?;
+        findings.push(if covered {
+            Finding::pass(format!("publication {} covers {name}", options.publication))
+        } else {
+            Finding::fail(
+                format!("publication {} does not cover {name}", options.publication),
+                format!(
+                    "ALTER PUBLICATION {} ADD TABLE {qualified}",
+                    quote_ident(&options.publication)
+                ),
+            )
+        });
+    }
     let columns = catalog::table_columns(client, schema, table).await?;
     let c = &options.columns;
     let required = [

@@ -9,8 +9,9 @@ use tokio::sync::watch;
 
 use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
-use crate::live::LiveState;
+use crate::live::{LiveState, Source};
 use crate::monitor::MonitorConfig;
+use crate::poll::{PollConfig, PollRelay};
 use crate::relay::{DeliveryGuarantee, PgConnector, Relay, RelayConfig};
 use crate::sql;
 
@@ -79,6 +80,51 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     Relay::new(config, connector, sink, live, findings)
         .run(shutdown)
         .await?;
+    Ok(())
+}
+
+/// `run --source poll`: the HTTP server, the backlog monitor and the
+/// polling loop.
+pub async fn run_poll(
+    config: PollConfig,
+    kafka: SinkSettings,
+    listener: tokio::net::TcpListener,
+    status_interval: Duration,
+) -> anyhow::Result<()> {
+    let live = Arc::new(LiveState::with_source(Source::Poll));
+    let metrics = crate::http::install_metrics()?;
+    let tables = config
+        .router
+        .tables
+        .iter()
+        .map(|(s, t)| format!("{s}.{t}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    crate::http::spawn(
+        listener,
+        metrics,
+        Arc::clone(&live),
+        kafka.producer.clone(),
+        tables,
+        "at-least-once",
+    )?;
+    // A table that is not set up is an error with its fix, before anything
+    // else happens.
+    let client = sql::connect(&config.pg).await?;
+    crate::poll::load_tables(&client, &config.router).await?;
+    drop(client);
+    crate::poll::spawn_backlog_monitor(
+        config.pg.clone(),
+        config.router.clone(),
+        status_interval.max(Duration::from_secs(1)),
+        Arc::clone(&live),
+    );
+    let mut shutdown = super::shutdown_signal();
+    let sink = KafkaSink::new(&kafka)?;
+    if !warm_up(&sink, &mut shutdown).await {
+        return Ok(());
+    }
+    PollRelay::new(config, sink, live).run(shutdown).await?;
     Ok(())
 }
 

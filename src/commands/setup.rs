@@ -17,6 +17,9 @@ pub struct SetupOptions {
     pub slot: String,
     /// Make the slot a failover slot (PostgreSQL 17+), kept on standbys.
     pub failover: bool,
+    /// For `run --source poll`: the polling pieces instead of the
+    /// publication and the slot.
+    pub poll: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +133,26 @@ pub async fn setup(
         }
     };
     report.push(failover_line(client, pg, options, failover).await?);
+    Ok(report)
+}
+
+/// Setup for the polling source: each table, and what polling needs in it.
+pub async fn setup_poll(
+    client: &mut Client,
+    options: &SetupOptions,
+) -> Result<Vec<String>, SetupError> {
+    let mut report = Vec::new();
+    for (schema, table) in &options.tables {
+        if catalog::table_exists(client, schema, table).await? {
+            report.push(format!("table {schema}.{table} exists"));
+        } else {
+            client
+                .batch_execute(&create_table_sql(schema, table, &options.columns))
+                .await?;
+            report.push(format!("created table {schema}.{table}"));
+        }
+        report.extend(crate::poll::schema::setup(client, schema, table, &options.columns).await?);
+    }
     Ok(report)
 }
 

@@ -373,6 +373,9 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                     self.confirmer.ack(ticket.txn)?;
                 }
                 Outcome::Resized { from, to } => self.window.resize(from, to),
+                Outcome::Failed { .. } => {
+                    unreachable!("the WAL relay's publisher stops on topic errors")
+                }
             }
         }
         self.live
@@ -383,25 +386,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
     }
 
     fn count_ack(&self, ticket: &EventTicket, topic: String) {
-        let now = PgTimestamp::now();
-        if ticket.dead_letter {
-            self.live
-                .counters
-                .dead_letters
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
-            let latency = (now.0 - ticket.commit_time.0).max(0) as f64 / 1e6;
-            metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => topic).increment(1);
-            self.live
-                .counters
-                .events_published
-                .fetch_add(1, Ordering::Relaxed);
-            metrics::histogram!(m::COMMIT_TO_ACK_SECONDS).record(latency);
-            self.live.latency.record(latency);
-            self.live.latency_histogram.record(latency);
-        }
-        metrics::gauge!(m::LAST_ACK_TIMESTAMP_SECONDS).set(now.unix_micros() as f64 / 1e6);
-        self.live.record_ack();
+        count_ack(&self.live, ticket, topic);
     }
 
     /// Sends a status update with the watermark, if streaming.
@@ -421,8 +406,28 @@ impl<C: Connector, S: Sink> Relay<C, S> {
     }
 }
 
+/// Counts an acknowledged record: the metrics, the live counters and the
+/// commit-to-ack latency.
+pub fn count_ack(live: &LiveState, ticket: &EventTicket, topic: String) {
+    let now = PgTimestamp::now();
+    if ticket.dead_letter {
+        live.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let latency = (now.0 - ticket.commit_time.0).max(0) as f64 / 1e6;
+        metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "topic" => topic).increment(1);
+        live.counters
+            .events_published
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::COMMIT_TO_ACK_SECONDS).record(latency);
+        live.latency.record(latency);
+        live.latency_histogram.record(latency);
+    }
+    metrics::gauge!(m::LAST_ACK_TIMESTAMP_SECONDS).set(now.unix_micros() as f64 / 1e6);
+    live.record_ack();
+}
+
 /// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
+pub async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => pending().await,

@@ -69,8 +69,9 @@ mod tests;
 use std::time::Duration;
 
 pub use ack_tracker::{AckError, AckTracker, TxnTicket};
-pub use apply::Relay;
+pub use apply::{Relay, count_ack, sleep_until};
 pub use error::{Decision, Failure, RelayError, StreamError, decide};
+pub use publisher::{Outcome, Outgoing, Publisher, PublisherEvent, TopicFailures, backoff};
 pub use session::{Connector, PgConnector, SessionStart, WalStream};
 
 use crate::postgres::ConnectionConfig;

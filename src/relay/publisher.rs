@@ -69,6 +69,20 @@ pub enum Outcome {
     Skipped { ticket: EventTicket },
     /// A record was replaced by its dead letter, of another size.
     Resized { from: usize, to: usize },
+    /// Its topic cannot be used and someone must fix that (the polling
+    /// source counts an attempt; the WAL relay stops instead).
+    Failed { ticket: EventTicket, error: String },
+}
+
+/// What a topic that cannot be used (missing under --no-create-topics,
+/// not creatable) means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicFailures {
+    /// The relay stops with the fix: the WAL cannot move past the record.
+    Stop,
+    /// Each waiting record fails on its own ([`Outcome::Failed`]): a
+    /// polled row can wait for its next attempt while others go on.
+    FailRecords,
 }
 
 /// Something the publisher's sink, topic preparations or tail scans
@@ -102,6 +116,7 @@ pub struct Publisher<S: Sink> {
     outcomes: Vec<Outcome>,
     /// Exactly-once: partitions and what they already hold.
     ledgers: Option<PartitionLedgers>,
+    topic_failures: TopicFailures,
 }
 
 impl<S: Sink> Publisher<S> {
@@ -118,7 +133,14 @@ impl<S: Sink> Publisher<S> {
             retries: VecDeque::new(),
             failures: 0,
             outcomes: Vec::new(),
+            topic_failures: TopicFailures::Stop,
         }
+    }
+
+    /// What an unusable topic means (default: stop).
+    pub fn with_topic_failures(mut self, policy: TopicFailures) -> Self {
+        self.topic_failures = policy;
+        self
     }
 
     /// What became of records since the last call.
@@ -279,6 +301,23 @@ impl<S: Sink> Publisher<S> {
                         metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "metadata")
                             .increment(1);
                         self.start_preparing(topic, wait);
+                        Ok(())
+                    }
+                    _ if self.topic_failures == TopicFailures::FailRecords => {
+                        // Forgotten, so the next record for it prepares it
+                        // again.
+                        let waiting = match self.topics.remove(&topic) {
+                            Some(TopicState::Preparing(waiting)) => waiting,
+                            _ => VecDeque::new(),
+                        };
+                        tracing::warn!(topic, error = %relay_error, records = waiting.len(), "topic cannot be used");
+                        metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "topic").increment(1);
+                        for out in waiting {
+                            self.outcomes.push(Outcome::Failed {
+                                ticket: out.ticket,
+                                error: relay_error.to_string(),
+                            });
+                        }
                         Ok(())
                     }
                     _ => Err(relay_error),

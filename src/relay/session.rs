@@ -16,7 +16,7 @@ use crate::replication::{
     ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
     ReplicationStream, StartOptions,
 };
-use crate::router::ChangeContext;
+use crate::router::{ChangeAt, ChangeContext};
 use crate::sink::LocalBoxFuture;
 
 /// The replication stream as the relay uses it. `ReplicationStream`
@@ -221,7 +221,7 @@ impl<W: WalStream> Session<W> {
                     relation,
                     tuple: insert.new,
                     ctx: ChangeContext {
-                        lsn,
+                        at: ChangeAt::Lsn(lsn),
                         commit_time: txn.commit_time,
                     },
                     position: txn.position(lsn),
@@ -242,7 +242,10 @@ impl<W: WalStream> Session<W> {
                     ),
                 };
                 WalItem::Message {
-                    ctx: ChangeContext { lsn, commit_time },
+                    ctx: ChangeContext {
+                        at: ChangeAt::Lsn(lsn),
+                        commit_time,
+                    },
                     message,
                     in_transaction,
                     position,

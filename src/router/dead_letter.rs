@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{ChangeContext, RouteError, RouterConfig};
+use super::{ChangeAt, ChangeContext, RouteError, RouterConfig};
 use crate::pgoutput::{ColumnValue, Message, TupleData};
 use crate::record::KafkaRecord;
 use crate::relation_cache::RelationInfo;
@@ -35,12 +35,21 @@ pub(super) fn for_row(
             },
         );
     }
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "schema": relation.schema,
         "table": relation.table,
-        "lsn": ctx.lsn.to_string(),
         "columns": columns,
     });
+    let position = match ctx.at {
+        ChangeAt::Lsn(lsn) => {
+            value["lsn"] = Value::String(lsn.to_string());
+            ("walrelay_lsn".to_owned(), Bytes::from(lsn.to_string()))
+        }
+        ChangeAt::Seq(seq) => {
+            value["seq"] = Value::from(seq);
+            ("walrelay_seq".to_owned(), Bytes::from(seq.to_string()))
+        }
+    };
     let key = relation
         .column_index(&config.columns.aggregate_id)
         .and_then(|i| match tuple.columns.get(i) {
@@ -61,7 +70,7 @@ pub(super) fn for_row(
                 "walrelay_source".to_owned(),
                 Bytes::from(relation.qualified_name()),
             ),
-            ("walrelay_lsn".to_owned(), Bytes::from(ctx.lsn.to_string())),
+            position,
         ],
     }
 }

@@ -175,13 +175,21 @@ pub struct RouterConfig {
     pub cloudevents_source: Option<String>,
 }
 
-/// Where a change sits in the stream.
+/// Where a change sits in its source.
 #[derive(Clone, Copy, Debug)]
 pub struct ChangeContext {
-    /// The change's WAL position.
-    pub lsn: Lsn,
-    /// Its transaction's commit time.
+    pub at: ChangeAt,
+    /// Its transaction's commit time (the polling source: the row's
+    /// creation time).
     pub commit_time: PgTimestamp,
+}
+
+/// A change's place: in the WAL, or in the outbox table's sequence (the
+/// polling source).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeAt {
+    Lsn(Lsn),
+    Seq(i64),
 }
 
 pub struct Router {
@@ -327,7 +335,7 @@ pub(crate) mod test_support {
 
     pub fn ctx() -> ChangeContext {
         ChangeContext {
-            lsn: Lsn(0x1_0000_0000),
+            at: ChangeAt::Lsn(Lsn(0x1_0000_0000)),
             commit_time: PgTimestamp::from_unix_micros(1_795_422_723_000_000),
         }
     }

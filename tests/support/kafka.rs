@@ -220,6 +220,43 @@ impl Broker {
         n
     }
 
+    /// Creates `topic` with `partitions` partitions, and waits until its
+    /// metadata shows them.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .unwrap();
+        let created = block_on(async {
+            admin
+                .create_topics(
+                    &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                    &AdminOptions::new(),
+                )
+                .await
+        });
+        let results = created.expect("CreateTopics");
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|m| {
+                m.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.partitions().len())
+            })
+            != Some(partitions as usize)
+        {
+            assert!(Instant::now() < deadline, "{topic} did not appear");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Raises `topic`'s partition count to `total`, as CreatePartitions
     /// does: the records stay where they are, new partitions start empty.
     /// tansu 0.6 does not implement CreatePartitions; there the topic is

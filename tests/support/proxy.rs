@@ -14,6 +14,8 @@ pub struct Proxy {
     /// While set, what the client sends is dropped (what the server sends
     /// still passes).
     hold_upstream: watch::Sender<bool>,
+    /// How long what the client sends waits before it is passed on.
+    delay: watch::Sender<std::time::Duration>,
     generation: watch::Sender<u64>,
     counter: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -31,11 +33,13 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
         let (hold_upstream, _) = watch::channel(false);
+        let (delay, _) = watch::channel(std::time::Duration::ZERO);
         let counter = Arc::new(AtomicU64::new(0));
         let task = {
             let cut = Arc::clone(&cut);
             let generation = generation.clone();
             let hold_upstream = hold_upstream.clone();
+            let delay = delay.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -47,6 +51,7 @@ impl Proxy {
                     }
                     let mut cut_signal = generation.subscribe();
                     let hold = hold_upstream.subscribe();
+                    let delay = delay.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await
                         else {
@@ -55,7 +60,7 @@ impl Proxy {
                         let (mut cr, mut cw) = client.into_split();
                         let (mut sr, mut sw) = server.into_split();
                         tokio::select! {
-                            _ = upstream(&mut cr, &mut sw, hold) => {}
+                            _ = upstream(&mut cr, &mut sw, hold, delay) => {}
                             _ = tokio::io::copy(&mut sr, &mut cw) => {}
                             _ = cut_signal.changed() => {}
                         }
@@ -67,10 +72,17 @@ impl Proxy {
             port,
             cut,
             hold_upstream,
+            delay,
             generation,
             counter,
             task,
         }
+    }
+
+    /// Makes what clients send wait `delay` before it is passed on (a slow
+    /// network, or a slow broker as the client sees it).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay.send_replace(delay);
     }
 
     /// Drops what clients send (a relay's status updates never reach
@@ -107,6 +119,7 @@ async fn upstream(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
     hold: watch::Receiver<bool>,
+    delay: watch::Receiver<std::time::Duration>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
@@ -117,6 +130,10 @@ async fn upstream(
         };
         if *hold.borrow() {
             continue;
+        }
+        let wait = *delay.borrow();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

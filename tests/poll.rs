@@ -1,0 +1,559 @@
+//! `walrelay run --source poll` against a real PostgreSQL and a real
+//! broker: setup and check, the record contract next to the WAL source's,
+//! per-aggregate order with concurrent writers and two relays (one killed),
+//! the late-committing lower sequence, and rows that keep failing.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use rand::Rng;
+use support::kafka::{Broker, Record};
+use support::proxy::Proxy;
+use support::relay::RelayProcess;
+use support::workload::{commit_order, seeded_rng, setup};
+use support::{PgCluster, Stack, StackOptions, wait_for};
+
+const POLL: &[&str] = &["--source", "poll"];
+
+fn walrelay(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_for_polling_is_idempotent_numbers_existing_rows_and_check_sees_every_piece() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("pollsetup").await;
+    let url = pg.url(&db);
+    // An outbox made for the WAL source, with rows, becomes pollable; the
+    // rows are numbered in the order they were created.
+    setup(&url, &[]);
+    let client = pg.client(&db).await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, created_at) VALUES
+               ('o', 'a', 'third', now()),
+               ('o', 'a', 'first', now() - interval '2 minutes'),
+               ('o', 'a', 'second', now() - interval '1 minute')",
+        )
+        .await
+        .unwrap();
+    let first = setup(&url, POLL);
+    assert_eq!(
+        first,
+        [
+            "table public.outbox exists",
+            "added columns seq, attempts, last_error, next_attempt_at, published_at to public.outbox",
+            "created trigger(s) walrelay_order, walrelay_notify on public.outbox",
+            "numbered 3 existing rows of public.outbox",
+            "created index outbox_walrelay_pending on public.outbox (rows not yet published, by seq)",
+        ]
+    );
+    let order: Vec<String> = client
+        .query("SELECT event_type FROM outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(order, ["first", "second", "third"]);
+    let second = setup(&url, POLL);
+    assert_eq!(
+        second,
+        [
+            "table public.outbox exists",
+            "public.outbox has the polling columns",
+            "public.outbox has the ordering and notify triggers",
+        ]
+    );
+    // New rows are numbered after the old ones.
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('o', 'a', 'fourth')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox WHERE seq > (SELECT max(seq) FROM outbox WHERE event_type = 'third')").await,
+        1
+    );
+
+    let check = walrelay(&["check", "--pg-url", &url, "--source", "poll"]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{report}");
+    assert!(
+        report.contains("ok    public.outbox is set up for polling"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("wal_level"),
+        "no replication checks: {report}"
+    );
+
+    client
+        .batch_execute("DROP TRIGGER walrelay_notify ON outbox")
+        .await
+        .unwrap();
+    let check = walrelay(&["check", "--pg-url", &url, "--source", "poll"]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{report}");
+    assert!(
+        report
+            .contains("FAIL  public.outbox is not set up for polling: no trigger walrelay_notify")
+            && report.contains("fix: walrelay setup --source poll"),
+        "{report}"
+    );
+    // run refuses it with the same fix, before publishing anything.
+    let broker = Broker::start();
+    let mut relay = RelayProcess::start(&url, &broker.bootstrap(), POLL);
+    let status = relay.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{}", relay.log());
+    assert!(
+        relay.log().contains("is not set up for polling (it has no trigger walrelay_notify): run `walrelay setup --source poll`"),
+        "{}",
+        relay.log()
+    );
+    // --delivery exactly-once cannot be had by polling: a usage error.
+    let out = walrelay(&[
+        "run",
+        "--pg-url",
+        &url,
+        "--brokers",
+        &broker.bootstrap(),
+        "--source",
+        "poll",
+        "--delivery",
+        "exactly-once",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--source poll delivers at least once"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Records by their `id` header.
+fn by_id(records: &[Record]) -> HashMap<String, &Record> {
+    records
+        .iter()
+        .map(|r| (r.header("id").unwrap().to_owned(), r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polled_records_are_byte_for_byte_the_records_of_the_wal_source() {
+    let stack = Stack::start("pollcontract").await;
+    setup(&stack.url(), POLL);
+    stack
+        .client
+        .batch_execute(
+            r#"INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers, created_at) VALUES
+                 ('order', 'o-1', 'Placed', '{"total": 42, "lines": [1, 2]}', '{"trace": "t-1"}', '2026-11-25 10:00:00.123456+00'),
+                 ('order', 'o-1', 'Paid', '{"ünïcödé": "✓"}', '{}', now()),
+                 ('order', 'o-2', 'Tombstone', NULL, '{"a": "b", "c": "d"}', now());
+               INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 SELECT 'bulk', 'b-' || (g % 7), 'E', jsonb_build_object('g', g, 'pad', repeat('x', g))
+                 FROM generate_series(1, 200) g;"#,
+        )
+        .await
+        .unwrap();
+    let mut wal = stack.relay(&[
+        "--topic-template",
+        "wal.{aggregate_type}",
+        "--delivery",
+        "at-least-once",
+    ]);
+    let mut poll = stack.relay(&[
+        "--source",
+        "poll",
+        "--topic-template",
+        "poll.{aggregate_type}",
+        "--on-published",
+        "mark",
+    ]);
+    for (kind, n) in [("order", 3), ("bulk", 200)] {
+        let from_wal = stack
+            .broker
+            .consume(&format!("wal.{kind}"), n, Duration::from_secs(60));
+        let from_poll = stack
+            .broker
+            .consume(&format!("poll.{kind}"), n, Duration::from_secs(60));
+        assert_eq!(from_wal.len(), n, "{}", wal.log());
+        assert_eq!(from_poll.len(), n, "{}", poll.log());
+        let polled = by_id(&from_poll);
+        for w in &from_wal {
+            let id = w.header("id").unwrap();
+            let p = polled[id];
+            assert_eq!(p.key, w.key, "key of {id}");
+            assert_eq!(p.value, w.value, "value of {id}");
+            assert_eq!(p.headers, w.headers, "headers of {id}");
+        }
+    }
+    // Marked, not deleted: every row is there, published.
+    assert_eq!(
+        count(
+            &stack.client,
+            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL AND attempts = 1"
+        )
+        .await,
+        203
+    );
+    assert!(wal.terminate(Duration::from_secs(30)).await.success());
+    assert!(poll.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lower_sequence_that_commits_later_is_not_overtaken_and_other_aggregates_flow_meanwhile()
+{
+    let stack = Stack::start_with(
+        "polltrap",
+        StackOptions {
+            setup_args: vec!["--source", "poll"],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut relay = stack.relay(&["--source", "poll", "--poll-interval", "100ms"]);
+    let insert = |key: &str, event: &str| {
+        format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('trap', '{key}', '{event}')"
+        )
+    };
+    // Writer A takes x's turn and its number, and does not commit yet.
+    let mut a = stack.pg.client(&stack.db).await;
+    let ta = a.transaction().await.unwrap();
+    ta.batch_execute(&insert("x", "x1")).await.unwrap();
+    // Writer B, same aggregate: waits at its insert for A's commit.
+    let b_url = stack.url();
+    let b_insert = insert("x", "x2");
+    let b = tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&b_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client.batch_execute(&b_insert).await.unwrap();
+    });
+    wait_for(
+        "writer B to wait for writer A's aggregate lock",
+        Duration::from_secs(10),
+        async || {
+            (count(
+                &stack.client,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    // Another aggregate commits meanwhile, after A took its number, and is
+    // published without waiting for x.
+    stack
+        .client
+        .batch_execute(&insert("y", "y1"))
+        .await
+        .unwrap();
+    let records = stack
+        .broker
+        .consume("outbox.event.trap", 1, Duration::from_secs(30));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].header("event_type"), Some("y1"));
+    // A commits, then B: x1 then x2, in that order, after y1.
+    ta.commit().await.unwrap();
+    b.await.unwrap();
+    let records = stack
+        .broker
+        .consume("outbox.event.trap", 3, Duration::from_secs(30));
+    let order: Vec<&str> = records
+        .iter()
+        .map(|r| r.header("event_type").unwrap())
+        .collect();
+    assert_eq!(order, ["y1", "x1", "x2"], "{}", relay.log());
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order_per_key() {
+    let broker_port = support::free_port();
+    let stack = Stack::start_with(
+        "pollorder",
+        StackOptions {
+            setup_args: vec!["--source", "poll"],
+            twin: true,
+            broker_behind: Some(broker_port),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The broker answers slowly (through a proxy that delays what clients
+    // send), so a batch spends a while published and not yet committed.
+    let broker_link = Proxy::start_on(broker_port, stack.broker.port).await;
+    stack.broker.create_topic("outbox.event.poll", 4);
+    broker_link.set_delay(Duration::from_millis(150));
+    let relay_args = [
+        "--source",
+        "poll",
+        "--poll-batch-size",
+        "50",
+        "--poll-interval",
+        "200ms",
+    ];
+    // Relay A reaches PostgreSQL through a proxy, so its batch can be
+    // caught after the broker took it and before its commit.
+    let proxy = Proxy::start(stack.pg.port).await;
+    let a_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
+        proxy.port, stack.db
+    );
+    let mut a = RelayProcess::start(&a_url, &stack.broker.bootstrap(), &relay_args);
+    let mut b = stack.relay(&relay_args);
+    let mut rng = seeded_rng("poll_two_relays");
+    // 10 writers x 150 transactions of 1 to 5 events over 20 aggregates,
+    // for about 15 seconds;
+    // a transaction writes its aggregates in key order (the trigger locks
+    // each aggregate until commit, so a consistent order avoids deadlocks).
+    let writers: Vec<_> = (0..10)
+        .map(|w| {
+            let url = stack.url();
+            let seed: u64 = rng.random();
+            tokio::spawn(async move {
+                let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let mut written = 0i64;
+                for t in 0..150 {
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(50..150))).await;
+                    let n: i32 = rng.random_range(1..=5);
+                    let first: i32 = rng.random_range(0..20);
+                    client
+                        .execute(
+                            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                             SELECT 'poll', 'agg-' || lpad(((($1::int + g) % 20))::text, 2, '0'), 'E',
+                                    jsonb_build_object('w', $2::int, 't', $3::int, 'g', g)
+                             FROM generate_series(1, $4::int) g
+                             ORDER BY 2",
+                            &[&first, &w, &t, &n],
+                        )
+                        .await
+                        .unwrap();
+                    written += n as i64;
+                }
+                written
+            })
+        })
+        .collect();
+    // Hold what A sends to PostgreSQL at a random moment. If A was
+    // publishing a batch, its records reach Kafka while its commit never
+    // reaches PostgreSQL: rows in Kafka and still in the table, in two
+    // readings apart (B's own batches settle within milliseconds).
+    let published_by_a = async || -> Option<u64> {
+        let (_, body) = a.http_get("/api/status").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["events_published"].as_u64()
+    };
+    let mut in_doubt: HashSet<String> = HashSet::new();
+    for _ in 0..20 {
+        // Only while A is publishing.
+        let before = published_by_a().await.unwrap_or(0);
+        wait_for("relay A to publish", Duration::from_secs(30), async || {
+            (published_by_a().await? > before).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        proxy.hold_upstream();
+        let published_and_there = async || -> HashSet<String> {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let in_kafka: HashSet<String> = stack
+                .broker
+                .consume_all("outbox.event.poll")
+                .iter()
+                .map(|r| r.header("id").unwrap().to_owned())
+                .collect();
+            stack
+                .client
+                .query("SELECT id::text FROM outbox", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .filter(|id| in_kafka.contains(id))
+                .collect()
+        };
+        let first = published_and_there().await;
+        let second = published_and_there().await;
+        in_doubt = first.intersection(&second).cloned().collect();
+        if !in_doubt.is_empty() {
+            break;
+        }
+        // A was caught between batches or inside a claim: nothing of it is
+        // in Kafka. What it sent meanwhile is lost, so its connection goes
+        // and it connects again.
+        proxy.cut();
+        proxy.release_upstream();
+        proxy.restore();
+    }
+    assert!(
+        !in_doubt.is_empty(),
+        "relay A was never caught with a published batch; A:\n{}",
+        a.log()
+    );
+    // kill -9, and its connection goes: PostgreSQL rolls its claim back.
+    a.kill9().await;
+    proxy.cut();
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    let truth = commit_order(&stack.pg, &stack.db, "twin", total as usize).await;
+    wait_for(
+        "every row published and deleted",
+        Duration::from_secs(120),
+        async || (count(&stack.client, "SELECT count(*) FROM outbox").await == 0).then_some(()),
+    )
+    .await;
+    let records = stack.broker.consume_all("outbox.event.poll");
+    let mut first_seen: HashMap<String, Vec<String>> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for r in &records {
+        let id = r.header("id").unwrap().to_owned();
+        if seen.insert(id.clone()) {
+            let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+            first_seen.entry(key).or_default().push(id);
+        }
+    }
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for (id, key, _) in &truth {
+        assert!(
+            seen.contains(id),
+            "event {id} of {key} lost; relay B:\n{}",
+            b.log()
+        );
+        expected.entry(key.clone()).or_default().push(id.clone());
+    }
+    assert_eq!(seen.len(), truth.len(), "no record that was not committed");
+    for (key, ids) in &expected {
+        assert_eq!(&first_seen[key], ids, "per-key order of {key}");
+    }
+    // The killed relay's unfinished batch is published again by B: those
+    // rows, and only those, arrive twice (at least once), and the first
+    // copies kept their order (checked above).
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in &records {
+        *copies.entry(r.header("id").unwrap()).or_default() += 1;
+    }
+    let doubled: HashSet<String> = copies
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| (*id).to_owned())
+        .collect();
+    eprintln!(
+        "{} events, {} records, {} in doubt at the kill, {} published twice",
+        truth.len(),
+        records.len(),
+        in_doubt.len(),
+        doubled.len()
+    );
+    assert_eq!(
+        doubled, in_doubt,
+        "published again: exactly the killed relay's unsettled batch"
+    );
+    assert!(copies.values().all(|n| *n <= 2));
+    assert!(b.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attempts() {
+    let stack = Stack::start_with(
+        "pollfail",
+        StackOptions {
+            setup_args: vec!["--source", "poll"],
+            ..Default::default()
+        },
+    )
+    .await;
+    stack.broker.create_topic("outbox.event.good", 1);
+    stack.broker.create_topic("walrelay.dead-letter", 1);
+    let mut relay = stack.relay(&[
+        "--source",
+        "poll",
+        "--no-create-topics",
+        "--max-attempts",
+        "3",
+        "--max-backoff",
+        "500ms",
+        "--poll-interval",
+        "100ms",
+    ]);
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('missing', 'm', 'Lost');
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('good', 'g', 'One');",
+        )
+        .await
+        .unwrap();
+    // The good row does not wait for the failing one.
+    let good = stack
+        .broker
+        .consume("outbox.event.good", 1, Duration::from_secs(30));
+    assert_eq!(good.len(), 1);
+    // The failing row counts its attempts and says why.
+    wait_for("a failed attempt", Duration::from_secs(30), async || {
+        let row = stack
+            .client
+            .query_opt(
+                "SELECT attempts, last_error FROM outbox WHERE aggregate_type = 'missing'",
+                &[],
+            )
+            .await
+            .ok()??;
+        let (attempts, error): (i32, Option<String>) = (row.get(0), row.get(1));
+        (attempts >= 1).then_some(error)
+    })
+    .await
+    .filter(|e| {
+        e.contains("topic \"outbox.event.missing\" does not exist and --no-create-topics is set")
+    })
+    .expect("last_error names the topic and the fix");
+    let dead = stack
+        .broker
+        .consume("walrelay.dead-letter", 1, Duration::from_secs(60));
+    assert_eq!(dead.len(), 1, "{}", relay.log());
+    assert_eq!(dead[0].header("walrelay_error_kind"), Some("max_attempts"));
+    let reason = dead[0].header("walrelay_error").unwrap();
+    assert!(
+        reason.starts_with(
+            "failed 3 times; last error: topic \"outbox.event.missing\" does not exist"
+        ),
+        "{reason}"
+    );
+    assert_eq!(
+        dead[0].header("event_type"),
+        Some("Lost"),
+        "the event's own headers travel"
+    );
+    wait_for(
+        "the table to be empty",
+        Duration::from_secs(10),
+        async || (count(&stack.client, "SELECT count(*) FROM outbox").await == 0).then_some(()),
+    )
+    .await;
+    let (_, metrics) = relay.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("walrelay_dead_letters_total{kind=\"max_attempts\"} 1"),
+        "{metrics}"
+    );
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
