@@ -159,6 +159,7 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "source": s.source(),
         "backlog": s.backlog(),
         "consumer_lag": s.consumer_lag(),
+        "inbox": s.inbox(),
         "slot_name": state.slot,
         "delivery": state.delivery,
         "events_skipped": c.events_skipped.load(Ordering::Relaxed),

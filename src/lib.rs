@@ -14,6 +14,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod monitor;
 pub mod pgoutput;
+pub mod inbox;
 pub mod poll;
 pub mod postgres;
 pub mod record;

@@ -33,6 +33,25 @@ pub struct Backlog {
     pub oldest_pending_seconds: Option<f64>,
 }
 
+/// The inbox's view of its group: what it holds and how far behind.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct InboxSnapshot {
+    pub group: String,
+    pub partitions: Vec<InboxPartition>,
+    /// Records skipped since start because their id was already stored.
+    pub duplicates: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct InboxPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset to consume; `None` before the first record.
+    pub next_offset: Option<i64>,
+    /// Records behind the partition's high watermark.
+    pub lag: Option<i64>,
+}
+
 /// What this relay instance is doing with its slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +80,7 @@ pub struct LiveState {
     backlog: Mutex<Option<Backlog>>,
     /// The inbox's consumer lag, summed over its partitions.
     consumer_lag: Mutex<Option<i64>>,
+    inbox: Mutex<Option<InboxSnapshot>>,
     pub counters: LiveCounters,
     pub latency: LatencyWindow,
     /// Every commit-to-ack latency since start.
@@ -82,6 +102,7 @@ impl Default for LiveState {
             source: Source::Wal,
             backlog: Mutex::new(None),
             consumer_lag: Mutex::new(None),
+            inbox: Mutex::new(None),
             counters: LiveCounters::default(),
             latency: LatencyWindow::default(),
             latency_histogram: LatencyHistogram::default(),
@@ -115,6 +136,14 @@ impl LiveState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    pub fn set_inbox(&self, inbox: Option<InboxSnapshot>) {
+        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = inbox;
+    }
+
+    pub fn inbox(&self) -> Option<InboxSnapshot> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn set_consumer_lag(&self, lag: Option<i64>) {

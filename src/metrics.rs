@@ -36,6 +36,14 @@ pub const POLL_ROW_FAILURES_TOTAL: &str = "walrelay_poll_row_failures_total";
 pub const OUTBOX_PENDING_ROWS: &str = "walrelay_outbox_pending_rows";
 pub const OUTBOX_FAILING_ROWS: &str = "walrelay_outbox_failing_rows";
 pub const OUTBOX_OLDEST_PENDING_SECONDS: &str = "walrelay_outbox_oldest_pending_seconds";
+pub const INBOX_RECORDS_CONSUMED_TOTAL: &str = "walrelay_inbox_records_consumed_total";
+pub const INBOX_RECORDS_STORED_TOTAL: &str = "walrelay_inbox_records_stored_total";
+pub const INBOX_DUPLICATES_SKIPPED_TOTAL: &str = "walrelay_inbox_duplicates_skipped_total";
+pub const INBOX_DEAD_LETTERS_TOTAL: &str = "walrelay_inbox_dead_letters_total";
+pub const INBOX_CONSUMER_LAG: &str = "walrelay_inbox_consumer_lag";
+pub const INBOX_REBALANCES_TOTAL: &str = "walrelay_inbox_rebalances_total";
+pub const INBOX_BATCH_SECONDS: &str = "walrelay_inbox_batch_seconds";
+pub const INBOX_SEEK_BACKS_TOTAL: &str = "walrelay_inbox_seek_backs_total";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -158,6 +166,39 @@ pub fn describe() {
         Unit::Seconds,
         "age of the oldest row of the outbox table not yet published (polling source)"
     );
+    describe_counter!(
+        INBOX_RECORDS_CONSUMED_TOTAL,
+        "records the inbox consumed from Kafka (including those dropped as already stored after a seek)"
+    );
+    describe_counter!(
+        INBOX_RECORDS_STORED_TOTAL,
+        "records the inbox stored as new rows"
+    );
+    describe_counter!(
+        INBOX_DUPLICATES_SKIPPED_TOTAL,
+        "records the inbox skipped because their id was already stored"
+    );
+    describe_counter!(
+        INBOX_DEAD_LETTERS_TOTAL,
+        "records the inbox put in its dead-letter table, by kind"
+    );
+    describe_gauge!(
+        INBOX_CONSUMER_LAG,
+        "records between the inbox's next offset and the partition's high watermark, per topic and partition"
+    );
+    describe_counter!(
+        INBOX_REBALANCES_TOTAL,
+        "partition assignments and revocations the inbox's group made"
+    );
+    describe_histogram!(
+        INBOX_BATCH_SECONDS,
+        Unit::Seconds,
+        "time to store one batch in PostgreSQL (rows, dead letters and offsets in one transaction)"
+    );
+    describe_counter!(
+        INBOX_SEEK_BACKS_TOTAL,
+        "seeks further back after a resume, because the broker passed over records (see the README)"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
@@ -195,4 +236,12 @@ pub const ALL: &[&str] = &[
     OUTBOX_PENDING_ROWS,
     OUTBOX_FAILING_ROWS,
     OUTBOX_OLDEST_PENDING_SECONDS,
+    INBOX_RECORDS_CONSUMED_TOTAL,
+    INBOX_RECORDS_STORED_TOTAL,
+    INBOX_DUPLICATES_SKIPPED_TOTAL,
+    INBOX_DEAD_LETTERS_TOTAL,
+    INBOX_CONSUMER_LAG,
+    INBOX_REBALANCES_TOTAL,
+    INBOX_BATCH_SECONDS,
+    INBOX_SEEK_BACKS_TOTAL,
 ];

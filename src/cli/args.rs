@@ -119,6 +119,17 @@ pub struct SetupArgs {
     /// index `run --source poll` needs (no logical replication).
     #[arg(long, env = "WALRELAY_SOURCE", value_enum, default_value = "wal")]
     pub source: SourceKind,
+    /// The inbox's tables instead (for `walrelay inbox`, usually in the
+    /// consumer's database): TABLE, its `_offsets` and its
+    /// `_dead_letters`. Without a value, public.inbox.
+    #[arg(
+        long,
+        env = "WALRELAY_SETUP_INBOX",
+        value_name = "TABLE",
+        num_args = 0..=1,
+        default_missing_value = "public.inbox"
+    )]
+    pub inbox: Option<String>,
 }
 
 /// Where `run` reads events.
@@ -435,4 +446,116 @@ pub struct TailArgs {
     /// pgoutput protocol version (1-4); default: the highest the server speaks.
     #[arg(long, env = "WALRELAY_PROTO_VERSION", value_parser = clap::value_parser!(u32).range(1..=4))]
     pub proto_version: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct InboxArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "WALRELAY_BROKERS")]
+    pub brokers: String,
+    /// A topic to consume, or a regular expression when it starts with ^
+    /// (^outbox\..* consumes every topic of the default template).
+    /// Repeat it for several.
+    #[arg(long = "topic", env = "WALRELAY_INBOX_TOPICS", value_delimiter = ',', required = true)]
+    pub topics: Vec<String>,
+    /// The inbox table (`walrelay setup --inbox` creates it).
+    #[arg(long, env = "WALRELAY_INBOX_TABLE", default_value = "public.inbox")]
+    pub table: String,
+    /// The consumer group: instances of one group share the partitions.
+    #[arg(long, env = "WALRELAY_INBOX_GROUP", default_value = "walrelay-inbox")]
+    pub group: String,
+    /// Records per PostgreSQL transaction, at most.
+    #[arg(long, env = "WALRELAY_INBOX_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch_size: u64,
+    /// How long a batch waits to fill before it is stored anyway.
+    #[arg(long, env = "WALRELAY_INBOX_BATCH_WAIT", default_value = "100ms", value_parser = parse_duration)]
+    pub batch_wait: Duration,
+    /// Longest wait between attempts to reach PostgreSQL again.
+    #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+    /// librdkafka consumer option key=value, as kcat's -X (TLS, SASL,
+    /// session.timeout.ms, ...).
+    #[arg(
+        short = 'X',
+        value_name = "KEY=VALUE",
+        env = "WALRELAY_KAFKA_OPTIONS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<String>,
+    /// Address of the HTTP server: /metrics, /healthz, /readyz, the dashboard.
+    #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
+    pub http_addr: String,
+}
+
+impl InboxArgs {
+    pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
+        let overrides = parse_kafka_options(&self.kafka_options)?;
+        for (key, _) in &overrides {
+            if matches!(
+                key.as_str(),
+                "enable.auto.commit" | "enable.auto.offset.store" | "group.id"
+            ) {
+                return Err(UsageError(format!(
+                    "-X {key}: the inbox keeps its offsets in PostgreSQL and its group in --group; leave {key} to walrelay"
+                )));
+            }
+        }
+        if self.brokers.trim().is_empty() {
+            return Err(UsageError(
+                "--brokers is empty: name at least one broker, such as localhost:9092".into(),
+            ));
+        }
+        let topics: Vec<String> = self
+            .topics
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if topics.is_empty() {
+            return Err(UsageError(
+                "--topic is empty: name a topic, or a regular expression starting with ^".into(),
+            ));
+        }
+        if self.group.trim().is_empty() {
+            return Err(UsageError("--group is empty: name the consumer group".into()));
+        }
+        Ok(crate::inbox::InboxConfig {
+            pg: self.pg.connection_config()?,
+            brokers: self.brokers.clone(),
+            overrides,
+            topics,
+            tables: inbox_tables(&self.table, "--table")?,
+            group: self.group.clone(),
+            batch_size: self.batch_size as usize,
+            batch_wait: self.batch_wait,
+            max_backoff: self.max_backoff,
+        })
+    }
+}
+
+/// `schema.table` of an inbox table, or which flag is wrong.
+pub fn inbox_tables(name: &str, flag: &str) -> Result<crate::inbox::InboxTables, UsageError> {
+    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+    if schema.is_empty() || table.is_empty() || table.contains('.') {
+        return Err(UsageError(format!(
+            "{flag} {name:?}: expected schema.table, such as public.inbox"
+        )));
+    }
+    Ok(crate::inbox::InboxTables::new(schema, table))
+}
+
+/// `-X key=value` options.
+fn parse_kafka_options(options: &[String]) -> Result<Vec<(String, String)>, UsageError> {
+    options
+        .iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(UsageError(format!(
+                "-X {o:?}: expected KEY=VALUE, such as -X session.timeout.ms=10000"
+            ))),
+        })
+        .collect()
 }

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use args::{OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs};
+pub use args::{
+    InboxArgs, OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs, inbox_tables,
+};
 pub use values::{parse_duration, parse_size};
 
 use crate::commands;
@@ -40,6 +42,10 @@ pub enum Command {
     /// Print every decoded change of a publication as JSON lines, from a
     /// temporary slot that disappears on exit (Ctrl-C to stop).
     Tail(TailArgs),
+    /// Consume Kafka topics into an inbox table, each event once (by its
+    /// id header); offsets kept in PostgreSQL with the rows. Create the
+    /// tables with `walrelay setup --inbox`.
+    Inbox(Box<InboxArgs>),
 }
 
 /// A bad flag or environment value: exit code 2.
@@ -102,6 +108,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 heartbeat_interval: args.heartbeat_interval,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Setup(args) if args.inbox.is_some() => {
+            let config = args.pg.connection_config()?;
+            let tables = inbox_tables(args.inbox.as_deref().unwrap_or_default(), "--inbox")?;
+            let mut client = sql::connect(&config).await?;
+            for line in crate::inbox::schema::setup(&mut client, &tables).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) if args.inbox.is_some() => {
+            let config = args.pg.connection_config()?;
+            let tables = inbox_tables(args.inbox.as_deref().unwrap_or_default(), "--inbox")?;
+            let client = sql::connect(&config).await?;
+            let missing = crate::inbox::schema::missing_pieces(&client, &tables).await?;
+            for line in &missing {
+                println!("FAIL  {line}");
+            }
+            if missing.is_empty() {
+                println!("ok    inbox tables {0}, {0}_offsets and {0}_dead_letters are set up", tables.name());
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(ExitCode::from(1))
+        }
+        Command::Inbox(args) => {
+            let config = args.inbox_config()?;
+            let listener = commands::run::listen(&args.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::inbox::run(config, listener).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Setup(args) => {

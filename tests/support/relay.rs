@@ -17,12 +17,27 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `walrelay run` with `args` after the standard connection flags.
     pub fn start(pg_url: &str, brokers: &str, args: &[&str]) -> Self {
+        Self::start_command("run", pg_url, brokers, args)
+    }
+
+    /// Starts `walrelay inbox` with `args` after the standard connection
+    /// flags.
+    pub fn start_inbox(pg_url: &str, brokers: &str, args: &[&str]) -> Self {
+        Self::start_command("inbox", pg_url, brokers, args)
+    }
+
+    fn start_command(command: &str, pg_url: &str, brokers: &str, args: &[&str]) -> Self {
         let http_port = super::free_port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("relay.log");
         let file = std::fs::File::create(&log).unwrap();
+        let status_interval: &[&str] = if command != "run" || args.contains(&"--status-interval") {
+            &[]
+        } else {
+            &["--status-interval", "200ms"]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_walrelay"))
-            .arg("run")
+            .arg(command)
             .args([
                 "--pg-url",
                 pg_url,
@@ -31,11 +46,7 @@ impl RelayProcess {
                 "--http-addr",
                 &format!("127.0.0.1:{http_port}"),
             ])
-            .args(if args.contains(&"--status-interval") {
-                &[][..]
-            } else {
-                &["--status-interval", "200ms"][..]
-            })
+            .args(status_interval)
             .args(args)
             .env(
                 "WALRELAY_LOG",

@@ -1,0 +1,54 @@
+//! `walrelay inbox`: the HTTP server, and the consumer on a thread of its
+//! own (librdkafka's poll blocks), stopped on SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::inbox::{self, InboxConfig};
+use crate::kafka::ProducerSettings;
+use crate::live::{LiveState, Source};
+
+pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    let live = Arc::new(LiveState::with_source(Source::Inbox));
+    let metrics = crate::http::install_metrics()?;
+    crate::http::spawn(
+        listener,
+        metrics,
+        Arc::clone(&live),
+        // The broker probe: a client of the same brokers and options.
+        ProducerSettings {
+            brokers: config.brokers.clone(),
+            overrides: config.overrides.clone(),
+        },
+        config.tables.name(),
+        "exactly-once",
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut shutdown = super::shutdown_signal();
+    let handle = tokio::runtime::Handle::current();
+    let consumer = {
+        let (live, stop) = (Arc::clone(&live), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("inbox".into())
+            .spawn(move || inbox::run(config, handle, live, stop))?
+    };
+    // The consumer thread blocks on this runtime for PostgreSQL; keep
+    // driving it until the thread is done.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(consumer.join());
+    });
+    tokio::pin!(done_rx);
+    let result = tokio::select! {
+        result = &mut done_rx => result,
+        _ = shutdown.changed() => {
+            stop.store(true, Ordering::Relaxed);
+            done_rx.await
+        }
+    };
+    match result {
+        Ok(Ok(outcome)) => outcome.map_err(Into::into),
+        Ok(Err(_)) => Err(anyhow::anyhow!("the inbox consumer thread panicked")),
+        Err(_) => Err(anyhow::anyhow!("the inbox consumer thread vanished")),
+    }
+}

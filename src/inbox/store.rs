@@ -1,0 +1,467 @@
+//! Writing a batch of consumed records into PostgreSQL: the inbox rows,
+//! the dead letters and the group's next offsets, in one transaction. A
+//! crash before the commit leaves nothing and the offsets where they were;
+//! after it, everything and the new offsets. Either way the next consumer
+//! resumes from exactly what is stored.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tokio_postgres::Transaction;
+
+use super::schema::{self, InboxTables};
+use crate::postgres::ConnectionConfig;
+use crate::sql::{self, SqlClient, SqlError};
+
+/// A partition of a topic.
+pub type TopicPartition = (String, i32);
+
+/// A record as consumed from Kafka.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub payload: Option<Vec<u8>>,
+    /// The record's timestamp, in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Incoming {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn header_text(&self, name: &str) -> Option<String> {
+        self.header(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// Headers as a JSON object: UTF-8 values as strings, others in
+    /// bytea's hex form (`\x…`), a header without a value as null. A name
+    /// that repeats keeps its last value.
+    fn headers_json(&self) -> String {
+        let object: serde_json::Map<String, serde_json::Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    None => serde_json::Value::Null,
+                    Some(bytes) => match std::str::from_utf8(bytes) {
+                        Ok(text) => serde_json::Value::String(text.to_owned()),
+                        Err(_) => serde_json::Value::String(hex(bytes)),
+                    },
+                };
+                (k.clone(), value)
+            })
+            .collect();
+        serde_json::Value::Object(object).to_string()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 + bytes.len() * 2);
+    out.push_str("\\x");
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Why a record went to the dead-letter table instead of the inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetterKind {
+    /// No `id` header: nothing to de-duplicate on.
+    MissingId,
+    /// The key is not UTF-8 text (the key column is text).
+    KeyNotText,
+    /// The payload is not UTF-8 text, and the payload column is not bytea.
+    PayloadNotText,
+    /// PostgreSQL refused the row (payload not valid for its column,
+    /// a `ce_time` that is not a timestamp, a constraint of the user's).
+    InvalidRow,
+}
+
+impl DeadLetterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterKind::MissingId => "missing_id",
+            DeadLetterKind::KeyNotText => "key_not_text",
+            DeadLetterKind::PayloadNotText => "payload_not_text",
+            DeadLetterKind::InvalidRow => "invalid_row",
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// New rows in the inbox.
+    pub stored: u64,
+    /// Records whose id was already there.
+    pub duplicates: u64,
+    pub dead_letters: Vec<(DeadLetterKind, String)>,
+    /// Each partition's next offset, as now stored.
+    pub next_offsets: BTreeMap<TopicPartition, i64>,
+    /// Each stored record's timestamp (produced-to-stored latency).
+    pub stored_timestamps_ms: Vec<i64>,
+}
+
+/// The SQL connection of one inbox consumer.
+pub struct Store {
+    config: ConnectionConfig,
+    tables: InboxTables,
+    group: String,
+    client: SqlClient,
+    /// The payload column takes bytes (bytea) rather than text.
+    payload_is_bytea: bool,
+    insert_sql: String,
+}
+
+impl Store {
+    /// Connects and checks the tables; a missing piece is an error that
+    /// names `setup --inbox`.
+    pub async fn connect(
+        config: &ConnectionConfig,
+        tables: &InboxTables,
+        group: &str,
+    ) -> Result<Self, StoreError> {
+        let client = sql::connect(config).await?;
+        let missing = schema::missing_pieces(&client, tables).await?;
+        if !missing.is_empty() {
+            return Err(StoreError::NotSetUp(missing.join("; ")));
+        }
+        let payload_type = schema::payload_type(&client, tables)
+            .await?
+            .ok_or_else(|| {
+                StoreError::NotSetUp(format!(
+                    "{} has no payload column: ALTER TABLE {} ADD COLUMN payload jsonb",
+                    tables.name(),
+                    tables.inbox()
+                ))
+            })?;
+        let payload_is_bytea = payload_type == "bytea";
+        Ok(Store {
+            config: config.clone(),
+            tables: tables.clone(),
+            group: group.to_owned(),
+            client,
+            payload_is_bytea,
+            insert_sql: insert_sql(tables, &payload_type, payload_is_bytea),
+        })
+    }
+
+    /// A fresh connection after a failure.
+    pub async fn reconnect(&mut self) -> Result<(), StoreError> {
+        *self = Store::connect(&self.config, &self.tables, &self.group).await?;
+        Ok(())
+    }
+
+    /// The stored next offset of each of these partitions that has one.
+    pub async fn offsets(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, SqlError> {
+        let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT o.topic, o.\"partition\", o.next_offset FROM {} o
+                     JOIN unnest($2::text[], $3::int4[]) AS w(topic, p)
+                       ON o.topic = w.topic AND o.\"partition\" = w.p
+                     WHERE o.consumer_group = $1",
+                    self.tables.offsets()
+                ),
+                &[&self.group, &topics, &numbers],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect())
+    }
+
+    /// Stores a batch: each record in the inbox unless its id is there
+    /// already, or in the dead-letter table when it cannot be stored, and
+    /// each partition's next offset, all in one transaction.
+    pub async fn write(&mut self, batch: &[Incoming]) -> Result<Written, SqlError> {
+        let address = self.client.address().to_owned();
+        let at = |e| SqlError::from_postgres(&address, e);
+        let mut written = Written::default();
+        let mut rows = Vec::new();
+        let mut dead = Vec::new();
+        for record in batch {
+            let key = written
+                .next_offsets
+                .entry((record.topic.clone(), record.partition))
+                .or_insert(record.offset + 1);
+            *key = (*key).max(record.offset + 1);
+            match prepare(record, self.payload_is_bytea) {
+                Ok(row) => rows.push(row),
+                Err(kind) => dead.push((record, kind, describe(kind).to_owned())),
+            }
+        }
+        let payload_is_bytea = self.payload_is_bytea;
+        let mut tx = self.client.inner().transaction().await.map_err(at)?;
+        // The whole batch in one statement; when PostgreSQL refuses a row,
+        // row by row, each in a savepoint, to find the ones it refuses.
+        let fast = {
+            let inner = tx.transaction().await.map_err(at)?;
+            let all: Vec<&Row> = rows.iter().collect();
+            match insert(&inner, &self.insert_sql, &all, payload_is_bytea).await {
+                Ok(n) => {
+                    inner.commit().await.map_err(at)?;
+                    Ok(n)
+                }
+                Err(e) if is_row_error(&e) => {
+                    inner.rollback().await.map_err(at)?;
+                    Err(e)
+                }
+                Err(e) => return Err(at(e)),
+            }
+        };
+        let stored_rows: Vec<&Row> = match fast {
+            Ok(n) => {
+                written.stored = n;
+                rows.iter().collect()
+            }
+            Err(_) => {
+                let mut kept = Vec::new();
+                for row in &rows {
+                    let one = tx.transaction().await.map_err(at)?;
+                    match insert(&one, &self.insert_sql, &[row], payload_is_bytea).await
+                    {
+                        Ok(n) => {
+                            one.commit().await.map_err(at)?;
+                            written.stored += n;
+                            kept.push(row);
+                        }
+                        Err(e) if is_row_error(&e) => {
+                            one.rollback().await.map_err(at)?;
+                            let reason = e
+                                .as_db_error()
+                                .map(|d| d.message().to_owned())
+                                .unwrap_or_else(|| e.to_string());
+                            dead.push((row.record, DeadLetterKind::InvalidRow, reason));
+                        }
+                        Err(e) => return Err(at(e)),
+                    }
+                }
+                kept
+            }
+        };
+        written.duplicates = stored_rows.len() as u64 - written.stored;
+        written.stored_timestamps_ms = stored_rows
+            .iter()
+            .filter_map(|r| r.record.timestamp_ms)
+            .collect();
+        for (record, kind, reason) in &dead {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (topic, \"partition\", \"offset\", key, headers, payload, kind, error)
+                     VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8)
+                     ON CONFLICT (topic, \"partition\", \"offset\") DO NOTHING",
+                    self.tables.dead_letters()
+                ),
+                &[
+                    &record.topic,
+                    &record.partition,
+                    &record.offset,
+                    &record.key,
+                    &record.headers_json(),
+                    &record.payload,
+                    &kind.as_str(),
+                    reason,
+                ],
+            )
+            .await
+            .map_err(at)?;
+            written.dead_letters.push((*kind, reason.clone()));
+        }
+        let topics: Vec<&str> = written.next_offsets.keys().map(|(t, _)| t.as_str()).collect();
+        let partitions: Vec<i32> = written.next_offsets.keys().map(|(_, p)| *p).collect();
+        let offsets: Vec<i64> = written.next_offsets.values().copied().collect();
+        // GREATEST: a consumer that lost its partition in a rebalance and
+        // did not know yet never moves the next owner's offset back.
+        tx.execute(
+            &format!(
+                "INSERT INTO {t} AS o (consumer_group, topic, \"partition\", next_offset)
+                 SELECT $1, w.topic, w.p, w.n FROM unnest($2::text[], $3::int4[], $4::int8[]) AS w(topic, p, n)
+                 ON CONFLICT (consumer_group, topic, \"partition\")
+                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()",
+                t = self.tables.offsets()
+            ),
+            &[&self.group, &topics, &partitions, &offsets],
+        )
+        .await
+        .map_err(at)?;
+        tx.commit().await.map_err(at)?;
+        Ok(written)
+    }
+}
+
+/// A row for the inbox table.
+struct Row<'a> {
+    record: &'a Incoming,
+    id: String,
+    key: Option<String>,
+    headers: String,
+    ce_source: Option<String>,
+    ce_type: Option<String>,
+    ce_time: Option<String>,
+    /// The payload as text, when the column is not bytea.
+    payload_text: Option<&'a str>,
+}
+
+/// The inbox row of a record, or why it cannot have one.
+fn prepare(record: &Incoming, payload_is_bytea: bool) -> Result<Row<'_>, DeadLetterKind> {
+    let id = match record.header("id").or_else(|| record.header("ce_id")) {
+        Some(id) if !id.is_empty() => String::from_utf8_lossy(id).into_owned(),
+        _ => return Err(DeadLetterKind::MissingId),
+    };
+    let key = match &record.key {
+        None => None,
+        Some(k) => Some(
+            String::from_utf8(k.clone()).map_err(|_| DeadLetterKind::KeyNotText)?,
+        ),
+    };
+    let payload_text = match (&record.payload, payload_is_bytea) {
+        (Some(p), false) => {
+            Some(std::str::from_utf8(p).map_err(|_| DeadLetterKind::PayloadNotText)?)
+        }
+        _ => None,
+    };
+    Ok(Row {
+        record,
+        payload_text,
+        id,
+        key,
+        headers: record.headers_json(),
+        ce_source: record.header_text("ce_source"),
+        ce_type: record
+            .header_text("ce_type")
+            .or_else(|| record.header_text("event_type")),
+        ce_time: record.header_text("ce_time"),
+    })
+}
+
+fn describe(kind: DeadLetterKind) -> &'static str {
+    match kind {
+        DeadLetterKind::MissingId => {
+            "the record has no id header: the inbox de-duplicates on it; have the producer set one (walrelay always does)"
+        }
+        DeadLetterKind::KeyNotText => "the record's key is not UTF-8 text; the inbox's key column is text",
+        DeadLetterKind::PayloadNotText => {
+            "the record's value is not UTF-8 text; make the inbox's payload column bytea to keep such values"
+        }
+        DeadLetterKind::InvalidRow => "PostgreSQL refused the row",
+    }
+}
+
+/// A refusal of the data (class 22, data exception; class 23, a
+/// constraint), as opposed to a refusal of the statement or the session.
+fn is_row_error(error: &tokio_postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|d| matches!(&d.code().code()[..2], "22" | "23"))
+}
+
+fn insert_sql(tables: &InboxTables, payload_type: &str, payload_is_bytea: bool) -> String {
+    let payload = if payload_is_bytea {
+        "u.payload".to_owned()
+    } else {
+        format!("u.payload::{payload_type}")
+    };
+    format!(
+        "INSERT INTO {inbox} (id, topic, \"partition\", \"offset\", key, headers, payload,
+                              ce_source, ce_type, ce_time, produced_at)
+         SELECT u.id, u.topic, u.p, u.o, u.key, u.headers::jsonb, {payload},
+                u.ce_source, u.ce_type, u.ce_time::timestamptz,
+                to_timestamp(u.produced_ms / 1000.0)
+         FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[],
+                     $7::{payload_array}, $8::text[], $9::text[], $10::text[], $11::int8[])
+              AS u(id, topic, p, o, key, headers, payload, ce_source, ce_type, ce_time, produced_ms)
+         ON CONFLICT (id) DO NOTHING",
+        inbox = tables.inbox(),
+        payload_array = if payload_is_bytea { "bytea[]" } else { "text[]" },
+    )
+}
+
+/// Inserts rows; returns how many were new.
+async fn insert(
+    tx: &Transaction<'_>,
+    sql: &str,
+    rows: &[&Row<'_>],
+    payload_is_bytea: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let topics: Vec<&str> = rows.iter().map(|r| r.record.topic.as_str()).collect();
+    let partitions: Vec<i32> = rows.iter().map(|r| r.record.partition).collect();
+    let offsets: Vec<i64> = rows.iter().map(|r| r.record.offset).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
+    let headers: Vec<&str> = rows.iter().map(|r| r.headers.as_str()).collect();
+    let sources: Vec<Option<&str>> = rows.iter().map(|r| r.ce_source.as_deref()).collect();
+    let types: Vec<Option<&str>> = rows.iter().map(|r| r.ce_type.as_deref()).collect();
+    let times: Vec<Option<&str>> = rows.iter().map(|r| r.ce_time.as_deref()).collect();
+    let produced: Vec<Option<i64>> = rows.iter().map(|r| r.record.timestamp_ms).collect();
+    // Text payloads go as text: PostgreSQL casts them to the column's
+    // type, and says so when it cannot.
+    let bytes: Vec<Option<&[u8]>> = rows.iter().map(|r| r.record.payload.as_deref()).collect();
+    let texts: Vec<Option<&str>> = rows.iter().map(|r| r.payload_text).collect();
+    let payload: &(dyn tokio_postgres::types::ToSql + Sync) = if payload_is_bytea {
+        &bytes
+    } else {
+        &texts
+    };
+    tx.execute(
+        sql,
+        &[
+            &ids,
+            &topics,
+            &partitions,
+            &offsets,
+            &keys,
+            &headers,
+            payload,
+            &sources,
+            &types,
+            &times,
+            &produced,
+        ],
+    )
+    .await
+}
+
+/// Why the store could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Sql(Box<SqlError>),
+    #[error("the inbox is not set up: {0}")]
+    NotSetUp(String),
+}
+
+impl From<SqlError> for StoreError {
+    fn from(error: SqlError) -> Self {
+        StoreError::Sql(Box::new(error))
+    }
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sql(e) => e.is_transient(),
+            StoreError::NotSetUp(_) => false,
+        }
+    }
+}

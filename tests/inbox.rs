@@ -1,0 +1,464 @@
+//! `walrelay inbox` against a real PostgreSQL and a real broker: records
+//! with duplicate ids and kill -9s land once each; the stored offsets
+//! match the rows; two instances share a group's partitions; and the
+//! whole pattern end to end, the WAL relay into Kafka into an inbox in
+//! another database.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use support::kafka::{Broker, Record};
+use support::relay::RelayProcess;
+use support::workload::{seeded_rng, setup};
+use support::{PgCluster, Stack, wait_for};
+
+/// The group leaves a killed member behind for this long.
+const SESSION: &str = "session.timeout.ms=6000";
+
+/// One record to produce: partition, key, id header, value.
+struct Out {
+    partition: i32,
+    key: String,
+    id: Option<String>,
+    value: String,
+}
+
+/// Produces the records in order, batched (linger), so that a consumer
+/// resumes in the middle of record batches.
+fn produce(broker: &Broker, topic: &str, records: &[Out]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for r in records {
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "ce_type",
+            value: Some("OrderPlaced"),
+        });
+        if let Some(id) = &r.id {
+            headers = headers.insert(Header {
+                key: "id",
+                value: Some(id.as_str()),
+            });
+        }
+        let record = BaseRecord::to(topic)
+            .partition(r.partition)
+            .key(&r.key)
+            .payload(&r.value)
+            .headers(headers);
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    producer.poll(Duration::from_millis(50));
+                    record = back;
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A metric's value in Prometheus text (summed over its labels).
+async fn metric(process: &RelayProcess, name: &str) -> f64 {
+    let Some((_, body)) = process.http_get("/metrics").await else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The partitions an inbox holds, from its /api/status.
+async fn assigned(process: &RelayProcess) -> Option<Vec<(String, i64)>> {
+    let (_, body) = process.http_get("/api/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some(
+        status["inbox"]["partitions"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                (
+                    p["topic"].as_str().unwrap_or_default().to_owned(),
+                    p["partition"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Each partition's offsets by id, as the broker holds them.
+fn first_offsets(records: &[Record]) -> HashMap<String, (i32, i64)> {
+    let mut first: HashMap<String, (i32, i64)> = HashMap::new();
+    for r in records {
+        if let Some(id) = r.header("id") {
+            let at = (r.partition, r.offset);
+            first
+                .entry(id.to_owned())
+                .and_modify(|e| *e = (*e).min(at))
+                .or_insert(at);
+        }
+    }
+    first
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_inbox_creates_its_tables_and_check_and_inbox_name_the_fix_until_then() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxsetup").await;
+    let url = pg.url(&db);
+    let check = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .args(["check", "--pg-url", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let before = check(&["--inbox"]);
+    assert_eq!(before.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&before.stdout).into_owned();
+    assert!(
+        text.contains("table public.inbox does not exist: run `walrelay setup --inbox public.inbox`"),
+        "{text}"
+    );
+    // The inbox itself refuses to start, with the same fix.
+    let broker = Broker::start();
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &["--topic", "orders"]);
+    let status = inbox.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{}", inbox.log());
+    assert!(inbox.log().contains("walrelay setup --inbox"), "{}", inbox.log());
+
+    assert_eq!(
+        setup(&url, &["--inbox"]),
+        [
+            "created table public.inbox",
+            "created table public.inbox_offsets",
+            "created table public.inbox_dead_letters"
+        ]
+    );
+    assert_eq!(
+        setup(&url, &["--inbox"]),
+        [
+            "table public.inbox exists",
+            "table public.inbox_offsets exists",
+            "table public.inbox_dead_letters exists"
+        ]
+    );
+    assert_eq!(
+        setup(&url, &["--inbox", "app.events_in"])[0],
+        "created table app.events_in",
+        "another schema and name"
+    );
+    let after = check(&["--inbox"]);
+    assert_eq!(
+        after.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_records_with_duplicate_ids_and_five_kill9s_land_each_id_once() {
+    let mut rng = seeded_rng("inbox kill -9");
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxkill").await;
+    let url = pg.url(&db);
+    setup(&url, &["--inbox"]);
+    let client = pg.client(&db).await;
+    let broker = Broker::start();
+    broker.create_topic("orders", 4);
+    // 10,000 ids; ids 4,000 to 4,999 sent again after 5,000 (a producer
+    // restarting at least once); one record without an id; one whose
+    // value is not JSON.
+    let event = |i: usize| Out {
+        partition: (i % 4) as i32,
+        key: format!("order-{}", i % 97),
+        id: Some(format!("evt-{i}")),
+        value: format!("{{\"n\": {i}}}"),
+    };
+    let mut records: Vec<Out> = (0..5_000).map(event).collect();
+    records.extend((4_000..5_000).map(event));
+    records.push(Out {
+        partition: 1,
+        key: "anonymous".into(),
+        id: None,
+        value: "{}".into(),
+    });
+    records.push(Out {
+        partition: 2,
+        key: "broken".into(),
+        id: Some("evt-broken".into()),
+        value: "not json".into(),
+    });
+    records.extend((5_000..10_000).map(event));
+    produce(&broker, "orders", &records);
+    let in_kafka = broker.consume("orders", records.len(), Duration::from_secs(60));
+    assert_eq!(in_kafka.len(), 11_002);
+
+    let args = ["--topic", "orders", "--batch-size", "20", "-X", SESSION];
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    let mut at_kills = Vec::new();
+    for kill in 0..5 {
+        let before = count(&client, "SELECT count(*) FROM inbox").await;
+        // Wait for this life to store something, then kill it mid-run.
+        wait_for(
+            &format!("life {kill} to store rows"),
+            Duration::from_secs(90),
+            async || (count(&client, "SELECT count(*) FROM inbox").await > before).then_some(()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        inbox.kill9().await;
+        at_kills.push(count(&client, "SELECT count(*) FROM inbox").await);
+        inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    }
+    eprintln!("rows stored at each kill: {at_kills:?}");
+    assert!(
+        at_kills.iter().any(|n| *n < 10_000),
+        "no kill landed mid-run: {at_kills:?}"
+    );
+    wait_for("every id stored", Duration::from_secs(120), async || {
+        (count(&client, "SELECT count(*) FROM inbox").await == 10_000).then_some(())
+    })
+    .await;
+    // Everything consumed: the offsets reach each partition's end.
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in &in_kafka {
+        let end = ends.entry(r.partition).or_default();
+        *end = (*end).max(r.offset + 1);
+    }
+    wait_for("the offsets to reach the end", Duration::from_secs(60), async || {
+        let rows = client
+            .query(
+                "SELECT \"partition\", next_offset FROM inbox_offsets WHERE consumer_group = 'walrelay-inbox' AND topic = 'orders'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let stored: BTreeMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        (stored == ends).then_some(())
+    })
+    .await;
+    assert!(inbox.terminate(Duration::from_secs(30)).await.success());
+
+    // Each id once, and it is the first copy the broker holds: the later
+    // duplicate was skipped, not stored over it.
+    let first = first_offsets(&in_kafka);
+    let rows = client
+        .query("SELECT id, \"partition\", \"offset\", payload->>'n', ce_type FROM inbox", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 10_000);
+    let mut seen = HashSet::new();
+    for row in &rows {
+        let id: String = row.get(0);
+        let at: (i32, i64) = (row.get(1), row.get(2));
+        assert_eq!(Some(&at), first.get(&id), "{id} is not its first copy");
+        assert_eq!(format!("evt-{}", row.get::<_, String>(3)), id);
+        assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("OrderPlaced"));
+        seen.insert(id);
+    }
+    let expected: HashSet<String> = (0..10_000).map(|i| format!("evt-{i}")).collect();
+    assert_eq!(seen, expected);
+    // The offsets match what is stored: every record below each
+    // partition's next offset is in the inbox or the dead-letter table,
+    // and none above it.
+    let stored_or_dead: HashSet<(i32, i64)> = client
+        .query(
+            "SELECT \"partition\", \"offset\" FROM inbox UNION ALL SELECT \"partition\", \"offset\" FROM inbox_dead_letters",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for r in &in_kafka {
+        let original = r.header("id").is_none_or(|id| first[id] == (r.partition, r.offset));
+        assert_eq!(
+            stored_or_dead.contains(&(r.partition, r.offset)),
+            original,
+            "record at {}/{}",
+            r.partition,
+            r.offset
+        );
+    }
+    let dead: Vec<(String, i32)> = client
+        .query("SELECT kind, \"partition\" FROM inbox_dead_letters ORDER BY kind", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        dead,
+        [("invalid_row".to_owned(), 2), ("missing_id".to_owned(), 1)]
+    );
+    let error: String = client
+        .query_one("SELECT error FROM inbox_dead_letters WHERE kind = 'invalid_row'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("json"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_inboxes_in_one_group_share_the_partitions_and_one_takes_over_on_shutdown() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxgroup").await;
+    let url = pg.url(&db);
+    setup(&url, &["--inbox"]);
+    let client = pg.client(&db).await;
+    let broker = Broker::start();
+    broker.create_topic("payments", 4);
+    let args = ["--topic", "payments", "-X", SESSION];
+    let a = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    wait_for("the first inbox to hold the partitions", Duration::from_secs(60), async || {
+        (assigned(&a).await?.len() == 4).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let mut b = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    let (in_a, in_b) = wait_for("the group to share the partitions", Duration::from_secs(120), async || {
+        let (x, y) = (assigned(&a).await?, assigned(&b).await?);
+        (!x.is_empty() && !y.is_empty() && x.len() + y.len() == 4).then_some((x, y))
+    })
+    .await;
+    eprintln!(
+        "the group rebalanced onto a second member in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let held: HashSet<(String, i64)> = in_a.iter().chain(&in_b).cloned().collect();
+    assert_eq!(held.len(), 4, "each partition held once: {in_a:?} {in_b:?}");
+
+    let batch = |from: usize, to: usize| -> Vec<Out> {
+        (from..to)
+            .map(|i| Out {
+                partition: (i % 4) as i32,
+                key: format!("p{i}"),
+                id: Some(format!("pay-{i}")),
+                value: format!("{{\"n\": {i}}}"),
+            })
+            .collect()
+    };
+    produce(&broker, "payments", &batch(0, 2_000));
+    wait_for("2,000 rows", Duration::from_secs(60), async || {
+        (count(&client, "SELECT count(*) FROM inbox").await == 2_000).then_some(())
+    })
+    .await;
+    let (stored_a, stored_b) = (
+        metric(&a, "walrelay_inbox_records_stored_total").await,
+        metric(&b, "walrelay_inbox_records_stored_total").await,
+    );
+    assert!(stored_a > 0.0 && stored_b > 0.0, "{stored_a} {stored_b}");
+    assert_eq!(stored_a + stored_b, 2_000.0);
+
+    // A graceful stop hands b's partitions to a.
+    assert!(b.terminate(Duration::from_secs(30)).await.success(), "{}", b.log());
+    wait_for("the survivor to hold every partition", Duration::from_secs(120), async || {
+        (assigned(&a).await?.len() == 4).then_some(())
+    })
+    .await;
+    produce(&broker, "payments", &batch(2_000, 2_400));
+    wait_for("2,400 rows", Duration::from_secs(60), async || {
+        (count(&client, "SELECT count(*) FROM inbox").await == 2_400).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&a, "walrelay_inbox_duplicates_skipped_total").await,
+        0.0,
+        "the partitions changed hands at their stored offsets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_relay_to_kafka_to_an_inbox_in_another_database_holds_each_event_once_after_relay_kills() {
+    let mut rng = seeded_rng("outbox to inbox");
+    let stack = Stack::start("e2eoutbox").await;
+    let inbox_db = stack.pg.create_database("e2einbox").await;
+    let inbox_url = stack.pg.url(&inbox_db);
+    setup(&inbox_url, &["--inbox"]);
+    let inbox_client = stack.pg.client(&inbox_db).await;
+    let relay_args = ["--delivery", "at-least-once", "--topic-partitions", "2"];
+    let mut relay = stack.relay(&relay_args);
+    stack.insert_events("shipment", 10).await;
+    let topic = "outbox.event.shipment";
+    stack.broker.consume(topic, 10, Duration::from_secs(30));
+    let inbox = RelayProcess::start_inbox(
+        &inbox_url,
+        &stack.broker.bootstrap(),
+        &["--topic", "^outbox\\.event\\..*", "-X", SESSION],
+    );
+    for round in 0..3 {
+        for _ in 0..10 {
+            stack.insert_events("shipment", 100).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        relay.kill9().await;
+        eprintln!("killed the relay in round {round}");
+        relay = stack.relay(&relay_args);
+    }
+    let end: walrelay::lsn::Lsn = stack
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    stack.wait_confirmed(end, Duration::from_secs(120)).await;
+    let events: HashSet<String> = stack
+        .client
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events.len(), 3_010);
+    let in_kafka = stack.broker.consume_all(topic);
+    wait_for("every event in the inbox", Duration::from_secs(120), async || {
+        (count(&inbox_client, "SELECT count(*) FROM inbox").await == 3_010).then_some(())
+    })
+    .await;
+    let stored: HashSet<String> = inbox_client
+        .query("SELECT id FROM inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, events, "the inbox holds exactly the outbox's events");
+    // Every copy in Kafka was either stored or skipped as a duplicate.
+    let copies = in_kafka.len() as f64;
+    wait_for("the inbox to have read every copy", Duration::from_secs(30), async || {
+        let seen = metric(&inbox, "walrelay_inbox_records_stored_total").await
+            + metric(&inbox, "walrelay_inbox_duplicates_skipped_total").await;
+        (seen == copies).then_some(())
+    })
+    .await;
+    eprintln!(
+        "{} records in Kafka for {} events; the inbox skipped {} duplicates",
+        in_kafka.len(),
+        events.len(),
+        in_kafka.len() - events.len()
+    );
+    drop(relay);
+}
