@@ -218,12 +218,15 @@ async fn ten_thousand_records_with_duplicate_ids_and_five_kill9s_land_each_id_on
     for kill in 0..5 {
         let before = count(&client, "SELECT count(*) FROM inbox").await;
         // Wait for this life to store something, then kill it mid-run.
-        wait_for(
-            &format!("life {kill} to store rows"),
-            Duration::from_secs(90),
-            async || (count(&client, "SELECT count(*) FROM inbox").await > before).then_some(()),
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while count(&client, "SELECT count(*) FROM inbox").await == before {
+            assert!(
+                Instant::now() < deadline,
+                "life {kill} stored nothing in 90 s; its log:\n{}",
+                inbox.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         inbox.kill9().await;
         at_kills.push(count(&client, "SELECT count(*) FROM inbox").await);

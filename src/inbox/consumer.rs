@@ -33,6 +33,10 @@ use crate::metrics as m;
 use crate::postgres::ConnectionConfig;
 use crate::sql::SqlError;
 
+/// How long a resumed partition may deliver nothing before it is sought
+/// further back.
+const RESUME_CHECK: Duration = Duration::from_secs(2);
+
 /// How `walrelay inbox` runs.
 #[derive(Clone, Debug)]
 pub struct InboxConfig {
@@ -105,6 +109,8 @@ struct Position {
     /// The last seek went back to the log's start: what is still missing
     /// was deleted (retention, compaction).
     at_log_start: bool,
+    /// When the partition was last positioned (assigned or sought).
+    sought_at: Instant,
     high_watermark: Option<i64>,
 }
 
@@ -115,8 +121,30 @@ impl Position {
             checked: stored.is_none(),
             step: 1,
             at_log_start: false,
+            sought_at: Instant::now(),
             high_watermark: None,
         }
+    }
+
+    /// Where to start reading: one record before the stored offset (it is
+    /// stored, so it is dropped), which proves nothing in between was
+    /// passed over; or the log's start when nothing was ever stored.
+    fn start(&self) -> Offset {
+        match self.next {
+            Some(next) => Offset::Offset((next - 1).max(0)),
+            None => Offset::Beginning,
+        }
+    }
+
+    /// The next step back for a partition not yet checked, when its first
+    /// record was past the stored offset, or nothing came at all.
+    fn step_back(&mut self) -> Option<i64> {
+        let next = self.next?;
+        if self.checked || self.at_log_start {
+            return None;
+        }
+        self.step = self.step.saturating_mul(2);
+        Some((next - self.step).max(0))
     }
 }
 
@@ -183,12 +211,11 @@ impl ConsumerContext for InboxContext {
                 let stored = self.stored_offsets(&partitions);
                 let mut shared = self.lock();
                 for tp in &partitions {
-                    let at = stored.get(tp).copied();
-                    let offset = at.map(Offset::Offset).unwrap_or(Offset::Beginning);
-                    if let Err(e) = tpl.set_partition_offset(&tp.0, tp.1, offset) {
+                    let position = Position::resuming(stored.get(tp).copied());
+                    if let Err(e) = tpl.set_partition_offset(&tp.0, tp.1, position.start()) {
                         tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot set the start offset");
                     }
-                    shared.positions.insert(tp.clone(), Position::resuming(at));
+                    shared.positions.insert(tp.clone(), position);
                 }
                 drop(shared);
                 tracing::info!(partitions = ?partitions, "partitions assigned; each resumes at its stored offset");
@@ -427,20 +454,7 @@ pub fn run(
                     }
                     Arrival::SeekBack(to) => {
                         drop(message);
-                        let low = consumer
-                            .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5))
-                            .map(|(low, _)| low)
-                            .unwrap_or(0);
-                        let to = to.max(low);
-                        tracing::debug!(topic = %tp.0, partition = tp.1, to, "seeking back to check for records passed over");
-                        if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(to), Duration::from_secs(5)) {
-                            tracing::warn!(error = %e, "seek failed");
-                        }
-                        if to <= low
-                            && let Some(p) = consumer.context().lock().positions.get_mut(&tp)
-                        {
-                            p.at_log_start = true;
-                        }
+                        seek_back(&consumer, &tp, to);
                     }
                     Arrival::Below | Arrival::NotOurs => {}
                 }
@@ -477,6 +491,19 @@ pub fn run(
         }
         if last_snapshot.elapsed() >= Duration::from_secs(1) {
             last_snapshot = Instant::now();
+            // A resumed partition that delivered nothing: the broker may
+            // have nothing after a batch it passed over.
+            let stalled: Vec<(TopicPartition, i64)> = consumer
+                .context()
+                .lock()
+                .positions
+                .iter_mut()
+                .filter(|(_, p)| p.sought_at.elapsed() >= RESUME_CHECK)
+                .filter_map(|(tp, p)| Some((tp.clone(), p.step_back()?)))
+                .collect();
+            for (tp, to) in stalled {
+                seek_back(&consumer, &tp, to);
+            }
             consumer.context().publish_snapshot();
             live.record_sample();
         }
@@ -505,10 +532,10 @@ fn arrive(context: &InboxContext, tp: &TopicPartition, offset: i64) -> Arrival {
             Arrival::Below
         }
         Some(next) if offset > next && !position.checked && !position.at_log_start => {
-            let to = next - position.step;
-            position.step = position.step.saturating_mul(2);
-            metrics::counter!(m::INBOX_SEEK_BACKS_TOTAL).increment(1);
-            Arrival::SeekBack(to.max(0))
+            match position.step_back() {
+                Some(to) => Arrival::SeekBack(to),
+                None => Arrival::Take,
+            }
         }
         Some(next) => {
             if offset > next {
@@ -523,6 +550,25 @@ fn arrive(context: &InboxContext, tp: &TopicPartition, offset: i64) -> Arrival {
             position.next = Some(offset + 1);
             Arrival::Take
         }
+    }
+}
+
+/// Seeks a resumed partition further back, to see whether records were
+/// passed over; at the log's start there is nothing further to see.
+fn seek_back(consumer: &BaseConsumer<InboxContext>, tp: &TopicPartition, to: i64) {
+    metrics::counter!(m::INBOX_SEEK_BACKS_TOTAL).increment(1);
+    let low = consumer
+        .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5))
+        .map(|(low, _)| low)
+        .unwrap_or(0);
+    let to = to.max(low);
+    tracing::debug!(topic = %tp.0, partition = tp.1, to, "seeking back to check for records passed over");
+    if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(to), Duration::from_secs(5)) {
+        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek failed");
+    }
+    if let Some(p) = consumer.context().lock().positions.get_mut(tp) {
+        p.sought_at = Instant::now();
+        p.at_log_start = to <= low;
     }
 }
 
@@ -549,8 +595,8 @@ fn rewind(consumer: &BaseConsumer<InboxContext>, handle: &Handle) -> Result<(), 
         let high = shared.positions.get(&tp).and_then(|p| p.high_watermark);
         let mut position = Position::resuming(at);
         position.high_watermark = high;
+        let offset = position.start();
         shared.positions.insert(tp.clone(), position);
-        let offset = at.map(Offset::Offset).unwrap_or(Offset::Beginning);
         if let Err(e) = consumer.seek(&tp.0, tp.1, offset, Duration::from_secs(5)) {
             tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek failed");
         }
