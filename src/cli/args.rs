@@ -458,7 +458,12 @@ pub struct InboxArgs {
     /// A topic to consume, or a regular expression when it starts with ^
     /// (^outbox\..* consumes every topic of the default template).
     /// Repeat it for several.
-    #[arg(long = "topic", env = "WALRELAY_INBOX_TOPICS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "topic",
+        env = "WALRELAY_INBOX_TOPICS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub topics: Vec<String>,
     /// The inbox table (`walrelay setup --inbox` creates it).
     #[arg(long, env = "WALRELAY_INBOX_TABLE", default_value = "public.inbox")]
@@ -520,7 +525,9 @@ impl InboxArgs {
             ));
         }
         if self.group.trim().is_empty() {
-            return Err(UsageError("--group is empty: name the consumer group".into()));
+            return Err(UsageError(
+                "--group is empty: name the consumer group".into(),
+            ));
         }
         Ok(crate::inbox::InboxConfig {
             pg: self.pg.connection_config()?,

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use args::{
-    InboxArgs, OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs, inbox_tables,
+    InboxArgs, OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs,
+    inbox_tables,
 };
 pub use values::{parse_duration, parse_size};
 
@@ -128,7 +129,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("FAIL  {line}");
             }
             if missing.is_empty() {
-                println!("ok    inbox tables {0}, {0}_offsets and {0}_dead_letters are set up", tables.name());
+                println!(
+                    "ok    inbox tables {0}, {0}_offsets and {0}_dead_letters are set up",
+                    tables.name()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(ExitCode::from(1))

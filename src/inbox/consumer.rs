@@ -31,7 +31,6 @@ use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
 use crate::live::{InboxPartition, InboxSnapshot, LiveState};
 use crate::metrics as m;
 use crate::postgres::ConnectionConfig;
-use crate::sql::SqlError;
 
 /// How long a resumed partition may deliver nothing before it is sought
 /// further back.
@@ -90,8 +89,6 @@ pub enum InboxError {
     Store(#[from] StoreError),
     #[error("Kafka consumer: {0}; fix: check --brokers and the -X options")]
     Kafka(#[from] KafkaError),
-    #[error("PostgreSQL was unreachable for too long while a partition was assigned: {0}")]
-    Unreachable(String),
 }
 
 /// Where this consumer is in one partition.
@@ -199,7 +196,10 @@ impl ConsumerContext for InboxContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let partitions: Vec<TopicPartition> = tpl
             .elements()
             .iter()
@@ -328,7 +328,11 @@ impl InboxContext {
         for (kind, reason) in &written.dead_letters {
             metrics::counter!(m::INBOX_DEAD_LETTERS_TOTAL, "kind" => kind.as_str()).increment(1);
             counters.dead_letters.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(kind = kind.as_str(), reason, "a record went to the dead-letter table");
+            tracing::warn!(
+                kind = kind.as_str(),
+                reason,
+                "a record went to the dead-letter table"
+            );
         }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -574,18 +578,17 @@ fn seek_back(consumer: &BaseConsumer<InboxContext>, tp: &TopicPartition, to: i64
 
 /// After a failed store: reconnect, and move every partition back to the
 /// offset PostgreSQL holds for it.
-fn rewind(consumer: &BaseConsumer<InboxContext>, handle: &Handle) -> Result<(), SqlError> {
+fn rewind(consumer: &BaseConsumer<InboxContext>, handle: &Handle) -> Result<(), StoreError> {
     let context = consumer.context();
     let mut shared = context.lock();
     shared.batch.clear();
     if let Err(e) = handle.block_on(shared.store.reconnect()) {
-        return Err(match e {
-            StoreError::Sql(e) => *e,
-            StoreError::NotSetUp(reason) => {
-                shared.failure = Some(InboxError::Unreachable(reason.clone()));
-                SqlError::new("", crate::sql::SqlCause::Other(reason))
-            }
-        });
+        if !e.is_transient() {
+            // The tables went away (or the role lost its rights): stop.
+            shared.failure = Some(InboxError::Store(e));
+            return Ok(());
+        }
+        return Err(e);
     }
     let partitions: Vec<TopicPartition> = shared.positions.keys().cloned().collect();
     let stored = handle.block_on(shared.store.offsets(&partitions))?;

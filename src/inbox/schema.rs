@@ -149,7 +149,9 @@ pub async fn missing_pieces(
             ));
         }
     }
-    if missing.is_empty() && !catalog::has_primary_key(client, &tables.schema, &tables.table).await? {
+    if missing.is_empty()
+        && !catalog::has_primary_key(client, &tables.schema, &tables.table).await?
+    {
         missing.push(format!(
             "{} has no primary key on id: the inbox skips a record whose id is already there through it; ALTER TABLE {} ADD PRIMARY KEY (id)",
             tables.name(),

@@ -236,8 +236,7 @@ impl Store {
                 let mut kept = Vec::new();
                 for row in &rows {
                     let one = tx.transaction().await.map_err(at)?;
-                    match insert(&one, &self.insert_sql, &[row], payload_is_bytea).await
-                    {
+                    match insert(&one, &self.insert_sql, &[row], payload_is_bytea).await {
                         Ok(n) => {
                             one.commit().await.map_err(at)?;
                             written.stored += n;
@@ -285,7 +284,11 @@ impl Store {
             .map_err(at)?;
             written.dead_letters.push((*kind, reason.clone()));
         }
-        let topics: Vec<&str> = written.next_offsets.keys().map(|(t, _)| t.as_str()).collect();
+        let topics: Vec<&str> = written
+            .next_offsets
+            .keys()
+            .map(|(t, _)| t.as_str())
+            .collect();
         let partitions: Vec<i32> = written.next_offsets.keys().map(|(_, p)| *p).collect();
         let offsets: Vec<i64> = written.next_offsets.values().copied().collect();
         // GREATEST: a consumer that lost its partition in a rebalance and
@@ -328,9 +331,7 @@ fn prepare(record: &Incoming, payload_is_bytea: bool) -> Result<Row<'_>, DeadLet
     };
     let key = match &record.key {
         None => None,
-        Some(k) => Some(
-            String::from_utf8(k.clone()).map_err(|_| DeadLetterKind::KeyNotText)?,
-        ),
+        Some(k) => Some(String::from_utf8(k.clone()).map_err(|_| DeadLetterKind::KeyNotText)?),
     };
     let payload_text = match (&record.payload, payload_is_bytea) {
         (Some(p), false) => {
@@ -357,7 +358,9 @@ fn describe(kind: DeadLetterKind) -> &'static str {
         DeadLetterKind::MissingId => {
             "the record has no id header: the inbox de-duplicates on it; have the producer set one (walrelay always does)"
         }
-        DeadLetterKind::KeyNotText => "the record's key is not UTF-8 text; the inbox's key column is text",
+        DeadLetterKind::KeyNotText => {
+            "the record's key is not UTF-8 text; the inbox's key column is text"
+        }
         DeadLetterKind::PayloadNotText => {
             "the record's value is not UTF-8 text; make the inbox's payload column bytea to keep such values"
         }
@@ -390,7 +393,11 @@ fn insert_sql(tables: &InboxTables, payload_type: &str, payload_is_bytea: bool) 
               AS u(id, topic, p, o, key, headers, payload, ce_source, ce_type, ce_time, produced_ms)
          ON CONFLICT (id) DO NOTHING",
         inbox = tables.inbox(),
-        payload_array = if payload_is_bytea { "bytea[]" } else { "text[]" },
+        payload_array = if payload_is_bytea {
+            "bytea[]"
+        } else {
+            "text[]"
+        },
     )
 }
 
@@ -418,11 +425,8 @@ async fn insert(
     // type, and says so when it cannot.
     let bytes: Vec<Option<&[u8]>> = rows.iter().map(|r| r.record.payload.as_deref()).collect();
     let texts: Vec<Option<&str>> = rows.iter().map(|r| r.payload_text).collect();
-    let payload: &(dyn tokio_postgres::types::ToSql + Sync) = if payload_is_bytea {
-        &bytes
-    } else {
-        &texts
-    };
+    let payload: &(dyn tokio_postgres::types::ToSql + Sync) =
+        if payload_is_bytea { &bytes } else { &texts };
     tx.execute(
         sql,
         &[
