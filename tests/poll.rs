@@ -318,13 +318,16 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
     let mut a = RelayProcess::start(&a_url, &stack.broker.bootstrap(), &relay_args);
     let mut b = stack.relay(&relay_args);
     let mut rng = seeded_rng("poll_two_relays");
-    // 10 writers x 150 transactions of 1 to 5 events over 20 aggregates,
-    // for about 15 seconds;
+    // 10 writers, each at least 150 transactions of 1 to 5 events over 20
+    // aggregates (about 15 seconds), and on until relay A is killed, so A
+    // always has rows to publish while the test tries to catch it;
     // a transaction writes its aggregates in key order (the trigger locks
     // each aggregate until commit, so a consistent order avoids deadlocks).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..10)
         .map(|w| {
             let url = stack.url();
+            let stop = std::sync::Arc::clone(&stop);
             let seed: u64 = rng.random();
             tokio::spawn(async move {
                 let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
@@ -333,7 +336,9 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
                     .unwrap();
                 tokio::spawn(conn);
                 let mut written = 0i64;
-                for t in 0..150 {
+                let mut t = 0;
+                while t < 150 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t += 1;
                     tokio::time::sleep(Duration::from_millis(rng.random_range(50..150))).await;
                     let n: i32 = rng.random_range(1..=5);
                     let first: i32 = rng.random_range(0..20);
@@ -412,6 +417,7 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
     // kill -9, and its connection goes: PostgreSQL rolls its claim back.
     a.kill9().await;
     proxy.cut();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
     for w in writers {
         total += w.await.unwrap();
