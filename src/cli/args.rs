@@ -294,16 +294,7 @@ pub struct RunArgs {
 impl RunArgs {
     /// Validates the Kafka options and builds the sink's settings.
     pub fn sink_settings(&self) -> Result<SinkSettings, UsageError> {
-        let overrides = self
-            .kafka_options
-            .iter()
-            .map(|o| match o.split_once('=') {
-                Some((k, v)) if !k.is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-                _ => Err(UsageError(format!(
-                    "-X {o:?}: expected KEY=VALUE, such as -X linger.ms=10"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let overrides = parse_kafka_options(&self.kafka_options)?;
         if self.brokers.trim().is_empty() {
             return Err(UsageError(
                 "--brokers is empty: name at least one broker, such as localhost:9092".into(),
@@ -561,7 +552,7 @@ fn parse_kafka_options(options: &[String]) -> Result<Vec<(String, String)>, Usag
         .map(|o| match o.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
             _ => Err(UsageError(format!(
-                "-X {o:?}: expected KEY=VALUE, such as -X session.timeout.ms=10000"
+                "-X {o:?}: expected KEY=VALUE, such as -X linger.ms=10"
             ))),
         })
         .collect()
