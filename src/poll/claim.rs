@@ -4,16 +4,14 @@
 //! so a relay that dies mid-batch rolls back and leaves its rows for the
 //! next claim. In that transaction:
 //!
-//! 1. [`oldest_aggregates`]: the aggregates of the oldest rows due for
-//!    publishing (`$1` rows deep).
-//! 2. [`claim`]: every unpublished row of those aggregates in `seq` order,
-//!    each `FOR UPDATE SKIP LOCKED`, beside what a plain read sees. Per
-//!    aggregate, the batch stops at the first row it could not lock
-//!    (another relay holds it until that relay's commit) or that is not
-//!    due (waiting for its next attempt): nothing after such a row is
-//!    published before it. Rows another relay holds are still unpublished
-//!    to a plain read, so they always stop their aggregate here.
-//! 3. [`settle`]: delete or mark what the broker acknowledged; count an
+//! 1. [`claim`]: the oldest rows due for publishing, `FOR UPDATE SKIP
+//!    LOCKED` (rows another relay holds are passed over, so relays work
+//!    side by side), each with whether an older unpublished row of its
+//!    aggregate is outside the claim: held by another relay until its
+//!    commit, or waiting for its next attempt. Per aggregate, the batch
+//!    stops at the first such row: nothing is published before an older
+//!    row of its aggregate.
+//! 2. [`settle`]: delete or mark what the broker acknowledged; count an
 //!    attempt on what failed and hold its aggregate until the next try.
 
 use std::collections::HashSet;
@@ -123,30 +121,9 @@ impl OutboxTable {
         )
     }
 
-    /// The aggregate's type and id as text, named `t` and `i`.
-    fn aggregate_columns(&self, alias: &str) -> String {
-        format!(
-            "{alias}.{}::text AS t, {alias}.{}::text AS i",
-            quote_ident(&self.columns.aggregate_type),
-            quote_ident(&self.columns.aggregate_id)
-        )
-    }
-
-    /// The statement of step 1: `$1` rows deep.
-    fn oldest_aggregates_sql(&self) -> String {
-        format!(
-            "SELECT DISTINCT t, i FROM (
-               SELECT {columns} FROM {target} o WHERE {pending} ORDER BY o.{seq} LIMIT $1
-             ) oldest",
-            columns = self.aggregate_columns("o"),
-            target = self.target(),
-            pending = self.pending("o"),
-            seq = quote_ident(SEQ),
-        )
-    }
-
-    /// The statement of step 2: rows of those aggregates (`$1`
-    /// types, `$2` ids), `$3` at most; each with whether it was claimed.
+    /// The claim: the oldest `$1` rows due that no one else holds, in
+    /// `seq` order, each with whether an older unpublished row of its
+    /// aggregate is outside the claim (`blocked`).
     fn claim_sql(&self) -> String {
         let values: Vec<String> = self
             .relation
@@ -162,95 +139,84 @@ impl OutboxTable {
         } else {
             "(extract(epoch FROM now()) * 1000000)::int8".to_owned()
         };
+        let agg_type = quote_ident(&self.columns.aggregate_type);
+        let agg_id = quote_ident(&self.columns.aggregate_id);
+        // An older unpublished row of the same aggregate that this claim
+        // does not hold. `=` lets the aggregate index answer; aggregates
+        // with a NULL part (rare, and unordered in Kafka anyway) take the
+        // slower IS NOT DISTINCT FROM.
+        let older_outside = |same: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM {target} o
+                         WHERE o.{published} IS NULL AND o.{seq} < c.{seq} AND {same}
+                           AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.{seq} = o.{seq}))",
+                target = self.target(),
+                published = quote_ident(PUBLISHED_AT),
+                seq = quote_ident(SEQ),
+            )
+        };
+        let by_value = older_outside(&format!(
+            "o.{agg_type} = c.{agg_type} AND o.{agg_id} = c.{agg_id}"
+        ));
+        let by_null = older_outside(&format!(
+            "o.{agg_type} IS NOT DISTINCT FROM c.{agg_type} AND o.{agg_id} IS NOT DISTINCT FROM c.{agg_id}"
+        ));
         format!(
-            "WITH wanted AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(t, i)),
-             candidates AS MATERIALIZED (
-               SELECT o.{seq}, {aggregate} FROM {target} o
-               WHERE o.{published} IS NULL
-                 AND EXISTS (SELECT 1 FROM wanted k
-                             WHERE k.t IS NOT DISTINCT FROM o.{agg_type}::text
-                               AND k.i IS NOT DISTINCT FROM o.{agg_id}::text)
-               ORDER BY o.{seq} LIMIT $3),
-             claimed AS MATERIALIZED (
-               SELECT c.* FROM {target} c WHERE c.{seq} IN (SELECT {seq} FROM candidates)
-               FOR UPDATE SKIP LOCKED)
-             SELECT k.{seq}, c.{seq} IS NOT NULL,
-                    coalesce(c.{next} IS NULL OR c.{next} <= now(), false),
-                    coalesce(c.{attempts}, 0), k.t, k.i, {created}, {values}
-             FROM candidates k LEFT JOIN claimed c ON c.{seq} = k.{seq}
-             ORDER BY k.{seq}",
-            seq = quote_ident(SEQ),
+            "WITH claimed AS MATERIALIZED (
+               SELECT * FROM {target} c WHERE {pending}
+               ORDER BY c.{seq} LIMIT $1 FOR UPDATE SKIP LOCKED)
+             SELECT c.{seq},
+                    {by_value} OR ((c.{agg_type} IS NULL OR c.{agg_id} IS NULL) AND {by_null}),
+                    c.{attempts}, c.{agg_type}::text, c.{agg_id}::text, {created}, {values}
+             FROM claimed c
+             ORDER BY c.{seq}",
             target = self.target(),
-            published = quote_ident(PUBLISHED_AT),
-            agg_type = quote_ident(&self.columns.aggregate_type),
-            agg_id = quote_ident(&self.columns.aggregate_id),
-            next = quote_ident(NEXT_ATTEMPT_AT),
+            pending = self.pending("c"),
+            seq = quote_ident(SEQ),
             attempts = quote_ident(ATTEMPTS),
-            aggregate = self.aggregate_columns("o"),
             values = values.join(", "),
         )
     }
 }
 
-/// Step 1: the aggregates of the oldest `depth` rows due, as (type, id).
-pub async fn oldest_aggregates(
-    tx: &Transaction<'_>,
-    table: &OutboxTable,
-    depth: i64,
-) -> Result<Vec<(Option<String>, Option<String>)>, tokio_postgres::Error> {
-    let rows = tx.query(&table.oldest_aggregates_sql(), &[&depth]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// Step 2: the rows to publish, in `seq` order. Per aggregate, rows stop
-/// at the first one not claimed (someone holds it) or not due (waiting for
-/// its next attempt), so nothing overtakes it.
+/// Claims up to `limit` rows to publish, in `seq` order. Per aggregate,
+/// rows stop at the first one with an older row outside the claim (another
+/// relay holds it, or it waits for its next attempt), so nothing overtakes
+/// that row. Rows past the stop stay locked until the transaction ends and
+/// go to the next claim.
 pub async fn claim(
     tx: &Transaction<'_>,
     table: &OutboxTable,
-    aggregates: &[(Option<String>, Option<String>)],
     limit: i64,
 ) -> Result<Vec<ClaimedRow>, tokio_postgres::Error> {
-    let types: Vec<Option<&str>> = aggregates.iter().map(|(t, _)| t.as_deref()).collect();
-    let ids: Vec<Option<&str>> = aggregates.iter().map(|(_, i)| i.as_deref()).collect();
-    let rows = tx
-        .query(&table.claim_sql(), &[&types, &ids, &limit])
-        .await?;
+    let rows = tx.query(&table.claim_sql(), &[&limit]).await?;
     let mut stopped: HashSet<(Option<String>, Option<String>)> = HashSet::new();
     let mut claimed = Vec::new();
     for row in rows {
         let seq: i64 = row.get(0);
-        let is_claimed: bool = row.get(1);
-        let due: bool = row.get(2);
+        let blocked: bool = row.get(1);
         let aggregate = (
+            row.get::<_, Option<String>>(3),
             row.get::<_, Option<String>>(4),
-            row.get::<_, Option<String>>(5),
         );
         if stopped.contains(&aggregate) {
             continue;
         }
-        if !is_claimed || !due {
-            // Held by another transaction (SKIP LOCKED passed it over), or
-            // waiting for its next attempt: its aggregate's later rows
-            // wait for it.
-            tracing::debug!(
-                seq,
-                held = !is_claimed,
-                "an aggregate's share of the batch ends here"
-            );
+        if blocked {
+            tracing::debug!(seq, "an aggregate's share of the batch ends here");
             stopped.insert(aggregate);
             continue;
         }
-        let created = PgTimestamp::from_unix_micros(row.get(6));
+        let created = PgTimestamp::from_unix_micros(row.get(5));
         let columns = (0..table.relation.columns.len())
-            .map(|i| match row.get::<_, Option<&str>>(7 + i) {
+            .map(|i| match row.get::<_, Option<&str>>(6 + i) {
                 Some(text) => ColumnValue::Text(Bytes::copy_from_slice(text.as_bytes())),
                 None => ColumnValue::Null,
             })
             .collect();
         claimed.push(ClaimedRow {
             seq,
-            attempts: row.get(3),
+            attempts: row.get(2),
             aggregate,
             tuple: TupleData { columns },
             created,
@@ -259,7 +225,7 @@ pub async fn claim(
     Ok(claimed)
 }
 
-/// Step 3: published rows go (or are marked, with the dead letter's
+/// Step 2: published rows go (or are marked, with the dead letter's
 /// reason if they went there); failed rows count an attempt, and their
 /// aggregate's later rows wait with them.
 pub async fn settle(

@@ -25,15 +25,16 @@
 //!    so per aggregate, rows become visible in `seq` order: a lower number
 //!    can never appear later. Different aggregates never wait for each
 //!    other.
-//! 2. Relays: a batch claims rows `FOR UPDATE SKIP LOCKED` in `seq` order
-//!    and, per aggregate, stops at the first row it could not lock. The
+//! 2. Relays: a batch claims the oldest rows no one else holds, `FOR
+//!    UPDATE SKIP LOCKED` in `seq` order, and, per aggregate, stops at the
+//!    first row that has an older unpublished row outside the claim. The
 //!    rows a relay holds stay locked, and unpublished to everyone else,
 //!    until the transaction that deletes or marks them commits, after the
 //!    broker acknowledged them; so another relay only ever publishes an
-//!    aggregate's next rows after the previous ones are in Kafka. Within a
-//!    batch, rows go out in `seq` order through one idempotent producer; a
-//!    row that failed holds its aggregate's later rows until its next
-//!    attempt.
+//!    aggregate's next rows after the previous ones are in Kafka, while it
+//!    publishes other aggregates side by side. Within a batch, rows go out
+//!    in `seq` order through one idempotent producer; a row that failed
+//!    holds its aggregate's later rows until its next attempt.
 //!
 //! Delivery is at least once: a relay that dies after the broker took a
 //! batch and before its commit leaves the rows for the next claim, which
@@ -317,16 +318,7 @@ impl<S: Sink> PollRelay<S> {
         let table = self.tables[table_index].clone();
         let depth = self.config.batch_size as i64;
         let tx = client.inner().transaction().await.map_err(at)?;
-        let aggregates = claim::oldest_aggregates(&tx, &table, depth)
-            .await
-            .map_err(at)?;
-        let rows = if aggregates.is_empty() {
-            Vec::new()
-        } else {
-            claim::claim(&tx, &table, &aggregates, depth)
-                .await
-                .map_err(at)?
-        };
+        let rows = claim::claim(&tx, &table, depth).await.map_err(at)?;
         if rows.is_empty() {
             tx.rollback().await.map_err(at)?;
             return Ok(BatchEnd::Committed(0));

@@ -12,7 +12,9 @@
 //!   one with a higher `seq`;
 //! - an AFTER INSERT statement trigger that sends `NOTIFY walrelay_outbox`
 //!   (delivered at commit) to wake the relay;
-//! - a partial index on `seq` over the rows not yet published.
+//! - two partial indexes over the rows not yet published: on `seq` (the
+//!   claim takes the oldest) and on the aggregate and `seq` (the claim
+//!   asks, per row, whether an older row of its aggregate waits).
 
 use crate::catalog::{self, qualified, quote_ident, quote_literal};
 use crate::router::OutboxColumns;
@@ -46,6 +48,7 @@ pub struct PollObjects {
     pub order_function: String,
     pub notify_function: String,
     pub index: String,
+    pub aggregate_index: String,
 }
 
 pub const ORDER_TRIGGER: &str = "walrelay_order";
@@ -58,6 +61,7 @@ impl PollObjects {
             order_function: format!("{table}_walrelay_order"),
             notify_function: format!("{table}_walrelay_notify"),
             index: format!("{table}_walrelay_pending"),
+            aggregate_index: format!("{table}_walrelay_aggregate"),
         }
     }
 }
@@ -120,6 +124,8 @@ pub async fn setup(
     let has_created_at = existing.iter().any(|(c, _)| *c == columns.created_at);
     let triggers_before = catalog::table_triggers(client, schema, table).await?;
     let index_before = catalog::index_exists(client, schema, &objects.index).await?;
+    let aggregate_index_before =
+        catalog::index_exists(client, schema, &objects.aggregate_index).await?;
 
     let mut report = Vec::new();
     let address = client.address().to_owned();
@@ -226,6 +232,22 @@ pub async fn setup(
             objects.index
         ));
     }
+    tx.batch_execute(&format!(
+        "CREATE INDEX IF NOT EXISTS {} ON {target} ({}, {}, {}) WHERE {} IS NULL",
+        quote_ident(&objects.aggregate_index),
+        quote_ident(&columns.aggregate_type),
+        quote_ident(&columns.aggregate_id),
+        quote_ident(SEQ),
+        quote_ident(PUBLISHED_AT)
+    ))
+    .await
+    .map_err(at)?;
+    if !aggregate_index_before {
+        report.push(format!(
+            "created index {} on {name} (rows not yet published, by aggregate and seq)",
+            objects.aggregate_index
+        ));
+    }
     tx.commit().await.map_err(at)?;
     Ok(report)
 }
@@ -248,8 +270,11 @@ pub async fn missing_pieces(
             missing.push(format!("trigger {trigger}"));
         }
     }
-    if !catalog::index_exists(client, schema, &PollObjects::of(table).index).await? {
-        missing.push(format!("index {}", PollObjects::of(table).index));
+    let objects = PollObjects::of(table);
+    for index in [&objects.index, &objects.aggregate_index] {
+        if !catalog::index_exists(client, schema, index).await? {
+            missing.push(format!("index {index}"));
+        }
     }
     Ok(missing)
 }
