@@ -283,6 +283,72 @@ async fn a_lower_sequence_that_commits_later_is_not_overtaken_and_other_aggregat
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
 
+/// The relay's half of the ordering rule, without a second relay: a row
+/// held by another transaction (as another relay holds its claim) stops its
+/// aggregate, and only its aggregate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_another_relay_holds_stops_its_aggregate_and_no_other() {
+    let stack = Stack::start_with(
+        "pollheld",
+        StackOptions {
+            setup_args: vec!["--source", "poll"],
+            ..Default::default()
+        },
+    )
+    .await;
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES
+               ('held', 'x', 'x1'), ('held', 'x', 'x2'), ('held', 'y', 'y1')",
+        )
+        .await
+        .unwrap();
+    // Another "relay" holds x1, as a claim does until its commit.
+    let mut other = stack.pg.client(&stack.db).await;
+    let claim = other.transaction().await.unwrap();
+    let held = claim
+        .query(
+            "SELECT seq FROM outbox WHERE event_type = 'x1' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let mut relay = stack.relay(&["--source", "poll", "--poll-interval", "100ms"]);
+    let records = stack
+        .broker
+        .consume("outbox.event.held", 1, Duration::from_secs(30));
+    assert_eq!(records[0].header("event_type"), Some("y1"));
+    // y2 comes after x2: the claim that publishes it looked at x2 too.
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type) VALUES ('held', 'y', 'y2')",
+        )
+        .await
+        .unwrap();
+    let records = stack
+        .broker
+        .consume("outbox.event.held", 2, Duration::from_secs(30));
+    let order: Vec<&str> = records
+        .iter()
+        .map(|r| r.header("event_type").unwrap())
+        .collect();
+    assert_eq!(order, ["y1", "y2"], "x2 waits for x1: {}", relay.log());
+    // The other relay lets go without publishing: x1, then x2.
+    claim.rollback().await.unwrap();
+    let records = stack
+        .broker
+        .consume("outbox.event.held", 4, Duration::from_secs(30));
+    let order: Vec<&str> = records
+        .iter()
+        .map(|r| r.header("event_type").unwrap())
+        .collect();
+    assert_eq!(order, ["y1", "y2", "x1", "x2"], "{}", relay.log());
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order_per_key() {
     let broker_port = support::free_port();
