@@ -142,14 +142,15 @@ impl OutboxTable {
         let agg_type = quote_ident(&self.columns.aggregate_type);
         let agg_id = quote_ident(&self.columns.aggregate_id);
         // An older unpublished row of the same aggregate that this claim
-        // does not hold. `=` lets the aggregate index answer; aggregates
+        // does not hold (NOT IN: one hash of the claim, not a scan of it per
+        // row). `=` lets the aggregate index answer; aggregates
         // with a NULL part (rare, and unordered in Kafka anyway) take the
         // slower IS NOT DISTINCT FROM.
         let older_outside = |same: &str| {
             format!(
                 "EXISTS (SELECT 1 FROM {target} o
                          WHERE o.{published} IS NULL AND o.{seq} < c.{seq} AND {same}
-                           AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.{seq} = o.{seq}))",
+                           AND o.{seq} NOT IN (SELECT x.{seq} FROM claimed x WHERE x.{seq} IS NOT NULL))",
                 target = self.target(),
                 published = quote_ident(PUBLISHED_AT),
                 seq = quote_ident(SEQ),
@@ -242,7 +243,12 @@ pub async fn settle(
         match on_published {
             OnPublished::Delete => {
                 tx.execute(
-                    &format!("DELETE FROM {target} WHERE {seq} = ANY($1)"),
+                    // `published_at IS NULL` lets the partial index on
+                    // seq find the rows (without it: a scan of the table).
+                    &format!(
+                        "DELETE FROM {target} WHERE {seq} = ANY($1) AND {published} IS NULL",
+                        published = quote_ident(PUBLISHED_AT)
+                    ),
                     &[&seqs],
                 )
                 .await?;
@@ -254,7 +260,8 @@ pub async fn settle(
                     &format!(
                         "UPDATE {target} t SET {published} = now(), {attempts} = t.{attempts} + 1,
                                 {last_error} = p.note, {next} = NULL
-                         FROM unnest($1::int8[], $2::text[]) AS p(seq, note) WHERE t.{seq} = p.seq",
+                         FROM unnest($1::int8[], $2::text[]) AS p(seq, note)
+                         WHERE t.{seq} = p.seq AND t.{published} IS NULL",
                         published = quote_ident(PUBLISHED_AT),
                         attempts = quote_ident(ATTEMPTS),
                         last_error = quote_ident(LAST_ERROR),
@@ -272,7 +279,8 @@ pub async fn settle(
             &format!(
                 "UPDATE {target} SET {attempts} = {attempts} + 1, {last_error} = $2,
                         {next} = now() + $3::float8 * interval '1 millisecond'
-                 WHERE {seq} = $1",
+                 WHERE {seq} = $1 AND {published} IS NULL",
+                published = quote_ident(PUBLISHED_AT),
                 attempts = quote_ident(ATTEMPTS),
                 last_error = quote_ident(LAST_ERROR),
                 next = quote_ident(NEXT_ATTEMPT_AT),
