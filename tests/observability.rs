@@ -520,12 +520,14 @@ async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
         .prefix("walrelay-start-")
         .tempdir()
         .unwrap();
-    let (pg_port, broker_port, http_port) = (free_port(), free_port(), free_port());
+    let (pg_port, broker_port, http_port, inbox_http_port) =
+        (free_port(), free_port(), free_port(), free_port());
     let env = [
         ("WALRELAY_STATE_DIR", state.path().display().to_string()),
         ("WALRELAY_PG_PORT", pg_port.to_string()),
         ("WALRELAY_BROKER_PORT", broker_port.to_string()),
         ("WALRELAY_HTTP_PORT", http_port.to_string()),
+        ("WALRELAY_INBOX_HTTP_PORT", inbox_http_port.to_string()),
         ("WALRELAY_DEMO_RATE", "20".into()),
         ("WALRELAY_BIN", env!("CARGO_BIN_EXE_walrelay").into()),
     ];
@@ -559,7 +561,30 @@ async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
     // An event written by the demo writer arrives in Kafka.
     let consumer = support::kafka::Broker::connect_to(&format!("127.0.0.1:{broker_port}"));
     let records = consumer.consume("outbox.event.order", 3, Duration::from_secs(60));
-    let pids: Vec<i32> = ["tansu", "walrelay", "demo-writer"]
+    // ... and in the second database's inbox, through `walrelay inbox`.
+    let inbox_url = format!("postgres://postgres@127.0.0.1:{pg_port}/walrelay_inbox");
+    let (inbox, connection) = tokio_postgres::connect(&inbox_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let first_id = records[0].header("id").unwrap().to_owned();
+    let mut in_inbox = Vec::new();
+    for _ in 0..600 {
+        in_inbox = inbox
+            .query(
+                "SELECT id::text, topic FROM inbox WHERE id::text = $1",
+                &[&first_id],
+            )
+            .await
+            .unwrap();
+        if !in_inbox.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let inbox_status = http_get(inbox_http_port, "/api/status").await;
+    drop(inbox);
+    let pids: Vec<i32> = ["tansu", "walrelay", "inbox", "demo-writer"]
         .iter()
         .map(|n| {
             std::fs::read_to_string(state.path().join(format!("{n}.pid")))
@@ -578,6 +603,18 @@ async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
     );
     assert_eq!(records[0].header("event_type"), Some("OrderPlaced"));
     assert!(records[0].key.as_ref().unwrap().starts_with(b"order-"));
+    assert_eq!(in_inbox.len(), 1, "the first demo event in the inbox");
+    assert_eq!(in_inbox[0].get::<_, String>(1), "outbox.event.order");
+    assert!(
+        out.contains(&format!(
+            "(the inbox's: http://127.0.0.1:{inbox_http_port}/)"
+        )),
+        "{out}"
+    );
+    let (code, inbox_status) = inbox_status.expect("the inbox's dashboard answers");
+    assert_eq!(code, 200, "{inbox_status}");
+    let inbox_status: serde_json::Value = serde_json::from_str(&inbox_status).unwrap();
+    assert!(inbox_status["inbox"].is_object(), "{inbox_status}");
 
     // Nothing is left running: not the services, not their children, not PostgreSQL.
     for pid in pids {
