@@ -218,35 +218,32 @@ pub async fn setup(
         .map_err(at)?;
         report.push(format!("numbered {numbered} existing rows of {name}"));
     }
-    tx.batch_execute(&format!(
-        "CREATE INDEX IF NOT EXISTS {} ON {target} ({}) WHERE {} IS NULL",
-        quote_ident(&objects.index),
-        quote_ident(SEQ),
-        quote_ident(PUBLISHED_AT)
-    ))
-    .await
-    .map_err(at)?;
-    if !index_before {
-        report.push(format!(
-            "created index {} on {name} (rows not yet published, by seq)",
-            objects.index
-        ));
-    }
-    tx.batch_execute(&format!(
-        "CREATE INDEX IF NOT EXISTS {} ON {target} ({}, {}, {}) WHERE {} IS NULL",
-        quote_ident(&objects.aggregate_index),
-        quote_ident(&columns.aggregate_type),
-        quote_ident(&columns.aggregate_id),
-        quote_ident(SEQ),
-        quote_ident(PUBLISHED_AT)
-    ))
-    .await
-    .map_err(at)?;
-    if !aggregate_index_before {
-        report.push(format!(
-            "created index {} on {name} (rows not yet published, by aggregate and seq)",
-            objects.aggregate_index
-        ));
+    // Both over the rows not yet published: the claim takes the oldest by
+    // seq, then asks per row whether an older row of its aggregate waits.
+    let indexes = [
+        (&objects.index, index_before, vec![SEQ], "by seq"),
+        (
+            &objects.aggregate_index,
+            aggregate_index_before,
+            vec![&columns.aggregate_type, &columns.aggregate_id, SEQ],
+            "by aggregate and seq",
+        ),
+    ];
+    for (index, existed, keys, order) in indexes {
+        let keys: Vec<String> = keys.iter().map(|k| quote_ident(k)).collect();
+        tx.batch_execute(&format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {target} ({}) WHERE {} IS NULL",
+            quote_ident(index),
+            keys.join(", "),
+            quote_ident(PUBLISHED_AT)
+        ))
+        .await
+        .map_err(at)?;
+        if !existed {
+            report.push(format!(
+                "created index {index} on {name} (rows not yet published, {order})"
+            ));
+        }
     }
     tx.commit().await.map_err(at)?;
     Ok(report)
