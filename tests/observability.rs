@@ -568,6 +568,8 @@ async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
         .unwrap();
     tokio::spawn(connection);
     let first_id = records[0].header("id").unwrap().to_owned();
+    // Polled by hand, not with wait_for: a timeout must still reach the
+    // stop below, so nothing is left running.
     let mut in_inbox = Vec::new();
     for _ in 0..600 {
         in_inbox = inbox

@@ -320,9 +320,9 @@ impl<S: Sink> PollRelay<S> {
         let address = client.address().to_owned();
         let at = |e| PollError::from(SqlError::from_postgres(&address, e));
         let table = self.tables[table_index].clone();
-        let depth = self.config.batch_size as i64;
+        let limit = self.config.batch_size as i64;
         let tx = client.inner().transaction().await.map_err(at)?;
-        let rows = claim::claim(&tx, &table, depth).await.map_err(at)?;
+        let rows = claim::claim(&tx, &table, limit).await.map_err(at)?;
         if rows.is_empty() {
             tx.rollback().await.map_err(at)?;
             return Ok(BatchEnd::Committed(0));
