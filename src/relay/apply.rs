@@ -48,7 +48,7 @@ use super::publisher::{Outcome, Outgoing, Publisher, PublisherEvent};
 use super::session::{Connector, Session, WalItem};
 use super::window::InFlightWindow;
 use super::{DeliveryGuarantee, RelayConfig};
-use crate::ledger::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
+use crate::ledger::{ORIGIN_HEADER, POSITION_HEADER, Position};
 use crate::live::LiveState;
 use crate::lsn::Lsn;
 use crate::metrics as m;
@@ -82,8 +82,9 @@ pub struct Relay<C: Connector, S: Sink> {
     pub(super) confirmed_at_session_start: Lsn,
     /// The last acknowledgement, or when events started to wait.
     pub(super) last_progress: Instant,
-    /// Exactly once: this session's origin, written on every record.
-    pub(super) origin: Option<Origin>,
+    /// Exactly once: this session's origin as the header every record
+    /// carries (formatted once per session, not per record).
+    pub(super) origin_header: Option<Bytes>,
 }
 
 impl<C: Connector, S: Sink> Relay<C, S> {
@@ -117,7 +118,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
             session_began: Instant::now(),
             confirmed_at_session_start: Lsn::ZERO,
             last_progress: Instant::now(),
-            origin: None,
+            origin_header: None,
             config,
         }
     }
@@ -323,7 +324,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
         }
         // Exactly once: the record says where it comes from, so a later
         // process can tell it is already in the log.
-        let position = match &self.origin {
+        let position = match &self.origin_header {
             Some(origin) => {
                 record.headers.push((
                     POSITION_HEADER.to_owned(),
@@ -331,7 +332,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 ));
                 record
                     .headers
-                    .push((ORIGIN_HEADER.to_owned(), Bytes::from(origin.to_string())));
+                    .push((ORIGIN_HEADER.to_owned(), origin.clone()));
                 Some(position)
             }
             None => None,

@@ -6,6 +6,7 @@ use std::future::pending;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::DeliveryGuarantee;
@@ -91,7 +92,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
                 history: start.history.clone(),
                 start: replay_start,
             });
-            self.origin = Some(origin);
+            self.origin_header = Some(Bytes::from(origin.to_string()));
         }
         tracing::info!(slot = %self.config.slot, host = %start.host, start = %replay_start, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
