@@ -32,6 +32,8 @@ pub mod position;
 mod publisher;
 pub mod scan;
 pub mod sink;
+#[cfg(test)]
+mod tests;
 mod topics;
 
 pub use error::{DeliveryDecision, PublishError, decide};
