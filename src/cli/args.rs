@@ -74,22 +74,33 @@ pub struct OutboxArgs {
     /// Its time becomes the CloudEvents ce_time header.
     #[arg(long, env = "WALRELAY_CREATED_AT_COLUMN", default_value = "created_at")]
     pub created_at_column: String,
+    /// Where an event the broker will never take (too large, invalid) is
+    /// kept whole, before its position is confirmed or its row deleted.
+    #[arg(long, env = "WALRELAY_DEAD_LETTER_TABLE", default_value = crate::dead_letters::DEFAULT_TABLE)]
+    pub dead_letter_table: String,
+}
+
+/// `schema.table` (or `table`, in public) as a pair.
+fn schema_table(flag: &str, text: &str) -> Result<(String, String), UsageError> {
+    let (schema, table) = text.split_once('.').unwrap_or(("public", text));
+    if schema.is_empty() || table.is_empty() || table.contains('.') {
+        return Err(UsageError(format!(
+            "{flag} {text:?}: expected schema.table, such as public.outbox"
+        )));
+    }
+    Ok((schema.to_owned(), table.to_owned()))
 }
 
 impl OutboxArgs {
     pub fn tables(&self) -> Result<Vec<(String, String)>, UsageError> {
         self.tables
             .iter()
-            .map(|t| {
-                let (schema, table) = t.split_once('.').unwrap_or(("public", t.as_str()));
-                if schema.is_empty() || table.is_empty() || table.contains('.') {
-                    return Err(UsageError(format!(
-                        "--table {t:?}: expected schema.table, such as public.outbox"
-                    )));
-                }
-                Ok((schema.to_owned(), table.to_owned()))
-            })
+            .map(|t| schema_table("--table", t))
             .collect()
+    }
+
+    pub fn dead_letter_table(&self) -> Result<(String, String), UsageError> {
+        schema_table("--dead-letter-table", &self.dead_letter_table)
     }
 
     pub fn columns(&self) -> OutboxColumns {
@@ -348,6 +359,7 @@ impl RunArgs {
             exactly_once_lookback: self.exactly_once_lookback as usize,
             heartbeat_prefix: self.heartbeat_prefix.clone(),
             transactional_id: self.transactional_id.clone(),
+            dead_letter_table: self.outbox.dead_letter_table()?,
         })
     }
 
@@ -375,6 +387,7 @@ impl RunArgs {
             broker_stall_timeout: self.broker_stall_timeout,
             shutdown_timeout: self.shutdown_timeout,
             permanent_error_attempts: 3,
+            dead_letter_table: self.outbox.dead_letter_table()?,
         })
     }
 

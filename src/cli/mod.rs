@@ -154,6 +154,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 slot: args.outbox.slot.clone(),
                 failover: !args.no_failover,
                 poll: args.source == SourceKind::Poll,
+                dead_letter_table: args.outbox.dead_letter_table()?,
             };
             let mut client = sql::connect(&config).await?;
             if options.poll {
@@ -176,6 +177,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 slot: args.outbox.slot.clone(),
                 failover: !args.no_failover,
                 poll: args.source == SourceKind::Poll,
+                dead_letter_table: args.outbox.dead_letter_table()?,
             };
             // With several hosts, the checks of the outbox run on the primary.
             let mut primary = config.clone();

@@ -57,6 +57,7 @@ pub struct CheckOptions {
     pub failover: bool,
     /// Check what `run --source poll` needs instead of logical replication.
     pub poll: bool,
+    pub dead_letter_table: (String, String),
 }
 
 /// The fix for a database that cannot do logical replication, besides
@@ -71,6 +72,17 @@ pub async fn check(
     options: &CheckOptions,
 ) -> Result<Vec<Finding>, SqlError> {
     let mut findings = Vec::new();
+    let (dl_schema, dl_table) = &options.dead_letter_table;
+    findings.push(
+        if catalog::table_exists(client, dl_schema, dl_table).await? {
+            Finding::pass(format!("dead-letter table {dl_schema}.{dl_table} exists"))
+        } else {
+            Finding::fail(
+                format!("dead-letter table {dl_schema}.{dl_table} does not exist (events the broker refuses for good are kept there)"),
+                "walrelay setup",
+            )
+        },
+    );
     if options.poll {
         for (schema, table) in &options.tables {
             findings.extend(check_table(client, options, schema, table).await?);

@@ -120,4 +120,6 @@ pub struct RelayConfig {
     /// Exactly once: the Kafka transactional id; `None` for
     /// `walrelay.<system identifier>.<slot>`.
     pub transactional_id: Option<String>,
+    /// Where events the broker will never take are kept whole.
+    pub dead_letter_table: (String, String),
 }

@@ -10,6 +10,7 @@ use tokio::task::LocalSet;
 
 use super::scripted::{ScriptedServer, wire};
 use super::{RelayConfig, RelayError, WalRelay};
+use crate::dead_letters::MemoryDeadLetters;
 use crate::live::LiveState;
 use crate::lsn::Lsn;
 use crate::publish::memory::MemoryBroker;
@@ -45,12 +46,14 @@ fn config() -> RelayConfig {
         exactly_once_lookback: 100_000,
         heartbeat_prefix: "walrelay.heartbeat".into(),
         transactional_id: None,
+        dead_letter_table: ("public".into(), "walrelay_dead_letters".into()),
     }
 }
 
 /// A relay running on a local task, with its handles.
 struct Harness {
     server: ScriptedServer,
+    dead_letters: MemoryDeadLetters,
     stop: ShutdownTrigger,
     findings: mpsc::Sender<crate::monitor::Finding>,
     relay: tokio::task::JoinHandle<Result<(), RelayError>>,
@@ -59,15 +62,18 @@ struct Harness {
 fn start(config: RelayConfig, server: &ScriptedServer, broker: &MemoryBroker) -> Harness {
     let (stop, shutdown) = Shutdown::new();
     let (findings_tx, findings) = mpsc::channel(1);
+    let dead_letters = MemoryDeadLetters::default();
     let relay = WalRelay::new(
         config,
         server.connector(),
         broker.sink(),
         Arc::new(LiveState::new()),
         findings,
-    );
+    )
+    .with_dead_letter_store(std::rc::Rc::new(dead_letters.clone()));
     Harness {
         server: server.clone(),
+        dead_letters,
         stop,
         findings: findings_tx,
         relay: tokio::task::spawn_local(relay.run(shutdown)),
@@ -196,6 +202,14 @@ async fn a_record_the_broker_refuses_for_good_becomes_a_dead_letter_and_the_stre
                 dead[0].header("walrelay_error_kind").map(|v| v.to_vec()),
                 Some(b"too_large".to_vec())
             );
+            let kept = h.dead_letters.0.lock().unwrap().clone();
+            assert_eq!(kept.len(), 1, "kept in the dead-letter table");
+            assert_eq!(
+                kept[0].record.value.as_ref().map(|v| v.len()),
+                Some(big.len()),
+                "whole, value included"
+            );
+            assert_eq!(kept[0].kind, "too_large");
             assert_eq!(h.server.confirmed(), Lsn(2000));
             h.stop.trigger();
             h.relay.await.unwrap().unwrap();
@@ -710,6 +724,55 @@ async fn at_least_once_publishes_again_what_was_not_confirmed() {
                 log[0].header(crate::publish::POSITION_HEADER).is_none(),
                 "no position header"
             );
+        })
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_refused_as_not_authorized_are_waited_out_never_dropped_or_confirmed() {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            let wal = server.session();
+            let again = server.session();
+            let h = start(config(), &server, &broker);
+            push(&wal, wire::transaction(1000, &[("a", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            // An ACL rotation takes WRITE away, on the events' topic and on
+            // the dead-letter topic.
+            broker.authorize("outbox.event.order", false);
+            broker.authorize("walrelay.dead-letter", false);
+            push(&wal, wire::transaction(2000, &[("b", "k", "{}")]));
+            push(&wal, wire::transaction(3000, &[("c", "k", "{}")]));
+            run_for(Duration::from_secs(30)).await;
+            assert_eq!(ids(&broker.log("outbox.event.order")), ["a"]);
+            assert!(
+                broker.log("walrelay.dead-letter").is_empty(),
+                "not dead-lettered"
+            );
+            assert!(h.dead_letters.0.lock().unwrap().is_empty());
+            assert_eq!(
+                h.server.confirmed(),
+                Lsn(1000),
+                "nothing confirmed past the refused event"
+            );
+            assert!(
+                *h.server.finished.lock().unwrap(),
+                "the slot was let go meanwhile"
+            );
+            broker.authorize("outbox.event.order", true);
+            broker.authorize("walrelay.dead-letter", true);
+            run_for(Duration::from_secs(10)).await;
+            // The next session replays from the slot's position.
+            assert_eq!(*h.server.starts.lock().unwrap(), [Lsn::ZERO, Lsn(1000)]);
+            push(&again, wire::transaction(2000, &[("b", "k", "{}")]));
+            push(&again, wire::transaction(3000, &[("c", "k", "{}")]));
+            run_for(Duration::from_secs(1)).await;
+            assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b", "c"]);
+            assert_eq!(h.server.confirmed(), Lsn(3000));
+            h.stop.trigger();
+            h.relay.await.unwrap().unwrap();
         })
         .await;
 }

@@ -37,11 +37,13 @@
 //! confirmed to the old primary; starting there, not at the watermark,
 //! streams the new primary's first commits instead of skipping them.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -53,14 +55,16 @@ use super::reconnect::{Next, ReconnectPolicy};
 use super::session::{Connector, Session, SessionStart, WalItem};
 use super::window::InFlightWindow;
 use super::{DeliveryGuarantee, RelayConfig};
+use crate::dead_letters::{DeadLetter, DeadLetterStore, PgDeadLetters};
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::monitor::Finding;
 use crate::pgoutput::PgTimestamp;
 use crate::publish::{
-    ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
+    LocalBoxFuture, ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
     PublisherConfig, Replay, ScanSettings, Sink, TopicFailures,
 };
+use crate::record::KafkaRecord;
 use crate::router::{Routed, Router};
 use crate::shutdown::Shutdown;
 
@@ -103,6 +107,12 @@ pub struct WalRelay<C: Connector, S: Sink> {
     /// Exactly once: this session's origin as the header every record
     /// carries (formatted once per session, not per record).
     origin_header: Option<Bytes>,
+    /// This session's origin, for the dead-letter table's keys.
+    origin: Option<Origin>,
+    /// Refused events being stored in the dead-letter table; each yields
+    /// the notice to send to the dead-letter topic once stored.
+    storing: FuturesUnordered<LocalBoxFuture<(EventTag, KafkaRecord)>>,
+    dead_letters: Rc<dyn DeadLetterStore>,
 }
 
 impl<C: Connector, S: Sink> WalRelay<C, S> {
@@ -143,8 +153,20 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             open: None,
             last_progress: Instant::now(),
             origin_header: None,
+            origin: None,
+            storing: FuturesUnordered::new(),
+            dead_letters: Rc::new(PgDeadLetters {
+                pg: config.pg.clone(),
+                table: config.dead_letter_table.clone(),
+            }),
             config,
         }
+    }
+
+    /// Keeps refused events in `store` instead of the dead-letter table.
+    pub fn with_dead_letter_store(mut self, store: Rc<dyn DeadLetterStore>) -> Self {
+        self.dead_letters = store;
+        self
     }
 
     /// Runs until shutdown (then drains and returns `Ok`) or a permanent
@@ -191,6 +213,18 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Ok(outcomes) => self.settle(outcomes),
                     Err(error) => Err(error.into()),
                 },
+                Some((tag, notice)) = self.storing.next(), if !self.storing.is_empty() => {
+                    // Kept whole in the table: its notice goes to the
+                    // dead-letter topic, and settles the event.
+                    let position = self.origin_header.is_some().then_some(tag.position);
+                    let outcomes = self.publisher.publish(Outgoing {
+                        record: notice,
+                        tag,
+                        position,
+                        dead_letter: true,
+                    });
+                    self.settle(outcomes)
+                }
                 () = sleep_until(feedback_at), if feedback_at.is_some() => {
                     self.send_feedback(&mut link, false).await
                 }
@@ -383,33 +417,23 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     kind,
                     dead_letter: false,
                 } => {
-                    // The broker will never take it: its dead letter goes
-                    // instead, and settles the event.
+                    // The broker will never take it: it is kept whole in
+                    // the dead-letter table first, then its notice goes to
+                    // the dead-letter topic; only then is it settled.
                     metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
                         .increment(1);
-                    let dead = crate::router::broker_dead_letter(
-                        &self.config.router.dead_letter_topic,
-                        &record,
-                        &error.message,
-                        kind,
-                        kind != "too_large",
-                    );
-                    let position = self.origin_header.is_some().then_some(tag.position);
-                    outcomes.extend(self.publisher.publish(Outgoing {
-                        record: dead,
-                        tag,
-                        position,
-                        dead_letter: true,
-                    }));
+                    self.store_dead_letter(tag, record, kind, error.message);
                     continue;
                 }
                 Outcome::Refused {
                     tag, record, error, ..
                 } => {
+                    // Its notice was refused too; the event itself is in
+                    // the dead-letter table.
                     let id = record
                         .header("id")
                         .map(|v| String::from_utf8_lossy(v).into_owned());
-                    tracing::error!(topic = %record.topic, id = ?id, reason = %error, "the dead-letter topic refused a record; it is logged here and skipped");
+                    tracing::error!(topic = %record.topic, id = ?id, reason = %error, table = %crate::dead_letters::display(&self.config.dead_letter_table), "the dead-letter topic refused a notice; the event is kept in the dead-letter table");
                     metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "dead_letter_rejected")
                         .increment(1);
                     tag
@@ -427,6 +451,47 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             .in_flight
             .store(self.window.events() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Keeps a refused event whole in the dead-letter table (trying again
+    /// until PostgreSQL takes it; the event stays in flight meanwhile).
+    fn store_dead_letter(&mut self, tag: EventTag, record: KafkaRecord, kind: &str, error: String) {
+        let origin = self
+            .origin
+            .as_ref()
+            .map_or_else(String::new, Origin::to_string);
+        let letter = DeadLetter {
+            event_key: format!("{origin}/{}", tag.position),
+            record,
+            kind: kind.to_owned(),
+            error,
+        };
+        let notice = crate::router::broker_dead_letter(
+            &self.config.router.dead_letter_topic,
+            &letter.record,
+            &letter.error,
+            kind,
+            kind != "too_large",
+        );
+        let store = Rc::clone(&self.dead_letters);
+        let max_backoff = self.config.max_backoff;
+        self.storing.push(Box::pin(async move {
+            let mut attempt = 0;
+            loop {
+                match store.store(letter.clone()).await {
+                    Ok(()) => {
+                        tracing::warn!(key = %letter.event_key, kind = %letter.kind, "the broker refused an event for good: kept whole in the dead-letter table");
+                        return (tag, notice);
+                    }
+                    Err(error) => {
+                        attempt += 1;
+                        let wait = crate::publish::backoff(attempt, max_backoff);
+                        tracing::error!(%error, retry_in = ?wait, "cannot store a refused event in the dead-letter table; trying again (it stays unconfirmed meanwhile)");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }));
     }
 
     /// Sends a status update with the watermark, if streaming.
@@ -476,6 +541,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         self.publisher
             .begin_session(replay, exactly_once.then_some(transactional_id));
         self.origin_header = exactly_once.then(|| Bytes::from(origin.to_string()));
+        self.origin = Some(origin);
         tracing::info!(slot = %self.config.slot, host = %start.host, start = %start.slot_confirmed, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
         self.set_waiting_for_broker(false);
@@ -545,7 +611,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         if let RelayError::Publish(_) = error {
             // The producer is made anew: what was in flight is read again
             // from the slot (exactly once, what already landed is skipped).
-            let dropped = self.publisher.discard();
+            let dropped = self.publisher.discard() + self.storing.len();
+            self.storing.clear();
             tracing::warn!(error = %error, dropped, "the producer failed; reading the events in flight again from the slot");
             self.window.clear();
             self.confirmer.abandon_in_flight();
