@@ -263,6 +263,12 @@ pub struct RunArgs {
     /// (default: exactly-once; --source poll delivers at least once)
     #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
     pub delivery: Option<DeliveryGuarantee>,
+    /// Nothing from the server for this long, though asked to answer: the
+    /// session is taken for lost and the relay connects again (to another
+    /// host of --pg-url if there is one). TCP keepalives (the URL's
+    /// keepalives_* parameters) notice a dead peer too.
+    #[arg(long, env = "WALRELAY_REPLICATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub replication_timeout: Duration,
     /// Exactly once: the Kafka transactional id this relay's records are
     /// written under (a relay taking over the slot takes it over too, which
     /// fences the one before). Default: walrelay.<system identifier>.<slot>.
@@ -360,6 +366,7 @@ impl RunArgs {
             heartbeat_prefix: self.heartbeat_prefix.clone(),
             transactional_id: self.transactional_id.clone(),
             dead_letter_table: self.outbox.dead_letter_table()?,
+            replication_timeout: self.replication_timeout,
         })
     }
 

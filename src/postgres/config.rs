@@ -124,6 +124,52 @@ pub struct ConnectionConfig {
     pub ssl_key: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Option<Duration>,
+    /// TCP keepalives (`keepalives`, `keepalives_idle`,
+    /// `keepalives_interval`, `keepalives_count`), and how long sent data
+    /// may stay unacknowledged (`tcp_user_timeout`): together they notice a
+    /// host that vanished without a reset.
+    pub keepalives: Keepalives,
+}
+
+/// TCP keepalive settings, libpq's names. walrelay's defaults notice a
+/// dead peer in about 25 s (libpq leaves them to the operating system,
+/// where the first probe waits two hours).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalives {
+    pub enabled: bool,
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    /// `tcp_user_timeout`; `None` leaves the operating system's.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for Keepalives {
+    fn default() -> Self {
+        Keepalives {
+            enabled: true,
+            idle: Duration::from_secs(10),
+            interval: Duration::from_secs(5),
+            count: 3,
+            user_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Keepalives {
+    /// Applies them to a connected socket.
+    pub fn apply(&self, socket: &tokio::net::TcpStream) -> std::io::Result<()> {
+        let socket = socket2::SockRef::from(socket);
+        if self.enabled {
+            socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(self.idle)
+                    .with_interval(self.interval)
+                    .with_retries(self.count),
+            )?;
+        }
+        socket.set_tcp_user_timeout(self.user_timeout)
+    }
 }
 
 /// A connection URL walrelay cannot use as written.
@@ -144,7 +190,7 @@ pub enum ConfigError {
     )]
     UnknownSslMode(String),
     #[error(
-        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs"
+        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs, keepalives, keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
     )]
     UnknownParameter(String),
     #[error(
@@ -155,6 +201,10 @@ pub enum ConfigError {
         "connection URL: {hosts} hosts but {ports} ports; give one port for all, or one per host"
     )]
     PortCount { hosts: usize, ports: usize },
+    #[error(
+        "connection URL: {0}={1:?} is not a whole number (of seconds, or milliseconds for tcp_user_timeout)"
+    )]
+    NotANumber(String, String),
     #[error("connection URL: connect_timeout={0:?} is not a whole number of seconds")]
     ConnectTimeout(String),
 }
@@ -223,6 +273,12 @@ impl ConnectionConfig {
         let (mut ssl_root_cert, mut ssl_cert, mut ssl_key) = (None, None, None);
         let mut application_name = "walrelay".to_owned();
         let mut connect_timeout = None;
+        let mut keepalives = Keepalives::default();
+        let number = |key: &str, value: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| ConfigError::NotANumber(key.to_owned(), value.to_owned()))
+        };
 
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -268,6 +324,16 @@ impl ConnectionConfig {
                         .parse()
                         .map_err(|_| ConfigError::ConnectTimeout(value.clone()))?;
                     connect_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+                }
+                "keepalives" => keepalives.enabled = number(key, &value)? != 0,
+                "keepalives_idle" => keepalives.idle = Duration::from_secs(number(key, &value)?),
+                "keepalives_interval" => {
+                    keepalives.interval = Duration::from_secs(number(key, &value)?)
+                }
+                "keepalives_count" => keepalives.count = number(key, &value)? as u32,
+                "tcp_user_timeout" => {
+                    let ms = number(key, &value)?;
+                    keepalives.user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
                 }
                 other => return Err(ConfigError::UnknownParameter(other.to_owned())),
             }
@@ -321,6 +387,7 @@ impl ConnectionConfig {
             ssl_key,
             application_name,
             connect_timeout,
+            keepalives,
         })
     }
 
@@ -349,6 +416,14 @@ impl ConnectionConfig {
         }
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout(timeout);
+        }
+        config
+            .keepalives(self.keepalives.enabled)
+            .keepalives_idle(self.keepalives.idle)
+            .keepalives_interval(self.keepalives.interval)
+            .keepalives_retries(self.keepalives.count);
+        if let Some(timeout) = self.keepalives.user_timeout {
+            config.tcp_user_timeout(timeout);
         }
         config
     }
@@ -516,9 +591,40 @@ mod tests {
     }
 
     #[test]
+    fn keepalives_take_libpqs_parameters_and_default_to_noticing_a_dead_peer_in_seconds() {
+        let c = ConnectionConfig::from_url("postgres://u@h/db").unwrap();
+        assert!(c.keepalives.enabled);
+        assert_eq!(c.keepalives.idle, Duration::from_secs(10));
+        let c = ConnectionConfig::from_url(
+            "postgres://u@h/db?keepalives=1&keepalives_idle=3&keepalives_interval=1&keepalives_count=2&tcp_user_timeout=4000",
+        )
+        .unwrap();
+        assert_eq!(
+            c.keepalives,
+            Keepalives {
+                enabled: true,
+                idle: Duration::from_secs(3),
+                interval: Duration::from_secs(1),
+                count: 2,
+                user_timeout: Some(Duration::from_secs(4)),
+            }
+        );
+        assert!(
+            !ConnectionConfig::from_url("postgres://u@h/db?keepalives=0")
+                .unwrap()
+                .keepalives
+                .enabled
+        );
+        assert_eq!(
+            ConnectionConfig::from_url("postgres://u@h/db?keepalives_idle=soon").unwrap_err(),
+            ConfigError::NotANumber("keepalives_idle".into(), "soon".into())
+        );
+    }
+
+    #[test]
     fn unknown_parameters_and_bad_ports_are_refused_by_name() {
-        let err = ConnectionConfig::from_url("postgres://u@h/db?keepalives=1").unwrap_err();
-        assert_eq!(err, ConfigError::UnknownParameter("keepalives".into()));
+        let err = ConnectionConfig::from_url("postgres://u@h/db?gssencmode=disable").unwrap_err();
+        assert_eq!(err, ConfigError::UnknownParameter("gssencmode".into()));
         let err = ConnectionConfig::from_url("postgres://u@h:99999/db").unwrap_err();
         assert_eq!(err, ConfigError::Port("99999".into()));
         assert!(matches!(

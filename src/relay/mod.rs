@@ -122,4 +122,7 @@ pub struct RelayConfig {
     pub transactional_id: Option<String>,
     /// Where events the broker will never take are kept whole.
     pub dead_letter_table: (String, String),
+    /// A session from which nothing arrives this long, though the relay
+    /// asks the server to answer, is taken for lost.
+    pub replication_timeout: Duration,
 }

@@ -136,6 +136,8 @@ pub struct Session<W> {
     decoder: StreamDecoder,
     relations: RelationCache,
     open: Option<OpenTxn>,
+    /// When the server last sent anything.
+    last_received: tokio::time::Instant,
 }
 
 impl<W: WalStream> Session<W> {
@@ -145,13 +147,20 @@ impl<W: WalStream> Session<W> {
             decoder: StreamDecoder::new(),
             relations: RelationCache::new(),
             open: None,
+            last_received: tokio::time::Instant::now(),
         }
+    }
+
+    /// When the server last sent anything (data or a keepalive).
+    pub fn last_received(&self) -> tokio::time::Instant {
+        self.last_received
     }
 
     /// The next item. Cancel-safe: an event is either fully handled or not
     /// read at all.
     pub async fn next(&mut self) -> Result<WalItem, RelayError> {
         let event = self.stream.recv().await?.ok_or(StreamError::Ended)?;
+        self.last_received = tokio::time::Instant::now();
         match event {
             ReplicationEvent::Keepalive {
                 wal_end,

@@ -47,6 +47,7 @@ fn config() -> RelayConfig {
         heartbeat_prefix: "walrelay.heartbeat".into(),
         transactional_id: None,
         dead_letter_table: ("public".into(), "walrelay_dead_letters".into()),
+        replication_timeout: Duration::from_secs(30),
     }
 }
 
@@ -771,6 +772,43 @@ async fn writes_refused_as_not_authorized_are_waited_out_never_dropped_or_confir
             run_for(Duration::from_secs(1)).await;
             assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b", "c"]);
             assert_eq!(h.server.confirmed(), Lsn(3000));
+            h.stop.trigger();
+            h.relay.await.unwrap().unwrap();
+        })
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_goes_silent_is_noticed_and_the_relay_connects_again() {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            // The first host vanishes without a reset after one event: the
+            // connection stays open, nothing more arrives.
+            let gone = server.silent_session();
+            let other = server.session();
+            let h = start(config(), &server, &broker);
+            push(&gone, wire::transaction(1000, &[("a", "k", "{}")]));
+            run_for(Duration::from_secs(20)).await;
+            assert_eq!(
+                h.server.starts.lock().unwrap().len(),
+                1,
+                "within the timeout"
+            );
+            run_for(Duration::from_secs(15)).await;
+            assert_eq!(
+                *h.server.starts.lock().unwrap(),
+                [Lsn::ZERO, Lsn(1000)],
+                "connected again after 30 s of silence, from the slot's position"
+            );
+            push(&other, wire::transaction(2000, &[("b", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b"]);
+            // A server that answers is never taken for gone, however idle.
+            run_for(Duration::from_secs(120)).await;
+            assert_eq!(h.server.starts.lock().unwrap().len(), 2);
+            drop(gone);
             h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })

@@ -49,7 +49,7 @@ use tokio::time::Instant;
 
 use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
-use super::error::{RelayError, decide};
+use super::error::{RelayError, StreamError, decide};
 use super::link::{Link, LinkEvent, Release};
 use super::reconnect::{Next, ReconnectPolicy};
 use super::session::{Connector, Session, SessionStart, WalItem};
@@ -109,6 +109,9 @@ pub struct WalRelay<C: Connector, S: Sink> {
     origin_header: Option<Bytes>,
     /// This session's origin, for the dead-letter table's keys.
     origin: Option<Origin>,
+    /// Since when the relay has been reading the stream without pause:
+    /// silence counts only while it reads.
+    reading_since: Option<Instant>,
     /// Refused events being stored in the dead-letter table; each yields
     /// the notice to send to the dead-letter topic once stored.
     storing: FuturesUnordered<LocalBoxFuture<(EventTag, KafkaRecord)>>,
@@ -154,6 +157,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             last_progress: Instant::now(),
             origin_header: None,
             origin: None,
+            reading_since: None,
             storing: FuturesUnordered::new(),
             dead_letters: Rc::new(PgDeadLetters {
                 pg: config.pg.clone(),
@@ -188,6 +192,19 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 && self.publisher.accepting()
                 && self.window.has_room();
             let feedback_at = streaming.then(|| self.confirmer.due_at());
+            // A server that sends nothing, though every status update asks
+            // it to answer once it has been quiet, is gone.
+            if !reading {
+                self.reading_since = None;
+            } else if self.reading_since.is_none() {
+                self.reading_since = Some(Instant::now());
+            }
+            let silent_at = match (&link, self.reading_since) {
+                (Link::Streaming(session), Some(since)) => {
+                    Some(session.last_received().max(since) + self.config.replication_timeout)
+                }
+                _ => None,
+            };
             let stall_at = (streaming && stop_deadline.is_none() && !self.window.is_empty())
                 .then(|| self.last_progress + self.config.broker_stall_timeout);
             let reconnect_at = match &link {
@@ -238,6 +255,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     LinkEvent::Item(Ok(item)) => self.apply(item, &mut link).await,
                     LinkEvent::Item(Err(error)) => Err(error),
                 },
+                () = sleep_until(silent_at), if silent_at.is_some() => {
+                    Err(StreamError::Silent(self.config.replication_timeout).into())
+                }
                 () = sleep_until(stall_at), if stall_at.is_some() => {
                     self.release(&mut link, Release::BrokerStalled).await
                 }
@@ -504,6 +524,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             return Ok(());
         };
         let lsn = self.confirmer.to_report();
+        // Quiet for a while: ask the server to answer, which proves it is
+        // still there.
+        let reply = reply || session.last_received().elapsed() >= self.config.status_interval;
         session.send_feedback(lsn, reply).await?;
         self.confirmer.reported(lsn);
         self.live.set_confirmed(lsn);

@@ -497,6 +497,7 @@ async fn open_socket(config: &ConnectionConfig) -> Result<Box<dyn Socket>, Repli
                 .await
                 .map_err(connect_error)?;
             stream.set_nodelay(true).map_err(connect_error)?;
+            config.keepalives.apply(&stream).map_err(connect_error)?;
             negotiate_tls(config, host, stream).await?
         }
         Host::UnixSocketDir(dir) => {
