@@ -814,3 +814,38 @@ async fn a_server_that_goes_silent_is_noticed_and_the_relay_connects_again() {
         })
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_producer_that_fails_for_good_is_made_anew_and_the_events_in_flight_are_read_again() {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            let first = server.session();
+            let second = server.session();
+            let h = start(config(), &server, &broker);
+            push(&first, wire::transaction(1000, &[("a", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            // librdkafka reports a fatal error (a broken idempotent
+            // sequence) for the next record.
+            broker.fail_next(crate::publish::BrokerError {
+                class: crate::publish::BrokerErrorClass::Fatal,
+                message: "Local: Fatal error: Broker: Out of order sequence number".into(),
+            });
+            push(&first, wire::transaction(2000, &[("b", "k", "{}")]));
+            run_for(Duration::from_secs(5)).await;
+            assert!(
+                *h.server.finished.lock().unwrap() || h.server.starts.lock().unwrap().len() == 2,
+                "the session ended instead of retrying the broken producer forever"
+            );
+            assert_eq!(*h.server.starts.lock().unwrap(), [Lsn::ZERO, Lsn(1000)]);
+            // The server replays what the slot had not confirmed.
+            push(&second, wire::transaction(2000, &[("b", "k", "{}")]));
+            run_for(Duration::from_millis(100)).await;
+            assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b"]);
+            assert_eq!(h.server.confirmed(), Lsn(2000));
+            h.stop.trigger();
+            h.relay.await.unwrap().unwrap();
+        })
+        .await;
+}
