@@ -43,7 +43,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -52,6 +51,7 @@ use super::confirmer::Confirmer;
 use super::error::{RelayError, StreamError, decide};
 use super::link::{Link, LinkEvent, Release};
 use super::reconnect::{Next, ReconnectPolicy};
+use super::refused::Refused;
 use super::session::{Connector, Session, SessionStart, WalItem};
 use super::window::InFlightWindow;
 use super::{DeliveryGuarantee, RelayConfig};
@@ -61,7 +61,7 @@ use crate::metrics as m;
 use crate::monitor::Finding;
 use crate::pgoutput::PgTimestamp;
 use crate::publish::{
-    LocalBoxFuture, ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
+    ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
     PublisherConfig, Replay, ScanSettings, Sink, TopicFailures,
 };
 use crate::record::KafkaRecord;
@@ -112,10 +112,8 @@ pub struct WalRelay<C: Connector, S: Sink> {
     /// Since when the relay has been reading the stream without pause:
     /// silence counts only while it reads.
     reading_since: Option<Instant>,
-    /// Refused events being stored in the dead-letter table; each yields
-    /// the notice to send to the dead-letter topic once stored.
-    storing: FuturesUnordered<LocalBoxFuture<(EventTag, KafkaRecord)>>,
-    dead_letters: Rc<dyn DeadLetterStore>,
+    /// Refused events being kept in the dead-letter table.
+    refused: Refused<EventTag>,
 }
 
 impl<C: Connector, S: Sink> WalRelay<C, S> {
@@ -158,18 +156,20 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             origin_header: None,
             origin: None,
             reading_since: None,
-            storing: FuturesUnordered::new(),
-            dead_letters: Rc::new(PgDeadLetters {
-                pg: config.pg.clone(),
-                table: config.dead_letter_table.clone(),
-            }),
+            refused: Refused::new(
+                Rc::new(PgDeadLetters {
+                    pg: config.pg.clone(),
+                    table: config.dead_letter_table.clone(),
+                }),
+                config.max_backoff,
+            ),
             config,
         }
     }
 
     /// Keeps refused events in `store` instead of the dead-letter table.
     pub fn with_dead_letter_store(mut self, store: Rc<dyn DeadLetterStore>) -> Self {
-        self.dead_letters = store;
+        self.refused.set_store(store);
         self
     }
 
@@ -230,7 +230,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Ok(outcomes) => self.settle(outcomes),
                     Err(error) => Err(error.into()),
                 },
-                Some((tag, notice)) = self.storing.next(), if !self.storing.is_empty() => {
+                (tag, notice) = self.refused.next() => {
                     // Kept whole in the table: its notice goes to the
                     // dead-letter topic, and settles the event.
                     let position = self.origin_header.is_some().then_some(tag.position);
@@ -480,38 +480,20 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             .origin
             .as_ref()
             .map_or_else(String::new, Origin::to_string);
+        let notice = crate::router::broker_dead_letter(
+            &self.config.router.dead_letter_topic,
+            &record,
+            &error,
+            kind,
+            kind != "too_large",
+        );
         let letter = DeadLetter {
             event_key: format!("{origin}/{}", tag.position),
             record,
             kind: kind.to_owned(),
             error,
         };
-        let notice = crate::router::broker_dead_letter(
-            &self.config.router.dead_letter_topic,
-            &letter.record,
-            &letter.error,
-            kind,
-            kind != "too_large",
-        );
-        let store = Rc::clone(&self.dead_letters);
-        let max_backoff = self.config.max_backoff;
-        self.storing.push(Box::pin(async move {
-            let mut attempt = 0;
-            loop {
-                match store.store(letter.clone()).await {
-                    Ok(()) => {
-                        tracing::warn!(key = %letter.event_key, kind = %letter.kind, "the broker refused an event for good: kept whole in the dead-letter table");
-                        return (tag, notice);
-                    }
-                    Err(error) => {
-                        attempt += 1;
-                        let wait = crate::publish::backoff(attempt, max_backoff);
-                        tracing::error!(%error, retry_in = ?wait, "cannot store a refused event in the dead-letter table; trying again (it stays unconfirmed meanwhile)");
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-            }
-        }));
+        self.refused.keep(tag, letter, notice);
     }
 
     /// Sends a status update with the watermark, if streaming.
@@ -634,8 +616,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         if let RelayError::Publish(_) = error {
             // The producer is made anew: what was in flight is read again
             // from the slot (exactly once, what already landed is skipped).
-            let dropped = self.publisher.discard() + self.storing.len();
-            self.storing.clear();
+            let dropped = self.publisher.discard() + self.refused.clear();
             tracing::warn!(error = %error, dropped, "the producer failed; reading the events in flight again from the slot");
             self.window.clear();
             self.confirmer.abandon_in_flight();
