@@ -107,7 +107,7 @@ pub enum WalItem {
 
 /// The transaction being received.
 #[derive(Clone, Copy, Debug)]
-struct OpenTxn {
+struct IncomingTxn {
     commit_time: PgTimestamp,
     /// Where its commit record is (Begin's final LSN).
     commit_lsn: Lsn,
@@ -115,7 +115,7 @@ struct OpenTxn {
     last_change: Option<(Lsn, u16)>,
 }
 
-impl OpenTxn {
+impl IncomingTxn {
     /// The position of the next change, at `lsn`.
     fn position(&mut self, lsn: Lsn) -> Position {
         let rank = match self.last_change {
@@ -135,7 +135,7 @@ pub struct Session<W> {
     stream: W,
     decoder: StreamDecoder,
     relations: RelationCache,
-    open: Option<OpenTxn>,
+    open: Option<IncomingTxn>,
     /// When the server last sent anything.
     last_received: tokio::time::Instant,
 }
@@ -191,7 +191,7 @@ impl<W: WalStream> Session<W> {
                 if self.open.is_some() {
                     return Err(StreamError::BeginInTransaction.into());
                 }
-                self.open = Some(OpenTxn {
+                self.open = Some(IncomingTxn {
                     commit_time: begin.commit_time,
                     commit_lsn: begin.final_lsn,
                     last_change: None,

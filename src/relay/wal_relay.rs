@@ -83,7 +83,7 @@ pub(super) struct EventTag {
 }
 
 /// The transaction being applied.
-struct OpenTxn {
+struct ApplyingTxn {
     ticket: TxnTicket,
     commit_time: PgTimestamp,
     /// When a heartbeat in this transaction was emitted (Unix microseconds).
@@ -100,7 +100,7 @@ pub struct WalRelay<C: Connector, S: Sink> {
     publisher: Publisher<S, EventTag>,
     live: Arc<LiveState>,
     findings: mpsc::Receiver<Finding>,
-    open: Option<OpenTxn>,
+    open: Option<ApplyingTxn>,
     reconnect: ReconnectPolicy,
     /// The last acknowledgement, or when events started to wait.
     last_progress: Instant,
@@ -277,7 +277,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
     async fn apply(&mut self, item: WalItem, link: &mut Link<C::Stream>) -> Result<(), RelayError> {
         match item {
             WalItem::Begin { commit_time, .. } => {
-                self.open = Some(OpenTxn {
+                self.open = Some(ApplyingTxn {
                     ticket: self.confirmer.begin(),
                     commit_time,
                     heartbeat_emitted_at: None,
