@@ -174,6 +174,36 @@ pub struct RunArgs {
     pub pg: PgArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
+    /// How long a stop waits for in-flight events to be acknowledged.
+    #[arg(long, env = "WALRELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Longest wait between reconnect attempts.
+    #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+    /// When events wait and the broker acknowledged nothing for this long,
+    /// end the replication session (so PostgreSQL can shut down) and stream
+    /// again once the broker answers.
+    #[arg(long, env = "WALRELAY_BROKER_STALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub broker_stall_timeout: Duration,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub stream: StreamArgs,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+    #[command(flatten)]
+    pub poll: PollArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Kafka")]
+pub struct KafkaArgs {
     /// Kafka bootstrap servers, host:port[,host:port...].
     #[arg(long, env = "WALRELAY_BROKERS")]
     pub brokers: String,
@@ -186,6 +216,19 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub kafka_options: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpArgs {
+    /// Address of the HTTP server: /metrics, /healthz, /readyz and the dashboard at /.
+    #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
+    pub http_addr: String,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Records")]
+pub struct RoutingArgs {
     /// Topic per event: {aggregate_type}, {event_type}, {schema} and {table} are replaced.
     #[arg(
         long,
@@ -216,6 +259,11 @@ pub struct RunArgs {
     /// CloudEvents source; {schema} and {table} are replaced. Default /walrelay/{schema}/{table}.
     #[arg(long, env = "WALRELAY_CLOUDEVENTS_SOURCE")]
     pub cloudevents_source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Topics")]
+pub struct TopicArgs {
     /// Stop with an error instead of creating a missing topic.
     #[arg(long, env = "WALRELAY_NO_CREATE_TOPICS")]
     pub no_create_topics: bool,
@@ -225,6 +273,11 @@ pub struct RunArgs {
     /// Replication factor of topics walrelay creates.
     #[arg(long, env = "WALRELAY_TOPIC_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     pub topic_replication_factor: i32,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Replication (--source wal)")]
+pub struct StreamArgs {
     /// Most events produced and not yet acknowledged; reading WAL pauses at the limit.
     #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_EVENTS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight_events: u64,
@@ -234,12 +287,6 @@ pub struct RunArgs {
     /// How often to send a status update to PostgreSQL even when nothing moved.
     #[arg(long, env = "WALRELAY_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub status_interval: Duration,
-    /// How long a stop waits for in-flight events to be acknowledged.
-    #[arg(long, env = "WALRELAY_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
-    /// Longest wait between reconnect attempts.
-    #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
-    pub max_backoff: Duration,
     /// pgoutput protocol version (1-4); default: the highest the server speaks.
     #[arg(long, env = "WALRELAY_PROTO_VERSION", value_parser = clap::value_parser!(u32).range(1..=4))]
     pub proto_version: Option<u32>,
@@ -257,23 +304,37 @@ pub struct RunArgs {
     /// While another relay holds the slot, how often to ask for it (standby mode).
     #[arg(long, env = "WALRELAY_STANDBY_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub standby_retry: Duration,
-    /// exactly-once: every event once in Kafka (records carry their position,
-    /// a restarted relay skips what a partition holds); at-least-once: a
-    /// restart may publish again what was not yet confirmed.
-    /// (default: exactly-once; --source poll delivers at least once)
-    #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
-    pub delivery: Option<DeliveryGuarantee>,
     /// Nothing from the server for this long, though asked to answer: the
     /// session is taken for lost and the relay connects again (to another
     /// host of --pg-url if there is one). TCP keepalives (the URL's
     /// keepalives_* parameters) notice a dead peer too.
     #[arg(long, env = "WALRELAY_REPLICATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub replication_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Delivery")]
+pub struct DeliveryArgs {
+    /// exactly-once: every event once in Kafka (records carry their position,
+    /// a restarted relay skips what a partition holds); at-least-once: a
+    /// restart may publish again what was not yet confirmed.
+    /// (default: exactly-once; --source poll delivers at least once)
+    #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
+    pub delivery: Option<DeliveryGuarantee>,
     /// Exactly once: the Kafka transactional id this relay's records are
     /// written under (a relay taking over the slot takes it over too, which
     /// fences the one before). Default: walrelay.<system identifier>.<slot>.
     #[arg(long, env = "WALRELAY_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
+    /// Exactly once: records of a partition's tail read at most when looking
+    /// for this relay's own (others' records are passed over).
+    #[arg(long, env = "WALRELAY_EXACTLY_ONCE_LOOKBACK", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub exactly_once_lookback: u64,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Polling (--source poll)")]
+pub struct PollArgs {
     /// wal: stream from the replication slot; poll: poll the outbox table
     /// (no logical replication needed; at least once; set it up with
     /// `walrelay setup --source poll`).
@@ -299,50 +360,43 @@ pub struct RunArgs {
     /// dead-letter topic.
     #[arg(long, env = "WALRELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
-    /// Exactly once: records of a partition's tail read at most when looking
-    /// for this relay's own (others' records are passed over).
-    #[arg(long, env = "WALRELAY_EXACTLY_ONCE_LOOKBACK", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub exactly_once_lookback: u64,
-    /// When events wait and the broker acknowledged nothing for this long,
-    /// end the replication session (so PostgreSQL can shut down) and stream
-    /// again once the broker answers.
-    #[arg(long, env = "WALRELAY_BROKER_STALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub broker_stall_timeout: Duration,
-    /// Address of the HTTP server: /metrics, /healthz, /readyz and the dashboard at /.
-    #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
-    pub http_addr: String,
 }
 
 impl RunArgs {
     /// Validates the Kafka options and builds the sink's settings.
     pub fn sink_settings(&self) -> Result<SinkSettings, UsageError> {
-        let overrides = parse_kafka_options(&self.kafka_options)?;
-        if self.brokers.trim().is_empty() {
+        let overrides = parse_kafka_options(&self.kafka.kafka_options)?;
+        if self.kafka.brokers.trim().is_empty() {
             return Err(UsageError(
                 "--brokers is empty: name at least one broker, such as localhost:9092".into(),
             ));
         }
         let producer = ProducerSettings {
-            brokers: self.brokers.clone(),
+            brokers: self.kafka.brokers.clone(),
             overrides,
         };
         producer.validate().map_err(UsageError)?;
-        let exactly_once = self.source == SourceKind::Wal
-            && self.delivery.unwrap_or(DeliveryGuarantee::ExactlyOnce)
+        let exactly_once = self.poll.source == SourceKind::Wal
+            && self
+                .delivery
+                .delivery
+                .unwrap_or(DeliveryGuarantee::ExactlyOnce)
                 == DeliveryGuarantee::ExactlyOnce;
         Ok(SinkSettings {
             producer,
             transactional: exactly_once,
-            create_topics: !self.no_create_topics,
-            topic_partitions: self.topic_partitions,
-            topic_replication_factor: self.topic_replication_factor,
+            create_topics: !self.topics.no_create_topics,
+            topic_partitions: self.topics.topic_partitions,
+            topic_replication_factor: self.topics.topic_replication_factor,
         })
     }
 
     /// Validates everything else and builds the relay's configuration.
     pub fn relay_config(&self) -> Result<RelayConfig, UsageError> {
         let (pg, router) = self.pg_and_router()?;
-        if self.heartbeat_prefix.is_empty() || self.heartbeat_prefix == self.message_prefix {
+        if self.stream.heartbeat_prefix.is_empty()
+            || self.stream.heartbeat_prefix == self.routing.message_prefix
+        {
             return Err(UsageError(
                 "--heartbeat-prefix must be non-empty and differ from --message-prefix (heartbeats are never published)".into(),
             ));
@@ -352,33 +406,36 @@ impl RunArgs {
             slot: self.outbox.slot.clone(),
             publication: self.outbox.publication.clone(),
             router,
-            max_in_flight_events: self.max_in_flight_events as usize,
-            max_in_flight_bytes: self.max_in_flight_bytes as usize,
-            status_interval: self.status_interval,
+            max_in_flight_events: self.stream.max_in_flight_events as usize,
+            max_in_flight_bytes: self.stream.max_in_flight_bytes as usize,
+            status_interval: self.stream.status_interval,
             shutdown_timeout: self.shutdown_timeout,
-            proto_version: self.proto_version,
+            proto_version: self.stream.proto_version,
             max_backoff: self.max_backoff,
             permanent_error_attempts: 3,
-            standby_retry: self.standby_retry,
+            standby_retry: self.stream.standby_retry,
             broker_stall_timeout: self.broker_stall_timeout,
-            delivery: self.delivery.unwrap_or(DeliveryGuarantee::ExactlyOnce),
-            exactly_once_lookback: self.exactly_once_lookback as usize,
-            heartbeat_prefix: self.heartbeat_prefix.clone(),
-            transactional_id: self.transactional_id.clone(),
+            delivery: self
+                .delivery
+                .delivery
+                .unwrap_or(DeliveryGuarantee::ExactlyOnce),
+            exactly_once_lookback: self.delivery.exactly_once_lookback as usize,
+            heartbeat_prefix: self.stream.heartbeat_prefix.clone(),
+            transactional_id: self.delivery.transactional_id.clone(),
             dead_letter_table: self.outbox.dead_letter_table()?,
-            replication_timeout: self.replication_timeout,
+            replication_timeout: self.stream.replication_timeout,
         })
     }
 
     /// The polling source's configuration (`--source poll`).
     pub fn poll_config(&self) -> Result<PollConfig, UsageError> {
-        if self.delivery == Some(DeliveryGuarantee::ExactlyOnce) {
+        if self.delivery.delivery == Some(DeliveryGuarantee::ExactlyOnce) {
             return Err(UsageError(
                 "--source poll delivers at least once (a polled row has no log position to recognise it by in Kafka): drop --delivery exactly-once, and let consumers dedupe on the id header (walrelay inbox does)".into(),
             ));
         }
         let (pg, router) = self.pg_and_router()?;
-        if self.poll_interval.is_zero() {
+        if self.poll.poll_interval.is_zero() {
             return Err(UsageError(
                 "--poll-interval must be greater than zero".into(),
             ));
@@ -386,10 +443,10 @@ impl RunArgs {
         Ok(PollConfig {
             pg,
             router,
-            batch_size: self.poll_batch_size as usize,
-            poll_interval: self.poll_interval,
-            on_published: self.on_published,
-            max_attempts: self.max_attempts,
+            batch_size: self.poll.poll_batch_size as usize,
+            poll_interval: self.poll.poll_interval,
+            on_published: self.poll.on_published,
+            max_attempts: self.poll.max_attempts,
             max_backoff: self.max_backoff,
             broker_stall_timeout: self.broker_stall_timeout,
             shutdown_timeout: self.shutdown_timeout,
@@ -414,12 +471,14 @@ impl RunArgs {
             )));
         }
         let topic_template: TopicTemplate = self
+            .routing
             .topic_template
             .parse()
             .map_err(|e| UsageError(format!("--topic-template {e}")))?;
-        check_topic_name(&self.dead_letter_topic)
+        check_topic_name(&self.routing.dead_letter_topic)
             .map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
         let header_columns = self
+            .routing
             .header_columns
             .iter()
             .map(|h| {
@@ -427,11 +486,11 @@ impl RunArgs {
                     .map_err(|e| UsageError(format!("--header-column {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if self.message_prefix.is_empty() {
+        if self.routing.message_prefix.is_empty() {
             return Err(UsageError("--message-prefix must not be empty".into()));
         }
-        if self.standby_retry.is_zero()
-            || self.status_interval.is_zero()
+        if self.stream.standby_retry.is_zero()
+            || self.stream.status_interval.is_zero()
             || self.broker_stall_timeout.is_zero()
         {
             return Err(UsageError(
@@ -443,10 +502,10 @@ impl RunArgs {
             columns: self.outbox.columns(),
             header_columns,
             topic_template,
-            message_prefix: self.message_prefix.clone(),
-            dead_letter_topic: self.dead_letter_topic.clone(),
-            cloudevents: !self.no_cloudevents,
-            cloudevents_source: self.cloudevents_source.clone(),
+            message_prefix: self.routing.message_prefix.clone(),
+            dead_letter_topic: self.routing.dead_letter_topic.clone(),
+            cloudevents: !self.routing.no_cloudevents,
+            cloudevents_source: self.routing.cloudevents_source.clone(),
         };
         Ok((pg, router))
     }
@@ -473,9 +532,8 @@ pub struct TailArgs {
 pub struct InboxArgs {
     #[command(flatten)]
     pub pg: PgArgs,
-    /// Kafka bootstrap servers, host:port[,host:port...].
-    #[arg(long, env = "WALRELAY_BROKERS")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// A topic to consume, or a regular expression when it starts with ^
     /// (^outbox\..* consumes every topic of the default template).
     /// Repeat it for several.
@@ -501,24 +559,13 @@ pub struct InboxArgs {
     /// Longest wait between attempts to reach PostgreSQL again.
     #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
-    /// librdkafka consumer option key=value, as kcat's -X (TLS, SASL,
-    /// session.timeout.ms, ...).
-    #[arg(
-        short = 'X',
-        value_name = "KEY=VALUE",
-        env = "WALRELAY_KAFKA_OPTIONS",
-        value_delimiter = ';',
-        hide_env_values = true
-    )]
-    pub kafka_options: Vec<String>,
-    /// Address of the HTTP server: /metrics, /healthz, /readyz, the dashboard.
-    #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
-    pub http_addr: String,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 impl InboxArgs {
     pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
-        let overrides = parse_kafka_options(&self.kafka_options)?;
+        let overrides = parse_kafka_options(&self.kafka.kafka_options)?;
         for (key, _) in &overrides {
             if matches!(
                 key.as_str(),
@@ -529,7 +576,7 @@ impl InboxArgs {
                 )));
             }
         }
-        if self.brokers.trim().is_empty() {
+        if self.kafka.brokers.trim().is_empty() {
             return Err(UsageError(
                 "--brokers is empty: name at least one broker, such as localhost:9092".into(),
             ));
@@ -552,7 +599,7 @@ impl InboxArgs {
         }
         Ok(crate::inbox::InboxConfig {
             pg: self.pg.connection_config()?,
-            brokers: self.brokers.clone(),
+            brokers: self.kafka.brokers.clone(),
             overrides,
             topics,
             tables: inbox_tables(&self.table, "--table")?,

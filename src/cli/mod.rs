@@ -86,27 +86,27 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) if args.source == SourceKind::Poll => {
+        Command::Run(args) if args.poll.source == SourceKind::Poll => {
             let kafka = args.sink_settings()?;
             let poll = args.poll_config()?;
-            let listener = commands::run::listen(&args.http_addr)
+            let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
-            commands::run::run_poll(poll, kafka, listener, args.status_interval).await?;
+            commands::run::run_poll(poll, kafka, listener, args.stream.status_interval).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
             let kafka = args.sink_settings()?;
             let relay = args.relay_config()?;
-            let listener = commands::run::listen(&args.http_addr)
+            let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
             commands::run::run(commands::run::RunOptions {
                 relay,
                 kafka,
                 listener,
-                create_slot: args.create_slot,
-                heartbeat_interval: args.heartbeat_interval,
+                create_slot: args.stream.create_slot,
+                heartbeat_interval: args.stream.heartbeat_interval,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -139,7 +139,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Inbox(args) => {
             let config = args.inbox_config()?;
-            let listener = commands::run::listen(&args.http_addr)
+            let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
             commands::inbox::run(config, listener).await?;
