@@ -2,6 +2,7 @@
 //! subcommands. Every option also reads an environment variable.
 
 mod args;
+mod run_args;
 mod values;
 
 use std::process::ExitCode;
@@ -9,9 +10,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use args::{
-    InboxArgs, OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs,
-    inbox_tables,
+    InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs, TailArgs, inbox_tables,
 };
+pub use run_args::RunArgs;
 pub use values::{parse_duration, parse_size};
 
 use crate::commands;
