@@ -110,7 +110,11 @@ pub async fn run_poll(
         Arc::clone(&live),
         kafka.producer.clone(),
         tables,
-        "at-least-once",
+        if config.exactly_once {
+            "exactly-once"
+        } else {
+            "at-least-once"
+        },
     )?;
     // A table that is not set up is an error with its fix, before anything
     // else happens.
