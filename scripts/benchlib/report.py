@@ -91,6 +91,8 @@ def rows(results):
         p = sat["peers"]
         label = f"saturated ({sat['clients']} clients, {sat['seconds']} s; alone: {sat['no_consumer_tps']:,}/s)"
         out.append((f"{label}: commits/s while streaming", {n: v["commits_per_second"] for n, v in p.items()}, "/s", False))
+        out.append((f"{label}: events/s written and in Kafka (until the consumer caught up)",
+                    {n: v["delivered_per_second"] for n, v in p.items()}, "/s", False))
         out.append((f"{label}: CPU per 100,000 events", {n: v["cpu_seconds_per_100k"] for n, v in p.items()}, "cpu", True))
         out.append((f"{label}: peak RSS", {n: v["peak_rss_mib"] for n, v in p.items()}, "MiB", True))
     st = results.get("startup")
