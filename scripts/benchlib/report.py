@@ -150,9 +150,9 @@ def human(results):
         f"load before: {results['load_before']}",
         f"load after:  {results['load_after']}",
         "versions: " + "; ".join(f"{k} {val}" for k, val in v.items()),
-        "",
-        table(results),
     ]
+    if rows(results):
+        parts += ["", table(results)]
     extra = walrelay_only(results)
     if extra:
         parts += ["", "walrelay only:", extra]

@@ -133,7 +133,7 @@ def steady(ctx, rate, seconds):
         cpu0 = proc.cpu()
         stack.pgbench(["-R", str(rate), "-T", str(seconds)])
         written = stack.outbox_count()
-        _wait_delivered(ctx, peer, proc, topic, warm + written, 120)
+        _wait_delivered(ctx, peer, proc, topic, warm + written, 600)
         cpu = proc.cpu() - cpu0
         rss = proc.peak_rss()
         own = proc.status().get("commit_to_ack_since_start") if hasattr(proc, "status") else None
@@ -341,7 +341,7 @@ def poll_source(ctx, relay, binary, events, rate, seconds):
     a steady rate (latency: the record's ce_time, the row's created_at,
     against its append time). Last: its setup adds to the table."""
     stack, broker = ctx.stack, ctx.broker
-    for peer in ctx.peers + [ctx.recvlogical]:
+    for peer in ctx.peers + [ctx.recvlogical, relay]:
         stack.drop_slot(peer.slot)
     stack.truncate()
     subprocess.run([binary, "setup", "--source", "poll", "--pg-url", stack.url], check=True, stdout=subprocess.DEVNULL)
