@@ -103,7 +103,6 @@ def rows(results):
         p = c["peers"]
         label = f"kill -9 under {c['rate']:,} events/s"
         out.append((f"{label}: restart to the first event committed after the kill", {n: v["resume_ms"] for n, v in p.items()}, "ms", True))
-        out.append((f"{label}: restart to every event committed before the kill", {n: v["caught_up_ms"] for n, v in p.items()}, "ms", True))
         out.append((f"{label}: duplicates", {n: v["duplicates"] for n, v in p.items()}, "", True))
     return out
 
