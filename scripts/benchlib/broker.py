@@ -5,6 +5,7 @@ timestamp is when Apache Kafka appended it, whoever produced it: the same
 clock for walrelay and Debezium."""
 
 import gc
+import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -47,64 +48,79 @@ class Broker:
         meta = self.meta.list_topics(topic, timeout=10)
         return sorted(meta.topics[topic].partitions)
 
-    def count(self, topic):
-        """Records in the topic (the sum of its partitions' high watermarks:
-        the relays here write no transactions, so every offset is a record)."""
+    def offsets(self, topic):
+        """The sum of the partitions' stable end offsets (read_committed): an
+        upper bound on the records a read_committed consumer can read now
+        (a transactional producer's commit markers take offsets too)."""
         total = 0
         for p in self.partitions(topic):
             _, high = self.meta.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
             total += high
         return total
 
+    def tail(self, topic, headers=False):
+        return Tail(self, topic, headers)
+
+    def wait_records(self, topic, n, timeout, what, alive=None, tail=None):
+        """Waits until a read_committed consumer has read n records of the
+        topic; returns its Tail (every record read). Offsets are polled
+        first, cheaply; records are read only once there can be n."""
+        tail = tail or self.tail(topic)
+        deadline = time.time() + timeout
+        while True:
+            if self.offsets(topic) >= n:
+                tail.advance()
+                if tail.count >= n:
+                    return tail
+            if alive is not None and not alive():
+                raise SystemExit(f"gave up waiting for {what}: the process exited")
+            if time.time() > deadline:
+                raise SystemExit(f"gave up waiting for {what} after {timeout:.0f} s ({tail.count} records)")
+            time.sleep(0.05)
+
     def records(self, topic, headers=False):
         """Every record of the topic, read under read_committed."""
-        consumer = self._consumer()
-        ends = {}
-        for p in self.partitions(topic):
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-            if high > 0:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        out = []
-        while ends:
-            for m in consumer.consume(num_messages=10000, timeout=1.0):
-                if m.error():
-                    continue
-                p, offset = m.partition(), m.offset()
-                hs = m.headers() or []
-                event_id = next((v.decode() for k, v in hs if k == "id"), None)
-                out.append(Record(event_id, m.timestamp()[1], p, offset, dict(hs) if headers else None))
-                if p in ends and offset + 1 >= ends[p]:
-                    del ends[p]
-        consumer.close()
-        return out
-
-    def record_at(self, topic, partition, offset):
-        consumer = self._consumer()
-        consumer.assign([TopicPartition(topic, partition, offset)])
-        try:
-            while True:
-                for m in consumer.consume(num_messages=1, timeout=1.0):
-                    if not m.error():
-                        return Record(None, m.timestamp()[1], m.partition(), m.offset(), None)
-        finally:
-            consumer.close()
-
-    def edges(self, topic):
-        """Append times (ms) of the topic's first and last records."""
-        first = last = None
-        for p in self.partitions(topic):
-            _, high = self.meta.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-            if high == 0:
-                continue
-            a = self.record_at(topic, p, 0).timestamp_ms
-            b = self.record_at(topic, p, high - 1).timestamp_ms
-            first = a if first is None else min(first, a)
-            last = b if last is None else max(last, b)
-        return first, last
+        tail = self.tail(topic, headers)
+        tail.advance()
+        tail.close()
+        return tail.records
 
     def close(self):
         """Before the broker stops: a client left open logs every failed reconnect."""
         self.meta.close()
         self.admin = None
         gc.collect()
+
+
+class Tail:
+    """A read_committed consumer of one topic from its beginning, read as
+    far as the broker lets it each time advance() is called."""
+
+    def __init__(self, broker, topic, headers=False):
+        self.consumer = broker._consumer()
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in broker.partitions(topic)])
+        self.headers = headers
+        self.records = []
+        self.count = 0
+        self.first_ms = None
+        self.last_ms = None
+
+    def advance(self):
+        """Reads until a wait of 0.3 s brings nothing more."""
+        while True:
+            batch = self.consumer.consume(num_messages=10000, timeout=0.3)
+            if not batch:
+                return
+            for m in batch:
+                if m.error():
+                    continue
+                hs = m.headers() or []
+                event_id = next((v.decode() for k, v in hs if k == "id"), None)
+                ts = m.timestamp()[1]
+                self.records.append(Record(event_id, ts, m.partition(), m.offset(), dict(hs) if self.headers else None))
+                self.count += 1
+                self.first_ms = ts if self.first_ms is None else min(self.first_ms, ts)
+                self.last_ms = ts if self.last_ms is None else max(self.last_ms, ts)
+
+    def close(self):
+        self.consumer.close()

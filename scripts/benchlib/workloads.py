@@ -38,7 +38,7 @@ def _start_streaming(ctx, peer, phase):
     """A fresh slot and topic, the peer started and warmed: ctx.warmup
     events sent through it end to end (a JVM's JIT compiles while it runs;
     a relay in production has long been running), then the table emptied.
-    Returns (process, topic, records of the warm-up in the topic)."""
+    Returns (process, topic, the Tail that read the warm-up)."""
     ctx.stack.truncate()
     peer.reset()
     topic = peer.topic(phase)
@@ -47,17 +47,15 @@ def _start_streaming(ctx, peer, phase):
     warm = max(ctx.warmup // CLIENTS, 1)
     ctx.stack.pgbench(["-t", str(warm)])
     warm *= CLIENTS
-    wait_until(lambda: ctx.broker.count(topic) >= warm, 300, f"{peer.name} to deliver {warm} warm-up events",
-               alive=proc.alive)
+    tail = ctx.broker.wait_records(topic, warm, 300, f"{peer.name} to deliver {warm} warm-up events", alive=proc.alive)
     # Every consumer here ignores TRUNCATE (walrelay by design, Debezium by
     # its default skipped.operations=t).
     ctx.stack.truncate()
-    return proc, topic, ctx.broker.count(topic)
+    return proc, topic, tail
 
 
-def _wait_delivered(ctx, peer, proc, topic, n, timeout):
-    wait_until(lambda: ctx.broker.count(topic) >= n, timeout, f"{peer.name} to deliver {n} events",
-               interval=0.05, alive=proc.alive)
+def _wait_delivered(ctx, peer, proc, topic, n, timeout, tail):
+    return ctx.broker.wait_records(topic, n, timeout, f"{peer.name} to deliver {n} events", alive=proc.alive, tail=tail)
 
 
 def drain(ctx, n):
@@ -88,29 +86,31 @@ def drain(ctx, n):
         proc = peer.start(phase)
         cpu_first = None
         deadline = time.time() + 300 + events / 1000
-        while True:
-            count = broker.count(topic)
-            if count >= 1 and cpu_first is None:
-                cpu_first = proc.cpu()
-            if count >= events:
-                break
-            if not proc.alive():
-                raise SystemExit(f"{peer.name} exited while draining; log: {proc.log_path}")
-            if time.time() > deadline:
-                raise SystemExit(f"{peer.name} delivered {count} of {events} events in time; log: {proc.log_path}")
+        while broker.offsets(topic) < 1:
+            if not proc.alive() or time.time() > deadline:
+                raise SystemExit(f"{peer.name} delivered nothing; log: {proc.log_path}")
             time.sleep(0.05)
+        cpu_first = proc.cpu()
+        # The offsets first, cheaply (exact for a producer without
+        # transactions, a few commit markers early for one with them);
+        # then every record is read back.
+        wait_until(lambda: broker.offsets(topic) >= events, deadline - time.time(),
+                   f"{peer.name} to drain {events} events", alive=proc.alive)
         cpu = proc.cpu()
         rss = proc.peak_rss()
         threads = proc.threads()
+        tail = broker.wait_records(topic, events, 120, f"{peer.name} to drain {events} events", alive=proc.alive)
         proc.stop()
-        first, last = broker.edges(topic)
+        first, last = tail.first_ms, tail.last_ms
+        tail.advance()
+        tail.close()
         total = last / 1000 - proc.t_start
         streaming = max((last - first) / 1000, 0.001)
         result["peers"][peer.name] = {
             "start_to_first_s": _round(first / 1000 - proc.t_start, 3),
             "start_to_last_s": _round(total, 3),
             "events_per_second": round(events / streaming),
-            "records": broker.count(topic),
+            "records": tail.count,
             "cpu_seconds_total": _round(cpu, 2),
             "cpu_seconds_per_100k": _round((cpu - cpu_first) / events * 100_000, 3),
             "peak_rss_mib": _round(rss / MIB, 1),
@@ -129,11 +129,11 @@ def steady(ctx, rate, seconds):
     phase = f"steady{rate}"
     for peer in ctx.peers:
         log(f"steady {rate:,} events/s for {seconds} s: {peer.name}")
-        proc, topic, warm = _start_streaming(ctx, peer, phase)
+        proc, topic, tail = _start_streaming(ctx, peer, phase)
         cpu0 = proc.cpu()
         stack.pgbench(["-R", str(rate), "-T", str(seconds)])
         written = stack.outbox_count()
-        _wait_delivered(ctx, peer, proc, topic, warm + written, 600)
+        _wait_delivered(ctx, peer, proc, topic, tail.count + written, 600, tail)
         cpu = proc.cpu() - cpu0
         rss = proc.peak_rss()
         own = proc.status().get("commit_to_ack_since_start") if hasattr(proc, "status") else None
@@ -141,7 +141,8 @@ def steady(ctx, rate, seconds):
         created = stack.created_at()
         seen = set()
         lat = []
-        for r in broker.records(topic):
+        tail.close()
+        for r in tail.records:
             if r.id in seen or r.id not in created:
                 continue
             seen.add(r.id)
@@ -175,7 +176,7 @@ def saturated(ctx, seconds):
             proc = peer.start("saturated")
             time.sleep(1)
         else:
-            proc, topic, warm = _start_streaming(ctx, peer, "saturated")
+            proc, topic, tail = _start_streaming(ctx, peer, "saturated")
         cpu0 = proc.cpu()
         t_begin = time.time()
         tps = stack.tps(stack.pgbench(["-T", str(seconds)]))
@@ -195,7 +196,8 @@ def saturated(ctx, seconds):
                     last, still = pos, time.time()
                 time.sleep(0.1)
         else:
-            _wait_delivered(ctx, peer, proc, topic, warm + written, 600)
+            _wait_delivered(ctx, peer, proc, topic, tail.count + written, 600, tail)
+            tail.close()
         catch_up = time.time() - t_end
         delivered = written / (time.time() - t_begin)
         cpu = proc.cpu() - cpu0
@@ -229,10 +231,11 @@ def startup(ctx, runs):
             broker.create_topic(topic, ctx.partitions)
             stack.psql(insert_script().split("\n", 1)[1].replace(":agg", "0"))
             proc = peer.start(phase)
-            wait_until(lambda: broker.count(topic) >= 1, 300, f"{peer.name}'s first event", alive=proc.alive)
+            tail = broker.wait_records(topic, 1, 300, f"{peer.name}'s first event", alive=proc.alive)
             rss = proc.peak_rss()
             proc.stop()
-            first, _ = broker.edges(topic)
+            first = tail.first_ms
+            tail.close()
             times.append(first / 1000 - proc.t_start)
         times.sort()
         result["peers"][peer.name] = {"first_event_ms": round(times[len(times) // 2] * 1000),
@@ -250,7 +253,7 @@ def crash(ctx, rate, seconds):
     result = {"rate": rate, "seconds": seconds, "load": _load(), "peers": {}}
     for peer in ctx.peers:
         log(f"kill -9 under {rate:,} events/s: {peer.name}")
-        proc, topic, warm = _start_streaming(ctx, peer, "crash")
+        proc, topic, tail = _start_streaming(ctx, peer, "crash")
         writer = stack.pgbench(["-R", str(rate), "-T", str(seconds)], background=True)
         time.sleep(seconds / 2)
         t_kill = time.time()
@@ -264,8 +267,9 @@ def crash(ctx, rate, seconds):
         rows = len(created)
         deadline = time.time() + 600
         while True:
-            if broker.count(topic) >= warm + rows:
-                records = broker.records(topic)
+            if broker.offsets(topic) >= tail.count + rows:
+                tail.advance()
+                records = tail.records
                 ids = collections.Counter(r.id for r in records if r.id in created)
                 if all(i in ids for i in created):
                     break
@@ -275,6 +279,7 @@ def crash(ctx, rate, seconds):
                 raise SystemExit(f"{peer.name} exited after the restart; log: {proc.log_path}")
             time.sleep(0.5)
         proc.stop()
+        tail.close()
         first_seen = {}
         for r in records:
             if r.id in created and (r.id not in first_seen or r.timestamp_ms < first_seen[r.id]):
@@ -359,8 +364,10 @@ def poll_source(ctx, relay, binary, events, rate, seconds):
                interval=0.1, alive=proc.alive)
     cpu, rss = proc.cpu(), proc.peak_rss()
     proc.stop()
-    first, last = broker.edges(topic)
-    total = last / 1000 - proc.t_start
+    tail = broker.tail(topic)
+    tail.advance()
+    tail.close()
+    total = tail.last_ms / 1000 - proc.t_start
     result = {"drain": {"events": backlog, "start_to_last_s": _round(total, 3),
                         "events_per_second": round(backlog / total),
                         "cpu_seconds_per_100k": _round(cpu / backlog * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1)}}
