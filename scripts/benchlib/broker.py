@@ -5,6 +5,7 @@ timestamp is when Apache Kafka appended it, whoever produced it: the same
 clock for walrelay and Debezium."""
 
 import gc
+import threading
 import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -124,3 +125,33 @@ class Tail:
 
     def close(self):
         self.consumer.close()
+
+
+class Watcher(threading.Thread):
+    """A read_committed consumer that follows a topic as it is written and
+    notes when each event id first became readable (this machine's clock):
+    what a consumer sees, after a transactional producer's commit too."""
+
+    def __init__(self, broker, topic):
+        super().__init__(daemon=True)
+        self.consumer = broker._consumer()
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in broker.partitions(topic)])
+        self.seen = {}
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            batch = self.consumer.consume(num_messages=10000, timeout=0.1)
+            now = time.time()
+            for m in batch:
+                if m.error():
+                    continue
+                event_id = next((v.decode() for k, v in (m.headers() or []) if k == "id"), None)
+                if event_id is not None and event_id not in self.seen:
+                    self.seen[event_id] = now
+        self.consumer.close()
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
+        return self.seen

@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 
+from .broker import Watcher
 from .stack import CLIENTS, insert_script
 from .util import log, percentile, wait_until
 
@@ -130,10 +131,13 @@ def steady(ctx, rate, seconds):
     for peer in ctx.peers:
         log(f"steady {rate:,} events/s for {seconds} s: {peer.name}")
         proc, topic, tail = _start_streaming(ctx, peer, phase)
+        watcher = Watcher(broker, topic)
+        watcher.start()
         cpu0 = proc.cpu()
         stack.pgbench(["-R", str(rate), "-T", str(seconds)])
         written = stack.outbox_count()
         _wait_delivered(ctx, peer, proc, topic, tail.count + written, 600, tail)
+        visible = watcher.stop()
         cpu = proc.cpu() - cpu0
         rss = proc.peak_rss()
         own = proc.status().get("commit_to_ack_since_start") if hasattr(proc, "status") else None
@@ -147,7 +151,11 @@ def steady(ctx, rate, seconds):
                 continue
             seen.add(r.id)
             lat.append(r.timestamp_ms - created[r.id] * 1000)
+        # The same events as a consumer following the topic saw them: after
+        # the commit of a transactional producer, plus the fetch's delay.
+        seen = [(visible[i] - c) * 1000 for i, c in created.items() if i in visible]
         entry = {"events": written, "achieved_rate": round(written / seconds), **_latencies(lat),
+                 "visible_to_consumer": _latencies(seen),
                  "cpu_seconds_per_100k": _round(cpu / written * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1)}
         if own:
             entry["walrelay_commit_to_ack"] = {k: _round(v) for k, v in own.items() if k.endswith("_ms")}
@@ -195,12 +203,20 @@ def saturated(ctx, seconds):
                 if pos != last:
                     last, still = pos, time.time()
                 time.sleep(0.1)
+            done = still if pos < end else time.time()
+            cpu = proc.cpu() - cpu0
         else:
-            _wait_delivered(ctx, peer, proc, topic, tail.count + written, 600, tail)
+            # The offsets first (cheap; the CPU is read there, before this
+            # script reads every record back), then the records, whose
+            # append times say when the last one landed.
+            wait_until(lambda: ctx.broker.offsets(topic) >= tail.count + written, 600,
+                       f"{peer.name} to deliver {written} events", alive=proc.alive)
+            cpu = proc.cpu() - cpu0
+            tail = _wait_delivered(ctx, peer, proc, topic, tail.count + written, 600, tail)
+            done = tail.last_ms / 1000
             tail.close()
-        catch_up = time.time() - t_end
-        delivered = written / (time.time() - t_begin)
-        cpu = proc.cpu() - cpu0
+        catch_up = max(0.0, done - t_end)
+        delivered = written / (done - t_begin)
         rss = proc.peak_rss()
         threads = proc.threads()
         proc.stop()
