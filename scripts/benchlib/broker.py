@@ -99,19 +99,35 @@ class Tail:
 
     def __init__(self, broker, topic, headers=False):
         self.consumer = broker._consumer()
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in broker.partitions(topic)])
+        self.partitions = [TopicPartition(topic, p) for p in broker.partitions(topic)]
+        self.consumer.assign([TopicPartition(topic, p.partition, OFFSET_BEGINNING) for p in self.partitions])
         self.headers = headers
         self.records = []
         self.count = 0
         self.first_ms = None
         self.last_ms = None
 
-    def advance(self):
-        """Reads until a wait of 0.3 s brings nothing more."""
+    def advance(self, timeout=60):
+        """Reads up to the stable end of every partition as it is now (its
+        position passes commit markers too)."""
+        ends = {}
+        for tp in self.partitions:
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            ends[tp.partition] = high
+        deadline = time.time() + timeout
+        progress = time.time()
         while True:
-            batch = self.consumer.consume(num_messages=10000, timeout=0.3)
-            if not batch:
+            positions = {tp.partition: tp.offset for tp in self.consumer.position(self.partitions)}
+            if all(ends[p] == 0 or positions.get(p, -1) >= ends[p] for p in ends):
                 return
+            # A position can stop just before a trailing commit marker.
+            if time.time() - progress > 2 and all(ends[p] == 0 or positions.get(p, -1) >= ends[p] - 1 for p in ends):
+                return
+            if time.time() > deadline:
+                raise SystemExit(f"reading {self.partitions[0].topic} back did not reach its end in {timeout} s")
+            batch = self.consumer.consume(num_messages=10000, timeout=0.2)
+            if batch:
+                progress = time.time()
             for m in batch:
                 if m.error():
                     continue
