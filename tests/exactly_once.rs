@@ -236,7 +236,9 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
     const PUBLISHED: &str = "walrelay_events_published_total";
     const IN_FLIGHT: &str = "walrelay_events_in_flight";
     const WAITING: &str = "walrelay_waiting_for_broker";
+    const SERVER_STOPPING: &str = "walrelay_slot_releases_total{reason=\"server_stopping\"}";
     const RECONNECTS: &str = "walrelay_reconnects_total";
+    const CONNECTED: &str = "walrelay_replication_connected";
     let timeout = Duration::from_secs(60);
     metric_until(&relay, PUBLISHED, "the relay to publish", timeout, |n| {
         n >= 100.0
@@ -280,7 +282,12 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
     // PostgreSQL restarts while events are in flight: a slow broker (every
     // request held 300 ms) keeps some unacknowledged at every moment.
     link.set_delay(Duration::from_millis(300));
-    let reconnects = relay.metric(RECONNECTS).await.unwrap();
+    // The relay lets go of the slot when it sees the server stopping, or
+    // reconnects when the connection just breaks.
+    let interruptions = async || {
+        Some(relay.metric(SERVER_STOPPING).await.unwrap_or(0.0) + relay.metric(RECONNECTS).await?)
+    };
+    let before_restart = interruptions().await.unwrap();
     let in_flight_at_restart = metric_until(
         &relay,
         IN_FLIGHT,
@@ -291,12 +298,16 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
     .await;
     stack.pg.restart();
     link.set_delay(Duration::ZERO);
+    wait_for("the relay to notice the restart", timeout, async || {
+        (interruptions().await? > before_restart).then_some(())
+    })
+    .await;
     metric_until(
         &relay,
-        RECONNECTS,
-        "the relay to reconnect after the restart",
+        CONNECTED,
+        "the relay to stream again after the restart",
         timeout,
-        |n| n > reconnects,
+        |v| v == 1.0,
     )
     .await;
     let published_after_restart = relay.metric(PUBLISHED).await.unwrap();

@@ -101,15 +101,17 @@ impl RelayProcess {
         http_get(self.http_port, path).await
     }
 
-    /// A metric from /metrics, summed over its label sets; `None` while the
-    /// server does not answer or does not export it.
+    /// A metric from /metrics, summed over its label sets (see
+    /// [`metric_in`]); `None` while the server does not answer or does not
+    /// export it.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let (_, text) = self.http_get("/metrics").await?;
         metric_in(&text, name)
     }
 }
 
-/// `name` in Prometheus text, summed over its label sets.
+/// `name` in Prometheus text, summed over its label sets (or one label
+/// set's value, when `name` spells it out: `name{label="value"}`).
 pub fn metric_in(text: &str, name: &str) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
