@@ -13,75 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use support::kafka::Record;
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{commit_order, seeded_rng};
+use support::workload::{
+    assert_exactly_once_in_order, commit_order, seeded_rng, spawn_writers, steady_writer,
+};
 use support::{BrokerChoice, Stack, StackOptions, wait_for};
-
-/// Checks that every committed event is in `records` exactly once and in
-/// commit order per key; returns the number of records.
-fn assert_exactly_once_in_order(
-    truth: &[(String, String, walrelay::lsn::Lsn)],
-    records: &[Record],
-) {
-    let mut copies: HashMap<&str, usize> = HashMap::new();
-    let mut order: HashMap<String, Vec<&str>> = HashMap::new();
-    for r in records {
-        let id = r.header("id").unwrap();
-        *copies.entry(id).or_default() += 1;
-        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
-        order.entry(key).or_default().push(id);
-    }
-    let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (id, key, end) in truth {
-        let n = copies.get(id.as_str()).copied().unwrap_or(0);
-        assert_eq!(n, 1, "event {id} (commit {end}) arrived {n} times");
-        expected.entry(key.as_str()).or_default().push(id.as_str());
-    }
-    assert_eq!(
-        records.len(),
-        truth.len(),
-        "no record that was not committed"
-    );
-    for (key, ids) in expected {
-        assert_eq!(order[key], ids, "per-key order of {key}");
-    }
-}
-
-/// `writers` connections committing `txns` transactions of `per_txn`
-/// events each, over 50 aggregates, as fast as they can.
-fn spawn_writers(
-    stack: &Stack,
-    topic: &'static str,
-    writers: i32,
-    txns: i32,
-    per_txn: i32,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers)
-        .map(|w| {
-            let url = stack.url();
-            tokio::spawn(async move {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                for t in 0..txns {
-                    client
-                        .execute(
-                            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                             SELECT $1::text, 'agg-' || (($2::int * 7 + $3::int + g) % 50), 'E',
-                                    jsonb_build_object('w', $2::int, 't', $3::int, 'g', g)
-                             FROM generate_series(1, $4::int) g",
-                            &[&topic, &w, &t, &per_txn],
-                        )
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_kills_during_twenty_thousand_events_leave_every_event_exactly_once_in_order() {
@@ -200,39 +137,8 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
     let link = Proxy::start_on(broker_port, stack.broker.port).await;
     let relay = stack.relay(&["--max-backoff", "1s", "--topic-partitions", "2"]);
     // A steady writer that reconnects across the restart, until told to stop.
-    let url = stack.url();
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            let mut client: Option<tokio_postgres::Client> = None;
-            while !stop.load(Ordering::Relaxed) {
-                if client.as_ref().is_none_or(|c| c.is_closed()) {
-                    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                        Ok((c, conn)) => {
-                            tokio::spawn(conn);
-                            client = Some(c);
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    }
-                }
-                // A failed insert may or may not have committed: the twin slot tells.
-                let _ = client
-                    .as_ref()
-                    .unwrap()
-                    .execute(
-                        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                         SELECT 'outage', 'agg-' || (g % 7), 'E', '{}' FROM generate_series(1, 5) g",
-                        &[],
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let writer = steady_writer(stack.url(), "outage", Arc::clone(&stop));
     const PUBLISHED: &str = "walrelay_events_published_total";
     const IN_FLIGHT: &str = "walrelay_events_in_flight";
     const WAITING: &str = "walrelay_waiting_for_broker";

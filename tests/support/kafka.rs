@@ -284,14 +284,24 @@ impl Broker {
     /// The node (1-based, its `node.id`) leading `topic`'s `partition`,
     /// from the cluster's metadata; `None` while it has no leader.
     pub fn leader(&self, topic: &str, partition: i32) -> Option<usize> {
-        self.must_be_private("a leader lookup (for a fault)");
+        self.partition(topic, partition)?.leader
+    }
+
+    /// `topic`'s `partition` as the cluster's metadata shows it now: its
+    /// leader, replicas and in-sync replicas (node ids, 1-based).
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<PartitionState> {
+        self.must_be_private("a partition's leader and replicas (for a fault)");
         let consumer = self.consumer();
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .ok()?;
         let t = metadata.topics().iter().find(|t| t.name() == topic)?;
         let p = t.partitions().iter().find(|p| p.id() == partition)?;
-        (p.leader() >= 1).then(|| p.leader() as usize)
+        Some(PartitionState {
+            leader: (p.leader() >= 1).then(|| p.leader() as usize),
+            replicas: p.replicas().iter().map(|r| *r as usize).collect(),
+            isr: p.isr().iter().map(|r| *r as usize).collect(),
+        })
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -326,8 +336,13 @@ impl Broker {
     /// Creates `topic` with `partitions` partitions, replicated to every
     /// node (at most 3), and waits until its metadata shows them.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
+        self.create_topic_replicated(topic, partitions, self.nodes.clamp(1, 3) as i32);
+    }
+
+    /// Creates `topic` with `partitions` partitions of `replication`
+    /// replicas each, and waits until its metadata shows them.
+    pub fn create_topic_replicated(&self, topic: &str, partitions: i32, replication: i32) {
         use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
-        let replication = self.nodes.clamp(1, 3) as i32;
         let admin = self.admin();
         let results = block_on(async {
             admin
@@ -614,6 +629,14 @@ impl Drop for Broker {
             }
         }
     }
+}
+
+/// A partition as the cluster's metadata shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionState {
+    pub leader: Option<usize>,
+    pub replicas: Vec<usize>,
+    pub isr: Vec<usize>,
 }
 
 /// The topic names of one test. Every topic a test's relays write to (the
