@@ -44,7 +44,6 @@ pub const INBOX_DEAD_LETTERS_TOTAL: &str = "walrelay_inbox_dead_letters_total";
 pub const INBOX_CONSUMER_LAG: &str = "walrelay_inbox_consumer_lag";
 pub const INBOX_REBALANCES_TOTAL: &str = "walrelay_inbox_rebalances_total";
 pub const INBOX_BATCH_SECONDS: &str = "walrelay_inbox_batch_seconds";
-pub const INBOX_SEEK_BACKS_TOTAL: &str = "walrelay_inbox_seek_backs_total";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -200,10 +199,6 @@ pub fn describe() {
         Unit::Seconds,
         "time to store one batch in PostgreSQL (rows, dead letters and offsets in one transaction)"
     );
-    describe_counter!(
-        INBOX_SEEK_BACKS_TOTAL,
-        "seeks further back after a resume, because the broker passed over records (see the README)"
-    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
@@ -249,7 +244,6 @@ pub const ALL: &[&str] = &[
     INBOX_CONSUMER_LAG,
     INBOX_REBALANCES_TOTAL,
     INBOX_BATCH_SECONDS,
-    INBOX_SEEK_BACKS_TOTAL,
 ];
 
 /// Counts a record the broker has for good, in the metrics and the live
