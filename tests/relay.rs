@@ -17,16 +17,21 @@ async fn setup_is_idempotent_and_says_what_it_did() {
     let db = pg.create_database("setup").await;
     let first = setup(&pg.url(&db), &[]);
     assert_eq!(first[0], "created table public.outbox");
-    assert_eq!(first[1], "created publication walrelay for public.outbox");
+    assert_eq!(
+        first[1],
+        "created dead-letter table public.walrelay_dead_letters"
+    );
+    assert_eq!(first[2], "created publication walrelay for public.outbox");
     assert!(
-        first[2].starts_with("created replication slot walrelay at "),
+        first[3].starts_with("created replication slot walrelay at "),
         "{first:?}"
     );
     let second = setup(&pg.url(&db), &[]);
     assert_eq!(
-        second[..3],
+        second[..4],
         [
             "table public.outbox exists",
+            "dead-letter table public.walrelay_dead_letters exists",
             "publication walrelay exists and covers public.outbox",
             "replication slot walrelay exists"
         ]
@@ -46,13 +51,13 @@ async fn setup_is_idempotent_and_says_what_it_did() {
     if pg.major >= 17 {
         assert_eq!(failover, Some(true));
         assert!(
-            second[3].starts_with("replication slot walrelay is a failover slot"),
+            second[4].starts_with("replication slot walrelay is a failover slot"),
             "{second:?}"
         );
     } else {
         assert_eq!(failover, None);
         assert_eq!(
-            second[3],
+            second[4],
             format!(
                 "failover slots need PostgreSQL 17, and this server is {}: after a primary failover the new primary has no slot walrelay; upgrade to keep it on standbys",
                 pg.major

@@ -40,6 +40,17 @@ pub fn classify(error: &KafkaError) -> BrokerError {
     use RDKafkaErrorCode as C;
     let class = match error {
         KafkaError::Transaction(e) if e.is_fatal() => fatal_class(e.code()),
+        // A transactional call that failed: a retriable error means "call it
+        // again" (a commit may still complete), anything else that the
+        // transaction must be aborted.
+        KafkaError::Transaction(e) if e.is_retriable() => BrokerErrorClass::Transient,
+        KafkaError::Transaction(e) if e.txn_requires_abort() => BrokerErrorClass::Abortable,
+        KafkaError::Transaction(e) => match e.code() {
+            C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed => BrokerErrorClass::NotAuthorized,
+            _ => BrokerErrorClass::Abortable,
+        },
         _ => match error.rdkafka_error_code() {
             Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => BrokerErrorClass::TooLarge,
             Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::InvalidTopic) => {

@@ -24,8 +24,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
-use crate::publish::BrokerError;
 use crate::publish::scan::{LedgerScan, Scan, TailRecord};
+use crate::publish::{BrokerError, BrokerErrorClass};
 use crate::publish::{ORIGIN_HEADER, POSITION_HEADER};
 
 /// Records fetched per step back.
@@ -66,7 +66,14 @@ impl ClientContext for ScanContext {
             error,
             KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
         );
-        if !end_of_partition {
+        if end_of_partition {
+            return;
+        }
+        // Idle consumers of the pool keep meeting a broker that is away;
+        // the scans themselves say when that matters.
+        if kafka_error(&error).class == BrokerErrorClass::Transient {
+            tracing::debug!(error = %error, reason, "kafka tail scan");
+        } else {
             tracing::warn!(error = %error, reason, "kafka tail scan");
         }
     }
@@ -166,8 +173,10 @@ impl TailReader {
     }
 }
 
+/// A reading error, classified as the producer's are (not authorized to
+/// read is told apart from a broker away).
 fn kafka_error(error: &KafkaError) -> BrokerError {
-    BrokerError::transient(error.to_string())
+    super::producer::classify(error)
 }
 
 fn scan_blocking(
@@ -276,6 +285,12 @@ fn read_chunk(
                 });
             }
             Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+            // A pooled consumer holds the errors it met while idle (the
+            // broker was away): they say nothing about this read, which
+            // goes on until it ends or its time is up.
+            Some(Err(error)) if kafka_error(&error).class == BrokerErrorClass::Transient => {
+                tracing::debug!(%error, "tail scan: a passing client error");
+            }
             Some(Err(error)) => return Err(kafka_error(&error)),
             None => {}
         }

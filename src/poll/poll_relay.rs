@@ -36,6 +36,10 @@ use crate::sql::{self, SqlClient, SqlError};
 /// `--poll-interval` while nothing comes, and a notification ends it.
 const MIN_IDLE_WAIT: Duration = Duration::from_millis(50);
 
+/// How long rows in doubt wait before their partitions are read: the time
+/// for requests a dead relay had already sent to land.
+const IN_DOUBT_GRACE: Duration = Duration::from_secs(2);
+
 type Wakeups = (SqlClient, mpsc::UnboundedReceiver<String>);
 
 /// SQL work of a lane, and what it finished with.
@@ -83,8 +87,8 @@ pub struct PollRelay<S: Sink> {
 impl<S: Sink> PollRelay<S> {
     pub fn new(config: PollConfig, sink: S, live: Arc<LiveState>) -> Self {
         // Rows in doubt may lie behind the batches of every lane (and of
-        // other relays): the scan's margin covers them.
-        let in_flight = config.lanes.max(1) * config.batch_size;
+        // other relays): the scan's margin covers several relays' worth.
+        let in_flight = 4 * config.lanes.max(1) * config.batch_size;
         let publisher = Publisher::new(
             sink,
             PublisherConfig {
@@ -394,8 +398,16 @@ impl<S: Sink> PollRelay<S> {
                     Some(marks) => {
                         // Exactly once: noted as possibly sent before it is.
                         let (outbox, seqs) = (batch.table.clone(), batch.seqs());
+                        let in_doubt = batch.lowest_in_doubt().is_some();
                         self.spawn(index, async move {
                             claim::mark_in_flight(&marks, &outbox, &seqs).await?;
+                            if in_doubt {
+                                // What the relay before had already written
+                                // to its socket still reaches the broker
+                                // after it died: let it land before the
+                                // partition is read.
+                                tokio::time::sleep(IN_DOUBT_GRACE).await;
+                            }
                             Ok(Done::Marked)
                         });
                         Phase::Marking { batch }

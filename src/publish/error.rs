@@ -53,7 +53,9 @@ pub enum DeliveryDecision {
 /// The one place that decides.
 pub fn decide(error: &BrokerError) -> DeliveryDecision {
     match error.class {
-        BrokerErrorClass::Transient | BrokerErrorClass::NotAuthorized => DeliveryDecision::Retry,
+        BrokerErrorClass::Transient
+        | BrokerErrorClass::NotAuthorized
+        | BrokerErrorClass::Abortable => DeliveryDecision::Retry,
         BrokerErrorClass::TooLarge => DeliveryDecision::Refuse { kind: "too_large" },
         BrokerErrorClass::InvalidRecord => DeliveryDecision::Refuse {
             kind: "invalid_record",

@@ -111,7 +111,14 @@ impl PartitionLedgers {
         }
     }
 
-    /// A scan finished (or failed): the partition's ledger is known.
+    /// A scan failed for a reason that passes (the broker is away): the
+    /// partition's records wait, and it is read again with this scan.
+    pub fn rescan(&self, key: &PartitionKey) -> LedgerScan {
+        LedgerScan::new(self.request(&key.0))
+    }
+
+    /// A scan finished (or failed for good): the partition's ledger is
+    /// known.
     pub fn scanned(&mut self, key: PartitionKey, seconds: f64, result: Result<LedgerScan, String>) {
         let (topic, partition) = (&key.0, key.1);
         metrics::histogram!(m::PARTITION_RECOVERY_SECONDS).record(seconds);
@@ -143,7 +150,7 @@ impl PartitionLedgers {
                 ledger
             }
             Err(error) => {
-                tracing::warn!(topic, partition, %error, "cannot read the partition's tail: its events are published again (at least once)");
+                tracing::warn!(topic, partition, %error, "the partition's tail cannot be read: its events are published again (at least once)");
                 metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "unreadable")
                     .increment(1);
                 Ledger::default()

@@ -34,7 +34,10 @@ use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff}
 use super::partitioner::partition_for;
 use super::records::Records;
 use super::scan::LedgerScan;
-use super::sink::{BrokerError, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink, TopicError};
+use super::sink::{
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
+    TopicError,
+};
 use super::topics::{Prepared, Readiness, Topics};
 use super::transaction::{End, Transaction};
 use crate::metrics as m;
@@ -285,9 +288,38 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         };
         match io {
             SessionIo::Scanned(key, started, result) => {
-                if let Some(ledgers) = self.ledgers.as_mut() {
-                    let result = result.map(|scan| *scan).map_err(|e| e.to_string());
-                    ledgers.scanned(key, started.elapsed().as_secs_f64(), result);
+                let Some(ledgers) = self.ledgers.as_mut() else {
+                    return;
+                };
+                match result {
+                    // The broker is away, or reading is not allowed yet:
+                    // publishing blind would duplicate what the partition
+                    // holds, and nothing can be sent meanwhile anyway. Its
+                    // records wait; the tail is read again.
+                    Err(error)
+                        if matches!(
+                            error.class,
+                            BrokerErrorClass::Transient | BrokerErrorClass::NotAuthorized
+                        ) =>
+                    {
+                        self.failures += 1;
+                        let wait = backoff(self.failures.min(8), MAX_RETRY_BACKOFF);
+                        if error.class == BrokerErrorClass::NotAuthorized {
+                            tracing::error!(topic = %key.0, partition = key.1, %error, "exactly once reads each partition's tail, and this principal may not: grant it READ on the topic (or run --delivery at-least-once); its records wait");
+                        } else {
+                            tracing::warn!(topic = %key.0, partition = key.1, %error, retry_in = ?wait, "cannot read the partition's tail yet; its records wait");
+                        }
+                        let scan = ledgers.rescan(&key);
+                        let read = self.sink.scan_tail(&key.0, key.1, scan);
+                        self.watch(async move {
+                            tokio::time::sleep(wait).await;
+                            SessionIo::Scanned(key, started, read.await.map(Box::new))
+                        });
+                    }
+                    result => {
+                        let result = result.map(|scan| *scan).map_err(|e| e.to_string());
+                        ledgers.scanned(key, started.elapsed().as_secs_f64(), result);
+                    }
                 }
             }
             SessionIo::Initialized(result) => {
@@ -319,6 +351,18 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 if error.ends_producer() =>
             {
                 self.failed = Some(PublishError::ending(error, self.txn.id.as_deref()));
+            }
+            SessionIo::Committed(Err(error)) if error.class == BrokerErrorClass::Transient => {
+                // It may still commit: aborting now could make the records
+                // visible twice once they are sent again. Commit again.
+                tracing::warn!(%error, "the commit did not finish; committing again");
+                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "commit").increment(1);
+                self.txn.commit_again();
+                let commit = self.sink.commit();
+                self.watch(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    SessionIo::Committed(commit.await)
+                });
             }
             SessionIo::Committed(Err(error)) => {
                 tracing::warn!(%error, "the transaction did not commit; aborting it and sending its records again");

@@ -57,6 +57,9 @@ pub enum BrokerErrorClass {
     /// The producer cannot go on (a broken idempotent sequence, a fatal
     /// client error): it must be made anew.
     Fatal,
+    /// The open transaction cannot commit: abort it and send its records
+    /// again.
+    Abortable,
 }
 
 impl BrokerError {

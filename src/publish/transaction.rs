@@ -153,6 +153,11 @@ impl Transaction {
         }
     }
 
+    /// The commit may still complete (a retriable error): commit again.
+    pub fn commit_again(&mut self) {
+        self.state = State::Committing;
+    }
+
     /// The commit failed without ending the producer: abort instead.
     pub fn commit_failed(&mut self) {
         self.state = State::Open {
