@@ -64,7 +64,7 @@ async fn setup_is_idempotent_and_says_what_it_did() {
             )
         );
     }
-    assert_eq!(first[3], second[3]);
+    assert_eq!(first[4], second[4]);
     // A second table is added to the existing publication.
     let third = setup(&pg.url(&db), &["--table", "public.outbox,public.outbox2"]);
     assert_eq!(third[1], "created table public.outbox2");

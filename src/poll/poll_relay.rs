@@ -67,6 +67,9 @@ pub struct PollRelay<S: Sink> {
     tables: Vec<OutboxTable>,
     /// The database, for the records' origin (exactly once).
     database: String,
+    /// Exactly once: the lowest `seq` in doubt of the batches in flight,
+    /// which the publisher's partition scans look back to.
+    doubt_start: Option<i64>,
     lanes: Vec<Lane>,
     work: FuturesUnordered<Work>,
     wakeups: Option<Wakeups>,
@@ -108,6 +111,7 @@ impl<S: Sink> PollRelay<S> {
             live,
             tables: Vec::new(),
             database: String::new(),
+            doubt_start: None,
             lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
             work: FuturesUnordered::new(),
             wakeups: None,
@@ -438,24 +442,37 @@ impl<S: Sink> PollRelay<S> {
     /// sent before are looked for in their partitions first, read afresh
     /// from the lowest of them on.
     fn send(&mut self, index: usize, mut batch: Batch) -> Phase {
+        let in_doubt_in_flight = self
+            .lanes
+            .iter()
+            .filter_map(Lane::batch)
+            .any(|b| b.lowest_in_doubt().is_some());
+        if !in_doubt_in_flight {
+            self.doubt_start = None;
+        }
         if let Some(lowest) = batch.lowest_in_doubt() {
-            let table = self
-                .tables
-                .iter()
-                .position(|t| t.name() == batch.table.name())
-                .unwrap_or(0);
             tracing::info!(
                 lowest,
                 "rows a relay may have sent already: checking their partitions"
             );
-            self.publisher.begin_session(
-                self.origin(table).map(|origin| Replay {
-                    origin,
-                    history: TimelineHistory::new(0),
-                    start: Lsn(lowest as u64),
-                }),
-                None,
-            );
+            // The scans look back to the lowest row in doubt of every
+            // batch in flight: read afresh whenever that goes lower.
+            if self.doubt_start.is_none_or(|start| lowest < start) {
+                self.doubt_start = Some(lowest);
+                let table = self
+                    .tables
+                    .iter()
+                    .position(|t| t.name() == batch.table.name())
+                    .unwrap_or(0);
+                self.publisher.begin_session(
+                    self.origin(table).map(|origin| Replay {
+                        origin,
+                        history: TimelineHistory::new(0),
+                        start: Lsn(lowest as u64),
+                    }),
+                    None,
+                );
+            }
         }
         for out in batch.outgoing() {
             let outcomes = self.publisher.publish(out);

@@ -52,6 +52,8 @@ pub struct Broker {
     /// Node 1's own client port (not the proxy's it may advertise).
     pub port: u16,
     bootstrap: String,
+    /// Clients speak SASL_SSL (SCRAM-SHA-512) and ACLs are on.
+    secure: bool,
 }
 
 impl Broker {
@@ -65,34 +67,73 @@ impl Broker {
                 .tempdir()
                 .unwrap()
                 .keep();
-            Broker::launch(Kind::Shared, dir, None, 1, None)
+            Broker::launch(Kind::Shared, dir, None, 1, None, false)
         })
     }
 
     /// A single-node broker of the calling test's own.
     pub fn start() -> Self {
-        Self::private(1, None)
+        Self::private(1, None, false)
     }
 
     /// A private three-node cluster (replication factor 3,
     /// `min.insync.replicas` 2).
     pub fn cluster() -> Self {
-        Self::private(3, None)
+        Self::private(3, None, false)
     }
 
     /// A private broker that tells clients to connect to
     /// `advertised_port` (a proxy's) instead of its own port.
     pub fn start_behind(advertised_port: u16) -> Self {
-        Self::private(1, Some(advertised_port))
+        Self::private(1, Some(advertised_port), false)
     }
 
-    fn private(nodes: usize, advertised_port: Option<u16>) -> Self {
+    /// A private broker as users run one: TLS and SASL/SCRAM for clients,
+    /// ACLs on. The harness reads and administers it as the super user;
+    /// principals `relay` and `inbox` have no rights until [`Broker::acl`]
+    /// gives them some.
+    pub fn secure() -> Self {
+        Self::private(1, None, true)
+    }
+
+    fn private(nodes: usize, advertised_port: Option<u16>, secure: bool) -> Self {
         let owned = tempfile::Builder::new()
             .prefix("walrelay-kafka-")
             .tempdir()
             .unwrap();
         let dir = owned.path().to_owned();
-        Self::launch(Kind::Private, dir, Some(owned), nodes, advertised_port)
+        Self::launch(Kind::Private, dir, Some(owned), nodes, advertised_port, secure)
+    }
+
+    /// librdkafka options (`-X` for walrelay) for `user`'s credentials
+    /// (`relay` or `inbox`, password `<user>-secret`) over TLS.
+    pub fn credentials(&self, user: &str) -> Vec<String> {
+        assert!(self.secure, "a secure broker's credentials");
+        [
+            "security.protocol=SASL_SSL".to_owned(),
+            "sasl.mechanisms=SCRAM-SHA-512".to_owned(),
+            format!("sasl.username={user}"),
+            format!("sasl.password={user}-secret"),
+            format!("ssl.ca.location={}", self.dir.join("ca.pem").display()),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-X".to_owned(), o])
+        .collect()
+    }
+
+    /// Runs Kafka's ACL tool as the super user: `["--add", "--allow-principal",
+    /// "User:relay", "--operation", "Write", "--topic", ...]`.
+    pub fn acl(&self, args: &[&str]) {
+        let mut all = vec![
+            "tool".to_owned(),
+            self.dir.display().to_string(),
+            "org.apache.kafka.tools.AclCommand".to_owned(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        if args.contains(&"--remove") {
+            all.push("--force".to_owned());
+        }
+        run_script(&all);
     }
 
     /// A handle on a broker someone else runs, for reading only.
@@ -104,6 +145,7 @@ impl Broker {
             nodes: 0,
             port: 0,
             bootstrap: bootstrap.to_owned(),
+            secure: false,
         }
     }
 
@@ -113,6 +155,7 @@ impl Broker {
         owned: Option<TempDir>,
         nodes: usize,
         advertised_port: Option<u16>,
+        secure: bool,
     ) -> Self {
         let mut args = vec![
             "start".to_owned(),
@@ -129,6 +172,9 @@ impl Broker {
         }
         if let Some(port) = advertised_port {
             args.extend(["--advertise-port".to_owned(), port.to_string()]);
+        }
+        if secure {
+            args.push("--secure".to_owned());
         }
         let started = Instant::now();
         run_script(&args);
@@ -151,6 +197,7 @@ impl Broker {
             nodes,
             port,
             bootstrap,
+            secure,
         }
     }
 
@@ -307,6 +354,17 @@ impl Broker {
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", self.bootstrap());
+        if self.secure {
+            config
+                .set("security.protocol", "SASL_SSL")
+                .set("sasl.mechanisms", "SCRAM-SHA-512")
+                .set("sasl.username", "admin")
+                .set("sasl.password", "admin-secret")
+                .set(
+                    "ssl.ca.location",
+                    self.dir.join("ca.pem").display().to_string(),
+                );
+        }
         config
     }
 

@@ -535,6 +535,8 @@ pub enum BrokerChoice {
     /// A private three-node cluster (replication factor 3,
     /// `min.insync.replicas` 2).
     Cluster,
+    /// A private broker with TLS, SASL/SCRAM and ACLs.
+    Secure,
 }
 
 /// The shared broker or a test's own.
@@ -561,6 +563,7 @@ impl BrokerRef {
             BrokerChoice::Private => BrokerRef::Private(kafka::Broker::start()),
             BrokerChoice::Behind(port) => BrokerRef::Private(kafka::Broker::start_behind(port)),
             BrokerChoice::Cluster => BrokerRef::Private(kafka::Broker::cluster()),
+            BrokerChoice::Secure => BrokerRef::Private(kafka::Broker::secure()),
         }
     }
 }
