@@ -321,8 +321,10 @@ impl<S: Sink> PollRelay<S> {
         let at = |e| PollError::from(SqlError::from_postgres(&address, e));
         let table = self.tables[table_index].clone();
         let limit = self.config.batch_size as i64;
+        let claim_started = Instant::now();
         let tx = client.inner().transaction().await.map_err(at)?;
         let rows = claim::claim(&tx, &table, limit).await.map_err(at)?;
+        self.live.record_claim(claim_started.elapsed());
         if rows.is_empty() {
             tx.rollback().await.map_err(at)?;
             return Ok(BatchEnd::Committed(0));
@@ -384,10 +386,12 @@ impl<S: Sink> PollRelay<S> {
                 RowState::Sending => unreachable!("wait returns once every row settled"),
             }
         }
+        let settle_started = Instant::now();
         claim::settle(&tx, &table, self.config.on_published, &published, &failed)
             .await
             .map_err(at)?;
         tx.commit().await.map_err(at)?;
+        self.live.record_settle(settle_started.elapsed());
         Ok(BatchEnd::Committed(claimed))
     }
 
@@ -516,12 +520,10 @@ impl<S: Sink> PollRelay<S> {
                 }
             }
         }
-        self.live.counters.in_flight.store(
-            batch
-                .iter()
-                .filter(|r| r.state == RowState::Sending)
-                .count() as u64,
-            std::sync::atomic::Ordering::Relaxed,
+        let sending = batch.iter().filter(|r| r.state == RowState::Sending);
+        self.live.record_in_flight(
+            sending.clone().count(),
+            sending.map(|r| r.record.size()).sum(),
         );
         any
     }
@@ -648,7 +650,6 @@ pub fn spawn_backlog_monitor(
                     }
                 }
                 live.set_backlog(Some(total));
-                live.record_sample();
             }
             tokio::time::sleep(interval).await;
         }

@@ -380,9 +380,7 @@ impl<C: Connector, S: Sink> Relay<C, S> {
             }
         }
         self.live
-            .counters
-            .in_flight
-            .store(self.window.events() as u64, Ordering::Relaxed);
+            .record_in_flight(self.window.events(), self.window.bytes());
         Ok(())
     }
 
