@@ -160,6 +160,10 @@ pub struct LiveState {
     consumer_lag: Mutex<Option<i64>>,
     inbox: Mutex<Option<InboxSnapshot>>,
     totals: Mutex<Totals>,
+    /// The most in flight since the last sample: a batch that comes and
+    /// goes between two samples still shows.
+    in_flight_peak: AtomicU64,
+    in_flight_bytes_peak: AtomicU64,
     pub counters: LiveCounters,
     pub latency: LatencyWindow,
     /// Every commit-to-ack latency since start.
@@ -188,6 +192,8 @@ impl Default for LiveState {
             consumer_lag: Mutex::new(None),
             inbox: Mutex::new(None),
             totals: Mutex::new(Totals::default()),
+            in_flight_peak: AtomicU64::new(0),
+            in_flight_bytes_peak: AtomicU64::new(0),
             counters: LiveCounters::default(),
             latency: LatencyWindow::default(),
             latency_histogram: LatencyHistogram::default(),
@@ -259,12 +265,14 @@ impl LiveState {
             metrics::gauge!(m::EVENTS_IN_FLIGHT).set(events as f64);
             metrics::gauge!(m::BYTES_IN_FLIGHT).set(bytes as f64);
         }
-        self.counters
-            .in_flight
-            .store(events as u64, Ordering::Relaxed);
+        let (events, bytes) = (events as u64, bytes as u64);
+        self.counters.in_flight.store(events, Ordering::Relaxed);
         self.counters
             .in_flight_bytes
-            .store(bytes as u64, Ordering::Relaxed);
+            .store(bytes, Ordering::Relaxed);
+        self.in_flight_peak.fetch_max(events, Ordering::Relaxed);
+        self.in_flight_bytes_peak
+            .fetch_max(bytes, Ordering::Relaxed);
     }
 
     /// The polling source claimed a batch in `took`.
@@ -328,8 +336,9 @@ impl LiveState {
             published: delta.0,
             dead_lettered: delta.1,
             skipped: delta.2,
-            in_flight_events: c.in_flight.load(Ordering::Relaxed).min(u64::from(u32::MAX)) as u32,
-            in_flight_bytes: c.in_flight_bytes.load(Ordering::Relaxed) as f64,
+            in_flight_events: peak(&self.in_flight_peak, &c.in_flight).min(u64::from(u32::MAX))
+                as u32,
+            in_flight_bytes: peak(&self.in_flight_bytes_peak, &c.in_flight_bytes) as f64,
             p50_ms: latency.p50_ms,
             p99_ms: latency.p99_ms,
             pending_rows: bytes(backlog.as_ref().map(|b| b.pending_rows)),
@@ -514,6 +523,13 @@ impl LiveState {
     }
 }
 
+/// The most since the last call (at least what is there now), and a
+/// fresh start.
+fn peak(peak: &AtomicU64, now: &AtomicU64) -> u64 {
+    let now = now.load(Ordering::Relaxed);
+    peak.swap(now, Ordering::Relaxed).max(now)
+}
+
 /// Takes a sample once a second until the process ends.
 pub fn spawn_sampler(live: Arc<LiveState>) {
     tokio::spawn(async move {
@@ -582,11 +598,20 @@ pub struct IntervalLatency {
 /// Recent commit-to-ack latencies: the last minute's (at most the last
 /// [`LatencyWindow::CAPACITY`] events) for the dashboard's cards, and those
 /// since the last sample for its chart.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LatencyWindow {
     /// (Unix ms when settled, seconds).
     recent: Mutex<VecDeque<(u64, f32)>>,
     interval: LatencyHistogram,
+}
+
+impl Default for LatencyWindow {
+    fn default() -> Self {
+        LatencyWindow {
+            recent: Mutex::new(VecDeque::with_capacity(Self::CAPACITY)),
+            interval: LatencyHistogram::default(),
+        }
+    }
 }
 
 impl LatencyWindow {

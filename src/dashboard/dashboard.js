@@ -132,7 +132,7 @@
       const parts = [];
       if (s.max_in_flight_events) parts.push(num(s.max_in_flight_events) + " " + unit);
       if (s.max_in_flight_bytes) parts.push(bytes(s.max_in_flight_bytes));
-      return "Share of the limit in use: " + (parts.join(" · ") || "no limit") + " = 100%.";
+      return "The most in use in each second, as a share of the limit: " + (parts.join(" · ") || "no limit") + " = 100%.";
     },
     series: [
       {
@@ -549,6 +549,16 @@
       seg.title = stateLabel(name, model.view) + ", " + clock(a) + " to " + clock(b) + " (" + seconds((b - a) / 1000) + ")";
       seg.dataset.state = name;
       segs.push(seg);
+    }
+    // A change shorter than a sample still shows: a mark where it began.
+    for (const tr of model.transitions) {
+      if (tr.state === "active" || tr.unix_ms < x0 * 1000) continue;
+      const mark = document.createElement("div");
+      mark.className = "mark";
+      mark.style.left = ((100 * (tr.unix_ms - x0 * 1000)) / span) + "%";
+      mark.style.background = STATE_STYLE[tr.state].colour;
+      mark.title = stateLabel(tr.state, model.view) + " at " + clock(tr.unix_ms);
+      segs.push(mark);
     }
     for (const e of model.errors) {
       if (e.first_ms < x0 * 1000) continue;

@@ -81,6 +81,7 @@ impl ErrorLog {
             }
             message.truncate(end);
             message.push('…');
+            message.shrink_to_fit();
         }
         let mut errors = self.lock();
         match errors.back_mut() {

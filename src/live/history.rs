@@ -11,7 +11,10 @@
 //! State changes keep their last [`MAX_TRANSITIONS`] (16 bytes each).
 //! [`History::heap_bytes`] adds these up from the capacities actually
 //! allocated, and `tests/history_memory.rs` checks the figure against a
-//! counting allocator.
+//! counting allocator. With the errors and the latency windows of
+//! [`super::LiveState`], measured there: 476 KiB for the WAL relay or the
+//! polling source after an hour, 929 KiB for an inbox charting 32
+//! partitions.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -93,6 +96,7 @@ pub struct Sample {
     /// Events already in their partition (exactly once), or records
     /// already in the inbox (duplicates).
     pub skipped: u32,
+    /// The most in flight during the interval.
     pub in_flight_events: u32,
     pub in_flight_bytes: f64,
     /// Commit (created, produced) to acknowledgement (stored), of the
@@ -417,6 +421,11 @@ mod tests {
 
     #[test]
     fn the_ring_keeps_the_last_hour_and_never_grows_past_it() {
+        assert_eq!(
+            std::mem::size_of::<Sample>(),
+            104,
+            "the figure in the module's docs"
+        );
         let history = History::default();
         let bytes = history.heap_bytes();
         for i in 0..(CAPACITY as u64 + 10) {
