@@ -168,7 +168,14 @@ fn export_subject(source: live::Source, subject: &Subject) {
             }
         }
         _ => {
-            for kind in ["unroutable", "broker_rejected", "max_attempts"] {
+            let kinds: &[&str] = if source == "poll" {
+                metrics::counter!(m::POLL_BATCHES_TOTAL).absolute(0);
+                metrics::counter!(m::POLL_ROW_FAILURES_TOTAL).absolute(0);
+                &["unroutable", "broker_rejected", "max_attempts"]
+            } else {
+                &["unroutable", "broker_rejected"]
+            };
+            for &kind in kinds {
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => kind).absolute(0);
             }
             for kind in [
