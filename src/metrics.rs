@@ -291,3 +291,29 @@ pub const ALL: &[&str] = &[
     STATE,
     INFO,
 ];
+
+/// Counts a record the broker has for good, in the metrics and the live
+/// state: published (with its commit-to-ack latency) or dead-lettered.
+pub fn count_delivered(
+    live: &crate::live::LiveState,
+    topic: String,
+    created: crate::pgoutput::PgTimestamp,
+    dead_letter: bool,
+) {
+    use std::sync::atomic::Ordering;
+    let now = crate::pgoutput::PgTimestamp::now();
+    if dead_letter {
+        live.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let latency = (now.0 - created.0).max(0) as f64 / 1e6;
+        metrics::counter!(EVENTS_PUBLISHED_TOTAL, "topic" => topic).increment(1);
+        live.counters
+            .events_published
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(COMMIT_TO_ACK_SECONDS).record(latency);
+        live.latency.record(latency);
+        live.latency_histogram.record(latency);
+    }
+    metrics::gauge!(LAST_ACK_TIMESTAMP_SECONDS).set(now.unix_micros() as f64 / 1e6);
+    live.record_ack();
+}

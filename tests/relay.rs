@@ -201,9 +201,9 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         Some(format!("{system_id}/walrelay/1").as_str())
     );
     let position = created.header("walrelay_position").unwrap();
-    let parsed: walrelay::ledger::Position = position.parse().unwrap();
+    let parsed: walrelay::publish::Position = position.parse().unwrap();
     assert_eq!(parsed.to_string(), position, "fixed width");
-    let deleted_position: walrelay::ledger::Position =
+    let deleted_position: walrelay::publish::Position =
         orders["00000000-0000-0000-0000-000000000002"]
             .header("walrelay_position")
             .unwrap()

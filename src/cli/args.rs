@@ -252,6 +252,11 @@ pub struct RunArgs {
     /// (default: exactly-once; --source poll delivers at least once)
     #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
     pub delivery: Option<DeliveryGuarantee>,
+    /// Exactly once: the Kafka transactional id this relay's records are
+    /// written under (a relay taking over the slot takes it over too, which
+    /// fences the one before). Default: walrelay.<system identifier>.<slot>.
+    #[arg(long, env = "WALRELAY_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
     /// wal: stream from the replication slot; poll: poll the outbox table
     /// (no logical replication needed; at least once; set it up with
     /// `walrelay setup --source poll`).
@@ -305,8 +310,12 @@ impl RunArgs {
             overrides,
         };
         producer.validate().map_err(UsageError)?;
+        let exactly_once = self.source == SourceKind::Wal
+            && self.delivery.unwrap_or(DeliveryGuarantee::ExactlyOnce)
+                == DeliveryGuarantee::ExactlyOnce;
         Ok(SinkSettings {
             producer,
+            transactional: exactly_once,
             create_topics: !self.no_create_topics,
             topic_partitions: self.topic_partitions,
             topic_replication_factor: self.topic_replication_factor,
@@ -338,6 +347,7 @@ impl RunArgs {
             delivery: self.delivery.unwrap_or(DeliveryGuarantee::ExactlyOnce),
             exactly_once_lookback: self.exactly_once_lookback as usize,
             heartbeat_prefix: self.heartbeat_prefix.clone(),
+            transactional_id: self.transactional_id.clone(),
         })
     }
 

@@ -5,14 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
 use crate::monitor::MonitorConfig;
 use crate::poll::{PollConfig, PollRelay};
-use crate::relay::{DeliveryGuarantee, PgConnector, Relay, RelayConfig};
+use crate::relay::{DeliveryGuarantee, PgConnector, RelayConfig, WalRelay};
+use crate::shutdown::Shutdown;
 use crate::sql;
 
 /// How long the producer may take to reach a broker before streaming
@@ -71,7 +70,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             heartbeat_interval,
         );
     }
-    let mut shutdown = super::shutdown_signal();
+    let mut shutdown = Shutdown::on_signals();
     let sink = KafkaSink::new(&kafka)?;
     if !warm_up(&sink, &mut shutdown).await {
         return Ok(());
@@ -82,7 +81,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         publication: config.publication.clone(),
         proto_version: config.proto_version,
     };
-    Relay::new(config, connector, sink, live, findings)
+    WalRelay::new(config, connector, sink, live, findings)
         .run(shutdown)
         .await?;
     Ok(())
@@ -122,13 +121,14 @@ pub async fn run_poll(
     let client = sql::connect(&config.pg).await?;
     crate::poll::load_tables(&client, &config.router).await?;
     drop(client);
+    let mut shutdown = Shutdown::on_signals();
     crate::poll::spawn_backlog_monitor(
         config.pg.clone(),
         config.router.clone(),
         status_interval.max(Duration::from_secs(1)),
         Arc::clone(&live),
+        shutdown.clone(),
     );
-    let mut shutdown = super::shutdown_signal();
     let sink = KafkaSink::new(&kafka)?;
     if !warm_up(&sink, &mut shutdown).await {
         return Ok(());
@@ -139,16 +139,19 @@ pub async fn run_poll(
 
 /// Connects the producer before the first event, so early events do not
 /// wait for a connection. False when shutdown came first.
-async fn warm_up(sink: &KafkaSink, shutdown: &mut watch::Receiver<bool>) -> bool {
+async fn warm_up(sink: &KafkaSink, shutdown: &mut Shutdown) -> bool {
     let connect = sink.connector();
-    tokio::select! {
-        connected = tokio::task::spawn_blocking(move || connect(WARM_UP)) => {
+    match shutdown
+        .unless(tokio::task::spawn_blocking(move || connect(WARM_UP)))
+        .await
+    {
+        Some(connected) => {
             if !connected.unwrap_or(false) {
                 tracing::warn!("no broker answered yet; events wait until one does");
             }
             true
         }
-        _ = shutdown.changed() => false,
+        None => false,
     }
 }
 

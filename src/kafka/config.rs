@@ -12,6 +12,8 @@ use rdkafka::producer::BaseProducer;
 #[derive(Clone, Debug)]
 pub struct SinkSettings {
     pub producer: ProducerSettings,
+    /// Records go out in Kafka transactions (exactly once).
+    pub transactional: bool,
     /// Create missing topics (`--no-create-topics` turns it off).
     pub create_topics: bool,
     pub topic_partitions: i32,
@@ -61,6 +63,29 @@ impl ProducerSettings {
                 ("bootstrap.servers", _) => {
                     return Err("set the brokers with --brokers, not -X bootstrap.servers".into());
                 }
+                ("transactional.id", _) => {
+                    return Err(
+                        "set the transactional id with --transactional-id, not -X transactional.id"
+                            .into(),
+                    );
+                }
+                ("message.timeout.ms" | "delivery.timeout.ms", v) if v != "0" => {
+                    return Err(format!(
+                        "-X {key}={v}: a finite delivery timeout lets a record that timed out land after later records of its key; walrelay waits out broker outages itself (the in-flight window bounds what waits)"
+                    ));
+                }
+                ("retries" | "message.send.max.retries", _) => {
+                    return Err(format!(
+                        "-X {key}: the idempotent producer retries without limit so that no record is lost or reordered; leave {key} unset"
+                    ));
+                }
+                ("max.in.flight.requests.per.connection" | "max.in.flight", v)
+                    if v.parse::<u32>().is_ok_and(|n| n > 5) || v.parse::<u32>().is_err() =>
+                {
+                    return Err(format!(
+                        "-X {key}={v}: above 5 requests in flight the idempotent producer cannot keep a partition's order; use 1 to 5"
+                    ));
+                }
                 _ => {
                     options.insert(key.clone(), value.clone());
                 }
@@ -94,6 +119,20 @@ impl ProducerSettings {
             .map_err(|error| format!("-X: librdkafka refuses these options together: {error}"))
     }
 }
+
+/// Turns a producer configuration transactional. A transaction's records
+/// must be delivered within its timeout, so the delivery timeout becomes
+/// that timeout: a record that times out aborts its transaction, and the
+/// publisher sends the whole transaction again, in order.
+pub fn make_transactional(config: &mut ClientConfig, transactional_id: &str) {
+    config
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
+        .set("message.timeout.ms", TRANSACTION_TIMEOUT_MS);
+}
+
+/// How long a transaction may stay open before the broker aborts it.
+const TRANSACTION_TIMEOUT_MS: &str = "60000";
 
 #[cfg(test)]
 mod tests {
@@ -139,6 +178,34 @@ mod tests {
                 .is_err()
         );
         assert!(settings(&[("acks", "-1")]).client_config().is_ok());
+    }
+
+    #[test]
+    fn options_that_would_weaken_order_or_exactly_once_are_refused() {
+        for (key, value) in [
+            ("message.timeout.ms", "30000"),
+            ("delivery.timeout.ms", "5000"),
+            ("retries", "3"),
+            ("max.in.flight.requests.per.connection", "10"),
+            ("transactional.id", "x"),
+        ] {
+            let error = settings(&[(key, value)]).client_config().unwrap_err();
+            assert!(error.contains(key), "{error}");
+        }
+        assert!(
+            settings(&[("max.in.flight.requests.per.connection", "5")])
+                .client_config()
+                .is_ok()
+        );
+        let mut config = settings(&[]).client_config().unwrap();
+        make_transactional(&mut config, "walrelay.7.s");
+        assert_eq!(config.get("transactional.id"), Some("walrelay.7.s"));
+        assert_eq!(config.get("message.timeout.ms"), Some("60000"));
+        create_check(&config);
+    }
+
+    fn create_check(config: &ClientConfig) {
+        config.create::<BaseProducer>().map(drop).unwrap();
     }
 
     #[test]

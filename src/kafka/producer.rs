@@ -1,44 +1,60 @@
 //! The producer: rdkafka with its bundled librdkafka, idempotent,
-//! acks=all, as the relay's [`Sink`].
+//! acks=all, as the publisher's [`Sink`]; transactional for exactly-once
+//! delivery.
 //!
-//! Each record carries an [`EventTicket`] through librdkafka; the delivery
-//! callback returns it on a channel, and only then does the relay count the
-//! event as acknowledged. librdkafka's errors are classified here, once,
-//! into [`BrokerError`]s; what to do about them is decided in
-//! `relay::error::decide`.
+//! Each record carries its [`RecordId`] through librdkafka; the delivery
+//! callback returns it on a channel. librdkafka's errors are classified
+//! here, once, into [`BrokerError`]s; what to do about them is decided in
+//! `publish::error`.
+//!
+//! Transactions: the producer is made with the transactional id when a
+//! session takes it over (`init`), which fences every earlier producer of
+//! that id. Begin, commit and abort are librdkafka calls that block, so
+//! commit and abort run on blocking threads while the publisher holds new
+//! records back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::util::Timeout;
 use tokio::sync::mpsc;
 
 use super::config::SinkSettings;
 use super::tail::TailReader;
 use super::topics::TopicCreator;
-use crate::ledger::LedgerScan;
-use crate::record::KafkaRecord;
-use crate::sink::{
-    BrokerError, BrokerErrorClass, Delivery, DeliveryFailure, EventTicket, LocalBoxFuture,
-    SendRefused, Sink, TopicError,
+use crate::publish::scan::LedgerScan;
+use crate::publish::{
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
+    TopicError,
 };
+use crate::record::KafkaRecord;
 
 /// librdkafka's error, classified by what sending again can do.
 pub fn classify(error: &KafkaError) -> BrokerError {
     use RDKafkaErrorCode as C;
-    let class = match error.rdkafka_error_code() {
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => BrokerErrorClass::TooLarge,
-        Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::InvalidTopic) => {
-            BrokerErrorClass::InvalidRecord
-        }
-        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
-            BrokerErrorClass::NotAuthorized
-        }
-        _ => BrokerErrorClass::Transient,
+    let class = match error {
+        KafkaError::Transaction(e) if e.is_fatal() => fatal_class(e.code()),
+        _ => match error.rdkafka_error_code() {
+            Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => BrokerErrorClass::TooLarge,
+            Some(C::InvalidRecord | C::InvalidMessage | C::PolicyViolation | C::InvalidTopic) => {
+                BrokerErrorClass::InvalidRecord
+            }
+            Some(
+                C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed,
+            ) => BrokerErrorClass::NotAuthorized,
+            Some(code @ (C::ProducerFenced | C::InvalidProducerEpoch | C::Fatal)) => {
+                fatal_class(code)
+            }
+            _ => BrokerErrorClass::Transient,
+        },
     };
     BrokerError {
         class,
@@ -46,65 +62,58 @@ pub fn classify(error: &KafkaError) -> BrokerError {
     }
 }
 
+fn fatal_class(code: RDKafkaErrorCode) -> BrokerErrorClass {
+    match code {
+        RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch => {
+            BrokerErrorClass::Fenced
+        }
+        _ => BrokerErrorClass::Fatal,
+    }
+}
+
 struct DeliveryContext {
     deliveries: mpsc::UnboundedSender<Delivery>,
+    /// librdkafka raised a fatal error: the producer must be made anew.
+    fatal: Arc<AtomicBool>,
 }
 
 impl ClientContext for DeliveryContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(error = %error, reason, "kafka client error");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.fatal.store(true, Ordering::Relaxed);
+            tracing::error!(error = %error, reason, "the Kafka producer failed for good");
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
     }
 }
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = Box<EventTicket>;
+    type DeliveryOpaque = Box<RecordId>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, ticket: Box<EventTicket>) {
-        let delivery = match result {
-            Ok(message) => Delivery {
-                ticket: *ticket,
-                topic: message.topic().to_owned(),
-                result: Ok(()),
-            },
-            Err((error, message)) => Delivery {
-                ticket: *ticket,
-                topic: message.topic().to_owned(),
-                result: Err(DeliveryFailure {
-                    error: classify(error),
-                    record: KafkaRecord {
-                        topic: message.topic().to_owned(),
-                        key: message.key().map(Bytes::copy_from_slice),
-                        value: message.payload().map(Bytes::copy_from_slice),
-                        headers: message
-                            .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|header| {
-                                        (
-                                            header.key.to_owned(),
-                                            Bytes::copy_from_slice(
-                                                header.value.unwrap_or_default(),
-                                            ),
-                                        )
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    },
-                }),
-            },
+    fn delivery(&self, result: &DeliveryResult<'_>, id: Box<RecordId>) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(classify(error)),
         };
         // The receiver is gone only when the relay is shutting down.
-        let _ = self.deliveries.send(delivery);
+        let _ = self.deliveries.send(Delivery { id: *id, result });
     }
 }
 
+type KafkaProducer = ThreadedProducer<DeliveryContext>;
+
 /// The producer, its delivery reports, topic preparation and tail scans.
 pub struct KafkaSink {
-    producer: Arc<ThreadedProducer<DeliveryContext>>,
+    settings: SinkSettings,
+    producer: Arc<KafkaProducer>,
+    fatal: Arc<AtomicBool>,
+    deliveries_tx: mpsc::UnboundedSender<Delivery>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     topics: Arc<TopicCreator>,
     tails: Arc<TailReader>,
+    /// The transactional id the current producer was made with.
+    transactional_id: Option<String>,
 }
 
 impl KafkaSink {
@@ -115,21 +124,23 @@ impl KafkaSink {
             .producer
             .client_config()
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
-        let producer: ThreadedProducer<DeliveryContext> =
-            config.create_with_context(DeliveryContext { deliveries: tx })?;
-        let producer = Arc::new(producer);
+        let fatal = Arc::new(AtomicBool::new(false));
+        let producer = make_producer(settings, None, &tx, &fatal)?;
         let topics = TopicCreator::new(
             &config,
-            Arc::clone(&producer),
             settings.create_topics,
             settings.topic_partitions,
             settings.topic_replication_factor,
         )?;
         Ok(KafkaSink {
+            settings: settings.clone(),
             producer,
+            fatal,
+            deliveries_tx: tx,
             deliveries: rx,
             topics: Arc::new(topics),
             tails: Arc::new(TailReader::new(&config)),
+            transactional_id: None,
         })
     }
 
@@ -138,14 +149,72 @@ impl KafkaSink {
         let producer = Arc::clone(&self.producer);
         move |timeout| producer.client().fetch_metadata(None, timeout).is_ok()
     }
+
+    /// Makes the producer anew (with `transactional_id`, if any).
+    fn renew(&mut self, transactional_id: Option<&str>) -> Result<(), BrokerError> {
+        self.fatal = Arc::new(AtomicBool::new(false));
+        let producer = make_producer(
+            &self.settings,
+            transactional_id,
+            &self.deliveries_tx,
+            &self.fatal,
+        )
+        .map_err(|e| classify(&e))?;
+        let old = std::mem::replace(&mut self.producer, producer);
+        // Dropping a producer purges and waits for its threads.
+        tokio::task::spawn_blocking(move || drop(old));
+        self.transactional_id = transactional_id.map(str::to_owned);
+        Ok(())
+    }
+}
+
+fn make_producer(
+    settings: &SinkSettings,
+    transactional_id: Option<&str>,
+    deliveries: &mpsc::UnboundedSender<Delivery>,
+    fatal: &Arc<AtomicBool>,
+) -> Result<Arc<KafkaProducer>, KafkaError> {
+    let mut config = settings
+        .producer
+        .client_config()
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    if let Some(id) = transactional_id {
+        super::config::make_transactional(&mut config, id);
+    }
+    let producer: KafkaProducer = config.create_with_context(DeliveryContext {
+        deliveries: deliveries.clone(),
+        fatal: Arc::clone(fatal),
+    })?;
+    Ok(Arc::new(producer))
+}
+
+/// Runs a blocking librdkafka call off the async threads.
+fn blocking(
+    producer: &Arc<KafkaProducer>,
+    call: fn(&KafkaProducer) -> Result<(), KafkaError>,
+) -> LocalBoxFuture<Result<(), BrokerError>> {
+    let producer = Arc::clone(producer);
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || call(&producer).map_err(|e| classify(&e)))
+            .await
+            .unwrap_or_else(|e| {
+                Err(BrokerError::transient(format!(
+                    "the producer task failed: {e}"
+                )))
+            })
+    })
 }
 
 impl Sink for KafkaSink {
+    fn transactional(&self) -> bool {
+        self.settings.transactional
+    }
+
     fn send(
         &mut self,
-        record: KafkaRecord,
+        record: &KafkaRecord,
         partition: Option<i32>,
-        ticket: EventTicket,
+        id: RecordId,
     ) -> Result<(), SendRefused> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
@@ -154,8 +223,8 @@ impl Sink for KafkaSink {
                 value: Some(value.as_ref()),
             });
         }
-        let mut base: BaseRecord<'_, [u8], [u8], Box<EventTicket>> =
-            BaseRecord::with_opaque_to(&record.topic, Box::new(ticket)).headers(headers);
+        let mut base: BaseRecord<'_, [u8], [u8], Box<RecordId>> =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(id)).headers(headers);
         if let Some(partition) = partition {
             base = base.partition(partition);
         }
@@ -165,27 +234,24 @@ impl Sink for KafkaSink {
         if let Some(value) = &record.value {
             base = base.payload(value.as_ref());
         }
-        let result = self.producer.send(base).map_err(|(error, _)| error);
-        match result {
+        match self.producer.send(base).map_err(|(error, _)| error) {
             Ok(()) => Ok(()),
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                Err(SendRefused::QueueFull(Box::new(record)))
+                Err(SendRefused::QueueFull)
             }
-            Err(error) => Err(SendRefused::Rejected {
-                error: classify(&error),
-                record: Box::new(record),
-            }),
+            Err(error) => Err(SendRefused::Rejected(classify(&error))),
         }
     }
 
-    fn deliveries(&mut self) -> &mut mpsc::UnboundedReceiver<Delivery> {
-        &mut self.deliveries
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.deliveries.poll_recv(cx)
     }
 
-    fn prepare_topic(&self, topic: &str) -> LocalBoxFuture<Result<i32, TopicError>> {
+    fn prepare_topic(&self, topic: &str, create: bool) -> LocalBoxFuture<Result<i32, TopicError>> {
         let topics = Arc::clone(&self.topics);
+        let producer = Arc::clone(&self.producer);
         let topic = topic.to_owned();
-        Box::pin(async move { topics.prepare(&topic).await })
+        Box::pin(async move { topics.prepare(producer, &topic, create).await })
     }
 
     fn scan_tail(
@@ -198,6 +264,35 @@ impl Sink for KafkaSink {
         let topic = topic.to_owned();
         Box::pin(async move { tails.scan(topic, partition, scan).await })
     }
+
+    fn init(&mut self, transactional_id: &str) -> LocalBoxFuture<Result<(), BrokerError>> {
+        // A fenced or failed producer cannot be reused; taking over the id
+        // again (a new session) needs a fresh one anyway.
+        if let Err(error) = self.renew(Some(transactional_id)) {
+            return Box::pin(async move { Err(error) });
+        }
+        blocking(&self.producer, |p| p.init_transactions(Timeout::Never))
+    }
+
+    fn begin(&mut self) -> Result<(), BrokerError> {
+        self.producer.begin_transaction().map_err(|e| classify(&e))
+    }
+
+    fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
+        blocking(&self.producer, |p| p.commit_transaction(Timeout::Never))
+    }
+
+    fn abort(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
+        blocking(&self.producer, |p| p.abort_transaction(Timeout::Never))
+    }
+
+    fn renew_if_failed(&mut self) {
+        if self.fatal.load(Ordering::Relaxed) && !self.settings.transactional {
+            if let Err(error) = self.renew(None) {
+                tracing::error!(%error, "cannot make the Kafka producer anew");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +300,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn size_and_authorization_errors_are_classified_others_are_transient() {
+    fn size_and_authorization_errors_are_classified_fencing_ends_the_producer_others_are_transient()
+    {
         let class = |code| classify(&KafkaError::MessageProduction(code)).class;
         assert_eq!(
             class(RDKafkaErrorCode::MessageSizeTooLarge),
@@ -215,6 +311,11 @@ mod tests {
             class(RDKafkaErrorCode::TopicAuthorizationFailed),
             BrokerErrorClass::NotAuthorized
         );
+        assert_eq!(
+            class(RDKafkaErrorCode::ProducerFenced),
+            BrokerErrorClass::Fenced
+        );
+        assert_eq!(class(RDKafkaErrorCode::Fatal), BrokerErrorClass::Fatal);
         assert_eq!(
             class(RDKafkaErrorCode::MessageTimedOut),
             BrokerErrorClass::Transient

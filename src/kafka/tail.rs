@@ -1,13 +1,17 @@
 //! Reading a partition's tail, newest records first, for exactly-once
-//! delivery (`crate::ledger` says what is looked for).
+//! delivery (`publish::scan` says what is looked for).
 //!
-//! Kafka is read forwards, so the tail is read in chunks stepping back from
-//! the high watermark: each chunk is fetched from its start offset up to
-//! the oldest record the previous chunk saw, and handed to the scan newest
-//! first. This also works with brokers (tansu) whose high watermark is the
-//! base offset of the last batch and whose fetches start at the first
-//! batch at or after the requested offset: the first chunk is read to the
-//! partition's end, and a batch skipped by one chunk is read by the next.
+//! Only committed records count: the readers are `read_committed`, so a
+//! record of an aborted transaction (a fenced relay's, or one killed
+//! mid-transaction) is never taken for delivered. Kafka is read forwards,
+//! so the tail is read in chunks stepping back from the last stable
+//! offset: each chunk is fetched from its start offset up to the oldest
+//! record the previous chunk saw, and handed to the scan newest first.
+//!
+//! Another producer's open transaction holds the last stable offset below
+//! the high watermark and hides what was written after it; the reader
+//! waits a little for it to end, then tells the scan it could not see
+//! everything.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,8 +24,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
-use crate::ledger::{LedgerScan, ORIGIN_HEADER, POSITION_HEADER, Scan, TailRecord};
-use crate::sink::BrokerError;
+use crate::publish::BrokerError;
+use crate::publish::scan::{LedgerScan, Scan, TailRecord};
+use crate::publish::{ORIGIN_HEADER, POSITION_HEADER};
 
 /// Records fetched per step back.
 const CHUNK: i64 = 1000;
@@ -29,6 +34,8 @@ const CHUNK: i64 = 1000;
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Scans running at once, each with its own consumer.
 const CONCURRENT_SCANS: usize = 8;
+/// How long a scan waits for another producer's open transaction to end.
+const OPEN_TRANSACTION_WAIT: Duration = Duration::from_secs(5);
 
 /// librdkafka options that only producers know; left out of the scanning
 /// consumers' configuration.
@@ -43,6 +50,8 @@ const PRODUCER_ONLY: &[&str] = &[
     "queue.buffering.max.messages",
     "queue.buffering.max.kbytes",
     "message.max.bytes",
+    "transactional.id",
+    "transaction.timeout.ms",
 ];
 
 /// A consumer context that does not report reaching a partition's end,
@@ -72,6 +81,9 @@ pub struct TailReader {
     config: ClientConfig,
     idle: Arc<Mutex<Vec<ScanConsumer>>>,
     permits: Arc<Semaphore>,
+    /// Reads high watermarks, which the `read_committed` readers do not
+    /// see past an open transaction.
+    uncommitted: Arc<Mutex<Option<ScanConsumer>>>,
 }
 
 impl TailReader {
@@ -91,11 +103,13 @@ impl TailReader {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_committed")
             .set("client.id", "walrelay-tail-scan");
         TailReader {
             config,
             idle: Arc::new(Mutex::new(Vec::new())),
             permits: Arc::new(Semaphore::new(CONCURRENT_SCANS)),
+            uncommitted: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -113,6 +127,7 @@ impl TailReader {
             .await
             .map_err(|_| BrokerError::transient("the tail reader is closed"))?;
         let idle = Arc::clone(&self.idle);
+        let uncommitted = Arc::clone(&self.uncommitted);
         let config = self.config.clone();
         tokio::task::spawn_blocking(move || {
             let consumer = match idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
@@ -121,7 +136,25 @@ impl TailReader {
                     .create_with_context(ScanContext)
                     .map_err(|e| kafka_error(&e))?,
             };
-            let result = scan_blocking(&consumer, &topic, partition, scan);
+            let high = || {
+                let mut reader = uncommitted.lock().unwrap_or_else(|e| e.into_inner());
+                if reader.is_none() {
+                    let mut config = config.clone();
+                    config.set("isolation.level", "read_uncommitted");
+                    *reader = Some(
+                        config
+                            .create_with_context(ScanContext)
+                            .map_err(|e| kafka_error(&e))?,
+                    );
+                }
+                reader
+                    .as_ref()
+                    .expect("made above")
+                    .fetch_watermarks(&topic, partition, CHUNK_TIMEOUT)
+                    .map(|(_, high)| high)
+                    .map_err(|e| kafka_error(&e))
+            };
+            let result = scan_blocking(&consumer, &topic, partition, scan, high);
             let _ = consumer.unassign();
             idle.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -142,11 +175,31 @@ fn scan_blocking(
     topic: &str,
     partition: i32,
     mut scan: LedgerScan,
+    high_watermark: impl Fn() -> Result<i64, BrokerError>,
 ) -> Result<LedgerScan, BrokerError> {
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, CHUNK_TIMEOUT)
-        .map_err(|e| kafka_error(&e))?;
+    // A `read_committed` consumer's high watermark is the last stable
+    // offset.
+    let deadline = Instant::now() + OPEN_TRANSACTION_WAIT;
+    let (low, high) = loop {
+        let (low, stable) = consumer
+            .fetch_watermarks(topic, partition, CHUNK_TIMEOUT)
+            .map_err(|e| kafka_error(&e))?;
+        if stable >= high_watermark()? {
+            break (low, stable);
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                topic,
+                partition,
+                "another producer's open transaction hides the partition's newest records"
+            );
+            scan.hidden_by_open_transaction();
+            break (low, stable);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     if high <= low {
+        scan.reached_log_start(low);
         return Ok(scan);
     }
     // Records at or past `upper` were handed to the scan already.
@@ -163,6 +216,7 @@ fn scan_blocking(
             }
         }
         if start <= low {
+            scan.reached_log_start(low);
             return Ok(scan);
         }
         if (high - start) as usize > scan.lookback().saturating_mul(2) {
@@ -175,8 +229,8 @@ fn scan_blocking(
     }
 }
 
-/// The records from `start` (or the first batch the broker returns at or
-/// after it) up to `upper`, exclusive, or to the partition's end.
+/// The committed records from `start` up to `upper`, exclusive, or to the
+/// partition's end.
 fn read_chunk(
     consumer: &ScanConsumer,
     topic: &str,

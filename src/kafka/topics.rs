@@ -1,6 +1,6 @@
 //! Topics: walrelay makes sure a topic exists before producing to it
-//! (brokers such as tansu, and many production clusters, do not create
-//! topics on first use), and learns its partition count.
+//! (many production clusters do not create topics on first use), and
+//! learns its partition count.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{Producer, ThreadedProducer};
 
-use crate::sink::TopicError;
+use crate::publish::TopicError;
 
 /// How long one metadata request may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,14 +21,13 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// missing topics with an admin client.
 pub struct TopicCreator {
     admin: AdminClient<DefaultClientContext>,
-    metadata: Arc<dyn MetadataSource>,
     create: bool,
     partitions: i32,
     replication_factor: i32,
 }
 
 /// A client whose metadata requests tell a topic's partition count.
-trait MetadataSource: Send + Sync {
+pub trait MetadataSource: Send + Sync {
     /// `Ok(None)` when the topic does not exist (blocking).
     fn partitions(&self, topic: &str) -> Result<Option<i32>, KafkaError>;
 }
@@ -47,35 +46,39 @@ impl<C: rdkafka::producer::ProducerContext + 'static> MetadataSource for Threade
 }
 
 impl TopicCreator {
-    pub(super) fn new<C: rdkafka::producer::ProducerContext + 'static>(
+    pub(super) fn new(
         config: &ClientConfig,
-        producer: Arc<ThreadedProducer<C>>,
         create: bool,
         partitions: i32,
         replication_factor: i32,
     ) -> Result<Self, KafkaError> {
         Ok(TopicCreator {
             admin: config.create()?,
-            metadata: producer,
             create,
             partitions,
             replication_factor,
         })
     }
 
-    /// Makes sure `topic` exists and returns its partition count.
-    pub async fn prepare(&self, topic: &str) -> Result<i32, TopicError> {
-        if let Some(partitions) = self.partitions(topic).await? {
+    /// Makes sure `topic` exists (creating it when allowed and `create`)
+    /// and returns its partition count, read through `metadata`.
+    pub async fn prepare(
+        &self,
+        metadata: Arc<dyn MetadataSource>,
+        topic: &str,
+        create: bool,
+    ) -> Result<i32, TopicError> {
+        if let Some(partitions) = self.partitions(&metadata, topic).await? {
             return Ok(partitions);
         }
-        if !self.create {
+        if !self.create || !create {
             return Err(TopicError::Missing(topic.to_owned()));
         }
         self.create_topic(topic).await?;
         tracing::info!(topic, partitions = self.partitions, "created topic");
         // Fetch it again through the producer, so its first record does
         // not wait for a metadata refresh.
-        self.partitions(topic)
+        self.partitions(&metadata, topic)
             .await?
             .ok_or_else(|| TopicError::Metadata {
                 topic: topic.to_owned(),
@@ -83,8 +86,12 @@ impl TopicCreator {
             })
     }
 
-    async fn partitions(&self, topic: &str) -> Result<Option<i32>, TopicError> {
-        let source = Arc::clone(&self.metadata);
+    async fn partitions(
+        &self,
+        metadata: &Arc<dyn MetadataSource>,
+        topic: &str,
+    ) -> Result<Option<i32>, TopicError> {
+        let source = Arc::clone(metadata);
         let name = topic.to_owned();
         // Metadata requests block; keep them off the async threads.
         tokio::task::spawn_blocking(move || source.partitions(&name))

@@ -1,6 +1,7 @@
 //! Claiming rows and settling them: the polling source's SQL.
 //!
-//! A claim runs in the transaction that later deletes (or marks) the rows,
+//! A claim runs in the transaction (`BEGIN` on the relay's connection)
+//! that later deletes (or marks) the rows,
 //! so a relay that dies mid-batch rolls back and leaves its rows for the
 //! next claim. In that transaction:
 //!
@@ -18,7 +19,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio_postgres::Transaction;
 
 use super::schema::{ATTEMPTS, LAST_ERROR, NEXT_ATTEMPT_AT, PUBLISHED_AT, SEQ};
 use crate::catalog::{self, qualified, quote_ident};
@@ -186,10 +186,10 @@ impl OutboxTable {
 /// that row. Rows past the stop stay locked until the transaction ends and
 /// go to the next claim.
 pub async fn claim(
-    tx: &Transaction<'_>,
+    tx: &SqlClient,
     table: &OutboxTable,
     limit: i64,
-) -> Result<Vec<ClaimedRow>, tokio_postgres::Error> {
+) -> Result<Vec<ClaimedRow>, SqlError> {
     let rows = tx.query(&table.claim_sql(), &[&limit]).await?;
     let mut stopped: HashSet<(Option<String>, Option<String>)> = HashSet::new();
     let mut claimed = Vec::new();
@@ -230,12 +230,12 @@ pub async fn claim(
 /// reason if they went there); failed rows count an attempt, and their
 /// aggregate's later rows wait with them.
 pub async fn settle(
-    tx: &Transaction<'_>,
+    tx: &SqlClient,
     table: &OutboxTable,
     on_published: OnPublished,
     published: &[(i64, Option<String>)],
     failed: &[FailedRow],
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), SqlError> {
     let target = table.target();
     let seq = quote_ident(SEQ);
     if !published.is_empty() {

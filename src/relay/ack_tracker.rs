@@ -18,7 +18,11 @@
 use std::collections::VecDeque;
 
 use crate::lsn::Lsn;
-pub use crate::sink::TxnTicket;
+
+/// Identifies a transaction inside the ack tracker; events carry it so
+/// their acknowledgements find their transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TxnTicket(pub(crate) u64);
 
 #[derive(Debug)]
 struct TxnState {

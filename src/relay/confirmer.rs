@@ -43,14 +43,21 @@ impl Confirmer {
         }
     }
 
-    /// Starts a new session from the watermark: nothing may be in flight
-    /// (the relay waits for that before it reconnects).
-    pub fn restart(&mut self) {
+    /// Starts a new session at `from`, the slot's position as the server
+    /// reports it: nothing may be in flight (the relay waits for that, or
+    /// abandons it, before it reconnects).
+    pub fn restart(&mut self, from: Lsn) {
         debug_assert_eq!(self.tracker.events_in_flight(), 0);
-        self.tracker = AckTracker::new(self.tracker.confirmed());
+        self.tracker = AckTracker::new(from);
         self.heartbeats.clear();
         // The first update of a session goes out at once.
         self.last_report_at = Instant::now() - self.interval;
+    }
+
+    /// Forgets the events in flight: they will be read again from the slot.
+    pub fn abandon_in_flight(&mut self) {
+        self.tracker = AckTracker::new(self.tracker.confirmed());
+        self.heartbeats.clear();
     }
 
     /// The highest LSN everything before which is acknowledged.
@@ -130,7 +137,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_moved_watermark_is_reported_soon_and_an_idle_one_every_interval() {
         let mut c = Confirmer::new(Duration::from_secs(1));
-        c.restart();
+        c.restart(Lsn::ZERO);
         assert!(
             c.due_at() <= Instant::now(),
             "the first update goes out at once"

@@ -1,20 +1,19 @@
 //! `walrelay run`: moves events from the slot to Kafka.
 //!
 //! ```text
-//!   PostgreSQL walsender ──XLogData──> session ──WalItem──> apply loop ──Outgoing──> publisher ──> sink (Kafka)
-//!         ^                          (decoder, relations,   (router, window,            (topics, retries,     │
-//!         │                           open transaction)      tracker tickets)            dead letters)        │ deliveries
-//!         └──── standby status update (flush = watermark) <── confirmer (ack tracker) <── outcomes ──────────┘
+//!   PostgreSQL walsender ──XLogData──> session ──WalItem──> WAL relay ──Outgoing──> publisher (crate::publish) ──> Kafka
+//!         ^                          (decoder, relations,   (router, window,                                      │
+//!         │                           open transaction)      tracker tickets)                                     │
+//!         └──── standby status update (flush = watermark) <── confirmer (ack tracker) <── outcomes ──────────────┘
 //! ```
 //!
 //! | file | role |
 //! | --- | --- |
 //! | `session.rs` | one replication session: stream, decoder, relation cache, open transaction |
-//! | `apply.rs` | the loop: one biased `select!` over everything that can happen |
-//! | `link.rs` | the replication link's life: connect, fail, let go of the slot, stop |
+//! | `wal_relay.rs` | the loop, one biased `select!` over everything that can happen, and its handlers |
+//! | `link.rs` | the replication link's state: idle, connecting, streaming |
+//! | `reconnect.rs` | when to connect again: backoff, standing by, giving up |
 //! | `window.rs` | the in-flight window (events and bytes): when to stop reading WAL |
-//! | `publisher.rs` | produce, topic preparation, retries with backoff, dead letters |
-//! | `partitions.rs` | exactly once: each record's partition, and the ledger of what it holds |
 //! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
 //! | `ack_tracker.rs` | which LSN may be confirmed |
 //! | `error.rs` | the error taxonomy and the one function that decides what to do |
@@ -48,31 +47,31 @@
 //!
 //! A lost connection, a restart of PostgreSQL or another relay holding the
 //! slot ends a session. The next one starts only once nothing is in flight
-//! (the producer never gives up on a record), so it resumes exactly after
-//! the watermark, with a fresh tracker.
+//! (the producer never gives up on a record), at the slot's own position,
+//! with a fresh tracker. A producer that failed for good (another relay
+//! took over its transactional id) abandons what it had in flight: the
+//! next session reads it again from the slot.
 
 mod ack_tracker;
-mod apply;
 mod confirmer;
 mod error;
 mod link;
-mod partitions;
-mod publisher;
+mod reconnect;
 mod session;
+mod wal_relay;
 mod window;
 
 #[cfg(test)]
-mod memory_sink;
+mod scripted;
 #[cfg(test)]
 mod tests;
 
 use std::time::Duration;
 
 pub use ack_tracker::{AckError, AckTracker, TxnTicket};
-pub use apply::{Relay, count_ack, sleep_until};
-pub use error::{Decision, Failure, RelayError, StreamError, decide};
-pub use publisher::{Outcome, Outgoing, Publisher, PublisherEvent, TopicFailures, backoff};
+pub use error::{Decision, RelayError, StreamError, decide};
 pub use session::{Connector, PgConnector, SessionStart, WalStream};
+pub use wal_relay::WalRelay;
 
 use crate::postgres::ConnectionConfig;
 use crate::router::RouterConfig;
@@ -118,4 +117,7 @@ pub struct RelayConfig {
     /// Prefix of walrelay's own heartbeat messages: never published, used
     /// to measure replication latency.
     pub heartbeat_prefix: String,
+    /// Exactly once: the Kafka transactional id; `None` for
+    /// `walrelay.<system identifier>.<slot>`.
+    pub transactional_id: Option<String>,
 }

@@ -8,16 +8,15 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::error::{RelayError, StreamError};
-use crate::ledger::{Position, TimelineHistory};
 use crate::lsn::Lsn;
 use crate::pgoutput::{LogicalMessage, Message, PgTimestamp, StreamDecoder, TupleData};
+use crate::publish::{LocalBoxFuture, Position};
 use crate::relation_cache::{RelationCache, RelationInfo};
 use crate::replication::{
     ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
-    ReplicationStream, StartOptions,
+    ReplicationStream, StartOptions, TimelineHistory,
 };
 use crate::router::{ChangeAt, ChangeContext};
-use crate::sink::LocalBoxFuture;
 
 /// The replication stream as the relay uses it. `ReplicationStream`
 /// implements it; the relay's tests use a scripted one.
@@ -60,8 +59,7 @@ pub struct SessionStart {
     pub system_id: String,
     /// The server's timeline and its ancestors.
     pub history: TimelineHistory,
-    /// The slot's confirmed position: the stream starts at the later of it
-    /// and the relay's own watermark.
+    /// The slot's confirmed position, where the stream starts.
     pub slot_confirmed: Lsn,
     /// The host streaming, for the dashboard.
     pub host: String,
@@ -71,12 +69,8 @@ pub struct SessionStart {
 /// relay's tests hand out scripted streams.
 pub trait Connector {
     type Stream: WalStream;
-    /// Connects and starts streaming after `start` (the relay's watermark;
-    /// the server resumes from the slot's position if that is later).
-    fn connect(
-        &mut self,
-        start: Lsn,
-    ) -> LocalBoxFuture<Result<(Self::Stream, SessionStart), RelayError>>;
+    /// Connects and starts streaming from the slot's own position.
+    fn connect(&mut self) -> LocalBoxFuture<Result<(Self::Stream, SessionStart), RelayError>>;
 }
 
 /// A decoded, checked item of the stream.
@@ -286,14 +280,12 @@ pub struct PgConnector {
 impl Connector for PgConnector {
     type Stream = ReplicationStream;
 
-    fn connect(
-        &mut self,
-        start: Lsn,
-    ) -> LocalBoxFuture<Result<(ReplicationStream, SessionStart), RelayError>> {
+    fn connect(&mut self) -> LocalBoxFuture<Result<(ReplicationStream, SessionStart), RelayError>> {
         let pg = self.pg.clone();
         let options = StartOptions {
             slot: self.slot.clone(),
-            start_lsn: start,
+            // 0/0: the server starts at the slot's confirmed position.
+            start_lsn: Lsn::ZERO,
             publications: vec![self.publication.clone()],
             proto_version: self.proto_version,
             messages: true,

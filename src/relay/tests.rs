@@ -5,15 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
-use super::memory_sink::{MemoryBroker, ScriptedServer, wire};
-use super::{Relay, RelayConfig, RelayError};
+use super::scripted::{ScriptedServer, wire};
+use super::{RelayConfig, RelayError, WalRelay};
 use crate::live::LiveState;
 use crate::lsn::Lsn;
+use crate::publish::memory::MemoryBroker;
 use crate::replication::{ConnectionConfig, ReplicationEvent};
 use crate::router::{OutboxColumns, RouterConfig};
+use crate::shutdown::{Shutdown, ShutdownTrigger};
 
 fn config() -> RelayConfig {
     RelayConfig {
@@ -42,21 +44,22 @@ fn config() -> RelayConfig {
         delivery: super::DeliveryGuarantee::ExactlyOnce,
         exactly_once_lookback: 100_000,
         heartbeat_prefix: "walrelay.heartbeat".into(),
+        transactional_id: None,
     }
 }
 
 /// A relay running on a local task, with its handles.
 struct Harness {
     server: ScriptedServer,
-    stop: watch::Sender<bool>,
+    stop: ShutdownTrigger,
     findings: mpsc::Sender<crate::monitor::Finding>,
     relay: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
 
 fn start(config: RelayConfig, server: &ScriptedServer, broker: &MemoryBroker) -> Harness {
-    let (stop, shutdown) = watch::channel(false);
+    let (stop, shutdown) = Shutdown::new();
     let (findings_tx, findings) = mpsc::channel(1);
-    let relay = Relay::new(
+    let relay = WalRelay::new(
         config,
         server.connector(),
         broker.sink(),
@@ -132,7 +135,7 @@ async fn a_full_window_stops_reading_wal_and_keeps_sending_status_updates() {
                 ["id-1", "id-2", "id-3", "id-4", "id-5"]
             );
             assert_eq!(h.server.confirmed(), Lsn(5000));
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -144,7 +147,7 @@ async fn a_failed_delivery_is_sent_again_after_its_backoff_and_holds_the_waterma
         .run_until(async {
             let server = ScriptedServer::default();
             let broker = MemoryBroker::default();
-            broker.fail_next(crate::sink::BrokerError::transient(
+            broker.fail_next(crate::publish::BrokerError::transient(
                 "Local: Broker transport failure",
             ));
             let wal = server.session();
@@ -166,7 +169,7 @@ async fn a_failed_delivery_is_sent_again_after_its_backoff_and_holds_the_waterma
             assert_eq!(ids(&broker.log("outbox.event.order")), ["a"]);
             run_for(Duration::from_millis(100)).await;
             assert_eq!(h.server.confirmed(), Lsn(1000));
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -194,7 +197,7 @@ async fn a_record_the_broker_refuses_for_good_becomes_a_dead_letter_and_the_stre
                 Some(b"too_large".to_vec())
             );
             assert_eq!(h.server.confirmed(), Lsn(2000));
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -214,7 +217,7 @@ async fn shutdown_drains_in_flight_events_confirms_them_and_ends_the_stream() {
                 wire::transaction(1000, &[("a", "k", "{}"), ("b", "k", "{}")]),
             );
             run_for(Duration::from_millis(100)).await;
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             run_for(Duration::from_secs(3)).await;
             assert!(!h.relay.is_finished(), "waits for the in-flight events");
             push(&wal, wire::transaction(2000, &[("late", "k", "{}")]));
@@ -250,7 +253,7 @@ async fn a_shutdown_that_times_out_confirms_only_what_was_acknowledged() {
             broker.pause();
             push(&wal, wire::transaction(2000, &[("b", "k", "{}")]));
             run_for(Duration::from_millis(100)).await;
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             tokio::time::timeout(Duration::from_secs(3), h.relay)
                 .await
                 .expect("the shutdown timeout ends the wait")
@@ -316,7 +319,7 @@ async fn the_watermark_never_passes_an_unacknowledged_event_whatever_the_ack_ord
                 run_for(Duration::from_secs(1)).await;
                 assert_eq!(acked.len(), txns.iter().map(|(_, ids)| ids.len()).sum::<usize>());
                 assert_eq!(h.server.confirmed(), Lsn(8000), "seed {seed}");
-                h.stop.send(true).unwrap();
+                h.stop.trigger();
                 h.relay.await.unwrap().unwrap();
             })
             .await;
@@ -346,14 +349,17 @@ async fn after_a_lost_connection_the_relay_waits_for_in_flight_events_then_resum
             run_for(Duration::from_secs(2)).await;
             assert_eq!(
                 *h.server.starts.lock().unwrap(),
-                [Lsn::ZERO, Lsn(1000)],
-                "the next session starts after the acknowledged transaction"
+                [Lsn::ZERO, Lsn::ZERO],
+                "the next session starts at the slot's position: the stream ended before the event was confirmed"
             );
+            // The server replays the unconfirmed transaction: already in
+            // Kafka, it is skipped.
+            push(&second, wire::transaction(1000, &[("a", "k", "{}")]));
             push(&second, wire::transaction(2000, &[("b", "k", "{}")]));
             run_for(Duration::from_millis(100)).await;
             assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b"]);
             assert_eq!(h.server.confirmed(), Lsn(2000));
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -382,7 +388,7 @@ async fn keepalive_wal_ends_are_confirmed_only_when_nothing_is_in_flight() {
             broker.resume();
             run_for(Duration::from_millis(50)).await;
             assert_eq!(h.server.confirmed(), Lsn(1000));
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -457,14 +463,17 @@ async fn a_broker_that_acknowledges_nothing_makes_the_relay_let_go_of_the_slot_u
             run_for(Duration::from_millis(100)).await;
             assert_eq!(
                 *h.server.starts.lock().unwrap(),
-                [Lsn::ZERO, Lsn(2000)],
-                "streaming again after the acknowledged event"
+                [Lsn::ZERO, Lsn(1000)],
+                "streaming again once the event is acknowledged, from the slot's position"
             );
+            // The server replays what the slot had not confirmed: already
+            // in Kafka, it is skipped.
+            push(&second, wire::transaction(2000, &[("b", "k", "{}")]));
             push(&second, wire::transaction(3000, &[("c", "k", "{}")]));
             run_for(Duration::from_millis(100)).await;
             assert_eq!(ids(&broker.log("outbox.event.order")), ["a", "b", "c"]);
             assert_eq!(h.server.confirmed(), Lsn(3000));
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -494,10 +503,10 @@ async fn a_server_shutting_down_makes_the_relay_end_its_session_at_once() {
             run_for(Duration::from_secs(30)).await;
             assert_eq!(
                 *h.server.starts.lock().unwrap(),
-                [Lsn::ZERO, Lsn(2000)],
-                "back after the in-flight events, from the watermark"
+                [Lsn::ZERO, Lsn::ZERO],
+                "back after the in-flight events, from the slot's position"
             );
-            h.stop.send(true).unwrap();
+            h.stop.trigger();
             h.relay.await.unwrap().unwrap();
         })
         .await;
@@ -512,7 +521,7 @@ async fn run_then_crash(
     txns: &[(u64, Vec<(&str, &str)>)],
 ) -> ScriptedServer {
     let server = ScriptedServer::default();
-    *server.slot_confirmed.lock().unwrap() = Lsn(slot_confirmed);
+    *server.slot_confirmed.lock().unwrap() = Some(Lsn(slot_confirmed));
     let wal = server.session();
     let h = start(config(), &server, broker);
     for (end, rows) in txns {
@@ -584,7 +593,7 @@ async fn records_of_another_producer_are_passed_over_and_hide_nothing() {
             // under another source, and one without headers.
             let mut foreign = broker.log("outbox.event.order")[1].clone();
             for (name, value) in foreign.headers.iter_mut() {
-                if name == crate::ledger::ORIGIN_HEADER {
+                if name == crate::publish::ORIGIN_HEADER {
                     *value = bytes::Bytes::from_static(b"9999/other/1");
                 }
                 if name == "id" {
@@ -698,7 +707,7 @@ async fn at_least_once_publishes_again_what_was_not_confirmed() {
                 "published again, as before exactly-once"
             );
             assert!(
-                log[0].header(crate::ledger::POSITION_HEADER).is_none(),
+                log[0].header(crate::publish::POSITION_HEADER).is_none(),
                 "no position header"
             );
         })

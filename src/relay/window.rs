@@ -43,18 +43,16 @@ impl InFlightWindow {
         self.export();
     }
 
-    /// An event in the window was replaced by one of another size (its
-    /// dead letter).
-    pub fn resize(&mut self, old_bytes: usize, new_bytes: usize) {
-        self.bytes = self.bytes - old_bytes + new_bytes;
-        self.export();
-    }
-
-    /// An event left the window.
     pub fn release(&mut self, bytes: usize) {
         self.events -= 1;
         self.bytes -= bytes;
         self.export();
+    }
+
+    /// Forgets everything in flight (it will be read again).
+    pub fn clear(&mut self) {
+        self.events = 0;
+        self.bytes = 0;
     }
 
     pub fn events(&self) -> usize {
@@ -90,11 +88,13 @@ mod tests {
         assert!(w.has_room());
         w.admit(95);
         assert!(!w.has_room(), "105 bytes");
-        w.resize(95, 5);
         w.release(10);
         assert!(w.has_room());
         assert_eq!(w.events(), 1);
-        w.release(5);
+        w.release(95);
+        assert!(w.is_empty());
+        w.admit(7);
+        w.clear();
         assert!(w.is_empty());
     }
 }

@@ -1,13 +1,6 @@
-//! Exactly once without broker transactions: the log is the ledger.
+//! Exactly once: the log is the ledger.
 //!
-//! Every record carries its **position** (`walrelay_position`): the commit
-//! LSN of its transaction, the LSN of its own change, and its rank among
-//! changes sharing that LSN (the rows of one multi-row INSERT). A replay
-//! from the slot's confirmed LSN yields the same changes with the same
-//! positions: they come from the WAL, not from walrelay's configuration or
-//! the publication. Every record also carries its **origin**
-//! (`walrelay_origin`: system identifier, slot and timeline).
-//!
+//! Every record carries its position and origin (`position.rs`).
 //! walrelay picks each record's partition itself (murmur2 of the key, as
 //! the Java client does), so on the first send to a partition in a process
 //! it reads that partition's tail and collects the positions of its own
@@ -23,140 +16,11 @@
 //! from, at or after the fork) does not count: the new history may hold a
 //! different event at the same position.
 
-use std::collections::{BTreeMap, HashSet};
-use std::fmt;
-use std::str::FromStr;
+use std::collections::HashSet;
 
+use super::position::{Origin, Position};
 use crate::lsn::Lsn;
-
-/// Header carrying a record's position.
-pub const POSITION_HEADER: &str = "walrelay_position";
-/// Header carrying a record's origin.
-pub const ORIGIN_HEADER: &str = "walrelay_origin";
-
-/// Where an event comes from in the WAL. Orders as the stream does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Position {
-    /// The commit record of the event's transaction.
-    pub commit: Lsn,
-    /// The event's own change.
-    pub change: Lsn,
-    /// Its rank among the transaction's changes at the same LSN.
-    pub rank: u16,
-}
-
-impl fmt::Display for Position {
-    /// Fixed width, so the text sorts as the position compares.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:016X}/{:016X}/{:04X}",
-            self.commit.0, self.change.0, self.rank
-        )
-    }
-}
-
-impl FromStr for Position {
-    type Err = ();
-
-    fn from_str(text: &str) -> Result<Self, ()> {
-        let mut parts = text.split('/');
-        let mut hex64 = || {
-            let part = parts.next().ok_or(())?;
-            (part.len() == 16)
-                .then(|| u64::from_str_radix(part, 16).map_err(|_| ()))
-                .ok_or(())?
-        };
-        let commit = Lsn(hex64()?);
-        let change = Lsn(hex64()?);
-        let rank = parts.next().ok_or(())?;
-        if rank.len() != 4 || parts.next().is_some() {
-            return Err(());
-        }
-        Ok(Position {
-            commit,
-            change,
-            rank: u16::from_str_radix(rank, 16).map_err(|_| ())?,
-        })
-    }
-}
-
-/// Who wrote a record: a cluster (system identifier), a slot, a timeline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Origin {
-    pub system_id: String,
-    pub slot: String,
-    pub timeline: u32,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.system_id, self.slot, self.timeline)
-    }
-}
-
-impl Origin {
-    /// Parses `SYSTEM_ID/SLOT/TIMELINE` (slot names never hold a '/').
-    pub fn parse(text: &str) -> Option<Origin> {
-        let (rest, timeline) = text.rsplit_once('/')?;
-        let (system_id, slot) = rest.split_once('/')?;
-        Some(Origin {
-            system_id: system_id.to_owned(),
-            slot: slot.to_owned(),
-            timeline: timeline.parse().ok()?,
-        })
-    }
-
-    /// The same source: cluster and slot, whatever the timeline.
-    pub fn same_source(&self, other: &Origin) -> bool {
-        self.system_id == other.system_id && self.slot == other.slot
-    }
-}
-
-/// The current timeline and where each of its ancestors ended
-/// (`TIMELINE_HISTORY`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TimelineHistory {
-    pub current: u32,
-    /// Ancestor timeline -> the LSN at which the history switched away
-    /// from it.
-    pub switch_points: BTreeMap<u32, Lsn>,
-}
-
-impl TimelineHistory {
-    pub fn new(current: u32) -> Self {
-        TimelineHistory {
-            current,
-            switch_points: BTreeMap::new(),
-        }
-    }
-
-    /// Parses a timeline history file: `TLI<TAB>LSN<TAB>reason` lines.
-    pub fn parse(current: u32, content: &str) -> TimelineHistory {
-        let mut history = TimelineHistory::new(current);
-        for line in content.lines() {
-            let mut fields = line.split_whitespace();
-            if let (Some(tli), Some(lsn)) = (fields.next(), fields.next())
-                && let (Ok(tli), Ok(lsn)) = (tli.parse::<u32>(), lsn.parse::<Lsn>())
-            {
-                history.switch_points.insert(tli, lsn);
-            }
-        }
-        history
-    }
-
-    /// Whether a commit at `commit` written on `timeline` is part of the
-    /// current history.
-    pub fn contains(&self, timeline: u32, commit: Lsn) -> bool {
-        if timeline == self.current {
-            return true;
-        }
-        match self.switch_points.get(&timeline) {
-            Some(end) => commit < *end,
-            None => false,
-        }
-    }
-}
+use crate::replication::TimelineHistory;
 
 /// What a tail scan reads of one record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +52,12 @@ pub struct LedgerScan {
     present: HashSet<Position>,
     older_seen: usize,
     read: usize,
+    /// Own records' positions, in the order read (newest first).
+    own: Vec<Position>,
+    /// The largest number of own records one record was out of order by.
+    disorder: usize,
+    /// Why the reader could not show the whole tail, if it could not.
+    unsure: Option<ScanEnd>,
 }
 
 /// Whether a scan wants the next older record.
@@ -197,14 +67,39 @@ pub enum Scan {
     Enough,
 }
 
-/// How a scan ended.
+/// How a scan ended. Every end but `Complete` means events not seen are
+/// published again: duplicates are possible (never a loss), and the
+/// relay counts it in `walrelay_partitions_at_least_once_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanEnd {
-    /// It saw `margin` own records from before the start, or the beginning.
+    /// It saw `margin` own records from before the start, or the beginning
+    /// of a partition that was never trimmed.
     Complete,
-    /// It read `lookback` records first: events it did not see are
-    /// published, which may duplicate some (never lose any).
+    /// It read `lookback` records first.
     LookbackExceeded,
+    /// It reached the partition's first record, but retention or
+    /// compaction had removed older ones (the log starts past offset 0),
+    /// before it saw `margin` own records from before the start.
+    Truncated,
+    /// Another producer's open transaction hides what was written after
+    /// it (a `read_committed` reader stops there).
+    Hidden,
+    /// Own records were out of position order by more than half the
+    /// margin, so older ones may lie past where the scan stopped.
+    Disordered,
+}
+
+impl ScanEnd {
+    /// The metric label of an unsure end.
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            ScanEnd::Complete => None,
+            ScanEnd::LookbackExceeded => Some("lookback"),
+            ScanEnd::Truncated => Some("truncated"),
+            ScanEnd::Hidden => Some("open_transaction"),
+            ScanEnd::Disordered => Some("disorder"),
+        }
+    }
 }
 
 /// A partition's ledger: the positions known to be in it.
@@ -240,6 +135,9 @@ impl LedgerScan {
             present: HashSet::new(),
             older_seen: 0,
             read: 0,
+            own: Vec::new(),
+            disorder: 0,
+            unsure: None,
         }
     }
 
@@ -247,6 +145,13 @@ impl LedgerScan {
     pub fn push(&mut self, record: &TailRecord) -> Scan {
         self.read += 1;
         if let Some(position) = self.own_position(record) {
+            // Newest first, positions should only fall; one that rises is
+            // out of order by the records read before it that are lower.
+            if self.own.last().is_some_and(|last| position > *last) {
+                let depth = self.own.iter().filter(|p| **p < position).count();
+                self.disorder = self.disorder.max(depth);
+            }
+            self.own.push(position);
             if position.commit >= self.request.start {
                 self.present.insert(position);
             } else {
@@ -274,14 +179,32 @@ impl LedgerScan {
             .then_some(position)
     }
 
+    /// The reader reached the partition's first record, at `log_start`:
+    /// past 0, older records were removed.
+    pub fn reached_log_start(&mut self, log_start: i64) {
+        if log_start > 0 && self.older_seen < self.request.margin.max(1) {
+            self.unsure.get_or_insert(ScanEnd::Truncated);
+        }
+    }
+
+    /// The reader could only see up to the last stable offset, below the
+    /// high watermark: an open transaction hides the rest.
+    pub fn hidden_by_open_transaction(&mut self) {
+        self.unsure = Some(ScanEnd::Hidden);
+    }
+
     /// The ledger, and whether the scan was complete.
     pub fn finish(self) -> (Ledger, ScanEnd) {
-        let end =
-            if self.read >= self.request.lookback && self.older_seen < self.request.margin.max(1) {
-                ScanEnd::LookbackExceeded
-            } else {
-                ScanEnd::Complete
-            };
+        let margin = self.request.margin.max(1);
+        let end = if self.read >= self.request.lookback && self.older_seen < margin {
+            ScanEnd::LookbackExceeded
+        } else if let Some(unsure) = self.unsure {
+            unsure
+        } else if self.disorder * 2 >= margin {
+            ScanEnd::Disordered
+        } else {
+            ScanEnd::Complete
+        };
         (
             Ledger {
                 present: self.present,
@@ -308,49 +231,6 @@ impl LedgerScan {
     }
 }
 
-/// Kafka's murmur2, as the Java client computes it.
-pub fn murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h: u32 = SEED ^ data.len() as u32;
-    let mut chunks = data.chunks_exact(4);
-    for chunk in &mut chunks {
-        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= u32::from(rest[2]) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= u32::from(rest[1]) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= u32::from(rest[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
-/// The partition of a record: murmur2 of its key as the Java client (and
-/// librdkafka's `murmur2_random`) pick it; a record without a key gets one
-/// from its position, so a replay lands where the first try did.
-pub fn partition_for(key: Option<&[u8]>, position: &Position, partitions: i32) -> i32 {
-    let hash = match key {
-        Some(key) => murmur2(key),
-        None => murmur2(position.to_string().as_bytes()),
-    };
-    (hash & 0x7fff_ffff) % partitions.max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,66 +242,6 @@ mod tests {
             change: Lsn(change),
             rank,
         }
-    }
-
-    #[test]
-    fn positions_print_fixed_width_sort_as_they_compare_and_parse_back() {
-        let a = pos(0x16B3748, 0x16B3700, 0);
-        let b = pos(0x16B3748, 0x16B3700, 1);
-        let c = pos(0x1_0000_0000, 0x10, 0);
-        assert_eq!(a.to_string(), "00000000016B3748/00000000016B3700/0000");
-        let mut texts = [c.to_string(), b.to_string(), a.to_string()];
-        texts.sort();
-        assert_eq!(texts, [a.to_string(), b.to_string(), c.to_string()]);
-        assert!(a < b && b < c);
-        assert_eq!(a.to_string().parse::<Position>(), Ok(a));
-        assert!("16B3748/0/0".parse::<Position>().is_err());
-    }
-
-    #[test]
-    fn murmur2_matches_the_java_client() {
-        // Values computed by Kafka's Utils.murmur2.
-        for (key, hash) in [
-            ("1", -1993445489),
-            ("12", 126087238),
-            ("123", -267702483),
-            ("1234", -1614185708),
-            ("12345", -1188365604),
-        ] {
-            assert_eq!(murmur2(key.as_bytes()), hash, "{key}");
-        }
-    }
-
-    #[test]
-    fn origins_round_trip_and_compare_by_cluster_and_slot() {
-        let o = Origin {
-            system_id: "7321".into(),
-            slot: "walrelay".into(),
-            timeline: 3,
-        };
-        assert_eq!(o.to_string(), "7321/walrelay/3");
-        let back = Origin::parse("7321/walrelay/3").unwrap();
-        assert_eq!(back, o);
-        assert!(o.same_source(&Origin::parse("7321/walrelay/1").unwrap()));
-        assert!(!o.same_source(&Origin::parse("7321/other/3").unwrap()));
-        assert_eq!(Origin::parse("junk"), None);
-    }
-
-    #[test]
-    fn a_record_past_the_fork_of_an_ancestor_timeline_is_not_in_the_history() {
-        let h = TimelineHistory::parse(
-            3,
-            "1\t0/3000000\tno recovery target specified\n2\t0/5000000\tno recovery target specified\n",
-        );
-        assert!(h.contains(3, Lsn(0x9000000)));
-        assert!(h.contains(1, Lsn(0x2FFFFFF)));
-        assert!(
-            !h.contains(1, Lsn(0x3000000)),
-            "written after timeline 1 ended"
-        );
-        assert!(h.contains(2, Lsn(0x4000000)));
-        assert!(!h.contains(2, Lsn(0x5000000)));
-        assert!(!h.contains(4, Lsn(0x10)), "not an ancestor");
     }
 
     fn record(origin: &str, position: Position, offset: i64) -> TailRecord {
@@ -492,6 +312,33 @@ mod tests {
         }
         assert_eq!(scan.read(), 3);
         assert_eq!(scan.finish().1, ScanEnd::LookbackExceeded);
+    }
+
+    #[test]
+    fn a_scan_says_when_it_cannot_be_sure() {
+        let own = |c: u64, offset| record("7/walrelay/2", pos(c, c, 0), offset);
+        // Reached the first record of a trimmed log before the margin.
+        let mut trimmed = LedgerScan::new(request(0x4000, 2, 1000));
+        trimmed.push(&own(0x4100, 101));
+        trimmed.reached_log_start(100);
+        assert_eq!(trimmed.finish().1, ScanEnd::Truncated);
+        // The same at offset 0 is the whole log.
+        let mut whole = LedgerScan::new(request(0x4000, 2, 1000));
+        whole.push(&own(0x4100, 1));
+        whole.reached_log_start(0);
+        assert_eq!(whole.finish().1, ScanEnd::Complete);
+        // An open transaction of another producer hid the rest.
+        let mut hidden = LedgerScan::new(request(0x4000, 2, 1000));
+        hidden.hidden_by_open_transaction();
+        assert_eq!(hidden.finish().1, ScanEnd::Hidden);
+        // Own records out of order by as many as the margin.
+        let mut disordered = LedgerScan::new(request(0x4000, 4, 1000));
+        for (i, c) in [0x5000, 0x4900, 0x4800, 0x5100, 0x3000].iter().enumerate() {
+            disordered.push(&own(*c, 10 - i as i64));
+        }
+        assert_eq!(disordered.finish().1, ScanEnd::Disordered);
+        assert_eq!(ScanEnd::Disordered.reason(), Some("disorder"));
+        assert_eq!(ScanEnd::Complete.reason(), None);
     }
 
     #[derive(Debug, Clone)]

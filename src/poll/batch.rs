@@ -1,0 +1,260 @@
+//! One claimed batch on its way: each row's record, what became of it, and
+//! what to write back when the batch settles.
+
+use std::time::Duration;
+
+use super::claim::{ClaimedRow, FailedRow, OutboxTable};
+use crate::metrics as m;
+use crate::pgoutput::PgTimestamp;
+use crate::publish::{Outcome, Outgoing, backoff};
+use crate::record::KafkaRecord;
+use crate::router::{ChangeAt, ChangeContext, Routed, Router};
+
+/// What travels with a row's record through the publisher and back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowTag {
+    /// The batch it belongs to.
+    pub batch: u64,
+    /// Its place in the batch.
+    pub index: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum RowState {
+    Sending,
+    /// In Kafka (as itself or as its dead letter).
+    Published,
+    Failed {
+        error: String,
+    },
+}
+
+struct Row {
+    row: ClaimedRow,
+    /// What was sent: the event's record, or its dead letter.
+    record: KafkaRecord,
+    /// Why the row went to the dead-letter topic, if it did.
+    dead_letter: Option<String>,
+    state: RowState,
+}
+
+pub struct Batch {
+    pub number: u64,
+    pub table: OutboxTable,
+    rows: Vec<Row>,
+    /// The out-of-attempts rows' dead letters were sent.
+    last_tries_sent: bool,
+}
+
+/// What to write back for a settled batch.
+pub struct Settlement {
+    pub published: Vec<(i64, Option<String>)>,
+    pub failed: Vec<FailedRow>,
+}
+
+impl Batch {
+    /// The claimed rows as records (or their dead letters, if a row cannot
+    /// be one).
+    pub fn new(number: u64, table: OutboxTable, rows: Vec<ClaimedRow>, router: &Router) -> Self {
+        let rows = rows
+            .into_iter()
+            .map(|row| {
+                let ctx = ChangeContext {
+                    at: ChangeAt::Seq(row.seq),
+                    commit_time: row.created,
+                };
+                let (record, dead_letter) =
+                    match router.route_insert(&table.relation, &row.tuple, ctx) {
+                        Routed::Event(record) => (record, None),
+                        Routed::DeadLetter { record, error } => {
+                            tracing::warn!(seq = row.seq, reason = %error, kind = error.kind(), "unroutable row sent to the dead-letter topic");
+                            metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "unroutable")
+                                .increment(1);
+                            (record, Some(error.to_string()))
+                        }
+                        Routed::Ignored => unreachable!("the relation is an outbox table"),
+                    };
+                Row {
+                    row,
+                    record,
+                    dead_letter,
+                    state: RowState::Sending,
+                }
+            })
+            .collect();
+        Batch {
+            number,
+            table,
+            rows,
+            last_tries_sent: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Every row's record, to hand to the publisher.
+    pub fn outgoing(&self) -> Vec<Outgoing<RowTag>> {
+        (0..self.rows.len()).map(|i| self.outgoing_of(i)).collect()
+    }
+
+    fn outgoing_of(&self, index: usize) -> Outgoing<RowTag> {
+        let row = &self.rows[index];
+        Outgoing {
+            record: row.record.clone(),
+            tag: RowTag {
+                batch: self.number,
+                index,
+            },
+            position: None,
+            dead_letter: row.dead_letter.is_some(),
+        }
+    }
+
+    /// When a row was created, for its insert-to-ack latency.
+    pub fn created(&self, tag: RowTag) -> PgTimestamp {
+        self.rows[tag.index].row.created
+    }
+
+    /// Applies what became of records; true if any row settled. Records to
+    /// send instead (a refused record's dead letter) are returned.
+    pub fn apply(
+        &mut self,
+        outcome: Outcome<RowTag>,
+        dead_letter_topic: &str,
+    ) -> (bool, Option<Outgoing<RowTag>>) {
+        let tag = match &outcome {
+            Outcome::Delivered { tag, .. }
+            | Outcome::Refused { tag, .. }
+            | Outcome::Failed { tag, .. }
+            | Outcome::Skipped { tag } => *tag,
+        };
+        if tag.batch != self.number || self.rows[tag.index].state != RowState::Sending {
+            return (false, None); // of a batch given up on
+        }
+        let (tag, state) = match outcome {
+            Outcome::Delivered {
+                tag, dead_letter, ..
+            } => {
+                if dead_letter && self.rows[tag.index].dead_letter.is_none() {
+                    self.rows[tag.index].dead_letter = Some("the broker refused the record".into());
+                }
+                (tag, RowState::Published)
+            }
+            Outcome::Refused {
+                tag,
+                record,
+                error,
+                kind,
+                dead_letter: false,
+            } => {
+                // The broker will never take it: its dead letter goes
+                // instead.
+                metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected").increment(1);
+                let dead = crate::router::broker_dead_letter(
+                    dead_letter_topic,
+                    &record,
+                    &error.message,
+                    kind,
+                    kind != "too_large",
+                );
+                let row = &mut self.rows[tag.index];
+                row.record = dead;
+                row.dead_letter = Some(error.message.clone());
+                return (false, Some(self.outgoing_of(tag.index)));
+            }
+            // A dead letter the broker refused too: logged by the
+            // publisher; the row moves on rather than wedge its aggregate.
+            Outcome::Refused { tag, error, .. } => {
+                tracing::error!(seq = self.rows[tag.index].row.seq, reason = %error, "the dead-letter topic refused a row's dead letter; the row is settled");
+                (tag, RowState::Published)
+            }
+            Outcome::Failed { tag, error } => (tag, RowState::Failed { error }),
+            Outcome::Skipped { tag } => (tag, RowState::Published),
+        };
+        self.rows[tag.index].state = state;
+        (true, None)
+    }
+
+    /// Rows still on their way.
+    pub fn sending(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| r.state == RowState::Sending)
+            .count()
+    }
+
+    /// Bytes of the records still on their way.
+    pub fn sending_bytes(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| r.state == RowState::Sending)
+            .map(|r| r.record.size())
+            .sum()
+    }
+
+    /// Rows that failed their last attempt go to the dead-letter topic,
+    /// once: their records, to hand to the publisher.
+    pub fn last_tries(
+        &mut self,
+        max_attempts: u32,
+        dead_letter_topic: &str,
+    ) -> Vec<Outgoing<RowTag>> {
+        if self.last_tries_sent {
+            return Vec::new();
+        }
+        self.last_tries_sent = true;
+        let mut out = Vec::new();
+        for i in 0..self.rows.len() {
+            let row = &mut self.rows[i];
+            let RowState::Failed { error } = &row.state else {
+                continue;
+            };
+            if row.row.attempts as u32 + 1 < max_attempts {
+                continue;
+            }
+            let reason = format!("failed {} times; last error: {error}", row.row.attempts + 1);
+            tracing::warn!(seq = row.row.seq, %reason, "row out of attempts: sending it to the dead-letter topic");
+            metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "max_attempts").increment(1);
+            row.record = crate::router::broker_dead_letter(
+                dead_letter_topic,
+                &row.record,
+                &reason,
+                "max_attempts",
+                true,
+            );
+            row.dead_letter = Some(reason);
+            row.state = RowState::Sending;
+            out.push(self.outgoing_of(i));
+        }
+        out
+    }
+
+    /// What to write back: published rows go (or are marked), failed rows
+    /// count an attempt and wait.
+    pub fn settlement(&self, max_backoff: Duration) -> Settlement {
+        let mut settlement = Settlement {
+            published: Vec::new(),
+            failed: Vec::new(),
+        };
+        for row in &self.rows {
+            match &row.state {
+                RowState::Published => settlement
+                    .published
+                    .push((row.row.seq, row.dead_letter.clone())),
+                RowState::Failed { error } => {
+                    metrics::counter!(m::POLL_ROW_FAILURES_TOTAL).increment(1);
+                    settlement.failed.push(FailedRow {
+                        seq: row.row.seq,
+                        aggregate: row.row.aggregate.clone(),
+                        error: error.clone(),
+                        retry_in: backoff(row.row.attempts as u32 + 2, max_backoff),
+                    });
+                }
+                RowState::Sending => unreachable!("a batch settles once every row did"),
+            }
+        }
+        settlement
+    }
+}

@@ -1,0 +1,420 @@
+//! An in-memory broker, for testing the publisher and both sources
+//! in-process with tokio's paused time. It keeps a log per partition as
+//! Kafka does, transactions included: records of an open or aborted
+//! transaction are in the log but invisible to readers (`read_committed`),
+//! and taking over a transactional id fences the previous holder. The test
+//! decides when records are acknowledged, which fail, and which are too
+//! large.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::position::{ORIGIN_HEADER, POSITION_HEADER};
+use super::scan::{LedgerScan, Scan, TailRecord};
+use super::sink::{
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
+    TopicError,
+};
+use crate::record::KafkaRecord;
+
+/// A record in a partition's log.
+#[derive(Clone, Debug)]
+struct Logged {
+    record: KafkaRecord,
+    /// The transaction it was written in, if any.
+    txn: Option<u64>,
+}
+
+/// A record sent and not yet acknowledged.
+struct Held {
+    record: KafkaRecord,
+    partition: i32,
+    id: RecordId,
+    sink: usize,
+    txn: Option<u64>,
+    /// The transactional id and epoch that sent it.
+    holder: Option<(String, u32)>,
+}
+
+#[derive(Default)]
+struct BrokerState {
+    logs: HashMap<(String, i32), Vec<Logged>>,
+    /// Partition counts of topics that have more than one.
+    partitions: HashMap<String, i32>,
+    held: VecDeque<Held>,
+    paused: bool,
+    /// The next deliveries fail with these errors.
+    fail_next: VecDeque<BrokerError>,
+    /// Records larger than this are refused as too large.
+    max_record_bytes: Option<usize>,
+    /// Topics writes to which are refused as not authorized.
+    unauthorized: HashSet<String>,
+    /// Every send, in order.
+    sent: usize,
+    /// Topics that do not exist and may not be created.
+    missing_topics: Vec<String>,
+    committed: HashSet<u64>,
+    next_txn: u64,
+    /// Transactional id -> the epoch of its current holder.
+    epochs: HashMap<String, u32>,
+    /// Each sink's delivery channel.
+    deliveries: Vec<mpsc::UnboundedSender<Delivery>>,
+}
+
+impl BrokerState {
+    fn visible(&self, logged: &Logged) -> bool {
+        logged.txn.is_none_or(|t| self.committed.contains(&t))
+    }
+}
+
+/// The test's handle on the in-memory broker.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    state: Arc<Mutex<BrokerState>>,
+}
+
+impl MemoryBroker {
+    /// A sink without transactions.
+    pub fn sink(&self) -> MemorySink {
+        self.make_sink(false)
+    }
+
+    /// A sink that writes in transactions.
+    pub fn transactional_sink(&self) -> MemorySink {
+        self.make_sink(true)
+    }
+
+    fn make_sink(&self, transactional: bool) -> MemorySink {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = self.state.lock().unwrap();
+        state.deliveries.push(tx);
+        MemorySink {
+            broker: self.clone(),
+            index: state.deliveries.len() - 1,
+            deliveries: rx,
+            transactional,
+            holder: None,
+            txn: None,
+        }
+    }
+
+    /// Holds every delivery until `resume` or `release`.
+    pub fn pause(&self) {
+        self.state.lock().unwrap().paused = true;
+    }
+
+    /// Acknowledges everything held, in order, and what comes after.
+    pub fn resume(&self) {
+        self.state.lock().unwrap().paused = false;
+        while !self.state.lock().unwrap().held.is_empty() {
+            self.release(0);
+        }
+    }
+
+    /// Acknowledges (or fails) the `index`-th held record.
+    pub fn release(&self, index: usize) {
+        let mut state = self.state.lock().unwrap();
+        let held = state.held.remove(index).expect("a held record");
+        let fenced = held
+            .holder
+            .as_ref()
+            .is_some_and(|(id, epoch)| state.epochs.get(id) != Some(epoch));
+        let next_failure = if fenced {
+            Some(fenced_error())
+        } else {
+            state.fail_next.pop_front()
+        };
+        let result = match next_failure {
+            Some(error) => Err(error),
+            None if state.unauthorized.contains(&held.record.topic) => Err(BrokerError {
+                class: BrokerErrorClass::NotAuthorized,
+                message: "Broker: Topic authorization failed".into(),
+            }),
+            None => match state.max_record_bytes {
+                Some(max) if held.record.size() > max => Err(BrokerError {
+                    class: BrokerErrorClass::TooLarge,
+                    message: "Broker: Message size too large".into(),
+                }),
+                _ => {
+                    state
+                        .logs
+                        .entry((held.record.topic.clone(), held.partition))
+                        .or_default()
+                        .push(Logged {
+                            record: held.record,
+                            txn: held.txn,
+                        });
+                    Ok(())
+                }
+            },
+        };
+        let _ = state.deliveries[held.sink].send(Delivery {
+            id: held.id,
+            result,
+        });
+    }
+
+    pub fn fail_next(&self, error: BrokerError) {
+        self.state.lock().unwrap().fail_next.push_back(error);
+    }
+
+    /// `topic` does not exist and may not be created.
+    pub fn without_topic(&self, topic: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .missing_topics
+            .push(topic.to_owned());
+    }
+
+    pub fn refuse_records_over(&self, bytes: usize) {
+        self.state.lock().unwrap().max_record_bytes = Some(bytes);
+    }
+
+    /// Writes to `topic` are refused as not authorized (or allowed again).
+    pub fn authorize(&self, topic: &str, allowed: bool) {
+        let mut state = self.state.lock().unwrap();
+        if allowed {
+            state.unauthorized.remove(topic);
+        } else {
+            state.unauthorized.insert(topic.to_owned());
+        }
+    }
+
+    /// Records a `read_committed` reader sees in `topic`, partition after
+    /// partition.
+    pub fn log(&self, topic: &str) -> Vec<KafkaRecord> {
+        let state = self.state.lock().unwrap();
+        let mut keys: Vec<&(String, i32)> = state.logs.keys().filter(|(t, _)| t == topic).collect();
+        keys.sort();
+        keys.iter()
+            .flat_map(|k| state.logs[*k].iter())
+            .filter(|l| state.visible(l))
+            .map(|l| l.record.clone())
+            .collect()
+    }
+
+    /// Records in `topic`'s log, visible or not (a `read_uncommitted`
+    /// reader's view).
+    pub fn log_uncommitted(&self, topic: &str) -> Vec<KafkaRecord> {
+        let state = self.state.lock().unwrap();
+        state
+            .logs
+            .iter()
+            .filter(|((t, _), _)| t == topic)
+            .flat_map(|(_, log)| log.iter().map(|l| l.record.clone()))
+            .collect()
+    }
+
+    /// `topic` has `n` partitions.
+    pub fn set_partitions(&self, topic: &str, n: i32) {
+        self.state
+            .lock()
+            .unwrap()
+            .partitions
+            .insert(topic.to_owned(), n);
+    }
+
+    /// Another producer writes `record` to `partition`.
+    pub fn append(&self, partition: i32, record: KafkaRecord) {
+        self.state
+            .lock()
+            .unwrap()
+            .logs
+            .entry((record.topic.clone(), partition))
+            .or_default()
+            .push(Logged { record, txn: None });
+    }
+
+    /// Records handed to the broker and not yet acknowledged.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().held.len()
+    }
+
+    /// Every send so far (retries included).
+    pub fn sent(&self) -> usize {
+        self.state.lock().unwrap().sent
+    }
+}
+
+pub struct MemorySink {
+    broker: MemoryBroker,
+    index: usize,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    transactional: bool,
+    /// The transactional id and epoch this sink holds.
+    holder: Option<(String, u32)>,
+    txn: Option<u64>,
+}
+
+impl MemorySink {
+    /// Whether another sink took this one's transactional id over.
+    fn fenced(&self, state: &BrokerState) -> bool {
+        self.holder
+            .as_ref()
+            .is_some_and(|(id, epoch)| state.epochs.get(id) != Some(epoch))
+    }
+}
+
+fn fenced_error() -> BrokerError {
+    BrokerError {
+        class: BrokerErrorClass::Fenced,
+        message: "Broker: Producer fenced by a newer instance".into(),
+    }
+}
+
+impl Sink for MemorySink {
+    fn transactional(&self) -> bool {
+        self.transactional
+    }
+
+    fn send(
+        &mut self,
+        record: &KafkaRecord,
+        partition: Option<i32>,
+        id: RecordId,
+    ) -> Result<(), SendRefused> {
+        let paused = {
+            let mut state = self.broker.state.lock().unwrap();
+            if self.transactional && (self.txn.is_none() || self.fenced(&state)) {
+                return Err(SendRefused::Rejected(fenced_error()));
+            }
+            state.sent += 1;
+            state.held.push_back(Held {
+                record: record.clone(),
+                partition: partition.unwrap_or(0),
+                id,
+                sink: self.index,
+                txn: self.txn,
+                holder: self.holder.clone(),
+            });
+            state.paused
+        };
+        if !paused {
+            let last = self.broker.held() - 1;
+            self.broker.release(last);
+        }
+        Ok(())
+    }
+
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.deliveries.poll_recv(cx)
+    }
+
+    fn prepare_topic(&self, topic: &str, _create: bool) -> LocalBoxFuture<Result<i32, TopicError>> {
+        let state = self.broker.state.lock().unwrap();
+        let missing = state.missing_topics.iter().any(|t| t == topic);
+        let partitions = state.partitions.get(topic).copied().unwrap_or(1);
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            if missing {
+                Err(TopicError::Missing(topic))
+            } else {
+                Ok(partitions)
+            }
+        })
+    }
+
+    fn scan_tail(
+        &self,
+        topic: &str,
+        partition: i32,
+        mut scan: LedgerScan,
+    ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>> {
+        let state = self.broker.state.lock().unwrap();
+        let log: Vec<(usize, KafkaRecord)> = state
+            .logs
+            .get(&(topic.to_owned(), partition))
+            .map(|log| {
+                log.iter()
+                    .enumerate()
+                    .filter(|(_, l)| state.visible(l))
+                    .map(|(offset, l)| (offset, l.record.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(state);
+        Box::pin(async move {
+            for (offset, record) in log.iter().rev() {
+                let header = |name: &str| {
+                    record
+                        .header(name)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                let tail = TailRecord {
+                    offset: *offset as i64,
+                    origin: header(ORIGIN_HEADER),
+                    position: header(POSITION_HEADER),
+                };
+                if scan.push(&tail) == Scan::Enough {
+                    break;
+                }
+            }
+            Ok(scan)
+        })
+    }
+
+    fn init(&mut self, transactional_id: &str) -> LocalBoxFuture<Result<(), BrokerError>> {
+        let mut state = self.broker.state.lock().unwrap();
+        let epoch = state.epochs.get(transactional_id).map_or(0, |e| e + 1);
+        // The previous holder is fenced: its open transaction never
+        // commits (its records stay invisible) and what it still sends is
+        // refused.
+        state.epochs.insert(transactional_id.to_owned(), epoch);
+        self.holder = Some((transactional_id.to_owned(), epoch));
+        self.txn = None;
+        Box::pin(async { Ok(()) })
+    }
+
+    fn begin(&mut self) -> Result<(), BrokerError> {
+        let mut state = self.broker.state.lock().unwrap();
+        if self.fenced(&state) {
+            return Err(fenced_error());
+        }
+        state.next_txn += 1;
+        self.txn = Some(state.next_txn);
+        Ok(())
+    }
+
+    fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
+        let broker = self.broker.clone();
+        let holder = self.holder.clone();
+        let txn = self.txn.take();
+        Box::pin(async move {
+            loop {
+                {
+                    let mut state = broker.state.lock().unwrap();
+                    let fenced = holder
+                        .as_ref()
+                        .is_some_and(|(id, epoch)| state.epochs.get(id) != Some(epoch));
+                    if fenced {
+                        return Err(fenced_error());
+                    }
+                    // A commit flushes: it waits for its records.
+                    if !state.held.iter().any(|h| h.txn == txn) {
+                        if let Some(txn) = txn {
+                            state.committed.insert(txn);
+                        }
+                        return Ok(());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    }
+
+    fn abort(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
+        let txn = self.txn.take();
+        self.broker
+            .state
+            .lock()
+            .unwrap()
+            .held
+            .retain(|h| h.txn != txn || txn.is_none());
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,45 @@
+//! The publishing layer: records into Kafka, below both sources.
+//!
+//! ```text
+//!   WAL relay ─┐                        ┌─ topics.rs      prepared, counted, read again
+//!              ├─ Outgoing ─> Publisher ┼─ ledgers.rs     exactly once: what a partition holds (scan.rs)
+//!   poll ──────┘  <─ Outcome ─          ├─ partitioner.rs Java's murmur2
+//!                                       └─ Sink ─> kafka::KafkaSink (or memory.rs in tests)
+//! ```
+//!
+//! | file | role |
+//! | --- | --- |
+//! | `publisher.rs` | order, waiting, retries, transactions, outcomes |
+//! | `sink.rs` | the broker as the publisher sees it: the `Sink` trait, classified errors |
+//! | `error.rs` | `PublishError`, and what a failed delivery means |
+//! | `topics.rs` | each topic's state and partition count |
+//! | `ledgers.rs`, `scan.rs` | exactly once: which positions each partition already holds |
+//! | `position.rs` | the position and origin every exactly-once record carries |
+//! | `partitioner.rs` | where a key goes |
+//! | `memory.rs` | an in-memory broker with transactions, for in-process tests |
+//!
+//! A source hands over [`Outgoing`] records with a tag of its own and gets
+//! [`Outcome`]s back, from [`Publisher::publish`] and [`Publisher::next`];
+//! it imports nothing of the other source, and the publisher nothing of
+//! either.
+
+mod error;
+mod ledgers;
+#[cfg(test)]
+pub mod memory;
+mod partitioner;
+pub mod position;
+mod publisher;
+pub mod scan;
+pub mod sink;
+mod topics;
+
+pub use error::{DeliveryDecision, PublishError, decide};
+pub use ledgers::{Replay, ScanSettings};
+pub use partitioner::{murmur2, partition_for};
+pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
+pub use publisher::{Outcome, Outgoing, Publisher, PublisherConfig, TopicFailures, backoff};
+pub use sink::{
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
+    TopicError,
+};

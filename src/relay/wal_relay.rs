@@ -1,0 +1,619 @@
+//! The WAL relay: one biased `select!` over everything that can happen,
+//! in this order of priority, and the handlers of each:
+//!
+//! 1. shutdown: stop reading WAL, drain what is in flight, confirm, end;
+//! 2. a finding of the slot monitor (a dropped outbox table ends the relay);
+//! 3. the publisher: what became of records (they free the window and move
+//!    the watermark);
+//! 4. a status update due to PostgreSQL (periodic, or coalesced after the
+//!    watermark moved);
+//! 5. the replication link: a connection attempt finishing, or new WAL
+//!    while the window has room;
+//! 6. the timers: the broker stall (events wait and nothing was
+//!    acknowledged for `--broker-stall-timeout`), reconnecting (only once
+//!    nothing is in flight) and the shutdown deadline.
+//!
+//! No branch waits on anything but its own future, so shutdown, deliveries
+//! and the walsender are answered whatever else is going on.
+//!
+//! # Never holding the database
+//!
+//! At shutdown a walsender waits until its client has confirmed everything
+//! it sent, and walrelay confirms only what the broker acknowledged. So
+//! while the broker is away, or while a long backlog drains, a connected
+//! relay would hold PostgreSQL's shutdown. Two rules prevent that: when
+//! events wait and nothing has been acknowledged for the stall timeout,
+//! the relay ends its session cleanly (the walsender exits) and keeps
+//! waiting on the producer, streaming again once everything in flight is
+//! acknowledged; and when the slot monitor sees the server shutting down,
+//! the relay ends its session at once. Either way the slot keeps its
+//! confirmed position, so nothing is lost.
+//!
+//! # Where a session starts
+//!
+//! Always at the slot's own position, as the server reports it: never at a
+//! position learned from another server. After a failover to a standby
+//! that lagged, the promoted server's slot may be behind the watermark
+//! confirmed to the old primary; starting there, not at the watermark,
+//! streams the new primary's first commits instead of skipping them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::ack_tracker::TxnTicket;
+use super::confirmer::Confirmer;
+use super::error::{RelayError, decide};
+use super::link::{Link, LinkEvent, Release};
+use super::reconnect::{Next, ReconnectPolicy};
+use super::session::{Connector, Session, SessionStart, WalItem};
+use super::window::InFlightWindow;
+use super::{DeliveryGuarantee, RelayConfig};
+use crate::live::{LiveState, Role};
+use crate::metrics as m;
+use crate::monitor::Finding;
+use crate::pgoutput::PgTimestamp;
+use crate::publish::{
+    ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
+    PublisherConfig, Replay, ScanSettings, Sink, TopicFailures,
+};
+use crate::router::{Routed, Router};
+use crate::shutdown::Shutdown;
+
+/// How long ending a session cleanly may take before the connection is
+/// simply dropped.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What travels with each record through the publisher and back.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct EventTag {
+    txn: TxnTicket,
+    commit_time: PgTimestamp,
+    /// The record's size, released from the window when it is settled.
+    bytes: usize,
+    position: Position,
+}
+
+/// The transaction being applied.
+struct OpenTxn {
+    ticket: TxnTicket,
+    commit_time: PgTimestamp,
+    /// When a heartbeat in this transaction was emitted (Unix microseconds).
+    heartbeat_emitted_at: Option<i64>,
+}
+
+pub struct WalRelay<C: Connector, S: Sink> {
+    config: RelayConfig,
+    connector: C,
+    /// Built when the first session tells the system identifier.
+    router: Option<Router>,
+    window: InFlightWindow,
+    confirmer: Confirmer,
+    publisher: Publisher<S, EventTag>,
+    live: Arc<LiveState>,
+    findings: mpsc::Receiver<Finding>,
+    open: Option<OpenTxn>,
+    reconnect: ReconnectPolicy,
+    /// The last acknowledgement, or when events started to wait.
+    last_progress: Instant,
+    /// Exactly once: this session's origin as the header every record
+    /// carries (formatted once per session, not per record).
+    origin_header: Option<Bytes>,
+}
+
+impl<C: Connector, S: Sink> WalRelay<C, S> {
+    pub fn new(
+        config: RelayConfig,
+        connector: C,
+        sink: S,
+        live: Arc<LiveState>,
+        findings: mpsc::Receiver<Finding>,
+    ) -> Self {
+        let exactly_once =
+            (config.delivery == DeliveryGuarantee::ExactlyOnce).then(|| ScanSettings {
+                lookback: config.exactly_once_lookback,
+                dead_letter_topic: config.router.dead_letter_topic.clone(),
+                window: config.max_in_flight_events,
+            });
+        let publisher = Publisher::new(
+            sink,
+            PublisherConfig {
+                dead_letter_topic: config.router.dead_letter_topic.clone(),
+                topic_failures: TopicFailures::Stop,
+                exactly_once,
+            },
+        );
+        WalRelay {
+            window: InFlightWindow::new(config.max_in_flight_events, config.max_in_flight_bytes),
+            confirmer: Confirmer::new(config.status_interval),
+            reconnect: ReconnectPolicy::new(
+                config.max_backoff,
+                config.permanent_error_attempts,
+                config.standby_retry,
+            ),
+            publisher,
+            router: None,
+            connector,
+            live,
+            findings,
+            open: None,
+            last_progress: Instant::now(),
+            origin_header: None,
+            config,
+        }
+    }
+
+    /// Runs until shutdown (then drains and returns `Ok`) or a permanent
+    /// error.
+    pub async fn run(mut self, mut shutdown: Shutdown) -> Result<(), RelayError> {
+        let mut link: Link<C::Stream> = Link::Idle {
+            reconnect_at: Instant::now(),
+        };
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            if let Some(deadline) = stop_deadline {
+                if self.window.is_empty() || Instant::now() >= deadline {
+                    return self.stop(link).await;
+                }
+            }
+            let streaming = link.is_streaming();
+            let reading = streaming
+                && stop_deadline.is_none()
+                && self.publisher.accepting()
+                && self.window.has_room();
+            let feedback_at = streaming.then(|| self.confirmer.due_at());
+            let stall_at = (streaming && stop_deadline.is_none() && !self.window.is_empty())
+                .then(|| self.last_progress + self.config.broker_stall_timeout);
+            let reconnect_at = match &link {
+                Link::Idle { reconnect_at }
+                    if stop_deadline.is_none() && self.window.is_empty() =>
+                {
+                    Some(*reconnect_at)
+                }
+                _ => None,
+            };
+            let outcome: Result<(), RelayError> = tokio::select! {
+                biased;
+                () = shutdown.wait(), if stop_deadline.is_none() => {
+                    tracing::info!(in_flight = self.window.events(), "stopping: draining in-flight events");
+                    stop_deadline = Some(Instant::now() + self.config.shutdown_timeout);
+                    Ok(())
+                }
+                Some(finding) = self.findings.recv() => match finding {
+                    Finding::Outbox(problem) => Err(RelayError::Outbox(problem)),
+                    Finding::ServerStopping => self.release(&mut link, Release::ServerStopping).await,
+                },
+                outcomes = self.publisher.next() => match outcomes {
+                    Ok(outcomes) => self.settle(outcomes),
+                    Err(error) => Err(error.into()),
+                },
+                () = sleep_until(feedback_at), if feedback_at.is_some() => {
+                    self.send_feedback(&mut link, false).await
+                }
+                event = link.next(reading) => match event {
+                    LinkEvent::Connected(Ok((stream, start))) => {
+                        self.on_connected(start);
+                        link = Link::Streaming(Session::new(stream));
+                        Ok(())
+                    }
+                    LinkEvent::Connected(Err(error)) => Err(error),
+                    LinkEvent::Item(Ok(item)) => self.apply(item, &mut link).await,
+                    LinkEvent::Item(Err(error)) => Err(error),
+                },
+                () = sleep_until(stall_at), if stall_at.is_some() => {
+                    self.release(&mut link, Release::BrokerStalled).await
+                }
+                () = sleep_until(reconnect_at), if reconnect_at.is_some() => {
+                    link = Link::Connecting(self.connector.connect());
+                    Ok(())
+                }
+                () = sleep_until(stop_deadline), if stop_deadline.is_some() => Ok(()),
+            };
+            if let Err(error) = outcome {
+                self.on_error(error, &mut link)?;
+            }
+        }
+    }
+
+    /// Applies one item of the stream.
+    async fn apply(&mut self, item: WalItem, link: &mut Link<C::Stream>) -> Result<(), RelayError> {
+        match item {
+            WalItem::Begin { commit_time, .. } => {
+                self.open = Some(OpenTxn {
+                    ticket: self.confirmer.begin(),
+                    commit_time,
+                    heartbeat_emitted_at: None,
+                });
+                metrics::counter!(m::TRANSACTIONS_TOTAL).increment(1);
+            }
+            WalItem::Commit { end_lsn } => {
+                let txn = self
+                    .open
+                    .take()
+                    .expect("the session pairs Begin and Commit");
+                self.confirmer
+                    .commit(txn.ticket, end_lsn, txn.heartbeat_emitted_at)?;
+            }
+            WalItem::Insert {
+                relation,
+                tuple,
+                ctx,
+                position,
+            } => {
+                let txn = self
+                    .open
+                    .as_ref()
+                    .expect("the session checks inserts are in a transaction");
+                let (ticket, commit_time) = (txn.ticket, txn.commit_time);
+                let routed = self.router().route_insert(&relation, &tuple, ctx);
+                self.publish(routed, ticket, commit_time, position)?;
+            }
+            WalItem::Message {
+                message,
+                ctx,
+                in_transaction,
+                position,
+            } => {
+                if message.prefix == self.config.heartbeat_prefix {
+                    // Our own heartbeat: never published. Its transaction
+                    // has no events, so it is confirmed as soon as
+                    // everything before it is, which measures latency.
+                    if let (Some(txn), true) = (self.open.as_mut(), in_transaction) {
+                        txn.heartbeat_emitted_at = crate::heartbeat::emitted_at(&message.content);
+                    }
+                    return Ok(());
+                }
+                let routed = self.router().route_message(&message, ctx);
+                if routed == Routed::Ignored {
+                    return Ok(());
+                }
+                match self.open.as_ref() {
+                    Some(txn) if in_transaction => {
+                        let (ticket, commit_time) = (txn.ticket, txn.commit_time);
+                        self.publish(routed, ticket, commit_time, position)?;
+                    }
+                    _ => {
+                        // A non-transactional message stands alone in the
+                        // stream: it gets a transaction of its own in the
+                        // tracker, ending at its LSN, so it is confirmed in
+                        // stream order.
+                        let ticket = self.confirmer.begin();
+                        self.publish(routed, ticket, ctx.commit_time, position)?;
+                        self.confirmer.commit(ticket, message.lsn, None)?;
+                    }
+                }
+            }
+            WalItem::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                self.confirmer.server_idle_at(wal_end);
+                if reply_requested {
+                    self.send_feedback(link, false).await?;
+                }
+            }
+            WalItem::Other => {}
+        }
+        Ok(())
+    }
+
+    fn router(&self) -> &Router {
+        self.router
+            .as_ref()
+            .expect("the router is built when the first session starts")
+    }
+
+    /// Hands a routed change to the publisher, if it is one.
+    fn publish(
+        &mut self,
+        routed: Routed,
+        txn: TxnTicket,
+        commit_time: PgTimestamp,
+        position: Position,
+    ) -> Result<(), RelayError> {
+        let (mut record, dead_letter) = match routed {
+            Routed::Ignored => return Ok(()),
+            Routed::Event(record) => (record, false),
+            Routed::DeadLetter { record, error } => {
+                tracing::warn!(reason = %error, kind = error.kind(), "unroutable change sent to the dead-letter topic");
+                metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "unroutable").increment(1);
+                (record, true)
+            }
+        };
+        self.confirmer.event_sent(txn)?;
+        if self.window.is_empty() {
+            // Events start to wait: the stall clock starts now.
+            self.last_progress = Instant::now();
+        }
+        // Exactly once: the record says where it comes from, so a later
+        // process can tell it is already in the log.
+        if let Some(origin) = &self.origin_header {
+            record.headers.push((
+                POSITION_HEADER.to_owned(),
+                Bytes::from(position.to_string()),
+            ));
+            record
+                .headers
+                .push((ORIGIN_HEADER.to_owned(), origin.clone()));
+        }
+        let tag = EventTag {
+            txn,
+            commit_time,
+            bytes: record.size(),
+            position,
+        };
+        self.window.admit(tag.bytes);
+        let outcomes = self.publisher.publish(Outgoing {
+            record,
+            tag,
+            position: self.origin_header.is_some().then_some(position),
+            dead_letter,
+        });
+        self.settle(outcomes)
+    }
+
+    /// Applies what became of records to the window and the watermark.
+    fn settle(&mut self, outcomes: Vec<Outcome<EventTag>>) -> Result<(), RelayError> {
+        let mut outcomes = std::collections::VecDeque::from(outcomes);
+        while let Some(outcome) = outcomes.pop_front() {
+            let tag = match outcome {
+                Outcome::Delivered {
+                    tag,
+                    topic,
+                    dead_letter,
+                } => {
+                    m::count_delivered(&self.live, topic, tag.commit_time, dead_letter);
+                    tag
+                }
+                Outcome::Skipped { tag } => {
+                    self.live
+                        .counters
+                        .events_skipped
+                        .fetch_add(1, Ordering::Relaxed);
+                    tag
+                }
+                Outcome::Refused {
+                    tag,
+                    record,
+                    error,
+                    kind,
+                    dead_letter: false,
+                } => {
+                    // The broker will never take it: its dead letter goes
+                    // instead, and settles the event.
+                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
+                        .increment(1);
+                    let dead = crate::router::broker_dead_letter(
+                        &self.config.router.dead_letter_topic,
+                        &record,
+                        &error.message,
+                        kind,
+                        kind != "too_large",
+                    );
+                    let position = self.origin_header.is_some().then_some(tag.position);
+                    outcomes.extend(self.publisher.publish(Outgoing {
+                        record: dead,
+                        tag,
+                        position,
+                        dead_letter: true,
+                    }));
+                    continue;
+                }
+                Outcome::Refused {
+                    tag, record, error, ..
+                } => {
+                    let id = record
+                        .header("id")
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    tracing::error!(topic = %record.topic, id = ?id, reason = %error, "the dead-letter topic refused a record; it is logged here and skipped");
+                    metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "dead_letter_rejected")
+                        .increment(1);
+                    tag
+                }
+                Outcome::Failed { error, .. } => {
+                    unreachable!("the WAL relay's publisher stops on topic errors: {error}")
+                }
+            };
+            self.last_progress = Instant::now();
+            self.window.release(tag.bytes);
+            self.confirmer.ack(tag.txn)?;
+        }
+        self.live
+            .record_in_flight(self.window.events(), self.window.bytes());
+        Ok(())
+    }
+
+    /// Sends a status update with the watermark, if streaming.
+    async fn send_feedback(
+        &mut self,
+        link: &mut Link<C::Stream>,
+        reply: bool,
+    ) -> Result<(), RelayError> {
+        let Link::Streaming(session) = link else {
+            return Ok(());
+        };
+        let lsn = self.confirmer.to_report();
+        session.send_feedback(lsn, reply).await?;
+        self.confirmer.reported(lsn);
+        self.live.set_confirmed(lsn);
+        Ok(())
+    }
+
+    fn on_connected(&mut self, start: SessionStart) {
+        if self.router.is_none() {
+            self.router = Some(Router::new(
+                self.config.router.clone(),
+                start.system_id.clone(),
+            ));
+        }
+        // The server streams from the slot's position: the watermark starts
+        // there (see "Where a session starts").
+        self.confirmer.restart(start.slot_confirmed);
+        self.open = None;
+        self.reconnect.session_started(self.confirmer.confirmed());
+        let origin = Origin {
+            system_id: start.system_id.clone(),
+            slot: self.config.slot.clone(),
+            timeline: start.history.current,
+        };
+        let exactly_once = self.config.delivery == DeliveryGuarantee::ExactlyOnce;
+        let replay = exactly_once.then(|| Replay {
+            origin: origin.clone(),
+            history: start.history.clone(),
+            start: start.slot_confirmed,
+        });
+        let transactional_id = self
+            .config
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("walrelay.{}.{}", start.system_id, self.config.slot));
+        self.publisher
+            .begin_session(replay, exactly_once.then_some(transactional_id));
+        self.origin_header = exactly_once.then(|| Bytes::from(origin.to_string()));
+        tracing::info!(slot = %self.config.slot, host = %start.host, start = %start.slot_confirmed, timeline = start.history.current, "streaming");
+        self.live.set_host(Some(start.host));
+        self.set_waiting_for_broker(false);
+        self.set_connected(true);
+    }
+
+    /// Ends the session on purpose, cleanly, so the walsender exits and
+    /// PostgreSQL is not held: the watermark is confirmed first, events in
+    /// flight are still waited for, and streaming starts again after them.
+    async fn release(
+        &mut self,
+        link: &mut Link<C::Stream>,
+        why: Release,
+    ) -> Result<(), RelayError> {
+        if !link.is_streaming() {
+            return Ok(());
+        }
+        self.send_feedback(link, false).await?;
+        let reconnect_at = match why {
+            Release::BrokerStalled => {
+                tracing::warn!(
+                    in_flight = self.window.events(),
+                    stall_timeout = ?self.config.broker_stall_timeout,
+                    "the broker acknowledged nothing: letting go of the slot so PostgreSQL is not held; streaming again once the broker answers"
+                );
+                self.set_waiting_for_broker(true);
+                Instant::now()
+            }
+            Release::ServerStopping => {
+                tracing::info!("PostgreSQL is shutting down: letting go of the slot");
+                Instant::now() + crate::publish::backoff(1, self.config.max_backoff)
+            }
+        };
+        metrics::counter!(m::SLOT_RELEASES_TOTAL, "reason" => match why {
+            Release::BrokerStalled => "broker",
+            Release::ServerStopping => "server_stopping",
+        })
+        .increment(1);
+        if let Link::Streaming(session) = std::mem::replace(link, Link::Idle { reconnect_at }) {
+            match tokio::time::timeout(FINISH_TIMEOUT, session.finish()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(error = %error, "ending the session"),
+                Err(_) => tracing::debug!("the server did not end the stream in time; closed"),
+            }
+        }
+        self.open = None;
+        self.set_connected(false);
+        self.live.set_role(Role::Starting);
+        Ok(())
+    }
+
+    fn set_waiting_for_broker(&self, waiting: bool) {
+        metrics::gauge!(m::WAITING_FOR_BROKER).set(if waiting { 1.0 } else { 0.0 });
+        self.live.set_waiting_for_broker(waiting);
+    }
+
+    /// A session (or the relay) failed: decide whether to reconnect, stand
+    /// by, or stop.
+    fn on_error(
+        &mut self,
+        error: RelayError,
+        link: &mut Link<C::Stream>,
+    ) -> Result<(), RelayError> {
+        self.set_connected(false);
+        self.open = None;
+        self.live.set_last_error(&error.to_string());
+        if let RelayError::Publish(_) = error {
+            // The producer is made anew: what was in flight is read again
+            // from the slot (exactly once, what already landed is skipped).
+            let dropped = self.publisher.discard();
+            tracing::warn!(error = %error, dropped, "the producer failed; reading the events in flight again from the slot");
+            self.window.clear();
+            self.confirmer.abandon_in_flight();
+        }
+        let wait = match self
+            .reconnect
+            .after(decide(&error), self.confirmer.confirmed())
+        {
+            Next::Stop => return Err(error),
+            Next::StandBy(wait) => {
+                // High availability: another relay streams from the slot.
+                // Stand by and ask again soon, so a takeover takes seconds.
+                if self.live.role() != Role::Standby {
+                    tracing::info!(slot = %self.config.slot, "the slot is held by another process; standing by");
+                    self.live.set_role(Role::Standby);
+                }
+                wait
+            }
+            Next::Reconnect(wait) => {
+                self.live.set_role(Role::Starting);
+                tracing::warn!(error = %error, attempt = self.reconnect.attempt(), retry_in = ?wait, "replication interrupted");
+                metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
+                self.live
+                    .counters
+                    .reconnects
+                    .fetch_add(1, Ordering::Relaxed);
+                wait
+            }
+        };
+        // Dropping the session closes its connection; events still in
+        // flight are waited for before the next one starts.
+        *link = Link::Idle {
+            reconnect_at: Instant::now() + wait,
+        };
+        Ok(())
+    }
+
+    /// Confirms what was acknowledged and ends the session cleanly.
+    async fn stop(mut self, mut link: Link<C::Stream>) -> Result<(), RelayError> {
+        if !self.window.is_empty() {
+            tracing::warn!(
+                in_flight = self.window.events(),
+                "shutdown timeout: unacknowledged events will be sent again on restart"
+            );
+        }
+        self.send_feedback(&mut link, false).await?;
+        if let Link::Streaming(session) = link {
+            match tokio::time::timeout(FINISH_TIMEOUT, session.finish()).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!("the server did not end the stream in time; closing"),
+            }
+        }
+        self.set_connected(false);
+        tracing::info!(confirmed = %self.confirmer.confirmed(), "stopped");
+        Ok(())
+    }
+
+    fn set_connected(&self, connected: bool) {
+        metrics::gauge!(m::REPLICATION_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+        self.live.set_connected(connected);
+        if !connected {
+            self.live.set_host(None);
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
