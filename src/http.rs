@@ -96,6 +96,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::gauge!(crate::metrics::CONFIRMED_LSN).set(0.0);
     metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(0.0);
     metrics::counter!(crate::metrics::RECONNECTS_TOTAL).absolute(0);
+    metrics::counter!(crate::metrics::MONITOR_ERRORS_TOTAL).absolute(0);
     metrics::counter!(crate::metrics::EVENTS_SKIPPED_TOTAL).absolute(0);
     metrics::counter!(crate::metrics::PARTITION_RECOVERIES_TOTAL).absolute(0);
     Ok(handle)
