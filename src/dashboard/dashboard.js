@@ -56,15 +56,21 @@
 
   // Text that wraps only between words: each word in a span that does not
   // wrap inside (a hyphen or a slash is not a place to break a value).
+  // A long dotted name (a topic, a table) may break after a dot, as
+  // addresses do, and nowhere else.
   function words(el, text) {
     const parts = String(text).split(/[ \t\n]+/).filter((w) => w.length > 0);
     const nodes = [];
     parts.forEach((w, i) => {
       if (i > 0) nodes.push(document.createTextNode(" "));
-      const span = document.createElement("span");
-      span.className = "w";
-      span.textContent = w;
-      nodes.push(span);
+      const pieces = w.length > 20 ? w.split(/(?<=\.)(?=.)/) : [w];
+      pieces.forEach((piece, j) => {
+        if (j > 0) nodes.push(document.createElement("wbr"));
+        const span = document.createElement("span");
+        span.className = "w";
+        span.textContent = piece;
+        nodes.push(span);
+      });
     });
     el.replaceChildren(...nodes);
   }
@@ -96,7 +102,7 @@
     const axis = self.axes[axisIdx];
     if (cycleNum > 1) return axis._size;
     let size = axis.ticks.size + axis.gap;
-    const longest = (values || []).reduce((a, v) => (v.length > a.length ? v : a), "");
+    const longest = (values || []).reduce((a, v) => (v && v.length > a.length ? v : a), "");
     if (longest) {
       self.ctx.font = axis.font[0];
       size += self.ctx.measureText(longest).width / devicePixelRatio;
@@ -294,17 +300,22 @@
         (S, H) => ({ label: "Dead letters", value: num(S.dead_letters), sub: rate(recentRate(H, "dead_lettered")) + " / s, last 10 s", alert: recentRate(H, "dead_lettered") > 0 }),
         latencyCard("Produced → stored"),
         (S) => ({ label: "In hand", value: num(S.in_flight) + " records", sub: "batch " + num(S.subject.max_in_flight_events) + " records" }),
-        (S) => ({
-          label: "Partitions", long: true,
-          value: S.inbox && S.inbox.partitions.length ? S.inbox.partitions.map((p) => p.topic + "/" + p.partition).join(" ") : "none assigned",
-          sub: "group " + (S.subject.group || "–"),
-        }),
+        (S) => {
+          const held = (S.inbox && S.inbox.partitions) || [];
+          return {
+            label: "Partitions", value: held.length ? num(held.length) + " assigned" : "none assigned",
+            sub: held.map((p) => p.topic + "/" + p.partition).join(" ") + " · group " + (S.subject.group || "–"),
+          };
+        },
         totalsCard("Stored", null),
       ],
       charts: [
         {
           id: "lag", title: "Consumer lag per partition", axis: "count", partitions: true,
-          note: "Records between the inbox's next offset and the high watermark.",
+          note: (S, H) => {
+            const prefix = commonPrefix(Object.keys(H.partitions));
+            return "Records between the inbox's next offset and the high watermark" + (prefix ? " (topics " + prefix + "…)" : "") + ".";
+          },
           series: [],
         },
         {
@@ -606,10 +617,21 @@
   }
 
   // ---- charts --------------------------------------------------------------
+  // What partition names share up to a dot ("ns.outbox.event."): said once
+  // in the note, left out of the legend.
+  function commonPrefix(names) {
+    if (!names.length) return "";
+    let prefix = names[0];
+    for (const n of names) while (!n.startsWith(prefix)) prefix = prefix.slice(0, -1);
+    return prefix.slice(0, prefix.lastIndexOf(".") + 1);
+  }
+
   function chartSeries(def, S, H) {
     if (!def.partitions) return def.series.filter((s) => !s.when || s.when(S));
-    return Object.keys(H.partitions).sort().map((name, i) => ({
-      label: name, colour: PARTITION_COLOURS[i % PARTITION_COLOURS.length],
+    const names = Object.keys(H.partitions).sort();
+    const prefix = commonPrefix(names);
+    return names.map((name, i) => ({
+      label: name.slice(prefix.length), name, colour: PARTITION_COLOURS[i % PARTITION_COLOURS.length],
       metric: "walrelay_inbox_consumer_lag", values: (h) => h.partitions[name],
     }));
   }
@@ -647,8 +669,10 @@
       return {
         scale: side === 1 ? "y2" : "y", side: side === 1 ? 1 : 3,
         stroke: C.muted, font: "12px system-ui, sans-serif", size: axisSize, gap: 4,
-        grid: { show: side !== 1, stroke: C.line, width: 1, filter: kind === "ms" ? powersOfTen : undefined },
-        ticks: { stroke: C.line, width: 1, size: 4, filter: kind === "ms" ? powersOfTen : undefined },
+        // (uPlot takes a key given as undefined as the value: only set it
+        // where it applies.)
+        grid: { show: side !== 1, stroke: C.line, width: 1, ...(kind === "ms" ? { filter: powersOfTen } : {}) },
+        ticks: { stroke: C.line, width: 1, size: 4, ...(kind === "ms" ? { filter: powersOfTen } : {}) },
         // A log axis leaves out some splits' labels (null).
         incrs: axisIncrs, values: (u, splits) => splits.map((v) => (v === null ? null : axisFormat(v))), space: 28,
       };
@@ -675,7 +699,7 @@
         ...series.map((s) => {
           const [, fmt] = AXES[s.scale === "y2" ? def.axis2 : def.axis];
           return {
-            label: s.label, stroke: s.colour, width: 2, dash: s.dash, scale: s.scale || "y",
+            label: s.label, stroke: s.colour, width: 2, scale: s.scale || "y", ...(s.dash ? { dash: s.dash } : {}),
             points: { show: false }, spanGaps: false,
             value: (u, v, si, idx) => {
               if (s.raw && idx !== null && idx !== undefined) {
@@ -741,7 +765,7 @@
         return next;
       }
       chart.u.setData(chartData(series, S, H));
-      const note = typeof chart.def.note === "function" ? chart.def.note(S) : chart.def.note || "";
+      const note = typeof chart.def.note === "function" ? chart.def.note(S, H) : chart.def.note || "";
       words(chart.note, note);
       chart.note.hidden = !note;
       if (chart.u.cursor.idx === null || chart.u.cursor.idx === undefined) {
@@ -769,7 +793,7 @@
           const xs = c.u.data[0];
           let first = null, readings = 0;
           values.forEach((v, j) => { if (!missing(v)) { readings++; if (first === null) first = xs[j] * 1000; } });
-          return { label: s.label, metric: s.metric, limitMetric: s.limitMetric || null, readings, firstReadingMs: first };
+          return { label: s.label, name: s.name || s.label, metric: s.metric, limitMetric: s.limitMetric || null, readings, firstReadingMs: first };
         }),
       })),
       stateMetric: "walrelay_state",

@@ -99,7 +99,7 @@ for (const size of SIZES) {
   const external = [];
   const errors = [];
   page.on("request", (r) => { if (!r.url().startsWith(origin)) external.push(r.url()); });
-  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("pageerror", (e) => errors.push(String(e.stack || e)));
   page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
   const openedAt = Date.now();
   await page.goto(url);
