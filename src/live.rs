@@ -411,8 +411,21 @@ impl LiveState {
         *lock(&self.role)
     }
 
+    /// The broker acknowledged nothing for the stall timeout (or answers
+    /// again): an error that holds until it answers.
     pub fn set_waiting_for_broker(&self, waiting: bool) {
-        self.waiting_for_broker.store(waiting, Ordering::Relaxed);
+        let was = self.waiting_for_broker.swap(waiting, Ordering::Relaxed);
+        match (was, waiting) {
+            (false, true) => self.errors.report(
+                match self.source {
+                    Source::Poll => "the broker acknowledged nothing for --broker-stall-timeout: the claim is rolled back (the rows stay in the table) until it answers",
+                    _ => "the broker acknowledged nothing for --broker-stall-timeout: the slot is let go (PostgreSQL is not held) until it answers",
+                },
+                unix_ms(),
+            ),
+            (true, false) => self.errors.recovered(Recovery::BrokerAnswered, unix_ms()),
+            _ => {}
+        }
         self.note_state();
     }
 
@@ -855,6 +868,20 @@ mod tests {
             live.last_error().as_deref(),
             Some("Kafka: UnknownTopicOrPartition")
         );
+    }
+
+    #[test]
+    fn waiting_for_the_broker_is_an_error_until_it_answers() {
+        let live = LiveState::new();
+        live.set_connected(true);
+        live.set_waiting_for_broker(true);
+        live.set_waiting_for_broker(true);
+        let errors = live.errors();
+        assert_eq!(errors.len(), 1, "reported once: {errors:?}");
+        assert!(errors[0].holds());
+        assert!(errors[0].message.contains("--broker-stall-timeout"));
+        live.set_waiting_for_broker(false);
+        assert_eq!(live.errors()[0].resolved_by, Some(Recovery::BrokerAnswered));
     }
 
     #[test]

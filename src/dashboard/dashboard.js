@@ -33,6 +33,8 @@
     if (v >= 1000) return seconds(v / 1000);
     return (v >= 100 ? Math.round(v) : Number(v.toPrecision(2))) + NBSP + "ms";
   }
+  // A latency axis' tick: 1 ms … 100 ms, 1 s, 10 s, 100 s.
+  const msTick = (v) => (v < 1000 ? ms(v) : NF.format(v / 1000) + NBSP + "s");
   function seconds(v) {
     if (missing(v)) return "–";
     if (v < 60) return Number(v.toFixed(v < 10 ? 1 : 0)) + NBSP + "s";
@@ -93,7 +95,7 @@
     bytes: [binary, bytes, 1024],
     count: [integers, num, 4],
     rate: [decimal, rate, 1],
-    ms: [decimal, ms, 1],
+    ms: [decimal, msTick, 1],
     seconds: [durations, seconds, 5],
     percent: [[1, 2, 5, 10, 20, 25, 50], (v) => v + "%", 100],
   };
@@ -200,7 +202,7 @@
         },
         (S, H) => ({
           label: "Events / s", value: rate(recentRate(H, "published")),
-          sub: "last 10 s · " + rate(recentRate(H, "dead_lettered")) + " dead-lettered / s",
+          sub: "last 10 s · " + rate(recentRate(H, "dead_lettered")) + " dead-lettered" + NBSP + "/" + NBSP + "s",
         }),
         latencyCard("Commit → ack"),
         (S) => ({
@@ -255,7 +257,7 @@
           label: "Oldest pending", value: S.backlog && S.backlog.pending_rows ? seconds(S.backlog.oldest_pending_seconds) : "none pending",
           sub: "age of the oldest row not yet published",
         }),
-        (S, H) => ({ label: "Rows / s", value: rate(recentRate(H, "published")), sub: "last 10 s · " + rate(recentRate(H, "dead_lettered")) + " dead-lettered / s" }),
+        (S, H) => ({ label: "Rows / s", value: rate(recentRate(H, "published")), sub: "last 10 s · " + rate(recentRate(H, "dead_lettered")) + " dead-lettered" + NBSP + "/" + NBSP + "s" }),
         (S, H) => ({ label: "Claim · settle", value: ms(recent(H, "claim_ms")) + " · " + ms(recent(H, "settle_ms")), sub: "mean per batch, last 10 s" }),
         latencyCard("Created → ack"),
         (S) => ({ label: "In flight", value: num(S.in_flight) + " rows · " + bytes(S.in_flight_bytes), sub: "batch " + num(S.subject.max_in_flight_events) + " rows" }),
@@ -536,6 +538,7 @@
     reconnected: "connected again",
     acknowledged: "events acknowledged since",
     quiet: "not seen again for 15 s while active, the broker answering",
+    broker_answered: "the broker acknowledged again",
   };
   function describeError(e) {
     let s = "at " + clock(e.first_ms) + " (" + ago(e.first_ms) + " ago)";
@@ -706,7 +709,9 @@
                 const raw = s.raw(model.H)[idx];
                 return missing(raw) ? "–" : s.format(raw) + (missing(v) ? "" : " (" + percent(v) + ")");
               }
-              return missing(v) ? "–" : def.axis === "rate" && s.scale !== "y2" ? rate(v) + " / s" : fmt(v);
+              if (missing(v)) return "–";
+              if (s.scale === "y2") return fmt(v);
+              return def.axis === "rate" ? rate(v) + NBSP + "/" + NBSP + "s" : def.axis === "ms" ? ms(v) : fmt(v);
             },
           };
         }),

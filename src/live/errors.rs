@@ -7,6 +7,8 @@
 //! - it connected again after being disconnected (a new replication
 //!   session, a new connection to the outbox table, the inbox's store back);
 //! - events were acknowledged (or stored) while connected, after it;
+//! - the broker acknowledged again after a stall (waiting for the broker
+//!   is itself reported as an error);
 //! - it did not recur for [`QUIET`] while the process was active and the
 //!   broker answered (an idle consumer's transient Kafka error has no
 //!   other sign of recovery).
@@ -39,6 +41,8 @@ pub enum Recovery {
     Acknowledged,
     /// Not seen again for [`QUIET`] while active, with the broker answering.
     Quiet,
+    /// The broker acknowledged again after a stall.
+    BrokerAnswered,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
