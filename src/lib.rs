@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod commands;
+pub mod dead_letters;
 pub mod heartbeat;
 pub mod http;
 pub mod inbox;

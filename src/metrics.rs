@@ -33,6 +33,7 @@ pub const PARTITIONS_AT_LEAST_ONCE_TOTAL: &str = "walrelay_partitions_at_least_o
 pub const SLOT_RELEASES_TOTAL: &str = "walrelay_slot_releases_total";
 pub const POLL_BATCHES_TOTAL: &str = "walrelay_poll_batches_total";
 pub const POLL_ROW_FAILURES_TOTAL: &str = "walrelay_poll_row_failures_total";
+pub const POLL_ROWS_NUMBERED_TOTAL: &str = "walrelay_poll_rows_numbered_total";
 pub const OUTBOX_PENDING_ROWS: &str = "walrelay_outbox_pending_rows";
 pub const OUTBOX_FAILING_ROWS: &str = "walrelay_outbox_failing_rows";
 pub const OUTBOX_OLDEST_PENDING_SECONDS: &str = "walrelay_outbox_oldest_pending_seconds";
@@ -160,6 +161,10 @@ pub fn describe() {
         POLL_ROW_FAILURES_TOTAL,
         "polled rows that could not be published and wait for their next attempt"
     );
+    describe_counter!(
+        POLL_ROWS_NUMBERED_TOTAL,
+        "rows that came in without a sequence number (insert trigger bypassed) and were numbered by the relay"
+    );
     describe_gauge!(
         OUTBOX_PENDING_ROWS,
         "rows of the outbox table not yet published (polling source)"
@@ -272,6 +277,7 @@ pub const ALL: &[&str] = &[
     PARTITIONS_AT_LEAST_ONCE_TOTAL,
     POLL_BATCHES_TOTAL,
     POLL_ROW_FAILURES_TOTAL,
+    POLL_ROWS_NUMBERED_TOTAL,
     OUTBOX_PENDING_ROWS,
     OUTBOX_FAILING_ROWS,
     OUTBOX_OLDEST_PENDING_SECONDS,

@@ -2,6 +2,7 @@
 //! subcommands. Every option also reads an environment variable.
 
 mod args;
+mod run_args;
 mod values;
 
 use std::process::ExitCode;
@@ -9,9 +10,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use args::{
-    InboxArgs, OutboxArgs, PgArgs, RunArgs, SetupArgs, SourceKind, StatusArgs, TailArgs,
-    inbox_tables,
+    InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs, TailArgs, inbox_tables,
 };
+pub use run_args::RunArgs;
 pub use values::{parse_duration, parse_size};
 
 use crate::commands;
@@ -86,27 +87,27 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) if args.source == SourceKind::Poll => {
+        Command::Run(args) if args.poll.source == SourceKind::Poll => {
             let kafka = args.sink_settings()?;
             let poll = args.poll_config()?;
-            let listener = commands::run::listen(&args.http_addr)
+            let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
-            commands::run::run_poll(poll, kafka, listener, args.status_interval).await?;
+            commands::run::run_poll(poll, kafka, listener, args.stream.status_interval).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
             let kafka = args.sink_settings()?;
             let relay = args.relay_config()?;
-            let listener = commands::run::listen(&args.http_addr)
+            let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
             commands::run::run(commands::run::RunOptions {
                 relay,
                 kafka,
                 listener,
-                create_slot: args.create_slot,
-                heartbeat_interval: args.heartbeat_interval,
+                create_slot: args.stream.create_slot,
+                heartbeat_interval: args.stream.heartbeat_interval,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -139,7 +140,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Inbox(args) => {
             let config = args.inbox_config()?;
-            let listener = commands::run::listen(&args.http_addr)
+            let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
             commands::inbox::run(config, listener).await?;
@@ -154,6 +155,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 slot: args.outbox.slot.clone(),
                 failover: !args.no_failover,
                 poll: args.source == SourceKind::Poll,
+                dead_letter_table: args.outbox.dead_letter_table()?,
             };
             let mut client = sql::connect(&config).await?;
             if options.poll {
@@ -176,6 +178,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 slot: args.outbox.slot.clone(),
                 failover: !args.no_failover,
                 poll: args.source == SourceKind::Poll,
+                dead_letter_table: args.outbox.dead_letter_table()?,
             };
             // With several hosts, the checks of the outbox run on the primary.
             let mut primary = config.clone();

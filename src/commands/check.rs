@@ -7,7 +7,7 @@ use crate::router::OutboxColumns;
 use crate::sql::{SqlClient as Client, SqlError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Status {
     Pass,
     Warn,
     Fail,
@@ -15,31 +15,31 @@ pub enum Outcome {
 
 /// One check's result.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    pub outcome: Outcome,
+pub struct Check {
+    pub status: Status,
     pub what: String,
     /// The SQL or setting that fixes it (for warnings and failures).
     pub fix: Option<String>,
 }
 
-impl Finding {
+impl Check {
     pub(super) fn pass(what: impl Into<String>) -> Self {
-        Finding {
-            outcome: Outcome::Pass,
+        Check {
+            status: Status::Pass,
             what: what.into(),
             fix: None,
         }
     }
     pub(super) fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Finding {
-            outcome: Outcome::Fail,
+        Check {
+            status: Status::Fail,
             what: what.into(),
             fix: Some(fix.into()),
         }
     }
     pub(super) fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Finding {
-            outcome: Outcome::Warn,
+        Check {
+            status: Status::Warn,
             what: what.into(),
             fix: Some(fix.into()),
         }
@@ -57,6 +57,7 @@ pub struct CheckOptions {
     pub failover: bool,
     /// Check what `run --source poll` needs instead of logical replication.
     pub poll: bool,
+    pub dead_letter_table: (String, String),
 }
 
 /// The fix for a database that cannot do logical replication, besides
@@ -69,8 +70,19 @@ pub async fn check(
     client: &Client,
     pg: &ConnectionConfig,
     options: &CheckOptions,
-) -> Result<Vec<Finding>, SqlError> {
+) -> Result<Vec<Check>, SqlError> {
     let mut findings = Vec::new();
+    let (dl_schema, dl_table) = &options.dead_letter_table;
+    findings.push(
+        if catalog::table_exists(client, dl_schema, dl_table).await? {
+            Check::pass(format!("dead-letter table {dl_schema}.{dl_table} exists"))
+        } else {
+            Check::fail(
+                format!("dead-letter table {dl_schema}.{dl_table} does not exist (events the broker refuses for good are kept there)"),
+                "walrelay setup",
+            )
+        },
+    );
     if options.poll {
         for (schema, table) in &options.tables {
             findings.extend(check_table(client, options, schema, table).await?);
@@ -81,9 +93,9 @@ pub async fn check(
 
     let wal_level = setting("wal_level").await?;
     findings.push(if wal_level == "logical" {
-        Finding::pass("wal_level = logical")
+        Check::pass("wal_level = logical")
     } else {
-        Finding::fail(
+        Check::fail(
             format!("wal_level = {wal_level}; logical decoding needs logical"),
             format!("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL{OR_POLL}"),
         )
@@ -95,22 +107,22 @@ pub async fn check(
     findings.push(match &slot {
         Some(slot) => {
             if slot.plugin == "pgoutput" {
-                Finding::pass(format!("replication slot {} exists (pgoutput)", options.slot))
+                Check::pass(format!("replication slot {} exists (pgoutput)", options.slot))
             } else {
-                Finding::fail(
+                Check::fail(
                     format!("replication slot {} uses plugin {:?}, not pgoutput", options.slot, slot.plugin),
                     format!("SELECT pg_drop_replication_slot({}); then walrelay setup", quote_literal(&options.slot)),
                 )
             }
         }
-        None if used_slots < max_slots => Finding::warn(
+        None if used_slots < max_slots => Check::warn(
             format!(
                 "replication slot {} does not exist yet ({used_slots} of max_replication_slots = {max_slots} in use)",
                 options.slot
             ),
             "walrelay setup",
         ),
-        None => Finding::fail(
+        None => Check::fail(
             format!("no free replication slot: {used_slots} of max_replication_slots = {max_slots} in use"),
             "drop unused slots (SELECT slot_name FROM pg_replication_slots WHERE NOT active) or ALTER SYSTEM SET max_replication_slots = <more>; then restart",
         ),
@@ -119,11 +131,11 @@ pub async fn check(
     let max_senders: i64 = setting("max_wal_senders").await?.parse().unwrap_or(0);
     let used_senders = catalog::wal_sender_count(client).await?;
     findings.push(if used_senders < max_senders {
-        Finding::pass(format!(
+        Check::pass(format!(
             "WAL senders: {used_senders} of max_wal_senders = {max_senders} in use"
         ))
     } else {
-        Finding::fail(
+        Check::fail(
             format!("no free WAL sender: {used_senders} of max_wal_senders = {max_senders} in use"),
             "ALTER SYSTEM SET max_wal_senders = <more>; then restart PostgreSQL",
         )
@@ -131,9 +143,9 @@ pub async fn check(
 
     let (user, can_replicate) = catalog::role_can_replicate(client).await?;
     findings.push(if can_replicate {
-        Finding::pass(format!("role {user} may replicate"))
+        Check::pass(format!("role {user} may replicate"))
     } else {
-        Finding::fail(
+        Check::fail(
             format!("role {user} lacks the REPLICATION attribute"),
             format!(
                 "ALTER ROLE {} WITH REPLICATION{OR_POLL}",
@@ -143,7 +155,7 @@ pub async fn check(
     });
 
     match catalog::publication_publishes_inserts(client, &options.publication).await? {
-        None => findings.push(Finding::fail(
+        None => findings.push(Check::fail(
             format!("publication {} does not exist", options.publication),
             format!(
                 "CREATE PUBLICATION {} FOR TABLE {} (or walrelay setup)",
@@ -158,12 +170,12 @@ pub async fn check(
         )),
         Some(publishes_inserts) => {
             findings.push(if publishes_inserts {
-                Finding::pass(format!(
+                Check::pass(format!(
                     "publication {} exists and publishes inserts",
                     options.publication
                 ))
             } else {
-                Finding::fail(
+                Check::fail(
                     format!(
                         "publication {} does not publish inserts",
                         options.publication
@@ -183,12 +195,12 @@ pub async fn check(
 
     let keep = setting("max_slot_wal_keep_size").await?;
     findings.push(if keep == "-1" {
-        Finding::warn(
+        Check::warn(
             "max_slot_wal_keep_size is unlimited: a stuck slot can keep WAL until the disk is full",
             "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB' (size it to your disk); then SELECT pg_reload_conf()",
         )
     } else {
-        Finding::pass(format!("max_slot_wal_keep_size = {keep}"))
+        Check::pass(format!("max_slot_wal_keep_size = {keep}"))
     });
     findings
         .extend(super::check_failover::check(client, pg, &options.slot, options.failover).await?);
@@ -200,7 +212,7 @@ async fn check_table(
     options: &CheckOptions,
     schema: &str,
     table: &str,
-) -> Result<Vec<Finding>, SqlError> {
+) -> Result<Vec<Check>, SqlError> {
     let name = format!("{schema}.{table}");
     let qualified = qualified(schema, table);
     let mut findings = Vec::new();
@@ -210,7 +222,7 @@ async fn check_table(
         "walrelay setup"
     };
     if !catalog::table_exists(client, schema, table).await? {
-        findings.push(Finding::fail(
+        findings.push(Check::fail(
             format!("outbox table {name} does not exist"),
             format!("{setup} (creates the default outbox table)"),
         ));
@@ -219,11 +231,11 @@ async fn check_table(
     if options.poll {
         let missing = crate::poll::schema::missing_pieces(client, schema, table).await?;
         findings.push(if missing.is_empty() {
-            Finding::pass(format!(
+            Check::pass(format!(
                 "{name} is set up for polling (sequence, attempts, ordering and notify triggers, index)"
             ))
         } else {
-            Finding::fail(
+            Check::fail(
                 format!("{name} is not set up for polling: no {}", missing.join(", no ")),
                 setup,
             )
@@ -232,9 +244,9 @@ async fn check_table(
         let covered =
             catalog::publication_covers(client, &options.publication, schema, table).await?;
         findings.push(if covered {
-            Finding::pass(format!("publication {} covers {name}", options.publication))
+            Check::pass(format!("publication {} covers {name}", options.publication))
         } else {
-            Finding::fail(
+            Check::fail(
                 format!("publication {} does not cover {name}", options.publication),
                 format!(
                     "ALTER PUBLICATION {} ADD TABLE {qualified}",
@@ -262,9 +274,9 @@ async fn check_table(
         }
     }
     findings.push(if missing.is_empty() {
-        Finding::pass(format!("{name} has the outbox columns"))
+        Check::pass(format!("{name} has the outbox columns"))
     } else {
-        Finding::fail(
+        Check::fail(
             format!("{name} lacks outbox columns"),
             format!("ALTER TABLE {qualified} {}", missing.join(", ")),
         )
@@ -273,7 +285,7 @@ async fn check_table(
         let ok = matches!(payload_type.as_str(), "jsonb" | "json" | "text" | "bytea")
             || payload_type.starts_with("character");
         if !ok {
-            findings.push(Finding::fail(
+            findings.push(Check::fail(
                 format!(
                     "{name}.{} has type {payload_type}, which walrelay cannot encode",
                     c.payload
@@ -287,9 +299,9 @@ async fn check_table(
         }
     }
     findings.push(if catalog::has_primary_key(client, schema, table).await? {
-        Finding::pass(format!("{name} has a primary key"))
+        Check::pass(format!("{name} has a primary key"))
     } else {
-        Finding::fail(
+        Check::fail(
             format!("{name} has no primary key"),
             format!(
                 "ALTER TABLE {qualified} ADD PRIMARY KEY ({})",
@@ -301,13 +313,13 @@ async fn check_table(
 }
 
 /// Prints findings for a person; returns whether any check failed.
-pub fn print(findings: &[Finding]) -> bool {
+pub fn print(findings: &[Check]) -> bool {
     let mut failed = false;
     for f in findings {
-        let label = match f.outcome {
-            Outcome::Pass => "ok  ",
-            Outcome::Warn => "warn",
-            Outcome::Fail => {
+        let label = match f.status {
+            Status::Pass => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => {
                 failed = true;
                 "FAIL"
             }

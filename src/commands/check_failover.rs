@@ -2,7 +2,7 @@
 //! the new primary has the slot, at a position that never lies ahead of
 //! what it has (PostgreSQL 17+ failover slots).
 
-use super::check::Finding;
+use super::check::Check;
 use crate::catalog::{self, FAILOVER_SLOTS_SINCE, quote_ident, quote_literal};
 use crate::postgres::{ConnectionConfig, TargetSessionAttrs};
 use crate::sql::{self, SqlClient as Client, SqlError};
@@ -14,17 +14,17 @@ pub async fn check(
     pg: &ConnectionConfig,
     slot: &str,
     wanted: bool,
-) -> Result<Vec<Finding>, SqlError> {
+) -> Result<Vec<Check>, SqlError> {
     let mut findings = Vec::new();
     if !wanted {
-        findings.push(Finding::pass(format!(
+        findings.push(Check::pass(format!(
             "failover not checked (--no-failover): after a primary failover the new primary has no slot {slot}"
         )));
         return Ok(findings);
     }
     let major = catalog::server_major(client).await?;
     if major < FAILOVER_SLOTS_SINCE {
-        findings.push(Finding::warn(
+        findings.push(Check::warn(
             format!(
                 "failover slots need PostgreSQL {FAILOVER_SLOTS_SINCE}; this server is {major}: after a primary failover the new primary has no slot {slot}"
             ),
@@ -37,9 +37,9 @@ pub async fn check(
 
     if let Some(info) = catalog::slot(client, slot).await? {
         findings.push(if info.failover == Some(true) {
-            Finding::pass(format!("replication slot {slot} is a failover slot"))
+            Check::pass(format!("replication slot {slot} is a failover slot"))
         } else {
-            Finding::fail(
+            Check::fail(
                 format!("replication slot {slot} is not a failover slot: standbys do not keep it"),
                 "walrelay setup (makes it one)",
             )
@@ -57,12 +57,12 @@ pub async fn check(
         .collect();
     if listed.is_empty() {
         findings.push(if physical.is_empty() {
-            Finding::warn(
+            Check::warn(
                 "no standby streams through a physical slot: nothing keeps a copy of the failover slot",
                 "give each standby a physical slot (primary_slot_name) and list it in synchronized_standby_slots",
             )
         } else {
-            Finding::fail(
+            Check::fail(
                 format!(
                     "synchronized_standby_slots is empty: the relay can receive and publish a transaction the standby never gets, a phantom event after a failover (physical slots: {})",
                     physical.join(", ")
@@ -76,11 +76,11 @@ pub async fn check(
     } else {
         for name in &listed {
             findings.push(if physical.iter().any(|p| p == name) {
-                Finding::pass(format!(
+                Check::pass(format!(
                     "synchronized_standby_slots names physical slot {name}: the relay only gets what that standby has"
                 ))
             } else {
-                Finding::fail(
+                Check::fail(
                     format!("synchronized_standby_slots names {name}, which is not a physical slot here: logical decoding waits for it forever"),
                     format!(
                         "SELECT pg_create_physical_replication_slot({}, true), or remove it from synchronized_standby_slots",
@@ -99,7 +99,7 @@ pub async fn check(
             let standby = match sql::connect(&host).await {
                 Ok(c) => c,
                 Err(e) => {
-                    findings.push(Finding::warn(
+                    findings.push(Check::warn(
                         format!("{address}: cannot check it: {e}"),
                         "bring it up, or remove it from --pg-url",
                     ));
@@ -120,7 +120,7 @@ async fn check_standby(
     address: &str,
     slot: &str,
     listed: &[&str],
-) -> Result<Vec<Finding>, SqlError> {
+) -> Result<Vec<Check>, SqlError> {
     let mut findings = Vec::new();
     let setting = async |name: &str| -> Result<String, SqlError> {
         Ok(catalog::setting_if_any(standby, name)
@@ -139,9 +139,9 @@ async fn check_standby(
         ),
     ] {
         findings.push(if on(&setting(name).await?) {
-            Finding::pass(format!("standby {address}: {name} = on"))
+            Check::pass(format!("standby {address}: {name} = on"))
         } else {
-            Finding::fail(
+            Check::fail(
                 format!("standby {address}: {name} is off; with it on, {why}"),
                 format!("on the standby: ALTER SYSTEM SET {name} = on; SELECT pg_reload_conf()"),
             )
@@ -149,12 +149,12 @@ async fn check_standby(
     }
     let primary_slot = setting("primary_slot_name").await?;
     findings.push(if primary_slot.is_empty() {
-        Finding::fail(
+        Check::fail(
             format!("standby {address}: primary_slot_name is not set"),
             "on the primary: SELECT pg_create_physical_replication_slot('standby1', true); on the standby: ALTER SYSTEM SET primary_slot_name = 'standby1'; SELECT pg_reload_conf()",
         )
     } else if !listed.contains(&primary_slot.as_str()) {
-        Finding::fail(
+        Check::fail(
             format!(
                 "standby {address} streams through {primary_slot}, which synchronized_standby_slots on the primary does not list"
             ),
@@ -164,37 +164,37 @@ async fn check_standby(
             ),
         )
     } else {
-        Finding::pass(format!(
+        Check::pass(format!(
             "standby {address} streams through {primary_slot}, listed in synchronized_standby_slots"
         ))
     });
     let conninfo = setting("primary_conninfo").await?;
     findings.push(if conninfo.contains("dbname=") {
-        Finding::pass(format!("standby {address}: primary_conninfo names a database"))
+        Check::pass(format!("standby {address}: primary_conninfo names a database"))
     } else {
-        Finding::fail(
+        Check::fail(
             format!("standby {address}: primary_conninfo names no database, which the slot sync worker needs"),
             "on the standby: add dbname=<the outbox database> to primary_conninfo; SELECT pg_reload_conf()",
         )
     });
     findings.push(match catalog::slot(standby, slot).await? {
         Some(info) if info.synced == Some(true) && !info.temporary => {
-            Finding::pass(format!("standby {address} has a synchronized copy of slot {slot}"))
+            Check::pass(format!("standby {address} has a synchronized copy of slot {slot}"))
         }
-        Some(info) if info.synced == Some(true) => Finding::warn(
+        Some(info) if info.synced == Some(true) => Check::warn(
             format!(
                 "standby {address}'s copy of slot {slot} is not usable yet (temporary): a promotion now would drop it"
             ),
             "wait: it becomes usable once the relay confirms a position the standby has (the heartbeat moves it while the outbox is idle)",
         ),
-        Some(_) => Finding::fail(
+        Some(_) => Check::fail(
             format!("standby {address} has a slot {slot} that is not synchronized from the primary"),
             format!(
                 "on the standby: SELECT pg_drop_replication_slot({}); the slot sync worker then copies the primary's",
                 quote_literal(slot)
             ),
         ),
-        None => Finding::warn(
+        None => Check::warn(
             format!("standby {address} has no copy of slot {slot} yet"),
             format!(
                 "wait for the slot sync worker (it copies {} once the relay confirmed a position the standby has); see the standby's log",

@@ -54,6 +54,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         },
     )?;
     ensure_slot(&config, create_slot).await?;
+    let client = sql::connect(&config.pg).await?;
+    crate::dead_letters::check(&client, &config.dead_letter_table)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    drop(client);
     let findings = crate::monitor::spawn(
         MonitorConfig {
             pg: config.pg.clone(),
@@ -120,6 +125,9 @@ pub async fn run_poll(
     // else happens.
     let client = sql::connect(&config.pg).await?;
     crate::poll::load_tables(&client, &config.router).await?;
+    crate::dead_letters::check(&client, &config.dead_letter_table)
+        .await
+        .map_err(anyhow::Error::msg)?;
     drop(client);
     let mut shutdown = Shutdown::on_signals();
     crate::poll::spawn_backlog_monitor(

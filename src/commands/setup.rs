@@ -20,6 +20,8 @@ pub struct SetupOptions {
     /// For `run --source poll`: the polling pieces instead of the
     /// publication and the slot.
     pub poll: bool,
+    /// Where events the broker refuses for good are kept.
+    pub dead_letter_table: (String, String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,7 @@ pub async fn setup(
             report.push(format!("created table {schema}.{table}"));
         }
     }
+    report.push(dead_letter_table(client, options).await?);
 
     let table_list = options
         .tables
@@ -153,7 +156,21 @@ pub async fn setup_poll(
         }
         report.extend(crate::poll::schema::setup(client, schema, table, &options.columns).await?);
     }
+    report.push(dead_letter_table(client, options).await?);
     Ok(report)
+}
+
+/// The dead-letter table (`--dead-letter-table`).
+async fn dead_letter_table(client: &Client, options: &SetupOptions) -> Result<String, SetupError> {
+    let (schema, table) = &options.dead_letter_table;
+    Ok(if catalog::table_exists(client, schema, table).await? {
+        format!("dead-letter table {schema}.{table} exists")
+    } else {
+        client
+            .batch_execute(&crate::dead_letters::create_sql(schema, table))
+            .await?;
+        format!("created dead-letter table {schema}.{table}")
+    })
 }
 
 /// What setup says (and does) about failover: a slot on 17+ becomes a

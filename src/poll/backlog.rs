@@ -39,6 +39,16 @@ pub fn spawn_backlog_monitor(
             if let Some((client, tables)) = &session {
                 let mut total = Backlog::default();
                 for table in tables {
+                    match claim::number_unsequenced(client, table).await {
+                        Ok(0) => {}
+                        Ok(numbered) => {
+                            tracing::warn!(table = %table.name(), numbered, "rows came in without a sequence number (the insert trigger was bypassed); numbered them now, after the rows numbered before");
+                            metrics::counter!(m::POLL_ROWS_NUMBERED_TOTAL).increment(numbered);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot number rows that came in without a sequence number")
+                        }
+                    }
                     match claim::backlog(client, table).await {
                         Ok(backlog) => {
                             let name = table.name();

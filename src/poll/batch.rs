@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::claim::{ClaimedRow, FailedRow, OutboxTable};
+use crate::dead_letters::DeadLetter;
 use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::publish::{Outcome, Outgoing, backoff};
@@ -35,6 +36,9 @@ struct Row {
     record: KafkaRecord,
     /// Why the row went to the dead-letter topic, if it did.
     dead_letter: Option<String>,
+    /// The broker refused it for good: kept whole in the dead-letter table
+    /// when the batch settles.
+    refused: Option<DeadLetter>,
     state: RowState,
 }
 
@@ -50,6 +54,8 @@ pub struct Batch {
 pub struct Settlement {
     pub published: Vec<(i64, Option<String>)>,
     pub failed: Vec<FailedRow>,
+    /// Rows the broker refused, kept whole before they are deleted.
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 impl Batch {
@@ -78,6 +84,7 @@ impl Batch {
                     row,
                     record,
                     dead_letter,
+                    refused: None,
                     state: RowState::Sending,
                 }
             })
@@ -149,25 +156,49 @@ impl Batch {
                 kind,
                 dead_letter: false,
             } => {
-                // The broker will never take it: its dead letter goes
-                // instead.
+                // The broker will never take it: it is kept whole in the
+                // dead-letter table when the batch settles, and its notice
+                // goes to the dead-letter topic.
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected").increment(1);
-                let dead = crate::router::broker_dead_letter(
+                let notice = crate::router::broker_dead_letter(
                     dead_letter_topic,
                     &record,
                     &error.message,
                     kind,
                     kind != "too_large",
                 );
+                let key = self.event_key(tag.index);
                 let row = &mut self.rows[tag.index];
-                row.record = dead;
-                row.dead_letter = Some(error.message.clone());
+                row.refused = Some(DeadLetter {
+                    event_key: key,
+                    record,
+                    kind: kind.to_owned(),
+                    error: error.message.clone(),
+                });
+                row.record = notice;
+                row.dead_letter = Some(error.message);
                 return (false, Some(self.outgoing_of(tag.index)));
             }
-            // A dead letter the broker refused too: logged by the
-            // publisher; the row moves on rather than wedge its aggregate.
-            Outcome::Refused { tag, error, .. } => {
-                tracing::error!(seq = self.rows[tag.index].row.seq, reason = %error, "the dead-letter topic refused a row's dead letter; the row is settled");
+            // A dead letter (or notice) the broker refused too: the row is
+            // kept whole in the dead-letter table, and moves on rather than
+            // wedge its aggregate.
+            Outcome::Refused {
+                tag,
+                record,
+                error,
+                kind,
+                ..
+            } => {
+                tracing::error!(seq = self.rows[tag.index].row.seq, reason = %error, "the dead-letter topic refused a row's dead letter; the row is kept in the dead-letter table");
+                if self.rows[tag.index].refused.is_none() {
+                    let key = self.event_key(tag.index);
+                    self.rows[tag.index].refused = Some(DeadLetter {
+                        event_key: key,
+                        record,
+                        kind: kind.to_owned(),
+                        error: error.message,
+                    });
+                }
                 (tag, RowState::Published)
             }
             Outcome::Failed { tag, error } => (tag, RowState::Failed { error }),
@@ -175,6 +206,11 @@ impl Batch {
         };
         self.rows[tag.index].state = state;
         (true, None)
+    }
+
+    /// Where a row came from, for the dead-letter table.
+    fn event_key(&self, index: usize) -> String {
+        format!("poll/{}/{}", self.table.name(), self.rows[index].row.seq)
     }
 
     /// Rows still on their way.
@@ -237,8 +273,10 @@ impl Batch {
         let mut settlement = Settlement {
             published: Vec::new(),
             failed: Vec::new(),
+            dead_letters: Vec::new(),
         };
         for row in &self.rows {
+            settlement.dead_letters.extend(row.refused.clone());
             match &row.state {
                 RowState::Published => settlement
                     .published

@@ -115,8 +115,9 @@ impl OutboxTable {
     /// Rows still to publish (and not waiting for their next attempt).
     fn pending(&self, alias: &str) -> String {
         format!(
-            "{alias}.{} IS NULL AND ({alias}.{next} IS NULL OR {alias}.{next} <= now())",
+            "{alias}.{} IS NULL AND {alias}.{} IS NOT NULL AND ({alias}.{next} IS NULL OR {alias}.{next} <= now())",
             quote_ident(PUBLISHED_AT),
+            quote_ident(SEQ),
             next = quote_ident(NEXT_ATTEMPT_AT)
         )
     }
@@ -306,6 +307,40 @@ pub async fn settle(
         .await?;
     }
     Ok(())
+}
+
+/// Numbers rows that came in without a `seq` (the insert trigger bypassed,
+/// by `session_replication_role = replica` or a disabled trigger), as the
+/// trigger would have: each aggregate's writer lock first, so no writer of
+/// it is mid-transaction, then the next number. Until numbered, a claim
+/// passes them over (they hold nothing up). Returns how many it numbered.
+pub async fn number_unsequenced(client: &SqlClient, table: &OutboxTable) -> Result<u64, SqlError> {
+    let target = table.target();
+    let seq = quote_ident(SEQ);
+    let order = if table.has_created_at {
+        format!("{}, ctid", quote_ident(&table.columns.created_at))
+    } else {
+        "ctid".to_owned()
+    };
+    let sequence = crate::catalog::quote_literal(&qualified(
+        &table.schema,
+        &super::schema::PollObjects::of(&table.table).sequence,
+    ));
+    client
+        .execute(
+            &format!(
+                "WITH locked AS MATERIALIZED (
+                   SELECT ctid AS row_id, pg_advisory_xact_lock({class}, {key})
+                   FROM {target} t WHERE t.{seq} IS NULL AND t.{published} IS NULL ORDER BY {order})
+                 UPDATE {target} t SET {seq} = nextval({sequence})
+                 FROM locked WHERE t.ctid = locked.row_id AND t.{seq} IS NULL",
+                class = super::schema::WRITER_LOCK_CLASS,
+                key = super::schema::aggregate_key_sql("t", &table.columns),
+                published = quote_ident(PUBLISHED_AT),
+            ),
+            &[],
+        )
+        .await
 }
 
 /// Rows not yet published, failing rows, and the age of the oldest

@@ -80,6 +80,9 @@ pub struct PollConfig {
     pub shutdown_timeout: Duration,
     /// Consecutive failures of a permanent kind before the relay stops.
     pub permanent_error_attempts: u32,
+    /// Where rows the broker will never take are kept whole, in the
+    /// transaction that deletes (or marks) them.
+    pub dead_letter_table: (String, String),
 }
 
 /// Why the polling source stopped.

@@ -426,9 +426,13 @@ impl<S: Sink> PollRelay<S> {
         let settlement = batch.settlement(self.config.max_backoff);
         let table = batch.table.clone();
         let on_published = self.config.on_published;
+        let dead_letter_table = self.config.dead_letter_table.clone();
         let live = Arc::clone(&self.live);
         *work = Some(Box::pin(async move {
             let started = Instant::now();
+            for letter in &settlement.dead_letters {
+                crate::dead_letters::store(&client, &dead_letter_table, letter).await?;
+            }
             claim::settle(
                 &client,
                 &table,

@@ -124,6 +124,52 @@ pub struct ConnectionConfig {
     pub ssl_key: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Option<Duration>,
+    /// TCP keepalives (`keepalives`, `keepalives_idle`,
+    /// `keepalives_interval`, `keepalives_count`), and how long sent data
+    /// may stay unacknowledged (`tcp_user_timeout`): together they notice a
+    /// host that vanished without a reset.
+    pub keepalives: Keepalives,
+}
+
+/// TCP keepalive settings, libpq's names. walrelay's defaults notice a
+/// dead peer in about 25 s (libpq leaves them to the operating system,
+/// where the first probe waits two hours).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalives {
+    pub enabled: bool,
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+    /// `tcp_user_timeout`; `None` leaves the operating system's.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Default for Keepalives {
+    fn default() -> Self {
+        Keepalives {
+            enabled: true,
+            idle: Duration::from_secs(10),
+            interval: Duration::from_secs(5),
+            count: 3,
+            user_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Keepalives {
+    /// Applies them to a connected socket.
+    pub fn apply(&self, socket: &tokio::net::TcpStream) -> std::io::Result<()> {
+        let socket = socket2::SockRef::from(socket);
+        if self.enabled {
+            socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(self.idle)
+                    .with_interval(self.interval)
+                    .with_retries(self.count),
+            )?;
+        }
+        socket.set_tcp_user_timeout(self.user_timeout)
+    }
 }
 
 /// A connection URL walrelay cannot use as written.
@@ -144,7 +190,7 @@ pub enum ConfigError {
     )]
     UnknownSslMode(String),
     #[error(
-        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs"
+        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs, keepalives, keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
     )]
     UnknownParameter(String),
     #[error(
@@ -155,6 +201,10 @@ pub enum ConfigError {
         "connection URL: {hosts} hosts but {ports} ports; give one port for all, or one per host"
     )]
     PortCount { hosts: usize, ports: usize },
+    #[error(
+        "connection URL: {0}={1:?} is not a whole number (of seconds, or milliseconds for tcp_user_timeout)"
+    )]
+    NotANumber(String, String),
     #[error("connection URL: connect_timeout={0:?} is not a whole number of seconds")]
     ConnectTimeout(String),
 }
@@ -223,6 +273,12 @@ impl ConnectionConfig {
         let (mut ssl_root_cert, mut ssl_cert, mut ssl_key) = (None, None, None);
         let mut application_name = "walrelay".to_owned();
         let mut connect_timeout = None;
+        let mut keepalives = Keepalives::default();
+        let number = |key: &str, value: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| ConfigError::NotANumber(key.to_owned(), value.to_owned()))
+        };
 
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -268,6 +324,16 @@ impl ConnectionConfig {
                         .parse()
                         .map_err(|_| ConfigError::ConnectTimeout(value.clone()))?;
                     connect_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+                }
+                "keepalives" => keepalives.enabled = number(key, &value)? != 0,
+                "keepalives_idle" => keepalives.idle = Duration::from_secs(number(key, &value)?),
+                "keepalives_interval" => {
+                    keepalives.interval = Duration::from_secs(number(key, &value)?)
+                }
+                "keepalives_count" => keepalives.count = number(key, &value)? as u32,
+                "tcp_user_timeout" => {
+                    let ms = number(key, &value)?;
+                    keepalives.user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
                 }
                 other => return Err(ConfigError::UnknownParameter(other.to_owned())),
             }
@@ -321,6 +387,7 @@ impl ConnectionConfig {
             ssl_key,
             application_name,
             connect_timeout,
+            keepalives,
         })
     }
 
@@ -349,6 +416,14 @@ impl ConnectionConfig {
         }
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout(timeout);
+        }
+        config
+            .keepalives(self.keepalives.enabled)
+            .keepalives_idle(self.keepalives.idle)
+            .keepalives_interval(self.keepalives.interval)
+            .keepalives_retries(self.keepalives.count);
+        if let Some(timeout) = self.keepalives.user_timeout {
+            config.tcp_user_timeout(timeout);
         }
         config
     }
@@ -452,122 +527,5 @@ fn split_host_port(text: &str) -> (&str, Option<&str>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn url_with_every_part_is_parsed() {
-        let c = ConnectionConfig::from_url(
-            "postgres://relay:s%40cret@db.example:6543/app?sslmode=disable&application_name=x&connect_timeout=5",
-        )
-        .unwrap();
-        assert_eq!(c.host(), &Host::Tcp("db.example".into()));
-        assert_eq!(c.port(), 6543);
-        assert_eq!(c.user, "relay");
-        assert_eq!(c.password.as_ref().unwrap().expose(), "s@cret");
-        assert_eq!(c.dbname, "app");
-        assert_eq!(c.ssl_mode, SslMode::Disable);
-        assert_eq!(c.application_name, "x");
-        assert_eq!(c.connect_timeout, Some(Duration::from_secs(5)));
-    }
-
-    #[test]
-    fn unix_socket_directory_is_accepted_encoded_or_as_a_parameter() {
-        let a = ConnectionConfig::from_url("postgres://u@%2Ftmp%2Fpg:5433/db").unwrap();
-        assert_eq!(a.host(), &Host::UnixSocketDir("/tmp/pg".into()));
-        assert_eq!(a.address(), "/tmp/pg/.s.PGSQL.5433");
-        let b = ConnectionConfig::from_url("postgresql:///db?host=/tmp/pg&user=u").unwrap();
-        assert_eq!(b.host(), &Host::UnixSocketDir("/tmp/pg".into()));
-        assert_eq!(b.user, "u");
-    }
-
-    #[test]
-    fn ipv6_host_in_brackets_is_parsed() {
-        let c = ConnectionConfig::from_url("postgres://u@[::1]:5544/db").unwrap();
-        assert_eq!(c.host(), &Host::Tcp("::1".into()));
-        assert_eq!(c.port(), 5544);
-    }
-
-    #[test]
-    fn every_libpq_sslmode_and_certificate_parameter_is_understood() {
-        for (text, mode) in [
-            ("disable", SslMode::Disable),
-            ("allow", SslMode::Prefer),
-            ("prefer", SslMode::Prefer),
-            ("require", SslMode::Require),
-            ("verify-ca", SslMode::VerifyCa),
-            ("verify-full", SslMode::VerifyFull),
-        ] {
-            let c =
-                ConnectionConfig::from_url(&format!("postgres://u@h/db?sslmode={text}")).unwrap();
-            assert_eq!(c.ssl_mode, mode);
-        }
-        let c = ConnectionConfig::from_url("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem").unwrap();
-        assert_eq!(c.root_cert_path(), PathBuf::from("/ca.pem"));
-        assert_eq!(c.ssl_cert, Some(PathBuf::from("/c.pem")));
-        assert_eq!(
-            ConnectionConfig::from_url("postgres://u@h/db?sslcert=/c.pem").unwrap_err(),
-            ConfigError::ClientCertPair
-        );
-        assert!(matches!(
-            ConnectionConfig::from_url("postgres://u@h/db?sslmode=maybe"),
-            Err(ConfigError::UnknownSslMode(_))
-        ));
-    }
-
-    #[test]
-    fn unknown_parameters_and_bad_ports_are_refused_by_name() {
-        let err = ConnectionConfig::from_url("postgres://u@h/db?keepalives=1").unwrap_err();
-        assert_eq!(err, ConfigError::UnknownParameter("keepalives".into()));
-        let err = ConnectionConfig::from_url("postgres://u@h:99999/db").unwrap_err();
-        assert_eq!(err, ConfigError::Port("99999".into()));
-        assert!(matches!(
-            ConnectionConfig::from_url("mysql://u@h/db"),
-            Err(ConfigError::Scheme(_))
-        ));
-    }
-
-    #[test]
-    fn several_hosts_are_taken_as_libpq_takes_them() {
-        let c = ConnectionConfig::from_url(
-            "postgres://u@h1:5432,h2:5433,[::1]/db?target_session_attrs=read-write",
-        )
-        .unwrap();
-        let hosts: Vec<String> = c.hosts.iter().map(HostPort::address).collect();
-        assert_eq!(hosts, ["h1:5432", "h2:5433", "[::1]:5432"]);
-        assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
-        assert_eq!(c.address(), "h1:5432,h2:5433,[::1]:5432");
-        let each = c.each_host();
-        assert_eq!(each.len(), 3);
-        assert_eq!(each[1].address(), "h2:5433");
-        let q = ConnectionConfig::from_url("postgres://u@/db?host=a,b&port=6000").unwrap();
-        assert_eq!(q.address(), "a:6000,b:6000");
-        assert_eq!(
-            ConnectionConfig::from_url("postgres://u@/db?host=a,b,c&port=1,2").unwrap_err(),
-            ConfigError::PortCount { hosts: 3, ports: 2 }
-        );
-        assert!(matches!(
-            ConnectionConfig::from_url("postgres://u@h/db?target_session_attrs=master"),
-            Err(ConfigError::UnknownTargetSessionAttrs(_))
-        ));
-        assert!(TargetSessionAttrs::ReadWrite.accepts(false, false));
-        assert!(!TargetSessionAttrs::ReadWrite.accepts(true, true));
-        assert!(TargetSessionAttrs::Standby.accepts(true, true));
-    }
-
-    #[test]
-    fn password_never_appears_in_debug_output_or_redacted_urls() {
-        let c = ConnectionConfig::from_url("postgres://u:hunter2@h/db").unwrap();
-        assert!(!format!("{c:?}").contains("hunter2"));
-        assert_eq!(
-            redact_url("postgres://u:hunter2@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(
-            redact_url("postgres://u@h/db?password=hunter2&sslmode=disable"),
-            "postgres://u@h/db?password=***&sslmode=disable"
-        );
-        let err = ConnectionConfig::from_url("mysql://u:hunter2@h/db").unwrap_err();
-        assert!(!err.to_string().contains("hunter2"));
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

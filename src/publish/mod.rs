@@ -9,7 +9,10 @@
 //!
 //! | file | role |
 //! | --- | --- |
-//! | `publisher.rs` | order, waiting, retries, transactions, outcomes |
+//! | `publisher.rs` | order, waiting, retries, the broker I/O, outcomes |
+//! | `outcome.rs` | what sources hand over and get back |
+//! | `records.rs` | the records in hand, in order, and what holds them back |
+//! | `transaction.rs` | the Kafka transaction's life |
 //! | `sink.rs` | the broker as the publisher sees it: the `Sink` trait, classified errors |
 //! | `error.rs` | `PublishError`, and what a failed delivery means |
 //! | `topics.rs` | each topic's state and partition count |
@@ -27,18 +30,24 @@ mod error;
 mod ledgers;
 #[cfg(test)]
 pub mod memory;
+mod outcome;
 mod partitioner;
 pub mod position;
 mod publisher;
+mod records;
 pub mod scan;
 pub mod sink;
+#[cfg(test)]
+mod tests;
 mod topics;
+mod transaction;
 
 pub use error::{DeliveryDecision, PublishError, decide};
 pub use ledgers::{Replay, ScanSettings};
+pub use outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
-pub use publisher::{Outcome, Outgoing, Publisher, PublisherConfig, TopicFailures, backoff};
+pub use publisher::Publisher;
 pub use sink::{
     BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
     TopicError,

@@ -38,6 +38,10 @@ pub enum StreamError {
     Unexpected(&'static str),
     #[error("the server ended the stream")]
     Ended,
+    #[error(
+        "the server sent nothing for {0:?}, though asked to answer: the host or the route to it is gone; connecting again (to another host of --pg-url if there is one)"
+    )]
+    Silent(std::time::Duration),
 }
 
 /// What to do about a failed session.
@@ -60,7 +64,7 @@ pub fn decide(error: &RelayError) -> Decision {
         RelayError::Replication(e) if e.sqlstate() == Some("55006") => Decision::StandBy,
         RelayError::Replication(e) if e.is_transient() => Decision::Retry,
         RelayError::Replication(_) => Decision::StopAfterRetries,
-        RelayError::Stream(StreamError::Ended) => Decision::Retry,
+        RelayError::Stream(StreamError::Ended | StreamError::Silent(_)) => Decision::Retry,
         RelayError::Stream(_) => Decision::StopAfterRetries,
         RelayError::Publish(PublishError::Topic(
             TopicError::Metadata { .. }

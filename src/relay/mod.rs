@@ -13,6 +13,7 @@
 //! | `wal_relay.rs` | the loop, one biased `select!` over everything that can happen, and its handlers |
 //! | `link.rs` | the replication link's state: idle, connecting, streaming |
 //! | `reconnect.rs` | when to connect again: backoff, standing by, giving up |
+//! | `refused.rs` | events the broker refused for good, on their way into the dead-letter table |
 //! | `window.rs` | the in-flight window (events and bytes): when to stop reading WAL |
 //! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
 //! | `ack_tracker.rs` | which LSN may be confirmed |
@@ -57,6 +58,7 @@ mod confirmer;
 mod error;
 mod link;
 mod reconnect;
+mod refused;
 mod session;
 mod wal_relay;
 mod window;
@@ -120,4 +122,9 @@ pub struct RelayConfig {
     /// Exactly once: the Kafka transactional id; `None` for
     /// `walrelay.<system identifier>.<slot>`.
     pub transactional_id: Option<String>,
+    /// Where events the broker will never take are kept whole.
+    pub dead_letter_table: (String, String),
+    /// A session from which nothing arrives this long, though the relay
+    /// asks the server to answer, is taken for lost.
+    pub replication_timeout: Duration,
 }

@@ -20,6 +20,9 @@ use crate::replication::{ReplicationError, ReplicationEvent, TimelineHistory};
 /// records every status update.
 pub struct ScriptedWal {
     events: mpsc::UnboundedReceiver<ReplicationEvent>,
+    /// Answers status updates that ask for it, as a walsender does; `None`
+    /// for a server that went silent.
+    answers: Option<mpsc::UnboundedSender<ReplicationEvent>>,
     feedback: Arc<Mutex<Vec<(Lsn, Instant)>>>,
     finished: Arc<Mutex<bool>>,
 }
@@ -29,11 +32,18 @@ impl WalStream for ScriptedWal {
         Ok(self.events.recv().await)
     }
 
-    async fn send_feedback(&mut self, flushed: Lsn, _reply: bool) -> Result<(), ReplicationError> {
+    async fn send_feedback(&mut self, flushed: Lsn, reply: bool) -> Result<(), ReplicationError> {
         self.feedback
             .lock()
             .unwrap()
             .push((flushed, Instant::now()));
+        if let (true, Some(answers)) = (reply, &self.answers) {
+            let _ = answers.send(ReplicationEvent::Keepalive {
+                wal_end: flushed,
+                send_time: PgTimestamp::now(),
+                reply_requested: false,
+            });
+        }
         Ok(())
     }
 
@@ -59,9 +69,20 @@ pub struct ScriptedServer {
 impl ScriptedServer {
     /// A session the next connection attempt gets; push events into it.
     pub fn session(&self) -> mpsc::UnboundedSender<ReplicationEvent> {
+        self.add_session(true)
+    }
+
+    /// A session whose server stops answering (a host gone without a
+    /// reset): it sends only what the test pushes.
+    pub fn silent_session(&self) -> mpsc::UnboundedSender<ReplicationEvent> {
+        self.add_session(false)
+    }
+
+    fn add_session(&self, answers: bool) -> mpsc::UnboundedSender<ReplicationEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.sessions.lock().unwrap().push_back(ScriptedWal {
             events: rx,
+            answers: answers.then(|| tx.clone()),
             feedback: Arc::clone(&self.feedback),
             finished: Arc::clone(&self.finished),
         });

@@ -107,7 +107,7 @@ pub enum WalItem {
 
 /// The transaction being received.
 #[derive(Clone, Copy, Debug)]
-struct OpenTxn {
+struct IncomingTxn {
     commit_time: PgTimestamp,
     /// Where its commit record is (Begin's final LSN).
     commit_lsn: Lsn,
@@ -115,7 +115,7 @@ struct OpenTxn {
     last_change: Option<(Lsn, u16)>,
 }
 
-impl OpenTxn {
+impl IncomingTxn {
     /// The position of the next change, at `lsn`.
     fn position(&mut self, lsn: Lsn) -> Position {
         let rank = match self.last_change {
@@ -135,7 +135,9 @@ pub struct Session<W> {
     stream: W,
     decoder: StreamDecoder,
     relations: RelationCache,
-    open: Option<OpenTxn>,
+    open: Option<IncomingTxn>,
+    /// When the server last sent anything.
+    last_received: tokio::time::Instant,
 }
 
 impl<W: WalStream> Session<W> {
@@ -145,13 +147,20 @@ impl<W: WalStream> Session<W> {
             decoder: StreamDecoder::new(),
             relations: RelationCache::new(),
             open: None,
+            last_received: tokio::time::Instant::now(),
         }
+    }
+
+    /// When the server last sent anything (data or a keepalive).
+    pub fn last_received(&self) -> tokio::time::Instant {
+        self.last_received
     }
 
     /// The next item. Cancel-safe: an event is either fully handled or not
     /// read at all.
     pub async fn next(&mut self) -> Result<WalItem, RelayError> {
         let event = self.stream.recv().await?.ok_or(StreamError::Ended)?;
+        self.last_received = tokio::time::Instant::now();
         match event {
             ReplicationEvent::Keepalive {
                 wal_end,
@@ -182,7 +191,7 @@ impl<W: WalStream> Session<W> {
                 if self.open.is_some() {
                     return Err(StreamError::BeginInTransaction.into());
                 }
-                self.open = Some(OpenTxn {
+                self.open = Some(IncomingTxn {
                     commit_time: begin.commit_time,
                     commit_lsn: begin.final_lsn,
                     last_change: None,

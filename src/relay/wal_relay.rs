@@ -37,6 +37,7 @@
 //! confirmed to the old primary; starting there, not at the watermark,
 //! streams the new primary's first commits instead of skipping them.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -47,12 +48,14 @@ use tokio::time::Instant;
 
 use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
-use super::error::{RelayError, decide};
+use super::error::{RelayError, StreamError, decide};
 use super::link::{Link, LinkEvent, Release};
 use super::reconnect::{Next, ReconnectPolicy};
+use super::refused::Refused;
 use super::session::{Connector, Session, SessionStart, WalItem};
 use super::window::InFlightWindow;
 use super::{DeliveryGuarantee, RelayConfig};
+use crate::dead_letters::{DeadLetter, DeadLetterStore, PgDeadLetters};
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::monitor::Finding;
@@ -61,6 +64,7 @@ use crate::publish::{
     ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
     PublisherConfig, Replay, ScanSettings, Sink, TopicFailures,
 };
+use crate::record::KafkaRecord;
 use crate::router::{Routed, Router};
 use crate::shutdown::Shutdown;
 
@@ -79,7 +83,7 @@ pub(super) struct EventTag {
 }
 
 /// The transaction being applied.
-struct OpenTxn {
+struct ApplyingTxn {
     ticket: TxnTicket,
     commit_time: PgTimestamp,
     /// When a heartbeat in this transaction was emitted (Unix microseconds).
@@ -96,13 +100,20 @@ pub struct WalRelay<C: Connector, S: Sink> {
     publisher: Publisher<S, EventTag>,
     live: Arc<LiveState>,
     findings: mpsc::Receiver<Finding>,
-    open: Option<OpenTxn>,
+    open: Option<ApplyingTxn>,
     reconnect: ReconnectPolicy,
     /// The last acknowledgement, or when events started to wait.
     last_progress: Instant,
     /// Exactly once: this session's origin as the header every record
     /// carries (formatted once per session, not per record).
     origin_header: Option<Bytes>,
+    /// This session's origin, for the dead-letter table's keys.
+    origin: Option<Origin>,
+    /// Since when the relay has been reading the stream without pause:
+    /// silence counts only while it reads.
+    reading_since: Option<Instant>,
+    /// Refused events being kept in the dead-letter table.
+    refused: Refused<EventTag>,
 }
 
 impl<C: Connector, S: Sink> WalRelay<C, S> {
@@ -143,8 +154,23 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             open: None,
             last_progress: Instant::now(),
             origin_header: None,
+            origin: None,
+            reading_since: None,
+            refused: Refused::new(
+                Rc::new(PgDeadLetters {
+                    pg: config.pg.clone(),
+                    table: config.dead_letter_table.clone(),
+                }),
+                config.max_backoff,
+            ),
             config,
         }
+    }
+
+    /// Keeps refused events in `store` instead of the dead-letter table.
+    pub fn with_dead_letter_store(mut self, store: Rc<dyn DeadLetterStore>) -> Self {
+        self.refused.set_store(store);
+        self
     }
 
     /// Runs until shutdown (then drains and returns `Ok`) or a permanent
@@ -166,6 +192,19 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 && self.publisher.accepting()
                 && self.window.has_room();
             let feedback_at = streaming.then(|| self.confirmer.due_at());
+            // A server that sends nothing, though every status update asks
+            // it to answer once it has been quiet, is gone.
+            if !reading {
+                self.reading_since = None;
+            } else if self.reading_since.is_none() {
+                self.reading_since = Some(Instant::now());
+            }
+            let silent_at = match (&link, self.reading_since) {
+                (Link::Streaming(session), Some(since)) => {
+                    Some(session.last_received().max(since) + self.config.replication_timeout)
+                }
+                _ => None,
+            };
             let stall_at = (streaming && stop_deadline.is_none() && !self.window.is_empty())
                 .then(|| self.last_progress + self.config.broker_stall_timeout);
             let reconnect_at = match &link {
@@ -191,6 +230,18 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Ok(outcomes) => self.settle(outcomes),
                     Err(error) => Err(error.into()),
                 },
+                (tag, notice) = self.refused.next() => {
+                    // Kept whole in the table: its notice goes to the
+                    // dead-letter topic, and settles the event.
+                    let position = self.origin_header.is_some().then_some(tag.position);
+                    let outcomes = self.publisher.publish(Outgoing {
+                        record: notice,
+                        tag,
+                        position,
+                        dead_letter: true,
+                    });
+                    self.settle(outcomes)
+                }
                 () = sleep_until(feedback_at), if feedback_at.is_some() => {
                     self.send_feedback(&mut link, false).await
                 }
@@ -204,6 +255,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     LinkEvent::Item(Ok(item)) => self.apply(item, &mut link).await,
                     LinkEvent::Item(Err(error)) => Err(error),
                 },
+                () = sleep_until(silent_at), if silent_at.is_some() => {
+                    Err(StreamError::Silent(self.config.replication_timeout).into())
+                }
                 () = sleep_until(stall_at), if stall_at.is_some() => {
                     self.release(&mut link, Release::BrokerStalled).await
                 }
@@ -223,7 +277,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
     async fn apply(&mut self, item: WalItem, link: &mut Link<C::Stream>) -> Result<(), RelayError> {
         match item {
             WalItem::Begin { commit_time, .. } => {
-                self.open = Some(OpenTxn {
+                self.open = Some(ApplyingTxn {
                     ticket: self.confirmer.begin(),
                     commit_time,
                     heartbeat_emitted_at: None,
@@ -383,33 +437,23 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     kind,
                     dead_letter: false,
                 } => {
-                    // The broker will never take it: its dead letter goes
-                    // instead, and settles the event.
+                    // The broker will never take it: it is kept whole in
+                    // the dead-letter table first, then its notice goes to
+                    // the dead-letter topic; only then is it settled.
                     metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
                         .increment(1);
-                    let dead = crate::router::broker_dead_letter(
-                        &self.config.router.dead_letter_topic,
-                        &record,
-                        &error.message,
-                        kind,
-                        kind != "too_large",
-                    );
-                    let position = self.origin_header.is_some().then_some(tag.position);
-                    outcomes.extend(self.publisher.publish(Outgoing {
-                        record: dead,
-                        tag,
-                        position,
-                        dead_letter: true,
-                    }));
+                    self.store_dead_letter(tag, record, kind, error.message);
                     continue;
                 }
                 Outcome::Refused {
                     tag, record, error, ..
                 } => {
+                    // Its notice was refused too; the event itself is in
+                    // the dead-letter table.
                     let id = record
                         .header("id")
                         .map(|v| String::from_utf8_lossy(v).into_owned());
-                    tracing::error!(topic = %record.topic, id = ?id, reason = %error, "the dead-letter topic refused a record; it is logged here and skipped");
+                    tracing::error!(topic = %record.topic, id = ?id, reason = %error, table = %crate::dead_letters::display(&self.config.dead_letter_table), "the dead-letter topic refused a notice; the event is kept in the dead-letter table");
                     metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "dead_letter_rejected")
                         .increment(1);
                     tag
@@ -427,6 +471,29 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         Ok(())
     }
 
+    /// Keeps a refused event whole in the dead-letter table (trying again
+    /// until PostgreSQL takes it; the event stays in flight meanwhile).
+    fn store_dead_letter(&mut self, tag: EventTag, record: KafkaRecord, kind: &str, error: String) {
+        let origin = self
+            .origin
+            .as_ref()
+            .map_or_else(String::new, Origin::to_string);
+        let notice = crate::router::broker_dead_letter(
+            &self.config.router.dead_letter_topic,
+            &record,
+            &error,
+            kind,
+            kind != "too_large",
+        );
+        let letter = DeadLetter {
+            event_key: format!("{origin}/{}", tag.position),
+            record,
+            kind: kind.to_owned(),
+            error,
+        };
+        self.refused.keep(tag, letter, notice);
+    }
+
     /// Sends a status update with the watermark, if streaming.
     async fn send_feedback(
         &mut self,
@@ -437,6 +504,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             return Ok(());
         };
         let lsn = self.confirmer.to_report();
+        // Quiet for a while: ask the server to answer, which proves it is
+        // still there.
+        let reply = reply || session.last_received().elapsed() >= self.config.status_interval;
         session.send_feedback(lsn, reply).await?;
         self.confirmer.reported(lsn);
         self.live.set_confirmed(lsn);
@@ -474,6 +544,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         self.publisher
             .begin_session(replay, exactly_once.then_some(transactional_id));
         self.origin_header = exactly_once.then(|| Bytes::from(origin.to_string()));
+        self.origin = Some(origin);
         tracing::info!(slot = %self.config.slot, host = %start.host, start = %start.slot_confirmed, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
         self.set_waiting_for_broker(false);
@@ -543,7 +614,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         if let RelayError::Publish(_) = error {
             // The producer is made anew: what was in flight is read again
             // from the slot (exactly once, what already landed is skipped).
-            let dropped = self.publisher.discard();
+            let dropped = self.publisher.discard() + self.refused.clear();
             tracing::warn!(error = %error, dropped, "the producer failed; reading the events in flight again from the slot");
             self.window.clear();
             self.confirmer.abandon_in_flight();

@@ -1,22 +1,19 @@
-//! A walsender connection: startup, authentication, simple queries and the
-//! replication commands. `stream.rs` takes over once START_REPLICATION
-//! switches the connection into CopyBoth mode.
+//! A walsender connection: simple queries and the replication commands,
+//! once `handshake.rs` has connected and authenticated it. `stream.rs`
+//! takes over once START_REPLICATION switches it into CopyBoth mode.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
 
 use super::error::ReplicationError;
+use super::handshake;
 use super::stream::ReplicationStream;
-use super::wire::{BackendMessage, Socket, Wire};
+use super::wire::{BackendMessage, Wire};
 use crate::lsn::Lsn;
-use crate::postgres::config::{ConnectionConfig, Host, SslMode};
+use crate::postgres::config::ConnectionConfig;
 use crate::postgres::{describe_failures, first_suitable, quote_ident, quote_literal};
 
 /// Server identity from IDENTIFY_SYSTEM.
@@ -103,7 +100,7 @@ impl ReplicationConnection {
     /// Connects to the first host of `config`.
     async fn connect_one(config: &ConnectionConfig) -> Result<Self, ReplicationError> {
         let timeout = config.connect_timeout.unwrap_or(Duration::from_secs(30));
-        let socket = tokio::time::timeout(timeout, open_socket(config))
+        let socket = tokio::time::timeout(timeout, handshake::open_socket(config))
             .await
             .map_err(|_| ReplicationError::Connect {
                 address: config.address(),
@@ -112,132 +109,9 @@ impl ReplicationConnection {
                     format!("no answer within {timeout:?}"),
                 ),
             })??;
-        let mut conn = ReplicationConnection {
-            wire: Wire::new(socket, config.address()),
-            parameters: HashMap::new(),
-        };
-        conn.startup(config).await?;
-        Ok(conn)
-    }
-
-    async fn startup(&mut self, config: &ConnectionConfig) -> Result<(), ReplicationError> {
-        // Fixed output settings, so timestamps and text values decode the
-        // same way whatever the server's defaults are.
-        let params = [
-            ("user", config.user.as_str()),
-            ("database", config.dbname.as_str()),
-            ("replication", "database"),
-            ("application_name", config.application_name.as_str()),
-            ("client_encoding", "UTF8"),
-            ("DateStyle", "ISO"),
-            ("TimeZone", "UTC"),
-            ("bytea_output", "hex"),
-        ];
-        frontend::startup_message(params, self.wire.out())?;
-        self.wire.flush().await?;
-        self.authenticate(config).await?;
-        loop {
-            match self.read().await? {
-                backend::Message::ParameterStatus(p) => {
-                    self.parameters
-                        .insert(p.name()?.to_owned(), p.value()?.to_owned());
-                }
-                backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
-                backend::Message::ReadyForQuery(_) => return Ok(()),
-                other => return Err(unexpected("startup", &other)),
-            }
-        }
-    }
-
-    async fn authenticate(&mut self, config: &ConnectionConfig) -> Result<(), ReplicationError> {
-        let password = || {
-            config
-                .password
-                .as_ref()
-                .map(|p| p.expose().as_bytes())
-                .ok_or(ReplicationError::PasswordRequired)
-        };
-        match self.read().await? {
-            backend::Message::AuthenticationOk => return Ok(()),
-            backend::Message::AuthenticationCleartextPassword => {
-                frontend::password_message(password()?, self.wire.out())?;
-            }
-            backend::Message::AuthenticationMd5Password(body) => {
-                let hash = md5_hash(config.user.as_bytes(), password()?, body.salt());
-                frontend::password_message(hash.as_bytes(), self.wire.out())?;
-            }
-            backend::Message::AuthenticationSasl(body) => {
-                let mut mechanisms = body.mechanisms();
-                let mut has_scram = false;
-                while let Some(m) = mechanisms.next()? {
-                    has_scram |= m == sasl::SCRAM_SHA_256;
-                }
-                if !has_scram {
-                    return Err(ReplicationError::UnsupportedAuthentication(
-                        "SASL without SCRAM-SHA-256".into(),
-                    ));
-                }
-                self.scram(password()?).await?;
-            }
-            backend::Message::AuthenticationGss | backend::Message::AuthenticationSspi => {
-                return Err(ReplicationError::UnsupportedAuthentication(
-                    "GSSAPI/SSPI".into(),
-                ));
-            }
-            backend::Message::AuthenticationKerberosV5 => {
-                return Err(ReplicationError::UnsupportedAuthentication(
-                    "Kerberos V5".into(),
-                ));
-            }
-            backend::Message::AuthenticationScmCredential => {
-                return Err(ReplicationError::UnsupportedAuthentication(
-                    "SCM credential".into(),
-                ));
-            }
-            other => return Err(unexpected("authentication", &other)),
-        }
-        if !matches!(
-            self.wire_flush_then_read().await?,
-            backend::Message::AuthenticationOk
-        ) {
-            return Err(ReplicationError::Protocol(
-                "authentication did not end with AuthenticationOk".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    async fn scram(&mut self, password: &[u8]) -> Result<(), ReplicationError> {
-        let mut scram = sasl::ScramSha256::new(password, sasl::ChannelBinding::unsupported());
-        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), self.wire.out())?;
-        match self.wire_flush_then_read().await? {
-            backend::Message::AuthenticationSaslContinue(body) => scram.update(body.data())?,
-            other => return Err(unexpected("SCRAM exchange", &other)),
-        }
-        frontend::sasl_response(scram.message(), self.wire.out())?;
-        match self.wire_flush_then_read().await? {
-            backend::Message::AuthenticationSaslFinal(body) => scram.finish(body.data())?,
-            other => return Err(unexpected("SCRAM exchange", &other)),
-        }
-        Ok(())
-    }
-
-    async fn wire_flush_then_read(&mut self) -> Result<backend::Message, ReplicationError> {
-        self.wire.flush().await?;
-        self.read().await
-    }
-
-    /// Reads one message; an ErrorResponse becomes an error.
-    async fn read(&mut self) -> Result<backend::Message, ReplicationError> {
-        match self.wire.read_message().await? {
-            BackendMessage::Other(backend::Message::ErrorResponse(body)) => {
-                Err(self.wire.server_error(body.fields()))
-            }
-            BackendMessage::Other(message) => Ok(message),
-            BackendMessage::CopyBothResponse => Err(ReplicationError::Protocol(
-                "unexpected CopyBothResponse".into(),
-            )),
-        }
+        let mut wire = Wire::new(socket, config.address());
+        let parameters = handshake::startup(&mut wire, config).await?;
+        Ok(ReplicationConnection { wire, parameters })
     }
 
     /// The server this connection went to (`host:port`).
@@ -442,7 +316,7 @@ impl ReplicationConnection {
                 }
                 BackendMessage::Other(backend::Message::NoticeResponse(_)) => {}
                 BackendMessage::Other(other) => {
-                    return Err(unexpected("START_REPLICATION", &other));
+                    return Err(handshake::unexpected("START_REPLICATION", &other));
                 }
             }
         }
@@ -484,75 +358,4 @@ impl ReplicationConnection {
         frontend::terminate(self.wire.out());
         self.wire.flush().await
     }
-}
-
-async fn open_socket(config: &ConnectionConfig) -> Result<Box<dyn Socket>, ReplicationError> {
-    let connect_error = |error| ReplicationError::Connect {
-        address: config.address(),
-        error,
-    };
-    Ok(match config.host() {
-        Host::Tcp(host) => {
-            let stream = TcpStream::connect((host.as_str(), config.port()))
-                .await
-                .map_err(connect_error)?;
-            stream.set_nodelay(true).map_err(connect_error)?;
-            negotiate_tls(config, host, stream).await?
-        }
-        Host::UnixSocketDir(dir) => {
-            let path = dir.join(format!(".s.PGSQL.{}", config.port()));
-            Box::new(UnixStream::connect(path).await.map_err(connect_error)?)
-        }
-    })
-}
-
-/// Asks for TLS (SSLRequest) unless sslmode is disable, and wraps the
-/// stream when the server agrees. Unix sockets never use TLS, as in libpq.
-async fn negotiate_tls(
-    config: &ConnectionConfig,
-    host: &str,
-    mut stream: TcpStream,
-) -> Result<Box<dyn Socket>, ReplicationError> {
-    let tls_error = |reason: String| ReplicationError::Tls {
-        address: config.address(),
-        reason,
-    };
-    let Some(tls) =
-        crate::postgres::tls::client_config(config).map_err(|e| tls_error(e.to_string()))?
-    else {
-        return Ok(Box::new(stream));
-    };
-    let mut request = BytesMut::new();
-    frontend::ssl_request(&mut request);
-    stream.write_all(&request).await?;
-    let mut answer = [0u8; 1];
-    stream.read_exact(&mut answer).await?;
-    match answer[0] {
-        b'S' => {
-            let name = crate::postgres::tls::server_name(host).map_err(|e| tls_error(e.to_string()))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, stream)
-                .await
-                .map_err(|e| tls_error(e.to_string()))?;
-            Ok(Box::new(stream))
-        }
-        b'N' if config.ssl_mode == SslMode::Prefer => Ok(Box::new(stream)),
-        b'N' => Err(tls_error(
-            "the server does not accept TLS connections (ssl = off); turn ssl on in postgresql.conf, or use sslmode=prefer or disable".into(),
-        )),
-        other => Err(ReplicationError::Protocol(format!("unexpected answer {other:?} to SSLRequest"))),
-    }
-}
-
-fn unexpected(phase: &str, message: &backend::Message) -> ReplicationError {
-    let name = match message {
-        backend::Message::CopyData(_) => "CopyData",
-        backend::Message::CopyDone => "CopyDone",
-        backend::Message::DataRow(_) => "DataRow",
-        backend::Message::CommandComplete(_) => "CommandComplete",
-        backend::Message::ReadyForQuery(_) => "ReadyForQuery",
-        backend::Message::RowDescription(_) => "RowDescription",
-        _ => "another message",
-    };
-    ReplicationError::Protocol(format!("unexpected {name} during {phase}"))
 }

@@ -20,6 +20,7 @@
 
 pub mod connection;
 pub mod error;
+mod handshake;
 pub mod stream;
 pub mod timeline;
 mod wire;

@@ -63,7 +63,7 @@ pub(super) fn record(
         Some(Value::Object(map)) => {
             for (k, v) in map {
                 if let Value::String(s) = v {
-                    headers.push((k.clone(), Bytes::from(s.clone())));
+                    headers.push(super::user_header(k, Bytes::from(s.clone())));
                 }
             }
         }

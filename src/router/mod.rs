@@ -25,6 +25,8 @@ pub use cloudevents::timestamp_text_to_rfc3339;
 pub use dead_letter::{ERROR_HEADER, ERROR_KIND_HEADER};
 pub use template::{TopicTemplate, check_topic_name};
 
+use bytes::Bytes;
+
 use crate::lsn::Lsn;
 use crate::pgoutput::{Message, PgTimestamp, TupleData};
 use crate::record::KafkaRecord;
@@ -135,6 +137,29 @@ impl Default for OutboxColumns {
     }
 }
 
+/// Whether a header name is the relay's own: `id`, `event_type`,
+/// `content-type`, `ce_*` and `walrelay_*`. A record carries exactly one of
+/// each, the relay's; a user's copy (from the `headers` column or a
+/// message's `headers`) goes out renamed with [`USER_HEADER_PREFIX`].
+pub fn is_reserved_header(name: &str) -> bool {
+    matches!(name, "id" | "event_type" | "content-type")
+        || name.starts_with("ce_")
+        || name.starts_with("walrelay_")
+}
+
+/// What a user's header with a reserved name is renamed to: `user.id`,
+/// `user.ce_type`, ...
+pub const USER_HEADER_PREFIX: &str = "user.";
+
+/// A user's header, renamed if its name is reserved.
+fn user_header(name: &str, value: Bytes) -> (String, Bytes) {
+    if is_reserved_header(name) {
+        (format!("{USER_HEADER_PREFIX}{name}"), value)
+    } else {
+        (name.to_owned(), value)
+    }
+}
+
 /// An extra column placed in a header (`--header-column tenant_id[:alias]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderColumn {
@@ -150,6 +175,11 @@ impl std::str::FromStr for HeaderColumn {
         if column.is_empty() || header.is_empty() {
             return Err(format!(
                 "{text:?}: expected COLUMN or COLUMN:HEADER, such as tenant_id:tenant"
+            ));
+        }
+        if is_reserved_header(header) {
+            return Err(format!(
+                "{text:?}: header {header:?} is walrelay's own (id, event_type, content-type, ce_* and walrelay_* are): name the header differently, such as {column}:app_{header}"
             ));
         }
         Ok(HeaderColumn {

@@ -170,7 +170,7 @@ fn headers_from_json(json: &[u8], headers: &mut Vec<(String, Bytes)>) -> Result<
         Value::Object(map) => {
             for (k, v) in map {
                 if let Value::String(s) = v {
-                    headers.push((k, Bytes::from(s)));
+                    headers.push(super::user_header(&k, Bytes::from(s)));
                 }
             }
             Ok(())
@@ -231,6 +231,40 @@ mod tests {
         assert_eq!(header(&record, "ce_source"), "/walrelay/public/outbox");
         assert_eq!(header(&record, "ce_time"), "2026-11-23T08:32:03.5Z");
         assert_eq!(header(&record, "content-type"), "application/json");
+    }
+
+    #[test]
+    fn a_users_copy_of_a_reserved_header_goes_out_renamed_and_the_relays_own_once() {
+        let router = Router::new(config(), "7000");
+        let forged = r#"{"id": "an-earlier-event", "ce_type": "Forged", "walrelay_position": "x", "content-type": "text/x", "event_type": "E", "tenant": "acme"}"#;
+        let row = tuple(&[
+            Some(ID),
+            Some("order"),
+            Some("order-42"),
+            Some("OrderCreated"),
+            Some("{}"),
+            Some(forged),
+            Some("2026-11-23 08:32:03.5+00"),
+        ]);
+        let Routed::Event(record) = router.route_insert(&outbox_relation(3802, &[]), &row, ctx())
+        else {
+            panic!("expected an event")
+        };
+        for name in ["id", "ce_type", "event_type", "content-type"] {
+            let copies = record.headers.iter().filter(|(k, _)| k == name).count();
+            assert_eq!(copies, 1, "{name}");
+        }
+        assert_eq!(header(&record, "id"), ID);
+        assert_eq!(header(&record, "ce_type"), "OrderCreated");
+        assert!(record.header("walrelay_position").is_none());
+        assert_eq!(header(&record, "user.id"), "an-earlier-event");
+        assert_eq!(header(&record, "user.ce_type"), "Forged");
+        assert_eq!(header(&record, "user.walrelay_position"), "x");
+        assert_eq!(header(&record, "tenant"), "acme");
+        assert!(
+            "id_col:id".parse::<crate::router::HeaderColumn>().is_err(),
+            "a header column may not take a reserved name"
+        );
     }
 
     #[test]

@@ -1,0 +1,211 @@
+//! The records the publisher holds: every record handed over and not yet
+//! settled, in the order it was handed over, with what it is waiting for.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use super::ledgers::PartitionKey;
+use super::position::Position;
+use super::sink::RecordId;
+use crate::record::KafkaRecord;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Waiting to be sent.
+    Pending,
+    /// Sent, not yet delivered.
+    Sent,
+    /// Its delivery report is being handled.
+    Reported,
+    /// Delivered, its transaction not yet committed.
+    Acked,
+}
+
+#[derive(Debug)]
+pub struct Entry<T> {
+    pub tag: T,
+    pub record: KafkaRecord,
+    pub position: Option<Position>,
+    pub dead_letter: bool,
+    pub state: State,
+}
+
+/// What holds waiting records back, as the last pass over them found.
+#[derive(Default)]
+pub struct Held {
+    /// Everything (a full queue, a transaction being ended, a pause).
+    pub all: bool,
+    pub topics: HashSet<String>,
+    pub partitions: HashSet<PartitionKey>,
+}
+
+pub struct Records<T> {
+    entries: BTreeMap<RecordId, Entry<T>>,
+    /// Records waiting to be sent, in the order they were handed over.
+    pending: BTreeSet<RecordId>,
+    next_id: u64,
+    /// Records whose delivery report is outstanding.
+    sent: usize,
+    pub held: Held,
+}
+
+impl<T> Records<T> {
+    pub fn new() -> Self {
+        Records {
+            entries: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            next_id: 0,
+            sent: 0,
+            held: Held::default(),
+        }
+    }
+
+    /// Takes a record in, waiting; its id orders it after every earlier one.
+    pub fn add(
+        &mut self,
+        tag: T,
+        record: KafkaRecord,
+        position: Option<Position>,
+        dead_letter: bool,
+    ) -> RecordId {
+        let id = RecordId(self.next_id);
+        self.next_id += 1;
+        self.entries.insert(
+            id,
+            Entry {
+                tag,
+                record,
+                position,
+                dead_letter,
+                state: State::Pending,
+            },
+        );
+        if self.pending.is_empty() {
+            // Nothing waits: what held records back no longer does.
+            self.held = Held::default();
+        }
+        self.pending.insert(id);
+        id
+    }
+
+    pub fn get(&self, id: RecordId) -> Option<&Entry<T>> {
+        self.entries.get(&id)
+    }
+
+    /// The waiting records, oldest first.
+    pub fn waiting(&self) -> Vec<RecordId> {
+        self.pending.iter().copied().collect()
+    }
+
+    /// The waiting records of `topic`.
+    pub fn waiting_for(&self, topic: &str) -> Vec<RecordId> {
+        self.pending
+            .iter()
+            .filter(|id| self.entries[id].record.topic == topic)
+            .copied()
+            .collect()
+    }
+
+    pub fn mark_sent(&mut self, id: RecordId) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.state = State::Sent;
+            self.pending.remove(&id);
+            self.sent += 1;
+        }
+    }
+
+    /// A delivery report came for `id`: whether it was outstanding. The
+    /// caller then marks it delivered, sends it again, or settles it.
+    pub fn reported(&mut self, id: RecordId) -> bool {
+        match self.entries.get_mut(&id) {
+            Some(entry) if entry.state == State::Sent => {
+                self.sent -= 1;
+                entry.state = State::Reported;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn mark_acked(&mut self, id: RecordId) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.state = State::Acked;
+        }
+    }
+
+    /// Back to waiting (to be sent again).
+    pub fn requeue(&mut self, id: RecordId) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            if entry.state == State::Sent {
+                self.sent -= 1;
+            }
+            entry.state = State::Pending;
+            self.pending.insert(id);
+        }
+    }
+
+    /// Every record sent or delivered goes back to waiting: their
+    /// transaction was aborted.
+    pub fn requeue_all(&mut self) {
+        self.sent = 0;
+        for (id, entry) in self.entries.iter_mut() {
+            if entry.state != State::Pending {
+                entry.state = State::Pending;
+                self.pending.insert(*id);
+            }
+        }
+    }
+
+    /// Settles a record: the publisher is done with it.
+    pub fn remove(&mut self, id: RecordId) -> Option<Entry<T>> {
+        self.pending.remove(&id);
+        let entry = self.entries.remove(&id)?;
+        if entry.state == State::Sent {
+            self.sent -= 1;
+        }
+        Some(entry)
+    }
+
+    /// Settles every delivered record (their transaction committed).
+    pub fn take_acked(&mut self) -> Vec<Entry<T>> {
+        let acked: Vec<RecordId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == State::Acked)
+            .map(|(id, _)| *id)
+            .collect();
+        acked
+            .into_iter()
+            .filter_map(|id| self.entries.remove(&id))
+            .collect()
+    }
+
+    pub fn any_acked(&self) -> bool {
+        self.entries.values().any(|e| e.state == State::Acked)
+    }
+
+    /// Whether any record of `topic` is with the broker.
+    pub fn in_flight_to(&self, topic: &str) -> bool {
+        self.entries
+            .values()
+            .any(|e| e.state != State::Pending && e.record.topic == topic)
+    }
+
+    /// Records whose delivery report is outstanding.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) -> usize {
+        let dropped = self.entries.len();
+        self.entries.clear();
+        self.pending.clear();
+        self.sent = 0;
+        self.held = Held::default();
+        dropped
+    }
+}

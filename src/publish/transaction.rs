@@ -1,0 +1,203 @@
+//! The transaction, with a transactional sink: one open at a time; it takes
+//! records for a short while, then holds new ones back until those sent are
+//! delivered, and commits (or aborts after a failure).
+//!
+//! ```text
+//!   Uninitialized ─init─> Initializing ─> Idle ─first record─> Open ─closing, all delivered─> Committing ─> Idle
+//!                                                               │ a record failed                  │ failed
+//!                                                               └───────────> Aborting ─> Idle <────┘ (records sent again)
+//! ```
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long a transaction takes new records; then they wait while it
+/// commits. Short, because its records count as delivered only once it
+/// commits; librdkafka sends what lingers at once when a commit begins.
+const MAX_OPEN: Duration = Duration::from_millis(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Not transactional.
+    Off,
+    /// No session yet, or the producer must be taken over again.
+    Uninitialized,
+    Initializing,
+    Idle,
+    Open {
+        since: Instant,
+    },
+    Committing,
+    Aborting,
+}
+
+/// What to do with the transaction now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Commit,
+    Abort,
+}
+
+#[derive(Debug)]
+pub struct Transaction {
+    state: State,
+    /// A record of the open transaction failed: it must be aborted.
+    must_abort: bool,
+    /// The transactional id of this session.
+    pub id: Option<String>,
+}
+
+impl Transaction {
+    pub fn new(transactional: bool) -> Self {
+        Transaction {
+            state: if transactional {
+                State::Uninitialized
+            } else {
+                State::Off
+            },
+            must_abort: false,
+            id: None,
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.state != State::Off
+    }
+
+    /// A new session takes the transactional id over.
+    pub fn restart(&mut self, id: Option<String>) {
+        if self.is_on() {
+            self.state = State::Uninitialized;
+            self.must_abort = false;
+            self.id = id;
+        }
+    }
+
+    /// Everything in flight was abandoned: the producer must be taken over
+    /// again.
+    pub fn abandon(&mut self) {
+        if self.is_on() {
+            self.state = State::Uninitialized;
+            self.must_abort = false;
+        }
+    }
+
+    /// The id to take over now, if the producer must be initialized.
+    pub fn take_initialization(&mut self) -> Option<String> {
+        if self.state != State::Uninitialized {
+            return None;
+        }
+        let id = self.id.clone()?;
+        self.state = State::Initializing;
+        Some(id)
+    }
+
+    pub fn initialized(&mut self, ok: bool) {
+        self.state = if ok {
+            State::Idle
+        } else {
+            State::Uninitialized
+        };
+    }
+
+    /// Whether records may be sent now.
+    pub fn may_send(&self) -> bool {
+        match self.state {
+            State::Off | State::Idle => true,
+            State::Open { since } => !self.must_abort && since.elapsed() < MAX_OPEN,
+            _ => false,
+        }
+    }
+
+    /// A record goes out: whether a transaction must begin first.
+    pub fn needs_begin(&self) -> bool {
+        self.state == State::Idle
+    }
+
+    pub fn began(&mut self) {
+        self.state = State::Open {
+            since: Instant::now(),
+        };
+    }
+
+    /// A record of the open transaction failed.
+    pub fn fail(&mut self) {
+        if self.is_on() {
+            self.must_abort = true;
+        }
+    }
+
+    /// When the open transaction stops taking records.
+    pub fn closes_at(&self) -> Option<Instant> {
+        match self.state {
+            State::Open { since } if since.elapsed() < MAX_OPEN => Some(since + MAX_OPEN),
+            _ => None,
+        }
+    }
+
+    /// Whether to end the transaction now: nothing is outstanding (`sent`)
+    /// and it failed, or it holds delivered records.
+    pub fn due(&mut self, sent: usize, any_acked: bool) -> Option<End> {
+        if !matches!(self.state, State::Open { .. }) || sent > 0 {
+            return None;
+        }
+        if self.must_abort {
+            self.state = State::Aborting;
+            Some(End::Abort)
+        } else if any_acked {
+            self.state = State::Committing;
+            Some(End::Commit)
+        } else {
+            None
+        }
+    }
+
+    /// The commit failed without ending the producer: abort instead.
+    pub fn commit_failed(&mut self) {
+        self.state = State::Open {
+            since: Instant::now() - MAX_OPEN,
+        };
+        self.must_abort = true;
+    }
+
+    /// A commit or an abort finished.
+    pub fn ended(&mut self) {
+        self.state = State::Idle;
+        self.must_abort = false;
+    }
+
+    /// An abort failed: try it again.
+    pub fn abort_failed(&mut self) {
+        self.state = State::Open {
+            since: Instant::now() - MAX_OPEN,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_takes_records_briefly_then_commits_once_they_are_delivered() {
+        let mut t = Transaction::new(true);
+        assert!(!t.may_send(), "not before the id is taken over");
+        t.restart(Some("walrelay.7.s".into()));
+        assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+        t.initialized(true);
+        assert!(t.needs_begin() && t.may_send());
+        t.began();
+        assert_eq!(t.due(1, true), None, "a record is outstanding");
+        tokio::time::advance(MAX_OPEN).await;
+        assert!(!t.may_send(), "closing: new records wait");
+        assert_eq!(t.due(0, true), Some(End::Commit));
+        t.ended();
+        assert!(t.needs_begin());
+        t.began();
+        t.fail();
+        assert!(!t.may_send());
+        assert_eq!(t.due(0, true), Some(End::Abort));
+        assert!(!Transaction::new(false).is_on());
+    }
+}
