@@ -682,7 +682,9 @@
     };
     const axes = [
       {
-        stroke: C.muted, font: "12px system-ui, sans-serif", grid: { stroke: C.line, width: 1 }, ticks: { stroke: C.line, width: 1, size: 4 }, space: 70,
+        stroke: C.muted, font: "12px system-ui, sans-serif", grid: { stroke: C.line, width: 1 }, ticks: { stroke: C.line, width: 1, size: 4 },
+        // HH:MM labels need less room than HH:MM:SS ones.
+        space: (self, axisIdx, min, max) => (max - min > 600 ? 56 : 72),
         values: (u, splits, ax, space, incr) => splits.map((s) => clock(s * 1000, incr < 60)),
       },
       axis(def.axis, 3),
