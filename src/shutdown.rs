@@ -84,6 +84,15 @@ impl Shutdown {
     }
 }
 
+/// Sleeps until `deadline`, or forever without one: a loop's optional
+/// timer, beside shutdown in its `select!`.
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

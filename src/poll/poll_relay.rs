@@ -22,7 +22,7 @@ use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::publish::{Outcome, Publisher, PublisherConfig, Sink, TopicFailures, backoff};
 use crate::router::Router;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, sleep_until};
 use crate::sql::{self, SqlClient, SqlError};
 
 /// Shortest wait between polls of an idle outbox; it doubles up to
@@ -526,13 +526,6 @@ async fn listen(config: &PollConfig) -> Option<Wakeups> {
 async fn run_work(work: &mut Option<Work>) -> Result<Done, PollError> {
     match work.as_mut() {
         Some(work) => work.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

@@ -52,6 +52,27 @@
 //! with a fresh tracker. A producer that failed for good (another relay
 //! took over its transactional id) abandons what it had in flight: the
 //! next session reads it again from the slot.
+//!
+//! # Never holding the database
+//!
+//! At shutdown a walsender waits until its client has confirmed everything
+//! it sent, and walrelay confirms only what the broker acknowledged. So
+//! while the broker is away, or while a long backlog drains, a connected
+//! relay would hold PostgreSQL's shutdown. Two rules prevent that: when
+//! events wait and nothing has been acknowledged for the stall timeout,
+//! the relay ends its session cleanly (the walsender exits) and keeps
+//! waiting on the producer, streaming again once everything in flight is
+//! acknowledged; and when the slot monitor sees the server shutting down,
+//! the relay ends its session at once. Either way the slot keeps its
+//! confirmed position, so nothing is lost.
+//!
+//! # Where a session starts
+//!
+//! Always at the slot's own position, as the server reports it: never at a
+//! position learned from another server. After a failover to a standby
+//! that lagged, the promoted server's slot may be behind the watermark
+//! confirmed to the old primary; starting there, not at the watermark,
+//! streams the new primary's first commits instead of skipping them.
 
 mod ack_tracker;
 mod confirmer;

@@ -16,31 +16,12 @@
 //! No branch waits on anything but its own future, so shutdown, deliveries
 //! and the walsender are answered whatever else is going on.
 //!
-//! # Never holding the database
-//!
-//! At shutdown a walsender waits until its client has confirmed everything
-//! it sent, and walrelay confirms only what the broker acknowledged. So
-//! while the broker is away, or while a long backlog drains, a connected
-//! relay would hold PostgreSQL's shutdown. Two rules prevent that: when
-//! events wait and nothing has been acknowledged for the stall timeout,
-//! the relay ends its session cleanly (the walsender exits) and keeps
-//! waiting on the producer, streaming again once everything in flight is
-//! acknowledged; and when the slot monitor sees the server shutting down,
-//! the relay ends its session at once. Either way the slot keeps its
-//! confirmed position, so nothing is lost.
-//!
-//! # Where a session starts
-//!
-//! Always at the slot's own position, as the server reports it: never at a
-//! position learned from another server. After a failover to a standby
-//! that lagged, the promoted server's slot may be behind the watermark
-//! confirmed to the old primary; starting there, not at the watermark,
-//! streams the new primary's first commits instead of skipping them.
+//! `relay/mod.rs` says why the relay lets go of the slot when the broker
+//! stalls, and where each session starts.
 
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -49,7 +30,7 @@ use tokio::time::Instant;
 use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
 use super::error::{RelayError, StreamError, decide};
-use super::link::{Link, LinkEvent, Release};
+use super::link::{Link, LinkEvent, Release, report_connected, report_waiting_for_broker};
 use super::reconnect::{Next, ReconnectPolicy};
 use super::refused::Refused;
 use super::session::{Connector, Session, SessionStart, WalItem};
@@ -66,11 +47,7 @@ use crate::publish::{
 };
 use crate::record::KafkaRecord;
 use crate::router::{Routed, Router};
-use crate::shutdown::Shutdown;
-
-/// How long ending a session cleanly may take before the connection is
-/// simply dropped.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::shutdown::{Shutdown, sleep_until};
 
 /// What travels with each record through the publisher and back.
 #[derive(Clone, Copy, Debug)]
@@ -547,8 +524,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         self.origin = Some(origin);
         tracing::info!(slot = %self.config.slot, host = %start.host, start = %start.slot_confirmed, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
-        self.set_waiting_for_broker(false);
-        self.set_connected(true);
+        report_waiting_for_broker(&self.live, false);
+        report_connected(&self.live, true);
     }
 
     /// Ends the session on purpose, cleanly, so the walsender exits and
@@ -570,7 +547,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     stall_timeout = ?self.config.broker_stall_timeout,
                     "the broker acknowledged nothing: letting go of the slot so PostgreSQL is not held; streaming again once the broker answers"
                 );
-                self.set_waiting_for_broker(true);
+                report_waiting_for_broker(&self.live, true);
                 Instant::now()
             }
             Release::ServerStopping => {
@@ -578,27 +555,12 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 Instant::now() + crate::publish::backoff(1, self.config.max_backoff)
             }
         };
-        metrics::counter!(m::SLOT_RELEASES_TOTAL, "reason" => match why {
-            Release::BrokerStalled => "broker",
-            Release::ServerStopping => "server_stopping",
-        })
-        .increment(1);
-        if let Link::Streaming(session) = std::mem::replace(link, Link::Idle { reconnect_at }) {
-            match tokio::time::timeout(FINISH_TIMEOUT, session.finish()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::debug!(error = %error, "ending the session"),
-                Err(_) => tracing::debug!("the server did not end the stream in time; closed"),
-            }
-        }
+        metrics::counter!(m::SLOT_RELEASES_TOTAL, "reason" => why.label()).increment(1);
+        link.let_go(reconnect_at).await;
         self.open = None;
-        self.set_connected(false);
+        report_connected(&self.live, false);
         self.live.set_role(Role::Starting);
         Ok(())
-    }
-
-    fn set_waiting_for_broker(&self, waiting: bool) {
-        metrics::gauge!(m::WAITING_FOR_BROKER).set(if waiting { 1.0 } else { 0.0 });
-        self.live.set_waiting_for_broker(waiting);
     }
 
     /// A session (or the relay) failed: decide whether to reconnect, stand
@@ -608,7 +570,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         error: RelayError,
         link: &mut Link<C::Stream>,
     ) -> Result<(), RelayError> {
-        self.set_connected(false);
+        report_connected(&self.live, false);
         self.open = None;
         self.live.set_last_error(&error.to_string());
         if let RelayError::Publish(_) = error {
@@ -661,30 +623,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             );
         }
         self.send_feedback(&mut link, false).await?;
-        if let Link::Streaming(session) = link {
-            match tokio::time::timeout(FINISH_TIMEOUT, session.finish()).await {
-                Ok(result) => result?,
-                Err(_) => tracing::warn!("the server did not end the stream in time; closing"),
-            }
-        }
-        self.set_connected(false);
+        link.finish().await?;
+        report_connected(&self.live, false);
         tracing::info!(confirmed = %self.confirmer.confirmed(), "stopped");
         Ok(())
-    }
-
-    fn set_connected(&self, connected: bool) {
-        metrics::gauge!(m::REPLICATION_CONNECTED).set(if connected { 1.0 } else { 0.0 });
-        self.live.set_connected(connected);
-        if !connected {
-            self.live.set_host(None);
-        }
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
