@@ -130,6 +130,12 @@ pub fn spawn(
                 .counters
                 .broker_reachable
                 .store(ok, Ordering::Relaxed);
+            // The inbox has no stall timeout of its own: while the broker
+            // does not answer, it waits for it.
+            if probe_live.source() == live::Source::Inbox && probe_live.waiting_for_broker() == ok {
+                probe_live.set_waiting_for_broker(!ok);
+                metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(if ok { 0.0 } else { 1.0 });
+            }
             tokio::time::sleep(BROKER_PROBE_INTERVAL).await;
         }
     });

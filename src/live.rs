@@ -419,7 +419,8 @@ impl LiveState {
             (false, true) => self.errors.report(
                 match self.source {
                     Source::Poll => "the broker acknowledged nothing for --broker-stall-timeout: the claim is rolled back (the rows stay in the table) until it answers",
-                    _ => "the broker acknowledged nothing for --broker-stall-timeout: the slot is let go (PostgreSQL is not held) until it answers",
+                    Source::Wal => "the broker acknowledged nothing for --broker-stall-timeout: the slot is let go (PostgreSQL is not held) until it answers",
+                    Source::Inbox => "the broker does not answer: nothing is consumed until it does (the stored offsets stay where they are)",
                 },
                 unix_ms(),
             ),
@@ -437,6 +438,9 @@ impl LiveState {
     pub fn reason(&self) -> Option<String> {
         if self.source == Source::Poll && self.waiting_for_broker() {
             return Some("waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay rolled its claim back (the rows stay in the table); it polls again once the broker answers".to_owned());
+        }
+        if self.source == Source::Inbox && self.waiting_for_broker() {
+            return Some("waiting for the broker: it does not answer, so nothing is consumed; the inbox goes on from its stored offsets once it does".to_owned());
         }
         if self.connected() {
             return None;

@@ -20,6 +20,8 @@
   const NBSP = "\u00a0";
   const missing = (v) => v === null || v === undefined || Number.isNaN(v);
   const num = (v) => (missing(v) ? "–" : NF.format(Math.round(v)));
+  // "1 row", "2 rows", "– rows".
+  const count = (v, word) => num(v) + " " + word + (v === 1 ? "" : "s");
   function bytes(v) {
     if (missing(v)) return "–";
     const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -206,8 +208,8 @@
         }),
         latencyCard("Commit → ack"),
         (S) => ({
-          label: "In flight", value: num(S.in_flight) + " events · " + bytes(S.in_flight_bytes),
-          sub: "window " + num(S.subject.max_in_flight_events) + " events · " + bytes(S.subject.max_in_flight_bytes),
+          label: "In flight", value: count(S.in_flight, "event") + " · " + bytes(S.in_flight_bytes),
+          sub: "window " + count(S.subject.max_in_flight_events, "event") + " · " + bytes(S.subject.max_in_flight_bytes),
         }),
         (S) => ({
           label: "Slot", value: S.slot ? (S.slot.active ? "active" : "inactive") + (S.slot.wal_status ? " · " + S.slot.wal_status : "") : "not read yet",
@@ -252,7 +254,7 @@
     poll: {
       kind: "Polling source", subjectLabel: "table", doing: "polling",
       cards: [
-        (S) => ({ label: "Backlog", value: num(S.backlog && S.backlog.pending_rows) + " rows", sub: num(S.backlog && S.backlog.failing_rows) + " failing" }),
+        (S) => ({ label: "Backlog", value: count(S.backlog && S.backlog.pending_rows, "row"), sub: num(S.backlog && S.backlog.failing_rows) + " failing" }),
         (S) => ({
           label: "Oldest pending", value: S.backlog && S.backlog.pending_rows ? seconds(S.backlog.oldest_pending_seconds) : "none pending",
           sub: "age of the oldest row not yet published",
@@ -260,7 +262,7 @@
         (S, H) => ({ label: "Rows / s", value: rate(recentRate(H, "published")), sub: "last 10 s · " + rate(recentRate(H, "dead_lettered")) + " dead-lettered" + NBSP + "/" + NBSP + "s" }),
         (S, H) => ({ label: "Claim · settle", value: ms(recent(H, "claim_ms")) + " · " + ms(recent(H, "settle_ms")), sub: "mean per batch, last 10 s" }),
         latencyCard("Created → ack"),
-        (S) => ({ label: "In flight", value: num(S.in_flight) + " rows · " + bytes(S.in_flight_bytes), sub: "batch " + num(S.subject.max_in_flight_events) + " rows" }),
+        (S) => ({ label: "In flight", value: count(S.in_flight, "row") + " · " + bytes(S.in_flight_bytes), sub: "batch " + count(S.subject.max_in_flight_events, "row") }),
         totalsCard("Published"),
       ],
       charts: [
@@ -296,12 +298,12 @@
     inbox: {
       kind: "Inbox", subjectLabel: "topics", doing: "consuming",
       cards: [
-        (S) => ({ label: "Consumer lag", value: num(S.consumer_lag) + " records", sub: "over " + ((S.inbox && S.inbox.partitions.length) || 0) + " partitions" }),
+        (S) => ({ label: "Consumer lag", value: count(S.consumer_lag, "record"), sub: "over " + count((S.inbox && S.inbox.partitions.length) || 0, "partition") }),
         (S, H) => ({ label: "Stored / s", value: rate(recentRate(H, "stored")), sub: "last 10 s" }),
         (S, H) => ({ label: "Duplicates skipped", value: num(S.inbox && S.inbox.duplicates), sub: rate(recentRate(H, "duplicates")) + " / s, last 10 s" }),
         (S, H) => ({ label: "Dead letters", value: num(S.dead_letters), sub: rate(recentRate(H, "dead_lettered")) + " / s, last 10 s", alert: recentRate(H, "dead_lettered") > 0 }),
         latencyCard("Produced → stored"),
-        (S) => ({ label: "In hand", value: num(S.in_flight) + " records", sub: "batch " + num(S.subject.max_in_flight_events) + " records" }),
+        (S) => ({ label: "In hand", value: count(S.in_flight, "record"), sub: "batch " + count(S.subject.max_in_flight_events, "record") }),
         (S) => {
           const held = (S.inbox && S.inbox.partitions) || [];
           return {
@@ -469,7 +471,10 @@
     } else if (state === "standby") {
       text = "● standby: another relay holds the slot" + since; cls = "muted-badge";
     } else if (state === "waiting_for_broker") {
-      text = "● waiting for the broker: " + (model.source === "poll" ? "the claim is rolled back, the rows stay in the table" : "the slot is released, PostgreSQL is not held") + since;
+      text = "● waiting for the broker: " + ({
+        poll: "the claim is rolled back, the rows stay in the table",
+        inbox: "nothing is consumed until it answers",
+      }[model.source] || "the slot is released, PostgreSQL is not held") + since;
       cls = "warn";
     } else {
       text = "● " + (STATE_STYLE[state] ? STATE_STYLE[state].label : state) + since; cls = "bad";
@@ -683,8 +688,10 @@
     const axes = [
       {
         stroke: C.muted, font: "12px system-ui, sans-serif", grid: { stroke: C.line, width: 1 }, ticks: { stroke: C.line, width: 1, size: 4 },
-        // HH:MM labels need less room than HH:MM:SS ones.
-        space: (self, axisIdx, min, max) => (max - min > 600 ? 56 : 72),
+        // Ticks on whole minutes (1, 2, 5 …) or seconds; HH:MM labels
+        // need less room than HH:MM:SS ones.
+        incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200],
+        space: (self, axisIdx, min, max) => (max - min > 300 ? 50 : 72),
         values: (u, splits, ax, space, incr) => splits.map((s) => clock(s * 1000, incr < 60)),
       },
       axis(def.axis, 3),

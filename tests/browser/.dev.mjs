@@ -1,0 +1,15 @@
+import { chromium } from "playwright-core";
+import { readFileSync } from "fs";
+const [url, out, w, h] = process.argv.slice(2);
+const b = await chromium.launch({ executablePath: "/usr/bin/chromium", args: ["--no-sandbox"] });
+const c = await b.newContext({ viewport: { width: Number(w || 1366), height: Number(h || 900) } });
+const p = await c.newPage();
+await p.route("**/assets/dashboard.js", (r) => r.fulfill({ contentType: "text/javascript", body: readFileSync("/work/wt-dash/src/dashboard/dashboard.js", "utf8") }));
+await p.route("**/assets/dashboard.css", (r) => r.fulfill({ contentType: "text/css", body: readFileSync("/work/wt-dash/src/dashboard/dashboard.css", "utf8") }));
+p.on("pageerror", (e) => console.log("pageerror", e.stack));
+await p.goto(url);
+await p.waitForFunction(() => document.body.dataset.ready === "1");
+await p.waitForTimeout(1500);
+await p.screenshot({ path: out, fullPage: true });
+console.log(JSON.stringify((await p.evaluate(() => window.walrelayDashboard)).charts.map(c => c.axes)));
+await b.close();
