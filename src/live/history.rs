@@ -12,7 +12,7 @@
 //! [`History::heap_bytes`] adds these up from the capacities actually
 //! allocated, and `tests/history_memory.rs` checks the figure against a
 //! counting allocator. With the errors and the latency windows of
-//! [`super::LiveState`], measured there: 476 KiB for the WAL relay or the
+//! [`super::LiveState`], measured there: about 475 KiB for the WAL relay or the
 //! polling source after an hour, 929 KiB for an inbox charting 32
 //! partitions.
 
