@@ -88,12 +88,20 @@ impl ErrorLog {
             message.shrink_to_fit();
         }
         let mut errors = self.lock();
-        match errors.back_mut() {
-            Some(last) if last.holds() && last.message == message => {
-                last.last_ms = now_ms;
-                last.count = last.count.saturating_add(1);
+        // A current error reported again (even between others: librdkafka
+        // alternates two messages for one outage) is one error seen again,
+        // and the newest.
+        match errors
+            .iter()
+            .position(|e| e.holds() && e.message == message)
+            .and_then(|i| errors.remove(i))
+        {
+            Some(mut again) => {
+                again.last_ms = now_ms;
+                again.count = again.count.saturating_add(1);
+                errors.push_back(again);
             }
-            _ => {
+            None => {
                 if errors.len() == MAX_ERRORS {
                     errors.pop_front();
                 }
@@ -184,6 +192,18 @@ mod tests {
         log.report("connection refused", 4000);
         assert_eq!(log.all().len(), 2);
         assert!(log.last().unwrap().holds());
+    }
+
+    #[test]
+    fn two_messages_alternating_for_one_outage_are_two_errors_seen_often() {
+        let log = ErrorLog::default();
+        for i in 0..20 {
+            log.report("Kafka: AllBrokersDown", i * 2);
+            log.report("Kafka: 2/2 brokers are down", i * 2 + 1);
+        }
+        let all = log.all();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!((all[0].count, all[0].first_ms, all[0].last_ms), (20, 1, 39));
     }
 
     #[test]
