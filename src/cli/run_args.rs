@@ -191,6 +191,10 @@ pub struct PollArgs {
     /// NOTIFY from the insert trigger wakes the relay sooner).
     #[arg(long, env = "WALRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
+    /// --source poll: batches in flight at once, each on a connection of its
+    /// own: one is claimed while others are published and settled.
+    #[arg(long, env = "WALRELAY_POLL_CONNECTIONS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=32))]
+    pub poll_connections: u64,
     /// --source poll: rows claimed at most per batch.
     #[arg(long, env = "WALRELAY_POLL_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub poll_batch_size: u64,
@@ -291,6 +295,7 @@ impl RunArgs {
             pg,
             router,
             batch_size: self.poll.poll_batch_size as usize,
+            lanes: self.poll.poll_connections as usize,
             poll_interval: self.poll.poll_interval,
             on_published: self.poll.on_published,
             max_attempts: self.poll.max_attempts,

@@ -117,7 +117,8 @@ pub async fn run_poll(
         Subject {
             name: tables,
             delivery: "at-least-once",
-            max_in_flight_events: Some(config.batch_size as u64),
+            // Each lane holds at most one batch.
+            max_in_flight_events: Some((config.batch_size * config.lanes.max(1)) as u64),
             ..Subject::default()
         },
     )?;

@@ -262,7 +262,7 @@
         (S, H) => ({ label: "Rows / s", value: rate(recentRate(H, "published")), sub: "last 10 s · " + rate(recentRate(H, "dead_lettered")) + " dead-lettered" + NBSP + "/" + NBSP + "s" }),
         (S, H) => ({ label: "Claim · settle", value: ms(recent(H, "claim_ms")) + " · " + ms(recent(H, "settle_ms")), sub: "mean per batch, last 10 s" }),
         latencyCard("Created → ack"),
-        (S) => ({ label: "In flight", value: count(S.in_flight, "row") + " · " + bytes(S.in_flight_bytes), sub: "batch " + count(S.subject.max_in_flight_events, "row") }),
+        (S) => ({ label: "In flight", value: count(S.in_flight, "row") + " · " + bytes(S.in_flight_bytes), sub: "at most " + count(S.subject.max_in_flight_events, "row") + " (a batch a connection)" }),
         totalsCard("Published"),
       ],
       charts: [
@@ -292,7 +292,7 @@
           ],
         },
         LATENCY("Created → ack", "walrelay_commit_to_ack_seconds"),
-        IN_FLIGHT("In flight, against the batch", "rows"),
+        IN_FLIGHT("In flight, against the batches", "rows"),
       ],
     },
     inbox: {

@@ -97,10 +97,6 @@ impl Batch {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
     /// Every row's record, to hand to the publisher.
     pub fn outgoing(&self) -> Vec<Outgoing<RowTag>> {
         (0..self.rows.len()).map(|i| self.outgoing_of(i)).collect()

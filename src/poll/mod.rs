@@ -11,6 +11,7 @@
 //! | `schema.rs` | the columns, triggers and index `setup --source poll` makes |
 //! | `claim.rs` | the claim, settle and backlog SQL |
 //! | `poll_relay.rs` | the loop: claim a batch, publish it, settle it, wait for more |
+//! | `lane.rs` | one connection and the batch on it: batches are claimed, published and settled side by side |
 //! | `batch.rs` | one claimed batch: its records, their outcomes, what to write back |
 //! | `backlog.rs` | the backlog monitor (metrics and the dashboard) |
 //!
@@ -45,6 +46,7 @@
 mod backlog;
 mod batch;
 mod claim;
+mod lane;
 mod poll_relay;
 pub mod schema;
 
@@ -66,6 +68,9 @@ pub struct PollConfig {
     pub router: RouterConfig,
     /// Rows claimed at most per batch (`--poll-batch-size`).
     pub batch_size: usize,
+    /// Batches in flight at once, each on a connection of its own
+    /// (`--poll-connections`).
+    pub lanes: usize,
     /// Longest wait between polls of an idle outbox (`--poll-interval`).
     pub poll_interval: Duration,
     pub on_published: OnPublished,

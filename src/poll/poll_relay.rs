@@ -1,22 +1,25 @@
 //! The polling source's loop: one `select!` over what can happen, driven by
-//! the batch's phase. Every wait, SQL included, sits in the `select!` beside
-//! shutdown, so a stop request is never slept through.
+//! the phases of its lanes (`lane.rs`). Every wait, SQL included, sits in
+//! the `select!` beside shutdown, so a stop request is never slept through.
 //!
-//! ```text
-//!   Disconnected ─connect─> Idle ─claim─> Claiming ─rows─> Publishing ─all settled─> Settling ─commit─> Idle
-//!                            ^                                 │ broker stalled / stop deadline            │
-//!                            └──────────── Draining <─rollback─┘                                          (next table)
-//! ```
+//! Claims go one at a time, in turn over the lanes; the batches they
+//! claimed are published and settled side by side. A full batch lets the
+//! next lane claim at once; an empty one sends the lanes idle until a
+//! notification (the insert trigger's NOTIFY) or the poll timer, whose wait
+//! doubles up to `--poll-interval`.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::batch::{Batch, RowTag};
 use super::claim::{self, ClaimedRow, OutboxTable};
+use super::lane::{Lane, Phase};
 use super::{PollConfig, PollError, load_tables, schema};
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
@@ -29,11 +32,11 @@ use crate::sql::{self, SqlClient, SqlError};
 /// `--poll-interval` while nothing comes, and a notification ends it.
 const MIN_IDLE_WAIT: Duration = Duration::from_millis(50);
 
-type Work = std::pin::Pin<Box<dyn Future<Output = Result<Done, PollError>>>>;
-
 type Wakeups = (SqlClient, mpsc::UnboundedReceiver<String>);
 
-/// What a piece of SQL work finished with.
+/// SQL work of a lane, and what it finished with.
+type Work = std::pin::Pin<Box<dyn Future<Output = (usize, Result<Done, PollError>)>>>;
+
 enum Done {
     Connected {
         client: Arc<SqlClient>,
@@ -45,40 +48,18 @@ enum Done {
     RolledBack,
 }
 
-enum Phase {
-    Disconnected {
-        retry_at: Instant,
-    },
-    Connecting,
-    /// Waiting for rows: a notification, or the poll timer.
-    Idle {
-        poll_at: Instant,
-    },
-    Claiming {
-        table: usize,
-    },
-    Publishing {
-        batch: Batch,
-        last_progress: Instant,
-    },
-    Settling {
-        batch: Batch,
-    },
-    /// Rolled back: waiting for the records the producer already has, so
-    /// the next batch does not overtake them.
-    Draining {
-        batch: Batch,
-    },
-}
-
 pub struct PollRelay<S: Sink> {
     config: PollConfig,
     router: Router,
     publisher: Publisher<S, RowTag>,
     live: Arc<LiveState>,
     tables: Vec<OutboxTable>,
-    client: Option<Arc<SqlClient>>,
+    lanes: Vec<Lane>,
+    work: FuturesUnordered<Work>,
     wakeups: Option<Wakeups>,
+    /// When an idle lane claims next; `None` while a claim is under way or
+    /// the lanes wait for a notification or the timer... see `claim_at`.
+    claim_at: Option<Instant>,
     /// Failed rounds in a row.
     failures: u32,
     idle_wait: Duration,
@@ -104,8 +85,10 @@ impl<S: Sink> PollRelay<S> {
             publisher,
             live,
             tables: Vec::new(),
-            client: None,
+            lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
+            work: FuturesUnordered::new(),
             wakeups: None,
+            claim_at: Some(Instant::now()),
             failures: 0,
             idle_wait: MIN_IDLE_WAIT,
             next_table: 0,
@@ -118,35 +101,29 @@ impl<S: Sink> PollRelay<S> {
     /// Polls until shutdown, or a permanent error.
     pub async fn run(mut self, mut shutdown: Shutdown) -> Result<(), PollError> {
         self.live.set_role(Role::Active);
-        let mut phase = Phase::Disconnected {
-            retry_at: Instant::now(),
-        };
-        let mut work: Option<Work> = None;
         let mut stop_deadline: Option<Instant> = None;
         loop {
-            if stop_deadline.is_some() && work.is_none() {
-                match &phase {
-                    Phase::Publishing { .. } | Phase::Draining { .. } => {}
-                    _ => return Ok(()),
+            if let Some(deadline) = stop_deadline {
+                // Stopping: once no lane has a batch the broker may still
+                // be writing (or at the deadline), the connections close
+                // and the server rolls back what was claimed.
+                if Instant::now() >= deadline || !self.lanes.iter().any(Lane::busy) {
+                    return Ok(());
                 }
             }
-            let timer = match &phase {
-                Phase::Disconnected { retry_at } => Some(*retry_at),
-                Phase::Idle { poll_at } => Some(*poll_at),
-                Phase::Publishing { last_progress, .. } => {
-                    let stall = *last_progress + self.config.broker_stall_timeout;
-                    Some(stop_deadline.map_or(stall, |d| d.min(stall)))
-                }
-                _ => None,
-            };
-            let idle = matches!(phase, Phase::Idle { .. });
+            self.start_due_work(stop_deadline.is_some());
+            let timer = self.next_deadline(stop_deadline);
+            let waiting_for_rows = stop_deadline.is_none()
+                && self.claim_at.is_none()
+                && self.lanes.iter().any(Lane::is_idle)
+                && !self.claiming();
             let notified = async {
                 match self.wakeups.as_mut() {
-                    Some((_, rx)) if idle => {
+                    Some((_, rx)) if waiting_for_rows => {
                         if rx.recv().await.is_none() {
                             return std::future::pending().await;
                         }
-                        // One poll serves every notification queued so far.
+                        // One claim serves every notification queued so far.
                         while rx.try_recv().is_ok() {}
                     }
                     _ => std::future::pending().await,
@@ -155,64 +132,71 @@ impl<S: Sink> PollRelay<S> {
             tokio::select! {
                 biased;
                 () = shutdown.wait(), if stop_deadline.is_none() => {
-                    tracing::info!("stopping: finishing the batch in flight");
+                    tracing::info!("stopping: finishing the batches in flight");
                     stop_deadline = Some(Instant::now() + self.config.shutdown_timeout);
-                    if !matches!(phase, Phase::Publishing { .. } | Phase::Settling { .. } | Phase::Draining { .. }) {
-                        return Ok(());
-                    }
                 }
-                outcomes = self.publisher.next() => {
-                    let outcomes = outcomes?;
-                    phase = self.on_outcomes(outcomes, phase, &mut work);
-                }
-                done = run_work(&mut work) => {
-                    work = None;
-                    phase = match done {
-                        Ok(done) => self.on_done(done, phase, &mut work)?,
-                        Err(error) => self.on_failure(error, phase, &mut work)?,
-                    };
-                }
+                outcomes = self.publisher.next() => self.on_outcomes(outcomes?),
+                Some((lane, done)) = self.work.next(), if !self.work.is_empty() => match done {
+                    Ok(done) => self.on_done(lane, done),
+                    Err(error) => self.on_failure(lane, error)?,
+                },
                 () = notified => {
                     self.idle_wait = MIN_IDLE_WAIT;
-                    phase = self.claim_next(&mut work);
+                    self.claim_at = Some(Instant::now());
                 }
-                () = sleep_until(timer), if timer.is_some() => {
-                    phase = self.on_timer(phase, &mut work, stop_deadline);
-                }
+                () = sleep_until(timer), if timer.is_some() => self.on_timer(stop_deadline),
             }
         }
     }
 
-    fn on_timer(&mut self, phase: Phase, work: &mut Option<Work>, stop: Option<Instant>) -> Phase {
-        match phase {
-            Phase::Disconnected { .. } => {
-                let config = self.config.clone();
-                let listening = self.wakeups.as_ref().is_some_and(|(c, _)| !c.is_closed());
-                *work = Some(Box::pin(async move {
-                    let client = sql::connect(&config.pg).await?;
-                    // The claim's cost estimate is high (a subquery per
-                    // row), which would make PostgreSQL JIT-compile it on
-                    // every batch: about half of each claim's time, measured.
-                    client.batch_execute("SET jit = off").await?;
-                    let tables = load_tables(&client, &config.router).await?;
-                    let wakeups = if listening {
-                        None
-                    } else {
-                        listen(&config).await.map(Box::new)
-                    };
-                    Ok(Done::Connected {
-                        client: Arc::new(client),
-                        tables,
-                        wakeups,
-                    })
-                }));
-                Phase::Connecting
+    fn claiming(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|l| matches!(l.phase, Phase::Claiming { .. }))
+    }
+
+    /// The earliest of: a lane's reconnect, a batch's stall, the next
+    /// claim (when the lanes idle on the poll timer), the stop deadline.
+    fn next_deadline(&self, stop: Option<Instant>) -> Option<Instant> {
+        let lanes = self.lanes.iter().filter_map(|lane| match &lane.phase {
+            Phase::Disconnected { retry_at } => Some(*retry_at),
+            Phase::Publishing { last_progress, .. } => {
+                Some(*last_progress + self.config.broker_stall_timeout)
             }
-            Phase::Idle { .. } => {
-                self.idle_wait = (self.idle_wait * 2).min(self.config.poll_interval);
-                self.claim_next(work)
+            _ => None,
+        });
+        let claim = self
+            .claim_at
+            .filter(|_| self.lanes.iter().any(Lane::is_idle));
+        lanes.chain(claim).chain(stop).min()
+    }
+
+    /// Starts what is due now: connecting lanes, and the next claim.
+    fn start_due_work(&mut self, stopping: bool) {
+        let now = Instant::now();
+        for index in 0..self.lanes.len() {
+            if matches!(self.lanes[index].phase, Phase::Disconnected { retry_at } if retry_at <= now)
+            {
+                self.connect(index);
             }
-            Phase::Publishing { batch, .. } => {
+        }
+        if stopping || self.claiming() || self.claim_at.is_none_or(|at| at > now) {
+            return;
+        }
+        if let Some(index) = self.lanes.iter().position(Lane::is_idle) {
+            self.claim_next(index);
+        }
+    }
+
+    fn on_timer(&mut self, stop: Option<Instant>) {
+        let now = Instant::now();
+        for index in 0..self.lanes.len() {
+            let stalled = matches!(
+                &self.lanes[index].phase,
+                Phase::Publishing { last_progress, .. }
+                    if *last_progress + self.config.broker_stall_timeout <= now
+            );
+            if stalled {
                 if stop.is_none() {
                     tracing::warn!(
                         timeout = ?self.config.broker_stall_timeout,
@@ -220,52 +204,98 @@ impl<S: Sink> PollRelay<S> {
                     );
                     self.set_waiting_for_broker(true);
                 }
-                self.rollback(work);
-                Phase::Draining { batch }
+                self.rollback(index);
             }
-            other => other,
+        }
+        if self.claim_at.is_some_and(|at| at <= now) && !self.claiming() {
+            // The poll timer: the next claim starts at the loop's head.
+            self.idle_wait = (self.idle_wait * 2).min(self.config.poll_interval);
         }
     }
 
-    /// Claims the next table's rows.
-    fn claim_next(&mut self, work: &mut Option<Work>) -> Phase {
-        let Some(client) = self.client.clone() else {
-            return Phase::Disconnected {
-                retry_at: Instant::now(),
+    /// Runs `work` for lane `index`.
+    fn spawn(
+        &mut self,
+        index: usize,
+        work: impl Future<Output = Result<Done, PollError>> + 'static,
+    ) {
+        self.work.push(Box::pin(async move { (index, work.await) }));
+    }
+
+    fn connect(&mut self, index: usize) {
+        let config = self.config.clone();
+        let listening = self.wakeups.as_ref().is_some_and(|(c, _)| !c.is_closed());
+        self.lanes[index].phase = Phase::Connecting;
+        self.spawn(index, async move {
+            let client = sql::connect(&config.pg).await?;
+            // The claim's cost estimate is high (a subquery per row), which
+            // would make PostgreSQL JIT-compile it on every batch: about
+            // half of each claim's time, measured.
+            client.batch_execute("SET jit = off").await?;
+            let tables = load_tables(&client, &config.router).await?;
+            let wakeups = if listening {
+                None
+            } else {
+                listen(&config).await.map(Box::new)
             };
+            Ok(Done::Connected {
+                client: Arc::new(client),
+                tables,
+                wakeups,
+            })
+        });
+    }
+
+    /// Lane `index` claims the next table's rows.
+    fn claim_next(&mut self, index: usize) {
+        let Some(client) = self.lanes[index].client.clone() else {
+            return;
         };
-        let table = self.next_table;
+        let table = self.next_table % self.tables.len().max(1);
         let outbox = self.tables[table].clone();
         let limit = self.config.batch_size as i64;
+        self.claim_at = None;
+        self.lanes[index].phase = Phase::Claiming { table };
         let live = Arc::clone(&self.live);
-        *work = Some(Box::pin(async move {
+        self.spawn(index, async move {
             let started = Instant::now();
             client.batch_execute("BEGIN").await?;
             let rows = claim::claim(&client, &outbox, limit).await?;
             live.record_claim(started.elapsed());
+            if rows.is_empty() {
+                // Nothing to hold: end the transaction now.
+                client.batch_execute("ROLLBACK").await?;
+            }
             Ok(Done::Claimed(rows))
-        }));
-        Phase::Claiming { table }
+        });
     }
 
-    fn rollback(&mut self, work: &mut Option<Work>) {
-        if let Some(client) = self.client.clone() {
-            *work = Some(Box::pin(async move {
+    /// Rolls lane `index`'s claim back; its batch drains.
+    fn rollback(&mut self, index: usize) {
+        let lane = &mut self.lanes[index];
+        if let Phase::Publishing { .. } = lane.phase {
+            let Phase::Publishing { batch, .. } = std::mem::replace(&mut lane.phase, Phase::Idle)
+            else {
+                unreachable!("matched above");
+            };
+            lane.phase = Phase::Draining {
+                batch,
+                rolled_back: false,
+            };
+        }
+        if let Some(client) = lane.client.clone() {
+            self.spawn(index, async move {
                 if let Err(error) = client.batch_execute("ROLLBACK").await {
                     tracing::debug!(%error, "rollback of the claim failed; the server rolls it back");
                 }
                 Ok(Done::RolledBack)
-            }));
+            });
         }
     }
 
-    fn on_done(
-        &mut self,
-        done: Done,
-        phase: Phase,
-        work: &mut Option<Work>,
-    ) -> Result<Phase, PollError> {
-        Ok(match (done, phase) {
+    fn on_done(&mut self, index: usize, done: Done) {
+        let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Idle);
+        self.lanes[index].phase = match (done, phase) {
             (
                 Done::Connected {
                     client,
@@ -284,95 +314,119 @@ impl<S: Sink> PollRelay<S> {
                 tracing::info!(
                     host = client.address(),
                     tables = self.tables.len(),
+                    lane = index,
                     "polling the outbox"
                 );
-                self.client = Some(client);
-                self.claim_next(work)
+                self.lanes[index].client = Some(client);
+                Phase::Idle
             }
             (Done::Claimed(rows), Phase::Claiming { table }) => {
                 if rows.is_empty() {
-                    self.rollback(work);
-                    return Ok(self.after_batch(table, 0));
+                    self.after_batch(table, 0);
+                    return;
                 }
                 metrics::counter!(m::POLL_BATCHES_TOTAL).increment(1);
                 self.batches += 1;
+                let full = rows.len() >= self.config.batch_size;
                 let mut batch =
                     Batch::new(self.batches, self.tables[table].clone(), rows, &self.router);
                 for out in batch.outgoing() {
                     let outcomes = self.publisher.publish(out);
                     self.apply(&mut batch, outcomes);
                 }
-                self.publishing(batch, Instant::now(), work)
+                // A full batch: more is waiting, the next lane claims now.
+                self.next_table = table + 1;
+                self.round_full |= full;
+                if full {
+                    self.claim_at = Some(Instant::now());
+                } else {
+                    self.after_round();
+                }
+                self.publishing(index, batch, Instant::now())
             }
-            (Done::Settled, Phase::Settling { batch }) => {
+            (Done::Settled, Phase::Settling { .. }) => {
                 self.failures = 0;
-                let table = self
-                    .tables
-                    .iter()
-                    .position(|t| t.name() == batch.table.name())
-                    .unwrap_or(0);
-                self.after_batch(table, batch.len())
+                Phase::Idle
             }
-            (Done::RolledBack, Phase::Draining { batch }) => self.draining(batch),
-            (Done::RolledBack, phase) => phase,
+            (Done::RolledBack, Phase::Draining { batch, .. }) => self.draining(batch, true),
             (_, phase) => phase,
-        })
+        };
     }
 
-    /// A batch of `table` ended with `claimed` rows: the next table, or a
-    /// new round, at once if a batch was full, else after the idle wait.
-    fn after_batch(&mut self, table: usize, claimed: usize) -> Phase {
+    /// A claim of `table` found `claimed` rows: the next table, or a new
+    /// round after the idle wait.
+    fn after_batch(&mut self, table: usize, claimed: usize) {
         if claimed > 0 {
             self.idle_wait = MIN_IDLE_WAIT;
         }
-        self.round_full |= claimed >= self.config.batch_size;
-        self.next_table = (table + 1) % self.tables.len().max(1);
-        let now = Instant::now();
-        if self.next_table != 0 || std::mem::take(&mut self.round_full) {
-            Phase::Idle { poll_at: now }
+        self.next_table = table + 1;
+        if self.next_table % self.tables.len().max(1) != 0 {
+            self.claim_at = Some(Instant::now());
         } else {
-            Phase::Idle {
-                poll_at: now + self.idle_wait,
-            }
+            self.after_round();
         }
     }
 
-    fn on_outcomes(
-        &mut self,
-        outcomes: Vec<Outcome<RowTag>>,
-        phase: Phase,
-        work: &mut Option<Work>,
-    ) -> Phase {
-        match phase {
-            Phase::Publishing {
-                mut batch,
-                last_progress,
-            } => {
-                let progressed = self.apply(&mut batch, outcomes);
-                let last_progress = if progressed {
-                    Instant::now()
-                } else {
-                    last_progress
-                };
-                self.publishing(batch, last_progress, work)
+    /// A round over the tables ended: claim again at once if a batch was
+    /// full; otherwise wait for a notification or the poll timer.
+    fn after_round(&mut self) {
+        let now = Instant::now();
+        self.claim_at = Some(if std::mem::take(&mut self.round_full) {
+            now
+        } else {
+            now + self.idle_wait
+        });
+    }
+
+    fn on_outcomes(&mut self, outcomes: Vec<Outcome<RowTag>>) {
+        // Each outcome goes to the lane whose batch it belongs to.
+        let mut by_lane: Vec<Vec<Outcome<RowTag>>> =
+            self.lanes.iter().map(|_| Vec::new()).collect();
+        for outcome in outcomes {
+            let number = tag_of(&outcome).batch;
+            if let Some(index) = self
+                .lanes
+                .iter()
+                .position(|l| l.batch().is_some_and(|b| b.number == number))
+            {
+                by_lane[index].push(outcome);
             }
-            Phase::Draining { mut batch } => {
-                self.apply(&mut batch, outcomes);
-                if work.is_none() {
-                    self.draining(batch)
-                } else {
-                    Phase::Draining { batch }
+        }
+        for (index, outcomes) in by_lane.into_iter().enumerate() {
+            if outcomes.is_empty() {
+                continue;
+            }
+            let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Idle);
+            self.lanes[index].phase = match phase {
+                Phase::Publishing {
+                    mut batch,
+                    last_progress,
+                } => {
+                    let progressed = self.apply(&mut batch, outcomes);
+                    let last_progress = if progressed {
+                        Instant::now()
+                    } else {
+                        last_progress
+                    };
+                    self.publishing(index, batch, last_progress)
                 }
-            }
-            other => other,
+                Phase::Draining {
+                    mut batch,
+                    rolled_back,
+                } => {
+                    self.apply(&mut batch, outcomes);
+                    self.draining(batch, rolled_back)
+                }
+                other => other,
+            };
         }
     }
 
-    /// Applies outcomes to the batch, handing over the dead letters they
-    /// ask for; true if a row settled.
+    /// Applies outcomes to a batch, handing over the dead letters they ask
+    /// for; true if a row settled.
     fn apply(&mut self, batch: &mut Batch, outcomes: Vec<Outcome<RowTag>>) -> bool {
         let mut any = false;
-        let mut outcomes = std::collections::VecDeque::from(outcomes);
+        let mut outcomes = VecDeque::from(outcomes);
         while let Some(outcome) = outcomes.pop_front() {
             if let Outcome::Delivered {
                 tag,
@@ -390,19 +444,18 @@ impl<S: Sink> PollRelay<S> {
                 outcomes.extend(self.publisher.publish(out));
             }
         }
-        self.live
-            .record_in_flight(batch.sending(), batch.sending_bytes());
+        let in_lanes = self.lanes.iter().filter_map(Lane::batch);
+        let (sending, bytes) = in_lanes
+            .fold((batch.sending(), batch.sending_bytes()), |(n, b), other| {
+                (n + other.sending(), b + other.sending_bytes())
+            });
+        self.live.record_in_flight(sending, bytes);
         any
     }
 
-    /// A batch whose records are on their way: settle it once every row
+    /// Lane `index`'s batch is on its way: settle it once every row
     /// settled (after the last tries of rows out of attempts).
-    fn publishing(
-        &mut self,
-        mut batch: Batch,
-        last_progress: Instant,
-        work: &mut Option<Work>,
-    ) -> Phase {
+    fn publishing(&mut self, index: usize, mut batch: Batch, last_progress: Instant) -> Phase {
         if batch.sending() > 0 {
             return Phase::Publishing {
                 batch,
@@ -418,17 +471,20 @@ impl<S: Sink> PollRelay<S> {
                 let outcomes = self.publisher.publish(out);
                 self.apply(&mut batch, outcomes);
             }
-            return self.publishing(batch, last_progress, work);
+            return self.publishing(index, batch, last_progress);
         }
-        let Some(client) = self.client.clone() else {
-            return Phase::Draining { batch };
+        let Some(client) = self.lanes[index].client.clone() else {
+            return Phase::Draining {
+                batch,
+                rolled_back: true,
+            };
         };
         let settlement = batch.settlement(self.config.max_backoff);
         let table = batch.table.clone();
         let on_published = self.config.on_published;
         let dead_letter_table = self.config.dead_letter_table.clone();
         let live = Arc::clone(&self.live);
-        *work = Some(Box::pin(async move {
+        self.spawn(index, async move {
             let started = Instant::now();
             for letter in &settlement.dead_letters {
                 crate::dead_letters::store(&client, &dead_letter_table, letter).await?;
@@ -444,20 +500,25 @@ impl<S: Sink> PollRelay<S> {
             client.batch_execute("COMMIT").await?;
             live.record_settle(started.elapsed());
             Ok(Done::Settled)
-        }));
+        });
         Phase::Settling { batch }
     }
 
-    /// Rolled back: once nothing of the batch is with the producer, the
-    /// next claim may go.
-    fn draining(&mut self, batch: Batch) -> Phase {
-        if batch.sending() > 0 {
-            return Phase::Draining { batch };
+    /// Once the claim is rolled back and nothing of the batch is with the
+    /// producer, the lane may claim again.
+    fn draining(&mut self, batch: Batch, rolled_back: bool) -> Phase {
+        if !rolled_back || batch.sending() > 0 {
+            return Phase::Draining { batch, rolled_back };
         }
-        self.set_waiting_for_broker(false);
-        Phase::Idle {
-            poll_at: Instant::now(),
+        if !self
+            .lanes
+            .iter()
+            .any(|l| matches!(l.phase, Phase::Draining { .. }))
+        {
+            self.set_waiting_for_broker(false);
         }
+        self.claim_at.get_or_insert_with(Instant::now);
+        Phase::Idle
     }
 
     fn set_waiting_for_broker(&self, waiting: bool) {
@@ -465,41 +526,56 @@ impl<S: Sink> PollRelay<S> {
         metrics::gauge!(m::WAITING_FOR_BROKER).set(if waiting { 1.0 } else { 0.0 });
     }
 
-    /// SQL failed: count it (a permanent error ends the relay after a few
-    /// tries, with its fix), drop the connection, connect again later.
-    fn on_failure(
-        &mut self,
-        error: PollError,
-        phase: Phase,
-        _work: &mut Option<Work>,
-    ) -> Result<Phase, PollError> {
+    /// A lane's SQL failed: count it (a permanent error ends the relay
+    /// after a few tries, with its fix), drop its connection, connect again
+    /// later.
+    fn on_failure(&mut self, index: usize, error: PollError) -> Result<(), PollError> {
         self.failures += 1;
-        self.client = None;
-        self.live.set_connected(false);
+        self.lanes[index].client = None;
+        if !self.lanes.iter().any(|l| l.client.is_some()) {
+            self.live.set_connected(false);
+            metrics::gauge!(m::REPLICATION_CONNECTED).set(0.0);
+        }
         self.live.set_last_error(&error.to_string());
-        metrics::gauge!(m::REPLICATION_CONNECTED).set(0.0);
         metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
         let permanent = match &error {
             PollError::Sql(e) => !e.is_transient(),
             PollError::NotSetUp(_) | PollError::Publish(_) | PollError::Gave(_) => true,
         };
-        tracing::warn!(%error, attempt = self.failures, "polling failed");
+        tracing::warn!(%error, attempt = self.failures, lane = index, "polling failed");
         if permanent && self.failures >= self.config.permanent_error_attempts {
             return Err(PollError::Gave(error.to_string()));
         }
-        // The server rolled the claim back; records already with the
-        // producer are waited for before the next claim.
-        if let Phase::Publishing { batch, .. }
-        | Phase::Settling { batch }
-        | Phase::Draining { batch } = phase
-        {
-            if batch.sending() > 0 {
-                return Ok(Phase::Draining { batch });
-            }
+        let retry_at = Instant::now() + backoff(self.failures, self.config.max_backoff);
+        let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Connecting);
+        if matches!(phase, Phase::Claiming { .. }) {
+            self.claim_at = Some(retry_at);
         }
-        Ok(Phase::Disconnected {
-            retry_at: Instant::now() + backoff(self.failures, self.config.max_backoff),
-        })
+        // The server rolled the claim back; records already with the
+        // producer are waited for before the lane claims again.
+        self.lanes[index].phase = match phase {
+            Phase::Publishing { batch, .. }
+            | Phase::Settling { batch }
+            | Phase::Draining { batch, .. }
+                if batch.sending() > 0 =>
+            {
+                Phase::Draining {
+                    batch,
+                    rolled_back: true,
+                }
+            }
+            _ => Phase::Disconnected { retry_at },
+        };
+        Ok(())
+    }
+}
+
+fn tag_of(outcome: &Outcome<RowTag>) -> RowTag {
+    match outcome {
+        Outcome::Delivered { tag, .. }
+        | Outcome::Refused { tag, .. }
+        | Outcome::Failed { tag, .. }
+        | Outcome::Skipped { tag } => *tag,
     }
 }
 
@@ -520,12 +596,4 @@ async fn listen(config: &PollConfig) -> Option<Wakeups> {
             |error| tracing::warn!(%error, "cannot LISTEN for new rows; polling on the timer"),
         )
         .ok()
-}
-
-/// The SQL work under way, or never.
-async fn run_work(work: &mut Option<Work>) -> Result<Done, PollError> {
-    match work.as_mut() {
-        Some(work) => work.await,
-        None => std::future::pending().await,
-    }
 }

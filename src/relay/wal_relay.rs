@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -47,7 +48,41 @@ use crate::publish::{
 };
 use crate::record::KafkaRecord;
 use crate::router::{Routed, Router};
-use crate::shutdown::{Shutdown, sleep_until};
+use crate::shutdown::Shutdown;
+
+/// Items of the stream applied in one turn of the loop, at most, when
+/// they are already received.
+const READY_BATCH: usize = 256;
+
+/// When each timed thing is due, if it is.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    /// A status update to PostgreSQL.
+    feedback: Option<Instant>,
+    /// The server has been silent too long.
+    silent: Option<Instant>,
+    /// The broker has acknowledged nothing too long.
+    stall: Option<Instant>,
+    /// Connect again.
+    reconnect: Option<Instant>,
+    /// Stop whatever is still in flight.
+    stop: Option<Instant>,
+}
+
+impl Deadlines {
+    fn earliest(&self) -> Option<Instant> {
+        [
+            self.feedback,
+            self.silent,
+            self.stall,
+            self.reconnect,
+            self.stop,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
 
 /// What travels with each record through the publisher and back.
 #[derive(Clone, Copy, Debug)]
@@ -157,6 +192,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             reconnect_at: Instant::now(),
         };
         let mut stop_deadline: Option<Instant> = None;
+        // One timer for every deadline, reset only when the earliest moves:
+        // a timer made anew per turn of the loop costs more than the event.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
         loop {
             if let Some(deadline) = stop_deadline {
                 if self.window.is_empty() || Instant::now() >= deadline {
@@ -192,6 +230,19 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 }
                 _ => None,
             };
+            let deadlines = Deadlines {
+                feedback: feedback_at,
+                silent: silent_at,
+                stall: stall_at,
+                reconnect: reconnect_at,
+                stop: stop_deadline,
+            };
+            let wake_at = deadlines.earliest();
+            if let Some(at) = wake_at {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+            }
             let outcome: Result<(), RelayError> = tokio::select! {
                 biased;
                 () = shutdown.wait(), if stop_deadline.is_none() => {
@@ -219,9 +270,6 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     });
                     self.settle(outcomes)
                 }
-                () = sleep_until(feedback_at), if feedback_at.is_some() => {
-                    self.send_feedback(&mut link, false).await
-                }
                 event = link.next(reading) => match event {
                     LinkEvent::Connected(Ok((stream, start))) => {
                         self.on_connected(start);
@@ -229,25 +277,65 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                         Ok(())
                     }
                     LinkEvent::Connected(Err(error)) => Err(error),
-                    LinkEvent::Item(Ok(item)) => self.apply(item, &mut link).await,
+                    LinkEvent::Item(Ok(item)) => self.apply_ready(item, &mut link).await,
                     LinkEvent::Item(Err(error)) => Err(error),
                 },
-                () = sleep_until(silent_at), if silent_at.is_some() => {
-                    Err(StreamError::Silent(self.config.replication_timeout).into())
+                () = timer.as_mut(), if wake_at.is_some() => {
+                    self.on_deadline(deadlines, &mut link).await
                 }
-                () = sleep_until(stall_at), if stall_at.is_some() => {
-                    self.release(&mut link, Release::BrokerStalled).await
-                }
-                () = sleep_until(reconnect_at), if reconnect_at.is_some() => {
-                    link = Link::Connecting(self.connector.connect());
-                    Ok(())
-                }
-                () = sleep_until(stop_deadline), if stop_deadline.is_some() => Ok(()),
             };
             if let Err(error) = outcome {
                 self.on_error(error, &mut link)?;
             }
         }
+    }
+
+    /// A deadline passed: the most urgent one is handled (the others, if
+    /// also due, on the next turn).
+    async fn on_deadline(
+        &mut self,
+        deadlines: Deadlines,
+        link: &mut Link<C::Stream>,
+    ) -> Result<(), RelayError> {
+        let now = Instant::now();
+        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        if due(deadlines.feedback) {
+            self.send_feedback(link, false).await
+        } else if due(deadlines.silent) {
+            Err(StreamError::Silent(self.config.replication_timeout).into())
+        } else if due(deadlines.stall) {
+            self.release(link, Release::BrokerStalled).await
+        } else if due(deadlines.reconnect) {
+            *link = Link::Connecting(self.connector.connect());
+            Ok(())
+        } else {
+            Ok(()) // the stop deadline: the loop's head ends the relay
+        }
+    }
+
+    /// Applies an item of the stream, then those already received behind
+    /// it (as many as the window takes, up to a batch): one turn of the
+    /// loop for what one read of the socket brought.
+    async fn apply_ready(
+        &mut self,
+        item: WalItem,
+        link: &mut Link<C::Stream>,
+    ) -> Result<(), RelayError> {
+        self.apply(item, link).await?;
+        for _ in 0..READY_BATCH {
+            if !(self.publisher.accepting() && self.window.has_room()) {
+                break;
+            }
+            let Link::Streaming(session) = link else {
+                break;
+            };
+            match session.next().now_or_never() {
+                Some(Ok(item)) => self.apply(item, link).await?,
+                Some(Err(error)) => return Err(error),
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Applies one item of the stream.

@@ -1,0 +1,81 @@
+//! A lane: one connection to PostgreSQL and the batch on it, through its
+//! phases. The relay runs a few lanes, so one batch is claimed while
+//! another is published and a third is settled.
+//!
+//! ```text
+//!   Disconnected ─connect─> Connecting ─> Idle ─claim─> Claiming ─rows─> Publishing ─all settled─> Settling ─commit─> Idle
+//!                                          ^                                │ broker stalled
+//!                                          └──────── Draining <─rollback────┘
+//! ```
+//!
+//! Lanes never reorder an aggregate: a claim stops each aggregate at an
+//! older row outside it, and another lane's rows are outside it (locked
+//! until that lane's batch is settled and committed), exactly as another
+//! relay's are.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::batch::Batch;
+use crate::sql::SqlClient;
+
+pub enum Phase {
+    Disconnected {
+        retry_at: Instant,
+    },
+    Connecting,
+    /// Connected, nothing claimed: it claims when the relay says.
+    Idle,
+    Claiming {
+        table: usize,
+    },
+    Publishing {
+        batch: Batch,
+        last_progress: Instant,
+    },
+    Settling {
+        batch: Batch,
+    },
+    /// Rolled back (or being rolled back): waiting for the records the
+    /// producer already has, so a later batch does not overtake them.
+    Draining {
+        batch: Batch,
+        rolled_back: bool,
+    },
+}
+
+pub struct Lane {
+    pub client: Option<Arc<SqlClient>>,
+    pub phase: Phase,
+}
+
+impl Lane {
+    pub fn new() -> Self {
+        Lane {
+            client: None,
+            phase: Phase::Disconnected {
+                retry_at: Instant::now(),
+            },
+        }
+    }
+
+    /// The batch on this lane, if it has one.
+    pub fn batch(&self) -> Option<&Batch> {
+        match &self.phase {
+            Phase::Publishing { batch, .. }
+            | Phase::Settling { batch }
+            | Phase::Draining { batch, .. } => Some(batch),
+            _ => None,
+        }
+    }
+
+    /// Whether it holds a batch the broker may still be writing.
+    pub fn busy(&self) -> bool {
+        self.batch().is_some()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+    }
+}
