@@ -16,9 +16,17 @@ test:
 chaos:
     WALRELAY_CHAOS_EVENTS=100000 WALRELAY_CHAOS_KILLS=20 cargo test --release --test faults chaos -- --nocapture
 
-# Benchmarks: drain, latency, resources, against pg_recvlogical.
+# Benchmarks: walrelay (exactly once, at least once) against pg_recvlogical: drain, latency, CPU, RSS, start, kill -9.
 bench *ARGS:
     scripts/bench {{ARGS}}
+
+# The README's table: walrelay against Debezium's connector and Outbox Event Router, side by side (about 25 minutes).
+bench-debezium *ARGS:
+    scripts/bench --peer debezium {{ARGS}}
+
+# A smoke run of the side-by-side benchmark with small sizes (a few minutes).
+bench-quick *ARGS:
+    scripts/bench --quick --peer debezium {{ARGS}}
 
 # Record pgoutput fixtures from a real PostgreSQL.
 record-fixtures:

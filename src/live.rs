@@ -275,6 +275,11 @@ impl LiveState {
             .fetch_max(bytes, Ordering::Relaxed);
     }
 
+    /// An event was not sent again: its partition holds it (exactly once).
+    pub fn record_skipped(&self) {
+        self.counters.events_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The polling source claimed a batch in `took`.
     pub fn record_claim(&self, took: Duration) {
         metrics::histogram!(m::POLL_CLAIM_SECONDS).record(took.as_secs_f64());

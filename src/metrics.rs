@@ -44,7 +44,6 @@ pub const INBOX_DEAD_LETTERS_TOTAL: &str = "walrelay_inbox_dead_letters_total";
 pub const INBOX_CONSUMER_LAG: &str = "walrelay_inbox_consumer_lag";
 pub const INBOX_REBALANCES_TOTAL: &str = "walrelay_inbox_rebalances_total";
 pub const INBOX_BATCH_SECONDS: &str = "walrelay_inbox_batch_seconds";
-pub const INBOX_SEEK_BACKS_TOTAL: &str = "walrelay_inbox_seek_backs_total";
 pub const INBOX_PRODUCED_TO_STORED_SECONDS: &str = "walrelay_inbox_produced_to_stored_seconds";
 pub const POLL_CLAIM_SECONDS: &str = "walrelay_poll_claim_seconds";
 pub const POLL_SETTLE_SECONDS: &str = "walrelay_poll_settle_seconds";
@@ -207,10 +206,6 @@ pub fn describe() {
         Unit::Seconds,
         "time to store one batch in PostgreSQL (rows, dead letters and offsets in one transaction)"
     );
-    describe_counter!(
-        INBOX_SEEK_BACKS_TOTAL,
-        "seeks further back after a resume, because the broker passed over records (see the README)"
-    );
     describe_histogram!(
         INBOX_PRODUCED_TO_STORED_SECONDS,
         Unit::Seconds,
@@ -288,7 +283,6 @@ pub const ALL: &[&str] = &[
     INBOX_CONSUMER_LAG,
     INBOX_REBALANCES_TOTAL,
     INBOX_BATCH_SECONDS,
-    INBOX_SEEK_BACKS_TOTAL,
     INBOX_PRODUCED_TO_STORED_SECONDS,
     POLL_CLAIM_SECONDS,
     POLL_SETTLE_SECONDS,

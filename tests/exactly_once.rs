@@ -1,83 +1,24 @@
 //! Exactly once into Kafka without broker transactions, against a real
-//! PostgreSQL and a real broker: kills, a standby takeover, a broker
-//! outage and a PostgreSQL restart leave every event exactly once; another
+//! PostgreSQL and Apache Kafka: kills, a standby takeover, a broker outage
+//! and a PostgreSQL restart leave every event exactly once; another
 //! producer, a raised partition count and dead letters never cost an event.
+//! The log is read as any consumer reads it (read_committed, from the
+//! log's start to each partition's high watermark).
 
 mod support;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use rand::Rng;
-use support::kafka::Record;
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{commit_order, seeded_rng};
-use support::{Stack, StackOptions, wait_for};
-
-/// Checks that every committed event is in `records` exactly once and in
-/// commit order per key; returns the number of records.
-fn assert_exactly_once_in_order(
-    truth: &[(String, String, walrelay::lsn::Lsn)],
-    records: &[Record],
-) {
-    let mut copies: HashMap<&str, usize> = HashMap::new();
-    let mut order: HashMap<String, Vec<&str>> = HashMap::new();
-    for r in records {
-        let id = r.header("id").unwrap();
-        *copies.entry(id).or_default() += 1;
-        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
-        order.entry(key).or_default().push(id);
-    }
-    let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (id, key, end) in truth {
-        let n = copies.get(id.as_str()).copied().unwrap_or(0);
-        assert_eq!(n, 1, "event {id} (commit {end}) arrived {n} times");
-        expected.entry(key.as_str()).or_default().push(id.as_str());
-    }
-    assert_eq!(
-        records.len(),
-        truth.len(),
-        "no record that was not committed"
-    );
-    for (key, ids) in expected {
-        assert_eq!(order[key], ids, "per-key order of {key}");
-    }
-}
-
-/// `writers` connections committing `txns` transactions of `per_txn`
-/// events each, over 50 aggregates, as fast as they can.
-fn spawn_writers(
-    stack: &Stack,
-    topic: &'static str,
-    writers: i32,
-    txns: i32,
-    per_txn: i32,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers)
-        .map(|w| {
-            let url = stack.url();
-            tokio::spawn(async move {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                for t in 0..txns {
-                    client
-                        .execute(
-                            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                             SELECT $1::text, 'agg-' || (($2::int * 7 + $3::int + g) % 50), 'E',
-                                    jsonb_build_object('w', $2::int, 't', $3::int, 'g', g)
-                             FROM generate_series(1, $4::int) g",
-                            &[&topic, &w, &t, &per_txn],
-                        )
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-        .collect()
-}
+use support::workload::{
+    assert_exactly_once_in_order, commit_order, seeded_rng, spawn_writers, steady_writer,
+};
+use support::{BrokerChoice, Stack, StackOptions, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_kills_during_twenty_thousand_events_leave_every_event_exactly_once_in_order() {
@@ -106,7 +47,7 @@ async fn twenty_kills_during_twenty_thousand_events_leave_every_event_exactly_on
     stack
         .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
         .await;
-    let records = stack.broker.consume_all("outbox.event.eo");
+    let records = stack.broker.consume_all(&stack.topic("eo"));
     assert_exactly_once_in_order(&truth, &records);
     let (_, metrics) = relay.http_get("/metrics").await.unwrap();
     eprintln!(
@@ -164,7 +105,21 @@ async fn a_standby_taking_over_under_load_loses_nothing_and_duplicates_nothing()
     stack
         .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(60))
         .await;
-    assert_exactly_once_in_order(&truth, &stack.broker.consume_all("outbox.event.takeover"));
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all(&stack.topic("takeover")));
+}
+
+/// Waits until the relay's `name` satisfies `ok`, and returns its value.
+async fn metric_until(
+    relay: &RelayProcess,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    wait_for(what, timeout, async || {
+        relay.metric(name).await.filter(|v| ok(*v))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,7 +128,7 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
     let stack = Stack::start_with(
         "eooutage",
         StackOptions {
-            broker_behind: Some(broker_port),
+            broker: BrokerChoice::Behind(broker_port),
             twin: true,
             ..Default::default()
         },
@@ -181,48 +136,101 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
     .await;
     let link = Proxy::start_on(broker_port, stack.broker.port).await;
     let relay = stack.relay(&["--max-backoff", "1s", "--topic-partitions", "2"]);
-    // A steady writer that reconnects across the restart.
-    let url = stack.url();
-    let writer = tokio::spawn(async move {
-        let mut written = 0;
-        let mut client: Option<tokio_postgres::Client> = None;
-        let deadline = Instant::now() + Duration::from_secs(14);
-        while Instant::now() < deadline {
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                    Ok((c, conn)) => {
-                        tokio::spawn(conn);
-                        client = Some(c);
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
-            }
-            let result = client
-                .as_ref()
-                .unwrap()
-                .execute(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                     SELECT 'outage', 'agg-' || (g % 7), 'E', '{}' FROM generate_series(1, 5) g",
-                    &[],
-                )
-                .await;
-            if result.is_ok() {
-                written += 5;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        written
-    });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A steady writer that reconnects across the restart, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(stack.url(), "outage", Arc::clone(&stop));
+    const PUBLISHED: &str = "walrelay_events_published_total";
+    const IN_FLIGHT: &str = "walrelay_events_in_flight";
+    const WAITING: &str = "walrelay_waiting_for_broker";
+    const SERVER_STOPPING: &str = "walrelay_slot_releases_total{reason=\"server_stopping\"}";
+    const RECONNECTS: &str = "walrelay_reconnects_total";
+    const CONNECTED: &str = "walrelay_replication_connected";
+    let timeout = Duration::from_secs(60);
+    metric_until(&relay, PUBLISHED, "the relay to publish", timeout, |n| {
+        n >= 100.0
+    })
+    .await;
+
+    // The broker goes away while events are on their way: they stay in
+    // flight until the relay gives up waiting and lets go of the slot.
     link.cut();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    let stuck = metric_until(
+        &relay,
+        IN_FLIGHT,
+        "events in flight with the broker cut off",
+        timeout,
+        |n| n > 0.0,
+    )
+    .await;
+    metric_until(
+        &relay,
+        WAITING,
+        "the relay to wait for the broker",
+        timeout,
+        |v| v == 1.0,
+    )
+    .await;
+    let published_before = relay.metric(PUBLISHED).await.unwrap();
     link.restore();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    metric_until(&relay, WAITING, "the broker to be back", timeout, |v| {
+        v == 0.0
+    })
+    .await;
+    metric_until(
+        &relay,
+        PUBLISHED,
+        "the relay to publish again",
+        timeout,
+        |n| n > published_before,
+    )
+    .await;
+
+    // PostgreSQL restarts while events are in flight: a slow broker (every
+    // request held 300 ms) keeps some unacknowledged at every moment.
+    link.set_delay(Duration::from_millis(300));
+    // The relay lets go of the slot when it sees the server stopping, or
+    // reconnects when the connection just breaks.
+    let interruptions = async || {
+        Some(relay.metric(SERVER_STOPPING).await.unwrap_or(0.0) + relay.metric(RECONNECTS).await?)
+    };
+    let before_restart = interruptions().await.unwrap();
+    let in_flight_at_restart = metric_until(
+        &relay,
+        IN_FLIGHT,
+        "events in flight before the restart",
+        timeout,
+        |n| n > 0.0,
+    )
+    .await;
     stack.pg.restart();
+    link.set_delay(Duration::ZERO);
+    wait_for("the relay to notice the restart", timeout, async || {
+        (interruptions().await? > before_restart).then_some(())
+    })
+    .await;
+    metric_until(
+        &relay,
+        CONNECTED,
+        "the relay to stream again after the restart",
+        timeout,
+        |v| v == 1.0,
+    )
+    .await;
+    let published_after_restart = relay.metric(PUBLISHED).await.unwrap();
+    metric_until(
+        &relay,
+        PUBLISHED,
+        "the relay to publish after the restart",
+        timeout,
+        |n| n >= published_after_restart + 100.0,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
+    eprintln!(
+        "{stuck} events in flight at the broker cut, {in_flight_at_restart} at the PostgreSQL restart"
+    );
+
     let client = stack.pg.client(&stack.db).await;
     let committed: i64 = client
         .query_one("SELECT count(*) FROM outbox", &[])
@@ -239,18 +247,8 @@ async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exa
         },
     )
     .await;
-    assert_exactly_once_in_order(&truth, &stack.broker.consume_all("outbox.event.outage"));
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all(&stack.topic("outage")));
     drop(relay);
-}
-
-/// A counter of the relay's /metrics.
-async fn metric(relay: &RelayProcess, name: &str) -> f64 {
-    let (_, text) = relay.http_get("/metrics").await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} not exported: {text}"))
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,7 +274,7 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
         "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
         proxy.port, stack.db
     );
-    let relay_for = |args: &[&str]| RelayProcess::start(&url, &stack.broker.bootstrap(), args);
+    let relay_for = |args: &[&str]| stack.relay_via(&url, args);
     let streaming = async |relay: &RelayProcess| {
         wait_for("the relay to stream", Duration::from_secs(20), async || {
             let (code, _) = relay.http_get("/readyz").await?;
@@ -303,14 +301,14 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
     proxy.hold_upstream();
     insert(Some("k"), 50).await;
     insert(None, 1).await;
-    let first = stack
-        .broker
-        .consume("outbox.event.mixed", 50, Duration::from_secs(30));
+    let topic = stack.topic("mixed");
+    let dead_letters = stack.topics.dead_letters();
+    let first = stack.broker.consume(&topic, 50, Duration::from_secs(30));
     assert_eq!(first.len(), 50, "{}", relay.log());
     assert_eq!(
         stack
             .broker
-            .consume("walrelay.dead-letter", 1, Duration::from_secs(30))
+            .consume(&dead_letters, 1, Duration::from_secs(30))
             .len(),
         1
     );
@@ -318,15 +316,21 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
     proxy.release_upstream();
 
     // Another producer writes to the same topics.
-    let foreign = stack.broker.produce_plain("outbox.event.mixed", 30);
-    stack.broker.produce_plain("walrelay.dead-letter", 5);
+    let foreign = stack.broker.produce_plain(&topic, 30);
+    stack.broker.produce_plain(&dead_letters, 5);
 
     // Round 2: the replay skips all 51, past the other producer's records;
     // 20 new events, unconfirmed again; a crash.
     let mut relay = relay_for(&["--topic-partitions", "2"]);
     streaming(&relay).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let skipped = metric(&relay, "walrelay_events_skipped_total").await;
+    let skipped = metric_until(
+        &relay,
+        "walrelay_events_skipped_total",
+        "the replay to skip what round 1 wrote",
+        Duration::from_secs(60),
+        |n| n >= 51.0,
+    )
+    .await;
     assert_eq!(
         skipped,
         51.0,
@@ -338,7 +342,7 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
     assert_eq!(
         stack
             .broker
-            .consume("outbox.event.mixed", 100, Duration::from_secs(30))
+            .consume(&topic, 100, Duration::from_secs(30))
             .len(),
         100,
         "{}",
@@ -349,7 +353,7 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
 
     // The topic grows from 2 to 6 partitions between crashes: keys move,
     // so some events are published again; none is lost.
-    stack.broker.add_partitions("outbox.event.mixed", 6);
+    stack.broker.add_partitions(&topic, 6);
     let relay = relay_for(&[]);
     streaming(&relay).await;
     insert(Some("k"), 10).await;
@@ -358,7 +362,7 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
         .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(60))
         .await;
 
-    let records = stack.broker.consume_all("outbox.event.mixed");
+    let records = stack.broker.consume_all(&topic);
     let mut copies: HashMap<&str, usize> = HashMap::new();
     for r in records
         .iter()
@@ -385,7 +389,7 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
     );
     let again = keyed.iter().filter(|id| copies[*id] > 1).count();
     eprintln!("after the partition count grew: {again} of 80 events published again (allowed)");
-    let dead = stack.broker.consume_all("walrelay.dead-letter");
+    let dead = stack.broker.consume_all(&dead_letters);
     assert_eq!(
         dead.iter()
             .filter(|r| r.header("walrelay_origin").is_some())

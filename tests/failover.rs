@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::kafka::Broker;
+use support::kafka::{Broker, Topics};
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
 use support::workload::setup;
@@ -354,12 +354,9 @@ async fn check_names_the_fix_for_each_missing_piece_of_a_failover_and_setup_mend
         primary_client.batch_execute(sql).await.unwrap();
     }
     // A relay moves the slot, so the standby's copy becomes usable.
-    let broker = Broker::start();
-    let _relay = RelayProcess::start(
-        &primary.url(&db),
-        &broker.bootstrap(),
-        &["--heartbeat-interval", "500ms"],
-    );
+    let args = Topics::new("failovercheck").relay_args(&["--heartbeat-interval", "500ms"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _relay = RelayProcess::start(&primary.url(&db), &Broker::shared().bootstrap(), &args);
     let report = wait_for("check to pass", Duration::from_secs(90), async || {
         let (code, report) = check();
         (code == Some(0) && report.contains("has a synchronized copy of slot walrelay"))

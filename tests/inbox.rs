@@ -13,7 +13,7 @@ use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use support::kafka::{Broker, Record};
+use support::kafka::{Broker, Record, Topics};
 use support::relay::RelayProcess;
 use support::workload::{seeded_rng, setup};
 use support::{PgCluster, Stack, wait_for};
@@ -140,8 +140,10 @@ async fn setup_inbox_creates_its_tables_and_check_and_inbox_name_the_fix_until_t
         "{text}"
     );
     // The inbox itself refuses to start, with the same fix.
-    let broker = Broker::start();
-    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &["--topic", "orders"]);
+    let topics = Topics::new("inboxsetup");
+    let args = topics.inbox_args(&["--topic", &topics.named("orders")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut inbox = RelayProcess::start_inbox(&url, &Broker::shared().bootstrap(), &args);
     let status = inbox.wait(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", inbox.log());
     assert!(
@@ -188,8 +190,10 @@ async fn ten_thousand_records_with_duplicate_ids_and_five_kill9s_land_each_id_on
     let url = pg.url(&db);
     setup(&url, &["--inbox"]);
     let client = pg.client(&db).await;
-    let broker = Broker::start();
-    broker.create_topic("orders", 4);
+    let broker = Broker::shared();
+    let topics = Topics::new("inboxkill");
+    let topic = topics.named("orders");
+    broker.create_topic(&topic, 4);
     // 10,000 ids; ids 4,000 to 4,999 sent again after 5,000 (a producer
     // restarting at least once); one record without an id; one whose
     // value is not JSON.
@@ -214,34 +218,41 @@ async fn ten_thousand_records_with_duplicate_ids_and_five_kill9s_land_each_id_on
         value: "not json".into(),
     });
     records.extend((5_000..10_000).map(event));
-    produce(&broker, "orders", &records);
-    let in_kafka = broker.consume("orders", records.len(), Duration::from_secs(60));
+    produce(broker, &topic, &records);
+    let in_kafka = broker.consume(&topic, records.len(), Duration::from_secs(60));
     assert_eq!(in_kafka.len(), 11_002);
 
-    let args = ["--topic", "orders", "--batch-size", "20", "-X", SESSION];
+    let args = topics.inbox_args(&["--topic", &topic, "--batch-size", "20", "-X", SESSION]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
     let mut at_kills = Vec::new();
     for kill in 0..5 {
-        let before = count(&client, "SELECT count(*) FROM inbox").await;
-        // Wait for this life to store something, then kill it mid-run.
+        // Each life is killed once the inbox holds a seeded number of rows,
+        // the five spread over the run: a life stores thousands of rows a
+        // second, so a kill timed after a life's first store could come
+        // after the last row.
+        let target = 1_500 * (kill + 1) + rng.random_range(0..500);
         let deadline = Instant::now() + Duration::from_secs(90);
-        while count(&client, "SELECT count(*) FROM inbox").await == before {
+        loop {
+            let stored = count(&client, "SELECT count(*) FROM inbox").await;
+            if stored >= target {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
-                "life {kill} stored nothing in 90 s; its log:\n{}",
+                "life {kill} did not reach {target} rows in 90 s (the inbox holds {stored}); its log:\n{}",
                 inbox.log()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         inbox.kill9().await;
         at_kills.push(count(&client, "SELECT count(*) FROM inbox").await);
         inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
     }
     eprintln!("rows stored at each kill: {at_kills:?}");
     assert!(
-        at_kills.iter().any(|n| *n < 10_000),
-        "no kill landed mid-run: {at_kills:?}"
+        at_kills.iter().all(|n| *n < 10_000),
+        "every kill lands mid-run: {at_kills:?}"
     );
     wait_for("every id stored", Duration::from_secs(120), async || {
         (count(&client, "SELECT count(*) FROM inbox").await == 10_000).then_some(())
@@ -256,8 +267,8 @@ async fn ten_thousand_records_with_duplicate_ids_and_five_kill9s_land_each_id_on
     wait_for("the offsets to reach the end", Duration::from_secs(60), async || {
         let rows = client
             .query(
-                "SELECT \"partition\", next_offset FROM inbox_offsets WHERE consumer_group = 'walrelay-inbox' AND topic = 'orders'",
-                &[],
+                "SELECT \"partition\", next_offset FROM inbox_offsets WHERE consumer_group = $1 AND topic = $2",
+                &[&topics.group(), &topic],
             )
             .await
             .unwrap();
@@ -349,9 +360,12 @@ async fn two_inboxes_in_one_group_share_the_partitions_and_one_takes_over_on_shu
     let url = pg.url(&db);
     setup(&url, &["--inbox"]);
     let client = pg.client(&db).await;
-    let broker = Broker::start();
-    broker.create_topic("payments", 4);
-    let args = ["--topic", "payments", "-X", SESSION];
+    let broker = Broker::shared();
+    let topics = Topics::new("inboxgroup");
+    let topic = topics.named("payments");
+    broker.create_topic(&topic, 4);
+    let args = topics.inbox_args(&["--topic", &topic, "-X", SESSION]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
     wait_for(
         "the first inbox to hold the partitions",
@@ -387,7 +401,7 @@ async fn two_inboxes_in_one_group_share_the_partitions_and_one_takes_over_on_shu
             })
             .collect()
     };
-    produce(&broker, "payments", &batch(0, 2_000));
+    produce(broker, &topic, &batch(0, 2_000));
     wait_for("2,000 rows", Duration::from_secs(60), async || {
         (count(&client, "SELECT count(*) FROM inbox").await == 2_000).then_some(())
     })
@@ -411,7 +425,7 @@ async fn two_inboxes_in_one_group_share_the_partitions_and_one_takes_over_on_shu
         async || (assigned(&a).await?.len() == 4).then_some(()),
     )
     .await;
-    produce(&broker, "payments", &batch(2_000, 2_400));
+    produce(broker, &topic, &batch(2_000, 2_400));
     wait_for("2,400 rows", Duration::from_secs(60), async || {
         (count(&client, "SELECT count(*) FROM inbox").await == 2_400).then_some(())
     })
@@ -435,12 +449,17 @@ async fn wal_relay_to_kafka_to_an_inbox_in_another_database_holds_each_event_onc
     let relay_args = ["--delivery", "at-least-once", "--topic-partitions", "2"];
     let mut relay = stack.relay(&relay_args);
     stack.insert_events("shipment", 10).await;
-    let topic = "outbox.event.shipment";
-    stack.broker.consume(topic, 10, Duration::from_secs(30));
-    let inbox = RelayProcess::start_inbox(
+    let topic = stack.topic("shipment");
+    assert_eq!(
+        stack
+            .broker
+            .consume(&topic, 10, Duration::from_secs(30))
+            .len(),
+        10
+    );
+    let inbox = stack.inbox(
         &inbox_url,
-        &stack.broker.bootstrap(),
-        &["--topic", "^outbox\\.event\\..*", "-X", SESSION],
+        &["--topic", &stack.topics.pattern(), "-X", SESSION],
     );
     for round in 0..3 {
         for _ in 0..10 {
@@ -471,7 +490,7 @@ async fn wal_relay_to_kafka_to_an_inbox_in_another_database_holds_each_event_onc
         .map(|r| r.get(0))
         .collect();
     assert_eq!(events.len(), 3_010);
-    let in_kafka = stack.broker.consume_all(topic);
+    let in_kafka = stack.broker.consume_all(&topic);
     wait_for(
         "every event in the inbox",
         Duration::from_secs(120),

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::kafka::Broker;
+use support::kafka::{Broker, Topics};
 use support::{PgCluster, free_port, wait_for};
 use tokio::process::{Child, Command};
 
@@ -288,7 +288,8 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
     let init = &pod["initContainers"][0];
 
     let pg = PgCluster::start();
-    let broker = Broker::start();
+    let broker = Broker::shared();
+    let topics = Topics::new("kubernetes");
     let db = pg.create_database("kubernetes").await;
     let dir = tempfile::tempdir().unwrap();
 
@@ -309,6 +310,12 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
         ),
     );
     env.insert("WALRELAY_BROKERS".into(), broker.bootstrap());
+    // The test's own topics on the shared broker.
+    env.insert(
+        "WALRELAY_TOPIC_TEMPLATE".into(),
+        topics.topic("{aggregate_type}"),
+    );
+    env.insert("WALRELAY_DEAD_LETTER_TOPIC".into(), topics.dead_letters());
 
     let mut setup = spawn(
         &init["args"],
@@ -363,7 +370,8 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
         )
         .await
         .unwrap();
-    let first = broker.consume("outbox.event.k8s", 1, Duration::from_secs(30));
+    let topic = topics.topic("k8s");
+    let first = broker.consume(&topic, 1, Duration::from_secs(30));
     assert_eq!(first.len(), 1, "{}", log(active));
 
     // What the kubelet does at a node drain or a deletion: SIGTERM. The
@@ -391,7 +399,7 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
         )
         .await
         .unwrap();
-    let records = broker.consume("outbox.event.k8s", 2, Duration::from_secs(30));
+    let records = broker.consume(&topic, 2, Duration::from_secs(30));
     let types: Vec<&str> = records
         .iter()
         .map(|r| r.header("event_type").unwrap())

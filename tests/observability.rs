@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::relay::http_get;
-use support::{PgCluster, PgOptions, Stack, StackOptions, free_port, wait_for};
+use support::{BrokerChoice, PgCluster, PgOptions, Stack, StackOptions, free_port, wait_for};
 use walrelay::lsn::Lsn;
 
 fn walrelay(args: &[&str]) -> std::process::Output {
@@ -92,20 +92,17 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
-    let mut stack = Stack::start_with(
+    let stack = Stack::start_with(
         "metrics",
         StackOptions {
-            persistent_broker: true,
+            broker: BrokerChoice::Private,
             ..Default::default()
         },
     )
     .await;
-    assert!(
-        !stack.broker.is_external(),
-        "this test stops the broker: run it against tansu (unset WALRELAY_TEST_BROKERS)"
-    );
     let relay = stack.relay(&[]);
-    let (client, broker) = (&stack.client, &mut stack.broker);
+    let (client, broker) = (&stack.client, &stack.broker);
+    let topic = stack.topic("m");
     client
         .batch_execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
@@ -114,9 +111,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
         .await
         .unwrap();
     assert_eq!(
-        broker
-            .consume("outbox.event.m", 200, Duration::from_secs(60))
-            .len(),
+        broker.consume(&topic, 200, Duration::from_secs(60)).len(),
         200
     );
 
@@ -132,7 +127,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
     );
     let metrics = parse_metrics(&text);
     assert_eq!(
-        metrics["walrelay_events_published_total{topic=\"outbox.event.m\"}"],
+        metrics[&format!("walrelay_events_published_total{{topic=\"{topic}\"}}")],
         200.0
     );
     assert_eq!(metrics["walrelay_replication_connected"], 1.0);
@@ -185,7 +180,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
     let (_, text) = relay.http_get("/metrics").await.unwrap();
     assert!(parse_metrics(&text)["walrelay_slot_lag_bytes{slot=\"walrelay\"}"] >= lag_while_down);
 
-    broker.restart();
+    broker.start_again();
     wait_for(
         "the lag to return to zero",
         Duration::from_secs(60),
@@ -197,9 +192,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
     )
     .await;
     assert_eq!(
-        broker
-            .consume("outbox.event.m", 300, Duration::from_secs(30))
-            .len(),
+        broker.consume(&topic, 300, Duration::from_secs(30)).len(),
         300
     );
 }
@@ -458,8 +451,7 @@ async fn status_json_matches_pg_replication_slots() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
-    // The local stack brings its own broker (tansu), whatever
-    // WALRELAY_TEST_BROKERS names.
+    // The local stack brings its own broker (Apache Kafka, scripts/kafka).
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let state = tempfile::Builder::new()
         .prefix("walrelay-start-")
@@ -499,7 +491,7 @@ async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
         "{out}"
     );
     assert!(
-        out.contains("tansu cat consume outbox.event.order"),
+        out.contains("scripts/kafka consume ") && out.contains("/kafka outbox.event.order"),
         "{out}"
     );
 
@@ -531,16 +523,21 @@ async fn scripts_start_brings_everything_up_and_stop_leaves_nothing_behind() {
     }
     let inbox_status = http_get(inbox_http_port, "/api/status").await;
     drop(inbox);
-    let pids: Vec<i32> = ["tansu", "walrelay", "inbox", "demo-writer"]
-        .iter()
-        .map(|n| {
-            std::fs::read_to_string(state.path().join(format!("{n}.pid")))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .collect();
+    let pids: Vec<i32> = [
+        "kafka/node-1/pid",
+        "walrelay.pid",
+        "inbox.pid",
+        "demo-writer.pid",
+    ]
+    .iter()
+    .map(|file| {
+        std::fs::read_to_string(state.path().join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    })
+    .collect();
     let stopped = stop();
     assert!(stopped.status.success());
     assert!(

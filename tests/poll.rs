@@ -13,7 +13,7 @@ use support::kafka::{Broker, Record};
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
 use support::workload::{commit_order, seeded_rng, setup};
-use support::{PgCluster, Stack, StackOptions, wait_for};
+use support::{BrokerChoice, PgCluster, Stack, StackOptions, wait_for};
 
 const POLL: &[&str] = &["--source", "poll"];
 
@@ -113,7 +113,7 @@ async fn setup_for_polling_is_idempotent_numbers_existing_rows_and_check_sees_ev
         "{report}"
     );
     // run refuses it with the same fix, before publishing anything.
-    let broker = Broker::start();
+    let broker = Broker::shared();
     let mut relay = RelayProcess::start(&url, &broker.bootstrap(), POLL);
     let status = relay.wait(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", relay.log());
@@ -182,12 +182,16 @@ async fn polled_records_are_byte_for_byte_the_records_of_the_wal_source() {
         "mark",
     ]);
     for (kind, n) in [("order", 3), ("bulk", 200)] {
-        let from_wal = stack
-            .broker
-            .consume(&format!("wal.{kind}"), n, Duration::from_secs(60));
-        let from_poll = stack
-            .broker
-            .consume(&format!("poll.{kind}"), n, Duration::from_secs(60));
+        let from_wal = stack.broker.consume(
+            &stack.topics.named(&format!("wal.{kind}")),
+            n,
+            Duration::from_secs(60),
+        );
+        let from_poll = stack.broker.consume(
+            &stack.topics.named(&format!("poll.{kind}")),
+            n,
+            Duration::from_secs(60),
+        );
         assert_eq!(from_wal.len(), n, "{}", wal.log());
         assert_eq!(from_poll.len(), n, "{}", poll.log());
         let polled = by_id(&from_poll);
@@ -266,7 +270,7 @@ async fn a_lower_sequence_that_commits_later_is_not_overtaken_and_other_aggregat
         .unwrap();
     let records = stack
         .broker
-        .consume("outbox.event.trap", 1, Duration::from_secs(30));
+        .consume(&stack.topic("trap"), 1, Duration::from_secs(30));
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].header("event_type"), Some("y1"));
     // A commits, then B: x1 then x2, in that order, after y1.
@@ -274,7 +278,7 @@ async fn a_lower_sequence_that_commits_later_is_not_overtaken_and_other_aggregat
     b.await.unwrap();
     let records = stack
         .broker
-        .consume("outbox.event.trap", 3, Duration::from_secs(30));
+        .consume(&stack.topic("trap"), 3, Duration::from_secs(30));
     let order: Vec<&str> = records
         .iter()
         .map(|r| r.header("event_type").unwrap())
@@ -318,7 +322,7 @@ async fn a_row_another_relay_holds_stops_its_aggregate_and_no_other() {
     let mut relay = stack.relay(&["--source", "poll", "--poll-interval", "100ms"]);
     let records = stack
         .broker
-        .consume("outbox.event.held", 1, Duration::from_secs(30));
+        .consume(&stack.topic("held"), 1, Duration::from_secs(30));
     assert_eq!(records[0].header("event_type"), Some("y1"));
     // y2 comes after x2: the claim that publishes it looked at x2 too.
     stack
@@ -330,7 +334,7 @@ async fn a_row_another_relay_holds_stops_its_aggregate_and_no_other() {
         .unwrap();
     let records = stack
         .broker
-        .consume("outbox.event.held", 2, Duration::from_secs(30));
+        .consume(&stack.topic("held"), 2, Duration::from_secs(30));
     let order: Vec<&str> = records
         .iter()
         .map(|r| r.header("event_type").unwrap())
@@ -340,7 +344,7 @@ async fn a_row_another_relay_holds_stops_its_aggregate_and_no_other() {
     claim.rollback().await.unwrap();
     let records = stack
         .broker
-        .consume("outbox.event.held", 4, Duration::from_secs(30));
+        .consume(&stack.topic("held"), 4, Duration::from_secs(30));
     let order: Vec<&str> = records
         .iter()
         .map(|r| r.header("event_type").unwrap())
@@ -357,7 +361,7 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
         StackOptions {
             setup_args: vec!["--source", "poll"],
             twin: true,
-            broker_behind: Some(broker_port),
+            broker: BrokerChoice::Behind(broker_port),
             ..Default::default()
         },
     )
@@ -365,7 +369,8 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
     // The broker answers slowly (through a proxy that delays what clients
     // send), so a batch spends a while published and not yet committed.
     let broker_link = Proxy::start_on(broker_port, stack.broker.port).await;
-    stack.broker.create_topic("outbox.event.poll", 4);
+    let topic = stack.topic("poll");
+    stack.broker.create_topic(&topic, 4);
     broker_link.set_delay(Duration::from_millis(150));
     let relay_args = [
         "--source",
@@ -386,7 +391,7 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
         "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
         proxy.port, stack.db
     );
-    let mut a = RelayProcess::start(&a_url, &stack.broker.bootstrap(), &relay_args);
+    let mut a = stack.relay_via(&a_url, &relay_args);
     let mut b = stack.relay(&relay_args);
     let mut rng = seeded_rng("poll_two_relays");
     // 10 writers x 300 transactions of 1 to 5 events over 200 aggregates,
@@ -449,7 +454,7 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
             tokio::time::sleep(Duration::from_millis(1000)).await;
             let in_kafka: HashSet<String> = stack
                 .broker
-                .consume_all("outbox.event.poll")
+                .consume_all(&topic)
                 .iter()
                 .map(|r| r.header("id").unwrap().to_owned())
                 .collect();
@@ -495,7 +500,7 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_in_commit_order
         async || (count(&stack.client, "SELECT count(*) FROM outbox").await == 0).then_some(()),
     )
     .await;
-    let records = stack.broker.consume_all("outbox.event.poll");
+    let records = stack.broker.consume_all(&topic);
     let mut first_seen: HashMap<String, Vec<String>> = HashMap::new();
     let mut seen: HashSet<String> = HashSet::new();
     for r in &records {
@@ -555,8 +560,9 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
         },
     )
     .await;
-    stack.broker.create_topic("outbox.event.good", 1);
-    stack.broker.create_topic("walrelay.dead-letter", 1);
+    stack.broker.create_topic(&stack.topic("good"), 1);
+    stack.broker.create_topic(&stack.topics.dead_letters(), 1);
+    let missing = format!("topic \"{}\" does not exist", stack.topic("missing"));
     let mut relay = stack.relay(&[
         "--source",
         "poll",
@@ -579,7 +585,7 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
     // The good row does not wait for the failing one.
     let good = stack
         .broker
-        .consume("outbox.event.good", 1, Duration::from_secs(30));
+        .consume(&stack.topic("good"), 1, Duration::from_secs(30));
     assert_eq!(good.len(), 1);
     // The failing row counts its attempts and says why.
     wait_for("a failed attempt", Duration::from_secs(30), async || {
@@ -595,20 +601,16 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
         (attempts >= 1).then_some(error)
     })
     .await
-    .filter(|e| {
-        e.contains("topic \"outbox.event.missing\" does not exist and --no-create-topics is set")
-    })
+    .filter(|e| e.contains(&format!("{missing} and --no-create-topics is set")))
     .expect("last_error names the topic and the fix");
     let dead = stack
         .broker
-        .consume("walrelay.dead-letter", 1, Duration::from_secs(60));
+        .consume(&stack.topics.dead_letters(), 1, Duration::from_secs(60));
     assert_eq!(dead.len(), 1, "{}", relay.log());
     assert_eq!(dead[0].header("walrelay_error_kind"), Some("max_attempts"));
     let reason = dead[0].header("walrelay_error").unwrap();
     assert!(
-        reason.starts_with(
-            "failed 3 times; last error: topic \"outbox.event.missing\" does not exist"
-        ),
+        reason.starts_with(&format!("failed 3 times; last error: {missing}")),
         "{reason}"
     );
     assert_eq!(

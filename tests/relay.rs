@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::Rng;
 use support::kafka::Record;
 use support::workload::{commit_order, seeded_rng, setup};
-use support::{PgCluster, Stack, StackOptions, wait_for};
+use support::{BrokerChoice, PgCluster, Stack, StackOptions, wait_for};
 use walrelay::lsn::Lsn;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -160,7 +160,11 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         .unwrap()
         .get(0);
 
-    let orders = broker.consume("public.order", 2, Duration::from_secs(60));
+    let orders = broker.consume(
+        &stack.topics.named("public.order"),
+        2,
+        Duration::from_secs(60),
+    );
     assert_eq!(orders.len(), 2, "relay log:\n{}", relay.log());
     let orders = by_id(&orders);
     let created = &orders["00000000-0000-0000-0000-000000000001"];
@@ -239,7 +243,11 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
     assert_eq!(deleted.header("tenant"), None);
     assert_eq!(deleted.header("ce_time"), Some("2026-11-23T08:32:04Z"));
 
-    let big = broker.consume("public.big", 1, Duration::from_secs(60));
+    let big = broker.consume(
+        &stack.topics.named("public.big"),
+        1,
+        Duration::from_secs(60),
+    );
     assert_eq!(big.len(), 1);
     assert_eq!(
         big[0].value.as_deref(),
@@ -247,7 +255,11 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         "1 MB payload byte for byte"
     );
 
-    let text = broker.consume("public.text", 1, Duration::from_secs(30));
+    let text = broker.consume(
+        &stack.topics.named("public.text"),
+        1,
+        Duration::from_secs(30),
+    );
     assert_eq!(text.len(), 1, "relay log:\n{}", relay.log());
     assert_eq!(text[0].value.as_deref(), Some("plain text, ü".as_bytes()));
     assert_eq!(
@@ -258,7 +270,11 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         text[0].header("ce_source"),
         Some("/walrelay/public/outbox_text")
     );
-    let bytes = broker.consume("public.bytes", 1, Duration::from_secs(30));
+    let bytes = broker.consume(
+        &stack.topics.named("public.bytes"),
+        1,
+        Duration::from_secs(30),
+    );
     assert_eq!(
         bytes[0].value.as_deref(),
         Some(&[0x00, 0xff, 0x0a, 0x7f][..])
@@ -267,7 +283,11 @@ async fn every_part_of_the_record_contract_arrives_byte_for_byte() {
         bytes[0].header("content-type"),
         Some("application/octet-stream")
     );
-    let json = broker.consume("public.json", 1, Duration::from_secs(30));
+    let json = broker.consume(
+        &stack.topics.named("public.json"),
+        1,
+        Duration::from_secs(30),
+    );
     assert_eq!(
         json[0].value.as_deref(),
         Some(&br#"{"b": 1,   "a": [1, 2]}"#[..]),
@@ -313,7 +333,7 @@ async fn concurrent_writers_keep_per_aggregate_commit_order_in_kafka() {
     stack
         .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
         .await;
-    let records = stack.broker.consume_all("outbox.event.order");
+    let records = stack.broker.consume_all(&stack.topic("order"));
     assert_eq!(records.len(), 10_000, "relay log:\n{}", relay.log());
     let mut kafka_order: HashMap<String, Vec<String>> = HashMap::new();
     let mut partition_of: HashMap<String, i32> = HashMap::new();
@@ -395,7 +415,7 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events(
     stack
         .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
         .await;
-    let records = stack.broker.consume_all("outbox.event.crash");
+    let records = stack.broker.consume_all(&stack.topic("crash"));
     let mut copies: HashMap<String, usize> = HashMap::new();
     for r in &records {
         *copies
@@ -428,19 +448,15 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_only_unconfirmed_events(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commits() {
-    let mut stack = Stack::start_with(
+    let stack = Stack::start_with(
         "ackrule",
         StackOptions {
-            persistent_broker: true,
+            broker: BrokerChoice::Private,
             twin: true,
             ..Default::default()
         },
     )
     .await;
-    assert!(
-        !stack.broker.is_external(),
-        "this test stops the broker: run it against tansu (unset WALRELAY_TEST_BROKERS)"
-    );
     let relay = stack.relay(&[]);
     stack
         .client
@@ -450,7 +466,7 @@ async fn with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commi
     assert_eq!(
         stack
             .broker
-            .consume("outbox.event.ack", 1, Duration::from_secs(30))
+            .consume(&stack.topic("ack"), 1, Duration::from_secs(30))
             .len(),
         1
     );
@@ -490,10 +506,10 @@ async fn with_the_broker_down_the_confirmed_lsn_stays_below_unacknowledged_commi
     )
     .await;
 
-    stack.broker.restart();
+    stack.broker.start_again();
     let records = stack
         .broker
-        .consume("outbox.event.ack", 51, Duration::from_secs(60));
+        .consume(&stack.topic("ack"), 51, Duration::from_secs(60));
     assert_eq!(records.len(), 51, "relay log:\n{}", relay.log());
     stack
         .wait_confirmed(waiting_commit, Duration::from_secs(30))
@@ -528,7 +544,7 @@ async fn alter_table_messages_rollbacks_deletes_and_idle_outbox_behave() {
     ] {
         client.batch_execute(sql).await.unwrap();
     }
-    let records = broker.consume("outbox.event.t", 4, Duration::from_secs(60));
+    let records = broker.consume(&stack.topic("t"), 4, Duration::from_secs(60));
     let types: Vec<&str> = records
         .iter()
         .map(|r| r.header("event_type").unwrap())
@@ -585,7 +601,7 @@ async fn alter_table_messages_rollbacks_deletes_and_idle_outbox_behave() {
     stack.wait_confirmed(wal_now, Duration::from_secs(30)).await;
     assert!(wal_now.bytes_since(base) > 100_000);
     // Nothing else was published.
-    assert_eq!(broker.consume_all("outbox.event.t").len(), 4);
+    assert_eq!(broker.consume_all(&stack.topic("t")).len(), 4);
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
 
@@ -610,10 +626,10 @@ async fn unroutable_rows_and_oversize_records_go_to_the_dead_letter_topic_and_th
         )
         .await
         .unwrap();
-    let after = broker.consume("outbox.event.d", 1, Duration::from_secs(60));
+    let after = broker.consume(&stack.topic("d"), 1, Duration::from_secs(60));
     assert_eq!(after.len(), 1, "relay log:\n{}", relay.log());
     assert_eq!(after[0].header("event_type"), Some("After"));
-    let dead = broker.consume("walrelay.dead-letter", 3, Duration::from_secs(30));
+    let dead = broker.consume(&stack.topics.dead_letters(), 3, Duration::from_secs(30));
     assert_eq!(dead.len(), 3, "relay log:\n{}", relay.log());
     let reasons: Vec<&str> = dead
         .iter()
@@ -644,7 +660,7 @@ async fn unroutable_rows_and_oversize_records_go_to_the_dead_letter_topic_and_th
     );
     assert_eq!(
         too_big.header("walrelay_original_topic"),
-        Some("outbox.event.d")
+        Some(stack.topic("d").as_str())
     );
     assert!(
         too_big
@@ -700,7 +716,10 @@ async fn with_no_create_topics_a_missing_topic_stops_the_relay_naming_it() {
     let log = relay.log();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
-        log.contains("topic \"outbox.event.missing\" does not exist and --no-create-topics is set"),
+        log.contains(&format!(
+            "topic \"{}\" does not exist and --no-create-topics is set",
+            stack.topic("missing")
+        )),
         "{log}"
     );
     // Nothing was confirmed up to the event's own commit.

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use support::kafka::Broker;
+use support::kafka::{Broker, Topics};
 use support::relay::RelayProcess;
 use support::workload::setup;
 use support::{PgCluster, PgOptions};
@@ -163,7 +163,8 @@ async fn the_relay_streams_over_verify_full() {
         tls: Some((good.server_cert_pem.clone(), good.server_key_pem.clone())),
         ..Default::default()
     });
-    let broker = Broker::start();
+    let broker = Broker::shared();
+    let topics = Topics::new("tls");
     let db = pg.create_database("tls").await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
@@ -174,13 +175,15 @@ async fn the_relay_streams_over_verify_full() {
         ca.display()
     );
     setup(&url, &[]);
-    let relay = RelayProcess::start(&url, &broker.bootstrap(), &[]);
+    let args = topics.relay_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = RelayProcess::start(&url, &broker.bootstrap(), &args);
     pg.client(&db)
         .await
         .batch_execute("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('tls', 'k', 'E', '{}')")
         .await
         .unwrap();
-    let records = broker.consume("outbox.event.tls", 1, Duration::from_secs(30));
+    let records = broker.consume(&topics.topic("tls"), 1, Duration::from_secs(30));
     assert_eq!(records.len(), 1, "relay log:\n{}", relay.log());
 }
 

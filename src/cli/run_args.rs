@@ -280,11 +280,6 @@ impl RunArgs {
 
     /// The polling source's configuration (`--source poll`).
     pub fn poll_config(&self) -> Result<PollConfig, UsageError> {
-        if self.delivery.delivery == Some(DeliveryGuarantee::ExactlyOnce) {
-            return Err(UsageError(
-                "--source poll delivers at least once (a polled row has no log position to recognise it by in Kafka): drop --delivery exactly-once, and let consumers dedupe on the id header (walrelay inbox does)".into(),
-            ));
-        }
         let (pg, router) = self.pg_and_router()?;
         if self.poll.poll_interval.is_zero() {
             return Err(UsageError(
@@ -296,6 +291,12 @@ impl RunArgs {
             router,
             batch_size: self.poll.poll_batch_size as usize,
             lanes: self.poll.poll_connections as usize,
+            exactly_once: self
+                .delivery
+                .delivery
+                .unwrap_or(DeliveryGuarantee::ExactlyOnce)
+                == DeliveryGuarantee::ExactlyOnce,
+            exactly_once_lookback: self.delivery.exactly_once_lookback as usize,
             poll_interval: self.poll.poll_interval,
             on_published: self.poll.on_published,
             max_attempts: self.poll.max_attempts,

@@ -116,7 +116,11 @@ pub async fn run_poll(
         kafka.producer.clone(),
         Subject {
             name: tables,
-            delivery: "at-least-once",
+            delivery: if config.exactly_once {
+                "exactly-once"
+            } else {
+                "at-least-once"
+            },
             // Each lane holds at most one batch.
             max_in_flight_events: Some((config.batch_size * config.lanes.max(1)) as u64),
             ..Subject::default()

@@ -279,6 +279,7 @@
           series: [
             { label: "published", colour: C.green, metric: "walrelay_events_published_total", values: perSecond("published") },
             { label: "dead-lettered", colour: C.red, metric: "walrelay_dead_letters_total", values: perSecond("dead_lettered") },
+            { label: "already in the log", colour: C.purple, metric: "walrelay_events_skipped_total", values: perSecond("skipped"), when: (S) => S.delivery === "exactly-once" },
           ],
         },
         {

@@ -1,15 +1,11 @@
 //! The inbox's consumer: one thread that polls librdkafka, gathers a
 //! batch, stores it, and answers the group's rebalances.
 //!
-//! Resuming a partition: it is assigned at its stored next offset. Some
-//! brokers (tansu 0.6) answer a fetch that starts inside a record batch
-//! with the batches after it, silently passing over the rest of that
-//! batch. So after each seek the first record must be at or below the
-//! offset asked for; when it is above, this consumer seeks further back
-//! (1, 2, 4, … records, down to the log's start) and drops what is below
-//! the stored offset, until it has seen that nothing in between is
-//! missing. Kafka itself returns the whole batch, and the first record
-//! is the one asked for.
+//! Resuming a partition: it is assigned at its stored next offset. Kafka
+//! answers a fetch that starts inside a record batch with the whole batch
+//! and librdkafka drops the records before the offset asked for, so the
+//! first record delivered is the stored offset's (or the next one there
+//! is: transaction markers, compaction and retention leave gaps).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,10 +27,6 @@ use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
 use crate::live::{InboxPartition, InboxSnapshot, LiveState};
 use crate::metrics as m;
 use crate::postgres::ConnectionConfig;
-
-/// How long a resumed partition may deliver nothing before it is sought
-/// further back.
-const RESUME_CHECK: Duration = Duration::from_secs(2);
 
 /// How `walrelay inbox` runs.
 #[derive(Clone, Debug)]
@@ -99,17 +91,6 @@ struct Position {
     /// The first offset not yet consumed (stored or in the batch); `None`
     /// before the first record when nothing was ever stored.
     next: Option<i64>,
-    /// A record at or below `next` arrived since the last seek (or there
-    /// was no seek): no record in between can have been passed over.
-    checked: bool,
-    /// How far back the next seek goes when the first record is above
-    /// `next`.
-    step: i64,
-    /// The last seek went back to the log's start: what is still missing
-    /// was deleted (retention, compaction).
-    at_log_start: bool,
-    /// When the partition was last positioned (assigned or sought).
-    sought_at: Instant,
     high_watermark: Option<i64>,
 }
 
@@ -117,33 +98,18 @@ impl Position {
     fn resuming(stored: Option<i64>) -> Self {
         Position {
             next: stored,
-            checked: stored.is_none(),
-            step: 1,
-            at_log_start: false,
-            sought_at: Instant::now(),
             high_watermark: None,
         }
     }
 
-    /// Where to start reading: one record before the stored offset (it is
-    /// stored, so it is dropped), which proves nothing in between was
-    /// passed over; or the log's start when nothing was ever stored.
+    /// Where to start reading: the stored next offset, or the log's start
+    /// when nothing was ever stored (or, through `auto.offset.reset`, when
+    /// retention deleted the stored offset).
     fn start(&self) -> Offset {
         match self.next {
-            Some(next) => Offset::Offset((next - 1).max(0)),
+            Some(next) => Offset::Offset(next),
             None => Offset::Beginning,
         }
-    }
-
-    /// The next step back for a partition not yet checked, when its first
-    /// record was past the stored offset, or nothing came at all.
-    fn step_back(&mut self) -> Option<i64> {
-        let next = self.next?;
-        if self.checked || self.at_log_start {
-            return None;
-        }
-        self.step = self.step.saturating_mul(2);
-        Some((next - self.step).max(0))
     }
 }
 
@@ -403,11 +369,9 @@ impl InboxContext {
 /// What to do with a record that just arrived.
 enum Arrival {
     Take,
-    /// Already stored (below the resume offset): drop it.
+    /// Already stored or in the batch (a record fetched before a rewind):
+    /// drop it.
     Below,
-    /// The first record after a seek is past the offset asked for: seek
-    /// back to this offset and drop it.
-    SeekBack(i64),
     /// Not ours (revoked in the meantime).
     NotOurs,
 }
@@ -465,10 +429,6 @@ pub fn run(
                         shared.batch.push(record);
                         batch_started.get_or_insert_with(Instant::now);
                     }
-                    Arrival::SeekBack(to) => {
-                        drop(message);
-                        seek_back(&consumer, &tp, to);
-                    }
                     Arrival::Below | Arrival::NotOurs => {}
                 }
             }
@@ -504,19 +464,6 @@ pub fn run(
         }
         if last_snapshot.elapsed() >= Duration::from_secs(1) {
             last_snapshot = Instant::now();
-            // A resumed partition that delivered nothing: the broker may
-            // have nothing after a batch it passed over.
-            let stalled: Vec<(TopicPartition, i64)> = consumer
-                .context()
-                .lock()
-                .positions
-                .iter_mut()
-                .filter(|(_, p)| p.sought_at.elapsed() >= RESUME_CHECK)
-                .filter_map(|(tp, p)| Some((tp.clone(), p.step_back()?)))
-                .collect();
-            for (tp, to) in stalled {
-                seek_back(&consumer, &tp, to);
-            }
             consumer.context().publish_snapshot();
         }
     };
@@ -539,48 +486,20 @@ fn arrive(context: &InboxContext, tp: &TopicPartition, offset: i64) -> Arrival {
         return Arrival::NotOurs;
     };
     match position.next {
-        Some(next) if offset < next => {
-            position.checked = true;
-            Arrival::Below
-        }
-        Some(next) if offset > next && !position.checked && !position.at_log_start => {
-            match position.step_back() {
-                Some(to) => Arrival::SeekBack(to),
-                None => Arrival::Take,
-            }
-        }
+        Some(next) if offset < next => Arrival::Below,
         Some(next) => {
             if offset > next {
-                tracing::warn!(topic = %tp.0, partition = tp.1, from = next, to = offset, "offsets missing from the partition (retention, compaction or transaction markers)");
+                // Transaction markers take offsets; compaction and
+                // retention remove records. Nothing is passed over.
+                tracing::debug!(topic = %tp.0, partition = tp.1, from = next, to = offset, "offsets without records");
             }
-            position.checked = true;
             position.next = Some(offset + 1);
             Arrival::Take
         }
         None => {
-            position.checked = true;
             position.next = Some(offset + 1);
             Arrival::Take
         }
-    }
-}
-
-/// Seeks a resumed partition further back, to see whether records were
-/// passed over; at the log's start there is nothing further to see.
-fn seek_back(consumer: &BaseConsumer<InboxContext>, tp: &TopicPartition, to: i64) {
-    metrics::counter!(m::INBOX_SEEK_BACKS_TOTAL).increment(1);
-    let low = consumer
-        .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5))
-        .map(|(low, _)| low)
-        .unwrap_or(0);
-    let to = to.max(low);
-    tracing::debug!(topic = %tp.0, partition = tp.1, to, "seeking back to check for records passed over");
-    if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(to), Duration::from_secs(5)) {
-        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek failed");
-    }
-    if let Some(p) = consumer.context().lock().positions.get_mut(tp) {
-        p.sought_at = Instant::now();
-        p.at_log_start = to <= low;
     }
 }
 

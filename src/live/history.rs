@@ -182,6 +182,7 @@ fn columns(source: Source) -> &'static [Column] {
             "oldest_pending_seconds" => |s| f64::from(s.oldest_pending_seconds),
             "published" => |s| f64::from(s.published),
             "dead_lettered" => |s| f64::from(s.dead_lettered),
+            "skipped" => |s| f64::from(s.skipped),
             "p50_ms" => |s| f64::from(s.p50_ms),
             "p99_ms" => |s| f64::from(s.p99_ms),
             "claim_ms" => |s| f64::from(s.claim_ms),

@@ -3,13 +3,26 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::claim::{ClaimedRow, FailedRow, OutboxTable};
 use crate::dead_letters::DeadLetter;
+use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
-use crate::publish::{Outcome, Outgoing, backoff};
+use crate::publish::{ORIGIN_HEADER, Outcome, Outgoing, POSITION_HEADER, Position, backoff};
 use crate::record::KafkaRecord;
 use crate::router::{ChangeAt, ChangeContext, Routed, Router};
+
+/// A row's position: its `seq` in the fields where a WAL event has its
+/// LSNs, so it prints, sorts and is looked for as one.
+pub fn position_of(seq: i64) -> Position {
+    Position {
+        commit: Lsn(seq as u64),
+        change: Lsn(seq as u64),
+        rank: 0,
+    }
+}
 
 /// What travels with a row's record through the publisher and back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +59,8 @@ pub struct Batch {
     pub number: u64,
     pub table: OutboxTable,
     rows: Vec<Row>,
+    /// Exactly once: the origin header every record carries.
+    origin: Option<Bytes>,
     /// The out-of-attempts rows' dead letters were sent.
     last_tries_sent: bool,
 }
@@ -60,8 +75,14 @@ pub struct Settlement {
 
 impl Batch {
     /// The claimed rows as records (or their dead letters, if a row cannot
-    /// be one).
-    pub fn new(number: u64, table: OutboxTable, rows: Vec<ClaimedRow>, router: &Router) -> Self {
+    /// be one); exactly once, each carries its position and `origin`.
+    pub fn new(
+        number: u64,
+        table: OutboxTable,
+        rows: Vec<ClaimedRow>,
+        router: &Router,
+        origin: Option<Bytes>,
+    ) -> Self {
         let rows = rows
             .into_iter()
             .map(|row| {
@@ -69,7 +90,7 @@ impl Batch {
                     at: ChangeAt::Seq(row.seq),
                     commit_time: row.created,
                 };
-                let (record, dead_letter) =
+                let (mut record, dead_letter) =
                     match router.route_insert(&table.relation, &row.tuple, ctx) {
                         Routed::Event(record) => (record, None),
                         Routed::DeadLetter { record, error } => {
@@ -80,6 +101,13 @@ impl Batch {
                         }
                         Routed::Ignored => unreachable!("the relation is an outbox table"),
                     };
+                if let Some(origin) = &origin {
+                    record.headers.push((
+                        POSITION_HEADER.to_owned(),
+                        Bytes::from(position_of(row.seq).to_string()),
+                    ));
+                    record.headers.push((ORIGIN_HEADER.to_owned(), origin.clone()));
+                }
                 Row {
                     row,
                     record,
@@ -93,8 +121,24 @@ impl Batch {
             number,
             table,
             rows,
+            origin,
             last_tries_sent: false,
         }
+    }
+
+    /// The rows' sequence numbers.
+    pub fn seqs(&self) -> Vec<i64> {
+        self.rows.iter().map(|r| r.row.seq).collect()
+    }
+
+    /// Exactly once: the lowest sequence number of a row a relay may have
+    /// sent before, if any is.
+    pub fn lowest_in_doubt(&self) -> Option<i64> {
+        self.rows
+            .iter()
+            .filter(|r| r.row.in_doubt)
+            .map(|r| r.row.seq)
+            .min()
     }
 
     /// Every row's record, to hand to the publisher.
@@ -110,7 +154,8 @@ impl Batch {
                 batch: self.number,
                 index,
             },
-            position: None,
+            // Only a row in doubt is looked for in its partition.
+            position: (self.origin.is_some() && row.row.in_doubt).then(|| position_of(row.row.seq)),
             dead_letter: row.dead_letter.is_some(),
         }
     }

@@ -59,6 +59,10 @@ pub struct ClaimedRow {
     pub tuple: TupleData,
     /// `created_at`, or the claim's time when the table has none.
     pub created: PgTimestamp,
+    /// A relay claimed it before and may have sent its record (it is in
+    /// the in-flight table): exactly once, its partition's tail is read
+    /// before it is sent again.
+    pub in_doubt: bool,
 }
 
 /// A claimed row that could not be published, and when to try again.
@@ -106,6 +110,13 @@ impl OutboxTable {
 
     fn target(&self) -> String {
         qualified(&self.schema, &self.table)
+    }
+
+    fn in_flight(&self) -> String {
+        qualified(
+            &self.schema,
+            &super::schema::PollObjects::of(&self.table).in_flight,
+        )
     }
 
     pub fn name(&self) -> String {
@@ -166,14 +177,19 @@ impl OutboxTable {
         format!(
             "WITH claimed AS MATERIALIZED (
                SELECT * FROM {target} c WHERE {pending}
+                 AND ({lane_key} & 2147483647) % $2 = $3
                ORDER BY c.{seq} LIMIT $1 FOR UPDATE SKIP LOCKED)
              SELECT c.{seq},
                     {by_value} OR ((c.{agg_type} IS NULL OR c.{agg_id} IS NULL) AND {by_null}),
-                    c.{attempts}, c.{agg_type}::text, c.{agg_id}::text, {created}, {values}
+                    c.{attempts}, c.{agg_type}::text, c.{agg_id}::text, {created},
+                    EXISTS (SELECT 1 FROM {in_flight} f WHERE f.seq = c.{seq}),
+                    {values}
              FROM claimed c
              ORDER BY c.{seq}",
             target = self.target(),
+            in_flight = self.in_flight(),
             pending = self.pending("c"),
+            lane_key = super::schema::aggregate_key_sql("c", &self.columns),
             seq = quote_ident(SEQ),
             attempts = quote_ident(ATTEMPTS),
             values = values.join(", "),
@@ -181,18 +197,40 @@ impl OutboxTable {
     }
 }
 
-/// Claims up to `limit` rows to publish, in `seq` order. Per aggregate,
+/// Claims up to `limit` rows of lane `share`'s aggregates to publish, in
+/// `seq` order. Per aggregate,
 /// rows stop at the first one with an older row outside the claim (another
 /// relay holds it, or it waits for its next attempt), so nothing overtakes
 /// that row. Rows past the stop stay locked until the transaction ends and
 /// go to the next claim.
+/// What a claim took.
+pub struct Claim {
+    pub rows: Vec<ClaimedRow>,
+    /// Rows it locked but left, behind an older row outside the claim:
+    /// more is waiting, for when that row is settled.
+    pub stopped: usize,
+}
+
+/// The lanes of a relay share the aggregates: lane `index` of `count`
+/// claims only the aggregates that hash to it, so lanes never hold each
+/// other up.
+#[derive(Clone, Copy, Debug)]
+pub struct LaneShare {
+    pub index: i32,
+    pub count: i32,
+}
+
 pub async fn claim(
     tx: &SqlClient,
     table: &OutboxTable,
     limit: i64,
-) -> Result<Vec<ClaimedRow>, SqlError> {
-    let rows = tx.query(&table.claim_sql(), &[&limit]).await?;
+    share: LaneShare,
+) -> Result<Claim, SqlError> {
+    let rows = tx
+        .query(&table.claim_sql(), &[&limit, &share.count, &share.index])
+        .await?;
     let mut stopped: HashSet<(Option<String>, Option<String>)> = HashSet::new();
+    let mut left = 0;
     let mut claimed = Vec::new();
     for row in rows {
         let seq: i64 = row.get(0);
@@ -202,16 +240,18 @@ pub async fn claim(
             row.get::<_, Option<String>>(4),
         );
         if stopped.contains(&aggregate) {
+            left += 1;
             continue;
         }
         if blocked {
             tracing::debug!(seq, "an aggregate's share of the batch ends here");
             stopped.insert(aggregate);
+            left += 1;
             continue;
         }
         let created = PgTimestamp::from_unix_micros(row.get(5));
         let columns = (0..table.relation.columns.len())
-            .map(|i| match row.get::<_, Option<&str>>(6 + i) {
+            .map(|i| match row.get::<_, Option<&str>>(7 + i) {
                 Some(text) => ColumnValue::Text(Bytes::copy_from_slice(text.as_bytes())),
                 None => ColumnValue::Null,
             })
@@ -222,9 +262,34 @@ pub async fn claim(
             aggregate,
             tuple: TupleData { columns },
             created,
+            in_doubt: row.get(6),
         });
     }
-    Ok(claimed)
+    Ok(Claim {
+        rows: claimed,
+        stopped: left,
+    })
+}
+
+/// Exactly once: notes that the batch's rows may be sent from now on, in a
+/// transaction of its own (on a connection other than the claim's), before
+/// they are: a relay that dies before its batch settles leaves them in
+/// doubt for the next claim.
+pub async fn mark_in_flight(
+    client: &SqlClient,
+    table: &OutboxTable,
+    seqs: &[i64],
+) -> Result<(), SqlError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (seq) SELECT unnest($1::int8[]) ON CONFLICT (seq) DO NOTHING",
+                table.in_flight()
+            ),
+            &[&seqs],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Step 2: published rows go (or are marked, with the dead letter's
@@ -236,9 +301,23 @@ pub async fn settle(
     on_published: OnPublished,
     published: &[(i64, Option<String>)],
     failed: &[FailedRow],
+    exactly_once: bool,
 ) -> Result<(), SqlError> {
     let target = table.target();
     let seq = quote_ident(SEQ);
+    if exactly_once {
+        // Settled: no longer in doubt.
+        let settled: Vec<i64> = published
+            .iter()
+            .map(|(s, _)| *s)
+            .chain(failed.iter().map(|f| f.seq))
+            .collect();
+        tx.execute(
+            &format!("DELETE FROM {} WHERE seq = ANY($1)", table.in_flight()),
+            &[&settled],
+        )
+        .await?;
+    }
     if !published.is_empty() {
         let seqs: Vec<i64> = published.iter().map(|(s, _)| *s).collect();
         match on_published {

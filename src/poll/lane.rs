@@ -3,7 +3,7 @@
 //! another is published and a third is settled.
 //!
 //! ```text
-//!   Disconnected ─connect─> Connecting ─> Idle ─claim─> Claiming ─rows─> Publishing ─all settled─> Settling ─commit─> Idle
+//!   Disconnected ─connect─> Connecting ─> Idle ─claim─> Claiming ─rows─> (Marking) ─> Publishing ─all settled─> Settling ─commit─> Idle
 //!                                          ^                                │ broker stalled
 //!                                          └──────── Draining <─rollback────┘
 //! ```
@@ -30,6 +30,11 @@ pub enum Phase {
     Claiming {
         table: usize,
     },
+    /// Exactly once: noting the batch's rows as possibly sent, before they
+    /// are.
+    Marking {
+        batch: Batch,
+    },
     Publishing {
         batch: Batch,
         last_progress: Instant,
@@ -46,7 +51,12 @@ pub enum Phase {
 }
 
 pub struct Lane {
+    /// The connection whose transaction claims and settles.
     pub client: Option<Arc<SqlClient>>,
+    /// Exactly once: a second connection, for the in-flight notes that must
+    /// commit before a batch is sent (the claim's transaction is still
+    /// open then).
+    pub marks: Option<Arc<SqlClient>>,
     pub phase: Phase,
 }
 
@@ -54,6 +64,7 @@ impl Lane {
     pub fn new() -> Self {
         Lane {
             client: None,
+            marks: None,
             phase: Phase::Disconnected {
                 retry_at: Instant::now(),
             },
@@ -63,7 +74,8 @@ impl Lane {
     /// The batch on this lane, if it has one.
     pub fn batch(&self) -> Option<&Batch> {
         match &self.phase {
-            Phase::Publishing { batch, .. }
+            Phase::Marking { batch }
+            | Phase::Publishing { batch, .. }
             | Phase::Settling { batch }
             | Phase::Draining { batch, .. } => Some(batch),
             _ => None,

@@ -71,6 +71,12 @@ pub struct PollConfig {
     /// Batches in flight at once, each on a connection of its own
     /// (`--poll-connections`).
     pub lanes: usize,
+    /// Exactly once: records carry their position (`seq`) and origin, and
+    /// rows a relay may have sent before are checked against their
+    /// partition's tail before they are sent again.
+    pub exactly_once: bool,
+    /// Exactly once: records of a partition's tail read at most.
+    pub exactly_once_lookback: usize,
     /// Longest wait between polls of an idle outbox (`--poll-interval`).
     pub poll_interval: Duration,
     pub on_published: OnPublished,

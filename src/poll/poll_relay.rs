@@ -18,12 +18,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::batch::{Batch, RowTag};
-use super::claim::{self, ClaimedRow, OutboxTable};
+use super::claim::{self, Claim, LaneShare, OutboxTable};
 use super::lane::{Lane, Phase};
 use super::{PollConfig, PollError, load_tables, schema};
 use crate::live::{LiveState, Role};
+use crate::lsn::Lsn;
 use crate::metrics as m;
-use crate::publish::{Outcome, Publisher, PublisherConfig, Sink, TopicFailures, backoff};
+use crate::publish::{
+    Origin, Outcome, Publisher, PublisherConfig, Replay, ScanSettings, Sink, TopicFailures, backoff,
+};
+use crate::replication::TimelineHistory;
 use crate::router::Router;
 use crate::shutdown::{Shutdown, sleep_until};
 use crate::sql::{self, SqlClient, SqlError};
@@ -40,10 +44,13 @@ type Work = std::pin::Pin<Box<dyn Future<Output = (usize, Result<Done, PollError
 enum Done {
     Connected {
         client: Arc<SqlClient>,
+        marks: Option<Arc<SqlClient>>,
+        database: String,
         tables: Vec<OutboxTable>,
         wakeups: Option<Box<Wakeups>>,
     },
-    Claimed(Vec<ClaimedRow>),
+    Claimed(Claim),
+    Marked,
     Settled,
     RolledBack,
 }
@@ -54,30 +61,41 @@ pub struct PollRelay<S: Sink> {
     publisher: Publisher<S, RowTag>,
     live: Arc<LiveState>,
     tables: Vec<OutboxTable>,
+    /// The database, for the records' origin (exactly once).
+    database: String,
     lanes: Vec<Lane>,
     work: FuturesUnordered<Work>,
     wakeups: Option<Wakeups>,
-    /// When an idle lane claims next; `None` while a claim is under way or
-    /// the lanes wait for a notification or the timer... see `claim_at`.
+    /// When an idle lane claims next (a notification brings it forward);
+    /// `None` while a claim is under way.
     claim_at: Option<Instant>,
     /// Failed rounds in a row.
     failures: u32,
     idle_wait: Duration,
-    /// The table the next claim reads, and whether this round over the
-    /// tables found a full batch.
+    /// The table and the lane of the next claim (in turn), and how many
+    /// claims in a row found nothing.
     next_table: usize,
-    round_full: bool,
+    next_lane: usize,
+    empty_claims: usize,
     batches: u64,
 }
 
 impl<S: Sink> PollRelay<S> {
     pub fn new(config: PollConfig, sink: S, live: Arc<LiveState>) -> Self {
+        // Rows in doubt may lie behind the batches of every lane (and of
+        // other relays): the scan's margin covers them.
+        let in_flight = config.lanes.max(1) * config.batch_size;
         let publisher = Publisher::new(
             sink,
             PublisherConfig {
                 dead_letter_topic: config.router.dead_letter_topic.clone(),
                 topic_failures: TopicFailures::FailRecords,
-                exactly_once: None,
+                exactly_once: config.exactly_once.then(|| ScanSettings {
+                    lookback: config.exactly_once_lookback,
+                    dead_letter_topic: config.router.dead_letter_topic.clone(),
+                    window: in_flight,
+                    margin: in_flight.max(crate::publish::EVENT_MARGIN),
+                }),
             },
         );
         PollRelay {
@@ -85,6 +103,7 @@ impl<S: Sink> PollRelay<S> {
             publisher,
             live,
             tables: Vec::new(),
+            database: String::new(),
             lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
             work: FuturesUnordered::new(),
             wakeups: None,
@@ -92,7 +111,8 @@ impl<S: Sink> PollRelay<S> {
             failures: 0,
             idle_wait: MIN_IDLE_WAIT,
             next_table: 0,
-            round_full: false,
+            next_lane: 0,
+            empty_claims: 0,
             batches: 0,
             config,
         }
@@ -113,8 +133,9 @@ impl<S: Sink> PollRelay<S> {
             }
             self.start_due_work(stop_deadline.is_some());
             let timer = self.next_deadline(stop_deadline);
+            // Idle lanes wait for rows: a notification ends the wait.
             let waiting_for_rows = stop_deadline.is_none()
-                && self.claim_at.is_none()
+                && self.claim_at.is_none_or(|at| at > Instant::now())
                 && self.lanes.iter().any(Lane::is_idle)
                 && !self.claiming();
             let notified = async {
@@ -183,7 +204,13 @@ impl<S: Sink> PollRelay<S> {
         if stopping || self.claiming() || self.claim_at.is_none_or(|at| at > now) {
             return;
         }
-        if let Some(index) = self.lanes.iter().position(Lane::is_idle) {
+        // Each lane claims its own share of the aggregates: they take turns.
+        let count = self.lanes.len();
+        if let Some(index) = (0..count)
+            .map(|i| (self.next_lane + i) % count)
+            .find(|&i| self.lanes[i].is_idle())
+        {
+            self.next_lane = index + 1;
             self.claim_next(index);
         }
     }
@@ -233,6 +260,15 @@ impl<S: Sink> PollRelay<S> {
             // half of each claim's time, measured.
             client.batch_execute("SET jit = off").await?;
             let tables = load_tables(&client, &config.router).await?;
+            let database: String = client
+                .query_one("SELECT current_database()", &[])
+                .await?
+                .get(0);
+            let marks = if config.exactly_once {
+                Some(Arc::new(sql::connect(&config.pg).await?))
+            } else {
+                None
+            };
             let wakeups = if listening {
                 None
             } else {
@@ -240,6 +276,8 @@ impl<S: Sink> PollRelay<S> {
             };
             Ok(Done::Connected {
                 client: Arc::new(client),
+                marks,
+                database,
                 tables,
                 wakeups,
             })
@@ -254,19 +292,23 @@ impl<S: Sink> PollRelay<S> {
         let table = self.next_table % self.tables.len().max(1);
         let outbox = self.tables[table].clone();
         let limit = self.config.batch_size as i64;
+        let share = LaneShare {
+            index: index as i32,
+            count: self.lanes.len() as i32,
+        };
         self.claim_at = None;
         self.lanes[index].phase = Phase::Claiming { table };
         let live = Arc::clone(&self.live);
         self.spawn(index, async move {
             let started = Instant::now();
             client.batch_execute("BEGIN").await?;
-            let rows = claim::claim(&client, &outbox, limit).await?;
+            let claim = claim::claim(&client, &outbox, limit, share).await?;
             live.record_claim(started.elapsed());
-            if rows.is_empty() {
+            if claim.rows.is_empty() {
                 // Nothing to hold: end the transaction now.
                 client.batch_execute("ROLLBACK").await?;
             }
-            Ok(Done::Claimed(rows))
+            Ok(Done::Claimed(claim))
         });
     }
 
@@ -299,12 +341,16 @@ impl<S: Sink> PollRelay<S> {
             (
                 Done::Connected {
                     client,
+                    marks,
+                    database,
                     tables,
                     wakeups,
                 },
                 _,
             ) => {
                 self.tables = tables;
+                self.database = database;
+                self.lanes[index].marks = marks;
                 if let Some(wakeups) = wakeups {
                     self.wakeups = Some(*wakeups);
                 }
@@ -320,30 +366,47 @@ impl<S: Sink> PollRelay<S> {
                 self.lanes[index].client = Some(client);
                 Phase::Idle
             }
-            (Done::Claimed(rows), Phase::Claiming { table }) => {
+            (Done::Claimed(Claim { rows, stopped }), Phase::Claiming { table }) => {
+                self.next_table = table + 1;
                 if rows.is_empty() {
-                    self.after_batch(table, 0);
+                    if stopped > 0 {
+                        // Rows wait behind older ones another relay holds:
+                        // claim again shortly, without backing off.
+                        self.claim_at = Some(Instant::now() + MIN_IDLE_WAIT);
+                    } else {
+                        self.found_nothing();
+                    }
                     return;
                 }
+                self.empty_claims = 0;
+                self.idle_wait = MIN_IDLE_WAIT;
                 metrics::counter!(m::POLL_BATCHES_TOTAL).increment(1);
                 self.batches += 1;
-                let full = rows.len() >= self.config.batch_size;
-                let mut batch =
-                    Batch::new(self.batches, self.tables[table].clone(), rows, &self.router);
-                for out in batch.outgoing() {
-                    let outcomes = self.publisher.publish(out);
-                    self.apply(&mut batch, outcomes);
+                let origin = self.origin(table);
+                let batch = Batch::new(
+                    self.batches,
+                    self.tables[table].clone(),
+                    rows,
+                    &self.router,
+                    origin.as_ref().map(|o| o.to_string().into()),
+                );
+                // More may wait (this lane's, or another lane's share): the
+                // next lane claims now.
+                self.claim_at = Some(Instant::now());
+                match self.lanes[index].marks.clone() {
+                    Some(marks) => {
+                        // Exactly once: noted as possibly sent before it is.
+                        let (outbox, seqs) = (batch.table.clone(), batch.seqs());
+                        self.spawn(index, async move {
+                            claim::mark_in_flight(&marks, &outbox, &seqs).await?;
+                            Ok(Done::Marked)
+                        });
+                        Phase::Marking { batch }
+                    }
+                    None => self.send(index, batch),
                 }
-                // A full batch: more is waiting, the next lane claims now.
-                self.next_table = table + 1;
-                self.round_full |= full;
-                if full {
-                    self.claim_at = Some(Instant::now());
-                } else {
-                    self.after_round();
-                }
-                self.publishing(index, batch, Instant::now())
             }
+            (Done::Marked, Phase::Marking { batch }) => self.send(index, batch),
             (Done::Settled, Phase::Settling { .. }) => {
                 self.failures = 0;
                 Phase::Idle
@@ -353,29 +416,59 @@ impl<S: Sink> PollRelay<S> {
         };
     }
 
-    /// A claim of `table` found `claimed` rows: the next table, or a new
-    /// round after the idle wait.
-    fn after_batch(&mut self, table: usize, claimed: usize) {
-        if claimed > 0 {
-            self.idle_wait = MIN_IDLE_WAIT;
-        }
-        self.next_table = table + 1;
-        if self.next_table % self.tables.len().max(1) != 0 {
-            self.claim_at = Some(Instant::now());
-        } else {
-            self.after_round();
-        }
+    /// Exactly once: the records' origin for rows of `table`.
+    fn origin(&self, table: usize) -> Option<Origin> {
+        self.config.exactly_once.then(|| Origin {
+            system_id: self.database.clone(),
+            slot: format!("poll:{}", self.tables[table].name()),
+            timeline: 0,
+        })
     }
 
-    /// A round over the tables ended: claim again at once if a batch was
-    /// full; otherwise wait for a notification or the poll timer.
-    fn after_round(&mut self) {
+    /// Hands lane `index`'s batch to the publisher. Rows a relay may have
+    /// sent before are looked for in their partitions first, read afresh
+    /// from the lowest of them on.
+    fn send(&mut self, index: usize, mut batch: Batch) -> Phase {
+        if let Some(lowest) = batch.lowest_in_doubt() {
+            let table = self
+                .tables
+                .iter()
+                .position(|t| t.name() == batch.table.name())
+                .unwrap_or(0);
+            tracing::info!(
+                lowest,
+                "rows a relay may have sent already: checking their partitions"
+            );
+            self.publisher.begin_session(
+                self.origin(table).map(|origin| Replay {
+                    origin,
+                    history: TimelineHistory::new(0),
+                    start: Lsn(lowest as u64),
+                }),
+                None,
+            );
+        }
+        for out in batch.outgoing() {
+            let outcomes = self.publisher.publish(out);
+            self.apply(&mut batch, outcomes);
+        }
+        self.publishing(index, batch, Instant::now())
+    }
+
+    /// A claim found nothing: the next lane or table tries at once, until
+    /// every lane found nothing in every table; then the lanes wait for a
+    /// notification or the poll timer.
+    fn found_nothing(&mut self) {
+        self.empty_claims += 1;
         let now = Instant::now();
-        self.claim_at = Some(if std::mem::take(&mut self.round_full) {
-            now
-        } else {
-            now + self.idle_wait
-        });
+        self.claim_at = Some(
+            if self.empty_claims < self.lanes.len() * self.tables.len().max(1) {
+                now
+            } else {
+                self.empty_claims = 0;
+                now + self.idle_wait
+            },
+        );
     }
 
     fn on_outcomes(&mut self, outcomes: Vec<Outcome<RowTag>>) {
@@ -438,6 +531,11 @@ impl<S: Sink> PollRelay<S> {
                     m::count_delivered(&self.live, topic.clone(), batch.created(tag), dead_letter);
                 }
             }
+            if let Outcome::Skipped { tag } = outcome
+                && tag.batch == batch.number
+            {
+                self.live.record_skipped();
+            }
             let (settled, instead) = batch.apply(outcome, &self.config.router.dead_letter_topic);
             any |= settled;
             if let Some(out) = instead {
@@ -484,6 +582,7 @@ impl<S: Sink> PollRelay<S> {
         let on_published = self.config.on_published;
         let dead_letter_table = self.config.dead_letter_table.clone();
         let live = Arc::clone(&self.live);
+        let exactly_once = self.config.exactly_once;
         self.spawn(index, async move {
             let started = Instant::now();
             for letter in &settlement.dead_letters {
@@ -495,6 +594,7 @@ impl<S: Sink> PollRelay<S> {
                 on_published,
                 &settlement.published,
                 &settlement.failed,
+                exactly_once,
             )
             .await?;
             client.batch_execute("COMMIT").await?;

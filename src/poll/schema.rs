@@ -45,6 +45,9 @@ const COLUMNS: [(&str, &str); 5] = [
 /// Names of the objects setup creates for one table.
 pub struct PollObjects {
     pub sequence: String,
+    /// Rows whose records a relay may have sent (exactly once): written
+    /// before a batch is published, deleted with the rows it settles.
+    pub in_flight: String,
     pub order_function: String,
     pub notify_function: String,
     pub index: String,
@@ -58,6 +61,7 @@ impl PollObjects {
     pub fn of(table: &str) -> Self {
         PollObjects {
             sequence: format!("{table}_walrelay_seq"),
+            in_flight: format!("{table}_walrelay_in_flight"),
             order_function: format!("{table}_walrelay_order"),
             notify_function: format!("{table}_walrelay_notify"),
             index: format!("{table}_walrelay_pending"),
@@ -126,6 +130,7 @@ pub async fn setup(
     let index_before = catalog::index_exists(client, schema, &objects.index).await?;
     let aggregate_index_before =
         catalog::index_exists(client, schema, &objects.aggregate_index).await?;
+    let in_flight_before = catalog::table_exists(client, schema, &objects.in_flight).await?;
 
     let mut report = Vec::new();
     let address = client.address().to_owned();
@@ -245,6 +250,18 @@ pub async fn setup(
             ));
         }
     }
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (seq bigint PRIMARY KEY, claimed_at timestamptz NOT NULL DEFAULT now())",
+        qualified(schema, &objects.in_flight)
+    ))
+    .await
+    .map_err(at)?;
+    if !in_flight_before {
+        report.push(format!(
+            "created table {schema}.{} (rows a relay may have sent, for exactly once)",
+            objects.in_flight
+        ));
+    }
     tx.commit().await.map_err(at)?;
     Ok(report)
 }
@@ -272,6 +289,9 @@ pub async fn missing_pieces(
         if !catalog::index_exists(client, schema, index).await? {
             missing.push(format!("index {index}"));
         }
+    }
+    if !catalog::table_exists(client, schema, &objects.in_flight).await? {
+        missing.push(format!("table {}", objects.in_flight));
     }
     Ok(missing)
 }

@@ -11,11 +11,11 @@ use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::replication::TimelineHistory;
 
-/// Own records from before the replay's start a scan must see, for event
-/// topics (one producer keeps a partition in position order) and for the
-/// dead-letter topic (a refused record's dead letter can land behind up
-/// to a window of later ones).
-const MARGIN: usize = 100;
+/// Own records from before the replay's start a scan of an event topic
+/// must see when one producer keeps each partition in position order (the
+/// WAL relay). The dead-letter topic's margin is the window: a refused
+/// record's dead letter can land behind up to a window of later ones.
+pub const MARGIN: usize = 100;
 
 /// What scans of this session look for.
 #[derive(Clone, Debug)]
@@ -33,6 +33,10 @@ pub struct ScanSettings {
     pub dead_letter_topic: String,
     /// The in-flight window, the dead-letter topic's margin.
     pub window: usize,
+    /// Own records from before the start a scan of an event topic must
+    /// see: how far out of position order they can be ([`MARGIN`] for one
+    /// producer; the polling source's batches in flight at once).
+    pub margin: usize,
 }
 
 /// A topic and one of its partitions.
@@ -99,9 +103,9 @@ impl PartitionLedgers {
             history: replay.history,
             start: replay.start,
             margin: if topic == self.settings.dead_letter_topic {
-                self.settings.window.max(MARGIN)
+                self.settings.window.max(self.settings.margin)
             } else {
-                MARGIN
+                self.settings.margin
             },
             lookback: self.settings.lookback,
         }
@@ -166,6 +170,7 @@ mod tests {
             lookback: 1000,
             dead_letter_topic: "dlq".into(),
             window: 500,
+            margin: MARGIN,
         });
         l.begin(Replay {
             origin: Origin::parse("7/walrelay/1").unwrap(),

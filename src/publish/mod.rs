@@ -43,7 +43,7 @@ mod topics;
 mod transaction;
 
 pub use error::{DeliveryDecision, PublishError, decide};
-pub use ledgers::{Replay, ScanSettings};
+pub use ledgers::{MARGIN as EVENT_MARGIN, Replay, ScanSettings};
 pub use outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};

@@ -37,11 +37,13 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition of a record: murmur2 of its key as the Java client (and
 /// librdkafka's `murmur2_random`) pick it; a record without a key gets one
-/// from its position, so a replay lands where the first try did.
-pub fn partition_for(key: Option<&[u8]>, position: &Position, partitions: i32) -> i32 {
-    let hash = match key {
-        Some(key) => murmur2(key),
-        None => murmur2(position.to_string().as_bytes()),
+/// from its position, so a replay lands where the first try did (and
+/// partition 0 without either).
+pub fn partition_for(key: Option<&[u8]>, position: Option<&Position>, partitions: i32) -> i32 {
+    let hash = match (key, position) {
+        (Some(key), _) => murmur2(key),
+        (None, Some(position)) => murmur2(position.to_string().as_bytes()),
+        (None, None) => 0,
     };
     (hash & 0x7fff_ffff) % partitions.max(1)
 }

@@ -545,11 +545,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 partitions
             }
         };
+        // Exactly once, walrelay picks the partition (as Java's partitioner
+        // does); otherwise librdkafka's murmur2_random does the same for
+        // keyed records.
         let entry = self.records.get(id).expect("waiting");
-        let partition = match (&self.ledgers, entry.position) {
-            (Some(_), Some(position)) => {
-                partition_for(entry.record.key.as_deref(), &position, partitions)
-            }
+        let partition = match (&self.ledgers, entry.record.key.as_deref(), entry.position) {
+            (Some(_), Some(key), _) => partition_for(Some(key), None, partitions),
+            (Some(_), None, Some(position)) => partition_for(None, Some(&position), partitions),
             _ => -1,
         };
         Some((topic, partition))

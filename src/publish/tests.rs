@@ -21,6 +21,7 @@ fn config(exactly_once: bool) -> PublisherConfig {
             lookback: 1000,
             dead_letter_topic: "walrelay.dead-letter".into(),
             window: 100,
+            margin: crate::publish::EVENT_MARGIN,
         }),
     }
 }

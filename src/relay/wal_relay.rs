@@ -141,6 +141,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 lookback: config.exactly_once_lookback,
                 dead_letter_topic: config.router.dead_letter_topic.clone(),
                 window: config.max_in_flight_events,
+                margin: crate::publish::EVENT_MARGIN,
             });
         let publisher = Publisher::new(
             sink,

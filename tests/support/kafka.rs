@@ -1,213 +1,326 @@
-//! A real Kafka-protocol broker for tests: tansu on a free port (memory or
-//! SQLite storage), or the Apache Kafka named by `WALRELAY_TEST_BROKERS`.
+//! Apache Kafka for the tests, run by `scripts/kafka` (KRaft, on loopback,
+//! no Docker).
+//!
+//! One single-node broker per test process serves every test that leaves
+//! the broker alone ([`Broker::shared`]); it starts with the first test
+//! that asks for it and stops when the process exits. Each test writes
+//! under topic names of its own ([`Topics`]), so tests that run at once
+//! never read each other's records. A test that pauses, stops, kills or
+//! restarts a broker, or puts a proxy in front of it, starts a private one
+//! ([`Broker::start`], [`Broker::start_behind`], [`Broker::cluster`]): the
+//! methods that hurt a broker refuse to run on the shared one.
+//!
+//! Records are read as any Kafka consumer reads them: from the log's
+//! start, `isolation.level=read_committed`, up to each partition's high
+//! watermark.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
 
-use super::free_port;
+/// `scripts/kafka` of this checkout.
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka")
+}
 
-/// Where tansu is: `WALRELAY_TANSU`, `~/.cargo/bin/tansu`, or on PATH.
-fn tansu_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("WALRELAY_TANSU") {
-        return path.into();
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cargo_bin = PathBuf::from(home).join(".cargo/bin/tansu");
-    if cargo_bin.exists() {
-        cargo_bin
-    } else {
-        PathBuf::from("tansu")
-    }
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The test process's broker: no test may hurt it.
+    Shared,
+    /// One test's own broker or cluster: its faults are the test's to make.
+    Private,
+    /// Someone else's broker (`scripts/start`'s): read only.
+    External,
 }
 
 pub struct Broker {
+    kind: Kind,
+    /// `scripts/kafka`'s directory for this cluster.
+    dir: PathBuf,
+    /// A private broker's directory, removed on drop.
+    _owned: Option<TempDir>,
+    nodes: usize,
+    /// Node 1's own client port (not the proxy's it may advertise).
     pub port: u16,
-    /// The address the broker tells clients to use (a proxy's, in network tests).
-    advertised_port: Option<u16>,
-    external: Option<String>,
-    child: Option<Child>,
-    dir: TempDir,
-    persistent: bool,
+    bootstrap: String,
 }
 
 impl Broker {
-    /// A broker that forgets everything when stopped.
-    pub fn start() -> Self {
-        Self::launch(false)
-    }
-
-    /// A broker that keeps its data across `stop` and `restart` (SQLite).
-    pub fn start_persistent() -> Self {
-        Self::launch(true)
-    }
-
-    fn launch(persistent: bool) -> Self {
-        let external = std::env::var("WALRELAY_TEST_BROKERS")
-            .ok()
-            .filter(|b| !b.is_empty());
-        let mut broker = Broker {
-            port: free_port(),
-            advertised_port: None,
-            external,
-            child: None,
-            dir: tempfile::Builder::new()
-                .prefix("walrelay-broker-")
+    /// The broker every test of this process shares: started on first use,
+    /// stopped (and its directory removed) when the process exits.
+    pub fn shared() -> &'static Broker {
+        static SHARED: OnceLock<Broker> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("walrelay-kafka-shared-")
                 .tempdir()
-                .unwrap(),
-            persistent,
-        };
-        if broker.external.is_none() {
-            broker.spawn();
-        }
-        broker
+                .unwrap()
+                .keep();
+            Broker::launch(Kind::Shared, dir, None, 1, None)
+        })
     }
 
-    /// A handle on a broker someone else runs (for consuming only).
+    /// A single-node broker of the calling test's own.
+    pub fn start() -> Self {
+        Self::private(1, None)
+    }
+
+    /// A private three-node cluster (replication factor 3,
+    /// `min.insync.replicas` 2).
+    pub fn cluster() -> Self {
+        Self::private(3, None)
+    }
+
+    /// A private broker that tells clients to connect to
+    /// `advertised_port` (a proxy's) instead of its own port.
+    pub fn start_behind(advertised_port: u16) -> Self {
+        Self::private(1, Some(advertised_port))
+    }
+
+    fn private(nodes: usize, advertised_port: Option<u16>) -> Self {
+        let owned = tempfile::Builder::new()
+            .prefix("walrelay-kafka-")
+            .tempdir()
+            .unwrap();
+        let dir = owned.path().to_owned();
+        Self::launch(Kind::Private, dir, Some(owned), nodes, advertised_port)
+    }
+
+    /// A handle on a broker someone else runs, for reading only.
     pub fn connect_to(bootstrap: &str) -> Self {
         Broker {
+            kind: Kind::External,
+            dir: PathBuf::new(),
+            _owned: None,
+            nodes: 0,
             port: 0,
-            advertised_port: None,
-            external: Some(bootstrap.to_owned()),
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            persistent: false,
+            bootstrap: bootstrap.to_owned(),
         }
     }
 
-    /// A broker that advertises `advertised_port` instead of its own, so
-    /// clients connect through a proxy listening there.
-    pub fn start_behind(advertised_port: u16) -> Self {
-        let mut broker = Broker {
-            port: free_port(),
-            advertised_port: Some(advertised_port),
-            external: None,
-            child: None,
-            dir: tempfile::Builder::new()
-                .prefix("walrelay-broker-")
-                .tempdir()
-                .unwrap(),
-            persistent: false,
+    fn launch(
+        kind: Kind,
+        dir: PathBuf,
+        owned: Option<TempDir>,
+        nodes: usize,
+        advertised_port: Option<u16>,
+    ) -> Self {
+        let mut args = vec![
+            "start".to_owned(),
+            dir.display().to_string(),
+            "--nodes".to_owned(),
+            nodes.to_string(),
+            // Stopped with the test process however it ends (a panic
+            // aborting, a SIGKILL), not only when dropped.
+            "--watch".to_owned(),
+            std::process::id().to_string(),
+        ];
+        if kind == Kind::Shared {
+            args.push("--remove".to_owned());
+        }
+        if let Some(port) = advertised_port {
+            args.extend(["--advertise-port".to_owned(), port.to_string()]);
+        }
+        let started = Instant::now();
+        run_script(&args);
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+                .trim()
+                .to_owned()
         };
-        broker.spawn();
-        broker
-    }
-
-    /// Suspends the broker (SIGSTOP): connections stay open, nothing answers.
-    pub fn pause(&self) {
-        let pid = self.child.as_ref().expect("a local broker").id();
-        Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap();
-    }
-
-    pub fn resume(&self) {
-        let pid = self.child.as_ref().expect("a local broker").id();
-        Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status()
-            .unwrap();
-    }
-
-    /// True when the tests run against a broker they cannot stop.
-    pub fn is_external(&self) -> bool {
-        self.external.is_some()
-    }
-
-    fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let advertised = format!(
-            "tcp://127.0.0.1:{}",
-            self.advertised_port.unwrap_or(self.port)
+        let port = read("node-1/port").parse().unwrap();
+        let bootstrap = read("bootstrap");
+        eprintln!(
+            "Apache Kafka ({kind:?}, {nodes} node(s)) at {bootstrap} in {:.1} s",
+            started.elapsed().as_secs_f64()
         );
-        let storage = if self.persistent {
-            "sqlite://tansu.db".to_owned()
-        } else {
-            "memory://tansu/".to_owned()
+        Broker {
+            kind,
+            dir,
+            _owned: owned,
+            nodes,
+            port,
+            bootstrap,
+        }
+    }
+
+    /// What clients connect to (a proxy's port, for `start_behind`).
+    pub fn bootstrap(&self) -> String {
+        self.bootstrap.clone()
+    }
+
+    /// Node `node`'s (1-based) process id, while it runs.
+    pub fn pid(&self, node: usize) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join(format!("node-{node}/pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The nodes' own logs, for assertion messages.
+    pub fn log(&self) -> String {
+        (1..=self.nodes)
+            .map(|i| {
+                let log = std::fs::read_to_string(self.dir.join(format!("node-{i}/server.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- node {i}:\n{}", tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Panics unless this broker is the test's own to hurt.
+    fn must_be_private(&self, what: &str) {
+        assert_eq!(
+            self.kind,
+            Kind::Private,
+            "{what} would hurt every test sharing this broker: start a private one (StackOptions::broker)"
+        );
+    }
+
+    fn signal(&self, node: usize, signal: &str) {
+        let Some(pid) = self.pid(node) else {
+            panic!("Kafka node {node} is not running");
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("broker.log"))
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
             .unwrap();
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised, "--storage-engine", &storage])
-            .current_dir(self.dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("cannot start tansu: install it with `cargo install --locked tansu --features dynostore,libsql` or set WALRELAY_TEST_BROKERS");
-        self.child = Some(child);
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// Suspends every node (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.must_be_private("pausing the broker");
+        (1..=self.nodes).for_each(|i| self.pause_node(i));
+    }
+
+    /// Lets every node go on (SIGCONT).
+    pub fn resume(&self) {
+        self.must_be_private("resuming the broker");
+        (1..=self.nodes).for_each(|i| self.resume_node(i));
+    }
+
+    pub fn pause_node(&self, node: usize) {
+        self.must_be_private("pausing a node");
+        self.signal(node, "-STOP");
+    }
+
+    pub fn resume_node(&self, node: usize) {
+        self.must_be_private("resuming a node");
+        self.signal(node, "-CONT");
+    }
+
+    /// Stops every node the way an operator does (SIGTERM, a controlled
+    /// shutdown). The data stays for `start_again`.
+    pub fn stop(&self) {
+        self.must_be_private("stopping the broker");
+        run_script(&["stop".to_owned(), self.dir.display().to_string()]);
+    }
+
+    /// Stops one node (SIGTERM).
+    pub fn stop_node(&self, node: usize) {
+        self.must_be_private("stopping a node");
+        run_script(&[
+            "stop".to_owned(),
+            self.dir.display().to_string(),
+            node.to_string(),
+        ]);
+    }
+
+    /// Crashes every node (SIGKILL). Kafka wrote every record it had
+    /// acknowledged to the page cache, so a process crash loses none.
+    pub fn kill9(&self) {
+        self.must_be_private("killing the broker");
+        (1..=self.nodes).for_each(|i| self.kill_node(i));
+    }
+
+    /// Crashes one node (SIGKILL) and waits until it is gone.
+    pub fn kill_node(&self, node: usize) {
+        self.must_be_private("killing a node");
+        let Some(pid) = self.pid(node) else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
             assert!(
                 Instant::now() < deadline,
-                "tansu did not listen on {}",
-                self.port
+                "Kafka node {node} ({pid}) outlived SIGKILL"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = std::fs::remove_file(self.dir.join(format!("node-{node}/pid")));
     }
 
-    pub fn bootstrap(&self) -> String {
-        self.external
-            .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{}", self.advertised_port.unwrap_or(self.port)))
+    /// Starts every node that is not running, on its old ports and with
+    /// its data, and waits until the cluster answers.
+    pub fn start_again(&self) {
+        self.must_be_private("restarting the broker");
+        run_script(&["start".to_owned(), self.dir.display().to_string()]);
     }
 
-    /// Stops the broker the way an operator does (SIGTERM). A broker
-    /// SIGKILLed may lose records it had already acknowledged (tansu's
-    /// SQLite storage, like a Kafka broker with replication factor 1 and
-    /// no fsync, is not durable across a crash), which no relay can mend.
-    pub fn stop(&mut self) {
-        assert!(!self.is_external(), "cannot stop an external broker");
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The broker's own log, for assertion messages.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
-    }
-
-    /// Crashes the broker (SIGKILL).
-    pub fn kill9(&mut self) {
-        assert!(!self.is_external(), "cannot kill an external broker");
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port.
-    pub fn restart(&mut self) {
+    /// Stops the broker (SIGTERM) and starts it again with its data.
+    pub fn restart(&self) {
         self.stop();
-        self.spawn();
+        self.start_again();
+    }
+
+    /// The node (1-based, its `node.id`) leading `topic`'s `partition`,
+    /// from the cluster's metadata; `None` while it has no leader.
+    pub fn leader(&self, topic: &str, partition: i32) -> Option<usize> {
+        self.partition(topic, partition)?.leader
+    }
+
+    /// `topic`'s `partition` as the cluster's metadata shows it now: its
+    /// leader, replicas and in-sync replicas (node ids, 1-based).
+    pub fn partition(&self, topic: &str, partition: i32) -> Option<PartitionState> {
+        self.must_be_private("a partition's leader and replicas (for a fault)");
+        let consumer = self.consumer();
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .ok()?;
+        let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+        let p = t.partitions().iter().find(|p| p.id() == partition)?;
+        Some(PartitionState {
+            leader: (p.leader() >= 1).then(|| p.leader() as usize),
+            replicas: p.replicas().iter().map(|r| *r as usize).collect(),
+            isr: p.isr().iter().map(|r| *r as usize).collect(),
+        })
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.bootstrap());
+        config
+    }
+
+    fn admin(&self) -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+        self.client_config().create().unwrap()
     }
 
     /// Another producer: writes `n` plain records (no walrelay headers) to
     /// `topic`, spread over its partitions; returns `n`.
     pub fn produce_plain(&self, topic: &str, n: usize) -> usize {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
+        let producer: BaseProducer = self
+            .client_config()
+            .set("enable.idempotence", "true")
             .create()
             .unwrap();
         for i in 0..n {
@@ -220,183 +333,153 @@ impl Broker {
         n
     }
 
-    /// Creates `topic` with `partitions` partitions, and waits until its
-    /// metadata shows them.
+    /// Creates `topic` with `partitions` partitions, replicated to every
+    /// node (at most 3), and waits until its metadata shows them.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        use rdkafka::client::DefaultClientContext;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .create()
-            .unwrap();
-        let created = block_on(async {
-            admin
-                .create_topics(
-                    &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-                    &AdminOptions::new(),
-                )
-                .await
-        });
-        let results = created.expect("CreateTopics");
-        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while admin
-            .inner()
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()
-            .and_then(|m| {
-                m.topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .map(|t| t.partitions().len())
-            })
-            != Some(partitions as usize)
-        {
-            assert!(Instant::now() < deadline, "{topic} did not appear");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.create_topic_replicated(topic, partitions, self.nodes.clamp(1, 3) as i32);
     }
 
-    /// Raises `topic`'s partition count to `total`, as CreatePartitions
-    /// does: the records stay where they are, new partitions start empty.
-    /// tansu 0.6 does not implement CreatePartitions; there the topic is
-    /// recreated with `total` partitions and every record written back to
-    /// its old partition, in order, with its key, value and headers, which
-    /// leaves the log as adding partitions would.
-    pub fn add_partitions(&self, topic: &str, total: usize) {
-        use rdkafka::admin::{
-            AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication,
-        };
-        use rdkafka::client::DefaultClientContext;
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .create()
-            .unwrap();
-        let grown = block_on(async {
+    /// Creates `topic` with `partitions` partitions of `replication`
+    /// replicas each, and waits until its metadata shows them.
+    pub fn create_topic_replicated(&self, topic: &str, partitions: i32, replication: i32) {
+        use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+        let admin = self.admin();
+        let results = block_on(async {
             admin
-                .create_partitions(&[NewPartitions::new(topic, total)], &AdminOptions::new())
+                .create_topics(
+                    &[NewTopic::new(
+                        topic,
+                        partitions,
+                        TopicReplication::Fixed(replication),
+                    )],
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+                )
                 .await
-                .map(|results| results.into_iter().all(|r| r.is_ok()))
-        });
-        if !matches!(grown, Ok(true)) {
-            let records = self.consume_all(topic);
-            let deleted = block_on(async {
-                admin
-                    .delete_topics(&[topic], &AdminOptions::new())
-                    .await
-                    .map(drop)
-            });
-            deleted.expect("delete the topic to recreate it");
-            let created = block_on(async {
-                admin
-                    .create_topics(
-                        &[NewTopic::new(
-                            topic,
-                            total as i32,
-                            TopicReplication::Fixed(1),
-                        )],
-                        &AdminOptions::new(),
-                    )
-                    .await
-                    .map(drop)
-            });
-            created.expect("recreate the topic");
-            std::thread::sleep(Duration::from_secs(1));
-            let producer: BaseProducer = ClientConfig::new()
-                .set("bootstrap.servers", self.bootstrap())
-                .set("enable.idempotence", "true")
-                .create()
-                .unwrap();
-            for r in &records {
-                let mut headers = OwnedHeaders::new();
-                for (k, v) in &r.headers {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: Some(v),
-                    });
-                }
-                let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
-                    .partition(r.partition)
-                    .headers(headers);
-                if let Some(key) = &r.key {
-                    record = record.key(key);
-                }
-                if let Some(value) = &r.value {
-                    record = record.payload(value);
-                }
-                producer.send(record).map_err(|(e, _)| e).unwrap();
-                producer.flush(Duration::from_secs(30)).unwrap();
-            }
-            assert_eq!(
-                self.consume_all(topic).len(),
-                records.len(),
-                "records written back"
-            );
-        }
+        })
+        .expect("CreateTopics");
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        self.wait_for_partitions(topic, partitions as usize);
+    }
+
+    /// Raises `topic`'s partition count to `total` (CreatePartitions): the
+    /// records stay where they are, new partitions start empty.
+    pub fn add_partitions(&self, topic: &str, total: usize) {
+        use rdkafka::admin::{AdminOptions, NewPartitions};
+        let admin = self.admin();
+        let results = block_on(async {
+            admin
+                .create_partitions(
+                    &[NewPartitions::new(topic, total)],
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+                )
+                .await
+        })
+        .expect("CreatePartitions");
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        self.wait_for_partitions(topic, total);
+    }
+
+    fn wait_for_partitions(&self, topic: &str, count: usize) {
+        let consumer = self.consumer();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let found = admin
-                .inner()
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .map(|t| t.partitions().len())
-                });
-            if found == Some(total) {
+            let found = match self.partitions(&consumer, topic) {
+                Ok(Some(p)) => Some(p.len()),
+                _ => None,
+            };
+            if found == Some(count) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{topic} did not grow to {total} partitions: {found:?}"
+                "{topic} did not show {count} partitions within 30 s: {found:?}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    /// Every record of `topic`, across partitions, once at least `expected`
-    /// have arrived (waiting up to `timeout` for them).
+    /// Each partition's (low, high) watermarks now.
+    pub fn watermarks(&self, topic: &str) -> HashMap<i32, (i64, i64)> {
+        let consumer = self.consumer();
+        let partitions = self
+            .partitions(&consumer, topic)
+            .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"))
+            .unwrap_or_else(|| panic!("topic {topic} does not exist"));
+        watermarks(
+            &consumer,
+            topic,
+            &partitions,
+            Instant::now() + Duration::from_secs(30),
+        )
+    }
+
+    /// Every record of `topic`, across partitions, in (partition, offset)
+    /// order: waits up to `timeout` until at least `expected` have arrived,
+    /// then reads each partition to its high watermark, so the result is
+    /// everything the topic holds at that moment. Panics, naming the topic
+    /// and the count, when they do not arrive in time.
     pub fn consume(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
         self.read(topic, Some(expected), timeout)
     }
 
-    /// Everything `topic` holds now: every partition read to its end. Use
-    /// it once the writer is done (the relay confirmed the last commit).
+    /// Everything `topic` holds now: every partition read to its high
+    /// watermark; nothing when the topic does not exist. Use it once the
+    /// writer is done (the relay confirmed the last commit).
     pub fn consume_all(&self, topic: &str) -> Vec<Record> {
         self.read(topic, None, Duration::from_secs(60))
     }
 
-    /// Reads `topic` from the beginning until `expected` records arrived,
-    /// or, with `None`, until every partition reported its end.
-    fn read(&self, topic: &str, expected: Option<usize>, timeout: Duration) -> Vec<Record> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
+    fn consumer(&self) -> BaseConsumer {
+        self.client_config()
             .set("group.id", "walrelay-tests")
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
             .create()
-            .unwrap();
-        let deadline = Instant::now() + timeout;
-        let partitions = loop {
-            let found = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .iter()
-                        .find(|t| t.name() == topic && t.error().is_none())
-                        .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
-                })
-                .filter(|p| !p.is_empty());
-            match found {
-                Some(p) => break p,
-                None if Instant::now() > deadline => return Vec::new(),
-                None => std::thread::sleep(Duration::from_millis(200)),
+            .unwrap()
+    }
+
+    /// `topic`'s partition ids; `Ok(None)` when the broker says it does not
+    /// exist.
+    fn partitions(&self, consumer: &BaseConsumer, topic: &str) -> Result<Option<Vec<i32>>, String> {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or("not in the metadata")?;
+        match t.error() {
+            None if !t.partitions().is_empty() => {
+                Ok(Some(t.partitions().iter().map(|p| p.id()).collect()))
             }
+            None => Err("no partitions yet".into()),
+            Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => {
+                Ok(None)
+            }
+            Some(e) => Err(format!("{:?}", RDKafkaErrorCode::from(e))),
+        }
+    }
+
+    /// Reads `topic` from the beginning: with `Some(n)`, until at least `n`
+    /// records arrived (or panics at `timeout`); then every partition to
+    /// its high watermark.
+    fn read(&self, topic: &str, expected: Option<usize>, timeout: Duration) -> Vec<Record> {
+        let consumer = self.consumer();
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let partitions = loop {
+            match self.partitions(&consumer, topic) {
+                Ok(Some(p)) => break p,
+                Ok(None) if expected.is_none() => return Vec::new(),
+                result => assert!(
+                    Instant::now() < deadline,
+                    "waited {timeout:?} for {} record(s) of {topic}, and the topic is not there: {result:?}",
+                    expected.unwrap_or(0)
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(200));
         };
         let mut assignment = TopicPartitionList::new();
         for p in &partitions {
@@ -406,45 +489,110 @@ impl Broker {
         }
         consumer.assign(&assignment).unwrap();
         let mut records = Vec::new();
-        let mut at_end = std::collections::HashSet::new();
-        let done = |records: &Vec<Record>, at_end: &std::collections::HashSet<i32>| match expected {
-            Some(n) => records.len() >= n,
-            None => at_end.len() == partitions.len(),
+        // The next offset to read in each partition.
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        let poll = |records: &mut Vec<Record>, next: &mut HashMap<i32, i64>| match consumer
+            .poll(Duration::from_millis(200))
+        {
+            Some(Ok(m)) => {
+                next.insert(m.partition(), m.offset() + 1);
+                records.push(Record::of(&m));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => eprintln!("consuming {topic}: {e}"),
         };
-        while !done(&records, &at_end) {
-            assert!(
-                Instant::now() < deadline || expected.is_some(),
-                "{topic}: the partitions did not all report their end within {timeout:?}"
-            );
-            if Instant::now() >= deadline {
+        if let Some(n) = expected {
+            while records.len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{topic}: {} of the {n} expected record(s) arrived within {timeout:?}",
+                    records.len()
+                );
+                poll(&mut records, &mut next);
+            }
+        }
+        // Then everything up to the high watermarks of this moment.
+        let deadline = deadline.max(Instant::now() + Duration::from_secs(30));
+        let ends = watermarks(&consumer, topic, &partitions, deadline);
+        loop {
+            let behind: Vec<(i32, i64, i64)> = ends
+                .iter()
+                .map(|(p, (low, high))| (*p, next.get(p).copied().unwrap_or(*low), *high))
+                .filter(|(_, at, high)| at < high)
+                .filter(|(p, _, high)| position(&consumer, topic, *p).is_none_or(|at| at < *high))
+                .collect();
+            if behind.is_empty() {
                 break;
             }
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => records.push(Record {
-                    topic: m.topic().to_owned(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                }),
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p);
-                }
-                Some(Err(e)) => eprintln!("consumer: {e}"),
-                None => {}
-            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic}: the partitions were not read to their high watermarks within {:?} (partition, next offset, high watermark): {behind:?}",
+                deadline - started
+            );
+            poll(&mut records, &mut next);
         }
         records.sort_by_key(|r| (r.partition, r.offset));
         records
     }
+}
+
+/// The application's position in `topic`'s `partition` (past transaction
+/// markers too), when librdkafka knows it.
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let positions = consumer.position().ok()?;
+    match positions.find_partition(topic, partition)?.offset() {
+        Offset::Offset(at) => Some(at),
+        _ => None,
+    }
+}
+
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    deadline: Instant,
+) -> HashMap<i32, (i64, i64)> {
+    partitions
+        .iter()
+        .map(|p| {
+            loop {
+                match consumer.fetch_watermarks(topic, *p, Duration::from_secs(5)) {
+                    Ok(marks) => break (*p, marks),
+                    Err(e) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "the watermarks of {topic}/{p}: {e}"
+                        );
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn run_script(args: &[String]) {
+    let out = Command::new(script())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/kafka: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/kafka {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a future to completion on a runtime of its own (the broker
@@ -468,11 +616,123 @@ where
 }
 
 impl Drop for Broker {
+    /// A private broker's data goes with it: SIGKILL is enough, and quick.
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if self.kind != Kind::Private {
+            return;
         }
+        for node in 1..=self.nodes {
+            if let Some(pid) = self.pid(node) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// A partition as the cluster's metadata shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionState {
+    pub leader: Option<usize>,
+    pub replicas: Vec<usize>,
+    pub isr: Vec<usize>,
+}
+
+/// The topic names of one test. Every topic a test's relays write to (the
+/// template's and the dead-letter topic) starts with `ns.`, so tests that
+/// share a broker never read each other's records.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub ns: String,
+}
+
+impl Topics {
+    /// A namespace unique in this process, named after `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        // Letters, digits and '-' only: no '.' or '_' that Kafka could
+        // confuse in its metric names, nothing special in a regex.
+        let prefix: String = prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        Topics {
+            ns: format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Where the default template puts events of `aggregate_type`.
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        self.named(&format!("outbox.event.{aggregate_type}"))
+    }
+
+    /// `name` in this namespace (what a test's own `--topic-template`
+    /// renders to).
+    pub fn named(&self, name: &str) -> String {
+        format!("{}.{name}", self.ns)
+    }
+
+    /// The dead-letter topic of this test's relays.
+    pub fn dead_letters(&self) -> String {
+        self.named("walrelay.dead-letter")
+    }
+
+    /// A regular expression (for `inbox --topic`) matching every topic of
+    /// the default template in this namespace.
+    pub fn pattern(&self) -> String {
+        format!("^{}\\.outbox\\.event\\..*", self.ns)
+    }
+
+    /// This test's inbox consumer group.
+    pub fn group(&self) -> String {
+        format!("{}-inbox", self.ns)
+    }
+
+    /// `walrelay run` arguments with this namespace: `--topic-template` and
+    /// `--dead-letter-topic` get the `ns.` prefix (the defaults are added
+    /// when `args` has none).
+    pub fn relay_args(&self, args: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut template = false;
+        let mut dead_letter = false;
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            out.push((*arg).to_owned());
+            if matches!(*arg, "--topic-template" | "--dead-letter-topic") {
+                template |= *arg == "--topic-template";
+                dead_letter |= *arg == "--dead-letter-topic";
+                let value = it.next().expect("a value after the option");
+                out.push(self.named(value));
+            }
+        }
+        if !template {
+            out.extend([
+                "--topic-template".to_owned(),
+                self.topic("{aggregate_type}"),
+            ]);
+        }
+        if !dead_letter {
+            out.extend(["--dead-letter-topic".to_owned(), self.dead_letters()]);
+        }
+        out
+    }
+
+    /// `walrelay inbox` arguments with this test's group (unless `args`
+    /// names one).
+    pub fn inbox_args(&self, args: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        if !args.contains(&"--group") {
+            out.extend(["--group".to_owned(), self.group()]);
+        }
+        out
     }
 }
 
@@ -488,6 +748,24 @@ pub struct Record {
 }
 
 impl Record {
+    fn of<M: Message>(m: &M) -> Self {
+        Record {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

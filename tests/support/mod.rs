@@ -509,24 +509,67 @@ pub async fn wait_for<T>(
     }
 }
 
-/// What most end-to-end tests start from: a PostgreSQL cluster, a broker,
-/// a fresh database with the outbox set up (`walrelay setup`), and a
-/// superuser client on it.
+/// What most end-to-end tests start from: a PostgreSQL cluster, a broker
+/// (the process's shared one unless the options ask for a private one), a
+/// namespace for the test's topics, a fresh database with the outbox set
+/// up (`walrelay setup`), and a superuser client on it.
 pub struct Stack {
     pub pg: PgCluster,
-    pub broker: kafka::Broker,
+    pub broker: BrokerRef,
+    pub topics: kafka::Topics,
     pub db: String,
     pub client: tokio_postgres::Client,
+}
+
+/// Which broker a [`Stack`] uses.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum BrokerChoice {
+    /// The test process's shared broker: nothing may stop, pause or kill it.
+    #[default]
+    Shared,
+    /// A single-node broker of the test's own, to hurt as it likes.
+    Private,
+    /// A private broker that advertises this port (a proxy's) instead of
+    /// its own.
+    Behind(u16),
+    /// A private three-node cluster (replication factor 3,
+    /// `min.insync.replicas` 2).
+    Cluster,
+}
+
+/// The shared broker or a test's own.
+pub enum BrokerRef {
+    Shared(&'static kafka::Broker),
+    Private(kafka::Broker),
+}
+
+impl std::ops::Deref for BrokerRef {
+    type Target = kafka::Broker;
+
+    fn deref(&self) -> &kafka::Broker {
+        match self {
+            BrokerRef::Shared(broker) => broker,
+            BrokerRef::Private(broker) => broker,
+        }
+    }
+}
+
+impl BrokerRef {
+    pub fn start(choice: BrokerChoice) -> Self {
+        match choice {
+            BrokerChoice::Shared => BrokerRef::Shared(kafka::Broker::shared()),
+            BrokerChoice::Private => BrokerRef::Private(kafka::Broker::start()),
+            BrokerChoice::Behind(port) => BrokerRef::Private(kafka::Broker::start_behind(port)),
+            BrokerChoice::Cluster => BrokerRef::Private(kafka::Broker::cluster()),
+        }
+    }
 }
 
 /// How a [`Stack`] differs from the default.
 #[derive(Default)]
 pub struct StackOptions {
     pub pg: PgOptions,
-    /// A broker whose data survives `stop` and `restart` (SQLite storage).
-    pub persistent_broker: bool,
-    /// A broker that advertises this port (a proxy's) instead of its own.
-    pub broker_behind: Option<u16>,
+    pub broker: BrokerChoice,
     /// Extra arguments for `walrelay setup`.
     pub setup_args: Vec<&'static str>,
     /// A `test_decoding` slot `twin` for `workload::commit_order`.
@@ -540,11 +583,7 @@ impl Stack {
 
     pub async fn start_with(name: &str, options: StackOptions) -> Self {
         let pg = PgCluster::start_with(options.pg);
-        let broker = match (options.persistent_broker, options.broker_behind) {
-            (true, _) => kafka::Broker::start_persistent(),
-            (false, Some(port)) => kafka::Broker::start_behind(port),
-            (false, None) => kafka::Broker::start(),
-        };
+        let broker = BrokerRef::start(options.broker);
         let db = pg.create_database(name).await;
         workload::setup(&pg.url(&db), &options.setup_args);
         let client = pg.client(&db).await;
@@ -554,6 +593,7 @@ impl Stack {
         Stack {
             pg,
             broker,
+            topics: kafka::Topics::new(name),
             db,
             client,
         }
@@ -564,9 +604,30 @@ impl Stack {
         self.pg.url(&self.db)
     }
 
-    /// Starts `walrelay run` against this stack.
+    /// Where this test's relays put events of `aggregate_type`.
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        self.topics.topic(aggregate_type)
+    }
+
+    /// Starts `walrelay run` against this stack, its topics in the test's
+    /// namespace.
     pub fn relay(&self, args: &[&str]) -> relay::RelayProcess {
-        relay::RelayProcess::start(&self.url(), &self.broker.bootstrap(), args)
+        self.relay_via(&self.url(), args)
+    }
+
+    /// Starts `walrelay run` on `pg_url` (a proxy's, another role's) and
+    /// this stack's broker, its topics in the test's namespace.
+    pub fn relay_via(&self, pg_url: &str, args: &[&str]) -> relay::RelayProcess {
+        let args = self.topics.relay_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        relay::RelayProcess::start(pg_url, &self.broker.bootstrap(), &args)
+    }
+
+    /// Starts `walrelay inbox` into `pg_url` with this test's consumer group.
+    pub fn inbox(&self, pg_url: &str, args: &[&str]) -> relay::RelayProcess {
+        let args = self.topics.inbox_args(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        relay::RelayProcess::start_inbox(pg_url, &self.broker.bootstrap(), &args)
     }
 
     /// Inserts `n` events of `aggregate_type` in one transaction, over ten

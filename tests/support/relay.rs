@@ -100,6 +100,27 @@ impl RelayProcess {
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http_port, path).await
     }
+
+    /// A metric from /metrics, summed over its label sets (see
+    /// [`metric_in`]); `None` while the server does not answer or does not
+    /// export it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, text) = self.http_get("/metrics").await?;
+        metric_in(&text, name)
+    }
+}
+
+/// `name` in Prometheus text, summed over its label sets (or one label
+/// set's value, when `name` spells it out: `name{label="value"}`).
+pub fn metric_in(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with([' ', '{']))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A plain HTTP/1.1 GET on 127.0.0.1: status and body.

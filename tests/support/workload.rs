@@ -3,7 +3,10 @@
 //! (PostgreSQL's own output plugin) so it does not depend on walrelay's
 //! transport or decoder.
 
-use super::PgCluster;
+use std::collections::HashMap;
+
+use super::kafka::Record;
+use super::{PgCluster, Stack};
 
 /// Runs `walrelay setup` with `args` and returns its output lines.
 pub fn setup(pg_url: &str, args: &[&str]) -> Vec<String> {
@@ -154,4 +157,114 @@ pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
         .unwrap_or_else(rand::random::<u64>);
     eprintln!("{test}: random timings from seed {seed} (repeat with WALRELAY_TEST_SEED={seed})");
     rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Checks that every committed event of `truth` (from `commit_order`) is
+/// in `records` exactly once, that nothing else is, and that each key's
+/// events are in commit order.
+pub fn assert_exactly_once_in_order(
+    truth: &[(String, String, walrelay::lsn::Lsn)],
+    records: &[Record],
+) {
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    let mut order: HashMap<String, Vec<&str>> = HashMap::new();
+    for r in records {
+        let id = r.header("id").unwrap();
+        *copies.entry(id).or_default() += 1;
+        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+        order.entry(key).or_default().push(id);
+    }
+    let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (id, key, end) in truth {
+        let n = copies.get(id.as_str()).copied().unwrap_or(0);
+        assert_eq!(n, 1, "event {id} (commit {end}) arrived {n} times");
+        expected.entry(key.as_str()).or_default().push(id.as_str());
+    }
+    assert_eq!(
+        records.len(),
+        truth.len(),
+        "no record that was not committed"
+    );
+    for (key, ids) in expected {
+        assert_eq!(order[key], ids, "per-key order of {key}");
+    }
+}
+
+/// `writers` connections committing `txns` transactions of `per_txn`
+/// events each, over 50 aggregates, as fast as they can.
+pub fn spawn_writers(
+    stack: &Stack,
+    aggregate_type: &'static str,
+    writers: i32,
+    txns: i32,
+    per_txn: i32,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|w| {
+            let url = stack.url();
+            tokio::spawn(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                for t in 0..txns {
+                    client
+                        .execute(
+                            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                             SELECT $1::text, 'agg-' || (($2::int * 7 + $3::int + g) % 50), 'E',
+                                    jsonb_build_object('w', $2::int, 't', $3::int, 'g', g)
+                             FROM generate_series(1, $4::int) g",
+                            &[&aggregate_type, &w, &t, &per_txn],
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect()
+}
+
+/// A writer that commits 5 events of `aggregate_type` over 7 aggregates
+/// every 20 ms until `stop` is set, connecting again across restarts.
+/// Returns the number of events whose commit succeeded (a commit that
+/// failed may still have happened: the twin slot tells).
+pub fn steady_writer(
+    url: String,
+    aggregate_type: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    use std::time::Duration;
+    tokio::spawn(async move {
+        let mut written = 0;
+        let mut client: Option<tokio_postgres::Client> = None;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        client = Some(c);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+            let result = client
+                .as_ref()
+                .unwrap()
+                .execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                     SELECT $1::text, 'agg-' || (g % 7), 'E', jsonb_build_object('g', g)
+                     FROM generate_series(1, 5) g",
+                    &[&aggregate_type],
+                )
+                .await;
+            if result.is_ok() {
+                written += 5;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        written
+    })
 }

@@ -1,0 +1,270 @@
+//! Broker failures as users of Apache Kafka meet them, in a three-node
+//! KRaft cluster (`min.insync.replicas` 2) under load: the leader of the
+//! partitions being written is killed, and a follower is paused until the
+//! in-sync replicas fall below the minimum. The WAL source delivers every
+//! event once, in per-key order; the polling source and the inbox lose
+//! nothing.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::relay::RelayProcess;
+use support::workload::{assert_exactly_once_in_order, commit_order, setup, steady_writer};
+use support::{BrokerChoice, Stack, StackOptions, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+async fn published(relay: &RelayProcess) -> Option<f64> {
+    relay.metric("walrelay_events_published_total").await
+}
+
+/// Waits until `relay` has published `more` events after `from`.
+async fn publishes(relay: &RelayProcess, what: &str, from: f64, more: f64) {
+    wait_for(what, TIMEOUT, async || {
+        (published(relay).await? >= from + more).then_some(())
+    })
+    .await;
+}
+
+/// Kills the node leading `topic`'s partition 0, and waits until other
+/// nodes lead every partition it led. Returns the killed node.
+fn kill_the_leader(stack: &Stack, topic: &str, partitions: i32) -> usize {
+    let broker = &stack.broker;
+    let leader = broker
+        .leader(topic, 0)
+        .expect("partition 0 has a leader before the kill");
+    let led: Vec<i32> = (0..partitions)
+        .filter(|p| broker.leader(topic, *p) == Some(leader))
+        .collect();
+    broker.kill_node(leader);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !led
+        .iter()
+        .all(|p| broker.leader(topic, *p).is_some_and(|l| l != leader))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new leader for partitions {led:?} of {topic} after node {leader} died:\n{}",
+            broker.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("killed node {leader}, the leader of partitions {led:?}; others lead them now");
+    leader
+}
+
+/// Starts the killed node again and waits until it is back in sync.
+fn bring_back(stack: &Stack, topic: &str) {
+    stack.broker.start_again();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while stack
+        .broker
+        .partition(topic, 0)
+        .is_none_or(|p| p.isr.len() < p.replicas.len())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted node did not catch up: {:?}",
+            stack.broker.partition(topic, 0)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_leader_of_the_partitions_being_written_loses_nothing_and_duplicates_nothing() {
+    let stack = Stack::start_with(
+        "leaderkill",
+        StackOptions {
+            broker: BrokerChoice::Cluster,
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let topic = stack.topic("lead");
+    stack.broker.create_topic(&topic, 3);
+    let relay = stack.relay(&["--max-backoff", "1s"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(stack.url(), "lead", Arc::clone(&stop));
+    publishes(&relay, "the relay to publish", 0.0, 200.0).await;
+
+    kill_the_leader(&stack, &topic, 3);
+    let at_kill = published(&relay).await.unwrap();
+    publishes(
+        &relay,
+        "the relay to publish through the new leaders",
+        at_kill,
+        200.0,
+    )
+    .await;
+    bring_back(&stack, &topic);
+    let back = published(&relay).await.unwrap();
+    publishes(&relay, "the relay to go on publishing", back, 100.0).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+
+    let truth = commit_order(&stack.pg, &stack.db, "twin", written).await;
+    stack.wait_confirmed(truth.last().unwrap().2, TIMEOUT).await;
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all(&topic));
+    eprintln!("a leader killed under load: {written} events, each once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_follower_holds_every_event_until_it_returns_and_nothing_is_confirmed_past_them() {
+    let stack = Stack::start_with(
+        "followerpause",
+        StackOptions {
+            broker: BrokerChoice::Cluster,
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Two replicas, both needed in sync (min.insync.replicas 2): one
+    // follower away, and the leader refuses acks=all writes
+    // (NOT_ENOUGH_REPLICAS) until it is back.
+    let topic = stack.topic("isr");
+    stack.broker.create_topic_replicated(&topic, 1, 2);
+    let relay = stack.relay(&[]);
+    stack.insert_events("isr", 10).await;
+    assert_eq!(
+        stack.broker.consume(&topic, 10, TIMEOUT).len(),
+        10,
+        "{}",
+        relay.log()
+    );
+    let before = stack.broker.partition(&topic, 0).unwrap();
+    let leader = before.leader.unwrap();
+    let follower = *before.replicas.iter().find(|r| **r != leader).unwrap();
+
+    stack.broker.pause_node(follower);
+    stack.insert_events("isr", 100).await;
+    wait_for(
+        "the in-sync replicas to shrink to the leader",
+        TIMEOUT,
+        async || {
+            let now = stack.broker.partition(&topic, 0)?;
+            (now.isr == [leader]).then_some(())
+        },
+    )
+    .await;
+    wait_for("the events to wait for the broker", TIMEOUT, async || {
+        let waiting = relay.metric("walrelay_waiting_for_broker").await? == 1.0;
+        (waiting || relay.metric("walrelay_events_in_flight").await? > 0.0).then_some(())
+    })
+    .await;
+    let truth = commit_order(&stack.pg, &stack.db, "twin", 110).await;
+    let waiting_commit = truth.last().unwrap().2;
+    assert!(
+        stack.confirmed().await < waiting_commit,
+        "nothing the broker did not take is confirmed"
+    );
+
+    stack.broker.resume_node(follower);
+    stack.wait_confirmed(waiting_commit, TIMEOUT).await;
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all(&topic));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_polling_source_and_the_inbox_lose_nothing_when_the_leader_dies() {
+    let stack = Stack::start_with(
+        "pollleader",
+        StackOptions {
+            broker: BrokerChoice::Cluster,
+            setup_args: vec!["--source", "poll"],
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let topic = stack.topic("polled");
+    stack.broker.create_topic(&topic, 3);
+    let inbox_db = stack.pg.create_database("pollleaderinbox").await;
+    let inbox_url = stack.pg.url(&inbox_db);
+    setup(&inbox_url, &["--inbox"]);
+    let inbox_client = stack.pg.client(&inbox_db).await;
+    let stored = async || -> i64 {
+        inbox_client
+            .query_one("SELECT count(*) FROM inbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let relay = stack.relay(&[
+        "--source",
+        "poll",
+        "--poll-interval",
+        "100ms",
+        "--max-backoff",
+        "1s",
+    ]);
+    let inbox = stack.inbox(
+        &inbox_url,
+        &["--topic", &topic, "-X", "session.timeout.ms=6000"],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(stack.url(), "polled", Arc::clone(&stop));
+    wait_for("the inbox to store 200 events", TIMEOUT, async || {
+        (stored().await >= 200).then_some(())
+    })
+    .await;
+
+    kill_the_leader(&stack, &topic, 3);
+    let at_kill = stored().await;
+    wait_for(
+        "the inbox to store 200 more through the new leaders",
+        TIMEOUT,
+        async || (stored().await >= at_kill + 200).then_some(()),
+    )
+    .await;
+    bring_back(&stack, &topic);
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+
+    let truth = commit_order(&stack.pg, &stack.db, "twin", written).await;
+    let ids: HashSet<String> = truth.iter().map(|(id, _, _)| id.clone()).collect();
+    wait_for("every row published and deleted", TIMEOUT, async || {
+        let left: i64 = stack
+            .client
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    let in_kafka: HashSet<String> = stack
+        .broker
+        .consume_all(&topic)
+        .iter()
+        .map(|r| r.header("id").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        in_kafka,
+        ids,
+        "every polled row in Kafka; relay log:\n{}",
+        relay.log()
+    );
+    wait_for("every event in the inbox", TIMEOUT, async || {
+        (stored().await == written as i64).then_some(())
+    })
+    .await;
+    let in_inbox: HashSet<String> = inbox_client
+        .query("SELECT id FROM inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        in_inbox,
+        ids,
+        "the inbox holds each event; log:\n{}",
+        inbox.log()
+    );
+}
