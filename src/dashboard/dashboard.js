@@ -26,7 +26,8 @@
     if (missing(v)) return "–";
     const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let x = Math.abs(v), i = 0;
-    while (x >= 1024 && i < units.length - 1) { x /= 1024; i++; }
+    // 1023.9 MiB reads 1 GiB, not 1024 MiB.
+    while (x >= 1023.5 && i < units.length - 1) { x /= 1024; i++; }
     const digits = i === 0 || x >= 100 || Number.isInteger(x) ? 0 : x >= 10 ? 1 : 2;
     return (v < 0 ? "-" : "") + Number(x.toFixed(digits)) + NBSP + units[i];
   }
