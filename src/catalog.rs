@@ -123,6 +123,19 @@ pub async fn create_logical_slot(
     Ok(client.query_one(sql, &[&name]).await?.get(0))
 }
 
+/// `max_slot_wal_keep_size` in bytes; `None` when -1 (slots keep WAL
+/// without limit).
+pub async fn max_slot_wal_keep_size(client: &Client) -> Result<Option<i64>, SqlError> {
+    let mb: i64 = client
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok((mb >= 0).then_some(mb * 1024 * 1024))
+}
+
 /// Whether the server is a standby.
 pub async fn in_recovery(client: &Client) -> Result<bool, SqlError> {
     Ok(client

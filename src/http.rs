@@ -1,6 +1,12 @@
 //! The HTTP server: `/metrics` (Prometheus text), `/healthz` (process
 //! alive), `/readyz` (streaming and the broker reachable), `/api/status`
-//! (the dashboard's data) and `/`, the live dashboard.
+//! (the dashboard's current values), `/api/history` (its hour of samples)
+//! and `/`, the live dashboard.
+//!
+//! The page and its charting library ([uPlot](https://github.com/leeoniya/uPlot),
+//! MIT, vendored under `src/dashboard/vendor/` with its license) are
+//! compiled into the binary: the dashboard needs no network but the
+//! process's own.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,7 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -17,55 +23,95 @@ use rdkafka::client::DefaultClientContext;
 use serde_json::json;
 
 use crate::kafka::ProducerSettings;
-use crate::live::LiveState;
+use crate::live::{self, LiveState, Subject};
 
-/// The page, self-contained: no CDN, so it works offline.
-const DASHBOARD: &str = include_str!("dashboard.html");
+/// The page and what it loads, by path.
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("dashboard/index.html"),
+    ),
+    (
+        "/assets/dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/dashboard.js"),
+    ),
+    (
+        "/assets/dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/dashboard.css"),
+    ),
+    (
+        "/assets/uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/vendor/uPlot.iife.min.js"),
+    ),
+    (
+        "/assets/uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/vendor/uPlot.min.css"),
+    ),
+    (
+        "/assets/uPlot.LICENSE.txt",
+        "text/plain; charset=utf-8",
+        include_str!("dashboard/vendor/uPlot.LICENSE"),
+    ),
+];
 
 /// How often the broker is probed for `/readyz`.
 const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Buckets of the latency histograms (seconds).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
     live: Arc<LiveState>,
-    slot: String,
-    /// `exactly-once` or `at-least-once`.
-    delivery: &'static str,
+    subject: Arc<Subject>,
+    started_ms: u64,
 }
 
 /// Installs the Prometheus recorder and describes every metric.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(crate::metrics::COMMIT_TO_ACK_SECONDS.to_owned()),
-            &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                60.0,
-            ],
-        )?
-        .install_recorder()?;
+    let mut builder = PrometheusBuilder::new();
+    for name in [
+        crate::metrics::COMMIT_TO_ACK_SECONDS,
+        crate::metrics::INBOX_PRODUCED_TO_STORED_SECONDS,
+        crate::metrics::POLL_CLAIM_SECONDS,
+        crate::metrics::POLL_SETTLE_SECONDS,
+    ] {
+        builder =
+            builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS)?;
+    }
+    let handle = builder.install_recorder()?;
     crate::metrics::describe();
     // Export the gauges from the start, so dashboards see them at zero.
     metrics::gauge!(crate::metrics::REPLICATION_CONNECTED).set(0.0);
     metrics::gauge!(crate::metrics::EVENTS_IN_FLIGHT).set(0.0);
+    metrics::gauge!(crate::metrics::BYTES_IN_FLIGHT).set(0.0);
     metrics::gauge!(crate::metrics::CONFIRMED_LSN).set(0.0);
     metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(0.0);
     metrics::counter!(crate::metrics::RECONNECTS_TOTAL).absolute(0);
+    metrics::counter!(crate::metrics::MONITOR_ERRORS_TOTAL).absolute(0);
     metrics::counter!(crate::metrics::EVENTS_SKIPPED_TOTAL).absolute(0);
     metrics::counter!(crate::metrics::PARTITION_RECOVERIES_TOTAL).absolute(0);
     Ok(handle)
 }
 
-/// Serves the endpoints on `listener` and probes the broker in the background.
+/// Serves the endpoints on `listener`, takes the dashboard's samples and
+/// probes the broker in the background.
 pub fn spawn(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     live: Arc<LiveState>,
     producer: ProducerSettings,
-    slot: String,
-    delivery: &'static str,
+    subject: Subject,
 ) -> anyhow::Result<()> {
+    export_subject(live.source(), &subject);
     let config = producer.client_config().map_err(anyhow::Error::msg)?;
     let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.create()?);
     let probe_live = Arc::clone(&live);
@@ -84,14 +130,21 @@ pub fn spawn(
                 .counters
                 .broker_reachable
                 .store(ok, Ordering::Relaxed);
+            // The inbox has no stall timeout of its own: while the broker
+            // does not answer, it waits for it.
+            if probe_live.source() == live::Source::Inbox && probe_live.waiting_for_broker() == ok {
+                probe_live.set_waiting_for_broker(!ok);
+                metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(if ok { 0.0 } else { 1.0 });
+            }
             tokio::time::sleep(BROKER_PROBE_INTERVAL).await;
         }
     });
+    live::spawn_sampler(Arc::clone(&live));
     let app = router(AppState {
         metrics,
         live,
-        slot,
-        delivery,
+        subject: Arc::new(subject),
+        started_ms: live::unix_ms(),
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -101,22 +154,71 @@ pub fn spawn(
     Ok(())
 }
 
+/// The process's fixed facts as metrics: what it is, and its limits.
+fn export_subject(source: live::Source, subject: &Subject) {
+    let source = match source {
+        live::Source::Wal => "wal",
+        live::Source::Poll => "poll",
+        live::Source::Inbox => "inbox",
+    };
+    metrics::gauge!(crate::metrics::INFO, "source" => source, "delivery" => subject.delivery, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Counters with labels exist from the start at zero, for each label
+    // value they take, so a scrape shows every series the dashboards use.
+    use crate::metrics as m;
+    match source {
+        "inbox" => {
+            metrics::counter!(m::INBOX_RECORDS_CONSUMED_TOTAL).absolute(0);
+            metrics::counter!(m::INBOX_RECORDS_STORED_TOTAL).absolute(0);
+            metrics::counter!(m::INBOX_DUPLICATES_SKIPPED_TOTAL).absolute(0);
+            for kind in crate::inbox::store::DeadLetterKind::ALL {
+                metrics::counter!(m::INBOX_DEAD_LETTERS_TOTAL, "kind" => kind.as_str()).absolute(0);
+            }
+        }
+        _ => {
+            let kinds: &[&str] = if source == "poll" {
+                metrics::counter!(m::POLL_BATCHES_TOTAL).absolute(0);
+                metrics::counter!(m::POLL_ROW_FAILURES_TOTAL).absolute(0);
+                &["unroutable", "broker_rejected", "max_attempts"]
+            } else {
+                &["unroutable", "broker_rejected"]
+            };
+            for &kind in kinds {
+                metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => kind).absolute(0);
+            }
+            for kind in [
+                "metadata",
+                "topic",
+                "rejected",
+                "dead_letter_rejected",
+                "delivery",
+            ] {
+                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => kind).absolute(0);
+            }
+        }
+    }
+    if let Some(events) = subject.max_in_flight_events {
+        metrics::gauge!(crate::metrics::IN_FLIGHT_LIMIT_EVENTS).set(events as f64);
+    }
+    if let Some(bytes) = subject.max_in_flight_bytes {
+        metrics::gauge!(crate::metrics::IN_FLIGHT_LIMIT_BYTES).set(bytes as f64);
+    }
+}
+
 fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
+    let mut router = Router::new();
+    for &(path, content_type, body) in ASSETS {
+        router = router.route(
+            path,
+            get(move || async move { ([(header::CONTENT_TYPE, content_type)], body) }),
+        );
+    }
+    router
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/status", get(api_status))
+        .route("/api/history", get(api_history))
         .with_state(state)
-}
-
-async fn dashboard() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        DASHBOARD,
-    )
-        .into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
@@ -142,7 +244,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "waiting_for_broker": state.live.waiting_for_broker(),
         "broker_reachable": broker,
         "host": state.live.host(),
-        "slot": state.slot,
+        "slot": state.subject.name,
     });
     let code = if streaming && broker {
         StatusCode::OK
@@ -155,15 +257,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn api_status(State(state): State<AppState>) -> Response {
     let s = &state.live;
     let c = &s.counters;
+    let transitions = s.history.transitions();
     Json(json!({
         "source": s.source(),
+        "subject": *state.subject,
+        "started_unix_ms": state.started_ms,
+        "now_unix_ms": live::unix_ms(),
+        "state": s.state(),
+        "state_since_unix_ms": transitions.last().map(|t| t.unix_ms),
         "backlog": s.backlog(),
         "consumer_lag": s.consumer_lag(),
         "inbox": s.inbox(),
-        "slot_name": state.slot,
-        "delivery": state.delivery,
+        "slot_name": state.subject.name,
+        "delivery": state.subject.delivery,
         "events_skipped": c.events_skipped.load(Ordering::Relaxed),
         "slot": s.slot(),
+        "max_slot_wal_keep_size_bytes": s.wal_keep_limit(),
         "streaming": s.connected(),
         "reason": s.reason(),
         "waiting_for_broker": s.waiting_for_broker(),
@@ -174,19 +283,46 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "events_published": c.events_published.load(Ordering::Relaxed),
         "dead_letters": c.dead_letters.load(Ordering::Relaxed),
         "in_flight": c.in_flight.load(Ordering::Relaxed),
+        "in_flight_bytes": c.in_flight_bytes.load(Ordering::Relaxed),
         "reconnects": c.reconnects.load(Ordering::Relaxed),
         "monitor_errors": c.monitor_errors.load(Ordering::Relaxed),
         "last_ack_unix_ms": s.last_ack_unix_micros() / 1000,
         "p50_commit_to_ack_ms": s.latency.quantile(0.5).map(|v| v * 1000.0),
         "p99_commit_to_ack_ms": s.latency.quantile(0.99).map(|v| v * 1000.0),
         "last_error": s.last_error(),
+        "errors": s.errors(),
         "commit_to_ack_since_start": {
             "count": s.latency_histogram.count(),
             "p50_ms": s.latency_histogram.quantile(0.5).map(|v| v * 1000.0),
             "p99_ms": s.latency_histogram.quantile(0.99).map(|v| v * 1000.0),
             "max_ms": s.latency_histogram.max_seconds() * 1000.0,
         },
-        "history": s.history.snapshot(),
+        "history": {
+            "samples": s.history.len(),
+            "capacity": live::CAPACITY,
+            "interval_ms": live::INTERVAL.as_millis() as u64,
+            "heap_bytes": s.heap_bytes(),
+        },
     }))
     .into_response()
+}
+
+/// `/api/history?since=<Unix ms>`: the samples taken after `since` (all of
+/// them without it), as columns.
+async fn api_history(State(state): State<AppState>, uri: Uri) -> Response {
+    let since = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("since="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        state.live.history.to_json(state.live.source(), since),
+    )
+        .into_response()
 }

@@ -44,6 +44,13 @@ pub const INBOX_DEAD_LETTERS_TOTAL: &str = "walrelay_inbox_dead_letters_total";
 pub const INBOX_CONSUMER_LAG: &str = "walrelay_inbox_consumer_lag";
 pub const INBOX_REBALANCES_TOTAL: &str = "walrelay_inbox_rebalances_total";
 pub const INBOX_BATCH_SECONDS: &str = "walrelay_inbox_batch_seconds";
+pub const INBOX_PRODUCED_TO_STORED_SECONDS: &str = "walrelay_inbox_produced_to_stored_seconds";
+pub const POLL_CLAIM_SECONDS: &str = "walrelay_poll_claim_seconds";
+pub const POLL_SETTLE_SECONDS: &str = "walrelay_poll_settle_seconds";
+pub const IN_FLIGHT_LIMIT_EVENTS: &str = "walrelay_in_flight_limit_events";
+pub const IN_FLIGHT_LIMIT_BYTES: &str = "walrelay_in_flight_limit_bytes";
+pub const STATE: &str = "walrelay_state";
+pub const INFO: &str = "walrelay_info";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -199,6 +206,38 @@ pub fn describe() {
         Unit::Seconds,
         "time to store one batch in PostgreSQL (rows, dead letters and offsets in one transaction)"
     );
+    describe_histogram!(
+        INBOX_PRODUCED_TO_STORED_SECONDS,
+        Unit::Seconds,
+        "a record's Kafka timestamp to its row committed in the inbox"
+    );
+    describe_histogram!(
+        POLL_CLAIM_SECONDS,
+        Unit::Seconds,
+        "time to claim a batch of outbox rows (polling source)"
+    );
+    describe_histogram!(
+        POLL_SETTLE_SECONDS,
+        Unit::Seconds,
+        "time to delete or mark a batch's rows and commit, after the broker acknowledged them (polling source)"
+    );
+    describe_gauge!(
+        IN_FLIGHT_LIMIT_EVENTS,
+        "most events in flight at once: the window (--max-in-flight-events), or the batch (polling source, inbox)"
+    );
+    describe_gauge!(
+        IN_FLIGHT_LIMIT_BYTES,
+        Unit::Bytes,
+        "most bytes of events in flight at once (--max-in-flight-bytes)"
+    );
+    describe_gauge!(
+        STATE,
+        "1 for what the process does now: starting, active (streaming, polling, consuming), standby, waiting_for_broker, reconnecting"
+    );
+    describe_gauge!(
+        INFO,
+        "always 1: the source (wal, poll, inbox), the delivery guarantee and the version, as labels"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
@@ -244,6 +283,13 @@ pub const ALL: &[&str] = &[
     INBOX_CONSUMER_LAG,
     INBOX_REBALANCES_TOTAL,
     INBOX_BATCH_SECONDS,
+    INBOX_PRODUCED_TO_STORED_SECONDS,
+    POLL_CLAIM_SECONDS,
+    POLL_SETTLE_SECONDS,
+    IN_FLIGHT_LIMIT_EVENTS,
+    IN_FLIGHT_LIMIT_BYTES,
+    STATE,
+    INFO,
 ];
 
 /// Counts a record the broker has for good, in the metrics and the live

@@ -16,8 +16,9 @@ use crate::metrics as m;
 use crate::replication::ConnectionConfig;
 use crate::sql::{SqlClient, SqlError, SqlSession};
 
-/// How often the slot is read.
-pub const INTERVAL: Duration = Duration::from_secs(2);
+/// How often the slot is read: the dashboard's history has a sample a
+/// second.
+pub const INTERVAL: Duration = Duration::from_secs(1);
 
 const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
@@ -101,7 +102,6 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
                         &mut last_failure,
                         format!("slot monitor cannot connect: {e}"),
                     );
-                    record_sample(&live);
                     continue;
                 }
             };
@@ -110,6 +110,9 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
                     let snapshot = slots.into_iter().next();
                     export(&config.slot, snapshot.as_ref());
                     live.set_slot(snapshot);
+                    if let Ok(limit) = catalog::max_slot_wal_keep_size(client).await {
+                        live.set_wal_keep_limit(limit);
+                    }
                 }
                 Err(e) => failed(
                     &live,
@@ -129,7 +132,6 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
                     format!("outbox check failed: {e}"),
                 ),
             }
-            record_sample(&live);
         }
     });
     rx
@@ -214,8 +216,4 @@ fn export(slot: &str, snapshot: Option<&SlotSnapshot>) {
         .set(s.write_lag_seconds.unwrap_or(0.0));
     metrics::gauge!(m::SLOT_FLUSH_LAG_SECONDS, "slot" => slot.to_owned())
         .set(s.flush_lag_seconds.unwrap_or(0.0));
-}
-
-fn record_sample(live: &LiveState) {
-    live.record_sample();
 }

@@ -343,61 +343,6 @@ fn every_metric_in_the_dashboard_and_alerts_is_one_walrelay_exports() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_dashboard_shows_a_chart_with_data_in_headless_chromium() {
-    let stack = Stack::start("dash").await;
-    let client = &stack.client;
-    let relay = stack.relay(&[]);
-    for i in 0..5 {
-        client
-            .execute(
-                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'd', 'k', 'E', '{}' FROM generate_series(1, $1::int)",
-                &[&(10 * (i + 1))],
-            )
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(700)).await;
-    }
-    wait_for(
-        "a few samples in the dashboard history",
-        Duration::from_secs(30),
-        async || {
-            let (_, body) = relay.http_get("/api/status").await?;
-            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-            (v["history"].as_array()?.len() >= 3 && v["events_published"] == 150).then_some(())
-        },
-    )
-    .await;
-    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://127.0.0.1:{}/", relay.http_port);
-    let chromium = |extra: &[&str]| support::chromium(profile.path(), &url, extra);
-    let dom = chromium(&["--dump-dom"]);
-    let dom = String::from_utf8_lossy(&dom.stdout);
-    let points: usize = dom
-        .split("data-points=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no chart in the page:\n{dom}"));
-    assert!(points >= 3, "the chart has {points} data points");
-    assert!(
-        dom.contains("● streaming"),
-        "the page shows the stream state"
-    );
-    assert!(dom.contains(">150 / 0<"), "published / dead letters: {dom}");
-    assert!(dom.contains(">exactly-once<"), "the delivery mode: {dom}");
-    let screenshot = artifacts.join("dashboard.png");
-    let shot = chromium(&[&format!("--screenshot={}", screenshot.display())]);
-    assert!(shot.status.success());
-    assert!(
-        std::fs::metadata(&screenshot).unwrap().len() > 10_000,
-        "screenshot saved to {}",
-        screenshot.display()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn check_names_the_fix_on_a_wrong_cluster_and_passes_on_a_right_one() {
     let replica = PgCluster::start_with(PgOptions {
         wal_level: "replica",

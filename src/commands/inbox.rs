@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::inbox::{self, InboxConfig};
 use crate::kafka::ProducerSettings;
-use crate::live::{LiveState, Source};
+use crate::live::{LiveState, Source, Subject};
 
 pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let live = Arc::new(LiveState::with_source(Source::Inbox));
@@ -20,8 +20,14 @@ pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyh
             brokers: config.brokers.clone(),
             overrides: config.overrides.clone(),
         },
-        config.tables.name(),
-        "exactly-once",
+        Subject {
+            name: config.topics.join(" "),
+            delivery: "exactly-once",
+            max_in_flight_events: Some(config.batch_size as u64),
+            table: Some(config.tables.name()),
+            group: Some(config.group.clone()),
+            ..Subject::default()
+        },
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut shutdown = super::shutdown_signal();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
-use crate::live::{LiveState, Source};
+use crate::live::{LiveState, Source, Subject};
 use crate::monitor::MonitorConfig;
 use crate::poll::{PollConfig, PollRelay};
 use crate::relay::{DeliveryGuarantee, PgConnector, RelayConfig, WalRelay};
@@ -42,10 +42,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         metrics,
         Arc::clone(&live),
         kafka.producer.clone(),
-        config.slot.clone(),
-        match config.delivery {
-            DeliveryGuarantee::ExactlyOnce => "exactly-once",
-            DeliveryGuarantee::AtLeastOnce => "at-least-once",
+        Subject {
+            name: config.slot.clone(),
+            delivery: match config.delivery {
+                DeliveryGuarantee::ExactlyOnce => "exactly-once",
+                DeliveryGuarantee::AtLeastOnce => "at-least-once",
+            },
+            max_in_flight_events: Some(config.max_in_flight_events as u64),
+            max_in_flight_bytes: Some(config.max_in_flight_bytes as u64),
+            ..Subject::default()
         },
     )?;
     ensure_slot(&config, create_slot).await?;
@@ -109,11 +114,16 @@ pub async fn run_poll(
         metrics,
         Arc::clone(&live),
         kafka.producer.clone(),
-        tables,
-        if config.exactly_once {
-            "exactly-once"
-        } else {
-            "at-least-once"
+        Subject {
+            name: tables,
+            delivery: if config.exactly_once {
+                "exactly-once"
+            } else {
+                "at-least-once"
+            },
+            // Each lane holds at most one batch.
+            max_in_flight_events: Some((config.batch_size * config.lanes.max(1)) as u64),
+            ..Subject::default()
         },
     )?;
     // A table that is not set up is an error with its fix, before anything

@@ -64,8 +64,10 @@ impl InboxConfig {
             .set("statistics.interval.ms", "1000");
         if self.topics.iter().any(|t| t.starts_with('^')) {
             // A pattern picks up topics created later at the next metadata
-            // refresh: every 10 s rather than librdkafka's 5 minutes.
-            config.set("topic.metadata.refresh.interval.ms", "10000");
+            // refresh: every second rather than librdkafka's 5 minutes, so
+            // a new topic's first records do not wait (one metadata
+            // request a second).
+            config.set("topic.metadata.refresh.interval.ms", "1000");
         }
         for (key, value) in &self.overrides {
             config.set(key, value);
@@ -306,6 +308,7 @@ impl InboxContext {
             .unwrap_or(0);
         for produced in &written.stored_timestamps_ms {
             let seconds = (now_ms - produced).max(0) as f64 / 1000.0;
+            metrics::histogram!(m::INBOX_PRODUCED_TO_STORED_SECONDS).record(seconds);
             self.live.latency.record(seconds);
             self.live.latency_histogram.record(seconds);
         }
@@ -350,10 +353,16 @@ impl InboxContext {
             partitions,
             duplicates: shared.duplicates,
         }));
-        self.live
-            .counters
-            .in_flight
-            .store(shared.batch.len() as u64, Ordering::Relaxed);
+        self.live.record_in_flight(
+            shared.batch.len(),
+            shared
+                .batch
+                .iter()
+                .map(|r| {
+                    r.key.as_ref().map_or(0, Vec::len) + r.payload.as_ref().map_or(0, Vec::len)
+                })
+                .sum(),
+        );
     }
 }
 
@@ -456,7 +465,6 @@ pub fn run(
         if last_snapshot.elapsed() >= Duration::from_secs(1) {
             last_snapshot = Instant::now();
             consumer.context().publish_snapshot();
-            live.record_sample();
         }
     };
     // Graceful: what is in hand is stored, then the group is left (the

@@ -88,6 +88,13 @@ pub enum DeadLetterKind {
 }
 
 impl DeadLetterKind {
+    pub const ALL: [DeadLetterKind; 4] = [
+        DeadLetterKind::MissingId,
+        DeadLetterKind::KeyNotText,
+        DeadLetterKind::PayloadNotText,
+        DeadLetterKind::InvalidRow,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::MissingId => "missing_id",

@@ -78,7 +78,6 @@ pub fn spawn_backlog_monitor(
                     }
                 }
                 live.set_backlog(Some(total));
-                live.record_sample();
             }
             if !shutdown.sleep(interval).await {
                 return;

@@ -262,6 +262,15 @@ impl Batch {
             .count()
     }
 
+    /// Bytes of the records still on their way.
+    pub fn sending_bytes(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| r.state == RowState::Sending)
+            .map(|r| r.record.size())
+            .sum()
+    }
+
     /// Rows that failed their last attempt go to the dead-letter topic,
     /// once: their records, to hand to the publisher.
     pub fn last_tries(

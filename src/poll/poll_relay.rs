@@ -306,9 +306,12 @@ impl<S: Sink> PollRelay<S> {
         };
         self.claim_at = None;
         self.lanes[index].phase = Phase::Claiming { table };
+        let live = Arc::clone(&self.live);
         self.spawn(index, async move {
+            let started = Instant::now();
             client.batch_execute("BEGIN").await?;
             let claim = claim::claim(&client, &outbox, limit, share).await?;
+            live.record_claim(started.elapsed());
             if claim.rows.is_empty() {
                 // Nothing to hold: end the transaction now.
                 client.batch_execute("ROLLBACK").await?;
@@ -557,22 +560,23 @@ impl<S: Sink> PollRelay<S> {
                     m::count_delivered(&self.live, topic.clone(), batch.created(tag), dead_letter);
                 }
             }
+            if let Outcome::Skipped { tag } = outcome
+                && tag.batch == batch.number
+            {
+                self.live.record_skipped();
+            }
             let (settled, instead) = batch.apply(outcome, &self.config.router.dead_letter_topic);
             any |= settled;
             if let Some(out) = instead {
                 outcomes.extend(self.publisher.publish(out));
             }
         }
-        let sending: usize = self
-            .lanes
-            .iter()
-            .filter_map(Lane::batch)
-            .map(Batch::sending)
-            .sum();
-        self.live.counters.in_flight.store(
-            (sending + batch.sending()) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let in_lanes = self.lanes.iter().filter_map(Lane::batch);
+        let (sending, bytes) = in_lanes
+            .fold((batch.sending(), batch.sending_bytes()), |(n, b), other| {
+                (n + other.sending(), b + other.sending_bytes())
+            });
+        self.live.record_in_flight(sending, bytes);
         any
     }
 
@@ -606,8 +610,10 @@ impl<S: Sink> PollRelay<S> {
         let table = batch.table.clone();
         let on_published = self.config.on_published;
         let dead_letter_table = self.config.dead_letter_table.clone();
+        let live = Arc::clone(&self.live);
         let exactly_once = self.config.exactly_once;
         self.spawn(index, async move {
+            let started = Instant::now();
             for letter in &settlement.dead_letters {
                 crate::dead_letters::store(&client, &dead_letter_table, letter).await?;
             }
@@ -621,6 +627,7 @@ impl<S: Sink> PollRelay<S> {
             )
             .await?;
             client.batch_execute("COMMIT").await?;
+            live.record_settle(started.elapsed());
             Ok(Done::Settled)
         });
         Phase::Settling { batch }

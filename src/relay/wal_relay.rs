@@ -533,9 +533,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             self.confirmer.ack(tag.txn)?;
         }
         self.live
-            .counters
-            .in_flight
-            .store(self.window.events() as u64, Ordering::Relaxed);
+            .record_in_flight(self.window.events(), self.window.bytes());
         Ok(())
     }
 

@@ -59,6 +59,10 @@ impl InFlightWindow {
         self.events
     }
 
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.events == 0
     }
