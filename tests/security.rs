@@ -184,7 +184,10 @@ async fn write_taken_away_mid_run_and_given_back_loses_nothing_and_doubles_nothi
     stack.insert_events("rot", 50).await;
     let topic = stack.topic("rot");
     assert_eq!(
-        stack.broker.consume(&topic, 50, Duration::from_secs(60)).len(),
+        stack
+            .broker
+            .consume(&topic, 50, Duration::from_secs(60))
+            .len(),
         50
     );
     // An ACL rotation: WRITE on the relay's topics is gone for a while.

@@ -72,7 +72,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // A librdkafka call still blocking a thread (a transaction's commit or
+    // takeover while the broker is away) must not keep the process from
+    // exiting: what it left open is fenced by the next holder.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(code) => code,
         Err(err) => {
             if let Some(usage) = err.downcast_ref::<UsageError>() {

@@ -22,7 +22,6 @@ use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::util::Timeout;
 use tokio::sync::mpsc;
 
 use super::config::SinkSettings;
@@ -199,6 +198,10 @@ fn make_producer(
     Ok(Arc::new(producer))
 }
 
+/// How long a transactional call (takeover, commit, abort) may block
+/// before it returns a retriable error; the publisher calls it again.
+const TRANSACTION_CALL: Duration = Duration::from_secs(30);
+
 /// Runs a blocking librdkafka call off the async threads.
 fn blocking(
     producer: &Arc<KafkaProducer>,
@@ -282,7 +285,7 @@ impl Sink for KafkaSink {
         if let Err(error) = self.renew(Some(transactional_id)) {
             return Box::pin(async move { Err(error) });
         }
-        blocking(&self.producer, |p| p.init_transactions(Timeout::Never))
+        blocking(&self.producer, |p| p.init_transactions(TRANSACTION_CALL))
     }
 
     fn begin(&mut self) -> Result<(), BrokerError> {
@@ -290,11 +293,11 @@ impl Sink for KafkaSink {
     }
 
     fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
-        blocking(&self.producer, |p| p.commit_transaction(Timeout::Never))
+        blocking(&self.producer, |p| p.commit_transaction(TRANSACTION_CALL))
     }
 
     fn abort(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
-        blocking(&self.producer, |p| p.abort_transaction(Timeout::Never))
+        blocking(&self.producer, |p| p.abort_transaction(TRANSACTION_CALL))
     }
 
     fn renew_if_failed(&mut self) {

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!   Disconnected ─connect─> Connecting ─> Idle ─claim─> Claiming ─rows─> (Marking) ─> Publishing ─all settled─> Settling ─commit─> Idle
-//!                                          ^                                │ broker stalled
-//!                                          └──────── Draining <─rollback────┘
+//!                                          ^                                │ a lost connection
+//!                                          └──────── Draining <─────────────┘
 //! ```
 //!
 //! Lanes never reorder an aggregate: a claim stops each aggregate at an
@@ -38,15 +38,17 @@ pub enum Phase {
     Publishing {
         batch: Batch,
         last_progress: Instant,
+        /// The broker acknowledged nothing for the stall timeout.
+        stalled: bool,
     },
     Settling {
         batch: Batch,
     },
-    /// Rolled back (or being rolled back): waiting for the records the
-    /// producer already has, so a later batch does not overtake them.
+    /// Its connection was lost (the server rolled the claim back): waiting
+    /// for the records the producer already has, so a later batch does not
+    /// overtake them.
     Draining {
         batch: Batch,
-        rolled_back: bool,
     },
 }
 
@@ -77,7 +79,7 @@ impl Lane {
             Phase::Marking { batch }
             | Phase::Publishing { batch, .. }
             | Phase::Settling { batch }
-            | Phase::Draining { batch, .. } => Some(batch),
+            | Phase::Draining { batch } => Some(batch),
             _ => None,
         }
     }

@@ -56,7 +56,6 @@ enum Done {
     Claimed(Claim),
     Marked,
     Settled,
-    RolledBack,
 }
 
 pub struct PollRelay<S: Sink> {
@@ -189,9 +188,11 @@ impl<S: Sink> PollRelay<S> {
     fn next_deadline(&self, stop: Option<Instant>) -> Option<Instant> {
         let lanes = self.lanes.iter().filter_map(|lane| match &lane.phase {
             Phase::Disconnected { retry_at } => Some(*retry_at),
-            Phase::Publishing { last_progress, .. } => {
-                Some(*last_progress + self.config.broker_stall_timeout)
-            }
+            Phase::Publishing {
+                last_progress,
+                stalled: false,
+                ..
+            } => Some(*last_progress + self.config.broker_stall_timeout),
             _ => None,
         });
         let claim = self
@@ -226,20 +227,26 @@ impl<S: Sink> PollRelay<S> {
     fn on_timer(&mut self, stop: Option<Instant>) {
         let now = Instant::now();
         for index in 0..self.lanes.len() {
-            let stalled = matches!(
-                &self.lanes[index].phase,
-                Phase::Publishing { last_progress, .. }
-                    if *last_progress + self.config.broker_stall_timeout <= now
-            );
-            if stalled {
-                if stop.is_none() {
-                    tracing::warn!(
-                        timeout = ?self.config.broker_stall_timeout,
-                        "the broker acknowledged nothing: the claim is rolled back; waiting for the broker"
-                    );
-                    self.set_waiting_for_broker(true);
+            if let Phase::Publishing {
+                last_progress,
+                stalled,
+                ..
+            } = &mut self.lanes[index].phase
+            {
+                if !*stalled && *last_progress + self.config.broker_stall_timeout <= now {
+                    // The batch stays claimed until the broker takes it:
+                    // rolled back, its rows could be sent again by another
+                    // relay while its records still wait in the producer,
+                    // and land twice or out of order.
+                    *stalled = true;
+                    if stop.is_none() {
+                        tracing::warn!(
+                            timeout = ?self.config.broker_stall_timeout,
+                            "the broker acknowledged nothing: waiting for the broker, the batch still claimed"
+                        );
+                        self.set_waiting_for_broker(true);
+                    }
                 }
-                self.rollback(index);
             }
         }
         if self.claim_at.is_some_and(|at| at <= now) && !self.claiming() {
@@ -318,29 +325,6 @@ impl<S: Sink> PollRelay<S> {
             }
             Ok(Done::Claimed(claim))
         });
-    }
-
-    /// Rolls lane `index`'s claim back; its batch drains.
-    fn rollback(&mut self, index: usize) {
-        let lane = &mut self.lanes[index];
-        if let Phase::Publishing { .. } = lane.phase {
-            let Phase::Publishing { batch, .. } = std::mem::replace(&mut lane.phase, Phase::Idle)
-            else {
-                unreachable!("matched above");
-            };
-            lane.phase = Phase::Draining {
-                batch,
-                rolled_back: false,
-            };
-        }
-        if let Some(client) = lane.client.clone() {
-            self.spawn(index, async move {
-                if let Err(error) = client.batch_execute("ROLLBACK").await {
-                    tracing::debug!(%error, "rollback of the claim failed; the server rolls it back");
-                }
-                Ok(Done::RolledBack)
-            });
-        }
     }
 
     fn on_done(&mut self, index: usize, done: Done) {
@@ -427,7 +411,6 @@ impl<S: Sink> PollRelay<S> {
                 self.failures = 0;
                 Phase::Idle
             }
-            (Done::RolledBack, Phase::Draining { batch, .. }) => self.draining(batch, true),
             (_, phase) => phase,
         };
     }
@@ -523,21 +506,26 @@ impl<S: Sink> PollRelay<S> {
                 Phase::Publishing {
                     mut batch,
                     last_progress,
+                    stalled,
                 } => {
                     let progressed = self.apply(&mut batch, outcomes);
+                    if progressed && stalled {
+                        self.set_waiting_for_broker(false);
+                    }
                     let last_progress = if progressed {
                         Instant::now()
                     } else {
                         last_progress
                     };
-                    self.publishing(index, batch, last_progress)
+                    let mut next = self.publishing(index, batch, last_progress);
+                    if let Phase::Publishing { stalled: still, .. } = &mut next {
+                        *still = stalled && !progressed;
+                    }
+                    next
                 }
-                Phase::Draining {
-                    mut batch,
-                    rolled_back,
-                } => {
+                Phase::Draining { mut batch } => {
                     self.apply(&mut batch, outcomes);
-                    self.draining(batch, rolled_back)
+                    self.draining(batch)
                 }
                 other => other,
             };
@@ -587,6 +575,7 @@ impl<S: Sink> PollRelay<S> {
             return Phase::Publishing {
                 batch,
                 last_progress,
+                stalled: false,
             };
         }
         let last_tries = batch.last_tries(
@@ -601,10 +590,7 @@ impl<S: Sink> PollRelay<S> {
             return self.publishing(index, batch, last_progress);
         }
         let Some(client) = self.lanes[index].client.clone() else {
-            return Phase::Draining {
-                batch,
-                rolled_back: true,
-            };
+            return Phase::Draining { batch };
         };
         let settlement = batch.settlement(self.config.max_backoff);
         let table = batch.table.clone();
@@ -633,11 +619,11 @@ impl<S: Sink> PollRelay<S> {
         Phase::Settling { batch }
     }
 
-    /// Once the claim is rolled back and nothing of the batch is with the
-    /// producer, the lane may claim again.
-    fn draining(&mut self, batch: Batch, rolled_back: bool) -> Phase {
-        if !rolled_back || batch.sending() > 0 {
-            return Phase::Draining { batch, rolled_back };
+    /// Once nothing of the batch (rolled back by the server when its
+    /// connection went) is with the producer, the lane may claim again.
+    fn draining(&mut self, batch: Batch) -> Phase {
+        if batch.sending() > 0 {
+            return Phase::Draining { batch };
         }
         if !self
             .lanes
@@ -688,10 +674,7 @@ impl<S: Sink> PollRelay<S> {
             | Phase::Draining { batch, .. }
                 if batch.sending() > 0 =>
             {
-                Phase::Draining {
-                    batch,
-                    rolled_back: true,
-                }
+                Phase::Draining { batch }
             }
             _ => Phase::Disconnected { retry_at },
         };

@@ -92,6 +92,9 @@ pub(super) struct EventTag {
     /// The record's size, released from the window when it is settled.
     bytes: usize,
     position: Position,
+    /// Kept whole in the dead-letter table already: a refusal of its
+    /// record now only loses a notice.
+    stored: bool,
 }
 
 /// The transaction being applied.
@@ -259,9 +262,10 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Ok(outcomes) => self.settle(outcomes),
                     Err(error) => Err(error.into()),
                 },
-                (tag, notice) = self.refused.next() => {
+                (mut tag, notice) = self.refused.next() => {
                     // Kept whole in the table: its notice goes to the
                     // dead-letter topic, and settles the event.
+                    tag.stored = true;
                     let position = self.origin_header.is_some().then_some(tag.position);
                     let outcomes = self.publisher.publish(Outgoing {
                         record: notice,
@@ -465,6 +469,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             commit_time,
             bytes: record.size(),
             position,
+            stored: false,
         };
         self.window.admit(tag.bytes);
         let outcomes = self.publisher.publish(Outgoing {
@@ -506,6 +511,20 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     // The broker will never take it: it is kept whole in
                     // the dead-letter table first, then its notice goes to
                     // the dead-letter topic; only then is it settled.
+                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
+                        .increment(1);
+                    self.store_dead_letter(tag, record, kind, error.message);
+                    continue;
+                }
+                Outcome::Refused {
+                    tag,
+                    record,
+                    error,
+                    kind,
+                    dead_letter: true,
+                } if !tag.stored => {
+                    // An unroutable change's dead letter (every column, so
+                    // it can be large), refused: kept whole in the table.
                     metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
                         .increment(1);
                     self.store_dead_letter(tag, record, kind, error.message);

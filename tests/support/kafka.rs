@@ -102,7 +102,14 @@ impl Broker {
             .tempdir()
             .unwrap();
         let dir = owned.path().to_owned();
-        Self::launch(Kind::Private, dir, Some(owned), nodes, advertised_port, secure)
+        Self::launch(
+            Kind::Private,
+            dir,
+            Some(owned),
+            nodes,
+            advertised_port,
+            secure,
+        )
     }
 
     /// librdkafka options (`-X` for walrelay) for `user`'s credentials

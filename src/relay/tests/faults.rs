@@ -220,3 +220,31 @@ async fn a_producer_that_fails_for_good_is_made_anew_and_the_events_in_flight_ar
         })
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unroutable_change_whose_dead_letter_is_refused_is_kept_before_it_is_confirmed() {
+    LocalSet::new()
+        .run_until(async {
+            let server = ScriptedServer::default();
+            let broker = MemoryBroker::default();
+            broker.refuse_records_over(2_000);
+            let wal = server.session();
+            let h = start(config(), &server, &broker);
+            // A NULL key: a dead letter of every column, too large to go.
+            let big = wire::payload(5_000);
+            push(
+                &wal,
+                wire::transaction(1000, &[("nokey-big", "NULL", &big)]),
+            );
+            push(&wal, wire::transaction(2000, &[("after", "k", "{}")]));
+            run_for(Duration::from_secs(2)).await;
+            let kept = h.dead_letters.0.lock().unwrap().clone();
+            assert_eq!(kept.len(), 1, "kept whole in the dead-letter table");
+            assert!(kept[0].record.value.as_ref().unwrap().len() > 5_000);
+            assert_eq!(ids(&broker.log("outbox.event.order")), ["after"]);
+            assert_eq!(h.server.confirmed(), Lsn(2000));
+            h.stop.trigger();
+            h.relay.await.unwrap().unwrap();
+        })
+        .await;
+}
