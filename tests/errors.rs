@@ -140,7 +140,7 @@ async fn with_the_broker_paused_a_fast_shutdown_completes_and_nothing_is_lost() 
     let stack = Stack::start_with(
         "paused",
         StackOptions {
-            broker: BrokerChoice::Private,
+            broker: BrokerChoice::Pausable,
             twin: true,
             ..Default::default()
         },

@@ -399,3 +399,69 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
     );
     drop(relay);
 }
+
+/// Eight broker crashes (`kill -9`, then a restart) under load. Each
+/// outage outlasts `--broker-stall-timeout`, so the relay lets go of the
+/// slot and streams again from the confirmed LSN; what it replays must be
+/// found in the partitions' tails and skipped.
+///
+/// Ignored: it fails about one run in three. When a tail cannot be read
+/// because the broker is down again (or still starting), the relay gives
+/// the partition up to at least once and publishes the replayed events a
+/// second time (`src/relay/partitions.rs`: every scan error, transient or
+/// not, becomes an empty ledger, counted in
+/// `walrelay_partitions_at_least_once_total{reason="unreadable"}`). A
+/// transient error should be waited out and the scan tried again.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "walrelay publishes replayed events again when a partition's tail is unreadable during a broker outage (see the comment)"]
+async fn repeated_broker_crashes_under_load_publish_no_event_twice() {
+    let stack = Stack::start_with(
+        "eobrokerkills",
+        StackOptions {
+            broker: BrokerChoice::Private,
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let relay = stack.relay(&["--max-backoff", "1s", "--topic-partitions", "3"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(stack.url(), "crashes", Arc::clone(&stop));
+    let mut rng = seeded_rng("repeated_broker_crashes");
+    let mut in_flight_at_kills = Vec::new();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        in_flight_at_kills.push(relay.metric("walrelay_events_in_flight").await);
+        stack.broker.kill9();
+        stack.broker.start_again();
+    }
+    assert!(
+        in_flight_at_kills
+            .iter()
+            .any(|n| n.is_some_and(|n| n > 0.0)),
+        "no crash found events in flight: {in_flight_at_kills:?}"
+    );
+    let published = relay
+        .metric("walrelay_events_published_total")
+        .await
+        .unwrap();
+    wait_for(
+        "the relay to publish again",
+        Duration::from_secs(60),
+        async || (relay.metric("walrelay_events_published_total").await? > published).then_some(()),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let truth = commit_order(&stack.pg, &stack.db, "twin", written).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(120))
+        .await;
+    let given_up = relay
+        .metric("walrelay_partitions_at_least_once_total")
+        .await;
+    eprintln!(
+        "{written} events; in flight at the crashes: {in_flight_at_kills:?}; partitions given up to at least once: {given_up:?}"
+    );
+    assert_exactly_once_in_order(&truth, &stack.broker.consume_all(&stack.topic("crashes")));
+}

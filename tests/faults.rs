@@ -187,7 +187,7 @@ async fn a_broker_paused_past_wal_sender_timeout_does_not_drop_the_replication_c
                 wal_sender_timeout: "3s",
                 ..Default::default()
             },
-            broker: BrokerChoice::Private,
+            broker: BrokerChoice::Pausable,
             ..Default::default()
         },
     )
@@ -461,11 +461,23 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
     );
 }
 
+/// A relay log's warnings and errors.
+fn warnings(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Chaos: a steady writer while the relay is SIGKILLed at random moments,
 /// the broker is SIGKILLed and started again three times, and PostgreSQL
 /// restarts once: every event arrives exactly once, in per-key order. CI
 /// runs a short variant; `just chaos` sets WALRELAY_CHAOS_EVENTS=100000
-/// and WALRELAY_CHAOS_KILLS=20.
+/// and WALRELAY_CHAOS_KILLS=20. It can fail with duplicates, rarely, for
+/// the reason `tests/exactly_once.rs`'s ignored
+/// `repeated_broker_crashes_under_load_publish_no_event_twice` names: a
+/// partition tail unreadable during a broker outage is given up to at
+/// least once.
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_kills_and_restarts_deliver_every_event_exactly_once_in_per_key_order() {
     let events: i32 = std::env::var("WALRELAY_CHAOS_EVENTS")
@@ -531,20 +543,36 @@ async fn chaos_kills_and_restarts_deliver_every_event_exactly_once_in_per_key_or
     });
 
     let mut confirmed_at_kill: Vec<Lsn> = Vec::new();
+    // What happened when, and what each killed relay warned about, for the
+    // message of a failure.
+    let began = Instant::now();
+    let mut history: Vec<String> = Vec::new();
     let faults = kills + broker_restarts + 1;
     for step in 0..faults {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
+        let at = began.elapsed().as_secs_f64();
         if step == faults / 2 {
             pg.restart();
+            history.push(format!("{at:.1} s: PostgreSQL restarted"));
         } else if step % 3 == 1 && step / 3 < broker_restarts {
             // A crash under load: Kafka had written every record it
             // acknowledged, so the restarted broker has them all.
+            let in_flight = relay.metric("walrelay_events_in_flight").await;
             broker.kill9();
             broker.start_again();
+            history.push(format!(
+                "{at:.1} s: broker killed with {in_flight:?} events in flight, back after {:.1} s",
+                began.elapsed().as_secs_f64() - at
+            ));
         } else {
             relay.kill9().await;
             let client = pg.client(db).await;
-            confirmed_at_kill.push(support::workload::confirmed(&client, "walrelay").await);
+            let confirmed = support::workload::confirmed(&client, "walrelay").await;
+            confirmed_at_kill.push(confirmed);
+            history.push(format!(
+                "{at:.1} s: relay killed at confirmed {confirmed}; its warnings:\n{}",
+                warnings(&relay.log())
+            ));
             relay = start();
         }
     }
@@ -623,9 +651,20 @@ async fn chaos_kills_and_restarts_deliver_every_event_exactly_once_in_per_key_or
         .iter()
         .filter(|(id, _, _)| seen[id] > 1)
         .take(5)
+        .map(|(id, key, end)| {
+            let copies: Vec<(i32, i64)> = records
+                .iter()
+                .filter(|r| r.header("id") == Some(id.as_str()))
+                .map(|r| (r.partition, r.offset))
+                .collect();
+            format!("{id} of {key} (commit {end}) at (partition, offset) {copies:?}")
+        })
         .collect();
     assert_eq!(
-        duplicates, 0,
-        "duplicates, first {twice:?}; kills confirmed at {confirmed_at_kill:?}"
+        duplicates,
+        0,
+        "duplicates, first {twice:#?}; what happened:\n{}\nthe last relay's warnings:\n{}",
+        history.join("\n"),
+        warnings(&relay.log())
     );
 }

@@ -527,8 +527,11 @@ pub enum BrokerChoice {
     /// The test process's shared broker: nothing may stop, pause or kill it.
     #[default]
     Shared,
-    /// A single-node broker of the test's own, to hurt as it likes.
+    /// A single-node broker of the test's own, to stop or crash.
     Private,
+    /// A single-node broker of the test's own, to pause (see
+    /// `kafka::Broker::start_pausable`).
+    Pausable,
     /// A private broker that advertises this port (a proxy's) instead of
     /// its own.
     Behind(u16),
@@ -561,6 +564,7 @@ impl BrokerRef {
         match choice {
             BrokerChoice::Shared => BrokerRef::Shared(kafka::Broker::shared()),
             BrokerChoice::Private => BrokerRef::Private(kafka::Broker::start()),
+            BrokerChoice::Pausable => BrokerRef::Private(kafka::Broker::start_pausable()),
             BrokerChoice::Behind(port) => BrokerRef::Private(kafka::Broker::start_behind(port)),
             BrokerChoice::Cluster => BrokerRef::Private(kafka::Broker::cluster()),
             BrokerChoice::Secure => BrokerRef::Private(kafka::Broker::secure()),

@@ -110,6 +110,22 @@ impl RelayProcess {
     }
 }
 
+impl Drop for RelayProcess {
+    /// A failing test shows the end of the log of every relay still running.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- the last lines of the log of the relay on http port {}:\n{}",
+                self.http_port,
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 /// `name` in Prometheus text, summed over its label sets (or one label
 /// set's value, when `name` spells it out: `name{label="value"}`).
 pub fn metric_in(text: &str, name: &str) -> Option<f64> {

@@ -175,9 +175,21 @@ pub fn assert_exactly_once_in_order(
         order.entry(key).or_default().push(id);
     }
     let mut expected: HashMap<&str, Vec<&str>> = HashMap::new();
+    let at = |id: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r.header("id") == Some(id))
+            .map(|r| format!("{}/{}", r.partition, r.offset))
+            .collect()
+    };
     for (id, key, end) in truth {
         let n = copies.get(id.as_str()).copied().unwrap_or(0);
-        assert_eq!(n, 1, "event {id} (commit {end}) arrived {n} times");
+        assert_eq!(
+            n,
+            1,
+            "event {id} of {key} (commit {end}) arrived {n} times, at (partition/offset) {:?}",
+            at(id)
+        );
         expected.entry(key.as_str()).or_default().push(id.as_str());
     }
     assert_eq!(
@@ -186,7 +198,25 @@ pub fn assert_exactly_once_in_order(
         "no record that was not committed"
     );
     for (key, ids) in expected {
-        assert_eq!(order[key], ids, "per-key order of {key}");
+        if order[key] != ids {
+            let arrived: Vec<String> = records
+                .iter()
+                .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
+                .map(|r| {
+                    format!(
+                        "{} at {}/{} position {:?}",
+                        r.header("id").unwrap(),
+                        r.partition,
+                        r.offset,
+                        r.header("walrelay_position")
+                    )
+                })
+                .collect();
+            panic!(
+                "per-key order of {key}: committed {ids:#?}\narrived (id at partition/offset):\n{}",
+                arrived.join("\n")
+            );
+        }
     }
 }
 
