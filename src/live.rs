@@ -423,7 +423,7 @@ impl LiveState {
         match (was, waiting) {
             (false, true) => self.errors.report(
                 match self.source {
-                    Source::Poll => "the broker acknowledged nothing for --broker-stall-timeout: the claim is rolled back (the rows stay in the table) until it answers",
+                    Source::Poll => "the broker acknowledged nothing for --broker-stall-timeout: the batch stays claimed and nothing new is claimed until it answers",
                     Source::Wal => "the broker acknowledged nothing for --broker-stall-timeout: the slot is let go (PostgreSQL is not held) until it answers",
                     Source::Inbox => "the broker does not answer: nothing is consumed until it does (the stored offsets stay where they are)",
                 },
@@ -441,20 +441,21 @@ impl LiveState {
 
     /// Why the relay is not streaming, for people: `None` while it streams.
     pub fn reason(&self) -> Option<String> {
-        if self.source == Source::Poll && self.waiting_for_broker() {
-            return Some("waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay rolled its claim back (the rows stay in the table); it polls again once the broker answers".to_owned());
-        }
-        if self.source == Source::Inbox && self.waiting_for_broker() {
-            return Some("waiting for the broker: it does not answer, so nothing is consumed; the inbox goes on from its stored offsets once it does".to_owned());
+        if self.waiting_for_broker() {
+            // Checked before `connected`: the WAL relay says it waits as it
+            // starts letting go of the slot, before the session has ended.
+            return Some(match self.source {
+                Source::Poll => "waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay holds the batch it claimed and claims nothing new; it polls again once the broker answers",
+                Source::Inbox => "waiting for the broker: it does not answer, so nothing is consumed; the inbox goes on from its stored offsets once it does",
+                Source::Wal => "waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay let go of the slot (PostgreSQL is not held); it streams again once the broker answers",
+            }
+            .to_owned());
         }
         if self.connected() {
             return None;
         }
         Some(match self.role() {
             Role::Standby => "standing by: another relay holds the slot".to_owned(),
-            _ if self.waiting_for_broker() => {
-                "waiting for the broker: nothing was acknowledged for --broker-stall-timeout, so walrelay let go of the slot (PostgreSQL is not held); it streams again once the broker answers".to_owned()
-            }
             _ => match self.last_error() {
                 Some(error) => format!("reconnecting after: {error}"),
                 None => "starting".to_owned(),

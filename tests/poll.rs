@@ -46,7 +46,15 @@ async fn setup_for_polling_is_idempotent_numbers_existing_rows_and_check_sees_ev
         )
         .await
         .unwrap();
-    let first = setup(&url, POLL);
+    let mut first = setup(&url, POLL);
+    // A random source id names these rows' records apart from any other
+    // database's: the origin header of every record.
+    let source_line = first.remove(first.len() - 2);
+    let source_id = source_line
+        .strip_prefix("public.outbox's records carry source id ")
+        .unwrap_or_else(|| panic!("{source_line}"))
+        .to_owned();
+    assert_eq!(source_id.len(), 36, "a UUID: {source_id}");
     assert_eq!(
         first,
         [
@@ -78,6 +86,15 @@ async fn setup_for_polling_is_idempotent_numbers_existing_rows_and_check_sees_ev
             "dead-letter table public.walrelay_dead_letters exists",
         ]
     );
+    let comment: String = client
+        .query_one(
+            "SELECT obj_description('outbox_walrelay_in_flight'::regclass, 'pg_class')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(comment, format!("walrelay source {source_id}"), "kept");
     // New rows are numbered after the old ones.
     client
         .batch_execute(
@@ -184,8 +201,14 @@ async fn expected_records(client: &tokio_postgres::Client) -> HashMap<String, Ex
 }
 
 /// `record` is the contract's record for its row: key, value and headers
-/// byte for byte, then the exactly-once headers (position and origin).
-fn assert_contract(record: &Record, expected: &HashMap<String, Expected>, source: &str) {
+/// byte for byte, then the exactly-once headers (position and origin,
+/// which begins with `origin_id`).
+fn assert_contract(
+    record: &Record,
+    expected: &HashMap<String, Expected>,
+    source: &str,
+    origin_id: &str,
+) {
     let id = record.header("id").unwrap();
     let want = &expected[id];
     assert_eq!(record.key, want.key, "{source}: key of {id}");
@@ -210,6 +233,11 @@ fn assert_contract(record: &Record, expected: &HashMap<String, Expected>, source
             .is_ok(),
         "{source}: a position that parses"
     );
+    let origin = record.header("walrelay_origin").unwrap();
+    assert!(
+        origin.starts_with(&format!("{origin_id}/")),
+        "{source}: origin {origin} names {origin_id}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -230,6 +258,23 @@ async fn polled_records_and_the_wal_sources_are_both_the_contracts_record_byte_f
         .await
         .unwrap();
     let expected = expected_records(&stack.client).await;
+    // The WAL source's records name the cluster; the polling source's the
+    // id setup gave the table.
+    let system_id: i64 = stack
+        .client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let source_id: String = stack
+        .client
+        .query_one(
+            "SELECT substr(obj_description('outbox_walrelay_in_flight'::regclass, 'pg_class'), 17)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let mut wal = stack.relay(&["--topic-template", "wal.{aggregate_type}"]);
     let mut poll = stack.relay(&[
         "--source",
@@ -240,7 +285,11 @@ async fn polled_records_and_the_wal_sources_are_both_the_contracts_record_byte_f
         "mark",
     ]);
     for (kind, n) in [("order", 3), ("bulk", 200)] {
-        for (source, relay) in [("wal", &wal), ("poll", &poll)] {
+        let system_id = system_id.to_string();
+        for (source, relay, origin_id) in [
+            ("wal", &wal, system_id.as_str()),
+            ("poll", &poll, source_id.as_str()),
+        ] {
             let records = stack.broker.consume(
                 &stack.topics.named(&format!("{source}.{kind}")),
                 n,
@@ -248,7 +297,7 @@ async fn polled_records_and_the_wal_sources_are_both_the_contracts_record_byte_f
             );
             assert_eq!(records.len(), n, "{}", relay.log());
             for record in &records {
-                assert_contract(record, &expected, source);
+                assert_contract(record, &expected, source, origin_id);
             }
         }
     }

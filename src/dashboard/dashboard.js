@@ -474,7 +474,7 @@
       text = "● standby: another relay holds the slot" + since; cls = "muted-badge";
     } else if (state === "waiting_for_broker") {
       text = "● waiting for the broker: " + ({
-        poll: "the claim is rolled back, the rows stay in the table",
+        poll: "the batch stays claimed, nothing new is claimed",
         inbox: "nothing is consumed until it answers",
       }[model.source] || "the slot is released, PostgreSQL is not held") + since;
       cls = "warn";

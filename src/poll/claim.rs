@@ -46,6 +46,9 @@ pub struct OutboxTable {
     pub relation: RelationInfo,
     columns: OutboxColumns,
     has_created_at: bool,
+    /// The id setup gave its rows (see `schema::source_id`): the system
+    /// id of their records' origin.
+    pub source_id: String,
 }
 
 /// One claimed row.
@@ -83,6 +86,9 @@ impl OutboxTable {
         columns: &OutboxColumns,
     ) -> Result<Self, SqlError> {
         let shape = catalog::table_column_oids(client, schema, table).await?;
+        let source_id = super::schema::source_id(client, schema, table)
+            .await?
+            .unwrap_or_default();
         let relation = RelationInfo::from_message(&Relation {
             xid: None,
             id: 0,
@@ -105,6 +111,7 @@ impl OutboxTable {
             has_created_at: relation.column_index(&columns.created_at).is_some(),
             relation,
             columns: columns.clone(),
+            source_id,
         })
     }
 

@@ -49,7 +49,6 @@ enum Done {
     Connected {
         client: Arc<SqlClient>,
         marks: Option<Arc<SqlClient>>,
-        database: String,
         tables: Vec<OutboxTable>,
         wakeups: Option<Box<Wakeups>>,
     },
@@ -64,8 +63,6 @@ pub struct PollRelay<S: Sink> {
     publisher: Publisher<S, RowTag>,
     live: Arc<LiveState>,
     tables: Vec<OutboxTable>,
-    /// The database, for the records' origin (exactly once).
-    database: String,
     /// Exactly once: the lowest `seq` in doubt of the batches in flight,
     /// which the publisher's partition scans look back to.
     doubt_start: Option<i64>,
@@ -109,7 +106,6 @@ impl<S: Sink> PollRelay<S> {
             publisher,
             live,
             tables: Vec::new(),
-            database: String::new(),
             doubt_start: None,
             lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
             work: FuturesUnordered::new(),
@@ -275,10 +271,6 @@ impl<S: Sink> PollRelay<S> {
             // half of each claim's time, measured.
             client.batch_execute("SET jit = off").await?;
             let tables = load_tables(&client, &config.router).await?;
-            let database: String = client
-                .query_one("SELECT current_database()", &[])
-                .await?
-                .get(0);
             let marks = if config.exactly_once {
                 Some(Arc::new(sql::connect(&config.pg).await?))
             } else {
@@ -292,7 +284,6 @@ impl<S: Sink> PollRelay<S> {
             Ok(Done::Connected {
                 client: Arc::new(client),
                 marks,
-                database,
                 tables,
                 wakeups,
             })
@@ -334,14 +325,12 @@ impl<S: Sink> PollRelay<S> {
                 Done::Connected {
                     client,
                     marks,
-                    database,
                     tables,
                     wakeups,
                 },
                 _,
             ) => {
                 self.tables = tables;
-                self.database = database;
                 self.lanes[index].marks = marks;
                 if let Some(wakeups) = wakeups {
                     self.wakeups = Some(*wakeups);
@@ -418,7 +407,7 @@ impl<S: Sink> PollRelay<S> {
     /// Exactly once: the records' origin for rows of `table`.
     fn origin(&self, table: usize) -> Option<Origin> {
         self.config.exactly_once.then(|| Origin {
-            system_id: self.database.clone(),
+            system_id: self.tables[table].source_id.clone(),
             slot: format!("poll:{}", self.tables[table].name()),
             timeline: 0,
         })

@@ -262,6 +262,32 @@ pub async fn setup(
             objects.in_flight
         ));
     }
+    // The records' origin names this table's rows apart from any other
+    // source's (another database of the same name, a table made again):
+    // a random id, kept in the in-flight table's comment.
+    let in_flight = qualified(schema, &objects.in_flight);
+    let comment: Option<String> = tx
+        .query_one(
+            "SELECT obj_description($1::regclass, 'pg_class')",
+            &[&in_flight],
+        )
+        .await
+        .map_err(at)?
+        .get(0);
+    if comment.as_deref().and_then(source_id_of).is_none() {
+        let id: String = tx
+            .query_one("SELECT gen_random_uuid()::text", &[])
+            .await
+            .map_err(at)?
+            .get(0);
+        tx.batch_execute(&format!(
+            "COMMENT ON TABLE {in_flight} IS {}",
+            quote_literal(&format!("{SOURCE_ID_PREFIX}{id}"))
+        ))
+        .await
+        .map_err(at)?;
+        report.push(format!("{name}'s records carry source id {id}"));
+    }
     tx.commit().await.map_err(at)?;
     Ok(report)
 }
@@ -292,8 +318,36 @@ pub async fn missing_pieces(
     }
     if !catalog::table_exists(client, schema, &objects.in_flight).await? {
         missing.push(format!("table {}", objects.in_flight));
+    } else if source_id(client, schema, table).await?.is_none() {
+        missing.push(format!("source id (the comment on {})", objects.in_flight));
     }
     Ok(missing)
+}
+
+/// How the in-flight table's comment starts, before the source id.
+const SOURCE_ID_PREFIX: &str = "walrelay source ";
+
+fn source_id_of(comment: &str) -> Option<String> {
+    let id = comment.strip_prefix(SOURCE_ID_PREFIX)?.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// The id setup gave `schema.table`'s rows, the system id of their
+/// records' origin; `None` before setup.
+pub async fn source_id(
+    client: &SqlClient,
+    schema: &str,
+    table: &str,
+) -> Result<Option<String>, SqlError> {
+    let in_flight = qualified(schema, &PollObjects::of(table).in_flight);
+    let comment: Option<String> = client
+        .query_one(
+            "SELECT obj_description(to_regclass($1), 'pg_class')",
+            &[&in_flight],
+        )
+        .await?
+        .get(0);
+    Ok(comment.as_deref().and_then(source_id_of))
 }
 
 #[cfg(test)]
