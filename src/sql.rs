@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Row;
@@ -124,12 +125,16 @@ pub async fn connect(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
     let found = first_suitable(config, |host| async move {
         let client = connect_one(&host).await?;
         let (in_recovery, read_only) = if check {
-            let row = client
-                .query_one(
+            let timeout = host.connect_timeout.unwrap_or(Duration::from_secs(30));
+            let row = tokio::time::timeout(
+                timeout,
+                client.query_one(
                     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
                     &[],
-                )
-                .await?;
+                ),
+            )
+            .await
+            .map_err(|_| timed_out(&host.address(), timeout, "to the query for its state"))??;
             (row.get(0), row.get(1))
         } else {
             (false, false)
@@ -166,7 +171,31 @@ async fn connect_one(config: &ConnectionConfig) -> Result<SqlClient, SqlError> {
     connect_one_with(config, None).await
 }
 
+/// `connect_timeout` (30 s when unset) bounds the whole connect, TLS and
+/// authentication too, as in libpq: tokio-postgres bounds only the TCP
+/// connect, and a host that accepts and then freezes must be given up on.
 async fn connect_one_with(
+    config: &ConnectionConfig,
+    notifications: Option<mpsc::UnboundedSender<String>>,
+) -> Result<SqlClient, SqlError> {
+    let timeout = config.connect_timeout.unwrap_or(Duration::from_secs(30));
+    tokio::time::timeout(timeout, open(config, notifications))
+        .await
+        .map_err(|_| timed_out(&config.address(), timeout, "(connect_timeout)"))?
+}
+
+/// An error for a server that did not answer in time.
+fn timed_out(address: &str, timeout: Duration, what: &str) -> SqlError {
+    SqlError::new(
+        address,
+        SqlCause::Os(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?} {what}"),
+        )),
+    )
+}
+
+async fn open(
     config: &ConnectionConfig,
     notifications: Option<mpsc::UnboundedSender<String>>,
 ) -> Result<SqlClient, SqlError> {

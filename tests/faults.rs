@@ -461,6 +461,101 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
     );
 }
 
+/// A host that accepts connections and then answers nothing (a frozen
+/// machine, a route that black-holes) holds the relay only for
+/// `connect_timeout` at connect and `--replication-timeout` while streaming:
+/// it then streams from the next host of `--pg-url`, and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_that_freezes_is_passed_over_for_the_next_host_within_seconds() {
+    let stack = Stack::start("frozen").await;
+    // The server ends a walsender whose client went silent after 5 s
+    // (default 60 s), so the slot the frozen route still holds comes free.
+    for sql in [
+        "ALTER SYSTEM SET wal_sender_timeout = '5s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        stack.client.batch_execute(sql).await.unwrap();
+    }
+    let frozen = Proxy::start(stack.pg.port).await;
+    let direct = format!("127.0.0.1:{}", stack.pg.port);
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?sslmode=disable&connect_timeout=2&target_session_attrs=read-write",
+        frozen.port, stack.pg.port, stack.db
+    );
+    let host_of = async |relay: &RelayProcess| -> Option<String> {
+        let (_, body) = relay.http_get("/readyz").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["host"].as_str().map(str::to_owned)
+    };
+
+    // Frozen from the start: connecting to it is given up on.
+    frozen.freeze();
+    let relay = stack.relay_via(
+        &url,
+        &["--replication-timeout", "4s", "--max-backoff", "1s"],
+    );
+    let topic = stack.topic("frozen");
+    stack.insert_events("frozen", 50).await;
+    let started = Instant::now();
+    wait_for(
+        "the relay to stream from the second host",
+        Duration::from_secs(30),
+        async || (host_of(&relay).await? == direct).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        stack
+            .broker
+            .consume(&topic, 50, Duration::from_secs(30))
+            .len(),
+        50,
+        "{}",
+        relay.log()
+    );
+    let first_wait = started.elapsed();
+    assert!(
+        relay.log().contains("no answer within 2s"),
+        "the log names the host that did not answer: {}",
+        relay.log()
+    );
+    drop(relay);
+
+    // Frozen while streaming: the silence is noticed and the other host
+    // takes over once the server lets go of the slot.
+    frozen.thaw();
+    let relay = stack.relay_via(
+        &format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?sslmode=disable&connect_timeout=2&target_session_attrs=read-write",
+            frozen.port, stack.pg.port, stack.db
+        ),
+        &["--replication-timeout", "4s", "--max-backoff", "1s"],
+    );
+    let via_proxy = format!("127.0.0.1:{}", frozen.port);
+    wait_for(
+        "the relay to stream through the first host",
+        Duration::from_secs(30),
+        async || (host_of(&relay).await? == via_proxy).then_some(()),
+    )
+    .await;
+    frozen.freeze();
+    let froze = Instant::now();
+    stack.insert_events("frozen", 50).await;
+    wait_for(
+        "the relay to stream from the second host again",
+        Duration::from_secs(60),
+        async || (host_of(&relay).await? == direct).then_some(()),
+    )
+    .await;
+    let records = stack.broker.consume(&topic, 100, Duration::from_secs(30));
+    let ids: HashSet<&str> = records.iter().map(|r| r.header("id").unwrap()).collect();
+    assert_eq!(ids.len(), 100, "{}", relay.log());
+    eprintln!(
+        "streaming from the next host: {:.1} s after start with the first frozen, {:.1} s after it froze mid-stream",
+        first_wait.as_secs_f64(),
+        froze.elapsed().as_secs_f64()
+    );
+}
+
 /// A relay log's warnings and errors.
 fn warnings(log: &str) -> String {
     log.lines()

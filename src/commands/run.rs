@@ -85,6 +85,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         slot: config.slot.clone(),
         publication: config.publication.clone(),
         proto_version: config.proto_version,
+        setup_timeout: config.replication_timeout,
     };
     WalRelay::new(config, connector, sink, live, findings)
         .run(shutdown)

@@ -26,6 +26,7 @@ pub async fn first_suitable<C, E, F, Fut>(
 where
     F: FnMut(ConnectionConfig) -> Fut,
     Fut: std::future::Future<Output = Result<(C, bool, bool), E>>,
+    E: std::fmt::Display,
 {
     let attrs = config.target_session_attrs;
     let passes = match attrs {
@@ -54,7 +55,10 @@ where
                         attrs.as_str()
                     )),
                 )),
-                Err(error) => failures.push((address, Err(error))),
+                Err(error) => {
+                    tracing::warn!(host = %address, %error, "passing over a host of the connection string");
+                    failures.push((address, Err(error)))
+                }
             }
         }
     }

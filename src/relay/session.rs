@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::error::{RelayError, StreamError};
 use crate::lsn::Lsn;
@@ -284,6 +285,10 @@ pub struct PgConnector {
     pub publication: String,
     /// `None`: the highest pgoutput version the server speaks.
     pub proto_version: Option<u32>,
+    /// How long the server may take over the queries that start a session
+    /// (`--replication-timeout`): a host that accepts the connection and
+    /// then freezes must not hold the relay, so it tries the next host.
+    pub setup_timeout: Duration,
 }
 
 impl Connector for PgConnector {
@@ -299,31 +304,43 @@ impl Connector for PgConnector {
             proto_version: self.proto_version,
             messages: true,
         };
+        let setup_timeout = self.setup_timeout;
         Box::pin(async move {
-            let mut conn = ReplicationConnection::connect(&pg).await?;
-            let identity = conn.identify_system().await?;
-            let history = if identity.timeline > 1 {
-                let content = conn.timeline_history(identity.timeline).await?;
-                TimelineHistory::parse(identity.timeline, &content)
-            } else {
-                TimelineHistory::new(identity.timeline)
-            };
-            let slot_confirmed = conn.slot_confirmed_lsn(&options.slot).await?;
-            let host = conn.address().to_owned();
-            let stream = conn.start_replication(&options).await?;
-            tracing::debug!(
-                proto_version = stream.proto_version(),
-                "replication started"
-            );
-            Ok((
-                stream,
-                SessionStart {
-                    system_id: identity.system_id,
-                    history,
-                    slot_confirmed: slot_confirmed.unwrap_or(Lsn::ZERO),
-                    host,
-                },
-            ))
+            let conn = ReplicationConnection::connect(&pg).await?;
+            tokio::time::timeout(setup_timeout, start_session(conn, options))
+                .await
+                .map_err(|_| StreamError::Silent(setup_timeout))?
         })
     }
+}
+
+/// Reads what a session needs to know (the system, its timeline history,
+/// the slot's position) and starts streaming.
+async fn start_session(
+    mut conn: ReplicationConnection,
+    options: StartOptions,
+) -> Result<(ReplicationStream, SessionStart), RelayError> {
+    let identity = conn.identify_system().await?;
+    let history = if identity.timeline > 1 {
+        let content = conn.timeline_history(identity.timeline).await?;
+        TimelineHistory::parse(identity.timeline, &content)
+    } else {
+        TimelineHistory::new(identity.timeline)
+    };
+    let slot_confirmed = conn.slot_confirmed_lsn(&options.slot).await?;
+    let host = conn.address().to_owned();
+    let stream = conn.start_replication(&options).await?;
+    tracing::debug!(
+        proto_version = stream.proto_version(),
+        "replication started"
+    );
+    Ok((
+        stream,
+        SessionStart {
+            system_id: identity.system_id,
+            history,
+            slot_confirmed: slot_confirmed.unwrap_or(Lsn::ZERO),
+            host,
+        },
+    ))
 }

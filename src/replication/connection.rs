@@ -66,7 +66,16 @@ impl ReplicationConnection {
         let found = first_suitable(config, |host| async move {
             let mut conn = Self::connect_one(&host).await?;
             let (in_recovery, read_only) = if check {
-                conn.server_state().await?
+                let timeout = host.connect_timeout.unwrap_or(Duration::from_secs(30));
+                tokio::time::timeout(timeout, conn.server_state())
+                    .await
+                    .map_err(|_| ReplicationError::Connect {
+                        address: host.address(),
+                        error: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {timeout:?} to the query for its state"),
+                        ),
+                    })??
             } else {
                 (false, false)
             };
@@ -97,21 +106,26 @@ impl ReplicationConnection {
         Ok((field(0) == "t", field(1) == "on"))
     }
 
-    /// Connects to the first host of `config`.
+    /// Connects to the first host of `config`. `connect_timeout` (30 s
+    /// when unset) bounds the whole of it, TLS and authentication too, as
+    /// in libpq: a host that accepts and then freezes is given up on.
     async fn connect_one(config: &ConnectionConfig) -> Result<Self, ReplicationError> {
         let timeout = config.connect_timeout.unwrap_or(Duration::from_secs(30));
-        let socket = tokio::time::timeout(timeout, handshake::open_socket(config))
+        let connect = async {
+            let socket = handshake::open_socket(config).await?;
+            let mut wire = Wire::new(socket, config.address());
+            let parameters = handshake::startup(&mut wire, config).await?;
+            Ok(ReplicationConnection { wire, parameters })
+        };
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ReplicationError::Connect {
                 address: config.address(),
                 error: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("no answer within {timeout:?}"),
+                    format!("no answer within {timeout:?} (connect_timeout)"),
                 ),
-            })??;
-        let mut wire = Wire::new(socket, config.address());
-        let parameters = handshake::startup(&mut wire, config).await?;
-        Ok(ReplicationConnection { wire, parameters })
+            })?
     }
 
     /// The server this connection went to (`host:port`).

@@ -1,6 +1,7 @@
 //! A small TCP proxy for network-cut tests: forwards 127.0.0.1:port to a
 //! target; `cut` drops every connection and refuses new ones until
-//! `restore`.
+//! `restore`; `freeze` accepts connections and passes nothing either way
+//! (a frozen host, a route that black-holes) until `thaw`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    frozen: watch::Sender<bool>,
     /// While set, what the client sends is dropped (what the server sends
     /// still passes).
     hold_upstream: watch::Sender<bool>,
@@ -31,6 +33,7 @@ impl Proxy {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let (frozen, _) = watch::channel(false);
         let (generation, _) = watch::channel(0u64);
         let (hold_upstream, _) = watch::channel(false);
         let (delay, _) = watch::channel(std::time::Duration::ZERO);
@@ -40,6 +43,7 @@ impl Proxy {
             let generation = generation.clone();
             let hold_upstream = hold_upstream.clone();
             let delay = delay.clone();
+            let frozen = frozen.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -52,7 +56,15 @@ impl Proxy {
                     let mut cut_signal = generation.subscribe();
                     let hold = hold_upstream.subscribe();
                     let delay = delay.subscribe();
+                    let (up_frozen, mut down_frozen) = (frozen.subscribe(), frozen.subscribe());
                     tokio::spawn(async move {
+                        // A frozen host accepts and then says nothing.
+                        while *down_frozen.borrow_and_update() {
+                            tokio::select! {
+                                _ = down_frozen.changed() => {}
+                                _ = cut_signal.changed() => return,
+                            }
+                        }
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await
                         else {
                             return;
@@ -60,8 +72,8 @@ impl Proxy {
                         let (mut cr, mut cw) = client.into_split();
                         let (mut sr, mut sw) = server.into_split();
                         tokio::select! {
-                            _ = upstream(&mut cr, &mut sw, hold, delay) => {}
-                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                            _ = upstream(&mut cr, &mut sw, hold, up_frozen, delay) => {}
+                            _ = downstream(&mut sr, &mut cw, down_frozen) => {}
                             _ = cut_signal.changed() => {}
                         }
                     });
@@ -71,6 +83,7 @@ impl Proxy {
         Proxy {
             port,
             cut,
+            frozen,
             hold_upstream,
             delay,
             generation,
@@ -102,6 +115,16 @@ impl Proxy {
         self.generation.send_replace(n);
     }
 
+    /// Passes nothing either way, on open connections and new ones (which
+    /// are accepted), until `thaw`: a host that froze.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
@@ -113,12 +136,35 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies client to server; while `hold` is set, what the client sends is
-/// read and dropped, as a network losing it would.
+/// Copies server to client, dropping what comes while `frozen` is set.
+async fn downstream(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    frozen: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if *frozen.borrow() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Copies client to server; while `hold` or `frozen` is set, what the
+/// client sends is read and dropped, as a network losing it would.
 async fn upstream(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
     hold: watch::Receiver<bool>,
+    frozen: watch::Receiver<bool>,
     delay: watch::Receiver<std::time::Duration>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -128,7 +174,7 @@ async fn upstream(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if *hold.borrow() {
+        if *hold.borrow() || *frozen.borrow() {
             continue;
         }
         let wait = *delay.borrow();
