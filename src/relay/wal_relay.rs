@@ -605,6 +605,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 start.system_id.clone(),
             ));
         }
+        if let Some(router) = &mut self.router {
+            router.set_history(start.history.clone());
+        }
         // The server streams from the slot's position: the watermark starts
         // there (see "Where a session starts").
         self.confirmer.restart(start.slot_confirmed);

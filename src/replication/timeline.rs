@@ -37,6 +37,15 @@ impl TimelineHistory {
         history
     }
 
+    /// The timeline of the current history that `lsn` was written on: the
+    /// first ancestor that ended past it, else the current one.
+    pub fn timeline_of(&self, lsn: Lsn) -> u32 {
+        self.switch_points
+            .iter()
+            .find(|(_, end)| lsn < **end)
+            .map_or(self.current, |(timeline, _)| *timeline)
+    }
+
     /// Whether a commit at `commit` written on `timeline` is part of the
     /// current history.
     pub fn contains(&self, timeline: u32, commit: Lsn) -> bool {
@@ -69,5 +78,22 @@ mod tests {
         assert!(h.contains(2, Lsn(0x4000000)));
         assert!(!h.contains(2, Lsn(0x5000000)));
         assert!(!h.contains(4, Lsn(0x10)), "not an ancestor");
+    }
+
+    #[test]
+    fn each_position_belongs_to_the_timeline_that_wrote_it() {
+        let h = TimelineHistory::parse(
+            3,
+            "1\t0/3000000\tno recovery target specified\n2\t0/5000000\tno recovery target specified\n",
+        );
+        assert_eq!(h.timeline_of(Lsn(0x2FFFFFF)), 1);
+        assert_eq!(
+            h.timeline_of(Lsn(0x3000000)),
+            2,
+            "the fork starts timeline 2"
+        );
+        assert_eq!(h.timeline_of(Lsn(0x4FFFFFF)), 2);
+        assert_eq!(h.timeline_of(Lsn(0x5000000)), 3);
+        assert_eq!(TimelineHistory::new(1).timeline_of(Lsn(0x9000000)), 1);
     }
 }

@@ -17,6 +17,7 @@ const MESSAGE_ID_NAMESPACE: uuid::Uuid =
 pub(super) fn record(
     config: &RouterConfig,
     system_id: &str,
+    timeline: u32,
     message: &Message,
     ctx: ChangeContext,
 ) -> Result<KafkaRecord, RouteError> {
@@ -38,12 +39,17 @@ pub(super) fn record(
     let event_type = text("event_type")?;
     let id = match fields.get("id") {
         Some(Value::String(id)) => id.clone(),
-        // Derived from the message's position: a replay carries the same id.
-        Some(Value::Null) | None => uuid::Uuid::new_v5(
-            &MESSAGE_ID_NAMESPACE,
-            format!("{system_id}/{}", message.lsn).as_bytes(),
-        )
-        .to_string(),
+        // Derived from the message's position: a replay carries the same
+        // id. Past a failover's fork a position can be written again on the
+        // new timeline, by another message: the timeline then tells them
+        // apart (timeline 1 keeps the id it always had).
+        Some(Value::Null) | None => {
+            let name = match timeline {
+                1 => format!("{system_id}/{}", message.lsn),
+                _ => format!("{system_id}/{timeline}/{}", message.lsn),
+            };
+            uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes()).to_string()
+        }
         Some(_) => return Err(RouteError::EnvelopeFieldType("id", "a string")),
     };
     let value = match fields.get("payload") {
@@ -145,6 +151,38 @@ mod tests {
         };
         assert_eq!(header(&record, "id"), "given");
         assert_eq!(record.value, None);
+    }
+
+    #[test]
+    fn a_position_written_again_past_a_failovers_fork_is_a_new_id() {
+        let m = message(
+            true,
+            r#"{"aggregate_type":"order","aggregate_id":"7","event_type":"Paid","payload":null}"#,
+        );
+        let id_on = |history: &str, current: u32| {
+            let mut router = Router::new(config(), "7000");
+            router.set_history(crate::replication::TimelineHistory::parse(current, history));
+            let Routed::Event(record) = router.route_message(&m, ctx()) else {
+                panic!()
+            };
+            header(&record, "id").to_owned()
+        };
+        let before = id_on("", 1);
+        // Promoted past the message: it was written on timeline 1, so a
+        // replay from the new primary carries the id it had.
+        assert_eq!(
+            id_on("1\t0/F0000\tno recovery target specified\n", 2),
+            before
+        );
+        // Promoted before it (a lagging standby): the position now holds
+        // another message of timeline 2, which must not pass for a copy.
+        let forked = id_on("1\t0/A000\tno recovery target specified\n", 2);
+        assert_ne!(forked, before);
+        assert_eq!(
+            id_on("1\t0/A000\tx\n2\t0/F0000\tx\n", 3),
+            forked,
+            "stable across a later failover"
+        );
     }
 
     #[test]

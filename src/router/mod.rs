@@ -31,6 +31,7 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{Message, PgTimestamp, TupleData};
 use crate::record::KafkaRecord;
 use crate::relation_cache::{RelationInfo, RowShapeError};
+use crate::replication::TimelineHistory;
 
 /// What the router made of a change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,6 +228,10 @@ pub struct Router {
     /// The server's system identifier, so LSN-derived ids differ between
     /// clusters.
     system_id: String,
+    /// The server's timelines: a message's id names the timeline it was
+    /// written on when that is not the first, so a position reused past a
+    /// failover's fork is a new id.
+    history: TimelineHistory,
 }
 
 impl Router {
@@ -234,7 +239,13 @@ impl Router {
         Router {
             config,
             system_id: system_id.into(),
+            history: TimelineHistory::new(1),
         }
+    }
+
+    /// The timelines of the server the session streams from.
+    pub fn set_history(&mut self, history: TimelineHistory) {
+        self.history = history;
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -275,7 +286,8 @@ impl Router {
             return Routed::Ignored;
         }
         let result = if message.transactional {
-            message::record(&self.config, &self.system_id, message, ctx)
+            let timeline = self.history.timeline_of(message.lsn);
+            message::record(&self.config, &self.system_id, timeline, message, ctx)
         } else {
             Err(RouteError::NonTransactional)
         };
