@@ -268,7 +268,7 @@ pub async fn setup(
     let in_flight = qualified(schema, &objects.in_flight);
     let comment: Option<String> = tx
         .query_one(
-            "SELECT obj_description($1::regclass, 'pg_class')",
+            "SELECT obj_description($1::text::regclass, 'pg_class')",
             &[&in_flight],
         )
         .await
