@@ -365,3 +365,151 @@ async fn check_names_the_fix_for_each_missing_piece_of_a_failover_and_setup_mend
     .await;
     assert!(!report.contains("FAIL"), "{report}");
 }
+
+/// Without synchronized_standby_slots the standby's copy of the slot can
+/// be behind what the relay confirmed on the primary. Here the standby
+/// lags (its WAL stream is cut), the relay confirms W on the primary, the
+/// standby is promoted at S < W and takes commits at once: every one of
+/// them arrives, because a session on another server starts from that
+/// server's slot and never from a position learned elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_new_commit() {
+    let primary = PgCluster::start_version(failover_major(), PgOptions::default());
+    let db = primary.create_database("lagging").await;
+    setup(&primary.url(&db), &[]);
+    primary
+        .client(&db)
+        .await
+        .batch_execute("SELECT pg_create_physical_replication_slot('standby1', true)")
+        .await
+        .unwrap();
+    let standby = primary.standby("standby1", &db);
+    // The standby's WAL comes through a proxy, so that it can be made to lag.
+    let wal_link = Proxy::start(primary.port).await;
+    let standby_admin = standby.client("postgres").await;
+    for sql in [
+        format!(
+            "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname={db}'",
+            wal_link.port
+        ),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        standby_admin.batch_execute(&sql).await.unwrap();
+    }
+    let broker = Broker::start();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{db}?sslmode=disable&target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let mut relay = RelayProcess::start(
+        &url,
+        &broker.bootstrap(),
+        &["--max-backoff", "1s", "--heartbeat-interval", "1s"],
+    );
+    let insert = async |client: &tokio_postgres::Client, transactions: usize| {
+        for _ in 0..transactions {
+            client
+                .execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                     SELECT 'lagging', 'agg-' || (g % 7), 'E', '{}' FROM generate_series(1, 10) g",
+                    &[],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let confirmed_on = async |client: &tokio_postgres::Client| {
+        lsn(
+            client,
+            "SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = 'walrelay'",
+        )
+        .await
+    };
+
+    // Both in step: the standby has a synchronized copy of the slot.
+    let primary_client = primary.client(&db).await;
+    insert(&primary_client, 10).await;
+    let standby_client = standby.client(&db).await;
+    wait_for(
+        "the standby's synchronized copy of the slot",
+        Duration::from_secs(90),
+        async || {
+            let row = standby_client
+                .query_opt(
+                    "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = 'walrelay'",
+                    &[],
+                )
+                .await
+                .ok()??;
+            row.get::<_, bool>(0).then_some(())
+        },
+    )
+    .await;
+
+    // The standby falls behind; the relay publishes and confirms on.
+    wal_link.cut();
+    let fork = lsn(&standby_client, "SELECT pg_last_wal_receive_lsn()::text").await;
+    insert(&primary_client, 20).await;
+    let end = lsn(&primary_client, "SELECT pg_current_wal_lsn()::text").await;
+    wait_for(
+        "the relay to confirm the primary's WAL",
+        Duration::from_secs(60),
+        async || (confirmed_on(&primary_client).await >= end).then_some(()),
+    )
+    .await;
+    let watermark = confirmed_on(&primary_client).await;
+    let synced = confirmed_on(&standby_client).await;
+    assert!(
+        synced <= fork && fork < watermark,
+        "staged: the standby's slot ({synced}) and WAL ({fork}) are behind the relay's watermark ({watermark})"
+    );
+
+    // The primary dies; the lagging standby is promoted and written to at
+    // once, at positions the relay has already confirmed on the old one.
+    primary.stop("immediate");
+    standby.promote();
+    let new_primary = standby.client(&db).await;
+    insert(&new_primary, 40).await;
+    let new_end = lsn(&new_primary, "SELECT pg_current_wal_lsn()::text").await;
+    assert!(fork < watermark && new_end > watermark, "the new commits span S..W");
+    wait_for(
+        "the relay to confirm the new primary's WAL",
+        Duration::from_secs(90),
+        async || (confirmed_on(&new_primary).await >= new_end).then_some(()),
+    )
+    .await;
+
+    let ids: Vec<String> = new_primary
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let records = broker.consume_all("outbox.event.lagging");
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in &records {
+        *copies.entry(r.header("id").unwrap()).or_default() += 1;
+    }
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !copies.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of the new primary's {} events never arrived: {:?}; relay log:\n{}",
+        missing.len(),
+        ids.len(),
+        &missing[..missing.len().min(5)],
+        relay.log()
+    );
+    let doubled: Vec<(&&str, &usize)> = copies.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "published twice: {doubled:?}");
+    eprintln!(
+        "lagging standby: forked at {fork}, relay had confirmed {watermark}; {} events on the new primary, all arrived; {} records",
+        ids.len(),
+        records.len()
+    );
+    assert!(relay.child.try_wait().unwrap().is_none(), "{}", relay.log());
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
