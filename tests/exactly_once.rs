@@ -108,6 +108,91 @@ async fn a_standby_taking_over_under_load_loses_nothing_and_duplicates_nothing()
     assert_exactly_once_in_order(&truth, &stack.broker.consume_all(&stack.topic("takeover")));
 }
 
+/// A 25 s broker outage under load with a standby relay running: the
+/// active relay lets go of the slot with records still in its producer,
+/// the standby takes the slot over, and both face the broker when it
+/// returns. The standby's transactional producer fences the first one's,
+/// so its records never land: every event is in Kafka once, in key order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_outage_with_a_standby_relay_running_publishes_no_event_twice() {
+    let broker_port = support::free_port();
+    let stack = Stack::start_with(
+        "eostandby",
+        StackOptions {
+            broker: BrokerChoice::Behind(broker_port),
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let link = Proxy::start_on(broker_port, stack.broker.port).await;
+    let args = [
+        "--standby-retry",
+        "300ms",
+        "--max-backoff",
+        "1s",
+        "--topic-partitions",
+        "3",
+    ];
+    let first = stack.relay(&args);
+    wait_for(
+        "the first relay to stream",
+        Duration::from_secs(30),
+        async || {
+            let (code, _) = first.http_get("/readyz").await?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+    let second = stack.relay(&args);
+    wait_for(
+        "the second relay to stand by",
+        Duration::from_secs(30),
+        async || {
+            let (_, body) = second.http_get("/readyz").await?;
+            body.contains("\"role\":\"standby\"").then_some(())
+        },
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(stack.url(), "standby", Arc::clone(&stop));
+    let timeout = Duration::from_secs(60);
+    metric_until(
+        &first,
+        "walrelay_events_published_total",
+        "the first relay to publish",
+        timeout,
+        |n| n >= 100.0,
+    )
+    .await;
+    link.cut();
+    let in_flight = metric_until(
+        &first,
+        "walrelay_events_in_flight",
+        "events in flight with the broker cut off",
+        timeout,
+        |n| n > 0.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    link.restore();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let truth = commit_order(&stack.pg, &stack.db, "twin", written).await;
+    stack
+        .wait_confirmed(truth.last().unwrap().2, Duration::from_secs(90))
+        .await;
+    let records = stack.broker.consume_all(&stack.topic("standby"));
+    eprintln!(
+        "{written} events, {in_flight} in flight at the cut, {} records; first relay published {:?}, second {:?}",
+        records.len(),
+        first.metric("walrelay_events_published_total").await,
+        second.metric("walrelay_events_published_total").await,
+    );
+    assert_exactly_once_in_order(&truth, &records);
+}
+
 /// Waits until the relay's `name` satisfies `ok`, and returns its value.
 async fn metric_until(
     relay: &RelayProcess,

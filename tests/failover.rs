@@ -471,7 +471,10 @@ async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_n
     let new_primary = standby.client(&db).await;
     insert(&new_primary, 40).await;
     let new_end = lsn(&new_primary, "SELECT pg_current_wal_lsn()::text").await;
-    assert!(fork < watermark && new_end > watermark, "the new commits span S..W");
+    assert!(
+        fork < watermark && new_end > watermark,
+        "the new commits span S..W"
+    );
     wait_for(
         "the relay to confirm the new primary's WAL",
         Duration::from_secs(90),
