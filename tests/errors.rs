@@ -391,3 +391,37 @@ async fn a_sixty_second_broker_outage_under_load_releases_the_slot_and_takes_it_
         "{metrics}"
     );
 }
+
+/// Producer options that would let a record time out and land after later
+/// records of its key, or weaken exactly once, are refused before anything
+/// starts: exit 2, the option named, and what to do instead.
+#[test]
+fn producer_options_that_would_weaken_order_or_exactly_once_exit_2_naming_the_fix() {
+    for (option, says) in [
+        ("retries=3", "leave retries unset"),
+        ("message.timeout.ms=3000", "message.timeout.ms"),
+        ("delivery.timeout.ms=3000", "delivery.timeout.ms"),
+        ("max.in.flight.requests.per.connection=10", "use 1 to 5"),
+        ("transactional.id=mine", "transactional.id"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .args([
+                "run",
+                "--pg-url",
+                "postgres://postgres@127.0.0.1:1/db",
+                "--brokers",
+                "127.0.0.1:1",
+                "-X",
+                option,
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "-X {option}: {stderr}");
+        assert!(
+            stderr.contains(&format!("-X {}", option.split('=').next().unwrap()))
+                && stderr.contains(says),
+            "-X {option}: {stderr}"
+        );
+    }
+}
