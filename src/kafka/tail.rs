@@ -162,10 +162,18 @@ impl TailReader {
                     .map_err(|e| kafka_error(&e))
             };
             let result = scan_blocking(&consumer, &topic, partition, scan, high);
-            let _ = consumer.unassign();
-            idle.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(consumer);
+            if result.is_ok() {
+                let _ = consumer.unassign();
+                idle.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(consumer);
+            } else {
+                // After a broker died, a client can keep answering from
+                // its stale view of the cluster (a partition "unknown"
+                // long after another broker leads it): the next try starts
+                // with fresh clients.
+                *uncommitted.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
             result
         })
         .await
