@@ -352,7 +352,7 @@ async fn a_sixty_second_broker_outage_under_load_releases_the_slot_and_takes_it_
     let dom = support::chromium(profile.path(), &url, &["--dump-dom"]);
     let dom = String::from_utf8_lossy(&dom.stdout);
     assert!(
-        dom.contains("waiting for the broker: the slot is released"),
+        support::visible_text(&dom).contains("waiting for the broker: the slot is released"),
         "the dashboard shows the reason: {dom}"
     );
     tokio::time::sleep(Duration::from_secs(60).saturating_sub(outage.elapsed())).await;

@@ -666,6 +666,22 @@ impl Stack {
 
 /// Headless Chromium on `url` with `extra` flags (`--dump-dom`,
 /// `--screenshot=...`), offline and with a throwaway profile.
+/// The text a page shows: its tags taken out and runs of white space made
+/// one (the dashboard wraps each word in a span so none breaks mid-word).
+pub fn visible_text(html: &str) -> String {
+    let mut text = String::with_capacity(html.len());
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            _ if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 pub fn chromium(profile: &Path, url: &str, extra: &[&str]) -> std::process::Output {
     Command::new("chromium")
         .args([
