@@ -12,9 +12,11 @@ stop:
 test:
     scripts/test
 
-# The long chaos run: 100,000 events, 20 relay kills, 3 broker outages, a PostgreSQL restart; reports duplicates (0).
+# The long chaos run on Apache Kafka: 100,000 events, 20 relay kills, 3 broker kill -9s, a PostgreSQL restart; then, in a three-broker cluster, the partition leader killed, a follower paused, and eight broker kill -9s under load. Reports lost and doubled events (0 and 0).
 chaos:
     WALRELAY_CHAOS_EVENTS=100000 WALRELAY_CHAOS_KILLS=20 cargo test --release --test faults chaos -- --nocapture
+    cargo test --release --test cluster -- --nocapture --test-threads 1
+    cargo test --release --test exactly_once repeated_broker_crashes -- --include-ignored --nocapture
 
 # Benchmarks: walrelay (exactly once, at least once) against pg_recvlogical: drain, latency, CPU, RSS, start, kill -9.
 bench *ARGS:
