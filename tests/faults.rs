@@ -568,11 +568,7 @@ fn warnings(log: &str) -> String {
 /// the broker is SIGKILLed and started again three times, and PostgreSQL
 /// restarts once: every event arrives exactly once, in per-key order. CI
 /// runs a short variant; `just chaos` sets WALRELAY_CHAOS_EVENTS=100000
-/// and WALRELAY_CHAOS_KILLS=20. It can fail with duplicates, rarely, for
-/// the reason `tests/exactly_once.rs`'s ignored
-/// `repeated_broker_crashes_under_load_publish_no_event_twice` names: a
-/// partition tail unreadable during a broker outage is given up to at
-/// least once.
+/// and WALRELAY_CHAOS_KILLS=20.
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_kills_and_restarts_deliver_every_event_exactly_once_in_per_key_order() {
     let events: i32 = std::env::var("WALRELAY_CHAOS_EVENTS")

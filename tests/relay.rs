@@ -68,7 +68,13 @@ async fn setup_is_idempotent_and_says_what_it_did() {
     // A second table is added to the existing publication.
     let third = setup(&pg.url(&db), &["--table", "public.outbox,public.outbox2"]);
     assert_eq!(third[1], "created table public.outbox2");
-    assert_eq!(third[2], "added public.outbox2 to publication walrelay");
+    assert_eq!(
+        third[2..4],
+        [
+            "dead-letter table public.walrelay_dead_letters exists",
+            "added public.outbox2 to publication walrelay"
+        ]
+    );
     let columns: Vec<String> = pg
         .client(&db)
         .await
