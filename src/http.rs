@@ -280,7 +280,7 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "role": s.role(),
         "broker_reachable": c.broker_reachable.load(Ordering::Relaxed),
         "confirmed_lsn": s.confirmed().to_string(),
-        "events_published": c.events_published.load(Ordering::Relaxed),
+        "events_published": c.events_delivered.load(Ordering::Relaxed),
         "dead_letters": c.dead_letters.load(Ordering::Relaxed),
         "in_flight": c.in_flight.load(Ordering::Relaxed),
         "in_flight_bytes": c.in_flight_bytes.load(Ordering::Relaxed),

@@ -309,7 +309,7 @@ impl LiveState {
         let inbox = self.inbox();
         let c = &self.counters;
         let now_totals = Totals {
-            published: c.events_published.load(Ordering::Relaxed),
+            published: c.events_delivered.load(Ordering::Relaxed),
             dead_letters: c.dead_letters.load(Ordering::Relaxed),
             skipped: match self.source {
                 Source::Inbox => inbox.as_ref().map_or(0, |i| i.duplicates),
@@ -569,7 +569,9 @@ pub fn spawn_sampler(live: Arc<LiveState>) {
 /// `metrics` crate; these are for the page and `/readyz`).
 #[derive(Debug, Default)]
 pub struct LiveCounters {
-    pub events_published: AtomicU64,
+    /// Events delivered where this process delivers them: into Kafka (the
+    /// WAL and polling sources) or into the inbox table (the inbox).
+    pub events_delivered: AtomicU64,
     pub events_skipped: AtomicU64,
     pub dead_letters: AtomicU64,
     pub in_flight: AtomicU64,
@@ -897,9 +899,9 @@ mod tests {
     #[test]
     fn a_sample_counts_the_interval_not_the_total() {
         let live = LiveState::new();
-        live.counters.events_published.store(10, Ordering::Relaxed);
+        live.counters.events_delivered.store(10, Ordering::Relaxed);
         live.record_sample();
-        live.counters.events_published.store(25, Ordering::Relaxed);
+        live.counters.events_delivered.store(25, Ordering::Relaxed);
         live.record_claim(Duration::from_millis(4));
         live.record_claim(Duration::from_millis(8));
         live.record_sample();

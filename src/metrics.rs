@@ -308,7 +308,7 @@ pub fn count_delivered(
         let latency = (now.0 - created.0).max(0) as f64 / 1e6;
         metrics::counter!(EVENTS_PUBLISHED_TOTAL, "topic" => topic).increment(1);
         live.counters
-            .events_published
+            .events_delivered
             .fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(COMMIT_TO_ACK_SECONDS).record(latency);
         live.latency.record(latency);

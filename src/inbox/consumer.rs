@@ -291,7 +291,7 @@ impl InboxContext {
         metrics::histogram!(m::INBOX_BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         let counters = &self.live.counters;
         counters
-            .events_published
+            .events_delivered
             .fetch_add(written.stored, Ordering::Relaxed);
         for (kind, reason) in &written.dead_letters {
             metrics::counter!(m::INBOX_DEAD_LETTERS_TOTAL, "kind" => kind.as_str()).increment(1);
