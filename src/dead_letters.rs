@@ -15,6 +15,9 @@ use crate::catalog::{qualified, quote_ident};
 use crate::record::KafkaRecord;
 use crate::sql::{SqlClient, SqlError};
 
+/// Longest a store may wait on PostgreSQL before it is tried again.
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The default table, `--dead-letter-table`.
 pub const DEFAULT_TABLE: &str = "public.walrelay_dead_letters";
 
@@ -47,10 +50,23 @@ impl DeadLetterStore for PgDeadLetters {
     fn store(&self, letter: DeadLetter) -> crate::publish::LocalBoxFuture<Result<(), String>> {
         let (pg, table) = (self.pg.clone(), self.table.clone());
         Box::pin(async move {
-            let client = crate::sql::connect(&pg).await.map_err(|e| e.to_string())?;
-            store(&client, &table, &letter)
+            // A server that froze while its host still answers TCP must not
+            // hold the event (and the relay's window) for good: the store is
+            // tried again.
+            let attempt = async {
+                let client = crate::sql::connect(&pg).await.map_err(|e| e.to_string())?;
+                store(&client, &table, &letter)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            tokio::time::timeout(STORE_TIMEOUT, attempt)
                 .await
-                .map_err(|e| e.to_string())
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "{}: PostgreSQL answered nothing for {STORE_TIMEOUT:?}",
+                        pg.address()
+                    ))
+                })
         })
     }
 }

@@ -30,7 +30,8 @@ use crate::publish::{ORIGIN_HEADER, POSITION_HEADER};
 
 /// Records fetched per step back.
 const CHUNK: i64 = 1000;
-/// Longest wait for one chunk.
+/// Longest wait for the broker's next answer (a chunk that keeps arriving,
+/// however slowly, is read to its end: large records on a slow link).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Scans running at once, each with its own consumer.
 const CONCURRENT_SCANS: usize = 8;
@@ -260,17 +261,18 @@ fn read_chunk(
         .add_partition_offset(topic, partition, Offset::Offset(start))
         .map_err(|e| kafka_error(&e))?;
     consumer.assign(&assignment).map_err(|e| kafka_error(&e))?;
-    let deadline = Instant::now() + CHUNK_TIMEOUT;
+    let mut deadline = Instant::now() + CHUNK_TIMEOUT;
     let mut records = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(BrokerError::transient(format!(
-                "no end of {topic}/{partition} in sight after {CHUNK_TIMEOUT:?}"
+                "{topic}/{partition}: no record for {CHUNK_TIMEOUT:?}"
             )));
         }
         match consumer.poll(left.min(Duration::from_millis(500))) {
             Some(Ok(message)) => {
+                deadline = Instant::now() + CHUNK_TIMEOUT;
                 if message.offset() >= upper {
                     return Ok(records);
                 }

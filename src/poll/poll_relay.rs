@@ -39,6 +39,10 @@ const MIN_IDLE_WAIT: Duration = Duration::from_millis(50);
 /// How long rows in doubt wait before their partitions are read: the time
 /// for requests a dead relay had already sent to land.
 const IN_DOUBT_GRACE: Duration = Duration::from_secs(2);
+/// Longest a lane's work (connect, claim, note, settle) may wait on
+/// PostgreSQL: a server that froze while its host still answers TCP would
+/// otherwise hold the lane for good. The lane then connects again.
+const LANE_WORK_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Wakeups = (SqlClient, mpsc::UnboundedReceiver<String>);
 
@@ -257,7 +261,22 @@ impl<S: Sink> PollRelay<S> {
         index: usize,
         work: impl Future<Output = Result<Done, PollError>> + 'static,
     ) {
-        self.work.push(Box::pin(async move { (index, work.await) }));
+        let address = self.config.pg.address();
+        self.work.push(Box::pin(async move {
+            let done = tokio::time::timeout(LANE_WORK_TIMEOUT, work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SqlError::new(
+                        &address,
+                        sql::SqlCause::Os(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("PostgreSQL answered nothing for {LANE_WORK_TIMEOUT:?}"),
+                        )),
+                    )
+                    .into())
+                });
+            (index, done)
+        }));
     }
 
     fn connect(&mut self, index: usize) {
@@ -270,6 +289,12 @@ impl<S: Sink> PollRelay<S> {
             // would make PostgreSQL JIT-compile it on every batch: about
             // half of each claim's time, measured.
             client.batch_execute("SET jit = off").await?;
+            // A batch's claim stays open while the broker is waited for: a
+            // server-side idle timeout would roll it back and let another
+            // relay send rows this relay's producer still holds.
+            client
+                .batch_execute("SET idle_in_transaction_session_timeout = 0")
+                .await?;
             let tables = load_tables(&client, &config.router).await?;
             let marks = if config.exactly_once {
                 Some(Arc::new(sql::connect(&config.pg).await?))
@@ -430,24 +455,24 @@ impl<S: Sink> PollRelay<S> {
                 lowest,
                 "rows a relay may have sent already: checking their partitions"
             );
-            // The scans look back to the lowest row in doubt of every
-            // batch in flight: read afresh whenever that goes lower.
-            if self.doubt_start.is_none_or(|start| lowest < start) {
-                self.doubt_start = Some(lowest);
-                let table = self
-                    .tables
-                    .iter()
-                    .position(|t| t.name() == batch.table.name())
-                    .unwrap_or(0);
-                self.publisher.begin_session(
-                    self.origin(table).map(|origin| Replay {
-                        origin,
-                        history: TimelineHistory::new(0),
-                        start: Lsn(lowest as u64),
-                    }),
-                    None,
-                );
-            }
+            // Read afresh for every batch in doubt (what another relay
+            // landed since the last scan must be seen), looking back to
+            // the lowest row in doubt of every batch in flight.
+            let start = self.doubt_start.map_or(lowest, |start| start.min(lowest));
+            self.doubt_start = Some(start);
+            let table = self
+                .tables
+                .iter()
+                .position(|t| t.name() == batch.table.name())
+                .unwrap_or(0);
+            self.publisher.begin_session(
+                self.origin(table).map(|origin| Replay {
+                    origin,
+                    history: TimelineHistory::new(0),
+                    start: Lsn(start as u64),
+                }),
+                None,
+            );
         }
         for out in batch.outgoing() {
             let outcomes = self.publisher.publish(out);
@@ -621,8 +646,10 @@ impl<S: Sink> PollRelay<S> {
         {
             self.set_waiting_for_broker(false);
         }
-        self.claim_at.get_or_insert_with(Instant::now);
-        Phase::Idle
+        // Draining follows a lost connection: the lane connects again.
+        Phase::Disconnected {
+            retry_at: Instant::now(),
+        }
     }
 
     fn set_waiting_for_broker(&self, waiting: bool) {

@@ -148,6 +148,11 @@ impl Transaction {
         } else if any_acked {
             self.state = State::Committing;
             Some(End::Commit)
+        } else if self.closes_at().is_none() {
+            // Closed with nothing in it (the first send found the queue
+            // full past the open time): end it, or nothing is sent again.
+            self.state = State::Aborting;
+            Some(End::Abort)
         } else {
             None
         }
@@ -204,5 +209,20 @@ mod tests {
         assert!(!t.may_send());
         assert_eq!(t.due(0, true), Some(End::Abort));
         assert!(!Transaction::new(false).is_on());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_that_closes_with_nothing_sent_ends_instead_of_staying_open() {
+        let mut t = Transaction::new(true);
+        t.restart(Some("walrelay.7.s".into()));
+        t.take_initialization();
+        t.initialized(true);
+        t.began();
+        assert_eq!(t.due(0, false), None, "still open: records may come");
+        tokio::time::advance(MAX_OPEN).await;
+        assert!(!t.may_send());
+        assert_eq!(t.due(0, false), Some(End::Abort), "closed and empty");
+        t.ended();
+        assert!(t.needs_begin() && t.may_send());
     }
 }

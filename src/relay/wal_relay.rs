@@ -559,10 +559,18 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
     /// Keeps a refused event whole in the dead-letter table (trying again
     /// until PostgreSQL takes it; the event stays in flight meanwhile).
     fn store_dead_letter(&mut self, tag: EventTag, record: KafkaRecord, kind: &str, error: String) {
-        let origin = self
-            .origin
-            .as_ref()
-            .map_or_else(String::new, Origin::to_string);
+        // Keyed by the timeline the event was written on, not the
+        // session's: a replay after a failover is the same row.
+        let origin = self.origin.as_ref().map_or_else(String::new, |origin| {
+            let timeline = self.router.as_ref().map_or(origin.timeline, |router| {
+                router.history().timeline_of(tag.position.commit)
+            });
+            Origin {
+                timeline,
+                ..origin.clone()
+            }
+            .to_string()
+        });
         let notice = crate::router::broker_dead_letter(
             &self.config.router.dead_letter_topic,
             &record,

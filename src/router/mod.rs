@@ -248,6 +248,10 @@ impl Router {
         self.history = history;
     }
 
+    pub fn history(&self) -> &TimelineHistory {
+        &self.history
+    }
+
     pub fn config(&self) -> &RouterConfig {
         &self.config
     }
