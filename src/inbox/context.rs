@@ -118,6 +118,7 @@ impl InboxContext {
         for tp in partitions {
             shared.positions.assign(tp.clone());
         }
+        // Read again from the stored offset, like everything after it.
         shared
             .batch
             .retain(|r| !partitions.contains(&(r.topic.clone(), r.partition)));
