@@ -14,6 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use support::kafka::{Broker, Record, Topics};
+use support::proxy::Proxy;
 use support::relay::RelayProcess;
 use support::workload::{seeded_rng, setup};
 use support::{PgCluster, Stack, wait_for};
@@ -527,4 +528,169 @@ async fn wal_relay_to_kafka_to_an_inbox_in_another_database_holds_each_event_onc
         in_kafka.len() - events.len()
     );
     drop(relay);
+}
+
+/// The inbox's failed attempts to reach PostgreSQL so far, from its log.
+fn failed_attempts(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("PostgreSQL is still unreachable")
+                || l.contains("cannot read the stored offsets")
+        })
+        .count()
+}
+
+/// Whether an inbox reaches PostgreSQL now, from its /api/status.
+async fn streaming(process: &RelayProcess) -> Option<bool> {
+    let (_, body) = process.http_get("/api/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["streaming"].as_bool()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebalance_while_postgresql_is_unreachable_loses_nothing_and_sigterm_stays_prompt() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxoutage").await;
+    let url = pg.url(&db);
+    setup(&url, &["--inbox"]);
+    let client = pg.client(&db).await;
+    let broker = Broker::shared();
+    let topics = Topics::new("inboxoutage");
+    let topic = topics.named("orders");
+    broker.create_topic(&topic, 4);
+    // a and c reach PostgreSQL through a proxy that is cut; b directly.
+    let proxy = Proxy::start(pg.port).await;
+    let proxied = format!(
+        "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+        proxy.port
+    );
+    // Long backoffs: a wait that ignored SIGTERM would show.
+    let args = topics.inbox_args(&["--topic", &topic, "--max-backoff", "10s", "-X", SESSION]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = RelayProcess::start_inbox(&proxied, &broker.bootstrap(), &args);
+    let mut c = RelayProcess::start_inbox(&proxied, &broker.bootstrap(), &args);
+    wait_for(
+        "a and c to share the partitions",
+        Duration::from_secs(120),
+        async || {
+            let (x, y) = (assigned(&a).await?, assigned(&c).await?);
+            (!x.is_empty() && !y.is_empty() && x.len() + y.len() == 4).then_some(())
+        },
+    )
+    .await;
+    let batch = |from: usize, to: usize| -> Vec<Out> {
+        (from..to)
+            .map(|i| Out {
+                partition: (i % 4) as i32,
+                key: format!("k{i}"),
+                id: Some(format!("ord-{i}")),
+                value: format!("{{\"n\": {i}}}"),
+            })
+            .collect()
+    };
+    produce(broker, &topic, &batch(0, 1_000));
+    wait_for("1,000 rows", Duration::from_secs(60), async || {
+        (count(&client, "SELECT count(*) FROM inbox").await == 1_000).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    produce(broker, &topic, &batch(1_000, 2_000));
+    // a and c fail to store their batches and try PostgreSQL again, the
+    // wait doubling from 0.1 s: after c's sixth attempt its next is 6.4 s
+    // away, far beyond the couple of seconds a SIGTERM may take.
+    wait_for(
+        "c to try PostgreSQL six times",
+        Duration::from_secs(60),
+        async || (failed_attempts(&c.log()) >= 6).then_some(()),
+    )
+    .await;
+    let started = Instant::now();
+    let status = c.terminate(Duration::from_secs(3)).await;
+    eprintln!(
+        "c stopped {:.2} s after SIGTERM, PostgreSQL unreachable",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "{}", c.log());
+
+    // c left the group and a new member joins: two rebalances while a
+    // cannot read its stored offsets. a still answers the group.
+    let mut b = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    let in_b = wait_for(
+        "a and b to share the partitions",
+        Duration::from_secs(120),
+        async || {
+            let (x, y) = (assigned(&a).await?, assigned(&b).await?);
+            (!x.is_empty() && !y.is_empty() && x.len() + y.len() == 4).then_some(y)
+        },
+    )
+    .await;
+    let in_b: Vec<i32> = in_b.iter().map(|(_, p)| *p as i32).collect();
+    // b stores its partitions' records from their stored offsets (500 ids
+    // a partition).
+    wait_for(
+        "b to store its partitions' records",
+        Duration::from_secs(60),
+        async || {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM inbox WHERE \"partition\" = ANY($1)",
+                    &[&in_b],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 500 * in_b.len() as i64).then_some(())
+        },
+    )
+    .await;
+    assert!(!streaming(&a).await.unwrap(), "a is still cut off");
+
+    // PostgreSQL is back for a: every partition resumes at its stored
+    // offset, nothing lost and nothing stored twice.
+    proxy.restore();
+    wait_for("2,000 rows", Duration::from_secs(60), async || {
+        (count(&client, "SELECT count(*) FROM inbox").await == 2_000).then_some(())
+    })
+    .await;
+    produce(broker, &topic, &batch(2_000, 2_400));
+    wait_for("2,400 rows", Duration::from_secs(60), async || {
+        (count(&client, "SELECT count(*) FROM inbox").await == 2_400).then_some(())
+    })
+    .await;
+    let ids: HashSet<String> = client
+        .query("SELECT id FROM inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: HashSet<String> = (0..2_400).map(|i| format!("ord-{i}")).collect();
+    assert_eq!(ids, expected);
+    let ends: BTreeMap<i32, i64> = broker
+        .watermarks(&topic)
+        .into_iter()
+        .map(|(p, (_, high))| (p, high))
+        .collect();
+    wait_for("the offsets to reach the end", Duration::from_secs(30), async || {
+        let rows = client
+            .query(
+                "SELECT \"partition\", next_offset FROM inbox_offsets WHERE consumer_group = $1 AND topic = $2",
+                &[&topics.group(), &topic],
+            )
+            .await
+            .unwrap();
+        let stored: BTreeMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        (stored == ends).then_some(())
+    })
+    .await;
+    for inbox in [&a, &b] {
+        assert_eq!(
+            metric(inbox, "walrelay_inbox_duplicates_skipped_total").await,
+            0.0,
+            "no record was stored twice"
+        );
+    }
+    assert!(a.terminate(Duration::from_secs(30)).await.success());
+    assert!(b.terminate(Duration::from_secs(30)).await.success());
 }

@@ -11,10 +11,15 @@
 //!
 //! The group protocol assigns partitions across instances. librdkafka
 //! serves the rebalance callbacks inside `poll`, on the consumer's own
-//! thread ([`consumer`]); the batch in hand is stored before a partition
-//! is given up, so the next owner starts where this one stopped.
+//! thread ([`context`]); they do no I/O: a partition assigned waits,
+//! paused, until the loop ([`consumer`]) has read its stored offset and
+//! moved there ([`positions`]), and the records in hand for a partition
+//! given up are dropped, for the next owner to read again from the stored
+//! offset.
 
 mod consumer;
+mod context;
+mod positions;
 pub mod schema;
 pub mod store;
 

@@ -1,0 +1,259 @@
+//! Where the consumer is in each partition it holds, and what to do with a
+//! record that arrives for one.
+//!
+//! A partition is read only once it is placed: its start (the next offset
+//! PostgreSQL holds for it) has been read and the consumer moved there.
+//! Before that every record that arrives for it is dropped, never taken:
+//! taking one past the stored offset would pass over the records between
+//! them, and those would be lost.
+
+use std::collections::HashMap;
+
+use rdkafka::Offset;
+
+use super::store::TopicPartition;
+
+/// How far a partition is from being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Just assigned, or rewound after a failed store: its start must be
+    /// read from PostgreSQL.
+    Unread,
+    /// Its start is known (`next`); the consumer has not moved there yet.
+    Unsought,
+    /// Read from `next` on.
+    Placed,
+}
+
+/// Where this consumer is in one partition.
+#[derive(Clone, Debug)]
+pub struct Position {
+    pub placement: Placement,
+    /// The first offset not yet consumed (stored or in the batch); `None`
+    /// before the first record when nothing was ever stored.
+    pub next: Option<i64>,
+    pub high_watermark: Option<i64>,
+}
+
+impl Position {
+    /// Where to start reading: the stored next offset, or the log's start
+    /// when nothing was ever stored (or, through `auto.offset.reset`, when
+    /// retention deleted the stored offset).
+    pub fn start(&self) -> Offset {
+        match self.next {
+            Some(next) => Offset::Offset(next),
+            None => Offset::Beginning,
+        }
+    }
+}
+
+/// What to do with a record that just arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    Take,
+    /// Already stored or in the batch (a record fetched before a seek):
+    /// drop it.
+    Below,
+    /// The partition is not placed yet: drop it, it is read again from the
+    /// stored offset.
+    Unplaced,
+    /// Not ours (revoked in the meantime).
+    NotOurs,
+}
+
+/// Every partition this consumer holds.
+#[derive(Debug, Default)]
+pub struct Positions(HashMap<TopicPartition, Position>);
+
+impl Positions {
+    /// A partition just assigned: unread until the loop places it.
+    pub fn assign(&mut self, tp: TopicPartition) {
+        self.0.insert(
+            tp,
+            Position {
+                placement: Placement::Unread,
+                next: None,
+                high_watermark: None,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, tp: &TopicPartition) {
+        self.0.remove(tp);
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Every partition back to unread (after a failed store); returns them.
+    pub fn rewind_all(&mut self) -> Vec<TopicPartition> {
+        for position in self.0.values_mut() {
+            position.placement = Placement::Unread;
+        }
+        self.0.keys().cloned().collect()
+    }
+
+    /// The partitions whose start must be read from PostgreSQL.
+    pub fn unread(&self) -> Vec<TopicPartition> {
+        self.in_state(Placement::Unread)
+    }
+
+    /// The partitions whose start is known, and where to move to.
+    pub fn unsought(&self) -> Vec<(TopicPartition, Offset)> {
+        self.in_state(Placement::Unsought)
+            .into_iter()
+            .map(|tp| {
+                let start = self.0[&tp].start();
+                (tp, start)
+            })
+            .collect()
+    }
+
+    fn in_state(&self, placement: Placement) -> Vec<TopicPartition> {
+        let mut partitions: Vec<TopicPartition> = self
+            .0
+            .iter()
+            .filter(|(_, p)| p.placement == placement)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        partitions.sort();
+        partitions
+    }
+
+    /// The stored next offsets of `partitions` were read (`None`: nothing
+    /// stored). A partition revoked or rewound since is left alone.
+    pub fn found(&mut self, partitions: &[TopicPartition], stored: &HashMap<TopicPartition, i64>) {
+        for tp in partitions {
+            if let Some(position) = self.0.get_mut(tp)
+                && position.placement == Placement::Unread
+            {
+                position.next = stored.get(tp).copied();
+                position.placement = Placement::Unsought;
+            }
+        }
+    }
+
+    /// The consumer was moved to the partition's start.
+    pub fn placed(&mut self, tp: &TopicPartition) {
+        if let Some(position) = self.0.get_mut(tp)
+            && position.placement == Placement::Unsought
+        {
+            position.placement = Placement::Placed;
+        }
+    }
+
+    pub fn set_high_watermark(&mut self, tp: &TopicPartition, high: i64) {
+        if let Some(position) = self.0.get_mut(tp) {
+            position.high_watermark = Some(high);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&TopicPartition, &Position)> {
+        self.0.iter()
+    }
+
+    /// Decides what to do with a record at `offset` of `tp`, and moves the
+    /// partition's position past a record taken.
+    pub fn arrive(&mut self, tp: &TopicPartition, offset: i64) -> Arrival {
+        let Some(position) = self.0.get_mut(tp) else {
+            return Arrival::NotOurs;
+        };
+        if position.placement != Placement::Placed {
+            return Arrival::Unplaced;
+        }
+        match position.next {
+            Some(next) if offset < next => Arrival::Below,
+            Some(next) => {
+                if offset > next {
+                    // Transaction markers take offsets; compaction and
+                    // retention remove records. Nothing is passed over.
+                    tracing::debug!(topic = %tp.0, partition = tp.1, from = next, to = offset, "offsets without records");
+                }
+                position.next = Some(offset + 1);
+                Arrival::Take
+            }
+            None => {
+                position.next = Some(offset + 1);
+                Arrival::Take
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(partition: i32) -> TopicPartition {
+        ("orders".to_owned(), partition)
+    }
+
+    /// `tp(0)` placed at `stored`.
+    fn placed_at(stored: Option<i64>) -> Positions {
+        let mut positions = Positions::default();
+        positions.assign(tp(0));
+        let stored: HashMap<TopicPartition, i64> = stored.map(|s| (tp(0), s)).into_iter().collect();
+        positions.found(&[tp(0)], &stored);
+        positions.placed(&tp(0));
+        positions
+    }
+
+    #[test]
+    fn nothing_is_taken_before_the_partition_is_placed() {
+        let mut positions = Positions::default();
+        positions.assign(tp(0));
+        assert_eq!(positions.unread(), [tp(0)]);
+        assert_eq!(positions.arrive(&tp(0), 0), Arrival::Unplaced);
+        positions.found(&[tp(0)], &HashMap::from([(tp(0), 40)]));
+        assert_eq!(positions.unsought(), [(tp(0), Offset::Offset(40))]);
+        // Known but not sought yet: a record fetched from elsewhere
+        // (the log's start, or past the stored offset) is still dropped.
+        assert_eq!(positions.arrive(&tp(0), 41), Arrival::Unplaced);
+        positions.placed(&tp(0));
+        assert_eq!(positions.arrive(&tp(0), 40), Arrival::Take);
+        assert_eq!(positions.arrive(&tp(1), 0), Arrival::NotOurs);
+    }
+
+    #[test]
+    fn a_placed_partition_takes_from_its_stored_offset_on() {
+        let mut positions = placed_at(Some(10));
+        assert_eq!(positions.arrive(&tp(0), 9), Arrival::Below);
+        assert_eq!(positions.arrive(&tp(0), 10), Arrival::Take);
+        assert_eq!(positions.arrive(&tp(0), 10), Arrival::Below);
+        // A gap (a transaction marker) is passed over, not a record.
+        assert_eq!(positions.arrive(&tp(0), 12), Arrival::Take);
+        assert_eq!(positions.iter().next().unwrap().1.next, Some(13));
+    }
+
+    #[test]
+    fn nothing_stored_starts_at_the_log_start_and_takes_the_first_record() {
+        let mut positions = Positions::default();
+        positions.assign(tp(0));
+        positions.found(&[tp(0)], &HashMap::new());
+        assert_eq!(positions.unsought(), [(tp(0), Offset::Beginning)]);
+        positions.placed(&tp(0));
+        assert_eq!(positions.arrive(&tp(0), 7), Arrival::Take);
+    }
+
+    #[test]
+    fn a_rewind_unplaces_every_partition_until_its_start_is_read_again() {
+        let mut positions = placed_at(Some(5));
+        assert_eq!(positions.arrive(&tp(0), 5), Arrival::Take);
+        assert_eq!(positions.rewind_all(), [tp(0)]);
+        assert_eq!(positions.arrive(&tp(0), 6), Arrival::Unplaced);
+        positions.found(&[tp(0)], &HashMap::from([(tp(0), 5)]));
+        positions.placed(&tp(0));
+        assert_eq!(positions.arrive(&tp(0), 5), Arrival::Take);
+    }
+
+    #[test]
+    fn a_start_read_for_a_partition_revoked_meanwhile_is_ignored() {
+        let mut positions = Positions::default();
+        positions.assign(tp(0));
+        positions.remove(&tp(0));
+        positions.found(&[tp(0)], &HashMap::from([(tp(0), 3)]));
+        assert!(positions.unsought().is_empty());
+        assert_eq!(positions.arrive(&tp(0), 3), Arrival::NotOurs);
+    }
+}
