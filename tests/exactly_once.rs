@@ -73,25 +73,9 @@ async fn a_standby_taking_over_under_load_loses_nothing_and_duplicates_nothing()
         },
     )
     .await;
-    let args = ["--standby-retry", "300ms", "--topic-partitions", "3"];
-    let mut active = stack.relay(&args);
-    wait_for(
-        "the first relay to stream",
-        Duration::from_secs(20),
-        async || {
-            let (code, _) = active.http_get("/readyz").await?;
-            (code == 200).then_some(())
-        },
-    )
-    .await;
-    let standby = stack.relay(&args);
-    wait_for(
-        "the second relay to stand by",
-        Duration::from_secs(20),
-        async || {
-            let (_, body) = standby.http_get("/readyz").await?;
-            body.contains("\"role\":\"standby\"").then_some(())
-        },
+    let (mut active, _standby) = active_and_standby(
+        &stack,
+        &["--standby-retry", "300ms", "--topic-partitions", "3"],
     )
     .await;
     let writers = spawn_writers(&stack, "takeover", 4, 150, 5);
@@ -134,26 +118,7 @@ async fn a_broker_outage_with_a_standby_relay_running_publishes_no_event_twice()
         "--topic-partitions",
         "3",
     ];
-    let first = stack.relay(&args);
-    wait_for(
-        "the first relay to stream",
-        Duration::from_secs(30),
-        async || {
-            let (code, _) = first.http_get("/readyz").await?;
-            (code == 200).then_some(())
-        },
-    )
-    .await;
-    let second = stack.relay(&args);
-    wait_for(
-        "the second relay to stand by",
-        Duration::from_secs(30),
-        async || {
-            let (_, body) = second.http_get("/readyz").await?;
-            body.contains("\"role\":\"standby\"").then_some(())
-        },
-    )
-    .await;
+    let (first, second) = active_and_standby(&stack, &args).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = steady_writer(stack.url(), "standby", Arc::clone(&stop));
     let timeout = Duration::from_secs(60);
@@ -191,6 +156,32 @@ async fn a_broker_outage_with_a_standby_relay_running_publishes_no_event_twice()
         second.metric("walrelay_events_published_total").await,
     );
     assert_exactly_once_in_order(&truth, &records);
+}
+
+/// Two relays on the stack's slot: the first streaming, the second
+/// standing by.
+async fn active_and_standby(stack: &Stack, args: &[&str]) -> (RelayProcess, RelayProcess) {
+    let active = stack.relay(args);
+    wait_for(
+        "the first relay to stream",
+        Duration::from_secs(30),
+        async || {
+            let (code, _) = active.http_get("/readyz").await?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+    let standby = stack.relay(args);
+    wait_for(
+        "the second relay to stand by",
+        Duration::from_secs(30),
+        async || {
+            let (_, body) = standby.http_get("/readyz").await?;
+            body.contains("\"role\":\"standby\"").then_some(())
+        },
+    )
+    .await;
+    (active, standby)
 }
 
 /// Waits until the relay's `name` satisfies `ok`, and returns its value.

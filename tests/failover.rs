@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use support::kafka::{Broker, Topics};
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::setup;
+use support::workload::{setup, steady_writer};
 use support::{PgCluster, PgOptions, free_port, wait_for};
 use walrelay::lsn::Lsn;
 
@@ -78,38 +78,7 @@ fn writer(
         "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname={db} target_session_attrs=read-write connect_timeout=2",
         primary.port, standby.port
     );
-    tokio::spawn(async move {
-        let mut committed = 0;
-        let mut client: Option<tokio_postgres::Client> = None;
-        while !stop.load(Ordering::Relaxed) {
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
-                    Ok((c, conn)) => {
-                        tokio::spawn(conn);
-                        client = Some(c);
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                }
-            }
-            let result = client
-                .as_ref()
-                .unwrap()
-                .execute(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                     SELECT 'failover', 'agg-' || (g % 7), 'E', '{}' FROM generate_series(1, 5) g",
-                    &[],
-                )
-                .await;
-            if result.is_ok() {
-                committed += 5;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        committed
-    })
+    steady_writer(conninfo, "failover", stop)
 }
 
 async fn fail_over(broker_down_during_promotion: bool) {

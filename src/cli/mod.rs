@@ -211,7 +211,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 publications: args.publications,
                 proto_version: args.proto_version,
             };
-            let shutdown = commands::shutdown_signal();
+            let shutdown = crate::shutdown::Shutdown::on_signals();
             let mut stdout = std::io::stdout();
             commands::tail::tail(&config, &options, &mut stdout, shutdown).await?;
             Ok(ExitCode::SUCCESS)

@@ -30,7 +30,7 @@ pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyh
         },
     )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut shutdown = super::shutdown_signal();
+    let mut shutdown = crate::shutdown::Shutdown::on_signals();
     let handle = tokio::runtime::Handle::current();
     let consumer = {
         let (live, stop) = (Arc::clone(&live), Arc::clone(&stop));
@@ -47,7 +47,7 @@ pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyh
     tokio::pin!(done_rx);
     let result = tokio::select! {
         result = &mut done_rx => result,
-        _ = shutdown.changed() => {
+        _ = shutdown.wait() => {
             stop.store(true, Ordering::Relaxed);
             done_rx.await
         }

@@ -6,7 +6,6 @@
 use std::io::Write;
 
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
 
 use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder, TupleData};
@@ -23,13 +22,13 @@ pub struct TailOptions {
     pub proto_version: Option<u32>,
 }
 
-/// Streams until `shutdown` turns true or the server ends the stream,
+/// Streams until `shutdown` is requested or the server ends the stream,
 /// writing one JSON line per message to `out`.
 pub async fn tail(
     config: &ConnectionConfig,
     options: &TailOptions,
     out: &mut (dyn Write + Send),
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::Shutdown,
 ) -> Result<(), TailError> {
     let mut conn = ReplicationConnection::connect(config).await?;
     let slot_name = format!("walrelay_tail_{}", std::process::id());
@@ -51,7 +50,7 @@ pub async fn tail(
     loop {
         let event = tokio::select! {
             biased;
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait() => break,
             event = stream.recv() => event?,
         };
         match event {
