@@ -456,13 +456,10 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         // Exactly once: the record says where it comes from, so a later
         // process can tell it is already in the log.
         if let Some(origin) = &self.origin_header {
-            record.headers.push((
-                POSITION_HEADER.to_owned(),
-                Bytes::from(position.to_string()),
-            ));
             record
                 .headers
-                .push((ORIGIN_HEADER.to_owned(), origin.clone()));
+                .push((POSITION_HEADER.into(), position.to_bytes()));
+            record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
         }
         let tag = EventTag {
             txn,
