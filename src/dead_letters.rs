@@ -126,7 +126,7 @@ pub async fn store(
                 Ok(text) => text.to_owned(),
                 Err(_) => format!("\\x{}", hex(v)),
             };
-            (k.clone(), Value::String(value))
+            (k.to_string(), Value::String(value))
         })
         .collect();
     client

@@ -292,28 +292,56 @@ pub const ALL: &[&str] = &[
     INFO,
 ];
 
-/// Counts a record the broker has for good, in the metrics and the live
+/// Counts records the broker has for good, in the metrics and the live
 /// state: published (with its commit-to-ack latency) or dead-lettered.
-pub fn count_delivered(
-    live: &crate::live::LiveState,
-    topic: String,
-    created: crate::pgoutput::PgTimestamp,
-    dead_letter: bool,
-) {
-    use std::sync::atomic::Ordering;
-    let now = crate::pgoutput::PgTimestamp::now();
-    if dead_letter {
-        live.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
-    } else {
-        let latency = (now.0 - created.0).max(0) as f64 / 1e6;
-        metrics::counter!(EVENTS_PUBLISHED_TOTAL, "topic" => topic).increment(1);
-        live.counters
-            .events_delivered
-            .fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(COMMIT_TO_ACK_SECONDS).record(latency);
-        live.latency.record(latency);
-        live.latency_histogram.record(latency);
+/// Holds the metric handles, so a record costs no registry lookup.
+pub struct Delivered {
+    published: std::collections::HashMap<String, metrics::Counter>,
+    commit_to_ack: metrics::Histogram,
+    last_ack: metrics::Gauge,
+}
+
+impl Default for Delivered {
+    fn default() -> Self {
+        Delivered {
+            published: std::collections::HashMap::new(),
+            commit_to_ack: metrics::histogram!(COMMIT_TO_ACK_SECONDS),
+            last_ack: metrics::gauge!(LAST_ACK_TIMESTAMP_SECONDS),
+        }
     }
-    metrics::gauge!(LAST_ACK_TIMESTAMP_SECONDS).set(now.unix_micros() as f64 / 1e6);
-    live.record_ack();
+}
+
+impl Delivered {
+    pub fn count(
+        &mut self,
+        live: &crate::live::LiveState,
+        topic: &str,
+        created: crate::pgoutput::PgTimestamp,
+        dead_letter: bool,
+    ) {
+        use std::sync::atomic::Ordering;
+        let now = crate::pgoutput::PgTimestamp::now();
+        if dead_letter {
+            live.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let latency = (now.0 - created.0).max(0) as f64 / 1e6;
+            match self.published.get(topic) {
+                Some(counter) => counter.increment(1),
+                None => {
+                    let counter =
+                        metrics::counter!(EVENTS_PUBLISHED_TOTAL, "topic" => topic.to_owned());
+                    counter.increment(1);
+                    self.published.insert(topic.to_owned(), counter);
+                }
+            }
+            live.counters
+                .events_delivered
+                .fetch_add(1, Ordering::Relaxed);
+            self.commit_to_ack.record(latency);
+            live.latency.record(latency);
+            live.latency_histogram.record(latency);
+        }
+        self.last_ack.set(now.unix_micros() as f64 / 1e6);
+        live.record_ack();
+    }
 }

@@ -1,7 +1,13 @@
 //! One Kafka record, as the router builds it and a sink sends it. Its own
 //! module, so the sink does not depend on the router.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
+
+/// A header's name: walrelay's own names are static, so a record's
+/// headers cost no allocation for their names.
+pub type HeaderName = Cow<'static, str>;
 
 /// One Kafka record, ready for the producer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,7 +16,7 @@ pub struct KafkaRecord {
     pub key: Option<Bytes>,
     /// `None` is a tombstone (a NULL payload).
     pub value: Option<Bytes>,
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(HeaderName, Bytes)>,
 }
 
 impl KafkaRecord {

@@ -99,15 +99,19 @@ impl ClientContext for DeliveryContext {
 }
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = Box<RecordId>;
+    /// The record's id itself (no allocation per record).
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, id: Box<RecordId>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
         let result = match result {
             Ok(_) => Ok(()),
             Err((error, _)) => Err(classify(error)),
         };
         // The receiver is gone only when the relay is shutting down.
-        let _ = self.deliveries.send(Delivery { id: *id, result });
+        let _ = self.deliveries.send(Delivery {
+            id: RecordId(id as u64),
+            result,
+        });
     }
 }
 
@@ -233,12 +237,13 @@ impl Sink for KafkaSink {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
-                key,
+                key: key.as_ref(),
                 value: Some(value.as_ref()),
             });
         }
-        let mut base: BaseRecord<'_, [u8], [u8], Box<RecordId>> =
-            BaseRecord::with_opaque_to(&record.topic, Box::new(id)).headers(headers);
+        // Ids count records from 0: they fit a usize on every 64-bit target.
+        let mut base: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&record.topic, id.0 as usize).headers(headers);
         if let Some(partition) = partition {
             base = base.partition(partition);
         }

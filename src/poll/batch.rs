@@ -103,10 +103,10 @@ impl Batch {
                     };
                 if let Some(origin) = &origin {
                     record.headers.push((
-                        POSITION_HEADER.to_owned(),
-                        Bytes::from(position_of(row.seq).to_string()),
+                        POSITION_HEADER.into(),
+                        position_of(row.seq).to_bytes(),
                     ));
-                    record.headers.push((ORIGIN_HEADER.to_owned(), origin.clone()));
+                    record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
                 }
                 Row {
                     row,

@@ -85,6 +85,7 @@ pub struct PollRelay<S: Sink> {
     next_lane: usize,
     empty_claims: usize,
     batches: u64,
+    delivered: m::Delivered,
 }
 
 impl<S: Sink> PollRelay<S> {
@@ -121,6 +122,7 @@ impl<S: Sink> PollRelay<S> {
             next_lane: 0,
             empty_claims: 0,
             batches: 0,
+            delivered: m::Delivered::default(),
             config,
         }
     }
@@ -559,7 +561,8 @@ impl<S: Sink> PollRelay<S> {
             } = outcome
             {
                 if tag.batch == batch.number {
-                    m::count_delivered(&self.live, topic.clone(), batch.created(tag), dead_letter);
+                    self.delivered
+                        .count(&self.live, topic, batch.created(tag), dead_letter);
                 }
             }
             if let Outcome::Skipped { tag } = outcome

@@ -8,6 +8,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use bytes::Bytes;
+
 use crate::lsn::Lsn;
 
 /// Header carrying a record's position.
@@ -34,6 +36,26 @@ impl fmt::Display for Position {
             "{:016X}/{:016X}/{:04X}",
             self.commit.0, self.change.0, self.rank
         )
+    }
+}
+
+impl Position {
+    /// What `Display` prints, as a header's value, without the formatting
+    /// machinery: every exactly-once record carries one.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut text = [b'/'; 38];
+        hex_into(&mut text[..16], self.commit.0);
+        hex_into(&mut text[17..33], self.change.0);
+        hex_into(&mut text[34..], u64::from(self.rank));
+        Bytes::copy_from_slice(&text)
+    }
+}
+
+/// `value` as upper-case hex digits filling `out`, zero-padded.
+fn hex_into(out: &mut [u8], mut value: u64) {
+    for digit in out.iter_mut().rev() {
+        *digit = b"0123456789ABCDEF"[(value & 0xF) as usize];
+        value >>= 4;
     }
 }
 
@@ -118,6 +140,9 @@ mod tests {
         assert!(a < b && b < c);
         assert_eq!(a.to_string().parse::<Position>(), Ok(a));
         assert!("16B3748/0/0".parse::<Position>().is_err());
+        for p in [a, b, c, pos(u64::MAX, 0xABCDEF, u16::MAX), pos(0, 0, 0)] {
+            assert_eq!(p.to_bytes(), p.to_string().as_bytes());
+        }
     }
 
     #[test]

@@ -467,11 +467,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// transaction if it is due.
     fn pump(&mut self, outcomes: &mut Vec<Outcome<T>>) {
         self.records.held = Default::default();
-        for id in self.records.waiting() {
+        let mut next = self.records.next_waiting(None);
+        while let Some(id) = next {
             self.try_send(id, outcomes);
             if self.records.held.all {
                 break;
             }
+            next = self.records.next_waiting(Some(id));
         }
         match self.txn.due(self.records.sent(), self.records.any_acked()) {
             Some(End::Commit) => {

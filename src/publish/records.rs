@@ -2,6 +2,7 @@
 //! settled, in the order it was handed over, with what it is waiting for.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Bound;
 
 use super::ledgers::PartitionKey;
 use super::position::Position;
@@ -45,6 +46,8 @@ pub struct Records<T> {
     next_id: u64,
     /// Records whose delivery report is outstanding.
     sent: usize,
+    /// Records delivered, their transaction not yet committed.
+    acked: usize,
     pub held: Held,
 }
 
@@ -55,6 +58,7 @@ impl<T> Records<T> {
             pending: BTreeSet::new(),
             next_id: 0,
             sent: 0,
+            acked: 0,
             held: Held::default(),
         }
     }
@@ -91,9 +95,18 @@ impl<T> Records<T> {
         self.entries.get(&id)
     }
 
-    /// The waiting records, oldest first.
-    pub fn waiting(&self) -> Vec<RecordId> {
-        self.pending.iter().copied().collect()
+    /// The oldest waiting record after `after` (from the first if
+    /// `None`): the waiting records are walked one at a time, since
+    /// sending one may settle others and most walks stop early.
+    pub fn next_waiting(&self, after: Option<RecordId>) -> Option<RecordId> {
+        match after {
+            None => self.pending.first().copied(),
+            Some(id) => self
+                .pending
+                .range((Bound::Excluded(id), Bound::Unbounded))
+                .next()
+                .copied(),
+        }
     }
 
     /// The waiting records of `topic`.
@@ -128,6 +141,9 @@ impl<T> Records<T> {
 
     pub fn mark_acked(&mut self, id: RecordId) {
         if let Some(entry) = self.entries.get_mut(&id) {
+            if entry.state != State::Acked {
+                self.acked += 1;
+            }
             entry.state = State::Acked;
         }
     }
@@ -135,8 +151,10 @@ impl<T> Records<T> {
     /// Back to waiting (to be sent again).
     pub fn requeue(&mut self, id: RecordId) {
         if let Some(entry) = self.entries.get_mut(&id) {
-            if entry.state == State::Sent {
-                self.sent -= 1;
+            match entry.state {
+                State::Sent => self.sent -= 1,
+                State::Acked => self.acked -= 1,
+                State::Pending | State::Reported => {}
             }
             entry.state = State::Pending;
             self.pending.insert(id);
@@ -147,6 +165,7 @@ impl<T> Records<T> {
     /// transaction was aborted.
     pub fn requeue_all(&mut self) {
         self.sent = 0;
+        self.acked = 0;
         for (id, entry) in self.entries.iter_mut() {
             if entry.state != State::Pending {
                 entry.state = State::Pending;
@@ -159,14 +178,20 @@ impl<T> Records<T> {
     pub fn remove(&mut self, id: RecordId) -> Option<Entry<T>> {
         self.pending.remove(&id);
         let entry = self.entries.remove(&id)?;
-        if entry.state == State::Sent {
-            self.sent -= 1;
+        match entry.state {
+            State::Sent => self.sent -= 1,
+            State::Acked => self.acked -= 1,
+            State::Pending | State::Reported => {}
         }
         Some(entry)
     }
 
     /// Settles every delivered record (their transaction committed).
     pub fn take_acked(&mut self) -> Vec<Entry<T>> {
+        if self.acked == 0 {
+            return Vec::new();
+        }
+        self.acked = 0;
         let acked: Vec<RecordId> = self
             .entries
             .iter()
@@ -180,7 +205,7 @@ impl<T> Records<T> {
     }
 
     pub fn any_acked(&self) -> bool {
-        self.entries.values().any(|e| e.state == State::Acked)
+        self.acked > 0
     }
 
     /// Whether any record of `topic` is with the broker.
@@ -205,6 +230,7 @@ impl<T> Records<T> {
         self.entries.clear();
         self.pending.clear();
         self.sent = 0;
+        self.acked = 0;
         self.held = Held::default();
         dropped
     }

@@ -129,6 +129,8 @@ pub struct WalRelay<C: Connector, S: Sink> {
     reading_since: Option<Instant>,
     /// Refused events being kept in the dead-letter table.
     refused: Refused<EventTag>,
+    delivered: m::Delivered,
+    transactions: metrics::Counter,
 }
 
 impl<C: Connector, S: Sink> WalRelay<C, S> {
@@ -172,6 +174,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             origin_header: None,
             origin: None,
             reading_since: None,
+            delivered: m::Delivered::default(),
+            transactions: metrics::counter!(m::TRANSACTIONS_TOTAL),
             refused: Refused::new(
                 Rc::new(PgDeadLetters {
                     pg: config.pg.clone(),
@@ -352,7 +356,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     commit_time,
                     heartbeat_emitted_at: None,
                 });
-                metrics::counter!(m::TRANSACTIONS_TOTAL).increment(1);
+                self.transactions.increment(1);
             }
             WalItem::Commit { end_lsn } => {
                 let txn = self
@@ -456,13 +460,10 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         // Exactly once: the record says where it comes from, so a later
         // process can tell it is already in the log.
         if let Some(origin) = &self.origin_header {
-            record.headers.push((
-                POSITION_HEADER.to_owned(),
-                Bytes::from(position.to_string()),
-            ));
             record
                 .headers
-                .push((ORIGIN_HEADER.to_owned(), origin.clone()));
+                .push((POSITION_HEADER.into(), position.to_bytes()));
+            record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
         }
         let tag = EventTag {
             txn,
@@ -491,7 +492,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     topic,
                     dead_letter,
                 } => {
-                    m::count_delivered(&self.live, topic, tag.commit_time, dead_letter);
+                    self.delivered
+                        .count(&self.live, &topic, tag.commit_time, dead_letter);
                     tag
                 }
                 Outcome::Skipped { tag } => {

@@ -13,6 +13,9 @@ pub struct InFlightWindow {
     max_bytes: usize,
     /// Whether the window was full at the last check, to count fillings once.
     was_full: bool,
+    /// The gauges it sets on every change, looked up once.
+    events_gauge: metrics::Gauge,
+    bytes_gauge: metrics::Gauge,
 }
 
 impl InFlightWindow {
@@ -23,6 +26,8 @@ impl InFlightWindow {
             max_events,
             max_bytes,
             was_full: false,
+            events_gauge: metrics::gauge!(m::EVENTS_IN_FLIGHT),
+            bytes_gauge: metrics::gauge!(m::BYTES_IN_FLIGHT),
         }
     }
 
@@ -68,8 +73,8 @@ impl InFlightWindow {
     }
 
     fn export(&self) {
-        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.events as f64);
-        metrics::gauge!(m::BYTES_IN_FLIGHT).set(self.bytes as f64);
+        self.events_gauge.set(self.events as f64);
+        self.bytes_gauge.set(self.bytes as f64);
     }
 }
 

@@ -3,6 +3,8 @@
 
 use bytes::Bytes;
 
+use crate::record::HeaderName;
+
 /// The CloudEvents attributes of one record, appended as headers.
 pub struct CloudEvent<'a> {
     pub id: &'a str,
@@ -13,9 +15,9 @@ pub struct CloudEvent<'a> {
 }
 
 impl CloudEvent<'_> {
-    pub fn push_headers(&self, headers: &mut Vec<(String, Bytes)>) {
-        let mut push = |name: &str, value: &str| {
-            headers.push((name.to_owned(), Bytes::copy_from_slice(value.as_bytes())));
+    pub fn push_headers(&self, headers: &mut Vec<(HeaderName, Bytes)>) {
+        let mut push = |name: &'static str, value: &str| {
+            headers.push((name.into(), Bytes::copy_from_slice(value.as_bytes())));
         };
         push("ce_specversion", "1.0");
         push("ce_id", self.id);

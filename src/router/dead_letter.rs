@@ -43,11 +43,11 @@ pub(super) fn for_row(
     let position = match ctx.at {
         ChangeAt::Lsn(lsn) => {
             value["lsn"] = Value::String(lsn.to_string());
-            ("walrelay_lsn".to_owned(), Bytes::from(lsn.to_string()))
+            ("walrelay_lsn".into(), Bytes::from(lsn.to_string()))
         }
         ChangeAt::Seq(seq) => {
             value["seq"] = Value::from(seq);
-            ("walrelay_seq".to_owned(), Bytes::from(seq.to_string()))
+            ("walrelay_seq".into(), Bytes::from(seq.to_string()))
         }
     };
     let key = relation
@@ -61,13 +61,13 @@ pub(super) fn for_row(
         key,
         value: Some(Bytes::from(value.to_string())),
         headers: vec![
-            (ERROR_HEADER.to_owned(), Bytes::from(error.to_string())),
+            (ERROR_HEADER.into(), Bytes::from(error.to_string())),
             (
-                ERROR_KIND_HEADER.to_owned(),
+                ERROR_KIND_HEADER.into(),
                 Bytes::from_static(error.kind().as_bytes()),
             ),
             (
-                "walrelay_source".to_owned(),
+                "walrelay_source".into(),
                 Bytes::from(relation.qualified_name()),
             ),
             position,
@@ -86,19 +86,16 @@ pub(super) fn for_message(
         key: None,
         value: Some(message.content.clone()),
         headers: vec![
-            (ERROR_HEADER.to_owned(), Bytes::from(error.to_string())),
+            (ERROR_HEADER.into(), Bytes::from(error.to_string())),
             (
-                ERROR_KIND_HEADER.to_owned(),
+                ERROR_KIND_HEADER.into(),
                 Bytes::from_static(error.kind().as_bytes()),
             ),
             (
-                "walrelay_source".to_owned(),
+                "walrelay_source".into(),
                 Bytes::from(format!("message:{}", message.prefix)),
             ),
-            (
-                "walrelay_lsn".to_owned(),
-                Bytes::from(message.lsn.to_string()),
-            ),
+            ("walrelay_lsn".into(), Bytes::from(message.lsn.to_string())),
         ],
     }
 }
@@ -115,14 +112,14 @@ pub(super) fn for_broker_rejection(
     keep_value: bool,
 ) -> KafkaRecord {
     let mut headers = original.headers.clone();
-    headers.push((ERROR_HEADER.to_owned(), Bytes::from(reason.to_owned())));
-    headers.push((ERROR_KIND_HEADER.to_owned(), Bytes::from(kind.to_owned())));
+    headers.push((ERROR_HEADER.into(), Bytes::from(reason.to_owned())));
+    headers.push((ERROR_KIND_HEADER.into(), Bytes::from(kind.to_owned())));
     headers.push((
-        "walrelay_original_topic".to_owned(),
+        "walrelay_original_topic".into(),
         Bytes::from(original.topic.clone()),
     ));
     headers.push((
-        "walrelay_original_size".to_owned(),
+        "walrelay_original_size".into(),
         Bytes::from(original.value.as_ref().map_or(0, Bytes::len).to_string()),
     ));
     KafkaRecord {

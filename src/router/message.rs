@@ -61,8 +61,8 @@ pub(super) fn record(
         .render(&aggregate_type, &event_type, "", "");
     check_topic_name(&topic).map_err(RouteError::IllegalTopic)?;
     let mut headers = vec![
-        ("id".to_owned(), Bytes::from(id.clone())),
-        ("event_type".to_owned(), Bytes::from(event_type.clone())),
+        ("id".into(), Bytes::from(id.clone())),
+        ("event_type".into(), Bytes::from(event_type.clone())),
     ];
     match fields.get("headers") {
         None | Some(Value::Null) => {}

@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use crate::lsn::Lsn;
 use crate::pgoutput::{Message, PgTimestamp, TupleData};
-use crate::record::KafkaRecord;
+use crate::record::{HeaderName, KafkaRecord};
 use crate::relation_cache::{RelationInfo, RowShapeError};
 use crate::replication::TimelineHistory;
 
@@ -153,11 +153,11 @@ pub fn is_reserved_header(name: &str) -> bool {
 pub const USER_HEADER_PREFIX: &str = "user.";
 
 /// A user's header, renamed if its name is reserved.
-fn user_header(name: &str, value: Bytes) -> (String, Bytes) {
+fn user_header(name: &str, value: Bytes) -> (HeaderName, Bytes) {
     if is_reserved_header(name) {
-        (format!("{USER_HEADER_PREFIX}{name}"), value)
+        (format!("{USER_HEADER_PREFIX}{name}").into(), value)
     } else {
-        (name.to_owned(), value)
+        (name.to_owned().into(), value)
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::cloudevents::{CloudEvent, timestamp_text_to_rfc3339};
 use super::{ChangeContext, RouteError, RouterConfig, check_topic_name};
 use crate::pgoutput::{ColumnValue, TupleData};
-use crate::record::KafkaRecord;
+use crate::record::{HeaderName, KafkaRecord};
 use crate::relation_cache::RelationInfo;
 
 /// Type OIDs of the payload types we can encode.
@@ -68,7 +68,7 @@ pub(super) fn record(
     );
     check_topic_name(&topic).map_err(RouteError::IllegalTopic)?;
 
-    let mut headers: Vec<(String, Bytes)> = Vec::with_capacity(10);
+    let mut headers: Vec<(HeaderName, Bytes)> = Vec::with_capacity(10);
     headers.push(("id".into(), Bytes::copy_from_slice(id.as_bytes())));
     headers.push((
         "event_type".into(),
@@ -81,7 +81,7 @@ pub(super) fn record(
     // out: with several outbox tables, not every one has every column.
     for extra in &config.header_columns {
         if let Some(ColumnValue::Text(value)) = row.get(&extra.column) {
-            headers.push((extra.header.clone(), value.clone()));
+            headers.push((extra.header.clone().into(), value.clone()));
         }
     }
     if config.cloudevents {
@@ -163,7 +163,10 @@ fn decode_bytea_hex(text: &[u8]) -> Option<Bytes> {
 }
 
 /// Each top-level string member of the `headers` JSON object.
-fn headers_from_json(json: &[u8], headers: &mut Vec<(String, Bytes)>) -> Result<(), RouteError> {
+fn headers_from_json(
+    json: &[u8],
+    headers: &mut Vec<(HeaderName, Bytes)>,
+) -> Result<(), RouteError> {
     let value: Value =
         serde_json::from_slice(json).map_err(|e| RouteError::HeadersNotJson(e.to_string()))?;
     match value {
@@ -206,7 +209,7 @@ mod tests {
         assert_eq!(record.topic, "outbox.event.order");
         assert_eq!(record.key.as_deref(), Some(&b"order-42"[..]));
         assert_eq!(record.value.as_deref(), Some(&br#"{"total": 12.5}"#[..]));
-        let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
+        let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(
             names,
             [
