@@ -8,6 +8,7 @@
 //! [`Sample`] a second in the [`History`] ring; state changes are recorded
 //! the moment they happen, by the setters.
 
+mod delivered;
 mod errors;
 mod history;
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use crate::catalog::SlotSnapshot;
 use crate::lsn::Lsn;
 use crate::metrics as m;
+pub use delivered::Delivered;
 pub use errors::{ErrorLog, ErrorRecord, Recovery};
 pub use history::{CAPACITY, History, INTERVAL, MAX_PARTITIONS, Sample, State, Transition};
 

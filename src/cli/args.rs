@@ -6,7 +6,6 @@ use std::time::Duration;
 use clap::Args;
 
 use super::UsageError;
-use super::run_args::{HttpArgs, KafkaArgs};
 use super::values::parse_duration;
 use crate::postgres::redact_url;
 use crate::replication::ConnectionConfig;
@@ -288,4 +287,29 @@ pub(super) fn parse_kafka_options(options: &[String]) -> Result<Vec<(String, Str
             ))),
         })
         .collect()
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Kafka")]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "WALRELAY_BROKERS")]
+    pub brokers: String,
+    /// librdkafka option key=value, as kcat's -X (TLS, SASL, linger.ms, ...).
+    #[arg(
+        short = 'X',
+        value_name = "KEY=VALUE",
+        env = "WALRELAY_KAFKA_OPTIONS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpArgs {
+    /// Address of the HTTP server: /metrics, /healthz, /readyz and the dashboard at /.
+    #[arg(long, env = "WALRELAY_HTTP_ADDR", default_value = "127.0.0.1:9187")]
+    pub http_addr: String,
 }

@@ -2,7 +2,7 @@
 //! the new primary has the slot, at a position that never lies ahead of
 //! what it has (PostgreSQL 17+ failover slots).
 
-use super::check::Check;
+use super::check_result::Check;
 use crate::catalog::{self, FAILOVER_SLOTS_SINCE, quote_ident, quote_literal};
 use crate::postgres::{ConnectionConfig, TargetSessionAttrs};
 use crate::sql::{self, SqlClient as Client, SqlError};

@@ -2,6 +2,7 @@
 //! [`crate::sink::Sink`], topic preparation, and partition tail scans.
 
 pub mod config;
+pub mod errors;
 pub mod producer;
 pub mod tail;
 pub mod topics;

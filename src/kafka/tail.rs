@@ -185,7 +185,7 @@ impl TailReader {
 /// A reading error, classified as the producer's are (not authorized to
 /// read is told apart from a broker away).
 fn kafka_error(error: &KafkaError) -> BrokerError {
-    super::producer::classify(error)
+    super::errors::classify(error)
 }
 
 fn scan_blocking(

@@ -85,7 +85,7 @@ pub struct PollRelay<S: Sink> {
     next_lane: usize,
     empty_claims: usize,
     batches: u64,
-    delivered: m::Delivered,
+    delivered: crate::live::Delivered,
 }
 
 impl<S: Sink> PollRelay<S> {
@@ -122,7 +122,7 @@ impl<S: Sink> PollRelay<S> {
             next_lane: 0,
             empty_claims: 0,
             batches: 0,
-            delivered: m::Delivered::default(),
+            delivered: crate::live::Delivered::default(),
             config,
         }
     }

@@ -129,7 +129,7 @@ pub struct WalRelay<C: Connector, S: Sink> {
     reading_since: Option<Instant>,
     /// Refused events being kept in the dead-letter table.
     refused: Refused<EventTag>,
-    delivered: m::Delivered,
+    delivered: crate::live::Delivered,
     transactions: metrics::Counter,
 }
 
@@ -174,7 +174,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             origin_header: None,
             origin: None,
             reading_since: None,
-            delivered: m::Delivered::default(),
+            delivered: crate::live::Delivered::default(),
             transactions: metrics::counter!(m::TRANSACTIONS_TOTAL),
             refused: Refused::new(
                 Rc::new(PgDeadLetters {
