@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::proxy::Proxy;
 use support::workload::commit_order;
 use support::{BrokerChoice, PgCluster, PgOptions, Stack, StackOptions, free_port, wait_for};
 
@@ -280,17 +279,14 @@ async fn a_long_backlog_drain_does_not_hold_a_fast_shutdown() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sixty_second_broker_outage_under_load_releases_the_slot_and_takes_it_back_losing_nothing()
  {
-    let broker_port = free_port();
-    let stack = Stack::start_with(
+    let (stack, link) = Stack::start_behind_proxy(
         "outage",
         StackOptions {
-            broker: BrokerChoice::Behind(broker_port),
             twin: true,
             ..Default::default()
         },
     )
     .await;
-    let link = Proxy::start_on(broker_port, stack.broker.port).await;
     let relay = stack.relay(&["--max-backoff", "2s"]);
     let writer_client = stack.pg.client(&stack.db).await;
     let stop_writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

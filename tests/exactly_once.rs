@@ -99,17 +99,14 @@ async fn a_standby_taking_over_under_load_loses_nothing_and_duplicates_nothing()
 /// so its records never land: every event is in Kafka once, in key order.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_with_a_standby_relay_running_publishes_no_event_twice() {
-    let broker_port = support::free_port();
-    let stack = Stack::start_with(
+    let (stack, link) = Stack::start_behind_proxy(
         "eostandby",
         StackOptions {
-            broker: BrokerChoice::Behind(broker_port),
             twin: true,
             ..Default::default()
         },
     )
     .await;
-    let link = Proxy::start_on(broker_port, stack.broker.port).await;
     let args = [
         "--standby-retry",
         "300ms",
@@ -200,17 +197,14 @@ async fn metric_until(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_outage_and_a_postgres_restart_mid_stream_leave_every_event_exactly_once() {
-    let broker_port = support::free_port();
-    let stack = Stack::start_with(
+    let (stack, link) = Stack::start_behind_proxy(
         "eooutage",
         StackOptions {
-            broker: BrokerChoice::Behind(broker_port),
             twin: true,
             ..Default::default()
         },
     )
     .await;
-    let link = Proxy::start_on(broker_port, stack.broker.port).await;
     let relay = stack.relay(&["--max-backoff", "1s", "--topic-partitions", "2"]);
     // A steady writer that reconnects across the restart, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));

@@ -66,6 +66,27 @@ async fn primary_and_standby() -> (PgCluster, PgCluster, String) {
     (primary, standby, db)
 }
 
+/// Waits until the standby holds a synchronized, persistent copy of the
+/// slot. A synced slot is temporary until the primary's has moved past what
+/// the standby can decode from; a promotion drops it then.
+async fn synchronized_copy(standby: &tokio_postgres::Client) {
+    wait_for(
+        "the standby's synchronized copy of the slot",
+        Duration::from_secs(90),
+        async || {
+            let row = standby
+                .query_opt(
+                    "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = 'walrelay'",
+                    &[],
+                )
+                .await
+                .ok()??;
+            row.get::<_, bool>(0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// A writer that commits outbox rows through whichever host is the
 /// primary, reconnecting across the failover, until told to stop.
 fn writer(
@@ -100,23 +121,7 @@ async fn fail_over(broker_down_during_promotion: bool) {
 
     // The standby keeps a synchronized copy of the slot.
     let standby_client = standby.client(&db).await;
-    wait_for(
-        "the standby's synchronized copy of the slot",
-        Duration::from_secs(90),
-        async || {
-            // A synced slot is temporary until the primary's has moved past
-            // what the standby can decode from; a promotion drops it then.
-            let row = standby_client
-                .query_opt(
-                    "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = 'walrelay'",
-                    &[],
-                )
-                .await
-                .ok()??;
-            row.get::<_, bool>(0).then_some(())
-        },
-    )
-    .await;
+    synchronized_copy(&standby_client).await;
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
         .args(["check", "--pg-url", &url])
         .output()
@@ -399,21 +404,7 @@ async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_n
     let primary_client = primary.client(&db).await;
     insert(&primary_client, 10).await;
     let standby_client = standby.client(&db).await;
-    wait_for(
-        "the standby's synchronized copy of the slot",
-        Duration::from_secs(90),
-        async || {
-            let row = standby_client
-                .query_opt(
-                    "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = 'walrelay'",
-                    &[],
-                )
-                .await
-                .ok()??;
-            row.get::<_, bool>(0).then_some(())
-        },
-    )
-    .await;
+    synchronized_copy(&standby_client).await;
 
     // The standby falls behind; the relay publishes and confirms on.
     wal_link.cut();

@@ -383,11 +383,9 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies_and_nothing_is_lost
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_loss() {
-    let broker_proxy_port = support::free_port();
-    let stack = Stack::start_with(
+    let (stack, kafka_proxy) = Stack::start_behind_proxy(
         "netcut",
         StackOptions {
-            broker: BrokerChoice::Behind(broker_proxy_port),
             twin: true,
             ..Default::default()
         },
@@ -395,7 +393,6 @@ async fn cut_connections_to_postgres_and_the_broker_heal_by_themselves_without_l
     .await;
     let broker = &stack.broker;
     let pg_proxy = Proxy::start(stack.pg.port).await;
-    let kafka_proxy = Proxy::start_on(broker_proxy_port, broker.port).await;
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
         pg_proxy.port, stack.db

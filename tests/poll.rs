@@ -13,7 +13,7 @@ use support::kafka::{Broker, Record};
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
 use support::workload::{commit_order, seeded_rng, setup};
-use support::{BrokerChoice, PgCluster, Stack, StackOptions, wait_for};
+use support::{PgCluster, Stack, StackOptions, wait_for};
 
 const POLL: &[&str] = &["--source", "poll"];
 
@@ -453,20 +453,17 @@ async fn a_row_another_relay_holds_stops_its_aggregate_and_no_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_writers_and_two_relays_one_killed_deliver_every_row_once_in_commit_order_per_key() {
-    let broker_port = support::free_port();
-    let stack = Stack::start_with(
+    // The broker answers slowly (through a proxy that delays what clients
+    // send), so a batch spends a while published and not yet committed.
+    let (stack, broker_link) = Stack::start_behind_proxy(
         "pollorder",
         StackOptions {
             setup_args: vec!["--source", "poll"],
             twin: true,
-            broker: BrokerChoice::Behind(broker_port),
             ..Default::default()
         },
     )
     .await;
-    // The broker answers slowly (through a proxy that delays what clients
-    // send), so a batch spends a while published and not yet committed.
-    let broker_link = Proxy::start_on(broker_port, stack.broker.port).await;
     let topic = stack.topic("poll");
     stack.broker.create_topic(&topic, 4);
     broker_link.set_delay(Duration::from_millis(150));

@@ -588,6 +588,22 @@ impl Stack {
         Self::start_with(name, StackOptions::default()).await
     }
 
+    /// A stack whose broker the relays reach through a proxy (to cut it
+    /// or slow it down), returned beside it.
+    pub async fn start_behind_proxy(name: &str, options: StackOptions) -> (Self, proxy::Proxy) {
+        let port = free_port();
+        let stack = Self::start_with(
+            name,
+            StackOptions {
+                broker: BrokerChoice::Behind(port),
+                ..options
+            },
+        )
+        .await;
+        let link = proxy::Proxy::start_on(port, stack.broker.port).await;
+        (stack, link)
+    }
+
     pub async fn start_with(name: &str, options: StackOptions) -> Self {
         let pg = PgCluster::start_with(options.pg);
         let broker = BrokerRef::start(options.broker);
