@@ -146,7 +146,7 @@ pub fn describe() {
     );
     describe_counter!(
         PARTITIONS_AT_LEAST_ONCE_TOTAL,
-        "partitions whose tail could not be read in full (lookback) or at all (unreadable): events not seen in them are published again"
+        "where exactly once fell back to at least once, by reason: a partition tail read in part (lookback), trimmed (truncated), hidden by an open transaction, out of order (disorder) or unreadable, or a polling batch whose claim was lost (claim_lost)"
     );
     describe_counter!(
         SLOT_RELEASES_TOTAL,

@@ -685,8 +685,18 @@ impl<S: Sink> PollRelay<S> {
         if matches!(phase, Phase::Claiming { .. }) {
             self.claim_at = Some(retry_at);
         }
-        // The server rolled the claim back; records already with the
-        // producer are waited for before the lane claims again.
+        // The server rolled the claim back: another relay may take these
+        // rows over while this relay's producer still holds their records,
+        // so exactly once falls back to at least once for them (README,
+        // "Known limits"); counted.
+        if self.config.exactly_once
+            && matches!(phase, Phase::Publishing { .. } | Phase::Settling { .. })
+        {
+            metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "claim_lost")
+                .increment(1);
+        }
+        // Records already with the producer are waited for before the lane
+        // claims again.
         self.lanes[index].phase = match phase {
             Phase::Publishing { batch, .. }
             | Phase::Settling { batch }
