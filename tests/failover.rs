@@ -87,6 +87,26 @@ async fn synchronized_copy(standby: &tokio_postgres::Client) {
     .await;
 }
 
+/// The ids of the events in `client`'s outbox.
+async fn outbox_ids(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// How many records carry each event id.
+fn copies_by_id(records: &[support::kafka::Record]) -> HashMap<&str, usize> {
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in records {
+        *copies.entry(r.header("id").unwrap()).or_default() += 1;
+    }
+    copies
+}
+
 /// A writer that commits outbox rows through whichever host is the
 /// primary, reconnecting across the failover, until told to stop.
 fn writer(
@@ -170,18 +190,9 @@ async fn fail_over(broker_down_during_promotion: bool) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ids: Vec<String> = new_primary
-        .query("SELECT id::text FROM outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = outbox_ids(&new_primary).await;
     let records = broker.consume_all("outbox.event.failover");
-    let mut copies: HashMap<&str, usize> = HashMap::new();
-    for r in &records {
-        *copies.entry(r.header("id").unwrap()).or_default() += 1;
-    }
+    let copies = copies_by_id(&records);
     for id in &ids {
         assert_eq!(
             copies.get(id.as_str()).copied().unwrap_or(0),
@@ -442,18 +453,9 @@ async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_n
     )
     .await;
 
-    let ids: Vec<String> = new_primary
-        .query("SELECT id::text FROM outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = outbox_ids(&new_primary).await;
     let records = broker.consume_all("outbox.event.lagging");
-    let mut copies: HashMap<&str, usize> = HashMap::new();
-    for r in &records {
-        *copies.entry(r.header("id").unwrap()).or_default() += 1;
-    }
+    let copies = copies_by_id(&records);
     let missing: Vec<&String> = ids
         .iter()
         .filter(|id| !copies.contains_key(id.as_str()))

@@ -75,6 +75,19 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
 }
 
 /// A metric's value in Prometheus text (summed over its labels).
+/// Records `range` over four partitions: keys `<key>N`, ids `<id>-N`,
+/// values `{"n": N}`.
+fn numbered(key: &str, id: &str, range: std::ops::Range<usize>) -> Vec<Out> {
+    range
+        .map(|i| Out {
+            partition: (i % 4) as i32,
+            key: format!("{key}{i}"),
+            id: Some(format!("{id}-{i}")),
+            value: format!("{{\"n\": {i}}}"),
+        })
+        .collect()
+}
+
 async fn metric(process: &RelayProcess, name: &str) -> f64 {
     let Some((_, body)) = process.http_get("/metrics").await else {
         return 0.0;
@@ -392,16 +405,7 @@ async fn two_inboxes_in_one_group_share_the_partitions_and_one_takes_over_on_shu
     let held: HashSet<(String, i64)> = in_a.iter().chain(&in_b).cloned().collect();
     assert_eq!(held.len(), 4, "each partition held once: {in_a:?} {in_b:?}");
 
-    let batch = |from: usize, to: usize| -> Vec<Out> {
-        (from..to)
-            .map(|i| Out {
-                partition: (i % 4) as i32,
-                key: format!("p{i}"),
-                id: Some(format!("pay-{i}")),
-                value: format!("{{\"n\": {i}}}"),
-            })
-            .collect()
-    };
+    let batch = |from: usize, to: usize| numbered("p", "pay", from..to);
     produce(broker, &topic, &batch(0, 2_000));
     wait_for("2,000 rows", Duration::from_secs(60), async || {
         (count(&client, "SELECT count(*) FROM inbox").await == 2_000).then_some(())
@@ -578,16 +582,7 @@ async fn a_rebalance_while_postgresql_is_unreachable_loses_nothing_and_sigterm_s
         },
     )
     .await;
-    let batch = |from: usize, to: usize| -> Vec<Out> {
-        (from..to)
-            .map(|i| Out {
-                partition: (i % 4) as i32,
-                key: format!("k{i}"),
-                id: Some(format!("ord-{i}")),
-                value: format!("{{\"n\": {i}}}"),
-            })
-            .collect()
-    };
+    let batch = |from: usize, to: usize| numbered("k", "ord", from..to);
     produce(broker, &topic, &batch(0, 1_000));
     wait_for("1,000 rows", Duration::from_secs(60), async || {
         (count(&client, "SELECT count(*) FROM inbox").await == 1_000).then_some(())
