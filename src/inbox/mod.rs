@@ -21,6 +21,7 @@ mod consumer;
 mod context;
 mod positions;
 pub mod schema;
+mod seams;
 pub mod store;
 
 pub use consumer::{InboxConfig, InboxError, run};
