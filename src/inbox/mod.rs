@@ -19,10 +19,14 @@
 
 mod consumer;
 mod context;
+#[cfg(test)]
+mod memory;
 mod positions;
 pub mod schema;
 mod seams;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use consumer::{InboxConfig, InboxError, run};
 pub use schema::InboxTables;
