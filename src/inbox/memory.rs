@@ -293,8 +293,10 @@ pub struct Tables {
     pub duplicates: u64,
     /// The size of each batch written, in order.
     pub batches: Vec<usize>,
-    /// Every call, in order.
+    /// Every call, in order (a call that hangs once it returns).
     pub attempts: Vec<Attempt>,
+    /// Calls held by a hang now.
+    pub hanging: usize,
     fault: Option<Fault>,
 }
 
@@ -354,7 +356,9 @@ impl MemoryStore {
     fn call(&self, call: Call) -> Result<MutexGuard<'_, Tables>, StoreError> {
         let mut tables = self.database.tables.lock().unwrap();
         while tables.fault == Some(Fault::Hang) {
+            tables.hanging += 1;
             tables = self.database.fault_changed.wait(tables).unwrap();
+            tables.hanging -= 1;
         }
         let error = match tables.fault {
             Some(Fault::Refused) => Some(StoreError::NotSetUp("the inbox table is gone".into())),

@@ -70,8 +70,8 @@ fn log_len(broker: &MemoryBroker, partition: i32) -> i64 {
     n
 }
 
-/// Events `{prefix}-{partition}-{n}` for n in `range`, each in its
-/// partition; returns each id's partition and offset.
+/// Events `event-{partition}-{n}` for n in `range`, in each of
+/// `partitions`; returns each id's partition and offset.
 fn produce_numbered(
     broker: &MemoryBroker,
     partitions: &[i32],
@@ -325,6 +325,46 @@ fn a_partition_given_up_mid_batch_is_resumed_by_its_new_owner_at_the_stored_offs
         .collect();
     assert_eq!(by_b, [(tp(1), 3), (tp(1), 4)]);
     assert_eq!(tables.batches, [6, 2, 2], "nothing was written twice");
+}
+
+#[test]
+fn a_partition_revoked_while_its_batch_is_written_is_resumed_after_that_batch() {
+    let broker = MemoryBroker::default();
+    let store = MemoryStore::new("a");
+    let a = start(
+        &broker,
+        store.another("a"),
+        config(4, FOREVER, FIRST_BACKOFF),
+    );
+    let b = start(
+        &broker,
+        store.another("b"),
+        config(2, FOREVER, FIRST_BACKOFF),
+    );
+    a.member.assign(&[tp(0), tp(1)]);
+    wait_until("a placed both partitions", || a.placed(&[tp(0), tp(1)]));
+    store.set_fault(Some(Fault::Hang));
+    let mut produced = produce_numbered(&broker, &[0, 1], 0..2);
+    wait_until("a's write hangs", || store.tables().hanging == 1);
+    // The group moves partition 1 while a is inside the write: a's
+    // callback runs at its next poll, after the write.
+    a.member.revoke(&[tp(1)]);
+    store.set_fault(None);
+    wait_until("a gave partition 1 up", || a.placed(&[tp(0)]));
+    assert_eq!(next_offsets(&store), offsets(&[(0, 2), (1, 2)]));
+
+    b.member.assign(&[tp(1)]);
+    produced.extend(produce_numbered(&broker, &[1], 2..4));
+    wait_until("b stores what came after a's batch", || {
+        next_offsets(&store) == offsets(&[(0, 2), (1, 4)])
+    });
+    let b_seeks = b.member.seeks();
+    a.stop().unwrap();
+    b.stop().unwrap();
+
+    assert_stored_once(&store, &produced);
+    assert_eq!(b_seeks, [(tp(1), Offset::Offset(2))]);
+    assert_eq!(store.tables().batches, [4, 2]);
 }
 
 #[test]
