@@ -18,12 +18,12 @@ use rdkafka::TopicPartitionList;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
 use tokio::runtime::Handle;
 
 use super::context::{InboxContext, partition_list};
 use super::positions::Arrival;
 use super::schema::InboxTables;
+use super::seams::{InboxConsumer, InboxStore};
 use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
 use crate::live::LiveState;
 use crate::metrics as m;
@@ -111,39 +111,15 @@ pub fn run(
     live.set_connected(true);
     live.set_role(crate::live::Role::Active);
     tracing::info!(topics = ?config.topics, group = %config.group, table = %config.tables.name(), "consuming into the inbox");
-    let mut inbox = Inbox {
-        consumer,
-        store,
-        handle,
-        live: Arc::clone(&live),
-        config,
-        shutdown,
-        batch_started: None,
-        reconnect: false,
-        rewinding: false,
-        place_after: Instant::now(),
-        backoff: FIRST_BACKOFF,
-    };
-    let result = inbox.consume();
-    // Graceful: what is in hand is stored, then the group is left (the
-    // revoke callback runs while the consumer closes).
-    if result.is_ok()
-        && let Err(e) = inbox.flush()
-    {
-        tracing::warn!(error = %e, "cannot store the batch in hand at exit; the next owner consumes it again");
-    }
-    inbox.consumer.unsubscribe();
-    live.set_connected(false);
-    drop(inbox);
-    result
+    Inbox::new(consumer, store, handle, live, config, shutdown).run()
 }
 
 /// The consumer loop. It alone does PostgreSQL I/O (it owns the store):
 /// it places the partitions the group assigns, gathers the batch and
 /// stores it, and rewinds after a failed store.
-struct Inbox {
-    consumer: BaseConsumer<InboxContext>,
-    store: Store,
+pub(super) struct Inbox<C: InboxConsumer, S: InboxStore> {
+    consumer: C,
+    store: S,
     handle: Handle,
     live: Arc<LiveState>,
     config: InboxConfig,
@@ -160,7 +136,46 @@ struct Inbox {
     backoff: Duration,
 }
 
-impl Inbox {
+impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
+    pub(super) fn new(
+        consumer: C,
+        store: S,
+        handle: Handle,
+        live: Arc<LiveState>,
+        config: InboxConfig,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        Inbox {
+            consumer,
+            store,
+            handle,
+            live,
+            config,
+            shutdown,
+            batch_started: None,
+            reconnect: false,
+            rewinding: false,
+            place_after: Instant::now(),
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// Consumes until `shutdown` is set (or PostgreSQL refuses for good).
+    /// Graceful: what is in hand is stored, then the group is left (the
+    /// revoke callback runs while the consumer closes).
+    pub(super) fn run(mut self) -> Result<(), InboxError> {
+        let result = self.consume();
+        if result.is_ok()
+            && let Err(e) = self.flush()
+        {
+            tracing::warn!(error = %e, "cannot store the batch in hand at exit; the next owner consumes it again");
+        }
+        self.consumer.unsubscribe();
+        self.live.set_connected(false);
+        drop(self);
+        result
+    }
+
     fn context(&self) -> &InboxContext {
         self.consumer.context()
     }
@@ -196,12 +211,12 @@ impl Inbox {
             None => POLL_WAIT,
         };
         match self.consumer.poll(wait.min(POLL_WAIT)) {
-            Some(Ok(message)) => {
+            Some(Ok(record)) => {
                 metrics::counter!(m::INBOX_RECORDS_CONSUMED_TOTAL).increment(1);
-                let tp = (message.topic().to_owned(), message.partition());
+                let tp = (record.topic.clone(), record.partition);
                 let mut shared = self.consumer.context().lock();
-                if shared.positions.arrive(&tp, message.offset()) == Arrival::Take {
-                    shared.batch.push(incoming(&message));
+                if shared.positions.arrive(&tp, record.offset) == Arrival::Take {
+                    shared.batch.push(record);
                     self.batch_started.get_or_insert_with(Instant::now);
                 }
             }
@@ -301,7 +316,7 @@ impl Inbox {
             self.handle.block_on(self.store.reconnect())?;
             self.reconnect = false;
         }
-        Ok(self.handle.block_on(self.store.offsets(partitions))?)
+        self.handle.block_on(self.store.offsets(partitions))
     }
 
     /// Stores the batch in hand. On a failure the batch is dropped and
@@ -326,7 +341,7 @@ impl Inbox {
                 self.live.set_last_error(&e.to_string());
                 tracing::warn!(error = %e, records = batch.len(), "cannot store the batch; it will be consumed again");
                 if !e.is_transient() {
-                    return Err(StoreError::from(e).into());
+                    return Err(e.into());
                 }
                 self.rewind();
                 Ok(())
@@ -397,23 +412,4 @@ fn count(live: &LiveState, batch: &[Incoming], written: &Written, started: Insta
         duplicates = written.duplicates,
         "batch stored"
     );
-}
-
-fn incoming<M: Message>(message: &M) -> Incoming {
-    Incoming {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        headers: message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        payload: message.payload().map(<[u8]>::to_vec),
-        timestamp_ms: message.timestamp().to_millis(),
-    }
 }

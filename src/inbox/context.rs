@@ -18,6 +18,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 
 use super::positions::Positions;
+use super::seams::InboxConsumer;
 use super::store::{Incoming, TopicPartition};
 use crate::live::{InboxPartition, InboxSnapshot, LiveState};
 use crate::metrics as m;
@@ -95,20 +96,49 @@ impl InboxContext {
         );
     }
 
+    /// A rebalance of the group, as librdkafka's callback (or the tests'
+    /// in-memory consumer, inside its `poll` likewise) reports it.
+    pub fn rebalanced<C: InboxConsumer>(
+        &self,
+        consumer: &C,
+        event: Rebalance,
+        cooperative: bool,
+        tpl: &TopicPartitionList,
+    ) {
+        let partitions: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        metrics::counter!(m::INBOX_REBALANCES_TOTAL).increment(1);
+        let result = match event {
+            Rebalance::Assign => self.assigned(consumer, cooperative, tpl, &partitions),
+            Rebalance::Revoke => self.revoked(consumer, cooperative, tpl, &partitions),
+            Rebalance::Failed(other) => {
+                tracing::warn!(error = ?other, "rebalance failed; giving up the assignment");
+                let mut shared = self.lock();
+                shared.positions.clear();
+                shared.batch.clear();
+                drop(shared);
+                consumer.unassign(tpl, false)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot apply the group's assignment");
+        }
+        self.publish_snapshot();
+    }
+
     /// Partitions just assigned: assigned, paused, and unplaced until the
     /// loop has read where each starts.
-    fn assigned(
+    fn assigned<C: InboxConsumer>(
         &self,
-        consumer: &BaseConsumer<Self>,
+        consumer: &C,
         cooperative: bool,
         tpl: &TopicPartitionList,
         partitions: &[TopicPartition],
     ) -> Result<(), KafkaError> {
-        if cooperative {
-            consumer.incremental_assign(tpl)?;
-        } else {
-            consumer.assign(tpl)?;
-        }
+        consumer.assign(tpl, cooperative)?;
         // Nothing is fetched for them until they are placed (what is
         // fetched anyway would be dropped).
         if let Err(e) = consumer.pause(tpl) {
@@ -130,9 +160,9 @@ impl InboxContext {
     /// Partitions given up: forgotten, with the records in hand for them
     /// (never stored, so the next owner reads them again from the stored
     /// offset: a re-read, not a duplicate).
-    fn revoked(
+    fn revoked<C: InboxConsumer>(
         &self,
-        consumer: &BaseConsumer<Self>,
+        consumer: &C,
         cooperative: bool,
         tpl: &TopicPartitionList,
         partitions: &[TopicPartition],
@@ -148,12 +178,18 @@ impl InboxContext {
         let dropped = before - shared.batch.len();
         drop(shared);
         tracing::info!(partitions = ?partitions, dropped, "partitions revoked; the records in hand for them are left to the next owner");
-        if cooperative {
-            consumer.incremental_unassign(tpl)
-        } else {
-            consumer.unassign()
-        }
+        consumer.unassign(tpl, cooperative)
     }
+}
+
+/// What a rebalance callback is told.
+#[derive(Clone, Copy, Debug)]
+pub enum Rebalance {
+    Assign,
+    Revoke,
+    /// The rebalance failed (librdkafka's error): the assignment is given
+    /// up.
+    Failed(RDKafkaRespErr),
 }
 
 impl ClientContext for InboxContext {
@@ -187,32 +223,12 @@ impl ConsumerContext for InboxContext {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
-        let partitions: Vec<TopicPartition> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
-            .collect();
-        metrics::counter!(m::INBOX_REBALANCES_TOTAL).increment(1);
-        let result = match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.assigned(consumer, cooperative, tpl, &partitions)
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.revoked(consumer, cooperative, tpl, &partitions)
-            }
-            other => {
-                tracing::warn!(error = ?other, "rebalance failed; giving up the assignment");
-                let mut shared = self.lock();
-                shared.positions.clear();
-                shared.batch.clear();
-                drop(shared);
-                consumer.unassign()
-            }
+        let event = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke,
+            other => Rebalance::Failed(other),
         };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot apply the group's assignment");
-        }
-        self.publish_snapshot();
+        self.rebalanced(consumer, event, cooperative, tpl);
     }
 }
 

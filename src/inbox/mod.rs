@@ -16,12 +16,21 @@
 //! moved there ([`positions`]), and the records in hand for a partition
 //! given up are dropped, for the next owner to read again from the stored
 //! offset.
+//!
+//! The loop reaches the consumer and the store through two traits
+//! ([`seams`]), so its rules are tested in-process (`tests.rs`) with an
+//! in-memory consumer and store (`memory.rs`).
 
 mod consumer;
 mod context;
+#[cfg(test)]
+mod memory;
 mod positions;
 pub mod schema;
+mod seams;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use consumer::{InboxConfig, InboxError, run};
 pub use schema::InboxTables;

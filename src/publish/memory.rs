@@ -1,10 +1,10 @@
 //! An in-memory broker, for testing the publisher and both sources
-//! in-process with tokio's paused time. It keeps a log per partition as
-//! Kafka does, transactions included: records of an open or aborted
-//! transaction are in the log but invisible to readers (`read_committed`),
-//! and taking over a transactional id fences the previous holder. The test
-//! decides when records are acknowledged, which fail, and which are too
-//! large.
+//! in-process with tokio's paused time, and the inbox's consumer loop. It
+//! keeps a log per partition as Kafka does, transactions included: records
+//! of an open or aborted transaction are in the log but invisible to
+//! readers (`read_committed`), and taking over a transactional id fences
+//! the previous holder. The test decides when records are acknowledged,
+//! which fail, and which are too large.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -228,6 +228,21 @@ impl MemoryBroker {
             .entry((record.topic.clone(), partition))
             .or_default()
             .push(Logged { record, txn: None });
+    }
+
+    /// The first record of `partition` of `topic` at or after `offset`
+    /// that a `read_committed` reader sees, with its offset (records of
+    /// aborted or open transactions take offsets and are passed over; an
+    /// open transaction does not hold the reader back as Kafka's last
+    /// stable offset would).
+    pub fn read(&self, topic: &str, partition: i32, offset: i64) -> Option<(i64, KafkaRecord)> {
+        let state = self.state.lock().unwrap();
+        let log = state.logs.get(&(topic.to_owned(), partition))?;
+        log.iter()
+            .enumerate()
+            .skip(offset.max(0) as usize)
+            .find(|(_, l)| state.visible(l))
+            .map(|(at, l)| (at as i64, l.record.clone()))
     }
 
     /// Records handed to the broker and not yet acknowledged.

@@ -1,0 +1,137 @@
+//! What the consumer loop asks of Kafka and of PostgreSQL, as two traits:
+//! implemented by librdkafka's consumer and by [`Store`] for `walrelay
+//! inbox`, and by in-memory stand-ins for the in-process tests
+//! (`memory.rs`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message};
+
+use super::context::InboxContext;
+use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
+
+/// The Kafka consumer, as the loop and the rebalance callbacks (which run
+/// inside its `poll`) use it.
+pub trait InboxConsumer {
+    /// The next record, or an error, or nothing within `wait`. The
+    /// rebalance callbacks run in here, on the caller's thread.
+    fn poll(&self, wait: Duration) -> Option<KafkaResult<Incoming>>;
+    /// Moves each partition to its offset; returns the list with an error
+    /// on each partition that could not be moved (or leaves it out).
+    fn seek_partitions(
+        &self,
+        partitions: TopicPartitionList,
+        timeout: Duration,
+    ) -> KafkaResult<TopicPartitionList>;
+    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
+    fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
+    /// Leaves the group (the partitions are revoked).
+    fn unsubscribe(&self);
+    /// What the loop and the rebalance callbacks share.
+    fn context(&self) -> &InboxContext;
+    /// From a rebalance callback: takes the partitions on (added to the
+    /// assignment when `cooperative`, replacing it when eager).
+    fn assign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()>;
+    /// From a rebalance callback: gives the partitions up (all of them
+    /// when eager).
+    fn unassign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()>;
+}
+
+impl InboxConsumer for BaseConsumer<InboxContext> {
+    fn poll(&self, wait: Duration) -> Option<KafkaResult<Incoming>> {
+        BaseConsumer::poll(self, wait).map(|m| m.map(|m| incoming(&m)))
+    }
+
+    fn seek_partitions(
+        &self,
+        partitions: TopicPartitionList,
+        timeout: Duration,
+    ) -> KafkaResult<TopicPartitionList> {
+        Consumer::seek_partitions(self, partitions, timeout)
+    }
+
+    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
+        Consumer::pause(self, partitions)
+    }
+
+    fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
+        Consumer::resume(self, partitions)
+    }
+
+    fn unsubscribe(&self) {
+        Consumer::unsubscribe(self);
+    }
+
+    fn context(&self) -> &InboxContext {
+        Consumer::context(self)
+    }
+
+    fn assign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()> {
+        if cooperative {
+            self.incremental_assign(partitions)
+        } else {
+            Consumer::assign(self, partitions)
+        }
+    }
+
+    fn unassign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()> {
+        if cooperative {
+            self.incremental_unassign(partitions)
+        } else {
+            Consumer::unassign(self)
+        }
+    }
+}
+
+fn incoming<M: Message>(message: &M) -> Incoming {
+    Incoming {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        payload: message.payload().map(<[u8]>::to_vec),
+        timestamp_ms: message.timestamp().to_millis(),
+    }
+}
+
+/// Where the inbox's rows and offsets are kept: PostgreSQL ([`Store`]).
+pub trait InboxStore {
+    /// The stored next offset of each of these partitions that has one.
+    fn offsets(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> impl Future<Output = Result<HashMap<TopicPartition, i64>, StoreError>>;
+    /// Stores a batch and each partition's next offset, all or nothing.
+    fn write(&mut self, batch: &[Incoming]) -> impl Future<Output = Result<Written, StoreError>>;
+    /// A fresh connection after a failure.
+    fn reconnect(&mut self) -> impl Future<Output = Result<(), StoreError>>;
+}
+
+impl InboxStore for Store {
+    async fn offsets(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+        Ok(Store::offsets(self, partitions).await?)
+    }
+
+    async fn write(&mut self, batch: &[Incoming]) -> Result<Written, StoreError> {
+        Ok(Store::write(self, batch).await?)
+    }
+
+    async fn reconnect(&mut self) -> Result<(), StoreError> {
+        Store::reconnect(self).await
+    }
+}
