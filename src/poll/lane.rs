@@ -13,12 +13,9 @@
 //! until that lane's batch is settled and committed), exactly as another
 //! relay's are.
 
-use std::sync::Arc;
-
 use tokio::time::Instant;
 
 use super::batch::Batch;
-use crate::sql::SqlClient;
 
 pub enum Phase {
     Disconnected {
@@ -52,21 +49,17 @@ pub enum Phase {
     },
 }
 
-pub struct Lane {
-    /// The connection whose transaction claims and settles.
-    pub client: Option<Arc<SqlClient>>,
-    /// Exactly once: a second connection, for the in-flight notes that must
-    /// commit before a batch is sent (the claim's transaction is still
-    /// open then).
-    pub marks: Option<Arc<SqlClient>>,
+pub struct Lane<C> {
+    /// Its connection(s) (`store.rs`): the one whose transaction claims and
+    /// settles, and exactly once the one the in-flight notes commit on.
+    pub conn: Option<C>,
     pub phase: Phase,
 }
 
-impl Lane {
+impl<C> Lane<C> {
     pub fn new() -> Self {
         Lane {
-            client: None,
-            marks: None,
+            conn: None,
             phase: Phase::Disconnected {
                 retry_at: Instant::now(),
             },

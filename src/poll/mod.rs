@@ -48,11 +48,15 @@ mod batch;
 mod claim;
 mod lane;
 mod poll_relay;
+mod schedule;
 pub mod schema;
+mod store;
+mod work;
 
 pub use backlog::spawn_backlog_monitor;
 pub use claim::{OnPublished, OutboxTable};
 pub use poll_relay::PollRelay;
+pub use store::{OutboxStore, PgStore};
 
 use std::time::Duration;
 
