@@ -47,10 +47,14 @@ mod backlog;
 mod batch;
 mod claim;
 mod lane;
+#[cfg(test)]
+mod memory;
 mod poll_relay;
 mod schedule;
 pub mod schema;
 mod store;
+#[cfg(test)]
+mod tests;
 mod work;
 
 pub use backlog::spawn_backlog_monitor;

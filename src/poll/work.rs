@@ -24,11 +24,14 @@ pub enum Done<C> {
     Settled,
 }
 
+/// A lane's work, finished: the lane, and what came of it.
+type Finished<C> = (usize, Result<Done<C>, PollError>);
+
 /// The lanes' work under way.
 pub struct LaneWork<C> {
     /// The server, for the timeout's error.
     address: String,
-    work: FuturesUnordered<LocalBoxFuture<(usize, Result<Done<C>, PollError>)>>,
+    work: FuturesUnordered<LocalBoxFuture<Finished<C>>>,
 }
 
 impl<C: 'static> LaneWork<C> {
@@ -68,7 +71,7 @@ impl<C: 'static> LaneWork<C> {
     }
 
     /// The next piece of work to finish, and its lane.
-    pub async fn next(&mut self) -> Option<(usize, Result<Done<C>, PollError>)> {
+    pub async fn next(&mut self) -> Option<Finished<C>> {
         self.work.next().await
     }
 }
