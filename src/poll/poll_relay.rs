@@ -2,11 +2,9 @@
 //! the phases of its lanes (`lane.rs`). Every wait, SQL included, sits in
 //! the `select!` beside shutdown, so a stop request is never slept through.
 //!
-//! Claims go one at a time, in turn over the lanes; the batches they
-//! claimed are published and settled side by side. A full batch lets the
-//! next lane claim at once; an empty one sends the lanes idle until a
-//! notification (the insert trigger's NOTIFY) or the poll timer, whose wait
-//! doubles up to `--poll-interval`.
+//! Claims go one at a time (when: `schedule.rs`); the batches they claimed
+//! are published and settled side by side. The lanes' SQL is the store's
+//! (`store.rs`), so the tests run this loop on an in-memory outbox.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -16,24 +14,23 @@ use tokio::time::Instant;
 
 use super::batch::{Batch, RowTag};
 use super::claim::{LaneShare, OutboxTable};
+use super::doubt::Doubt;
 use super::lane::{Lane, Phase};
 use super::schedule::ClaimSchedule;
 use super::store::{Connected, OutboxStore, Wakeups};
 use super::work::{Done, LaneWork};
 use super::{PollConfig, PollError};
 use crate::live::{LiveState, Role};
-use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::publish::{
-    Origin, Outcome, Publisher, PublisherConfig, Replay, ScanSettings, Sink, TopicFailures, backoff,
+    Outcome, Publisher, PublisherConfig, ScanSettings, Sink, TopicFailures, backoff,
 };
-use crate::replication::TimelineHistory;
 use crate::router::Router;
 use crate::shutdown::{Shutdown, sleep_until};
 
 /// How long rows in doubt wait before their partitions are read: the time
 /// for requests a dead relay had already sent to land.
-pub(super) const IN_DOUBT_GRACE: Duration = Duration::from_secs(2);
+const IN_DOUBT_GRACE: Duration = Duration::from_secs(2);
 
 pub struct PollRelay<S: Sink, St: OutboxStore> {
     config: PollConfig,
@@ -42,9 +39,9 @@ pub struct PollRelay<S: Sink, St: OutboxStore> {
     publisher: Publisher<S, RowTag>,
     live: Arc<LiveState>,
     tables: Vec<OutboxTable>,
-    /// Exactly once: the lowest `seq` in doubt of the batches in flight,
-    /// which the publisher's partition scans look back to.
-    doubt_start: Option<i64>,
+    /// Exactly once: the records' origin, and the partition scans for rows
+    /// in doubt.
+    doubt: Doubt,
     lanes: Vec<Lane<St::Conn>>,
     work: LaneWork<St::Conn>,
     wakeups: Option<Wakeups>,
@@ -78,7 +75,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
             publisher,
             live,
             tables: Vec::new(),
-            doubt_start: None,
+            doubt: Doubt::new(config.exactly_once),
             lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
             work: LaneWork::new(config.pg.address()),
             wakeups: None,
@@ -149,15 +146,8 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
     /// The earliest of: a lane's reconnect, a batch's stall, the next
     /// claim (when the lanes idle on the poll timer), the stop deadline.
     fn next_deadline(&self, stop: Option<Instant>) -> Option<Instant> {
-        let lanes = self.lanes.iter().filter_map(|lane| match &lane.phase {
-            Phase::Disconnected { retry_at } => Some(*retry_at),
-            Phase::Publishing {
-                last_progress,
-                stalled: false,
-                ..
-            } => Some(*last_progress + self.config.broker_stall_timeout),
-            _ => None,
-        });
+        let stall_timeout = self.config.broker_stall_timeout;
+        let lanes = self.lanes.iter().filter_map(|l| l.wake_at(stall_timeout));
         let claim = self
             .schedule
             .at
@@ -186,27 +176,14 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
 
     fn on_timer(&mut self, stop: Option<Instant>) {
         let now = Instant::now();
+        let timeout = self.config.broker_stall_timeout;
         for index in 0..self.lanes.len() {
-            if let Phase::Publishing {
-                last_progress,
-                stalled,
-                ..
-            } = &mut self.lanes[index].phase
-            {
-                if !*stalled && *last_progress + self.config.broker_stall_timeout <= now {
-                    // The batch stays claimed until the broker takes it:
-                    // rolled back, its rows could be sent again by another
-                    // relay while its records still wait in the producer,
-                    // and land twice or out of order.
-                    *stalled = true;
-                    if stop.is_none() {
-                        tracing::warn!(
-                            timeout = ?self.config.broker_stall_timeout,
-                            "the broker acknowledged nothing: waiting for the broker, the batch still claimed"
-                        );
-                        self.set_waiting_for_broker(true);
-                    }
-                }
+            if self.lanes[index].stalls(timeout, now) && stop.is_none() {
+                tracing::warn!(
+                    ?timeout,
+                    "the broker acknowledged nothing: waiting for the broker, the batch still claimed"
+                );
+                self.set_waiting_for_broker(true);
             }
         }
         if self.schedule.due(now) && !self.claiming() {
@@ -284,7 +261,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                 let rows = claim.rows;
                 metrics::counter!(m::POLL_BATCHES_TOTAL).increment(1);
                 self.batches += 1;
-                let origin = self.origin(table);
+                let origin = self.doubt.origin(&self.tables[table]);
                 let batch = Batch::new(
                     self.batches,
                     self.tables[table].clone(),
@@ -323,51 +300,20 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         };
     }
 
-    /// Exactly once: the records' origin for rows of `table`.
-    fn origin(&self, table: usize) -> Option<Origin> {
-        self.config.exactly_once.then(|| Origin {
-            system_id: self.tables[table].source_id.clone(),
-            slot: format!("poll:{}", self.tables[table].name()),
-            timeline: 0,
-        })
-    }
-
-    /// Hands lane `index`'s batch to the publisher. Rows a relay may have
-    /// sent before are looked for in their partitions first, read afresh
-    /// from the lowest of them on.
+    /// Hands lane `index`'s batch to the publisher, rows in doubt looked
+    /// for in their partitions first.
     fn send(&mut self, index: usize, mut batch: Batch) -> Phase {
         let in_doubt_in_flight = self
             .lanes
             .iter()
             .filter_map(Lane::batch)
             .any(|b| b.lowest_in_doubt().is_some());
-        if !in_doubt_in_flight {
-            self.doubt_start = None;
-        }
-        if let Some(lowest) = batch.lowest_in_doubt() {
-            tracing::info!(
-                lowest,
-                "rows a relay may have sent already: checking their partitions"
-            );
-            // Read afresh for every batch in doubt (what another relay
-            // landed since the last scan must be seen), looking back to
-            // the lowest row in doubt of every batch in flight.
-            let start = self.doubt_start.map_or(lowest, |start| start.min(lowest));
-            self.doubt_start = Some(start);
-            let table = self
-                .tables
-                .iter()
-                .position(|t| t.name() == batch.table.name())
-                .unwrap_or(0);
-            self.publisher.begin_session(
-                self.origin(table).map(|origin| Replay {
-                    origin,
-                    history: TimelineHistory::new(0),
-                    start: Lsn(start as u64),
-                }),
-                None,
-            );
-        }
+        self.doubt.before_send(
+            &mut self.publisher,
+            &batch,
+            &self.tables,
+            in_doubt_in_flight,
+        );
         for out in batch.outgoing() {
             let outcomes = self.publisher.publish(out);
             self.apply(&mut batch, outcomes);
@@ -380,7 +326,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         let mut by_lane: Vec<Vec<Outcome<RowTag>>> =
             self.lanes.iter().map(|_| Vec::new()).collect();
         for outcome in outcomes {
-            let number = tag_of(&outcome).batch;
+            let number = RowTag::of(&outcome).batch;
             if let Some(index) = self
                 .lanes
                 .iter()
@@ -542,41 +488,18 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
             return Err(PollError::Gave(error.to_string()));
         }
         let retry_at = Instant::now() + backoff(self.failures, self.config.max_backoff);
-        let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Connecting);
-        if matches!(phase, Phase::Claiming { .. }) {
+        let lost = self.lanes[index].connection_lost(retry_at);
+        if lost.claiming {
             self.schedule.failed(retry_at);
         }
         // The server rolled the claim back: another relay may take these
         // rows over while this relay's producer still holds their records,
         // so exactly once falls back to at least once for them (README,
         // "Known limits"); counted.
-        if self.config.exactly_once
-            && matches!(phase, Phase::Publishing { .. } | Phase::Settling { .. })
-        {
+        if self.config.exactly_once && lost.claimed_batch {
             metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "claim_lost")
                 .increment(1);
         }
-        // Records already with the producer are waited for before the lane
-        // claims again.
-        self.lanes[index].phase = match phase {
-            Phase::Publishing { batch, .. }
-            | Phase::Settling { batch }
-            | Phase::Draining { batch, .. }
-                if batch.sending() > 0 =>
-            {
-                Phase::Draining { batch }
-            }
-            _ => Phase::Disconnected { retry_at },
-        };
         Ok(())
-    }
-}
-
-fn tag_of(outcome: &Outcome<RowTag>) -> RowTag {
-    match outcome {
-        Outcome::Delivered { tag, .. }
-        | Outcome::Refused { tag, .. }
-        | Outcome::Failed { tag, .. }
-        | Outcome::Skipped { tag } => *tag,
     }
 }
