@@ -265,7 +265,7 @@ impl OutboxStore for MemoryOutbox {
     fn claim(
         &self,
         conn: MemoryConn,
-        table: OutboxTable,
+        _table: OutboxTable,
         limit: i64,
         share: LaneShare,
     ) -> LocalBoxFuture<Result<Claim, PollError>> {
@@ -327,7 +327,6 @@ impl OutboxStore for MemoryOutbox {
             if !rows.is_empty() {
                 state.open.insert(id, held);
             }
-            let _ = table;
             Ok(Claim {
                 rows,
                 stopped: left,

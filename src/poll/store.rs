@@ -109,7 +109,7 @@ pub struct PgConn {
 impl OutboxStore for PgStore {
     type Conn = PgConn;
 
-    fn connect(&self, listening: bool) -> LocalBoxFuture<Result<Connected<PgConn>, PollError>> {
+    fn connect(&self, wakeups: bool) -> LocalBoxFuture<Result<Connected<PgConn>, PollError>> {
         let config = self.config.clone();
         Box::pin(async move {
             let client = sql::connect(&config.pg).await?;
@@ -129,11 +129,7 @@ impl OutboxStore for PgStore {
             } else {
                 None
             };
-            let wakeups = if listening {
-                listen(&config).await
-            } else {
-                None
-            };
+            let wakeups = if wakeups { listen(&config).await } else { None };
             Ok(Connected {
                 host: client.address().to_owned(),
                 conn: PgConn {
