@@ -9,7 +9,7 @@ use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
 use crate::monitor::MonitorConfig;
-use crate::poll::{PollConfig, PollRelay};
+use crate::poll::{PgStore, PollConfig, PollRelay};
 use crate::relay::{DeliveryGuarantee, PgConnector, RelayConfig, WalRelay};
 use crate::shutdown::Shutdown;
 use crate::sql;
@@ -147,7 +147,10 @@ pub async fn run_poll(
     if !warm_up(&sink, &mut shutdown).await {
         return Ok(());
     }
-    PollRelay::new(config, sink, live).run(shutdown).await?;
+    let store = PgStore::new(config.clone());
+    PollRelay::new(config, store, sink, live)
+        .run(shutdown)
+        .await?;
     Ok(())
 }
 

@@ -33,6 +33,18 @@ pub struct RowTag {
     pub index: usize,
 }
 
+impl RowTag {
+    /// The tag of the row an outcome is of.
+    pub fn of(outcome: &Outcome<RowTag>) -> RowTag {
+        match outcome {
+            Outcome::Delivered { tag, .. }
+            | Outcome::Refused { tag, .. }
+            | Outcome::Failed { tag, .. }
+            | Outcome::Skipped { tag } => *tag,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum RowState {
     Sending,
@@ -172,12 +184,7 @@ impl Batch {
         outcome: Outcome<RowTag>,
         dead_letter_topic: &str,
     ) -> (bool, Option<Outgoing<RowTag>>) {
-        let tag = match &outcome {
-            Outcome::Delivered { tag, .. }
-            | Outcome::Refused { tag, .. }
-            | Outcome::Failed { tag, .. }
-            | Outcome::Skipped { tag } => *tag,
-        };
+        let tag = RowTag::of(&outcome);
         if tag.batch != self.number || self.rows[tag.index].state != RowState::Sending {
             return (false, None); // of a batch given up on
         }

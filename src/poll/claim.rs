@@ -115,6 +115,37 @@ impl OutboxTable {
         })
     }
 
+    /// A table of these columns (`(name, type oid)`), as the in-memory
+    /// outbox of the tests has it.
+    #[cfg(test)]
+    pub fn for_test(schema: &str, table: &str, shape: &[(&str, u32)]) -> Self {
+        let columns = OutboxColumns::default();
+        let relation = RelationInfo::from_message(&Relation {
+            xid: None,
+            id: 0,
+            namespace: schema.to_owned(),
+            name: table.to_owned(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: shape
+                .iter()
+                .map(|(name, oid)| Column {
+                    is_key: *name == columns.id,
+                    name: (*name).to_owned(),
+                    type_oid: *oid,
+                    type_modifier: -1,
+                })
+                .collect(),
+        });
+        OutboxTable {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            has_created_at: relation.column_index(&columns.created_at).is_some(),
+            relation,
+            columns,
+            source_id: "5f0c6a52-0000-4000-8000-000000000001".into(),
+        }
+    }
+
     fn target(&self) -> String {
         qualified(&self.schema, &self.table)
     }

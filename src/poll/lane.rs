@@ -13,12 +13,11 @@
 //! until that lane's batch is settled and committed), exactly as another
 //! relay's are.
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::batch::Batch;
-use crate::sql::SqlClient;
 
 pub enum Phase {
     Disconnected {
@@ -52,21 +51,17 @@ pub enum Phase {
     },
 }
 
-pub struct Lane {
-    /// The connection whose transaction claims and settles.
-    pub client: Option<Arc<SqlClient>>,
-    /// Exactly once: a second connection, for the in-flight notes that must
-    /// commit before a batch is sent (the claim's transaction is still
-    /// open then).
-    pub marks: Option<Arc<SqlClient>>,
+pub struct Lane<C> {
+    /// Its connection(s) (`store.rs`): the one whose transaction claims and
+    /// settles, and exactly once the one the in-flight notes commit on.
+    pub conn: Option<C>,
     pub phase: Phase,
 }
 
-impl Lane {
+impl<C> Lane<C> {
     pub fn new() -> Self {
         Lane {
-            client: None,
-            marks: None,
+            conn: None,
             phase: Phase::Disconnected {
                 retry_at: Instant::now(),
             },
@@ -92,4 +87,67 @@ impl Lane {
     pub fn is_idle(&self) -> bool {
         matches!(self.phase, Phase::Idle)
     }
+
+    /// When the loop must look at this lane again: its reconnect, or its
+    /// batch's stall (nothing acknowledged for `stall_timeout`).
+    pub fn wake_at(&self, stall_timeout: Duration) -> Option<Instant> {
+        match &self.phase {
+            Phase::Disconnected { retry_at } => Some(*retry_at),
+            Phase::Publishing {
+                last_progress,
+                stalled: false,
+                ..
+            } => Some(*last_progress + stall_timeout),
+            _ => None,
+        }
+    }
+
+    /// Whether its batch stalls now: the broker acknowledged nothing for
+    /// `stall_timeout`. The batch stays claimed until the broker takes it:
+    /// rolled back, its rows could be sent again by another relay while
+    /// their records still wait in the producer, and land twice or out of
+    /// order.
+    pub fn stalls(&mut self, stall_timeout: Duration, now: Instant) -> bool {
+        match &mut self.phase {
+            Phase::Publishing {
+                last_progress,
+                stalled,
+                ..
+            } if !*stalled && *last_progress + stall_timeout <= now => {
+                *stalled = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Its connection went, and with it the claim (the server rolled it
+    /// back): records already with the producer are waited for (draining)
+    /// before it connects again, at `retry_at`.
+    pub fn connection_lost(&mut self, retry_at: Instant) -> Lost {
+        let phase = std::mem::replace(&mut self.phase, Phase::Connecting);
+        let lost = Lost {
+            claiming: matches!(phase, Phase::Claiming { .. }),
+            claimed_batch: matches!(phase, Phase::Publishing { .. } | Phase::Settling { .. }),
+        };
+        self.phase = match phase {
+            Phase::Publishing { batch, .. }
+            | Phase::Settling { batch }
+            | Phase::Draining { batch }
+                if batch.sending() > 0 =>
+            {
+                Phase::Draining { batch }
+            }
+            _ => Phase::Disconnected { retry_at },
+        };
+        lost
+    }
+}
+
+/// What a lane was doing when its connection went.
+pub struct Lost {
+    /// A claim was under way.
+    pub claiming: bool,
+    /// It held a claimed batch being published or settled.
+    pub claimed_batch: bool,
 }

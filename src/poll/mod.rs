@@ -12,6 +12,7 @@
 //! | `claim.rs` | the claim, settle and backlog SQL |
 //! | `poll_relay.rs` | the loop: claim a batch, publish it, settle it, wait for more |
 //! | `lane.rs` | one connection and the batch on it: batches are claimed, published and settled side by side |
+//! | `doubt.rs` | exactly once: the records' origin, and how far back partitions are read for rows in doubt |
 //! | `batch.rs` | one claimed batch: its records, their outcomes, what to write back |
 //! | `backlog.rs` | the backlog monitor (metrics and the dashboard) |
 //!
@@ -46,13 +47,22 @@
 mod backlog;
 mod batch;
 mod claim;
+mod doubt;
 mod lane;
+#[cfg(test)]
+mod memory;
 mod poll_relay;
+mod schedule;
 pub mod schema;
+mod store;
+#[cfg(test)]
+mod tests;
+mod work;
 
 pub use backlog::spawn_backlog_monitor;
 pub use claim::{OnPublished, OutboxTable};
 pub use poll_relay::PollRelay;
+pub use store::{OutboxStore, PgStore};
 
 use std::time::Duration;
 

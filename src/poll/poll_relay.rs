@@ -2,94 +2,58 @@
 //! the phases of its lanes (`lane.rs`). Every wait, SQL included, sits in
 //! the `select!` beside shutdown, so a stop request is never slept through.
 //!
-//! Claims go one at a time, in turn over the lanes; the batches they
-//! claimed are published and settled side by side. A full batch lets the
-//! next lane claim at once; an empty one sends the lanes idle until a
-//! notification (the insert trigger's NOTIFY) or the poll timer, whose wait
-//! doubles up to `--poll-interval`.
+//! Claims go one at a time (when: `schedule.rs`); the batches they claimed
+//! are published and settled side by side. The lanes' SQL is the store's
+//! (`store.rs`), so the tests run this loop on an in-memory outbox.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::batch::{Batch, RowTag};
-use super::claim::{self, Claim, LaneShare, OutboxTable};
+use super::claim::{LaneShare, OutboxTable};
+use super::doubt::Doubt;
 use super::lane::{Lane, Phase};
-use super::{PollConfig, PollError, load_tables, schema};
+use super::schedule::ClaimSchedule;
+use super::store::{Connected, OutboxStore, Wakeups};
+use super::work::{Done, LaneWork};
+use super::{PollConfig, PollError};
 use crate::live::{LiveState, Role};
-use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::publish::{
-    Origin, Outcome, Publisher, PublisherConfig, Replay, ScanSettings, Sink, TopicFailures, backoff,
+    Outcome, Publisher, PublisherConfig, ScanSettings, Sink, TopicFailures, backoff,
 };
-use crate::replication::TimelineHistory;
 use crate::router::Router;
 use crate::shutdown::{Shutdown, sleep_until};
-use crate::sql::{self, SqlClient, SqlError};
-
-/// Shortest wait between polls of an idle outbox; it doubles up to
-/// `--poll-interval` while nothing comes, and a notification ends it.
-const MIN_IDLE_WAIT: Duration = Duration::from_millis(50);
 
 /// How long rows in doubt wait before their partitions are read: the time
 /// for requests a dead relay had already sent to land.
 const IN_DOUBT_GRACE: Duration = Duration::from_secs(2);
-/// Longest a lane's work (connect, claim, note, settle) may wait on
-/// PostgreSQL: a server that froze while its host still answers TCP would
-/// otherwise hold the lane for good. The lane then connects again.
-const LANE_WORK_TIMEOUT: Duration = Duration::from_secs(60);
 
-type Wakeups = (SqlClient, mpsc::UnboundedReceiver<String>);
-
-/// SQL work of a lane, and what it finished with.
-type Work = std::pin::Pin<Box<dyn Future<Output = (usize, Result<Done, PollError>)>>>;
-
-enum Done {
-    Connected {
-        client: Arc<SqlClient>,
-        marks: Option<Arc<SqlClient>>,
-        tables: Vec<OutboxTable>,
-        wakeups: Option<Box<Wakeups>>,
-    },
-    Claimed(Claim),
-    Marked,
-    Settled,
-}
-
-pub struct PollRelay<S: Sink> {
+pub struct PollRelay<S: Sink, St: OutboxStore> {
     config: PollConfig,
+    store: St,
     router: Router,
     publisher: Publisher<S, RowTag>,
     live: Arc<LiveState>,
     tables: Vec<OutboxTable>,
-    /// Exactly once: the lowest `seq` in doubt of the batches in flight,
-    /// which the publisher's partition scans look back to.
-    doubt_start: Option<i64>,
-    lanes: Vec<Lane>,
-    work: FuturesUnordered<Work>,
+    /// Exactly once: the records' origin, and the partition scans for rows
+    /// in doubt.
+    doubt: Doubt,
+    lanes: Vec<Lane<St::Conn>>,
+    work: LaneWork<St::Conn>,
     wakeups: Option<Wakeups>,
-    /// When an idle lane claims next (a notification brings it forward);
-    /// `None` while a claim is under way.
-    claim_at: Option<Instant>,
+    schedule: ClaimSchedule,
     /// Failed rounds in a row.
     failures: u32,
-    idle_wait: Duration,
-    /// The table and the lane of the next claim (in turn), and how many
-    /// claims in a row found nothing.
-    next_table: usize,
-    next_lane: usize,
-    empty_claims: usize,
     batches: u64,
     delivered: crate::live::Delivered,
 }
 
-impl<S: Sink> PollRelay<S> {
-    pub fn new(config: PollConfig, sink: S, live: Arc<LiveState>) -> Self {
+impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
+    pub fn new(config: PollConfig, store: St, sink: S, live: Arc<LiveState>) -> Self {
         // Rows in doubt may lie behind the batches of every lane (and of
         // other relays): the scan's margin covers several relays' worth.
         let in_flight = 4 * config.lanes.max(1) * config.batch_size;
@@ -111,18 +75,15 @@ impl<S: Sink> PollRelay<S> {
             publisher,
             live,
             tables: Vec::new(),
-            doubt_start: None,
+            doubt: Doubt::new(config.exactly_once),
             lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
-            work: FuturesUnordered::new(),
+            work: LaneWork::new(config.pg.address()),
             wakeups: None,
-            claim_at: Some(Instant::now()),
+            schedule: ClaimSchedule::new(config.poll_interval),
             failures: 0,
-            idle_wait: MIN_IDLE_WAIT,
-            next_table: 0,
-            next_lane: 0,
-            empty_claims: 0,
             batches: 0,
             delivered: crate::live::Delivered::default(),
+            store,
             config,
         }
     }
@@ -144,17 +105,17 @@ impl<S: Sink> PollRelay<S> {
             let timer = self.next_deadline(stop_deadline);
             // Idle lanes wait for rows: a notification ends the wait.
             let waiting_for_rows = stop_deadline.is_none()
-                && self.claim_at.is_none_or(|at| at > Instant::now())
+                && !self.schedule.due(Instant::now())
                 && self.lanes.iter().any(Lane::is_idle)
                 && !self.claiming();
             let notified = async {
                 match self.wakeups.as_mut() {
-                    Some((_, rx)) if waiting_for_rows => {
-                        if rx.recv().await.is_none() {
+                    Some(wakeups) if waiting_for_rows => {
+                        if wakeups.rx.recv().await.is_none() {
                             return std::future::pending().await;
                         }
                         // One claim serves every notification queued so far.
-                        while rx.try_recv().is_ok() {}
+                        while wakeups.rx.try_recv().is_ok() {}
                     }
                     _ => std::future::pending().await,
                 }
@@ -170,10 +131,7 @@ impl<S: Sink> PollRelay<S> {
                     Ok(done) => self.on_done(lane, done),
                     Err(error) => self.on_failure(lane, error)?,
                 },
-                () = notified => {
-                    self.idle_wait = MIN_IDLE_WAIT;
-                    self.claim_at = Some(Instant::now());
-                }
+                () = notified => self.schedule.notified(),
                 () = sleep_until(timer), if timer.is_some() => self.on_timer(stop_deadline),
             }
         }
@@ -188,17 +146,11 @@ impl<S: Sink> PollRelay<S> {
     /// The earliest of: a lane's reconnect, a batch's stall, the next
     /// claim (when the lanes idle on the poll timer), the stop deadline.
     fn next_deadline(&self, stop: Option<Instant>) -> Option<Instant> {
-        let lanes = self.lanes.iter().filter_map(|lane| match &lane.phase {
-            Phase::Disconnected { retry_at } => Some(*retry_at),
-            Phase::Publishing {
-                last_progress,
-                stalled: false,
-                ..
-            } => Some(*last_progress + self.config.broker_stall_timeout),
-            _ => None,
-        });
+        let stall_timeout = self.config.broker_stall_timeout;
+        let lanes = self.lanes.iter().filter_map(|l| l.wake_at(stall_timeout));
         let claim = self
-            .claim_at
+            .schedule
+            .at
             .filter(|_| self.lanes.iter().any(Lane::is_idle));
         lanes.chain(claim).chain(stop).min()
     }
@@ -212,185 +164,104 @@ impl<S: Sink> PollRelay<S> {
                 self.connect(index);
             }
         }
-        if stopping || self.claiming() || self.claim_at.is_none_or(|at| at > now) {
+        if stopping || self.claiming() || !self.schedule.due(now) {
             return;
         }
         // Each lane claims its own share of the aggregates: they take turns.
-        let count = self.lanes.len();
-        if let Some(index) = (0..count)
-            .map(|i| (self.next_lane + i) % count)
-            .find(|&i| self.lanes[i].is_idle())
-        {
-            self.next_lane = index + 1;
-            self.claim_next(index);
+        let idle: Vec<bool> = self.lanes.iter().map(Lane::is_idle).collect();
+        if let Some((index, table)) = self.schedule.start(&idle, self.tables.len()) {
+            self.claim(index, table);
         }
     }
 
     fn on_timer(&mut self, stop: Option<Instant>) {
         let now = Instant::now();
+        let timeout = self.config.broker_stall_timeout;
         for index in 0..self.lanes.len() {
-            if let Phase::Publishing {
-                last_progress,
-                stalled,
-                ..
-            } = &mut self.lanes[index].phase
-            {
-                if !*stalled && *last_progress + self.config.broker_stall_timeout <= now {
-                    // The batch stays claimed until the broker takes it:
-                    // rolled back, its rows could be sent again by another
-                    // relay while its records still wait in the producer,
-                    // and land twice or out of order.
-                    *stalled = true;
-                    if stop.is_none() {
-                        tracing::warn!(
-                            timeout = ?self.config.broker_stall_timeout,
-                            "the broker acknowledged nothing: waiting for the broker, the batch still claimed"
-                        );
-                        self.set_waiting_for_broker(true);
-                    }
-                }
+            if self.lanes[index].stalls(timeout, now) && stop.is_none() {
+                tracing::warn!(
+                    ?timeout,
+                    "the broker acknowledged nothing: waiting for the broker, the batch still claimed"
+                );
+                self.set_waiting_for_broker(true);
             }
         }
-        if self.claim_at.is_some_and(|at| at <= now) && !self.claiming() {
+        if self.schedule.due(now) && !self.claiming() {
             // The poll timer: the next claim starts at the loop's head.
-            self.idle_wait = (self.idle_wait * 2).min(self.config.poll_interval);
+            self.schedule.timer_fired();
         }
-    }
-
-    /// Runs `work` for lane `index`.
-    fn spawn(
-        &mut self,
-        index: usize,
-        work: impl Future<Output = Result<Done, PollError>> + 'static,
-    ) {
-        let address = self.config.pg.address();
-        self.work.push(Box::pin(async move {
-            let done = tokio::time::timeout(LANE_WORK_TIMEOUT, work)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(SqlError::new(
-                        &address,
-                        sql::SqlCause::Os(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("PostgreSQL answered nothing for {LANE_WORK_TIMEOUT:?}"),
-                        )),
-                    )
-                    .into())
-                });
-            (index, done)
-        }));
     }
 
     fn connect(&mut self, index: usize) {
-        let config = self.config.clone();
-        let listening = self.wakeups.as_ref().is_some_and(|(c, _)| !c.is_closed());
+        let listening = self.wakeups.as_ref().is_some_and(Wakeups::is_open);
         self.lanes[index].phase = Phase::Connecting;
-        self.spawn(index, async move {
-            let client = sql::connect(&config.pg).await?;
-            // The claim's cost estimate is high (a subquery per row), which
-            // would make PostgreSQL JIT-compile it on every batch: about
-            // half of each claim's time, measured.
-            client.batch_execute("SET jit = off").await?;
-            // A batch's claim stays open while the broker is waited for: a
-            // server-side idle timeout would roll it back and let another
-            // relay send rows this relay's producer still holds.
-            client
-                .batch_execute("SET idle_in_transaction_session_timeout = 0")
-                .await?;
-            let tables = load_tables(&client, &config.router).await?;
-            let marks = if config.exactly_once {
-                Some(Arc::new(sql::connect(&config.pg).await?))
-            } else {
-                None
-            };
-            let wakeups = if listening {
-                None
-            } else {
-                listen(&config).await.map(Box::new)
-            };
-            Ok(Done::Connected {
-                client: Arc::new(client),
-                marks,
-                tables,
-                wakeups,
-            })
-        });
+        let connect = self.store.connect(!listening);
+        self.work
+            .push(index, async move { Ok(Done::Connected(connect.await?)) });
     }
 
-    /// Lane `index` claims the next table's rows.
-    fn claim_next(&mut self, index: usize) {
-        let Some(client) = self.lanes[index].client.clone() else {
+    /// Lane `index` claims `table`'s rows.
+    fn claim(&mut self, index: usize, table: usize) {
+        let Some(conn) = self.lanes[index].conn.clone() else {
             return;
         };
-        let table = self.next_table % self.tables.len().max(1);
-        let outbox = self.tables[table].clone();
-        let limit = self.config.batch_size as i64;
         let share = LaneShare {
             index: index as i32,
             count: self.lanes.len() as i32,
         };
-        self.claim_at = None;
+        let limit = self.config.batch_size as i64;
         self.lanes[index].phase = Phase::Claiming { table };
         let live = Arc::clone(&self.live);
-        self.spawn(index, async move {
-            let started = Instant::now();
-            client.batch_execute("BEGIN").await?;
-            let claim = claim::claim(&client, &outbox, limit, share).await?;
+        let started = Instant::now();
+        let claim = self
+            .store
+            .claim(conn, self.tables[table].clone(), limit, share);
+        self.work.push(index, async move {
+            let claim = claim.await?;
             live.record_claim(started.elapsed());
-            if claim.rows.is_empty() {
-                // Nothing to hold: end the transaction now.
-                client.batch_execute("ROLLBACK").await?;
-            }
             Ok(Done::Claimed(claim))
         });
     }
 
-    fn on_done(&mut self, index: usize, done: Done) {
+    fn on_done(&mut self, index: usize, done: Done<St::Conn>) {
         let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Idle);
         self.lanes[index].phase = match (done, phase) {
             (
-                Done::Connected {
-                    client,
-                    marks,
+                Done::Connected(Connected {
+                    conn,
+                    host,
                     tables,
                     wakeups,
-                },
+                }),
                 _,
             ) => {
                 self.tables = tables;
-                self.lanes[index].marks = marks;
                 if let Some(wakeups) = wakeups {
-                    self.wakeups = Some(*wakeups);
+                    self.wakeups = Some(wakeups);
                 }
-                self.live.set_host(Some(client.address().to_owned()));
-                self.live.set_connected(true);
-                metrics::gauge!(m::REPLICATION_CONNECTED).set(1.0);
                 tracing::info!(
-                    host = client.address(),
+                    host,
                     tables = self.tables.len(),
                     lane = index,
                     "polling the outbox"
                 );
-                self.lanes[index].client = Some(client);
+                self.live.set_host(Some(host));
+                self.live.set_connected(true);
+                metrics::gauge!(m::REPLICATION_CONNECTED).set(1.0);
+                self.lanes[index].conn = Some(conn);
                 Phase::Idle
             }
-            (Done::Claimed(Claim { rows, stopped }), Phase::Claiming { table }) => {
-                self.next_table = table + 1;
-                if rows.is_empty() {
-                    if stopped > 0 {
-                        // Rows wait behind older ones another relay holds:
-                        // claim again shortly, without backing off.
-                        self.claim_at = Some(Instant::now() + MIN_IDLE_WAIT);
-                    } else {
-                        self.found_nothing();
-                    }
+            (Done::Claimed(claim), Phase::Claiming { table }) => {
+                let (lanes, tables) = (self.lanes.len(), self.tables.len());
+                self.schedule
+                    .claimed(table, claim.rows.len(), claim.stopped, lanes, tables);
+                if claim.rows.is_empty() {
                     return;
                 }
-                self.empty_claims = 0;
-                self.idle_wait = MIN_IDLE_WAIT;
+                let rows = claim.rows;
                 metrics::counter!(m::POLL_BATCHES_TOTAL).increment(1);
                 self.batches += 1;
-                let origin = self.origin(table);
+                let origin = self.doubt.origin(&self.tables[table]);
                 let batch = Batch::new(
                     self.batches,
                     self.tables[table].clone(),
@@ -398,16 +269,14 @@ impl<S: Sink> PollRelay<S> {
                     &self.router,
                     origin.as_ref().map(|o| o.to_string().into()),
                 );
-                // More may wait (this lane's, or another lane's share): the
-                // next lane claims now.
-                self.claim_at = Some(Instant::now());
-                match self.lanes[index].marks.clone() {
-                    Some(marks) => {
+                match self.lanes[index].conn.clone() {
+                    Some(conn) if self.config.exactly_once => {
                         // Exactly once: noted as possibly sent before it is.
                         let (outbox, seqs) = (batch.table.clone(), batch.seqs());
                         let in_doubt = batch.lowest_in_doubt().is_some();
-                        self.spawn(index, async move {
-                            claim::mark_in_flight(&marks, &outbox, &seqs).await?;
+                        let mark = self.store.mark_in_flight(conn, outbox, seqs);
+                        self.work.push(index, async move {
+                            mark.await?;
                             if in_doubt {
                                 // What the relay before had already written
                                 // to its socket still reaches the broker
@@ -419,7 +288,7 @@ impl<S: Sink> PollRelay<S> {
                         });
                         Phase::Marking { batch }
                     }
-                    None => self.send(index, batch),
+                    _ => self.send(index, batch),
                 }
             }
             (Done::Marked, Phase::Marking { batch }) => self.send(index, batch),
@@ -431,51 +300,20 @@ impl<S: Sink> PollRelay<S> {
         };
     }
 
-    /// Exactly once: the records' origin for rows of `table`.
-    fn origin(&self, table: usize) -> Option<Origin> {
-        self.config.exactly_once.then(|| Origin {
-            system_id: self.tables[table].source_id.clone(),
-            slot: format!("poll:{}", self.tables[table].name()),
-            timeline: 0,
-        })
-    }
-
-    /// Hands lane `index`'s batch to the publisher. Rows a relay may have
-    /// sent before are looked for in their partitions first, read afresh
-    /// from the lowest of them on.
+    /// Hands lane `index`'s batch to the publisher, rows in doubt looked
+    /// for in their partitions first.
     fn send(&mut self, index: usize, mut batch: Batch) -> Phase {
         let in_doubt_in_flight = self
             .lanes
             .iter()
             .filter_map(Lane::batch)
             .any(|b| b.lowest_in_doubt().is_some());
-        if !in_doubt_in_flight {
-            self.doubt_start = None;
-        }
-        if let Some(lowest) = batch.lowest_in_doubt() {
-            tracing::info!(
-                lowest,
-                "rows a relay may have sent already: checking their partitions"
-            );
-            // Read afresh for every batch in doubt (what another relay
-            // landed since the last scan must be seen), looking back to
-            // the lowest row in doubt of every batch in flight.
-            let start = self.doubt_start.map_or(lowest, |start| start.min(lowest));
-            self.doubt_start = Some(start);
-            let table = self
-                .tables
-                .iter()
-                .position(|t| t.name() == batch.table.name())
-                .unwrap_or(0);
-            self.publisher.begin_session(
-                self.origin(table).map(|origin| Replay {
-                    origin,
-                    history: TimelineHistory::new(0),
-                    start: Lsn(start as u64),
-                }),
-                None,
-            );
-        }
+        self.doubt.before_send(
+            &mut self.publisher,
+            &batch,
+            &self.tables,
+            in_doubt_in_flight,
+        );
         for out in batch.outgoing() {
             let outcomes = self.publisher.publish(out);
             self.apply(&mut batch, outcomes);
@@ -483,28 +321,12 @@ impl<S: Sink> PollRelay<S> {
         self.publishing(index, batch, Instant::now())
     }
 
-    /// A claim found nothing: the next lane or table tries at once, until
-    /// every lane found nothing in every table; then the lanes wait for a
-    /// notification or the poll timer.
-    fn found_nothing(&mut self) {
-        self.empty_claims += 1;
-        let now = Instant::now();
-        self.claim_at = Some(
-            if self.empty_claims < self.lanes.len() * self.tables.len().max(1) {
-                now
-            } else {
-                self.empty_claims = 0;
-                now + self.idle_wait
-            },
-        );
-    }
-
     fn on_outcomes(&mut self, outcomes: Vec<Outcome<RowTag>>) {
         // Each outcome goes to the lane whose batch it belongs to.
         let mut by_lane: Vec<Vec<Outcome<RowTag>>> =
             self.lanes.iter().map(|_| Vec::new()).collect();
         for outcome in outcomes {
-            let number = tag_of(&outcome).batch;
+            let number = RowTag::of(&outcome).batch;
             if let Some(index) = self
                 .lanes
                 .iter()
@@ -606,30 +428,15 @@ impl<S: Sink> PollRelay<S> {
             }
             return self.publishing(index, batch, last_progress);
         }
-        let Some(client) = self.lanes[index].client.clone() else {
+        let Some(conn) = self.lanes[index].conn.clone() else {
             return Phase::Draining { batch };
         };
         let settlement = batch.settlement(self.config.max_backoff);
-        let table = batch.table.clone();
-        let on_published = self.config.on_published;
-        let dead_letter_table = self.config.dead_letter_table.clone();
+        let settle = self.store.settle(conn, batch.table.clone(), settlement);
         let live = Arc::clone(&self.live);
-        let exactly_once = self.config.exactly_once;
-        self.spawn(index, async move {
-            let started = Instant::now();
-            for letter in &settlement.dead_letters {
-                crate::dead_letters::store(&client, &dead_letter_table, letter).await?;
-            }
-            claim::settle(
-                &client,
-                &table,
-                on_published,
-                &settlement.published,
-                &settlement.failed,
-                exactly_once,
-            )
-            .await?;
-            client.batch_execute("COMMIT").await?;
+        let started = Instant::now();
+        self.work.push(index, async move {
+            settle.await?;
             live.record_settle(started.elapsed());
             Ok(Done::Settled)
         });
@@ -665,8 +472,8 @@ impl<S: Sink> PollRelay<S> {
     /// later.
     fn on_failure(&mut self, index: usize, error: PollError) -> Result<(), PollError> {
         self.failures += 1;
-        self.lanes[index].client = None;
-        if !self.lanes.iter().any(|l| l.client.is_some()) {
+        self.lanes[index].conn = None;
+        if !self.lanes.iter().any(|l| l.conn.is_some()) {
             self.live.set_connected(false);
             metrics::gauge!(m::REPLICATION_CONNECTED).set(0.0);
         }
@@ -681,60 +488,18 @@ impl<S: Sink> PollRelay<S> {
             return Err(PollError::Gave(error.to_string()));
         }
         let retry_at = Instant::now() + backoff(self.failures, self.config.max_backoff);
-        let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Connecting);
-        if matches!(phase, Phase::Claiming { .. }) {
-            self.claim_at = Some(retry_at);
+        let lost = self.lanes[index].connection_lost(retry_at);
+        if lost.claiming {
+            self.schedule.failed(retry_at);
         }
         // The server rolled the claim back: another relay may take these
         // rows over while this relay's producer still holds their records,
         // so exactly once falls back to at least once for them (README,
         // "Known limits"); counted.
-        if self.config.exactly_once
-            && matches!(phase, Phase::Publishing { .. } | Phase::Settling { .. })
-        {
+        if self.config.exactly_once && lost.claimed_batch {
             metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "claim_lost")
                 .increment(1);
         }
-        // Records already with the producer are waited for before the lane
-        // claims again.
-        self.lanes[index].phase = match phase {
-            Phase::Publishing { batch, .. }
-            | Phase::Settling { batch }
-            | Phase::Draining { batch, .. }
-                if batch.sending() > 0 =>
-            {
-                Phase::Draining { batch }
-            }
-            _ => Phase::Disconnected { retry_at },
-        };
         Ok(())
     }
-}
-
-fn tag_of(outcome: &Outcome<RowTag>) -> RowTag {
-    match outcome {
-        Outcome::Delivered { tag, .. }
-        | Outcome::Refused { tag, .. }
-        | Outcome::Failed { tag, .. }
-        | Outcome::Skipped { tag } => *tag,
-    }
-}
-
-/// A connection for `LISTEN`; without one the relay polls on its timer.
-async fn listen(config: &PollConfig) -> Option<Wakeups> {
-    let listen = format!(
-        "LISTEN {}",
-        crate::catalog::quote_ident(schema::NOTIFY_CHANNEL)
-    );
-    let result = async {
-        let (client, rx) = sql::connect_listening(&config.pg).await?;
-        client.batch_execute(&listen).await?;
-        Ok::<_, SqlError>((client, rx))
-    }
-    .await;
-    result
-        .inspect_err(
-            |error| tracing::warn!(%error, "cannot LISTEN for new rows; polling on the timer"),
-        )
-        .ok()
 }

@@ -245,6 +245,12 @@ impl MemoryBroker {
             .map(|(at, l)| (at as i64, l.record.clone()))
     }
 
+    /// The records held are lost with the producer that sent them (its
+    /// relay died): never acknowledged, never in the log.
+    pub fn discard_held(&self) {
+        self.state.lock().unwrap().held.clear();
+    }
+
     /// Records handed to the broker and not yet acknowledged.
     pub fn held(&self) -> usize {
         self.state.lock().unwrap().held.len()
