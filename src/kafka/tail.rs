@@ -111,6 +111,11 @@ impl TailReader {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
+            // A scan reads one chunk at a time; librdkafka's default
+            // prefetch (64 MiB per consumer, eight consumers) would hold
+            // the rest of the tail in memory meanwhile.
+            .set("queued.max.messages.kbytes", "1024")
+            .set("fetch.max.bytes", "1048576")
             .set("isolation.level", "read_committed")
             .set("client.id", "walrelay-tail-scan");
         TailReader {
