@@ -18,6 +18,7 @@ mod errors;
 mod history;
 mod latency;
 mod readings;
+mod sample;
 #[cfg(test)]
 mod tests;
 
@@ -30,10 +31,11 @@ use crate::lsn::Lsn;
 use crate::metrics as m;
 pub use delivered::Delivered;
 pub use errors::{ErrorLog, ErrorRecord, Recovery};
-pub use history::{CAPACITY, History, INTERVAL, MAX_PARTITIONS, Sample, State, Transition};
+pub use history::{CAPACITY, History, INTERVAL, MAX_PARTITIONS};
 pub use latency::{IntervalLatency, IntervalTimer, LatencyHistogram, LatencyWindow};
 use readings::Reading;
 pub use readings::{Backlog, InboxPartition, InboxSnapshot, LiveCounters, Role, Source, Subject};
+pub use sample::{Sample, State, Transition};
 
 /// Counts since start at the last sample, for the sample's per-interval
 /// counts.
