@@ -4,7 +4,7 @@
 //! Each session's I/O is tagged with the session it was started in, so a
 //! result that arrives after its session ended (the source discarded its
 //! records, or began again) is told apart and ignored. Topic preparation
-//! is not of any session: a topic's count holds across sessions.
+//! is tied to no session: its result is always used.
 
 use std::future::Future;
 use std::task::{Context, Poll};

@@ -3,9 +3,9 @@
 //! wakes the publisher when that pause ends or the open transaction stops
 //! taking records.
 //!
-//! A pause holds back every record, not one partition's: the failures it
-//! waits out (a full queue, a broker away, a topic not ready) are the
-//! producer's, and sending the rest meanwhile would only fail them too.
+//! A pause holds back every record, not one partition's: the publisher
+//! marks everything held while it lasts (a full queue, a failed delivery,
+//! a topic not ready, a takeover or an abort to try again).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
