@@ -7,132 +7,35 @@
 //! The sampler ([`spawn_sampler`]) turns the readings into one
 //! [`Sample`] a second in the [`History`] ring; state changes are recorded
 //! the moment they happen, by the setters.
+//!
+//! The shapes it serves (where the events come from, the role, the
+//! monitors' readings, the counters) are in `live/readings.rs`; the
+//! history ring in `live/history.rs`, the errors in `live/errors.rs`, the
+//! latency windows in `live/latency.rs`.
 
 mod delivered;
 mod errors;
 mod history;
 mod latency;
+mod readings;
+mod sample;
 #[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use crate::catalog::SlotSnapshot;
 use crate::lsn::Lsn;
 use crate::metrics as m;
 pub use delivered::Delivered;
 pub use errors::{ErrorLog, ErrorRecord, Recovery};
-pub use history::{CAPACITY, History, INTERVAL, MAX_PARTITIONS, Sample, State, Transition};
+pub use history::{CAPACITY, History, INTERVAL, MAX_PARTITIONS};
 pub use latency::{IntervalLatency, IntervalTimer, LatencyHistogram, LatencyWindow};
-
-/// A reading older than this is not charted (its monitor fails or stopped).
-const STALE: Duration = Duration::from_secs(10);
-
-/// Where the events come from (or, for the inbox, go).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// `run`: the replication slot.
-    #[default]
-    Wal,
-    /// `run --source poll`: the outbox table, polled.
-    Poll,
-    /// `inbox`: Kafka into an inbox table.
-    Inbox,
-}
-
-/// What the dashboard names in its header, and the limits it draws: set
-/// once at start.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Subject {
-    /// The slot (WAL), the outbox tables (poll), or the topics and
-    /// patterns (inbox).
-    pub name: String,
-    /// `exactly-once` or `at-least-once`.
-    pub delivery: &'static str,
-    /// The in-flight window (WAL) or the batch (poll, inbox), in events.
-    pub max_in_flight_events: Option<u64>,
-    /// The in-flight window, in bytes (WAL).
-    pub max_in_flight_bytes: Option<u64>,
-    /// The table written: the inbox's.
-    pub table: Option<String>,
-    /// The inbox's consumer group.
-    pub group: Option<String>,
-}
-
-/// One reading of the outbox table's backlog (the polling source).
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct Backlog {
-    /// Rows not yet published.
-    pub pending_rows: i64,
-    /// Of those, rows that failed at least once.
-    pub failing_rows: i64,
-    /// Age of the oldest row not yet published.
-    pub oldest_pending_seconds: Option<f64>,
-}
-
-/// The inbox's view of its group: what it holds and how far behind.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct InboxSnapshot {
-    pub group: String,
-    pub partitions: Vec<InboxPartition>,
-    /// Records skipped since start because their id was already stored.
-    pub duplicates: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct InboxPartition {
-    pub topic: String,
-    pub partition: i32,
-    /// The next offset to consume; `None` before the first record.
-    pub next_offset: Option<i64>,
-    /// Records behind the partition's high watermark.
-    pub lag: Option<i64>,
-}
-
-/// What this relay instance is doing with its slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Not streaming yet, or reconnecting after an error.
-    Starting,
-    /// Streaming from the slot.
-    Active,
-    /// Another process holds the slot; this one waits to take over.
-    Standby,
-}
-
-/// A reading and when it was taken.
-#[derive(Debug)]
-struct Reading<T> {
-    value: Option<T>,
-    at: Option<Instant>,
-}
-
-impl<T: Clone> Reading<T> {
-    fn set(&mut self, value: Option<T>) {
-        self.value = value;
-        self.at = Some(Instant::now());
-    }
-
-    /// The value, unless it is older than [`STALE`].
-    fn fresh(&self) -> Option<T> {
-        self.at
-            .filter(|at| at.elapsed() < STALE)
-            .and(self.value.clone())
-    }
-}
-
-impl<T> Default for Reading<T> {
-    fn default() -> Self {
-        Reading {
-            value: None,
-            at: None,
-        }
-    }
-}
+use readings::Reading;
+pub use readings::{Backlog, InboxPartition, InboxSnapshot, LiveCounters, Role, Source, Subject};
+pub use sample::{Sample, State, Transition};
 
 /// Counts since start at the last sample, for the sample's per-interval
 /// counts.
@@ -568,20 +471,4 @@ pub fn spawn_sampler(live: Arc<LiveState>) {
             live.record_sample();
         }
     });
-}
-
-/// Live counters the dashboard reads (Prometheus gets the same through the
-/// `metrics` crate; these are for the page and `/readyz`).
-#[derive(Debug, Default)]
-pub struct LiveCounters {
-    /// Events delivered where this process delivers them: into Kafka (the
-    /// WAL and polling sources) or into the inbox table (the inbox).
-    pub events_delivered: AtomicU64,
-    pub events_skipped: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub in_flight_bytes: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub broker_reachable: AtomicBool,
-    pub monitor_errors: AtomicU64,
 }

@@ -1,11 +1,13 @@
-//! What both connections to PostgreSQL share: the connection URL
-//! (`config.rs`), TLS (`tls.rs`), server errors and their fixes
-//! (`error.rs`), and identifier quoting. The walsender connection lives in
-//! `crate::replication`, the SQL connection in `crate::sql`.
+//! What both connections to PostgreSQL share: the connection settings
+//! (`config.rs`) and the URL they are parsed from (`url.rs`), TLS
+//! (`tls.rs`), server errors and their fixes (`error.rs`), and identifier
+//! quoting. The walsender connection lives in `crate::replication`, the SQL
+//! connection in `crate::sql`.
 
 pub mod config;
 pub mod error;
 pub mod tls;
+mod url;
 
 pub use config::{
     ConnectionConfig, Host, HostPort, Password, SslMode, TargetSessionAttrs, redact_url,

@@ -9,7 +9,9 @@
 //!
 //! | file | role |
 //! | --- | --- |
-//! | `publisher.rs` | order, waiting, retries, the broker I/O, outcomes |
+//! | `publisher.rs` | order, waiting, retries, outcomes |
+//! | `broker_io.rs` | the broker I/O waited for, each session's told apart |
+//! | `pause.rs` | waiting out failures: the backoff, the pause, the timer |
 //! | `outcome.rs` | what sources hand over and get back |
 //! | `records.rs` | the records in hand, in order, and what holds them back |
 //! | `transaction.rs` | the Kafka transaction's life |
@@ -26,12 +28,14 @@
 //! it imports nothing of the other source, and the publisher nothing of
 //! either.
 
+mod broker_io;
 mod error;
 mod ledgers;
 #[cfg(test)]
 pub mod memory;
 mod outcome;
 mod partitioner;
+mod pause;
 pub mod position;
 mod publisher;
 mod records;

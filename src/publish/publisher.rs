@@ -21,22 +21,20 @@
 //! walsender meanwhile.
 
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
+use super::broker_io::{BrokerIo, Io, SessionIo};
 use super::error::{DeliveryDecision, PublishError, decide};
 use super::ledgers::{PartitionKey, PartitionLedgers, Replay, Verdict};
 use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
 use super::partitioner::partition_for;
+use super::pause::{MAX_RETRY_BACKOFF, Pause};
 use super::records::Records;
-use super::scan::LedgerScan;
 use super::sink::{
-    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
-    TopicError,
+    BrokerError, BrokerErrorClass, Delivery, RecordId, SendRefused, Sink, TopicError,
 };
 use super::topics::{Prepared, Readiness, Topics};
 use super::transaction::{End, Transaction};
@@ -45,23 +43,6 @@ use crate::metrics as m;
 /// How long records wait after the producer's queue turned one away.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
-/// The longest pause before sending failed records again.
-const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Broker I/O the publisher waits for.
-enum Io {
-    Prepared(String, Result<i32, TopicError>),
-    /// Of the session it was started in.
-    Session(u64, SessionIo),
-}
-
-enum SessionIo {
-    Scanned(PartitionKey, Instant, Result<Box<LedgerScan>, BrokerError>),
-    Initialized(Result<(), BrokerError>),
-    Committed(Result<(), BrokerError>),
-    Aborted(Result<(), BrokerError>),
-}
-
 pub struct Publisher<S: Sink, T> {
     sink: S,
     config: PublisherConfig,
@@ -69,14 +50,8 @@ pub struct Publisher<S: Sink, T> {
     topics: Topics,
     ledgers: Option<PartitionLedgers>,
     txn: Transaction,
-    io: FuturesUnordered<LocalBoxFuture<Io>>,
-    /// Counts sessions, so I/O of an ended one is ignored.
-    session: u64,
-    /// When waiting records may be tried again.
-    pause_until: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
-    /// Failures since the last success, for the backoff.
-    failures: u32,
+    io: BrokerIo,
+    pause: Pause,
     /// An error to return from the next call of `next`.
     failed: Option<PublishError>,
 }
@@ -89,11 +64,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             sink,
             records: Records::new(),
             topics: Topics::default(),
-            io: FuturesUnordered::new(),
-            session: 0,
-            pause_until: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            failures: 0,
+            io: BrokerIo::new(),
+            pause: Pause::new(),
             failed: None,
             config,
         };
@@ -107,7 +79,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// read again on first use; with transactions, the producer takes over
     /// `transactional_id` first, fencing any earlier holder of it.
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
-        self.session += 1;
+        self.io.new_session();
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
             ledgers.begin(replay);
         }
@@ -118,15 +90,9 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     fn initialize_if_needed(&mut self) {
         if let Some(id) = self.txn.take_initialization() {
             let init = self.sink.init(&id);
-            self.watch(async move { SessionIo::Initialized(init.await) });
+            self.io
+                .watch(async move { SessionIo::Initialized(init.await) });
         }
-    }
-
-    /// Waits for broker I/O of this session.
-    fn watch(&mut self, io: impl std::future::Future<Output = SessionIo> + 'static) {
-        let session = self.session;
-        self.io
-            .push(Box::pin(async move { Io::Session(session, io.await) }));
     }
 
     /// Hands a record over. What became of it may be known at once.
@@ -142,7 +108,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// Whether new records go out now; false while the producer's queue is
     /// full or a failure is waited out, so the source stops reading.
     pub fn accepting(&self) -> bool {
-        !(self.records.held.all && self.pause_until.is_some())
+        !(self.records.held.all && self.pause.is_on())
     }
 
     /// Records handed over and not yet settled.
@@ -154,8 +120,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// them again): the open transaction is left to be aborted by the next
     /// session's takeover, and the producer is taken over again.
     pub fn discard(&mut self) -> usize {
-        self.pause_until = None;
-        self.session += 1;
+        self.pause.clear();
+        self.io.new_session();
         self.txn.abandon();
         self.sink.renew_if_failed();
         self.records.clear()
@@ -180,20 +146,14 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 self.on_delivery(delivery, &mut outcomes);
                 changed = true;
             }
-            while let Poll::Ready(Some(io)) = self.io.poll_next_unpin(cx) {
+            while let Poll::Ready(Some(io)) = self.io.poll_next(cx) {
                 self.on_io(io, &mut outcomes);
                 changed = true;
             }
-            if let Some(at) = self.wake_at() {
-                if self.timer.deadline() != at {
-                    self.timer.as_mut().reset(at);
-                }
-                if self.timer.as_mut().poll(cx).is_ready() {
-                    if self.pause_until.is_some_and(|p| p <= Instant::now()) {
-                        self.pause_until = None;
-                    }
-                    changed = true;
-                }
+            // The timer wakes the publisher when a pause ends, or when the
+            // open transaction stops taking records.
+            if self.pause.poll_timer(cx, self.txn.closes_at()) {
+                changed = true;
             }
             if changed {
                 self.pump(&mut outcomes);
@@ -210,22 +170,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         }
     }
 
-    /// When the timer must wake the publisher: a pause ends, or the open
-    /// transaction stops taking records.
-    fn wake_at(&self) -> Option<Instant> {
-        match (self.pause_until, self.txn.closes_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     fn on_delivery(&mut self, delivery: Delivery, outcomes: &mut Vec<Outcome<T>>) {
         if !self.records.reported(delivery.id) {
             return; // discarded, or already settled
         }
         match delivery.result {
             Ok(()) => {
-                self.failures = 0;
+                self.pause.succeeded();
                 if self.txn.is_on() {
                     self.records.mark_acked(delivery.id);
                 } else {
@@ -264,8 +215,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 });
             }
             DeliveryDecision::Retry => {
-                self.failures += 1;
-                let wait = backoff(self.failures.min(8), MAX_RETRY_BACKOFF);
+                let wait = self.pause.failed();
                 tracing::warn!(error = %error, retry_in = ?wait, "delivery failed; will send again");
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "delivery").increment(1);
                 self.records.requeue(id);
@@ -274,17 +224,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         }
     }
 
+    /// Holds every record back for at least `wait`.
     fn pause(&mut self, wait: Duration) {
-        let until = Instant::now() + wait;
-        self.pause_until = Some(self.pause_until.map_or(until, |u| u.max(until)));
+        self.pause.extend(wait);
         self.records.held.all = true;
     }
 
     fn on_io(&mut self, io: Io, outcomes: &mut Vec<Outcome<T>>) {
         let io = match io {
             Io::Prepared(topic, result) => return self.on_prepared(topic, result, outcomes),
-            Io::Session(session, io) if session == self.session => io,
-            Io::Session(..) => return, // of an ended session
+            Io::Session(io) => io,
+            Io::Ended => return,
         };
         match io {
             SessionIo::Scanned(key, started, result) => {
@@ -302,8 +252,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                             BrokerErrorClass::Transient | BrokerErrorClass::NotAuthorized
                         ) =>
                     {
-                        self.failures += 1;
-                        let wait = backoff(self.failures.min(8), MAX_RETRY_BACKOFF);
+                        let wait = self.pause.failed();
                         if error.class == BrokerErrorClass::NotAuthorized {
                             tracing::error!(topic = %key.0, partition = key.1, %error, "exactly once reads each partition's tail, and this principal may not: grant it READ on the topic (or run --delivery at-least-once); its records wait");
                         } else {
@@ -311,7 +260,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                         }
                         let scan = ledgers.rescan(&key);
                         let read = self.sink.scan_tail(&key.0, key.1, scan);
-                        self.watch(async move {
+                        self.io.watch(async move {
                             tokio::time::sleep(wait).await;
                             SessionIo::Scanned(key, started, read.await.map(Box::new))
                         });
@@ -327,8 +276,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     if error.ends_producer() {
                         self.failed = Some(PublishError::Producer(error.clone()));
                     } else {
-                        self.failures += 1;
-                        let wait = backoff(self.failures.min(8), MAX_RETRY_BACKOFF);
+                        let wait = self.pause.failed();
                         tracing::warn!(%error, retry_in = ?wait, "cannot take over the transactional id yet");
                         self.pause(wait);
                     }
@@ -359,7 +307,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "commit").increment(1);
                 self.txn.commit_again();
                 let commit = self.sink.commit();
-                self.watch(async move {
+                self.io.watch(async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     SessionIo::Committed(commit.await)
                 });
@@ -426,8 +374,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 }
         );
         if retry {
-            self.failures += 1;
-            let wait = backoff(self.failures, MAX_RETRY_BACKOFF);
+            let wait = self.pause.failed();
             tracing::warn!(topic, %error, retry_in = ?wait, "topic not ready; retrying");
             metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "metadata").increment(1);
             self.pause(wait);
@@ -458,9 +405,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             self.topics.refreshing(topic);
         }
         let prepare = self.sink.prepare_topic(topic, create);
-        let topic = topic.to_owned();
-        self.io
-            .push(Box::pin(async move { Io::Prepared(topic, prepare.await) }));
+        self.io.watch_topic(topic.to_owned(), prepare);
     }
 
     /// Offers every waiting record again, in order, then ends the
@@ -478,11 +423,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         match self.txn.due(self.records.sent(), self.records.any_acked()) {
             Some(End::Commit) => {
                 let commit = self.sink.commit();
-                self.watch(async move { SessionIo::Committed(commit.await) });
+                self.io
+                    .watch(async move { SessionIo::Committed(commit.await) });
             }
             Some(End::Abort) => {
                 let abort = self.sink.abort();
-                self.watch(async move { SessionIo::Aborted(abort.await) });
+                self.io
+                    .watch(async move { SessionIo::Aborted(abort.await) });
             }
             None => {}
         }
@@ -490,7 +437,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
 
     /// Whether records may be sent at all now.
     fn may_send(&mut self) -> bool {
-        if self.pause_until.is_some() || self.failed.is_some() {
+        if self.pause.is_on() || self.failed.is_some() {
             return false;
         }
         self.initialize_if_needed();
@@ -526,7 +473,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 Verdict::Scan(scan) => {
                     let read = self.sink.scan_tail(&key.0, key.1, *scan);
                     let (scanned, started) = (key.clone(), Instant::now());
-                    self.watch(async move {
+                    self.io.watch(async move {
                         SessionIo::Scanned(scanned, started, read.await.map(Box::new))
                     });
                     self.records.held.partitions.insert(key);

@@ -11,6 +11,7 @@
 //! | --- | --- |
 //! | `session.rs` | one replication session: stream, decoder, relation cache, open transaction |
 //! | `wal_relay.rs` | the loop, one biased `select!` over everything that can happen, and its handlers |
+//! | `outbound.rs` | events handed to the publisher, and what became of them settled (window, tracker, dead letters) |
 //! | `link.rs` | the replication link's state: idle, connecting, streaming |
 //! | `reconnect.rs` | when to connect again: backoff, standing by, giving up |
 //! | `refused.rs` | events the broker refused for good, on their way into the dead-letter table |
@@ -78,6 +79,7 @@ mod ack_tracker;
 mod confirmer;
 mod error;
 mod link;
+mod outbound;
 mod reconnect;
 mod refused;
 mod session;

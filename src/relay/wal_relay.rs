@@ -16,6 +16,9 @@
 //! No branch waits on anything but its own future, so shutdown, deliveries
 //! and the walsender are answered whatever else is going on.
 //!
+//! Handing events to the publisher and settling what became of them is
+//! `outbound.rs`'s; the loop decides when to read and what each item means.
+//!
 //! `relay/mod.rs` says why the relay lets go of the slot when the broker
 //! stalls, and where each session starts.
 
@@ -23,30 +26,24 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::RelayConfig;
 use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
 use super::error::{RelayError, StreamError, decide};
 use super::link::{Link, LinkEvent, Release, report_connected, report_waiting_for_broker};
+use super::outbound::{Outbound, Settling};
 use super::reconnect::{Next, ReconnectPolicy};
-use super::refused::Refused;
 use super::session::{Connector, Session, SessionStart, WalItem};
-use super::window::InFlightWindow;
-use super::{DeliveryGuarantee, RelayConfig};
-use crate::dead_letters::{DeadLetter, DeadLetterStore, PgDeadLetters};
+use crate::dead_letters::DeadLetterStore;
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::monitor::Finding;
 use crate::pgoutput::PgTimestamp;
-use crate::publish::{
-    ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, Publisher,
-    PublisherConfig, Replay, ScanSettings, Sink, TopicFailures,
-};
-use crate::record::KafkaRecord;
+use crate::publish::Sink;
 use crate::router::{Routed, Router};
 use crate::shutdown::Shutdown;
 
@@ -84,19 +81,6 @@ impl Deadlines {
     }
 }
 
-/// What travels with each record through the publisher and back.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct EventTag {
-    txn: TxnTicket,
-    commit_time: PgTimestamp,
-    /// The record's size, released from the window when it is settled.
-    bytes: usize,
-    position: Position,
-    /// Kept whole in the dead-letter table already: a refusal of its
-    /// record now only loses a notice.
-    stored: bool,
-}
-
 /// The transaction being applied.
 struct ApplyingTxn {
     ticket: TxnTicket,
@@ -110,26 +94,16 @@ pub struct WalRelay<C: Connector, S: Sink> {
     connector: C,
     /// Built when the first session tells the system identifier.
     router: Option<Router>,
-    window: InFlightWindow,
     confirmer: Confirmer,
-    publisher: Publisher<S, EventTag>,
+    /// Events handed to the publisher, and what became of them.
+    out: Outbound<S>,
     live: Arc<LiveState>,
     findings: mpsc::Receiver<Finding>,
     open: Option<ApplyingTxn>,
     reconnect: ReconnectPolicy,
-    /// The last acknowledgement, or when events started to wait.
-    last_progress: Instant,
-    /// Exactly once: this session's origin as the header every record
-    /// carries (formatted once per session, not per record).
-    origin_header: Option<Bytes>,
-    /// This session's origin, for the dead-letter table's keys.
-    origin: Option<Origin>,
     /// Since when the relay has been reading the stream without pause:
     /// silence counts only while it reads.
     reading_since: Option<Instant>,
-    /// Refused events being kept in the dead-letter table.
-    refused: Refused<EventTag>,
-    delivered: crate::live::Delivered,
     transactions: metrics::Counter,
 }
 
@@ -141,55 +115,28 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         live: Arc<LiveState>,
         findings: mpsc::Receiver<Finding>,
     ) -> Self {
-        let exactly_once =
-            (config.delivery == DeliveryGuarantee::ExactlyOnce).then(|| ScanSettings {
-                lookback: config.exactly_once_lookback,
-                dead_letter_topic: config.router.dead_letter_topic.clone(),
-                window: config.max_in_flight_events,
-                margin: crate::publish::EVENT_MARGIN,
-            });
-        let publisher = Publisher::new(
-            sink,
-            PublisherConfig {
-                dead_letter_topic: config.router.dead_letter_topic.clone(),
-                topic_failures: TopicFailures::Stop,
-                exactly_once,
-            },
-        );
         WalRelay {
-            window: InFlightWindow::new(config.max_in_flight_events, config.max_in_flight_bytes),
+            out: Outbound::new(&config, sink, Arc::clone(&live)),
             confirmer: Confirmer::new(config.status_interval),
             reconnect: ReconnectPolicy::new(
                 config.max_backoff,
                 config.permanent_error_attempts,
                 config.standby_retry,
             ),
-            publisher,
             router: None,
             connector,
             live,
             findings,
             open: None,
-            last_progress: Instant::now(),
-            origin_header: None,
-            origin: None,
             reading_since: None,
-            delivered: crate::live::Delivered::default(),
             transactions: metrics::counter!(m::TRANSACTIONS_TOTAL),
-            refused: Refused::new(
-                Rc::new(PgDeadLetters {
-                    pg: config.pg.clone(),
-                    table: config.dead_letter_table.clone(),
-                }),
-                config.max_backoff,
-            ),
             config,
         }
     }
 
     /// Keeps refused events in `store` instead of the dead-letter table.
     pub fn with_dead_letter_store(mut self, store: Rc<dyn DeadLetterStore>) -> Self {
-        self.refused.set_store(store);
+        self.out.set_dead_letter_store(store);
         self
     }
 
@@ -205,15 +152,12 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
         loop {
             if let Some(deadline) = stop_deadline {
-                if self.window.is_empty() || Instant::now() >= deadline {
+                if self.out.is_empty() || Instant::now() >= deadline {
                     return self.stop(link).await;
                 }
             }
             let streaming = link.is_streaming();
-            let reading = streaming
-                && stop_deadline.is_none()
-                && self.publisher.accepting()
-                && self.window.has_room();
+            let reading = streaming && stop_deadline.is_none() && self.out.takes_more();
             let feedback_at = streaming.then(|| self.confirmer.due_at());
             // A server that sends nothing, though every status update asks
             // it to answer once it has been quiet, is gone.
@@ -228,12 +172,10 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 }
                 _ => None,
             };
-            let stall_at = (streaming && stop_deadline.is_none() && !self.window.is_empty())
-                .then(|| self.last_progress + self.config.broker_stall_timeout);
+            let stall_at = (streaming && stop_deadline.is_none() && !self.out.is_empty())
+                .then(|| self.out.last_progress() + self.config.broker_stall_timeout);
             let reconnect_at = match &link {
-                Link::Idle { reconnect_at }
-                    if stop_deadline.is_none() && self.window.is_empty() =>
-                {
+                Link::Idle { reconnect_at } if stop_deadline.is_none() && self.out.is_empty() => {
                     Some(*reconnect_at)
                 }
                 _ => None,
@@ -254,7 +196,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             let outcome: Result<(), RelayError> = tokio::select! {
                 biased;
                 () = shutdown.wait(), if stop_deadline.is_none() => {
-                    tracing::info!(in_flight = self.window.events(), "stopping: draining in-flight events");
+                    tracing::info!(in_flight = self.out.events(), "stopping: draining in-flight events");
                     stop_deadline = Some(Instant::now() + self.config.shutdown_timeout);
                     Ok(())
                 }
@@ -262,23 +204,11 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Finding::Outbox(problem) => Err(RelayError::Outbox(problem)),
                     Finding::ServerStopping => self.release(&mut link, Release::ServerStopping).await,
                 },
-                outcomes = self.publisher.next() => match outcomes {
-                    Ok(outcomes) => self.settle(outcomes),
-                    Err(error) => Err(error.into()),
+                settling = self.out.next() => match settling {
+                    Settling::Outcomes(Ok(outcomes)) => self.out.settle(outcomes, &mut self.confirmer),
+                    Settling::Outcomes(Err(error)) => Err(error.into()),
+                    Settling::Stored(tag, notice) => self.out.stored(tag, notice, &mut self.confirmer),
                 },
-                (mut tag, notice) = self.refused.next() => {
-                    // Kept whole in the table: its notice goes to the
-                    // dead-letter topic, and settles the event.
-                    tag.stored = true;
-                    let position = self.origin_header.is_some().then_some(tag.position);
-                    let outcomes = self.publisher.publish(Outgoing {
-                        record: notice,
-                        tag,
-                        position,
-                        dead_letter: true,
-                    });
-                    self.settle(outcomes)
-                }
                 event = link.next(reading) => match event {
                     LinkEvent::Connected(Ok((stream, start))) => {
                         self.on_connected(start);
@@ -332,7 +262,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
     ) -> Result<(), RelayError> {
         self.apply(item, link).await?;
         for _ in 0..READY_BATCH {
-            if !(self.publisher.accepting() && self.window.has_room()) {
+            if !self.out.takes_more() {
                 break;
             }
             let Link::Streaming(session) = link else {
@@ -378,7 +308,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     .expect("the session checks inserts are in a transaction");
                 let (ticket, commit_time) = (txn.ticket, txn.commit_time);
                 let routed = self.router().route_insert(&relation, &tuple, ctx);
-                self.publish(routed, ticket, commit_time, position)?;
+                self.out
+                    .publish(routed, ticket, commit_time, position, &mut self.confirmer)?;
             }
             WalItem::Message {
                 message,
@@ -402,7 +333,13 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                 match self.open.as_ref() {
                     Some(txn) if in_transaction => {
                         let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                        self.publish(routed, ticket, commit_time, position)?;
+                        self.out.publish(
+                            routed,
+                            ticket,
+                            commit_time,
+                            position,
+                            &mut self.confirmer,
+                        )?;
                     }
                     _ => {
                         // A non-transactional message stands alone in the
@@ -410,7 +347,13 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                         // tracker, ending at its LSN, so it is confirmed in
                         // stream order.
                         let ticket = self.confirmer.begin();
-                        self.publish(routed, ticket, ctx.commit_time, position)?;
+                        self.out.publish(
+                            routed,
+                            ticket,
+                            ctx.commit_time,
+                            position,
+                            &mut self.confirmer,
+                        )?;
                         self.confirmer.commit(ticket, message.lsn, None)?;
                     }
                 }
@@ -433,160 +376,6 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         self.router
             .as_ref()
             .expect("the router is built when the first session starts")
-    }
-
-    /// Hands a routed change to the publisher, if it is one.
-    fn publish(
-        &mut self,
-        routed: Routed,
-        txn: TxnTicket,
-        commit_time: PgTimestamp,
-        position: Position,
-    ) -> Result<(), RelayError> {
-        let (mut record, dead_letter) = match routed {
-            Routed::Ignored => return Ok(()),
-            Routed::Event(record) => (record, false),
-            Routed::DeadLetter { record, error } => {
-                tracing::warn!(reason = %error, kind = error.kind(), "unroutable change sent to the dead-letter topic");
-                metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "unroutable").increment(1);
-                (record, true)
-            }
-        };
-        self.confirmer.event_sent(txn)?;
-        if self.window.is_empty() {
-            // Events start to wait: the stall clock starts now.
-            self.last_progress = Instant::now();
-        }
-        // Exactly once: the record says where it comes from, so a later
-        // process can tell it is already in the log.
-        if let Some(origin) = &self.origin_header {
-            record
-                .headers
-                .push((POSITION_HEADER.into(), position.to_bytes()));
-            record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
-        }
-        let tag = EventTag {
-            txn,
-            commit_time,
-            bytes: record.size(),
-            position,
-            stored: false,
-        };
-        self.window.admit(tag.bytes);
-        let outcomes = self.publisher.publish(Outgoing {
-            record,
-            tag,
-            position: self.origin_header.is_some().then_some(position),
-            dead_letter,
-        });
-        self.settle(outcomes)
-    }
-
-    /// Applies what became of records to the window and the watermark.
-    fn settle(&mut self, outcomes: Vec<Outcome<EventTag>>) -> Result<(), RelayError> {
-        let mut outcomes = std::collections::VecDeque::from(outcomes);
-        while let Some(outcome) = outcomes.pop_front() {
-            let tag = match outcome {
-                Outcome::Delivered {
-                    tag,
-                    topic,
-                    dead_letter,
-                } => {
-                    self.delivered
-                        .count(&self.live, &topic, tag.commit_time, dead_letter);
-                    tag
-                }
-                Outcome::Skipped { tag } => {
-                    self.live
-                        .counters
-                        .events_skipped
-                        .fetch_add(1, Ordering::Relaxed);
-                    tag
-                }
-                Outcome::Refused {
-                    tag,
-                    record,
-                    error,
-                    kind,
-                    dead_letter: false,
-                } => {
-                    // The broker will never take it: it is kept whole in
-                    // the dead-letter table first, then its notice goes to
-                    // the dead-letter topic; only then is it settled.
-                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
-                        .increment(1);
-                    self.store_dead_letter(tag, record, kind, error.message);
-                    continue;
-                }
-                Outcome::Refused {
-                    tag,
-                    record,
-                    error,
-                    kind,
-                    dead_letter: true,
-                } if !tag.stored => {
-                    // An unroutable change's dead letter (every column, so
-                    // it can be large), refused: kept whole in the table.
-                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
-                        .increment(1);
-                    self.store_dead_letter(tag, record, kind, error.message);
-                    continue;
-                }
-                Outcome::Refused {
-                    tag, record, error, ..
-                } => {
-                    // Its notice was refused too; the event itself is in
-                    // the dead-letter table.
-                    let id = record
-                        .header("id")
-                        .map(|v| String::from_utf8_lossy(v).into_owned());
-                    tracing::error!(topic = %record.topic, id = ?id, reason = %error, table = %crate::dead_letters::display(&self.config.dead_letter_table), "the dead-letter topic refused a notice; the event is kept in the dead-letter table");
-                    metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "dead_letter_rejected")
-                        .increment(1);
-                    tag
-                }
-                Outcome::Failed { error, .. } => {
-                    unreachable!("the WAL relay's publisher stops on topic errors: {error}")
-                }
-            };
-            self.last_progress = Instant::now();
-            self.window.release(tag.bytes);
-            self.confirmer.ack(tag.txn)?;
-        }
-        self.live
-            .record_in_flight(self.window.events(), self.window.bytes());
-        Ok(())
-    }
-
-    /// Keeps a refused event whole in the dead-letter table (trying again
-    /// until PostgreSQL takes it; the event stays in flight meanwhile).
-    fn store_dead_letter(&mut self, tag: EventTag, record: KafkaRecord, kind: &str, error: String) {
-        // Keyed by the timeline the event was written on, not the
-        // session's: a replay after a failover is the same row.
-        let origin = self.origin.as_ref().map_or_else(String::new, |origin| {
-            let timeline = self.router.as_ref().map_or(origin.timeline, |router| {
-                router.history().timeline_of(tag.position.commit)
-            });
-            Origin {
-                timeline,
-                ..origin.clone()
-            }
-            .to_string()
-        });
-        let notice = crate::router::broker_dead_letter(
-            &self.config.router.dead_letter_topic,
-            &record,
-            &error,
-            kind,
-            kind != "too_large",
-        );
-        let letter = DeadLetter {
-            event_key: format!("{origin}/{}", tag.position),
-            record,
-            kind: kind.to_owned(),
-            error,
-        };
-        self.refused.keep(tag, letter, notice);
     }
 
     /// Sends a status update with the watermark, if streaming.
@@ -623,26 +412,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         self.confirmer.restart(start.slot_confirmed);
         self.open = None;
         self.reconnect.session_started(self.confirmer.confirmed());
-        let origin = Origin {
-            system_id: start.system_id.clone(),
-            slot: self.config.slot.clone(),
-            timeline: start.history.current,
-        };
-        let exactly_once = self.config.delivery == DeliveryGuarantee::ExactlyOnce;
-        let replay = exactly_once.then(|| Replay {
-            origin: origin.clone(),
-            history: start.history.clone(),
-            start: start.slot_confirmed,
-        });
-        let transactional_id = self
-            .config
-            .transactional_id
-            .clone()
-            .unwrap_or_else(|| format!("walrelay.{}.{}", start.system_id, self.config.slot));
-        self.publisher
-            .begin_session(replay, exactly_once.then_some(transactional_id));
-        self.origin_header = exactly_once.then(|| Bytes::from(origin.to_string()));
-        self.origin = Some(origin);
+        self.out.begin_session(&self.config, &start);
         tracing::info!(slot = %self.config.slot, host = %start.host, start = %start.slot_confirmed, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
         report_waiting_for_broker(&self.live, false);
@@ -664,7 +434,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         let reconnect_at = match why {
             Release::BrokerStalled => {
                 tracing::warn!(
-                    in_flight = self.window.events(),
+                    in_flight = self.out.events(),
                     stall_timeout = ?self.config.broker_stall_timeout,
                     "the broker acknowledged nothing: letting go of the slot so PostgreSQL is not held; streaming again once the broker answers"
                 );
@@ -697,9 +467,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         if let RelayError::Publish(_) = error {
             // The producer is made anew: what was in flight is read again
             // from the slot (exactly once, what already landed is skipped).
-            let dropped = self.publisher.discard() + self.refused.clear();
+            let dropped = self.out.discard();
             tracing::warn!(error = %error, dropped, "the producer failed; reading the events in flight again from the slot");
-            self.window.clear();
             self.confirmer.abandon_in_flight();
         }
         let wait = match self
@@ -737,9 +506,9 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
 
     /// Confirms what was acknowledged and ends the session cleanly.
     async fn stop(mut self, mut link: Link<C::Stream>) -> Result<(), RelayError> {
-        if !self.window.is_empty() {
+        if !self.out.is_empty() {
             tracing::warn!(
-                in_flight = self.window.events(),
+                in_flight = self.out.events(),
                 "shutdown timeout: unacknowledged events will be sent again on restart"
             );
         }

@@ -1,0 +1,85 @@
+//! The broker I/O the publisher waits for: topics being prepared, and the
+//! I/O of a session (tail reads, the producer's takeover, commits, aborts).
+//!
+//! Each session's I/O is tagged with the session it was started in, so a
+//! result that arrives after its session ended (the source discarded its
+//! records, or began again) is told apart and ignored. Topic preparation
+//! is tied to no session: its result is always used.
+
+use std::future::Future;
+use std::task::{Context, Poll};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
+
+use super::ledgers::PartitionKey;
+use super::scan::LedgerScan;
+use super::sink::{BrokerError, LocalBoxFuture, TopicError};
+
+/// Broker I/O that finished.
+pub enum Io {
+    Prepared(String, Result<i32, TopicError>),
+    /// Of the current session.
+    Session(SessionIo),
+    /// Of a session that has ended: ignored.
+    Ended,
+}
+
+pub enum SessionIo {
+    Scanned(PartitionKey, Instant, Result<Box<LedgerScan>, BrokerError>),
+    Initialized(Result<(), BrokerError>),
+    Committed(Result<(), BrokerError>),
+    Aborted(Result<(), BrokerError>),
+}
+
+enum Tagged {
+    Prepared(String, Result<i32, TopicError>),
+    /// Of the session it was started in.
+    Session(u64, SessionIo),
+}
+
+/// The broker I/O under way, and the session new I/O belongs to.
+pub struct BrokerIo {
+    pending: FuturesUnordered<LocalBoxFuture<Tagged>>,
+    /// Counts sessions, so I/O of an ended one is ignored.
+    session: u64,
+}
+
+impl BrokerIo {
+    pub fn new() -> Self {
+        BrokerIo {
+            pending: FuturesUnordered::new(),
+            session: 0,
+        }
+    }
+
+    /// A new session: what earlier ones' I/O returns is ignored from now on.
+    pub fn new_session(&mut self) {
+        self.session += 1;
+    }
+
+    /// Waits for broker I/O of this session.
+    pub fn watch(&mut self, io: impl Future<Output = SessionIo> + 'static) {
+        let session = self.session;
+        self.pending
+            .push(Box::pin(async move { Tagged::Session(session, io.await) }));
+    }
+
+    /// Waits for `topic` to be prepared.
+    pub fn watch_topic(&mut self, topic: String, prepare: LocalBoxFuture<Result<i32, TopicError>>) {
+        self.pending.push(Box::pin(
+            async move { Tagged::Prepared(topic, prepare.await) },
+        ));
+    }
+
+    /// The next I/O that finished.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Io>> {
+        self.pending.poll_next_unpin(cx).map(|io| {
+            io.map(|io| match io {
+                Tagged::Prepared(topic, result) => Io::Prepared(topic, result),
+                Tagged::Session(session, io) if session == self.session => Io::Session(io),
+                Tagged::Session(..) => Io::Ended,
+            })
+        })
+    }
+}

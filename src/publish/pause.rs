@@ -1,0 +1,84 @@
+//! Waiting out failures: how many came since the last success (for the
+//! backoff), until when waiting records are held back, and the timer that
+//! wakes the publisher when that pause ends or the open transaction stops
+//! taking records.
+//!
+//! A pause holds back every record, not one partition's: the publisher
+//! marks everything held while it lasts (a full queue, a failed delivery,
+//! a topic not ready, a takeover or an abort to try again).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use super::outcome::backoff;
+
+/// The longest pause before sending failed records again.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct Pause {
+    /// When waiting records may be tried again.
+    until: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+    /// Failures since the last success, for the backoff.
+    failures: u32,
+}
+
+impl Pause {
+    pub fn new() -> Self {
+        Pause {
+            until: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            failures: 0,
+        }
+    }
+
+    /// Whether records are held back now.
+    pub fn is_on(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// Holds records back for at least `wait`.
+    pub fn extend(&mut self, wait: Duration) {
+        let until = Instant::now() + wait;
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+    }
+
+    pub fn clear(&mut self) {
+        self.until = None;
+    }
+
+    /// Counts a failure; returns how long to wait before trying again.
+    pub fn failed(&mut self) -> Duration {
+        self.failures += 1;
+        backoff(self.failures.min(8), MAX_RETRY_BACKOFF)
+    }
+
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Whether the timer fired: the pause ended (it is cleared) or
+    /// `closes_at` came. Arms the timer for whichever comes first.
+    pub fn poll_timer(&mut self, cx: &mut Context<'_>, closes_at: Option<Instant>) -> bool {
+        let wake_at = match (self.until, closes_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(at) = wake_at else {
+            return false;
+        };
+        if self.timer.deadline() != at {
+            self.timer.as_mut().reset(at);
+        }
+        if let Poll::Ready(()) = self.timer.as_mut().poll(cx) {
+            if self.until.is_some_and(|p| p <= Instant::now()) {
+                self.until = None;
+            }
+            return true;
+        }
+        false
+    }
+}
