@@ -8,8 +8,18 @@ import gc
 import threading
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
+
+# Errors a watermark query meets while a partition's leader is being chosen.
+MOMENTARY = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
 
 
 class Record:
@@ -55,7 +65,14 @@ class Broker:
         (a transactional producer's commit markers take offsets too)."""
         total = 0
         for p in self.partitions(topic):
-            _, high = self.meta.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            try:
+                _, high = self.meta.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            except KafkaException as e:
+                # A leader moving (or just elected for a new topic) answers
+                # NOT_LEADER for a moment: count nothing yet, ask again.
+                if e.args and (e.args[0].retriable() or e.args[0].code() in MOMENTARY):
+                    return 0
+                raise
             total += high
         return total
 
