@@ -487,7 +487,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 self.records.held.all = true;
                 return;
             }
-            self.txn.began();
+            self.txn.began(self.records.len());
         }
         let partition = (key.1 >= 0).then_some(key.1);
         let entry = self.records.get(id).expect("waiting");

@@ -16,6 +16,12 @@ use tokio::time::Instant;
 /// commits. Short, because its records count as delivered only once it
 /// commits; librdkafka sends what lingers at once when a commit begins.
 const MAX_OPEN: Duration = Duration::from_millis(10);
+/// How long a transaction takes records when a backlog waits at its start
+/// (`BACKLOG` records or more): a commit costs a round trip to the
+/// coordinator with new records held, so a drain commits fewer, larger
+/// transactions; a steady stream keeps the short window and its latency.
+const BACKLOG_OPEN: Duration = Duration::from_millis(50);
+const BACKLOG: usize = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -27,6 +33,7 @@ enum State {
     Idle,
     Open {
         since: Instant,
+        open_for: Duration,
     },
     Committing,
     Aborting,
@@ -37,6 +44,16 @@ enum State {
 pub enum End {
     Commit,
     Abort,
+}
+
+impl State {
+    /// Open, and taking no more records.
+    fn closed() -> Self {
+        State::Open {
+            since: Instant::now(),
+            open_for: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -105,7 +122,7 @@ impl Transaction {
     pub fn may_send(&self) -> bool {
         match self.state {
             State::Off | State::Idle => true,
-            State::Open { since } => !self.must_abort && since.elapsed() < MAX_OPEN,
+            State::Open { since, open_for } => !self.must_abort && since.elapsed() < open_for,
             _ => false,
         }
     }
@@ -115,9 +132,15 @@ impl Transaction {
         self.state == State::Idle
     }
 
-    pub fn began(&mut self) {
+    /// The transaction began with `waiting` records in hand.
+    pub fn began(&mut self, waiting: usize) {
         self.state = State::Open {
             since: Instant::now(),
+            open_for: if waiting >= BACKLOG {
+                BACKLOG_OPEN
+            } else {
+                MAX_OPEN
+            },
         };
     }
 
@@ -131,7 +154,7 @@ impl Transaction {
     /// When the open transaction stops taking records.
     pub fn closes_at(&self) -> Option<Instant> {
         match self.state {
-            State::Open { since } if since.elapsed() < MAX_OPEN => Some(since + MAX_OPEN),
+            State::Open { since, open_for } if since.elapsed() < open_for => Some(since + open_for),
             _ => None,
         }
     }
@@ -165,9 +188,7 @@ impl Transaction {
 
     /// The commit failed without ending the producer: abort instead.
     pub fn commit_failed(&mut self) {
-        self.state = State::Open {
-            since: Instant::now() - MAX_OPEN,
-        };
+        self.state = State::closed();
         self.must_abort = true;
     }
 
@@ -179,9 +200,7 @@ impl Transaction {
 
     /// An abort failed: try it again.
     pub fn abort_failed(&mut self) {
-        self.state = State::Open {
-            since: Instant::now() - MAX_OPEN,
-        };
+        self.state = State::closed();
     }
 }
 
@@ -197,14 +216,14 @@ mod tests {
         assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
         t.initialized(true);
         assert!(t.needs_begin() && t.may_send());
-        t.began();
+        t.began(0);
         assert_eq!(t.due(1, true), None, "a record is outstanding");
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send(), "closing: new records wait");
         assert_eq!(t.due(0, true), Some(End::Commit));
         t.ended();
         assert!(t.needs_begin());
-        t.began();
+        t.began(0);
         t.fail();
         assert!(!t.may_send());
         assert_eq!(t.due(0, true), Some(End::Abort));
@@ -217,12 +236,35 @@ mod tests {
         t.restart(Some("walrelay.7.s".into()));
         t.take_initialization();
         t.initialized(true);
-        t.began();
+        t.began(0);
         assert_eq!(t.due(0, false), None, "still open: records may come");
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send());
         assert_eq!(t.due(0, false), Some(End::Abort), "closed and empty");
         t.ended();
         assert!(t.needs_begin() && t.may_send());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_begun_with_a_backlog_takes_records_longer() {
+        let mut t = Transaction::new(true);
+        t.restart(Some("walrelay.7.s".into()));
+        t.take_initialization();
+        t.initialized(true);
+        t.began(BACKLOG - 1);
+        tokio::time::advance(MAX_OPEN).await;
+        assert!(!t.may_send(), "a short backlog keeps the short window");
+        assert_eq!(t.due(0, true), Some(End::Commit));
+        t.ended();
+        t.began(BACKLOG);
+        tokio::time::advance(MAX_OPEN).await;
+        assert!(t.may_send(), "a backlog keeps the transaction open");
+        assert_eq!(
+            t.closes_at(),
+            Some(Instant::now() + BACKLOG_OPEN - MAX_OPEN)
+        );
+        tokio::time::advance(BACKLOG_OPEN - MAX_OPEN).await;
+        assert!(!t.may_send());
+        assert_eq!(t.due(0, true), Some(End::Commit));
     }
 }
