@@ -29,15 +29,15 @@ use tokio::time::Instant;
 use super::broker_io::{BrokerIo, Io, SessionIo};
 use super::error::{DeliveryDecision, PublishError, decide};
 use super::ledgers::{PartitionKey, PartitionLedgers, Replay, Verdict};
-use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
+use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures};
 use super::partitioner::partition_for;
-use super::pause::{MAX_RETRY_BACKOFF, Pause};
+use super::pause::Pause;
 use super::records::Records;
 use super::sink::{
     BrokerError, BrokerErrorClass, Delivery, RecordId, SendRefused, Sink, TopicError,
 };
 use super::topics::{Prepared, Readiness, Topics};
-use super::transaction::{End, Transaction};
+use super::transaction::{End, Next, Transaction};
 use crate::metrics as m;
 
 /// How long records wait after the producer's queue turned one away.
@@ -272,21 +272,25 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 }
             }
             SessionIo::Initialized(result) => {
-                if let Err(error) = &result {
-                    if error.ends_producer() {
-                        self.failed = Some(PublishError::Producer(error.clone()));
-                    } else {
-                        let wait = self.pause.failed();
-                        tracing::warn!(%error, retry_in = ?wait, "cannot take over the transactional id yet");
-                        self.pause(wait);
-                    }
-                } else {
-                    tracing::debug!(id = ?self.txn.id, "transactional producer ready");
-                }
-                self.txn.initialized(result.is_ok());
+                let next = self.txn.initialized(result);
+                self.follow(next, outcomes);
             }
-            SessionIo::Committed(Ok(())) => {
-                self.txn.ended();
+            SessionIo::Committed(result) => {
+                let next = self.txn.committed(result);
+                self.follow(next, outcomes);
+            }
+            SessionIo::Aborted(result) => {
+                let next = self.txn.aborted(result);
+                self.follow(next, outcomes);
+            }
+        }
+    }
+
+    /// Does what the transaction decided after its I/O.
+    fn follow(&mut self, next: Next, outcomes: &mut Vec<Outcome<T>>) {
+        match next {
+            Next::Go => {}
+            Next::Deliver => {
                 for entry in self.records.take_acked() {
                     outcomes.push(Outcome::Delivered {
                         tag: entry.tag,
@@ -295,38 +299,21 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     });
                 }
             }
-            SessionIo::Committed(Err(error)) | SessionIo::Aborted(Err(error))
-                if error.ends_producer() =>
-            {
-                self.failed = Some(PublishError::ending(error, self.txn.id.as_deref()));
-            }
-            SessionIo::Committed(Err(error)) if error.class == BrokerErrorClass::Transient => {
-                // It may still commit: aborting now could make the records
-                // visible twice once they are sent again. Commit again.
-                tracing::warn!(%error, "the commit did not finish; committing again");
-                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "commit").increment(1);
-                self.txn.commit_again();
+            Next::SendAgain => self.records.requeue_all(),
+            Next::CommitAgain => {
                 let commit = self.sink.commit();
                 self.io.watch(async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     SessionIo::Committed(commit.await)
                 });
             }
-            SessionIo::Committed(Err(error)) => {
-                tracing::warn!(%error, "the transaction did not commit; aborting it and sending its records again");
-                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "commit").increment(1);
-                self.txn.commit_failed();
+            Next::BackOff => {
+                let wait = self.pause.failed();
+                self.pause(wait);
             }
-            SessionIo::Aborted(Err(error)) => {
-                tracing::warn!(%error, "aborting the transaction failed; trying again");
-                self.txn.abort_failed();
-                self.pause(backoff(1, MAX_RETRY_BACKOFF));
-            }
-            SessionIo::Aborted(Ok(())) => {
-                // Nothing of it is visible: every record of it goes again,
-                // in order.
-                self.txn.ended();
-                self.records.requeue_all();
+            Next::Pause(wait) => self.pause(wait),
+            Next::EndProducer(error) => {
+                self.failed = Some(PublishError::ending(error, self.txn.id.as_deref()));
             }
         }
     }

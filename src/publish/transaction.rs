@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::sink::{BrokerError, BrokerErrorClass};
+use crate::metrics as m;
+
 /// How long a transaction takes new records; then they wait while it
 /// commits. Short, because its records count as delivered only once it
 /// commits; librdkafka sends what lingers at once when a commit begins.
@@ -54,6 +57,27 @@ impl State {
             open_for: Duration::ZERO,
         }
     }
+}
+
+/// What the publisher does once a takeover, a commit or an abort finished.
+#[derive(Debug)]
+pub enum Next {
+    /// Nothing more: records flow (or wait for the next attempt, already set).
+    Go,
+    /// Committed: its acknowledged records are delivered.
+    Deliver,
+    /// Aborted: nothing of it is visible; every record of it goes again,
+    /// in order.
+    SendAgain,
+    /// The commit may still complete (aborting could make its records
+    /// visible twice once they are sent again): commit again shortly.
+    CommitAgain,
+    /// A failure to wait out, counted in the publisher's backoff.
+    BackOff,
+    /// Hold every record back this long.
+    Pause(Duration),
+    /// The producer cannot go on.
+    EndProducer(BrokerError),
 }
 
 #[derive(Debug)]
@@ -110,12 +134,64 @@ impl Transaction {
         Some(id)
     }
 
-    pub fn initialized(&mut self, ok: bool) {
-        self.state = if ok {
+    /// The takeover of the transactional id finished.
+    pub fn initialized(&mut self, result: Result<(), BrokerError>) -> Next {
+        self.state = if result.is_ok() {
             State::Idle
         } else {
             State::Uninitialized
         };
+        match result {
+            Ok(()) => {
+                tracing::debug!(id = ?self.id, "transactional producer ready");
+                Next::Go
+            }
+            Err(error) if error.ends_producer() => Next::EndProducer(error),
+            Err(error) => {
+                tracing::warn!(%error, "cannot take over the transactional id yet");
+                Next::BackOff
+            }
+        }
+    }
+
+    /// A commit finished.
+    pub fn committed(&mut self, result: Result<(), BrokerError>) -> Next {
+        match result {
+            Ok(()) => {
+                self.ended();
+                Next::Deliver
+            }
+            Err(error) if error.ends_producer() => Next::EndProducer(error),
+            Err(error) if error.class == BrokerErrorClass::Transient => {
+                tracing::warn!(%error, "the commit did not finish; committing again");
+                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "commit").increment(1);
+                self.state = State::Committing;
+                Next::CommitAgain
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the transaction did not commit; aborting it and sending its records again");
+                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "commit").increment(1);
+                self.state = State::closed();
+                self.must_abort = true;
+                Next::Go
+            }
+        }
+    }
+
+    /// An abort finished.
+    pub fn aborted(&mut self, result: Result<(), BrokerError>) -> Next {
+        match result {
+            Ok(()) => {
+                self.ended();
+                Next::SendAgain
+            }
+            Err(error) if error.ends_producer() => Next::EndProducer(error),
+            Err(error) => {
+                tracing::warn!(%error, "aborting the transaction failed; trying again");
+                self.state = State::closed();
+                Next::Pause(super::outcome::backoff(1, super::pause::MAX_RETRY_BACKOFF))
+            }
+        }
     }
 
     /// Whether records may be sent now.
@@ -181,26 +257,10 @@ impl Transaction {
         }
     }
 
-    /// The commit may still complete (a retriable error): commit again.
-    pub fn commit_again(&mut self) {
-        self.state = State::Committing;
-    }
-
-    /// The commit failed without ending the producer: abort instead.
-    pub fn commit_failed(&mut self) {
-        self.state = State::closed();
-        self.must_abort = true;
-    }
-
-    /// A commit or an abort finished.
-    pub fn ended(&mut self) {
+    /// A commit or an abort went through.
+    fn ended(&mut self) {
         self.state = State::Idle;
         self.must_abort = false;
-    }
-
-    /// An abort failed: try it again.
-    pub fn abort_failed(&mut self) {
-        self.state = State::closed();
     }
 }
 
@@ -214,14 +274,14 @@ mod tests {
         assert!(!t.may_send(), "not before the id is taken over");
         t.restart(Some("walrelay.7.s".into()));
         assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
-        t.initialized(true);
+        t.initialized(Ok(()));
         assert!(t.needs_begin() && t.may_send());
         t.began(0);
         assert_eq!(t.due(1, true), None, "a record is outstanding");
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send(), "closing: new records wait");
         assert_eq!(t.due(0, true), Some(End::Commit));
-        t.ended();
+        assert!(matches!(t.committed(Ok(())), Next::Deliver));
         assert!(t.needs_begin());
         t.began(0);
         t.fail();
@@ -235,13 +295,13 @@ mod tests {
         let mut t = Transaction::new(true);
         t.restart(Some("walrelay.7.s".into()));
         t.take_initialization();
-        t.initialized(true);
+        t.initialized(Ok(()));
         t.began(0);
         assert_eq!(t.due(0, false), None, "still open: records may come");
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send());
         assert_eq!(t.due(0, false), Some(End::Abort), "closed and empty");
-        t.ended();
+        assert!(matches!(t.aborted(Ok(())), Next::SendAgain));
         assert!(t.needs_begin() && t.may_send());
     }
 
@@ -250,12 +310,12 @@ mod tests {
         let mut t = Transaction::new(true);
         t.restart(Some("walrelay.7.s".into()));
         t.take_initialization();
-        t.initialized(true);
+        t.initialized(Ok(()));
         t.began(BACKLOG - 1);
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send(), "a short backlog keeps the short window");
         assert_eq!(t.due(0, true), Some(End::Commit));
-        t.ended();
+        assert!(matches!(t.committed(Ok(())), Next::Deliver));
         t.began(BACKLOG);
         tokio::time::advance(MAX_OPEN).await;
         assert!(t.may_send(), "a backlog keeps the transaction open");
@@ -266,5 +326,51 @@ mod tests {
         tokio::time::advance(BACKLOG_OPEN - MAX_OPEN).await;
         assert!(!t.may_send());
         assert_eq!(t.due(0, true), Some(End::Commit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_commit_is_committed_again_or_aborted_by_its_error() {
+        let error = |class| BrokerError {
+            class,
+            message: "test".into(),
+        };
+        let mut t = Transaction::new(true);
+        t.restart(Some("walrelay.7.s".into()));
+        t.take_initialization();
+        assert!(matches!(
+            t.initialized(Err(error(BrokerErrorClass::Transient))),
+            Next::BackOff
+        ));
+        assert!(
+            !t.may_send() && t.take_initialization().is_some(),
+            "taken over again"
+        );
+        t.initialized(Ok(()));
+        t.began(0);
+        tokio::time::advance(MAX_OPEN).await;
+        assert_eq!(t.due(0, true), Some(End::Commit));
+        assert!(matches!(
+            t.committed(Err(error(BrokerErrorClass::Transient))),
+            Next::CommitAgain
+        ));
+        assert_eq!(t.due(0, true), None, "the commit is still under way");
+        assert!(matches!(
+            t.committed(Err(error(BrokerErrorClass::Abortable))),
+            Next::Go
+        ));
+        assert_eq!(
+            t.due(0, true),
+            Some(End::Abort),
+            "a commit that failed is aborted"
+        );
+        assert!(matches!(
+            t.aborted(Err(error(BrokerErrorClass::Transient))),
+            Next::Pause(_)
+        ));
+        assert_eq!(t.due(0, true), Some(End::Abort), "and aborted again");
+        assert!(matches!(
+            t.aborted(Err(error(BrokerErrorClass::Fenced))),
+            Next::EndProducer(_)
+        ));
     }
 }
