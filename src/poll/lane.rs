@@ -34,6 +34,11 @@ pub enum Phase {
     Marking {
         batch: Batch,
     },
+    /// Exactly once: marked, its rows in doubt waiting while those of
+    /// another table are looked for (`doubt.rs`).
+    Waiting {
+        batch: Batch,
+    },
     Publishing {
         batch: Batch,
         last_progress: Instant,
@@ -72,7 +77,18 @@ impl<C> Lane<C> {
     pub fn batch(&self) -> Option<&Batch> {
         match &self.phase {
             Phase::Marking { batch }
+            | Phase::Waiting { batch }
             | Phase::Publishing { batch, .. }
+            | Phase::Settling { batch }
+            | Phase::Draining { batch } => Some(batch),
+            _ => None,
+        }
+    }
+
+    /// Its batch, once handed to the publisher.
+    pub fn sent_batch(&self) -> Option<&Batch> {
+        match &self.phase {
+            Phase::Publishing { batch, .. }
             | Phase::Settling { batch }
             | Phase::Draining { batch } => Some(batch),
             _ => None,
@@ -81,7 +97,7 @@ impl<C> Lane<C> {
 
     /// Whether it holds a batch the broker may still be writing.
     pub fn busy(&self) -> bool {
-        self.batch().is_some()
+        self.batch().is_some() && !matches!(self.phase, Phase::Waiting { .. })
     }
 
     pub fn is_idle(&self) -> bool {

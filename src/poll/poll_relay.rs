@@ -164,6 +164,24 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                 self.connect(index);
             }
         }
+        // Batches whose rows in doubt waited for another table's.
+        for index in 0..self.lanes.len() {
+            let Phase::Waiting { batch } = &self.lanes[index].phase else {
+                continue;
+            };
+            if stopping
+                || self
+                    .doubt
+                    .must_wait(batch, self.lanes.iter().filter_map(Lane::sent_batch))
+            {
+                continue;
+            }
+            if let Phase::Waiting { batch } =
+                std::mem::replace(&mut self.lanes[index].phase, Phase::Idle)
+            {
+                self.lanes[index].phase = self.send(index, batch);
+            }
+        }
         if stopping || self.claiming() || !self.schedule.due(now) {
             return;
         }
@@ -291,7 +309,16 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                     _ => self.send(index, batch),
                 }
             }
-            (Done::Marked, Phase::Marking { batch }) => self.send(index, batch),
+            (Done::Marked, Phase::Marking { batch }) => {
+                if self
+                    .doubt
+                    .must_wait(&batch, self.lanes.iter().filter_map(Lane::sent_batch))
+                {
+                    Phase::Waiting { batch }
+                } else {
+                    self.send(index, batch)
+                }
+            }
             (Done::Settled, Phase::Settling { .. }) => {
                 self.failures = 0;
                 Phase::Idle

@@ -19,10 +19,10 @@ use crate::record::KafkaRecord;
 use crate::router::{OutboxColumns, RouterConfig};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 
-const TOPIC: &str = "outbox.event.order";
-const DEAD_LETTER_TOPIC: &str = "walrelay.dead-letter";
+pub(super) const TOPIC: &str = "outbox.event.order";
+pub(super) const DEAD_LETTER_TOPIC: &str = "walrelay.dead-letter";
 
-fn config() -> PollConfig {
+pub(super) fn config() -> PollConfig {
     PollConfig {
         pg: ConnectionConfig::from_url("postgres://u@localhost/db").unwrap(),
         router: RouterConfig {
@@ -82,7 +82,7 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
-fn ids(records: &[KafkaRecord]) -> Vec<String> {
+pub(super) fn ids(records: &[KafkaRecord]) -> Vec<String> {
     records
         .iter()
         .map(|r| String::from_utf8(r.header("id").unwrap().to_vec()).unwrap())
@@ -95,7 +95,7 @@ fn check_settles(outbox: &MemoryOutbox, broker: &MemoryBroker) {
     outbox.check_acked(move |id| ids(&broker.log(TOPIC)).iter().any(|i| i == id));
 }
 
-fn id(n: usize) -> String {
+pub(super) fn id(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
 
