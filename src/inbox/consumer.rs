@@ -28,6 +28,7 @@ use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
 use crate::live::LiveState;
 use crate::metrics as m;
 use crate::postgres::ConnectionConfig;
+use crate::sql::{SqlCause, SqlError};
 
 /// How `walrelay inbox` runs.
 #[derive(Clone, Debug)]
@@ -94,6 +95,15 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// partition's fetcher was not started yet) is tried again.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
 const SEEK_RETRY: Duration = Duration::from_millis(100);
+/// Longest a store call may wait on PostgreSQL: a server that froze while
+/// its host still answers TCP (or a write waiting on a lock) would
+/// otherwise hold the loop, the group membership and SIGTERM for good. The
+/// call is then given up as a lost connection (a write either committed
+/// with its offsets or did not: both are safe to read again).
+const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once asked to stop, how long a store call may still take (the batch in
+/// hand stored at exit among them).
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the inbox until `shutdown` is set; blocks the calling thread.
 pub fn run(
@@ -312,11 +322,13 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
         &mut self,
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+        let (handle, shutdown) = (&self.handle, &*self.shutdown);
+        let address = self.config.pg.address();
         if self.reconnect {
-            self.handle.block_on(self.store.reconnect())?;
+            bounded(handle, shutdown, &address, self.store.reconnect())?;
             self.reconnect = false;
         }
-        self.handle.block_on(self.store.offsets(partitions))
+        bounded(handle, shutdown, &address, self.store.offsets(partitions))
     }
 
     /// Stores the batch in hand. On a failure the batch is dropped and
@@ -329,7 +341,9 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
             return Ok(());
         }
         let started = Instant::now();
-        match self.handle.block_on(self.store.write(&batch)) {
+        let address = self.config.pg.address();
+        let write = self.store.write(&batch);
+        match bounded(&self.handle, &self.shutdown, &address, write) {
             Ok(written) => {
                 self.context().lock().duplicates += written.duplicates;
                 count(&self.live, &batch, &written, started);
@@ -376,6 +390,37 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
 }
 
 /// Counts a stored batch on the metrics and the dashboard.
+/// Runs a store call to its end, or until it waited `STORE_TIMEOUT`, or
+/// `STOP_GRACE` past a stop request.
+fn bounded<T>(
+    handle: &Handle,
+    shutdown: &AtomicBool,
+    address: &str,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let unanswered = |wait: Duration| {
+        let cause = std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("PostgreSQL answered nothing for {wait:?}"),
+        );
+        StoreError::from(SqlError::new(address, SqlCause::Os(cause)))
+    };
+    handle.block_on(async {
+        let stop = async {
+            while !shutdown.load(Ordering::Relaxed) {
+                tokio::time::sleep(POLL_WAIT).await;
+            }
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::select! {
+            biased;
+            result = call => result,
+            () = tokio::time::sleep(STORE_TIMEOUT) => Err(unanswered(STORE_TIMEOUT)),
+            () = stop => Err(unanswered(STOP_GRACE)),
+        }
+    })
+}
+
 fn count(live: &LiveState, batch: &[Incoming], written: &Written, started: Instant) {
     metrics::counter!(m::INBOX_RECORDS_STORED_TOTAL).increment(written.stored);
     metrics::counter!(m::INBOX_DUPLICATES_SKIPPED_TOTAL).increment(written.duplicates);

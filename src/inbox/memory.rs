@@ -16,7 +16,7 @@
 use std::cell::Cell;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaResult;
@@ -308,7 +308,6 @@ impl Tables {
 
 struct Database {
     tables: Mutex<Tables>,
-    fault_changed: Condvar,
 }
 
 /// One consumer's connection to the in-memory tables.
@@ -323,7 +322,6 @@ impl MemoryStore {
     pub fn new(writer: &'static str) -> Self {
         let database = Database {
             tables: Mutex::new(Tables::default()),
-            fault_changed: Condvar::new(),
         };
         MemoryStore {
             database: Arc::new(database),
@@ -344,22 +342,30 @@ impl MemoryStore {
     /// From now on every call does as `fault` says (`None`: as it should).
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.tables().fault = fault;
-        self.database.fault_changed.notify_all();
     }
 
     pub fn tables(&self) -> MutexGuard<'_, Tables> {
         self.database.tables.lock().unwrap()
     }
 
-    /// The tables once no hang holds the call, the call recorded; or the
+    /// Waits while the fault is `Hang`, as a server that answers nothing:
+    /// the call's future stays pending (the thread is not blocked).
+    async fn unless_hanging(&self) {
+        if self.tables().fault != Some(Fault::Hang) {
+            return;
+        }
+        self.tables().hanging += 1;
+        // Uncounted when the call ends or is abandoned.
+        let _hanging = Hanging(self);
+        while self.tables().fault == Some(Fault::Hang) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The tables, the call recorded; or the
     /// error the fault (or a connection lost before) makes of it.
     fn call(&self, call: Call) -> Result<MutexGuard<'_, Tables>, StoreError> {
         let mut tables = self.database.tables.lock().unwrap();
-        while tables.fault == Some(Fault::Hang) {
-            tables.hanging += 1;
-            tables = self.database.fault_changed.wait(tables).unwrap();
-            tables.hanging -= 1;
-        }
         let error = match tables.fault {
             Some(Fault::Refused) => Some(StoreError::NotSetUp("the inbox table is gone".into())),
             Some(Fault::ConnectionLost) => {
@@ -405,11 +411,21 @@ fn id(record: &Incoming) -> Option<String> {
         .map(|id| String::from_utf8_lossy(id).into_owned())
 }
 
+/// A call held by `Fault::Hang`, counted in `Tables::hanging`.
+struct Hanging<'a>(&'a MemoryStore);
+
+impl Drop for Hanging<'_> {
+    fn drop(&mut self) {
+        self.0.tables().hanging -= 1;
+    }
+}
+
 impl InboxStore for MemoryStore {
     async fn offsets(
         &self,
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+        self.unless_hanging().await;
         let tables = self.call(Call::Offsets)?;
         Ok(partitions
             .iter()
@@ -419,6 +435,7 @@ impl InboxStore for MemoryStore {
 
     async fn write(&mut self, batch: &[Incoming]) -> Result<Written, StoreError> {
         let writer = self.writer;
+        self.unless_hanging().await;
         let mut tables = self.call(Call::Write)?;
         let mut written = Written::default();
         for record in batch {
@@ -453,6 +470,7 @@ impl InboxStore for MemoryStore {
     }
 
     async fn reconnect(&mut self) -> Result<(), StoreError> {
+        self.unless_hanging().await;
         self.call(Call::Reconnect).map(drop)
     }
 }

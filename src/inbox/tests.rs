@@ -98,8 +98,12 @@ struct Running {
 }
 
 fn start(broker: &MemoryBroker, store: MemoryStore, config: InboxConfig) -> Running {
+    // The loop blocks on the runtime from its own thread; a worker drives
+    // the runtime's timers meanwhile, as `walrelay inbox`'s main thread does.
     let runtime = Arc::new(
-        tokio::runtime::Builder::new_current_thread()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
             .build()
             .unwrap(),
     );
@@ -449,4 +453,41 @@ fn shutdown_during_a_store_outage_exits_promptly_without_waiting_out_the_backoff
     let tables = store.tables();
     assert_eq!(tables.attempts.len(), attempts, "nothing tried at exit");
     assert!(tables.rows.is_empty());
+}
+
+/// SIGTERM while PostgreSQL answers nothing (a frozen server, or a write
+/// waiting on a lock): the write is given up `STOP_GRACE` after the stop
+/// request, the loop exits, and the batch stays unstored with its offset,
+/// for the next owner to read again.
+#[test]
+fn shutdown_while_a_write_gets_no_answer_exits_after_the_grace() {
+    let broker = MemoryBroker::default();
+    let store = MemoryStore::new("a");
+    let inbox = start(
+        &broker,
+        store.another("a"),
+        config(1, FOREVER, FIRST_BACKOFF),
+    );
+    inbox.member.assign(&[tp(0)]);
+    wait_until("partition 0 is placed", || inbox.placed(&[tp(0)]));
+    store.set_fault(Some(Fault::Hang));
+    produce_numbered(&broker, &[0], 0..1);
+    wait_until("the write gets no answer", || store.tables().hanging == 1);
+
+    inbox.shutdown.store(true, Ordering::Relaxed);
+    let asked = Instant::now();
+    while !inbox.thread.is_finished() && asked.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let finished = inbox.thread.is_finished();
+    store.set_fault(None);
+    let result = inbox.thread.join().unwrap();
+    assert!(
+        finished,
+        "asked to stop 10 s ago, the loop is still in the store's write"
+    );
+    assert!(result.is_ok(), "{result:?}");
+    let tables = store.tables();
+    assert_eq!(tables.hanging, 0, "the write was given up");
+    assert!(tables.rows.is_empty() && tables.next_offsets.is_empty());
 }
