@@ -89,37 +89,27 @@ impl OutboxTable {
         let source_id = super::schema::source_id(client, schema, table)
             .await?
             .unwrap_or_default();
-        let relation = RelationInfo::from_message(&Relation {
-            xid: None,
-            id: 0,
-            namespace: schema.to_owned(),
-            name: table.to_owned(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: shape
-                .iter()
-                .map(|(name, oid)| Column {
-                    is_key: *name == columns.id,
-                    name: name.clone(),
-                    type_oid: *oid,
-                    type_modifier: -1,
-                })
-                .collect(),
-        });
-        Ok(OutboxTable {
-            schema: schema.to_owned(),
-            table: table.to_owned(),
-            has_created_at: relation.column_index(&columns.created_at).is_some(),
-            relation,
-            columns: columns.clone(),
-            source_id,
-        })
+        let shape: Vec<(&str, u32)> = shape.iter().map(|(n, o)| (n.as_str(), *o)).collect();
+        Ok(OutboxTable::of_shape(
+            schema, table, &shape, columns, source_id,
+        ))
     }
 
     /// A table of these columns (`(name, type oid)`), as the in-memory
     /// outbox of the tests has it.
     #[cfg(test)]
     pub fn for_test(schema: &str, table: &str, shape: &[(&str, u32)]) -> Self {
-        let columns = OutboxColumns::default();
+        let source_id = "5f0c6a52-0000-4000-8000-000000000001".into();
+        OutboxTable::of_shape(schema, table, shape, &OutboxColumns::default(), source_id)
+    }
+
+    fn of_shape(
+        schema: &str,
+        table: &str,
+        shape: &[(&str, u32)],
+        columns: &OutboxColumns,
+        source_id: String,
+    ) -> Self {
         let relation = RelationInfo::from_message(&Relation {
             xid: None,
             id: 0,
@@ -141,8 +131,8 @@ impl OutboxTable {
             table: table.to_owned(),
             has_created_at: relation.column_index(&columns.created_at).is_some(),
             relation,
-            columns,
-            source_id: "5f0c6a52-0000-4000-8000-000000000001".into(),
+            columns: columns.clone(),
+            source_id,
         }
     }
 
