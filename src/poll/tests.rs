@@ -16,7 +16,6 @@ use crate::live::LiveState;
 use crate::postgres::ConnectionConfig;
 use crate::publish::memory::MemoryBroker;
 use crate::record::KafkaRecord;
-use crate::router::{OutboxColumns, RouterConfig};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 
 pub(super) const TOPIC: &str = "outbox.event.order";
@@ -25,16 +24,7 @@ pub(super) const DEAD_LETTER_TOPIC: &str = "walrelay.dead-letter";
 pub(super) fn config() -> PollConfig {
     PollConfig {
         pg: ConnectionConfig::from_url("postgres://u@localhost/db").unwrap(),
-        router: RouterConfig {
-            tables: vec![("public".into(), "outbox".into())],
-            columns: OutboxColumns::default(),
-            header_columns: vec![],
-            topic_template: "outbox.event.{aggregate_type}".parse().unwrap(),
-            message_prefix: "walrelay".into(),
-            dead_letter_topic: DEAD_LETTER_TOPIC.into(),
-            cloudevents: true,
-            cloudevents_source: None,
-        },
+        router: crate::router::test_support::config(),
         batch_size: 100,
         lanes: 1,
         exactly_once: false,

@@ -13,7 +13,6 @@ use crate::dead_letters::MemoryDeadLetters;
 use crate::live::LiveState;
 use crate::publish::memory::MemoryBroker;
 use crate::replication::{ConnectionConfig, ReplicationEvent};
-use crate::router::{OutboxColumns, RouterConfig};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 
 pub(super) fn config() -> RelayConfig {
@@ -21,16 +20,7 @@ pub(super) fn config() -> RelayConfig {
         pg: ConnectionConfig::from_url("postgres://u@localhost/db").unwrap(),
         slot: "walrelay".into(),
         publication: "walrelay".into(),
-        router: RouterConfig {
-            tables: vec![("public".into(), "outbox".into())],
-            columns: OutboxColumns::default(),
-            header_columns: vec![],
-            topic_template: "outbox.event.{aggregate_type}".parse().unwrap(),
-            message_prefix: "walrelay".into(),
-            dead_letter_topic: "walrelay.dead-letter".into(),
-            cloudevents: true,
-            cloudevents_source: None,
-        },
+        router: crate::router::test_support::config(),
         max_in_flight_events: 10_000,
         max_in_flight_bytes: 64 << 20,
         status_interval: Duration::from_secs(1),
