@@ -151,6 +151,35 @@ impl Running {
     }
 }
 
+/// One member, placed on partition 0, storing batches of `batch`.
+fn one_member_on_partition_0(batch: usize) -> (MemoryBroker, MemoryStore, Running) {
+    let broker = MemoryBroker::default();
+    let store = MemoryStore::new("a");
+    let inbox = start(
+        &broker,
+        store.another("a"),
+        config(batch, FOREVER, FIRST_BACKOFF),
+    );
+    inbox.member.assign(&[tp(0)]);
+    wait_until("partition 0 is placed", || inbox.placed(&[tp(0)]));
+    (broker, store, inbox)
+}
+
+/// Two members of one group sharing one store: `a` stores batches of
+/// `a_batch`, `b` of 2.
+fn two_members(a_batch: usize) -> (MemoryBroker, MemoryStore, Running, Running) {
+    let broker = MemoryBroker::default();
+    let store = MemoryStore::new("a");
+    let a_config = config(a_batch, FOREVER, FIRST_BACKOFF);
+    let a = start(&broker, store.another("a"), a_config);
+    let b = start(
+        &broker,
+        store.another("b"),
+        config(2, FOREVER, FIRST_BACKOFF),
+    );
+    (broker, store, a, b)
+}
+
 /// Waits (in real time, at most 10 s) until `done`.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -283,18 +312,7 @@ fn a_failed_write_rewinds_every_partition_to_its_stored_offset_after_a_backoff()
 
 #[test]
 fn a_partition_given_up_mid_batch_is_resumed_by_its_new_owner_at_the_stored_offset() {
-    let broker = MemoryBroker::default();
-    let store = MemoryStore::new("a");
-    let a = start(
-        &broker,
-        store.another("a"),
-        config(6, FOREVER, FIRST_BACKOFF),
-    );
-    let b = start(
-        &broker,
-        store.another("b"),
-        config(2, FOREVER, FIRST_BACKOFF),
-    );
+    let (broker, store, a, b) = two_members(6);
     a.member.assign(&[tp(0), tp(1)]);
     let mut produced = produce_numbered(&broker, &[0, 1], 0..3);
     wait_until("a stores the first batch", || {
@@ -333,18 +351,7 @@ fn a_partition_given_up_mid_batch_is_resumed_by_its_new_owner_at_the_stored_offs
 
 #[test]
 fn a_partition_revoked_while_its_batch_is_written_is_resumed_after_that_batch() {
-    let broker = MemoryBroker::default();
-    let store = MemoryStore::new("a");
-    let a = start(
-        &broker,
-        store.another("a"),
-        config(4, FOREVER, FIRST_BACKOFF),
-    );
-    let b = start(
-        &broker,
-        store.another("b"),
-        config(2, FOREVER, FIRST_BACKOFF),
-    );
+    let (broker, store, a, b) = two_members(4);
     a.member.assign(&[tp(0), tp(1)]);
     wait_until("a placed both partitions", || a.placed(&[tp(0), tp(1)]));
     store.set_fault(Some(Fault::Hang));
@@ -404,15 +411,7 @@ fn a_record_whose_id_is_stored_already_is_counted_as_a_duplicate_and_skipped() {
 
 #[test]
 fn a_permanent_store_error_stops_the_loop_with_the_error() {
-    let broker = MemoryBroker::default();
-    let store = MemoryStore::new("a");
-    let inbox = start(
-        &broker,
-        store.another("a"),
-        config(2, FOREVER, FIRST_BACKOFF),
-    );
-    inbox.member.assign(&[tp(0)]);
-    wait_until("partition 0 is placed", || inbox.placed(&[tp(0)]));
+    let (broker, store, inbox) = one_member_on_partition_0(2);
     store.set_fault(Some(Fault::Refused));
     produce_numbered(&broker, &[0], 0..2);
     wait_until("the loop stops", || inbox.thread.is_finished());
@@ -461,15 +460,7 @@ fn shutdown_during_a_store_outage_exits_promptly_without_waiting_out_the_backoff
 /// for the next owner to read again.
 #[test]
 fn shutdown_while_a_write_gets_no_answer_exits_after_the_grace() {
-    let broker = MemoryBroker::default();
-    let store = MemoryStore::new("a");
-    let inbox = start(
-        &broker,
-        store.another("a"),
-        config(1, FOREVER, FIRST_BACKOFF),
-    );
-    inbox.member.assign(&[tp(0)]);
-    wait_until("partition 0 is placed", || inbox.placed(&[tp(0)]));
+    let (broker, store, inbox) = one_member_on_partition_0(1);
     store.set_fault(Some(Fault::Hang));
     produce_numbered(&broker, &[0], 0..1);
     wait_until("the write gets no answer", || store.tables().hanging == 1);
