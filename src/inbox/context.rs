@@ -13,15 +13,26 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 
 use super::positions::Positions;
-use super::seams::InboxConsumer;
 use super::store::{Incoming, TopicPartition};
 use crate::live::{InboxPartition, InboxSnapshot, LiveState};
 use crate::metrics as m;
+
+/// What a rebalance does to a consumer's assignment: librdkafka's
+/// consumer, or the tests' in-memory one.
+pub trait Assignment {
+    /// Takes the partitions on (added to the assignment when
+    /// `cooperative`, replacing it when eager).
+    fn assign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()>;
+    /// Gives the partitions up (all of them when eager).
+    fn unassign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()>;
+    /// Stops fetching them until resumed.
+    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
+}
 
 /// What the loop and the callbacks share: small, in memory, and never
 /// locked across I/O. (The callbacks run on the loop's thread, so the
@@ -98,7 +109,7 @@ impl InboxContext {
 
     /// A rebalance of the group, as librdkafka's callback (or the tests'
     /// in-memory consumer, inside its `poll` likewise) reports it.
-    pub fn rebalanced<C: InboxConsumer>(
+    pub fn rebalanced<C: Assignment>(
         &self,
         consumer: &C,
         event: Rebalance,
@@ -131,7 +142,7 @@ impl InboxContext {
 
     /// Partitions just assigned: assigned, paused, and unplaced until the
     /// loop has read where each starts.
-    fn assigned<C: InboxConsumer>(
+    fn assigned<C: Assignment>(
         &self,
         consumer: &C,
         cooperative: bool,
@@ -160,7 +171,7 @@ impl InboxContext {
     /// Partitions given up: forgotten, with the records in hand for them
     /// (never stored, so the next owner reads them again from the stored
     /// offset: a re-read, not a duplicate).
-    fn revoked<C: InboxConsumer>(
+    fn revoked<C: Assignment>(
         &self,
         consumer: &C,
         cooperative: bool,

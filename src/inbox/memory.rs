@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::context::{InboxContext, Rebalance, partition_list};
+use super::context::{Assignment, InboxContext, Rebalance, partition_list};
 use super::seams::{InboxConsumer, InboxStore};
 use super::store::{DeadLetterKind, Incoming, StoreError, TopicPartition, Written};
 use crate::live::LiveState;
@@ -164,14 +164,6 @@ impl InboxConsumer for MemoryConsumer {
         Ok(sought)
     }
 
-    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
-        let mut member = self.member();
-        for (tp, _) in partitions_of(partitions) {
-            member.paused.insert(tp);
-        }
-        Ok(())
-    }
-
     fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
         let mut member = self.member();
         for (tp, _) in partitions_of(partitions) {
@@ -190,6 +182,16 @@ impl InboxConsumer for MemoryConsumer {
 
     fn context(&self) -> &InboxContext {
         &self.context
+    }
+}
+
+impl Assignment for MemoryConsumer {
+    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
+        let mut member = self.member();
+        for (tp, _) in partitions_of(partitions) {
+            member.paused.insert(tp);
+        }
+        Ok(())
     }
 
     /// Without a committed offset in Kafka (the inbox commits none), a

@@ -11,12 +11,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
 
-use super::context::InboxContext;
+use super::context::{Assignment, InboxContext};
 use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
 
 /// The Kafka consumer, as the loop and the rebalance callbacks (which run
 /// inside its `poll`) use it.
-pub trait InboxConsumer {
+pub trait InboxConsumer: Assignment {
     /// The next record, or an error, or nothing within `wait`. The
     /// rebalance callbacks run in here, on the caller's thread.
     fn poll(&self, wait: Duration) -> Option<KafkaResult<Incoming>>;
@@ -27,18 +27,11 @@ pub trait InboxConsumer {
         partitions: TopicPartitionList,
         timeout: Duration,
     ) -> KafkaResult<TopicPartitionList>;
-    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
     fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
     /// Leaves the group (the partitions are revoked).
     fn unsubscribe(&self);
     /// What the loop and the rebalance callbacks share.
     fn context(&self) -> &InboxContext;
-    /// From a rebalance callback: takes the partitions on (added to the
-    /// assignment when `cooperative`, replacing it when eager).
-    fn assign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()>;
-    /// From a rebalance callback: gives the partitions up (all of them
-    /// when eager).
-    fn unassign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()>;
 }
 
 impl InboxConsumer for BaseConsumer<InboxContext> {
@@ -54,10 +47,6 @@ impl InboxConsumer for BaseConsumer<InboxContext> {
         Consumer::seek_partitions(self, partitions, timeout)
     }
 
-    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
-        Consumer::pause(self, partitions)
-    }
-
     fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
         Consumer::resume(self, partitions)
     }
@@ -68,6 +57,12 @@ impl InboxConsumer for BaseConsumer<InboxContext> {
 
     fn context(&self) -> &InboxContext {
         Consumer::context(self)
+    }
+}
+
+impl Assignment for BaseConsumer<InboxContext> {
+    fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()> {
+        Consumer::pause(self, partitions)
     }
 
     fn assign(&self, partitions: &TopicPartitionList, cooperative: bool) -> KafkaResult<()> {

@@ -7,8 +7,6 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use super::url::{ConfigError, redact_url};
-
 /// A password that never shows itself in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Password(String);
@@ -172,17 +170,6 @@ impl Keepalives {
 }
 
 impl ConnectionConfig {
-    /// Parses `postgres://user:password@host:port/dbname?param=value`.
-    ///
-    /// The host may be a percent-encoded Unix socket directory
-    /// (`postgres://%2Fvar%2Frun%2Fpostgresql/app`) or given as `?host=/dir`.
-    /// Several hosts are separated by commas, as libpq takes them
-    /// (`h1:5432,h2:5432`, or `?host=h1,h2&port=5432`), and
-    /// `target_session_attrs` picks among them.
-    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
-        super::url::parse(url)
-    }
-
     /// The same settings for tokio-postgres, used by the ordinary SQL
     /// connection (`crate::sql`).
     pub fn to_tokio_postgres(&self) -> tokio_postgres::Config {
@@ -257,7 +244,3 @@ impl ConnectionConfig {
             .collect()
     }
 }
-
-#[cfg(test)]
-#[path = "config_tests.rs"]
-mod tests;

@@ -9,10 +9,9 @@ pub mod error;
 pub mod tls;
 mod url;
 
-pub use config::{
-    ConnectionConfig, Host, HostPort, Password, SslMode, TargetSessionAttrs, redact_url,
-};
+pub use config::{ConnectionConfig, Host, HostPort, Password, SslMode, TargetSessionAttrs};
 pub use error::{ServerError, os_error_fix};
+pub use url::{ConfigError, redact_url};
 
 /// A host that does not suit, and why: its error, or what it is.
 pub type HostFailure<E> = (String, Result<String, E>);

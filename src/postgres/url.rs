@@ -286,3 +286,20 @@ fn split_host_port(text: &str) -> (&str, Option<&str>) {
         None => (text, None),
     }
 }
+
+impl ConnectionConfig {
+    /// Parses `postgres://user:password@host:port/dbname?param=value`.
+    ///
+    /// The host may be a percent-encoded Unix socket directory
+    /// (`postgres://%2Fvar%2Frun%2Fpostgresql/app`) or given as `?host=/dir`.
+    /// Several hosts are separated by commas, as libpq takes them
+    /// (`h1:5432,h2:5432`, or `?host=h1,h2&port=5432`), and
+    /// `target_session_attrs` picks among them.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        parse(url)
+    }
+}
+
+#[cfg(test)]
+#[path = "url_tests.rs"]
+mod tests;
