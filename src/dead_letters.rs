@@ -72,11 +72,11 @@ impl DeadLetterStore for PgDeadLetters {
 }
 
 /// Keeps letters in memory, for tests.
-#[cfg(test)]
+#[cfg(any(test, feature = "bench-support"))]
 #[derive(Clone, Default)]
 pub struct MemoryDeadLetters(pub std::sync::Arc<std::sync::Mutex<Vec<DeadLetter>>>);
 
-#[cfg(test)]
+#[cfg(any(test, feature = "bench-support"))]
 impl DeadLetterStore for MemoryDeadLetters {
     fn store(&self, letter: DeadLetter) -> crate::publish::LocalBoxFuture<Result<(), String>> {
         let letters = self.0.clone();

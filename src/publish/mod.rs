@@ -31,7 +31,7 @@
 mod broker_io;
 mod error;
 mod ledgers;
-#[cfg(test)]
+#[cfg(any(test, feature = "bench-support"))]
 pub mod memory;
 mod outcome;
 mod partitioner;

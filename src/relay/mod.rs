@@ -86,8 +86,9 @@ mod session;
 mod wal_relay;
 mod window;
 
-#[cfg(test)]
-mod scripted;
+/// A scripted walsender: the in-process tests' and `benches/relay.rs`'.
+#[cfg(any(test, feature = "bench-support"))]
+pub mod scripted;
 #[cfg(test)]
 mod tests;
 
