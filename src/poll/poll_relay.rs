@@ -341,10 +341,13 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
             &self.tables,
             in_doubt_in_flight,
         );
+        // Outcomes known at once are applied together: `apply` counts what
+        // is in flight over every row, once per call.
+        let mut outcomes = Vec::new();
         for out in batch.outgoing() {
-            let outcomes = self.publisher.publish(out);
-            self.apply(&mut batch, outcomes);
+            outcomes.extend(self.publisher.publish(out));
         }
+        self.apply(&mut batch, outcomes);
         self.publishing(index, batch, Instant::now())
     }
 
