@@ -18,42 +18,16 @@ use walrelay::dead_letters::MemoryDeadLetters;
 use walrelay::live::LiveState;
 use walrelay::lsn::Lsn;
 use walrelay::publish::memory::MemoryBroker;
-use walrelay::relay::scripted::{ScriptedServer, wire};
+use walrelay::relay::scripted::{ScriptedServer, relay_config, wire};
 use walrelay::relay::{DeliveryGuarantee, RelayConfig, WalRelay};
-use walrelay::replication::ConnectionConfig;
-use walrelay::router::{OutboxColumns, RouterConfig};
 use walrelay::shutdown::Shutdown;
 
 fn config(delivery: DeliveryGuarantee) -> RelayConfig {
     RelayConfig {
-        pg: ConnectionConfig::from_url("postgres://u@localhost/db").unwrap(),
-        slot: "walrelay".into(),
-        publication: "walrelay".into(),
-        router: RouterConfig {
-            tables: vec![("public".into(), "outbox".into())],
-            columns: OutboxColumns::default(),
-            header_columns: vec![],
-            topic_template: "outbox.event.{aggregate_type}".parse().unwrap(),
-            message_prefix: "walrelay".into(),
-            dead_letter_topic: "walrelay.dead-letter".into(),
-            cloudevents: true,
-            cloudevents_source: None,
-        },
         max_in_flight_events: 5_000,
-        max_in_flight_bytes: 64 << 20,
-        status_interval: Duration::from_secs(1),
-        shutdown_timeout: Duration::from_secs(30),
-        proto_version: None,
-        max_backoff: Duration::from_secs(30),
-        permanent_error_attempts: 3,
-        standby_retry: Duration::from_secs(2),
         broker_stall_timeout: Duration::from_secs(60),
         delivery,
-        exactly_once_lookback: 100_000,
-        heartbeat_prefix: "walrelay.heartbeat".into(),
-        transactional_id: None,
-        dead_letter_table: ("public".into(), "walrelay_dead_letters".into()),
-        replication_timeout: Duration::from_secs(30),
+        ..relay_config()
     }
 }
 

@@ -4,17 +4,44 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::RelayError;
 use super::session::{Connector, SessionStart, WalStream};
+use super::{RelayConfig, RelayError};
 use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 use crate::publish::LocalBoxFuture;
-use crate::replication::{ReplicationError, ReplicationEvent, TimelineHistory};
+use crate::replication::{ConnectionConfig, ReplicationError, ReplicationEvent, TimelineHistory};
+
+/// A relay of the default outbox, as the in-process tests and the
+/// bench run it (exactly once).
+pub fn relay_config() -> RelayConfig {
+    RelayConfig {
+        pg: ConnectionConfig::from_url("postgres://u@localhost/db").unwrap(),
+        slot: "walrelay".into(),
+        publication: "walrelay".into(),
+        router: crate::router::example_config(),
+        max_in_flight_events: 10_000,
+        max_in_flight_bytes: 64 << 20,
+        status_interval: Duration::from_secs(1),
+        shutdown_timeout: Duration::from_secs(30),
+        proto_version: None,
+        max_backoff: Duration::from_secs(30),
+        permanent_error_attempts: 3,
+        standby_retry: Duration::from_secs(2),
+        broker_stall_timeout: Duration::from_secs(5),
+        delivery: super::DeliveryGuarantee::ExactlyOnce,
+        exactly_once_lookback: 100_000,
+        heartbeat_prefix: "walrelay.heartbeat".into(),
+        transactional_id: None,
+        dead_letter_table: ("public".into(), "walrelay_dead_letters".into()),
+        replication_timeout: Duration::from_secs(30),
+    }
+}
 
 /// A walsender the test scripts: it sends what the test pushes and
 /// records every status update.

@@ -318,6 +318,21 @@ pub fn broker_dead_letter(
     dead_letter::for_broker_rejection(dead_letter_topic, original, reason, kind, keep_value)
 }
 
+/// The default outbox's routing, for the in-process tests and benches.
+#[cfg(any(test, feature = "bench-support"))]
+pub fn example_config() -> RouterConfig {
+    RouterConfig {
+        tables: vec![("public".into(), "outbox".into())],
+        columns: OutboxColumns::default(),
+        header_columns: vec![],
+        topic_template: "outbox.event.{aggregate_type}".parse().unwrap(),
+        message_prefix: "walrelay".into(),
+        dead_letter_topic: "walrelay.dead-letter".into(),
+        cloudevents: true,
+        cloudevents_source: None,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use bytes::Bytes;
@@ -366,18 +381,7 @@ pub(crate) mod test_support {
         }
     }
 
-    pub fn config() -> RouterConfig {
-        RouterConfig {
-            tables: vec![("public".into(), "outbox".into())],
-            columns: OutboxColumns::default(),
-            header_columns: vec![],
-            topic_template: "outbox.event.{aggregate_type}".parse().unwrap(),
-            message_prefix: "walrelay".into(),
-            dead_letter_topic: "walrelay.dead-letter".into(),
-            cloudevents: true,
-            cloudevents_source: None,
-        }
-    }
+    pub use super::example_config as config;
 
     pub fn ctx() -> ChangeContext {
         ChangeContext {

@@ -12,32 +12,10 @@ use super::{RelayConfig, RelayError, WalRelay};
 use crate::dead_letters::MemoryDeadLetters;
 use crate::live::LiveState;
 use crate::publish::memory::MemoryBroker;
-use crate::replication::{ConnectionConfig, ReplicationEvent};
+use crate::replication::ReplicationEvent;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 
-pub(super) fn config() -> RelayConfig {
-    RelayConfig {
-        pg: ConnectionConfig::from_url("postgres://u@localhost/db").unwrap(),
-        slot: "walrelay".into(),
-        publication: "walrelay".into(),
-        router: crate::router::test_support::config(),
-        max_in_flight_events: 10_000,
-        max_in_flight_bytes: 64 << 20,
-        status_interval: Duration::from_secs(1),
-        shutdown_timeout: Duration::from_secs(30),
-        proto_version: None,
-        max_backoff: Duration::from_secs(30),
-        permanent_error_attempts: 3,
-        standby_retry: Duration::from_secs(2),
-        broker_stall_timeout: Duration::from_secs(5),
-        delivery: super::DeliveryGuarantee::ExactlyOnce,
-        exactly_once_lookback: 100_000,
-        heartbeat_prefix: "walrelay.heartbeat".into(),
-        transactional_id: None,
-        dead_letter_table: ("public".into(), "walrelay_dead_letters".into()),
-        replication_timeout: Duration::from_secs(30),
-    }
-}
+pub(super) use super::scripted::relay_config as config;
 
 /// A relay running on a local task, with its handles.
 pub(super) struct Harness {
