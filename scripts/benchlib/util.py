@@ -1,12 +1,17 @@
 """Small helpers every part of the benchmark uses."""
 
+import importlib.machinery
+import importlib.util
 import os
-import socket
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE = os.environ.get("WALRELAY_CACHE", os.path.expanduser("~/.cache/walrelay"))
+# scripts/free-ports, the one port picker of the shell scripts and this package.
+_loader = importlib.machinery.SourceFileLoader("free_ports", os.path.join(ROOT, "scripts", "free-ports"))
+_free_ports = importlib.util.module_from_spec(importlib.util.spec_from_loader("free_ports", _loader))
+_loader.exec_module(_free_ports)
 
 
 def log(message):
@@ -14,9 +19,8 @@ def log(message):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range, picked as scripts/free-ports does."""
+    return _free_ports.free_ports(1)[0]
 
 
 def wait_until(condition, timeout, what, interval=0.05, alive=None):

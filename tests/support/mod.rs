@@ -22,13 +22,17 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free TCP port on 127.0.0.1 (bound then released), below the kernel's
+/// ephemeral range as scripts/free-ports picks them: a port bind(0) hands
+/// out is as likely to be taken a moment later by some client's outgoing
+/// connection, before the server meant for it binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = rand::random_range(10_000..32_768);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap().port();
+        }
+    }
 }
 
 /// A name unique within this test process, for databases, slots and topics.
