@@ -88,6 +88,18 @@ class WalrelayProcess(Process):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/api/status", timeout=5) as r:
             return json.load(r)
 
+    def histogram_means_ms(self, *names):
+        """The mean and count of each Prometheus histogram named, from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for name in names:
+            sums = re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M)
+            counts = re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M)
+            total, count = sum(map(float, sums)), sum(map(float, counts))
+            out[name] = {"mean_ms": round(total / count * 1000, 2) if count else None, "count": int(count)}
+        return out
+
     def published(self):
         """Events published so far, 0 while the HTTP server is not up."""
         try:
@@ -141,7 +153,7 @@ class Walrelay:
         return WalrelayProcess(cmd, self.stack.path(f"{self.name}-{phase}-{self.starts}.log"), http_port)
 
     def start_poll(self, phase):
-        """walrelay run --source poll (at least once, its own defaults)."""
+        """walrelay run --source poll (its own defaults: exactly once)."""
         self.starts += 1
         http_port = free_port()
         cmd = [self.binary, "run", "--source", "poll", "--pg-url", self.stack.url, "--brokers", self.stack.brokers,

@@ -379,6 +379,8 @@ def poll_source(ctx, relay, binary, events, rate, seconds):
     wait_until(lambda: stack.outbox_count() == 0, 600 + backlog / 500, "the polling source to drain the table",
                interval=0.1, alive=proc.alive)
     cpu, rss = proc.cpu(), proc.peak_rss()
+    # Where a batch's time goes: the claim (one at a time) and the settle.
+    phases = proc.histogram_means_ms("walrelay_poll_claim_seconds", "walrelay_poll_settle_seconds")
     proc.stop()
     tail = broker.tail(topic)
     tail.advance()
@@ -386,8 +388,10 @@ def poll_source(ctx, relay, binary, events, rate, seconds):
     total = tail.last_ms / 1000 - proc.t_start
     result = {"drain": {"events": backlog, "start_to_last_s": _round(total, 3),
                         "events_per_second": round(backlog / total),
-                        "cpu_seconds_per_100k": _round(cpu / backlog * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1)}}
-    log(f"  {total:.2f} s ({backlog / total:,.0f} rows/s)")
+                        "cpu_seconds_per_100k": _round(cpu / backlog * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1),
+                        "claim": phases["walrelay_poll_claim_seconds"], "settle": phases["walrelay_poll_settle_seconds"]}}
+    log(f"  {total:.2f} s ({backlog / total:,.0f} rows/s); claim {phases['walrelay_poll_claim_seconds']}, "
+        f"settle {phases['walrelay_poll_settle_seconds']}")
     if seconds > 0:
         log(f"polling source: steady {rate:,} events/s for {seconds} s")
         topic = "bench.pollsteady.walrelay-poll.order"

@@ -140,7 +140,7 @@ pub struct DeliveryArgs {
     /// exactly-once: every event once in Kafka (records carry their position,
     /// a restarted relay skips what a partition holds); at-least-once: a
     /// restart may publish again what was not yet confirmed.
-    /// (default: exactly-once; --source poll delivers at least once)
+    /// (default: exactly-once, for both sources)
     #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
     pub delivery: Option<DeliveryGuarantee>,
     /// Exactly once: the Kafka transactional id this relay's records are
@@ -158,7 +158,7 @@ pub struct DeliveryArgs {
 #[command(next_help_heading = "Polling (--source poll)")]
 pub struct PollArgs {
     /// wal: stream from the replication slot; poll: poll the outbox table
-    /// (no logical replication needed; at least once; set it up with
+    /// (no logical replication needed; set it up with
     /// `walrelay setup --source poll`).
     #[arg(long, env = "WALRELAY_SOURCE", value_enum, default_value = "wal")]
     pub source: SourceKind,

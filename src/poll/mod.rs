@@ -40,9 +40,11 @@
 //!    in `seq` order through one idempotent producer; a row that failed
 //!    holds its aggregate's later rows until its next attempt.
 //!
-//! Delivery is at least once: a relay that dies after the broker took a
-//! batch and before its commit leaves the rows for the next claim, which
-//! publishes them again with the same `id` header.
+//! A relay that dies after the broker took a batch and before its commit
+//! leaves the rows for the next claim. At least once, that claim publishes
+//! them again (with the same `id` header); exactly once (the default), the
+//! rows were noted in flight before they went out, and the claim reads the
+//! partitions' tails for them and skips what is there (`doubt.rs`).
 
 mod backlog;
 mod batch;
