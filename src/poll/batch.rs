@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::claim::{ClaimedRow, FailedRow, OutboxTable};
+use super::claim::{ClaimedRow, FailedRow, OutboxTable, PublishedRow};
 use crate::dead_letters::DeadLetter;
 use crate::lsn::Lsn;
 use crate::metrics as m;
@@ -79,7 +79,7 @@ pub struct Batch {
 
 /// What to write back for a settled batch.
 pub struct Settlement {
-    pub published: Vec<(i64, Option<String>)>,
+    pub published: Vec<PublishedRow>,
     pub failed: Vec<FailedRow>,
     /// Rows the broker refused, kept whole before they are deleted.
     pub dead_letters: Vec<DeadLetter>,
@@ -326,9 +326,11 @@ impl Batch {
         for row in &self.rows {
             settlement.dead_letters.extend(row.refused.clone());
             match &row.state {
-                RowState::Published => settlement
-                    .published
-                    .push((row.row.seq, row.dead_letter.clone())),
+                RowState::Published => settlement.published.push(PublishedRow {
+                    seq: row.row.seq,
+                    row_id: row.row.row_id.clone(),
+                    dead_letter: row.dead_letter.clone(),
+                }),
                 RowState::Failed { error } => {
                     metrics::counter!(m::POLL_ROW_FAILURES_TOTAL).increment(1);
                     settlement.failed.push(FailedRow {

@@ -125,6 +125,7 @@ mod tests {
         let router = crate::router::Router::new(cfg.router.clone(), String::new());
         let row = |seq: i64, id: &str| ClaimedRow {
             seq,
+            row_id: format!("(0,{seq})"),
             attempts: 0,
             aggregate: (Some("order".into()), Some("agg".into())),
             tuple: TupleData {

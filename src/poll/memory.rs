@@ -309,6 +309,7 @@ impl OutboxStore for MemoryOutbox {
                 let text = |v: &str| ColumnValue::Text(Bytes::copy_from_slice(v.as_bytes()));
                 rows.push(ClaimedRow {
                     seq: *seq,
+                    row_id: row_id(*seq),
                     attempts: row.attempts,
                     aggregate: (Some("order".into()), Some(row.aggregate_id.clone())),
                     tuple: TupleData {
@@ -364,8 +365,14 @@ impl OutboxStore for MemoryOutbox {
             let id = conn.0.id;
             let locks = state.open.get(&id).cloned().unwrap_or_default();
             let now = Instant::now();
-            for (seq, _) in &settlement.published {
+            for published in &settlement.published {
+                let seq = &published.seq;
                 assert!(locks.contains(seq), "row {seq} settled without its lock");
+                assert_eq!(
+                    published.row_id,
+                    row_id(*seq),
+                    "row {seq} settled by another's place"
+                );
                 let row = state.rows.remove(seq).expect("a claimed row");
                 if state.acked.as_ref().is_some_and(|acked| !acked(&row.id)) {
                     state.settled_unacked.push(row.id.clone());
@@ -385,4 +392,9 @@ impl OutboxStore for MemoryOutbox {
             Ok(())
         })
     }
+}
+
+/// Where the in-memory outbox says row `seq` is (the claim's `row_id`).
+fn row_id(seq: i64) -> String {
+    format!("(0,{seq})")
 }
