@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::PollError;
 use super::schema::{ATTEMPTS, LAST_ERROR, NEXT_ATTEMPT_AT, PUBLISHED_AT, SEQ};
 use crate::catalog::{self, qualified, quote_ident};
 use crate::live::Backlog;
@@ -229,14 +228,14 @@ impl OutboxTable {
         ));
         format!(
             "WITH claimed AS MATERIALIZED (
-               SELECT c.*, c.ctid AS walrelay_row_id FROM {target} c WHERE {pending}
+               SELECT c.*, c.ctid AS \"walrelay ctid\" FROM {target} c WHERE {pending}
                  AND ({lane_key} & 2147483647) % $2 <> ALL($3::int4[])
                ORDER BY c.{seq} LIMIT $1 FOR UPDATE SKIP LOCKED)
              SELECT c.{seq},
                     {by_value} OR ((c.{agg_type} IS NULL OR c.{agg_id} IS NULL) AND {by_null}),
                     c.{attempts}, c.{agg_type}::text, c.{agg_id}::text, {created},
                     EXISTS (SELECT 1 FROM {in_flight} f WHERE f.seq = c.{seq}),
-                    c.walrelay_row_id::text,
+                    c.\"walrelay ctid\"::text,
                     {values}
              FROM claimed c
              ORDER BY c.{seq}",
@@ -358,7 +357,7 @@ pub async fn settle(
     published: &[PublishedRow],
     failed: &[FailedRow],
     exactly_once: bool,
-) -> Result<(), PollError> {
+) -> Result<(), SqlError> {
     let target = table.target();
     let seq = quote_ident(SEQ);
     if exactly_once {
@@ -375,50 +374,14 @@ pub async fn settle(
         .await?;
     }
     if !published.is_empty() {
-        // Found by where they are (a TID scan), checked by `seq` (which
-        // also tells apart the partitions of a partitioned table, whose
-        // ctids repeat); the claim's locks kept both as they were.
-        let seqs: Vec<i64> = published.iter().map(|row| row.seq).collect();
-        let row_ids: Vec<&str> = published.iter().map(|row| row.row_id.as_str()).collect();
-        let changed = match on_published {
-            OnPublished::Delete => {
-                tx.execute(
-                    &format!("DELETE FROM {target} WHERE ctid = ANY($1::text[]::tid[]) AND {seq} = ANY($2)"),
-                    &[&row_ids, &seqs],
-                )
-                .await?
-            }
-            OnPublished::Mark => {
-                let notes: Vec<Option<&str>> = published
-                    .iter()
-                    .map(|row| row.dead_letter.as_deref())
-                    .collect();
-                tx.execute(
-                    &format!(
-                        "UPDATE {target} t SET {published} = now(), {attempts} = t.{attempts} + 1,
-                                {last_error} = p.note, {next} = NULL
-                         FROM unnest($1::text[]::tid[], $2::int8[], $3::text[]) AS p(row_id, seq, note)
-                         WHERE t.ctid = p.row_id AND t.{seq} = p.seq",
-                        published = quote_ident(PUBLISHED_AT),
-                        attempts = quote_ident(ATTEMPTS),
-                        last_error = quote_ident(LAST_ERROR),
-                        next = quote_ident(NEXT_ATTEMPT_AT),
-                    ),
-                    &[&row_ids, &seqs, &notes],
-                )
-                .await?
-            }
-        };
-        if changed != published.len() as u64 {
-            // Nothing should move a row the claim holds locked; if one did,
-            // this transaction rolls back and its rows are claimed again.
-            return Err(PollError::Gave(format!(
-                "settling {} published rows of {}, {changed} were where the claim found them: \
-                 something moved or removed rows this relay held locked (a trigger, a rule, \
-                 a partition move?); the batch is rolled back and claimed again",
-                published.len(),
-                table.target(),
-            )));
+        let changed = write_published(tx, table, on_published, published, false).await?;
+        if changed < published.len() as u64 {
+            // Something rewrites the statement (an ON DELETE DO INSTEAD
+            // rule, say, which reports no rows): the rows are looked for by
+            // seq as well, as they were before ctids; nothing already
+            // settled is found twice.
+            tracing::debug!(changed, rows = published.len(), "settling by seq as well");
+            write_published(tx, table, on_published, published, true).await?;
         }
     }
     for row in failed {
@@ -454,6 +417,60 @@ pub async fn settle(
         .await?;
     }
     Ok(())
+}
+
+/// Deletes or marks the published rows, found by where the claim found
+/// them (a TID scan; the claim's row locks kept them there), checked by
+/// `seq` (which also tells apart the partitions of a partitioned table,
+/// whose ctids repeat); or, `by_seq`, by `seq` alone through the partial
+/// index. Returns how many rows it changed.
+async fn write_published(
+    tx: &SqlClient,
+    table: &OutboxTable,
+    on_published: OnPublished,
+    published: &[PublishedRow],
+    by_seq: bool,
+) -> Result<u64, SqlError> {
+    let (target, seq) = (table.target(), quote_ident(SEQ));
+    let published_at = quote_ident(PUBLISHED_AT);
+    let find = if by_seq {
+        format!("t.{seq} = p.seq AND t.{published_at} IS NULL")
+    } else {
+        format!("t.ctid = p.row_id AND t.{seq} = p.seq")
+    };
+    let row_ids: Vec<&str> = published.iter().map(|row| row.row_id.as_str()).collect();
+    let seqs: Vec<i64> = published.iter().map(|row| row.seq).collect();
+    match on_published {
+        OnPublished::Delete => {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {target} t USING unnest($1::text[]::tid[], $2::int8[]) AS p(row_id, seq)
+                     WHERE {find}"
+                ),
+                &[&row_ids, &seqs],
+            )
+            .await
+        }
+        OnPublished::Mark => {
+            let notes: Vec<Option<&str>> = published
+                .iter()
+                .map(|row| row.dead_letter.as_deref())
+                .collect();
+            tx.execute(
+                &format!(
+                    "UPDATE {target} t SET {published_at} = now(), {attempts} = t.{attempts} + 1,
+                            {last_error} = p.note, {next} = NULL
+                     FROM unnest($1::text[]::tid[], $2::int8[], $3::text[]) AS p(row_id, seq, note)
+                     WHERE {find}",
+                    attempts = quote_ident(ATTEMPTS),
+                    last_error = quote_ident(LAST_ERROR),
+                    next = quote_ident(NEXT_ATTEMPT_AT),
+                ),
+                &[&row_ids, &seqs, &notes],
+            )
+            .await
+        }
+    }
 }
 
 /// Numbers rows that came in without a `seq` (the insert trigger bypassed,
