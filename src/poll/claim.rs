@@ -186,7 +186,7 @@ impl OutboxTable {
     /// 0.5% of rows, so with `= lane` it expected fewer matching rows than
     /// the batch below about 100,000 rows pending, and scanned and sorted
     /// the whole table on every claim instead of walking the seq index
-    /// (measured: 67-110 ms a claim against 2-5 ms). "Not equal" it
+    /// (measured: 67-110 ms a claim against 22 ms). "Not equal" it
     /// guesses true for most rows, which is about right.
     fn claim_sql(&self) -> String {
         let values: Vec<String> = self
