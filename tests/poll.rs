@@ -25,6 +25,18 @@ fn walrelay(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A stack whose outbox is set up for polling (`setup --source poll`).
+async fn poll_stack(name: &str) -> Stack {
+    Stack::start_with(
+        name,
+        StackOptions {
+            setup_args: POLL.to_vec(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -318,14 +330,7 @@ async fn polled_records_and_the_wal_sources_are_both_the_contracts_record_byte_f
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lower_sequence_that_commits_later_is_not_overtaken_and_other_aggregates_flow_meanwhile()
 {
-    let stack = Stack::start_with(
-        "polltrap",
-        StackOptions {
-            setup_args: vec!["--source", "poll"],
-            ..Default::default()
-        },
-    )
-    .await;
+    let stack = poll_stack("polltrap").await;
     let mut relay = stack.relay(&["--source", "poll", "--poll-interval", "100ms"]);
     let insert = |key: &str, event: &str| {
         format!(
@@ -391,14 +396,7 @@ async fn a_lower_sequence_that_commits_later_is_not_overtaken_and_other_aggregat
 /// aggregate, and only its aggregate.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_another_relay_holds_stops_its_aggregate_and_no_other() {
-    let stack = Stack::start_with(
-        "pollheld",
-        StackOptions {
-            setup_args: vec!["--source", "poll"],
-            ..Default::default()
-        },
-    )
-    .await;
+    let stack = poll_stack("pollheld").await;
     stack
         .client
         .batch_execute(
@@ -654,14 +652,7 @@ async fn ten_writers_and_two_relays_one_killed_deliver_every_row_once_in_commit_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rule_that_turns_the_settles_delete_into_an_update_still_settles_each_row_once() {
-    let stack = Stack::start_with(
-        "pollrule",
-        StackOptions {
-            setup_args: vec!["--source", "poll"],
-            ..Default::default()
-        },
-    )
-    .await;
+    let stack = poll_stack("pollrule").await;
     // Published rows kept by a rule instead of `--on-published mark`: the
     // settle's DELETE reports no rows (it found its rows by ctid, and
     // looks for them by seq as well when fewer changed than it published).
@@ -712,14 +703,7 @@ async fn a_rule_that_turns_the_settles_delete_into_an_update_still_settles_each_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attempts() {
-    let stack = Stack::start_with(
-        "pollfail",
-        StackOptions {
-            setup_args: vec!["--source", "poll"],
-            ..Default::default()
-        },
-    )
-    .await;
+    let stack = poll_stack("pollfail").await;
     stack.broker.create_topic(&stack.topic("good"), 1);
     stack.broker.create_topic(&stack.topics.dead_letters(), 1);
     let missing = format!("topic \"{}\" does not exist", stack.topic("missing"));
