@@ -30,6 +30,9 @@ pub const EVENTS_SKIPPED_TOTAL: &str = "walrelay_events_skipped_total";
 pub const PARTITION_RECOVERIES_TOTAL: &str = "walrelay_partition_recoveries_total";
 pub const PARTITION_RECOVERY_SECONDS: &str = "walrelay_partition_recovery_seconds";
 pub const PARTITIONS_AT_LEAST_ONCE_TOTAL: &str = "walrelay_partitions_at_least_once_total";
+pub const PARTITION_UNAVAILABLE_SINCE: &str =
+    "walrelay_partition_unavailable_since_timestamp_seconds";
+pub const PARTITIONS_UNAVAILABLE: &str = "walrelay_partitions_unavailable";
 pub const SLOT_RELEASES_TOTAL: &str = "walrelay_slot_releases_total";
 pub const POLL_BATCHES_TOTAL: &str = "walrelay_poll_batches_total";
 pub const POLL_ROW_FAILURES_TOTAL: &str = "walrelay_poll_row_failures_total";
@@ -114,6 +117,15 @@ pub fn describe() {
         "Unix time of the last acknowledged event"
     );
     describe_counter!(TRANSACTIONS_TOTAL, "transactions received from the slot");
+    describe_gauge!(
+        PARTITION_UNAVAILABLE_SINCE,
+        Unit::Seconds,
+        "Unix time since which the partition has had no leader and its records have waited outside transactions (0 once it has one again)"
+    );
+    describe_gauge!(
+        PARTITIONS_UNAVAILABLE,
+        "partitions with no leader whose records wait"
+    );
     describe_counter!(
         WINDOW_FULL_TOTAL,
         "times the in-flight window filled and reading WAL paused"

@@ -13,6 +13,7 @@
 //! commit and abort run on blocking threads while the publisher holds new
 //! records back.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -21,7 +22,9 @@ use std::time::Duration;
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use tokio::sync::mpsc;
 
 use super::config::SinkSettings;
@@ -30,7 +33,7 @@ use super::tail::TailReader;
 use super::topics::TopicCreator;
 use crate::publish::scan::LedgerScan;
 use crate::publish::{
-    BrokerError, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink, TopicError,
+    BrokerError, Delivery, LocalBoxFuture, RecordId, SendId, SendRefused, Sink, TopicError,
 };
 use crate::record::KafkaRecord;
 
@@ -52,19 +55,36 @@ impl ClientContext for DeliveryContext {
 }
 
 impl ProducerContext for DeliveryContext {
-    /// The record's id itself (no allocation per record).
+    /// The record's send itself (no allocation per record).
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let result = match result {
             Ok(_) => Ok(()),
             Err((error, _)) => Err(classify(error)),
         };
         // The receiver is gone only when the relay is shutting down.
         let _ = self.deliveries.send(Delivery {
-            id: RecordId(id as u64),
+            send: unpack(opaque),
             result,
         });
+    }
+}
+
+/// A send travels through librdkafka as one word: the record id in the low
+/// 48 bits (ids count records from 0), the attempt in the high 16.
+const ID_BITS: u32 = 48;
+
+fn pack(send: SendId) -> usize {
+    let id = send.id.0 & ((1 << ID_BITS) - 1);
+    (id | (u64::from(send.attempt) << ID_BITS)) as usize
+}
+
+fn unpack(opaque: usize) -> SendId {
+    let word = opaque as u64;
+    SendId {
+        id: RecordId(word & ((1 << ID_BITS) - 1)),
+        attempt: (word >> ID_BITS) as u16,
     }
 }
 
@@ -73,7 +93,10 @@ type KafkaProducer = ThreadedProducer<DeliveryContext>;
 /// The producer, its delivery reports, topic preparation and tail scans.
 pub struct KafkaSink {
     settings: SinkSettings,
+    /// The producer records go through now.
     producer: Arc<KafkaProducer>,
+    /// Transactional: each id's producer, taken over in this session.
+    by_id: HashMap<String, Arc<KafkaProducer>>,
     fatal: Arc<AtomicBool>,
     deliveries_tx: mpsc::UnboundedSender<Delivery>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
@@ -102,6 +125,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             settings: settings.clone(),
             producer,
+            by_id: HashMap::new(),
             fatal,
             deliveries_tx: tx,
             deliveries: rx,
@@ -127,12 +151,65 @@ impl KafkaSink {
             &self.fatal,
         )
         .map_err(|e| classify(&e))?;
-        let old = std::mem::replace(&mut self.producer, producer);
-        // Dropping a producer purges and waits for its threads.
-        tokio::task::spawn_blocking(move || drop(old));
+        let old = std::mem::replace(&mut self.producer, Arc::clone(&producer));
+        match transactional_id {
+            Some(id) => {
+                // This id's earlier producer goes; the current one (another
+                // id's) stays with its id.
+                if let Some(earlier) = self.by_id.insert(id.to_owned(), producer) {
+                    drop_producer(earlier);
+                }
+                if !self.by_id.values().any(|p| Arc::ptr_eq(p, &old)) {
+                    drop_producer(old);
+                }
+            }
+            None => drop_producer(old),
+        }
         self.transactional_id = transactional_id.map(str::to_owned);
         Ok(())
     }
+}
+
+/// Dropping a producer purges what it holds and waits for its threads: off
+/// the async threads.
+fn drop_producer(producer: Arc<KafkaProducer>) {
+    tokio::task::spawn_blocking(move || {
+        producer.purge(PurgeConfig::default().queue().inflight());
+        drop(producer);
+    });
+}
+
+/// How long asking which partitions have a leader may take.
+const LEADERS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Of `partitions`, those the cluster's metadata shows without a leader.
+fn leaderless(
+    producer: &KafkaProducer,
+    partitions: &[(String, i32)],
+) -> Result<Vec<(String, i32)>, KafkaError> {
+    let mut topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let mut leaderless = Vec::new();
+    for topic in topics {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), LEADERS_TIMEOUT)?;
+        let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            continue;
+        };
+        for (t, partition) in partitions.iter().filter(|(t, _)| t == topic) {
+            let no_leader = found
+                .partitions()
+                .iter()
+                .find(|p| p.id() == *partition)
+                .is_some_and(|p| p.leader() < 0);
+            if no_leader {
+                leaderless.push((t.clone(), *partition));
+            }
+        }
+    }
+    Ok(leaderless)
 }
 
 fn make_producer(
@@ -185,7 +262,7 @@ impl Sink for KafkaSink {
         &mut self,
         record: &KafkaRecord,
         partition: Option<i32>,
-        id: RecordId,
+        send: SendId,
     ) -> Result<(), SendRefused> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
@@ -194,9 +271,8 @@ impl Sink for KafkaSink {
                 value: Some(value.as_ref()),
             });
         }
-        // Ids count records from 0: they fit a usize on every 64-bit target.
         let mut base: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&record.topic, id.0 as usize).headers(headers);
+            BaseRecord::with_opaque_to(&record.topic, pack(send)).headers(headers);
         if let Some(partition) = partition {
             base = base.partition(partition);
         }
@@ -237,6 +313,37 @@ impl Sink for KafkaSink {
         Box::pin(async move { tails.scan(topic, partition, scan).await })
     }
 
+    fn leaderless(
+        &self,
+        partitions: Vec<(String, i32)>,
+    ) -> LocalBoxFuture<Result<Vec<(String, i32)>, BrokerError>> {
+        let producer = Arc::clone(&self.producer);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                leaderless(&producer, &partitions).map_err(|e| classify(&e))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(BrokerError::transient(format!(
+                    "the metadata task failed: {e}"
+                )))
+            })
+        })
+    }
+
+    fn switch_to(&mut self, transactional_id: &str) {
+        if let Some(producer) = self.by_id.get(transactional_id) {
+            self.producer = Arc::clone(producer);
+            self.transactional_id = Some(transactional_id.to_owned());
+        }
+    }
+
+    fn abandon(&mut self, transactional_id: &str) {
+        if let Some(producer) = self.by_id.remove(transactional_id) {
+            drop_producer(producer);
+        }
+    }
+
     fn init(&mut self, transactional_id: &str) -> LocalBoxFuture<Result<(), BrokerError>> {
         // A fenced or failed producer cannot be reused; taking over the id
         // again (a new session) needs a fresh one anyway.
@@ -263,6 +370,31 @@ impl Sink for KafkaSink {
             if let Err(error) = self.renew(None) {
                 tracing::error!(%error, "cannot make the Kafka producer anew");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_survives_its_trip_through_librdkafka_as_one_word() {
+        for send in [
+            SendId {
+                id: RecordId(0),
+                attempt: 0,
+            },
+            SendId {
+                id: RecordId(123_456_789),
+                attempt: 7,
+            },
+            SendId {
+                id: RecordId((1 << ID_BITS) - 1),
+                attempt: 0xffff,
+            },
+        ] {
+            assert_eq!(unpack(pack(send)), send);
         }
     }
 }

@@ -4,8 +4,10 @@
 //! Each session's I/O is tagged with the session it was started in, so a
 //! result that arrives after its session ended (the source discarded its
 //! records, or began again) is told apart and ignored. Topic preparation
-//! is tied to no session: its result is always used.
+//! and questions about partitions' leaders are tied to no session: their
+//! results are always used.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::task::{Context, Poll};
 
@@ -19,6 +21,11 @@ use super::sink::{BrokerError, LocalBoxFuture, TopicError};
 /// Broker I/O that finished.
 pub enum Io {
     Prepared(String, Result<i32, TopicError>),
+    /// Which of the partitions asked after have no leader.
+    Asked(
+        HashSet<PartitionKey>,
+        Result<Vec<PartitionKey>, BrokerError>,
+    ),
     /// Of the current session.
     Session(SessionIo),
     /// Of a session that has ended: ignored.
@@ -34,6 +41,10 @@ pub enum SessionIo {
 
 enum Tagged {
     Prepared(String, Result<i32, TopicError>),
+    Asked(
+        HashSet<PartitionKey>,
+        Result<Vec<PartitionKey>, BrokerError>,
+    ),
     /// Of the session it was started in.
     Session(u64, SessionIo),
 }
@@ -72,11 +83,22 @@ impl BrokerIo {
         ));
     }
 
+    /// Waits for the answer to which of `asked` have no leader.
+    pub fn watch_leaders(
+        &mut self,
+        asked: HashSet<PartitionKey>,
+        answer: LocalBoxFuture<Result<Vec<PartitionKey>, BrokerError>>,
+    ) {
+        self.pending
+            .push(Box::pin(async move { Tagged::Asked(asked, answer.await) }));
+    }
+
     /// The next I/O that finished.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Io>> {
         self.pending.poll_next_unpin(cx).map(|io| {
             io.map(|io| match io {
                 Tagged::Prepared(topic, result) => Io::Prepared(topic, result),
+                Tagged::Asked(asked, result) => Io::Asked(asked, result),
                 Tagged::Session(session, io) if session == self.session => Io::Session(io),
                 Tagged::Session(..) => Io::Ended,
             })

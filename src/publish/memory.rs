@@ -4,7 +4,11 @@
 //! of an open or aborted transaction are in the log but invisible to
 //! readers (`read_committed`), and taking over a transactional id fences
 //! the previous holder. The test decides when records are acknowledged,
-//! which fail, and which are too large.
+//! which fail, and which are too large, and which partitions have no
+//! leader: records sent to one wait, and a transaction that touched one
+//! ends for its client but keeps its transactional id from beginning
+//! another (or being taken over) until the partition is back, as Kafka's
+//! coordinator does while it cannot write its markers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -16,8 +20,7 @@ use tokio::sync::mpsc;
 use super::position::{ORIGIN_HEADER, POSITION_HEADER};
 use super::scan::{LedgerScan, Scan, TailRecord};
 use super::sink::{
-    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
-    TopicError,
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, SendId, SendRefused, Sink, TopicError,
 };
 use crate::record::KafkaRecord;
 
@@ -33,7 +36,7 @@ struct Logged {
 struct Held {
     record: KafkaRecord,
     partition: i32,
-    id: RecordId,
+    send: SendId,
     sink: usize,
     txn: Option<u64>,
     /// The transactional id and epoch that sent it.
@@ -63,11 +66,44 @@ struct BrokerState {
     epochs: HashMap<String, u32>,
     /// Each sink's delivery channel.
     deliveries: Vec<mpsc::UnboundedSender<Delivery>>,
+    /// Partitions with no leader.
+    offline: HashSet<(String, i32)>,
+    /// Partitions each transaction touched.
+    touched: HashMap<u64, HashSet<(String, i32)>>,
+    /// Transactional ids whose last transaction ended while it touched
+    /// partitions with no leader: they wait for those.
+    blocked: HashMap<String, HashSet<(String, i32)>>,
 }
 
 impl BrokerState {
     fn visible(&self, logged: &Logged) -> bool {
         logged.txn.is_none_or(|t| self.committed.contains(&t))
+    }
+
+    /// Whether a held record can be written now.
+    fn writable(&self, held: &Held) -> bool {
+        let blocked = held
+            .holder
+            .as_ref()
+            .is_some_and(|(id, _)| self.blocked.contains_key(id));
+        !blocked
+            && !self
+                .offline
+                .contains(&(held.record.topic.clone(), held.partition))
+    }
+
+    /// A transaction ends: its id waits while a partition it touched has
+    /// no leader.
+    fn end(&mut self, id: Option<&str>, txn: Option<u64>) {
+        let (Some(id), Some(txn)) = (id, txn) else {
+            return;
+        };
+        let touched = self.touched.remove(&txn).unwrap_or_default();
+        let waiting: HashSet<(String, i32)> =
+            touched.intersection(&self.offline).cloned().collect();
+        if !waiting.is_empty() {
+            self.blocked.insert(id.to_owned(), waiting);
+        }
     }
 }
 
@@ -97,8 +133,8 @@ impl MemoryBroker {
             index: state.deliveries.len() - 1,
             deliveries: rx,
             transactional,
-            holder: None,
-            txn: None,
+            producers: HashMap::new(),
+            current: None,
         }
     }
 
@@ -107,12 +143,68 @@ impl MemoryBroker {
         self.state.lock().unwrap().paused = true;
     }
 
-    /// Acknowledges everything held, in order, and what comes after.
+    /// Acknowledges everything held that can be written, in order, and
+    /// what comes after.
     pub fn resume(&self) {
         self.state.lock().unwrap().paused = false;
-        while !self.state.lock().unwrap().held.is_empty() {
-            self.release(0);
+        self.release_writable();
+    }
+
+    /// Acknowledges every held record that can be written now, in order.
+    fn release_writable(&self) {
+        loop {
+            let next = {
+                let state = self.state.lock().unwrap();
+                if state.paused {
+                    return;
+                }
+                state.held.iter().position(|h| state.writable(h))
+            };
+            match next {
+                Some(index) => self.release(index),
+                None => return,
+            }
         }
+    }
+
+    /// `partition` of `topic` loses its leader: records sent to it wait.
+    pub fn take_offline(&self, topic: &str, partition: i32) {
+        self.state
+            .lock()
+            .unwrap()
+            .offline
+            .insert((topic.to_owned(), partition));
+    }
+
+    /// `partition` of `topic` has a leader again: transactions waiting for
+    /// it end, and its records are written.
+    pub fn bring_online(&self, topic: &str, partition: i32) {
+        {
+            let mut state = self.state.lock().unwrap();
+            let key = (topic.to_owned(), partition);
+            state.offline.remove(&key);
+            state.blocked.retain(|_, waiting| {
+                waiting.remove(&key);
+                !waiting.is_empty()
+            });
+        }
+        self.release_writable();
+    }
+
+    /// Whether `transactional_id` waits for a partition with no leader.
+    pub fn is_blocked(&self, transactional_id: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .blocked
+            .contains_key(transactional_id)
+    }
+
+    /// The transactional ids taken over so far.
+    pub fn transactional_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.state.lock().unwrap().epochs.keys().cloned().collect();
+        ids.sort();
+        ids
     }
 
     /// Acknowledges (or fails) the `index`-th held record.
@@ -153,7 +245,7 @@ impl MemoryBroker {
             },
         };
         let _ = state.deliveries[held.sink].send(Delivery {
-            id: held.id,
+            send: held.send,
             result,
         });
     }
@@ -267,15 +359,34 @@ pub struct MemorySink {
     index: usize,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     transactional: bool,
-    /// The transactional id and epoch this sink holds.
-    holder: Option<(String, u32)>,
+    /// Each transactional id this sink took over: its epoch and open
+    /// transaction.
+    producers: HashMap<String, Producer>,
+    /// The id records go through now.
+    current: Option<String>,
+}
+
+struct Producer {
+    epoch: u32,
     txn: Option<u64>,
 }
 
 impl MemorySink {
+    fn holder(&self) -> Option<(String, u32)> {
+        let id = self.current.as_ref()?;
+        Some((id.clone(), self.producers.get(id)?.epoch))
+    }
+
+    fn txn(&self) -> Option<u64> {
+        self.current
+            .as_ref()
+            .and_then(|id| self.producers.get(id))
+            .and_then(|p| p.txn)
+    }
+
     /// Whether another sink took this one's transactional id over.
     fn fenced(&self, state: &BrokerState) -> bool {
-        self.holder
+        self.holder()
             .as_ref()
             .is_some_and(|(id, epoch)| state.epochs.get(id) != Some(epoch))
     }
@@ -288,6 +399,13 @@ fn fenced_error() -> BrokerError {
     }
 }
 
+fn purged_error() -> BrokerError {
+    BrokerError {
+        class: BrokerErrorClass::Abortable,
+        message: "Local: Purged in queue".into(),
+    }
+}
+
 impl Sink for MemorySink {
     fn transactional(&self) -> bool {
         self.transactional
@@ -297,25 +415,36 @@ impl Sink for MemorySink {
         &mut self,
         record: &KafkaRecord,
         partition: Option<i32>,
-        id: RecordId,
+        send: SendId,
     ) -> Result<(), SendRefused> {
-        let paused = {
+        let txn = self.txn();
+        let release = {
             let mut state = self.broker.state.lock().unwrap();
-            if self.transactional && (self.txn.is_none() || self.fenced(&state)) {
+            if self.transactional && (txn.is_none() || self.fenced(&state)) {
                 return Err(SendRefused::Rejected(fenced_error()));
             }
+            let partition = partition.unwrap_or(0);
+            if let Some(txn) = txn {
+                state
+                    .touched
+                    .entry(txn)
+                    .or_default()
+                    .insert((record.topic.clone(), partition));
+            }
             state.sent += 1;
-            state.held.push_back(Held {
+            let held = Held {
                 record: record.clone(),
-                partition: partition.unwrap_or(0),
-                id,
+                partition,
+                send,
                 sink: self.index,
-                txn: self.txn,
-                holder: self.holder.clone(),
-            });
-            state.paused
+                txn,
+                holder: self.holder(),
+            };
+            let release = !state.paused && state.writable(&held);
+            state.held.push_back(held);
+            release
         };
-        if !paused {
+        if release {
             let last = self.broker.held() - 1;
             self.broker.release(last);
         }
@@ -379,16 +508,65 @@ impl Sink for MemorySink {
         })
     }
 
+    fn leaderless(
+        &self,
+        partitions: Vec<(String, i32)>,
+    ) -> LocalBoxFuture<Result<Vec<(String, i32)>, BrokerError>> {
+        let state = self.broker.state.lock().unwrap();
+        let leaderless = partitions
+            .into_iter()
+            .filter(|p| state.offline.contains(p))
+            .collect();
+        Box::pin(async move { Ok(leaderless) })
+    }
+
     fn init(&mut self, transactional_id: &str) -> LocalBoxFuture<Result<(), BrokerError>> {
+        // The takeover waits while the id's last transaction cannot end.
+        let broker = self.broker.clone();
+        let id = transactional_id.to_owned();
+        let epoch = {
+            let mut state = broker.state.lock().unwrap();
+            let epoch = state.epochs.get(&id).map_or(0, |e| e + 1);
+            // The previous holder is fenced: its open transaction never
+            // commits (its records stay invisible) and what it still sends
+            // is refused.
+            state.epochs.insert(id.clone(), epoch);
+            epoch
+        };
+        self.producers
+            .insert(id.clone(), Producer { epoch, txn: None });
+        self.current = Some(id.clone());
+        Box::pin(async move {
+            while broker.is_blocked(&id) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn switch_to(&mut self, transactional_id: &str) {
+        if self.producers.contains_key(transactional_id) {
+            self.current = Some(transactional_id.to_owned());
+        }
+    }
+
+    fn abandon(&mut self, transactional_id: &str) {
+        let Some(producer) = self.producers.remove(transactional_id) else {
+            return;
+        };
+        // What it held is purged, reported as such, and never committed.
         let mut state = self.broker.state.lock().unwrap();
-        let epoch = state.epochs.get(transactional_id).map_or(0, |e| e + 1);
-        // The previous holder is fenced: its open transaction never
-        // commits (its records stay invisible) and what it still sends is
-        // refused.
-        state.epochs.insert(transactional_id.to_owned(), epoch);
-        self.holder = Some((transactional_id.to_owned(), epoch));
-        self.txn = None;
-        Box::pin(async { Ok(()) })
+        let (purged, kept): (VecDeque<Held>, VecDeque<Held>) = std::mem::take(&mut state.held)
+            .into_iter()
+            .partition(|h| h.sink == self.index && h.txn.is_some() && h.txn == producer.txn);
+        state.held = kept;
+        for held in purged {
+            let _ = state.deliveries[held.sink].send(Delivery {
+                send: held.send,
+                result: Err(purged_error()),
+            });
+        }
+        state.end(Some(transactional_id), producer.txn);
     }
 
     fn begin(&mut self) -> Result<(), BrokerError> {
@@ -397,14 +575,21 @@ impl Sink for MemorySink {
             return Err(fenced_error());
         }
         state.next_txn += 1;
-        self.txn = Some(state.next_txn);
+        let txn = state.next_txn;
+        if let Some(producer) = self
+            .current
+            .as_ref()
+            .and_then(|id| self.producers.get_mut(id))
+        {
+            producer.txn = Some(txn);
+        }
         Ok(())
     }
 
     fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
         let broker = self.broker.clone();
-        let holder = self.holder.clone();
-        let txn = self.txn.take();
+        let holder = self.holder();
+        let txn = self.take_txn();
         Box::pin(async move {
             loop {
                 {
@@ -420,6 +605,8 @@ impl Sink for MemorySink {
                         if let Some(txn) = txn {
                             state.committed.insert(txn);
                         }
+                        let id = holder.as_ref().map(|(id, _)| id.as_str());
+                        state.end(id, txn);
                         return Ok(());
                     }
                 }
@@ -429,13 +616,31 @@ impl Sink for MemorySink {
     }
 
     fn abort(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
-        let txn = self.txn.take();
-        self.broker
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .retain(|h| h.txn != txn || txn.is_none());
+        let holder = self.holder();
+        let txn = self.take_txn();
+        let mut state = self.broker.state.lock().unwrap();
+        // Records not yet written are purged, and reported so.
+        let (purged, kept): (VecDeque<Held>, VecDeque<Held>) = std::mem::take(&mut state.held)
+            .into_iter()
+            .partition(|h| txn.is_some() && h.txn == txn);
+        state.held = kept;
+        for held in purged {
+            let _ = state.deliveries[held.sink].send(Delivery {
+                send: held.send,
+                result: Err(purged_error()),
+            });
+        }
+        state.end(holder.as_ref().map(|(id, _)| id.as_str()), txn);
         Box::pin(async { Ok(()) })
+    }
+}
+
+impl MemorySink {
+    /// Ends the current producer's transaction on the client's side.
+    fn take_txn(&mut self) -> Option<u64> {
+        self.current
+            .as_ref()
+            .and_then(|id| self.producers.get_mut(id))
+            .and_then(|p| p.txn.take())
     }
 }

@@ -14,7 +14,8 @@
 //! | `pause.rs` | waiting out failures: the backoff, the pause, the timer |
 //! | `outcome.rs` | what sources hand over and get back |
 //! | `records.rs` | the records in hand, in order, and what holds them back |
-//! | `transaction.rs` | the Kafka transaction's life |
+//! | `transaction.rs` | the Kafka transaction's life, and its two transactional ids |
+//! | `offline.rs` | partitions with no leader: their records wait outside transactions |
 //! | `sink.rs` | the broker as the publisher sees it: the `Sink` trait, classified errors |
 //! | `error.rs` | `PublishError`, and what a failed delivery means |
 //! | `topics.rs` | each topic's state and partition count |
@@ -33,6 +34,7 @@ mod error;
 mod ledgers;
 #[cfg(any(test, feature = "bench-support"))]
 pub mod memory;
+mod offline;
 mod outcome;
 mod partitioner;
 mod pause;
@@ -48,11 +50,12 @@ mod transaction;
 
 pub use error::{DeliveryDecision, PublishError, decide};
 pub use ledgers::{MARGIN as EVENT_MARGIN, Replay, ScanSettings};
+pub use offline::HeldPartition;
 pub use outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
 pub use publisher::Publisher;
 pub use sink::{
-    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendRefused, Sink,
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendId, SendRefused, Sink,
     TopicError,
 };

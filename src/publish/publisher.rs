@@ -20,6 +20,7 @@
 //! [`Publisher::next`] polls, so the source's loop answers shutdown and the
 //! walsender meanwhile.
 
+use std::collections::HashSet;
 use std::future::poll_fn;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use super::broker_io::{BrokerIo, Io, SessionIo};
 use super::error::{DeliveryDecision, PublishError, decide};
 use super::ledgers::{PartitionKey, PartitionLedgers, Replay, Verdict};
+use super::offline::{HeldPartition, Offline};
 use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures};
 use super::partitioner::partition_for;
 use super::pause::Pause;
@@ -50,6 +52,7 @@ pub struct Publisher<S: Sink, T> {
     topics: Topics,
     ledgers: Option<PartitionLedgers>,
     txn: Transaction,
+    offline: Offline,
     io: BrokerIo,
     pause: Pause,
     /// An error to return from the next call of `next`.
@@ -61,6 +64,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         let mut publisher = Publisher {
             ledgers: config.exactly_once.clone().map(PartitionLedgers::new),
             txn: Transaction::new(sink.transactional()),
+            offline: Offline::default(),
             sink,
             records: Records::new(),
             topics: Topics::default(),
@@ -116,6 +120,11 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         self.records.len()
     }
 
+    /// Partitions with no leader whose records wait, and since when.
+    pub fn held_partitions(&self) -> Vec<HeldPartition> {
+        self.offline.snapshot()
+    }
+
     /// Forgets every record (the source ends its session and will read
     /// them again): the open transaction is left to be aborted by the next
     /// session's takeover, and the producer is taken over again.
@@ -150,9 +159,15 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 self.on_io(io, &mut outcomes);
                 changed = true;
             }
-            // The timer wakes the publisher when a pause ends, or when the
-            // open transaction stops taking records.
-            if self.pause.poll_timer(cx, self.txn.closes_at()) {
+            // The timer wakes the publisher when a pause ends, when the
+            // open transaction stops taking records, or when partitions
+            // should be asked after (`offline.rs`).
+            let ask_at = self.offline.ask_at(self.records.oldest_outstanding());
+            let wake_at = match (self.txn.closes_at(), ask_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if self.pause.poll_timer(cx, wake_at) {
                 changed = true;
             }
             if changed {
@@ -171,16 +186,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     }
 
     fn on_delivery(&mut self, delivery: Delivery, outcomes: &mut Vec<Outcome<T>>) {
-        if !self.records.reported(delivery.id) {
-            return; // discarded, or already settled
+        if !self.records.reported(delivery.send) {
+            return; // discarded, settled, or a report of an earlier send
         }
+        let id = delivery.send.id;
         match delivery.result {
             Ok(()) => {
                 self.pause.succeeded();
                 if self.txn.is_on() {
-                    self.records.mark_acked(delivery.id);
+                    self.records.mark_acked(id);
                 } else {
-                    let entry = self.records.remove(delivery.id).expect("reported");
+                    let entry = self.records.remove(id).expect("reported");
                     outcomes.push(Outcome::Delivered {
                         tag: entry.tag,
                         topic: entry.record.topic,
@@ -188,7 +204,10 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     });
                 }
             }
-            Err(error) => self.on_failure(delivery.id, error, outcomes),
+            // The transaction is being aborted: its records not yet
+            // written are purged, and go again once it ends.
+            Err(_) if self.txn.is_aborting() => self.records.requeue(id),
+            Err(error) => self.on_failure(id, error, outcomes),
         }
     }
 
@@ -233,6 +252,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     fn on_io(&mut self, io: Io, outcomes: &mut Vec<Outcome<T>>) {
         let io = match io {
             Io::Prepared(topic, result) => return self.on_prepared(topic, result, outcomes),
+            Io::Asked(asked, result) => return self.on_asked(asked, result, outcomes),
             Io::Session(io) => io,
             Io::Ended => return,
         };
@@ -278,6 +298,9 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             SessionIo::Committed(result) => {
                 let next = self.txn.committed(result);
                 self.follow(next, outcomes);
+                if let Some(next) = self.txn.rest_if_stuck() {
+                    self.follow(next, outcomes);
+                }
             }
             SessionIo::Aborted(result) => {
                 let next = self.txn.aborted(result);
@@ -286,10 +309,78 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         }
     }
 
+    /// Asks the sink which partitions have no leader, if it is time: those
+    /// of records outstanding for a while, those the transaction touched,
+    /// and those held.
+    fn ask_after_partitions(&mut self) {
+        let due = self
+            .offline
+            .ask_at(self.records.oldest_outstanding())
+            .is_some_and(|at| at <= Instant::now());
+        if !due {
+            return;
+        }
+        let mut asked = self.records.outstanding_partitions();
+        asked.extend(self.txn.touched());
+        asked.extend(self.offline.held().cloned());
+        // Records whose partition the sink picks cannot be asked after;
+        // without transactions they wait inside the producer anyway.
+        asked.retain(|(_, partition)| *partition >= 0);
+        self.offline.asking();
+        if asked.is_empty() {
+            self.offline.unanswered();
+            return;
+        }
+        let answer = self.sink.leaderless(asked.iter().cloned().collect());
+        self.io.watch_leaders(asked, answer);
+    }
+
+    /// Which partitions have no leader: hold their records (and rest a
+    /// transactional id stuck on one); let go of those back.
+    fn on_asked(
+        &mut self,
+        asked: HashSet<PartitionKey>,
+        result: Result<Vec<PartitionKey>, BrokerError>,
+        outcomes: &mut Vec<Outcome<T>>,
+    ) {
+        let leaderless: HashSet<PartitionKey> = match result {
+            Ok(leaderless) => leaderless.into_iter().collect(),
+            Err(error) => {
+                tracing::debug!(%error, "cannot ask which partitions have a leader");
+                self.offline.unanswered();
+                return;
+            }
+        };
+        let (_, back) = self.offline.answered(&asked, &leaderless);
+        if !back.is_empty() {
+            self.txn.back(&back);
+        }
+        let held: HashSet<PartitionKey> = self.offline.held().cloned().collect();
+        if let Some(next) = self.txn.leaderless(&held) {
+            self.follow(next, outcomes);
+        }
+    }
+
     /// Does what the transaction decided after its I/O.
     fn follow(&mut self, next: Next, outcomes: &mut Vec<Outcome<T>>) {
         match next {
             Next::Go => {}
+            Next::Use(id) => self.sink.switch_to(&id),
+            Next::Rest { abandon, next } => {
+                metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "partition_offline")
+                    .increment(1);
+                self.sink.abandon(&abandon);
+                self.records.requeue_all();
+                match next {
+                    Some(id) => {
+                        tracing::info!(stuck = %abandon, now = %id, "records go on under the spare transactional id");
+                        self.sink.switch_to(&id);
+                    }
+                    None => {
+                        tracing::warn!(stuck = %abandon, "every transactional id waits for an offline partition: records wait until one is back")
+                    }
+                }
+            }
             Next::Deliver => {
                 for entry in self.records.take_acked() {
                     outcomes.push(Outcome::Delivered {
@@ -398,6 +489,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// Offers every waiting record again, in order, then ends the
     /// transaction if it is due.
     fn pump(&mut self, outcomes: &mut Vec<Outcome<T>>) {
+        self.ask_after_partitions();
         self.records.held = Default::default();
         let mut next = self.records.next_waiting(None);
         while let Some(id) = next {
@@ -443,6 +535,10 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         if self.records.held.partitions.contains(&key) {
             return;
         }
+        if self.offline.holds(&key) {
+            self.records.held.partitions.insert(key);
+            return;
+        }
         let entry = self.records.get(id).expect("waiting");
         if let (Some(ledgers), Some(position)) = (self.ledgers.as_mut(), entry.position) {
             match ledgers.verdict(&key, &position) {
@@ -477,9 +573,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             self.txn.began(self.records.len());
         }
         let partition = (key.1 >= 0).then_some(key.1);
+        let send = self.records.next_send(id);
         let entry = self.records.get(id).expect("waiting");
-        match self.sink.send(&entry.record, partition, id) {
-            Ok(()) => self.records.mark_sent(id),
+        match self.sink.send(&entry.record, partition, send) {
+            Ok(()) => {
+                self.records.mark_sent(send, key.1);
+                self.txn.sent_to(&key);
+            }
             Err(SendRefused::QueueFull) => self.pause(QUEUE_FULL_PAUSE),
             Err(SendRefused::Rejected(error)) => {
                 self.records.held.partitions.insert(key);

@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound;
 
+use tokio::time::Instant;
+
 use super::ledgers::PartitionKey;
 use super::position::Position;
-use super::sink::RecordId;
+use super::sink::{RecordId, SendId};
 use crate::record::KafkaRecord;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +30,11 @@ pub struct Entry<T> {
     pub position: Option<Position>,
     pub dead_letter: bool,
     pub state: State,
+    /// Counts its sends: a report of an earlier one is not this one's.
+    pub attempt: u16,
+    /// Sent: when, and to which partition (-1: the sink's partitioner
+    /// picked).
+    sent: Option<(Instant, i32)>,
 }
 
 /// What holds waiting records back, as the last pass over them found.
@@ -48,6 +55,8 @@ pub struct Records<T> {
     sent: usize,
     /// Records delivered, their transaction not yet committed.
     acked: usize,
+    /// Records whose delivery report is outstanding, oldest send first.
+    outstanding: BTreeSet<(Instant, RecordId)>,
     pub held: Held,
 }
 
@@ -59,6 +68,7 @@ impl<T> Records<T> {
             next_id: 0,
             sent: 0,
             acked: 0,
+            outstanding: BTreeSet::new(),
             held: Held::default(),
         }
     }
@@ -81,6 +91,8 @@ impl<T> Records<T> {
                 position,
                 dead_letter,
                 state: State::Pending,
+                attempt: 0,
+                sent: None,
             },
         );
         if self.pending.is_empty() {
@@ -118,25 +130,62 @@ impl<T> Records<T> {
             .collect()
     }
 
-    pub fn mark_sent(&mut self, id: RecordId) {
-        if let Some(entry) = self.entries.get_mut(&id) {
+    /// The next send of a waiting record.
+    pub fn next_send(&self, id: RecordId) -> SendId {
+        SendId {
+            id,
+            attempt: self
+                .entries
+                .get(&id)
+                .map_or(0, |e| e.attempt.wrapping_add(1)),
+        }
+    }
+
+    /// `send` went out to `partition`.
+    pub fn mark_sent(&mut self, send: SendId, partition: i32) {
+        if let Some(entry) = self.entries.get_mut(&send.id) {
+            let now = Instant::now();
             entry.state = State::Sent;
-            self.pending.remove(&id);
+            entry.attempt = send.attempt;
+            entry.sent = Some((now, partition));
+            self.pending.remove(&send.id);
+            self.outstanding.insert((now, send.id));
             self.sent += 1;
         }
     }
 
-    /// A delivery report came for `id`: whether it was outstanding. The
-    /// caller then marks it delivered, sends it again, or settles it.
-    pub fn reported(&mut self, id: RecordId) -> bool {
-        match self.entries.get_mut(&id) {
-            Some(entry) if entry.state == State::Sent => {
+    /// A delivery report came for `send`: whether it was outstanding (a
+    /// report of an earlier send, or of a record settled since, is not).
+    /// The caller then marks it delivered, sends it again, or settles it.
+    pub fn reported(&mut self, send: SendId) -> bool {
+        match self.entries.get_mut(&send.id) {
+            Some(entry) if entry.state == State::Sent && entry.attempt == send.attempt => {
                 self.sent -= 1;
                 entry.state = State::Reported;
+                if let Some((at, _)) = entry.sent {
+                    self.outstanding.remove(&(at, send.id));
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// When the oldest record still outstanding was sent.
+    pub fn oldest_outstanding(&self) -> Option<Instant> {
+        self.outstanding.first().map(|(at, _)| *at)
+    }
+
+    /// The partitions of the records outstanding.
+    pub fn outstanding_partitions(&self) -> HashSet<PartitionKey> {
+        self.outstanding
+            .iter()
+            .filter_map(|(_, id)| {
+                let entry = &self.entries[id];
+                let (_, partition) = entry.sent?;
+                Some((entry.record.topic.clone(), partition))
+            })
+            .collect()
     }
 
     pub fn mark_acked(&mut self, id: RecordId) {
@@ -152,7 +201,12 @@ impl<T> Records<T> {
     pub fn requeue(&mut self, id: RecordId) {
         if let Some(entry) = self.entries.get_mut(&id) {
             match entry.state {
-                State::Sent => self.sent -= 1,
+                State::Sent => {
+                    self.sent -= 1;
+                    if let Some((at, _)) = entry.sent {
+                        self.outstanding.remove(&(at, id));
+                    }
+                }
                 State::Acked => self.acked -= 1,
                 State::Pending | State::Reported => {}
             }
@@ -166,6 +220,7 @@ impl<T> Records<T> {
     pub fn requeue_all(&mut self) {
         self.sent = 0;
         self.acked = 0;
+        self.outstanding.clear();
         for (id, entry) in self.entries.iter_mut() {
             if entry.state != State::Pending {
                 entry.state = State::Pending;
@@ -179,7 +234,12 @@ impl<T> Records<T> {
         self.pending.remove(&id);
         let entry = self.entries.remove(&id)?;
         match entry.state {
-            State::Sent => self.sent -= 1,
+            State::Sent => {
+                self.sent -= 1;
+                if let Some((at, _)) = entry.sent {
+                    self.outstanding.remove(&(at, id));
+                }
+            }
             State::Acked => self.acked -= 1,
             State::Pending | State::Reported => {}
         }
@@ -231,6 +291,7 @@ impl<T> Records<T> {
         self.pending.clear();
         self.sent = 0;
         self.acked = 0;
+        self.outstanding.clear();
         self.held = Held::default();
         dropped
     }

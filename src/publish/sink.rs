@@ -25,10 +25,19 @@ pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RecordId(pub u64);
 
+/// One send of a record: a record sent again (after an abort) is a new
+/// attempt, so a late report of an earlier one is told apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SendId {
+    pub id: RecordId,
+    /// Wraps around: a report 65,536 sends old is long gone.
+    pub attempt: u16,
+}
+
 /// A delivery report.
 #[derive(Debug)]
 pub struct Delivery {
-    pub id: RecordId,
+    pub send: SendId,
     pub result: Result<(), BrokerError>,
 }
 
@@ -124,12 +133,12 @@ pub trait Sink {
 
     /// Queues one record (to `partition`, or where the sink's partitioner
     /// puts it). Its delivery report comes back from
-    /// [`Sink::poll_delivery`].
+    /// [`Sink::poll_delivery`] with the same `send`.
     fn send(
         &mut self,
         record: &KafkaRecord,
         partition: Option<i32>,
-        id: RecordId,
+        send: SendId,
     ) -> Result<(), SendRefused>;
 
     /// The next delivery report, in the order the sink produces them.
@@ -149,12 +158,32 @@ pub trait Sink {
         scan: LedgerScan,
     ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>>;
 
-    /// Transactional sinks: takes over `transactional_id`, fencing every
-    /// earlier producer of it (their open transactions are aborted). Made
-    /// anew if the producer failed for good.
+    /// Of `partitions`, those that have no leader now: they cannot take
+    /// writes until a broker holding a replica of them is back.
+    fn leaderless(
+        &self,
+        _partitions: Vec<(String, i32)>,
+    ) -> LocalBoxFuture<Result<Vec<(String, i32)>, BrokerError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Transactional sinks: takes over `transactional_id` with a producer
+    /// made anew, fencing every earlier producer of it (their open
+    /// transactions are aborted). What is sent next goes through it.
     fn init(&mut self, _transactional_id: &str) -> LocalBoxFuture<Result<(), BrokerError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Transactional sinks: what is sent next, and `begin`, `commit` and
+    /// `abort`, go through the producer of `transactional_id` (taken over
+    /// by [`Sink::init`] in this session).
+    fn switch_to(&mut self, _transactional_id: &str) {}
+
+    /// Transactional sinks: drops the producer of `transactional_id`. What
+    /// it still holds is never committed: its open transaction is aborted
+    /// by the broker's transaction timeout, or by the next takeover of the
+    /// id.
+    fn abandon(&mut self, _transactional_id: &str) {}
 
     /// Opens a transaction for the records sent next.
     fn begin(&mut self) -> Result<(), BrokerError> {

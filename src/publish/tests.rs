@@ -281,3 +281,86 @@ async fn a_topic_that_gains_partitions_is_used_with_its_new_count_and_a_shrunk_o
         "{error}"
     );
 }
+
+/// Event `n` to `topic`, keyed `k{n}` so keys stay in one partition.
+fn event_to(topic: &str, n: u64) -> Outgoing<u64> {
+    let mut out = event(n);
+    out.record.topic = topic.into();
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
+    const OTHER: &str = "outbox.event.invoice";
+    let broker = MemoryBroker::default();
+    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
+    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    // The broker holding the only replica of OTHER's partition is gone.
+    broker.take_offline(OTHER, 0);
+    let mut outcomes = Vec::new();
+    for n in 1..=10 {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        outcomes.extend(publisher.publish(event_to(topic, n)));
+    }
+    let mut delivered = Vec::new();
+    let started = tokio::time::Instant::now();
+    while delivered.len() < 5 {
+        for outcome in outcomes.drain(..) {
+            match outcome {
+                Outcome::Delivered { tag, .. } => delivered.push(tag),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if delivered.len() < 5 {
+            outcomes = tokio::time::timeout(Duration::from_secs(60), publisher.next())
+                .await
+                .expect("the other topic's records are delivered while the partition is offline")
+                .unwrap();
+        }
+    }
+    assert_eq!(delivered, [1, 3, 5, 7, 9], "only the online partition's");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        ids(&broker.log(TOPIC)),
+        ["1", "3", "5", "7", "9"].map(String::from)
+    );
+    assert!(broker.log(OTHER).is_empty());
+    let held = publisher.held_partitions();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].topic.as_str(), held[0].partition), (OTHER, 0));
+    assert!(
+        broker.is_blocked("walrelay.7.walrelay"),
+        "the first id's transaction touched the offline partition"
+    );
+    // New records of the online topic keep flowing under the spare id.
+    outcomes = publisher.publish(event_to(TOPIC, 11));
+    let more = settle(&mut publisher, outcomes, 1).await.unwrap();
+    assert_eq!(more, [11]);
+    assert_eq!(
+        publisher.in_flight(),
+        5,
+        "the offline partition's records wait"
+    );
+    // The partition is back: its records go, each once, in order.
+    broker.bring_online(OTHER, 0);
+    let rest = settle(&mut publisher, Vec::new(), 5).await.unwrap();
+    assert_eq!(rest, [2, 4, 6, 8, 10]);
+    assert_eq!(
+        ids(&broker.log(OTHER)),
+        ["2", "4", "6", "8", "10"].map(String::from)
+    );
+    assert_eq!(
+        broker.log_uncommitted(OTHER).len(),
+        5,
+        "nothing of the aborted transaction was ever written"
+    );
+    assert!(publisher.held_partitions().is_empty());
+    assert_eq!(
+        broker.transactional_ids(),
+        ["walrelay.7.walrelay", "walrelay.7.walrelay.spare"].map(String::from)
+    );
+}

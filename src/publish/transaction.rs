@@ -7,11 +7,28 @@
 //!                                                               │ a record failed                  │ failed
 //!                                                               └───────────> Aborting ─> Idle <────┘ (records sent again)
 //! ```
+//!
+//! # A partition with no leader
+//!
+//! Kafka ends a transaction only once it has written its marker into every
+//! partition the transaction touched. So a transaction that touched a
+//! partition whose every replica is offline cannot end until that
+//! partition is back, and until then its transactional id can begin no
+//! other. Each session therefore takes over two ids, `<id>` and
+//! `<id>.spare`. When a partition the current id touched (in the open
+//! transaction, or the one before, whose markers may still be unwritten)
+//! has no leader, that id is *stuck*: its open transaction is aborted (its
+//! records are sent again), its producer dropped, and it rests until the
+//! partition is back, while the other id carries the records of every
+//! other partition. The publisher keeps the offline partition's records
+//! out of transactions meanwhile (`offline.rs`).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::ledgers::PartitionKey;
 use super::sink::{BrokerError, BrokerErrorClass};
 use crate::metrics as m;
 
@@ -26,11 +43,14 @@ const MAX_OPEN: Duration = Duration::from_millis(10);
 const BACKLOG_OPEN: Duration = Duration::from_millis(50);
 const BACKLOG: usize = 1000;
 
+/// The suffix of the spare transactional id.
+pub const SPARE_SUFFIX: &str = ".spare";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Not transactional.
     Off,
-    /// No session yet, or the producer must be taken over again.
+    /// No session yet, an id still to take over, or no id to use.
     Uninitialized,
     Initializing,
     Idle,
@@ -64,11 +84,20 @@ impl State {
 pub enum Next {
     /// Nothing more: records flow (or wait for the next attempt, already set).
     Go,
+    /// Records go through this id's producer from now on.
+    Use(String),
     /// Committed: its acknowledged records are delivered.
     Deliver,
     /// Aborted: nothing of it is visible; every record of it goes again,
     /// in order.
     SendAgain,
+    /// The current id is stuck on a partition without a leader: drop its
+    /// producer, send every record again, through `next` if there is an
+    /// id to use (else records wait until one is back).
+    Rest {
+        abandon: String,
+        next: Option<String>,
+    },
     /// The commit may still complete (aborting could make its records
     /// visible twice once they are sent again): commit again shortly.
     CommitAgain,
@@ -80,12 +109,49 @@ pub enum Next {
     EndProducer(BrokerError),
 }
 
+/// One transactional id of the session.
+#[derive(Debug)]
+struct TxnId {
+    name: String,
+    /// Taken over in this session, its producer alive.
+    ready: bool,
+    /// Stuck: it is not used until each of these partitions has a leader
+    /// again.
+    resting: HashSet<PartitionKey>,
+    /// Partitions of its open transaction.
+    touched: HashSet<PartitionKey>,
+    /// Partitions of its transaction before (its markers may still be
+    /// unwritten).
+    previous: HashSet<PartitionKey>,
+}
+
+impl TxnId {
+    fn new(name: String) -> Self {
+        TxnId {
+            name,
+            ready: false,
+            resting: HashSet::new(),
+            touched: HashSet::new(),
+            previous: HashSet::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Transaction {
     state: State,
     /// A record of the open transaction failed: it must be aborted.
     must_abort: bool,
-    /// The transactional id of this session.
+    /// This session's ids: `<id>` and `<id>.spare`.
+    ids: Vec<TxnId>,
+    /// The id in use, if any.
+    current: Option<usize>,
+    /// The id being taken over.
+    initializing: Option<usize>,
+    /// The current id is stuck on these partitions: end its transaction
+    /// and rest it.
+    stuck: Option<HashSet<PartitionKey>>,
+    /// The current transactional id (for messages).
     pub id: Option<String>,
 }
 
@@ -98,6 +164,10 @@ impl Transaction {
                 State::Off
             },
             must_abort: false,
+            ids: Vec::new(),
+            current: None,
+            initializing: None,
+            stuck: None,
             id: None,
         }
     }
@@ -106,45 +176,89 @@ impl Transaction {
         self.state != State::Off
     }
 
-    /// A new session takes the transactional id over.
+    /// A new session takes the transactional ids over: `id` and its spare.
+    /// An id resting on an offline partition in this process stays out
+    /// until the partition is back (taking it over now would wait for it).
     pub fn restart(&mut self, id: Option<String>) {
-        if self.is_on() {
-            self.state = State::Uninitialized;
-            self.must_abort = false;
-            self.id = id;
+        if !self.is_on() {
+            return;
         }
+        self.state = State::Uninitialized;
+        self.must_abort = false;
+        self.stuck = None;
+        self.current = None;
+        self.initializing = None;
+        self.id = None;
+        let names: Vec<String> = match &id {
+            Some(id) => vec![id.clone(), format!("{id}{SPARE_SUFFIX}")],
+            None => Vec::new(),
+        };
+        let mut ids: Vec<TxnId> = Vec::new();
+        for name in names {
+            let mut entry = TxnId::new(name.clone());
+            if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
+                entry.resting = std::mem::take(&mut old.resting);
+            }
+            ids.push(entry);
+        }
+        self.ids = ids;
     }
 
-    /// Everything in flight was abandoned: the producer must be taken over
+    /// Everything in flight was abandoned: the producers must be taken over
     /// again.
     pub fn abandon(&mut self) {
         if self.is_on() {
             self.state = State::Uninitialized;
             self.must_abort = false;
+            self.stuck = None;
+            self.current = None;
+            self.initializing = None;
+            for id in &mut self.ids {
+                id.ready = false;
+                id.touched.clear();
+                id.previous.clear();
+            }
         }
     }
 
-    /// The id to take over now, if the producer must be initialized.
+    /// The id to take over now, if one must be: every id not resting is
+    /// taken over before the first record goes out, so every earlier
+    /// holder of each is fenced.
     pub fn take_initialization(&mut self) -> Option<String> {
         if self.state != State::Uninitialized {
             return None;
         }
-        let id = self.id.clone()?;
+        let index = self
+            .ids
+            .iter()
+            .position(|id| !id.ready && id.resting.is_empty())?;
         self.state = State::Initializing;
-        Some(id)
+        self.initializing = Some(index);
+        self.id = Some(self.ids[index].name.clone());
+        Some(self.ids[index].name.clone())
     }
 
     /// The takeover of the transactional id finished.
     pub fn initialized(&mut self, result: Result<(), BrokerError>) -> Next {
-        self.state = if result.is_ok() {
-            State::Idle
-        } else {
-            State::Uninitialized
-        };
+        let index = self.initializing.take();
+        self.state = State::Uninitialized;
         match result {
             Ok(()) => {
-                tracing::debug!(id = ?self.id, "transactional producer ready");
-                Next::Go
+                let Some(index) = index else {
+                    return Next::Go;
+                };
+                self.ids[index].ready = true;
+                tracing::debug!(id = %self.ids[index].name, "transactional producer ready");
+                if self.ids.iter().any(|id| !id.ready && id.resting.is_empty()) {
+                    return Next::Go; // the next id is taken over first
+                }
+                match self.pick() {
+                    Some(name) => {
+                        self.state = State::Idle;
+                        Next::Use(name)
+                    }
+                    None => Next::Go,
+                }
             }
             Err(error) if error.ends_producer() => Next::EndProducer(error),
             Err(error) => {
@@ -152,6 +266,17 @@ impl Transaction {
                 Next::BackOff
             }
         }
+    }
+
+    /// Makes the first ready, rested id the current one.
+    fn pick(&mut self) -> Option<String> {
+        let index = self
+            .ids
+            .iter()
+            .position(|id| id.ready && id.resting.is_empty())?;
+        self.current = Some(index);
+        self.id = Some(self.ids[index].name.clone());
+        Some(self.ids[index].name.clone())
     }
 
     /// A commit finished.
@@ -180,6 +305,14 @@ impl Transaction {
 
     /// An abort finished.
     pub fn aborted(&mut self, result: Result<(), BrokerError>) -> Next {
+        if self.stuck.is_some() {
+            // Whether or not the abort went through, the id is given up
+            // until its partitions are back.
+            if let Err(error) = &result {
+                tracing::warn!(%error, "aborting the stuck transaction did not finish; dropping its producer (the broker aborts it at its timeout)");
+            }
+            return self.rest();
+        }
         match result {
             Ok(()) => {
                 self.ended();
@@ -192,6 +325,78 @@ impl Transaction {
                 Next::Pause(super::outcome::backoff(1, super::pause::MAX_RETRY_BACKOFF))
             }
         }
+    }
+
+    /// Partitions with no leader now: whether the current id is stuck on
+    /// one of them. If so, its open transaction must be aborted
+    /// ([`Transaction::due`]), or, with none open, it rests at once
+    /// ([`Next::Rest`]).
+    pub fn leaderless(&mut self, partitions: &HashSet<PartitionKey>) -> Option<Next> {
+        let index = self.current?;
+        if self.stuck.is_some() {
+            return None;
+        }
+        let id = &self.ids[index];
+        let stuck: HashSet<PartitionKey> = id
+            .touched
+            .union(&id.previous)
+            .filter(|p| partitions.contains(*p))
+            .cloned()
+            .collect();
+        if stuck.is_empty() {
+            return None;
+        }
+        tracing::warn!(id = %id.name, partitions = ?stuck, "a partition this transactional id wrote to has no leader: its transaction cannot end until the partition is back; the spare id takes over");
+        self.stuck = Some(stuck);
+        match self.state {
+            State::Open { .. } => {
+                self.must_abort = true;
+                None
+            }
+            State::Idle => Some(self.rest()),
+            // A commit or an abort under way ends first.
+            _ => None,
+        }
+    }
+
+    /// A stuck id whose commit or abort ended meanwhile rests now.
+    pub fn rest_if_stuck(&mut self) -> Option<Next> {
+        (self.state == State::Idle && self.stuck.is_some()).then(|| self.rest())
+    }
+
+    /// The current id rests on the partitions it is stuck on.
+    fn rest(&mut self) -> Next {
+        let stuck = self.stuck.take().unwrap_or_default();
+        self.must_abort = false;
+        let Some(index) = self.current.take() else {
+            return Next::SendAgain;
+        };
+        let id = &mut self.ids[index];
+        id.ready = false;
+        id.resting.extend(stuck);
+        id.touched.clear();
+        id.previous.clear();
+        let abandon = id.name.clone();
+        self.id = None;
+        self.state = State::Uninitialized;
+        let next = self.pick();
+        if next.is_some() {
+            self.state = State::Idle;
+        }
+        Next::Rest { abandon, next }
+    }
+
+    /// Partitions that have a leader again: ids resting on them only may
+    /// be taken over again.
+    pub fn back(&mut self, partitions: &HashSet<PartitionKey>) {
+        for id in &mut self.ids {
+            id.resting.retain(|p| !partitions.contains(p));
+        }
+    }
+
+    /// Whether an abort is under way.
+    pub fn is_aborting(&self) -> bool {
+        self.state == State::Aborting
     }
 
     /// Whether records may be sent now.
@@ -220,6 +425,30 @@ impl Transaction {
         };
     }
 
+    /// A record of the open transaction goes to `partition`.
+    pub fn sent_to(&mut self, partition: &PartitionKey) {
+        if let Some(index) = self.current {
+            let touched = &mut self.ids[index].touched;
+            if !touched.contains(partition) {
+                touched.insert(partition.clone());
+            }
+        }
+    }
+
+    /// The partitions the current id's transactions touched: the open one
+    /// and the one before.
+    pub fn touched(&self) -> HashSet<PartitionKey> {
+        self.current
+            .map(|i| {
+                self.ids[i]
+                    .touched
+                    .union(&self.ids[i].previous)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// A record of the open transaction failed.
     pub fn fail(&mut self) {
         if self.is_on() {
@@ -236,9 +465,18 @@ impl Transaction {
     }
 
     /// Whether to end the transaction now: nothing is outstanding (`sent`)
-    /// and it failed, or it holds delivered records.
+    /// and it failed, or it holds delivered records. A stuck transaction
+    /// is aborted at once: its records for the offline partition would
+    /// never be delivered.
     pub fn due(&mut self, sent: usize, any_acked: bool) -> Option<End> {
-        if !matches!(self.state, State::Open { .. }) || sent > 0 {
+        if !matches!(self.state, State::Open { .. }) {
+            return None;
+        }
+        if self.stuck.is_some() {
+            self.state = State::Aborting;
+            return Some(End::Abort);
+        }
+        if sent > 0 {
             return None;
         }
         if self.must_abort {
@@ -261,6 +499,10 @@ impl Transaction {
     fn ended(&mut self) {
         self.state = State::Idle;
         self.must_abort = false;
+        if let Some(index) = self.current {
+            let id = &mut self.ids[index];
+            id.previous = std::mem::take(&mut id.touched);
+        }
     }
 }
 
@@ -268,13 +510,24 @@ impl Transaction {
 mod tests {
     use super::*;
 
+    /// Takes both ids over, as a session's start does.
+    fn ready(t: &mut Transaction) {
+        t.restart(Some("walrelay.7.s".into()));
+        assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+        assert!(matches!(t.initialized(Ok(())), Next::Go));
+        assert!(!t.may_send(), "not before the spare is taken over too");
+        assert_eq!(
+            t.take_initialization().as_deref(),
+            Some("walrelay.7.s.spare")
+        );
+        assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_transaction_takes_records_briefly_then_commits_once_they_are_delivered() {
         let mut t = Transaction::new(true);
         assert!(!t.may_send(), "not before the id is taken over");
-        t.restart(Some("walrelay.7.s".into()));
-        assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
-        t.initialized(Ok(()));
+        ready(&mut t);
         assert!(t.needs_begin() && t.may_send());
         t.began(0);
         assert_eq!(t.due(1, true), None, "a record is outstanding");
@@ -293,9 +546,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_transaction_that_closes_with_nothing_sent_ends_instead_of_staying_open() {
         let mut t = Transaction::new(true);
-        t.restart(Some("walrelay.7.s".into()));
-        t.take_initialization();
-        t.initialized(Ok(()));
+        ready(&mut t);
         t.began(0);
         assert_eq!(t.due(0, false), None, "still open: records may come");
         tokio::time::advance(MAX_OPEN).await;
@@ -308,9 +559,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_transaction_begun_with_a_backlog_takes_records_longer() {
         let mut t = Transaction::new(true);
-        t.restart(Some("walrelay.7.s".into()));
-        t.take_initialization();
-        t.initialized(Ok(()));
+        ready(&mut t);
         t.began(BACKLOG - 1);
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send(), "a short backlog keeps the short window");
@@ -346,6 +595,8 @@ mod tests {
             "taken over again"
         );
         t.initialized(Ok(()));
+        t.take_initialization();
+        t.initialized(Ok(()));
         t.began(0);
         tokio::time::advance(MAX_OPEN).await;
         assert_eq!(t.due(0, true), Some(End::Commit));
@@ -372,5 +623,86 @@ mod tests {
             t.aborted(Err(error(BrokerErrorClass::Fenced))),
             Next::EndProducer(_)
         ));
+    }
+
+    fn key(topic: &str, partition: i32) -> PartitionKey {
+        (topic.into(), partition)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries_on() {
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        t.began(0);
+        t.sent_to(&key("a", 0));
+        t.sent_to(&key("b", 1));
+        assert_eq!(t.touched(), [key("a", 0), key("b", 1)].into());
+        assert!(
+            t.leaderless(&[key("c", 0)].into()).is_none(),
+            "a partition it never touched does not stick it"
+        );
+        assert!(
+            t.leaderless(&[key("b", 1)].into()).is_none(),
+            "open: abort first"
+        );
+        assert!(!t.may_send());
+        assert_eq!(
+            t.due(3, false),
+            Some(End::Abort),
+            "aborted at once, records outstanding or not"
+        );
+        assert!(t.is_aborting());
+        match t.aborted(Ok(())) {
+            Next::Rest { abandon, next } => {
+                assert_eq!(abandon, "walrelay.7.s");
+                assert_eq!(next.as_deref(), Some("walrelay.7.s.spare"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(t.needs_begin() && t.may_send(), "the spare takes records");
+        assert_eq!(t.id.as_deref(), Some("walrelay.7.s.spare"));
+        // The spare gets stuck too, between transactions: its last one
+        // touched the partition.
+        t.began(0);
+        t.sent_to(&key("a", 3));
+        tokio::time::advance(MAX_OPEN).await;
+        assert_eq!(t.due(0, true), Some(End::Commit));
+        assert!(matches!(t.committed(Ok(())), Next::Deliver));
+        match t.leaderless(&[key("a", 3)].into()) {
+            Some(Next::Rest {
+                abandon,
+                next: None,
+            }) => assert_eq!(abandon, "walrelay.7.s.spare"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!t.may_send(), "no id to use");
+        assert_eq!(t.take_initialization(), None, "both rest");
+        // The first id's partition is back: it is taken over again.
+        t.back(&[key("b", 1)].into());
+        assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+        assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
+        assert!(t.may_send());
+        // A new session leaves the resting spare out.
+        t.restart(Some("walrelay.7.s".into()));
+        assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+        assert!(matches!(t.initialized(Ok(())), Next::Use(_)));
+        assert_eq!(t.take_initialization(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_id_whose_commit_was_under_way_rests_once_it_ends() {
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        t.began(0);
+        t.sent_to(&key("a", 0));
+        tokio::time::advance(MAX_OPEN).await;
+        assert_eq!(t.due(0, true), Some(End::Commit));
+        assert!(t.leaderless(&[key("a", 0)].into()).is_none(), "committing");
+        assert!(matches!(t.committed(Ok(())), Next::Deliver));
+        assert!(matches!(
+            t.rest_if_stuck(),
+            Some(Next::Rest { next: Some(_), .. })
+        ));
+        assert!(t.may_send());
     }
 }

@@ -1,0 +1,172 @@
+//! Partitions that cannot take writes: their leader is gone (every
+//! replica's broker is down). Their records wait here, outside
+//! transactions, so every other partition's go on committing; nothing is
+//! confirmed past them meanwhile, since they are not delivered.
+//!
+//! Records outstanding for `STALL` make the publisher ask the sink which
+//! of their partitions (and of those the current transaction touched) have
+//! no leader; partitions held are asked again every `RECHECK` until they
+//! have one.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::ledgers::PartitionKey;
+use crate::metrics as m;
+
+/// How long records may be outstanding before their partitions are asked
+/// after. A leader being elected takes about the broker's session timeout
+/// (9 s by default), and its partitions have a leader all along: they are
+/// never held.
+pub const STALL: Duration = Duration::from_secs(5);
+/// How often partitions held are asked after again.
+pub const RECHECK: Duration = Duration::from_secs(2);
+
+/// A partition held, since when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldPartition {
+    pub topic: String,
+    pub partition: i32,
+    pub since: SystemTime,
+}
+
+#[derive(Default)]
+pub struct Offline {
+    held: HashMap<PartitionKey, (Instant, SystemTime)>,
+    /// A question is with the sink.
+    asking: bool,
+    last_asked: Option<Instant>,
+}
+
+impl Offline {
+    /// Whether `partition`'s records wait.
+    pub fn holds(&self, partition: &PartitionKey) -> bool {
+        !self.held.is_empty() && self.held.contains_key(partition)
+    }
+
+    pub fn held(&self) -> impl Iterator<Item = &PartitionKey> {
+        self.held.keys()
+    }
+
+    /// The partitions held, for the dashboard.
+    pub fn snapshot(&self) -> Vec<HeldPartition> {
+        let mut held: Vec<HeldPartition> = self
+            .held
+            .iter()
+            .map(|((topic, partition), (_, since))| HeldPartition {
+                topic: topic.clone(),
+                partition: *partition,
+                since: *since,
+            })
+            .collect();
+        held.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        held
+    }
+
+    /// When to ask next, given when the oldest record outstanding was sent.
+    pub fn ask_at(&self, oldest_outstanding: Option<Instant>) -> Option<Instant> {
+        if self.asking {
+            return None;
+        }
+        let not_before = self.last_asked.map(|at| at + RECHECK);
+        let stalled = oldest_outstanding.map(|at| at + STALL);
+        let recheck = (!self.held.is_empty()).then_some(not_before).flatten();
+        let at = match (stalled, recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(not_before.map_or(at, |n| at.max(n)))
+    }
+
+    /// A question goes to the sink now.
+    pub fn asking(&mut self) {
+        self.asking = true;
+        self.last_asked = Some(Instant::now());
+    }
+
+    /// The answer: of `asked`, those in `leaderless` have no leader. Returns
+    /// the partitions newly held and those back.
+    pub fn answered(
+        &mut self,
+        asked: &HashSet<PartitionKey>,
+        leaderless: &HashSet<PartitionKey>,
+    ) -> (HashSet<PartitionKey>, HashSet<PartitionKey>) {
+        self.asking = false;
+        let mut new = HashSet::new();
+        for key in leaderless {
+            if !self.held.contains_key(key) {
+                let since = SystemTime::now();
+                tracing::warn!(topic = %key.0, partition = key.1, "the partition has no leader: its records wait outside transactions until it is back, and nothing is confirmed past them; every other partition's records go on");
+                let unix = since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                metrics::gauge!(m::PARTITION_UNAVAILABLE_SINCE, "topic" => key.0.clone(), "partition" => key.1.to_string()).set(unix);
+                self.held.insert(key.clone(), (Instant::now(), since));
+                new.insert(key.clone());
+            }
+        }
+        let back: HashSet<PartitionKey> = self
+            .held
+            .keys()
+            .filter(|k| asked.contains(*k) && !leaderless.contains(*k))
+            .cloned()
+            .collect();
+        for key in &back {
+            if let Some((since, _)) = self.held.remove(key) {
+                tracing::info!(topic = %key.0, partition = key.1, held_for = ?since.elapsed(), "the partition has a leader again: its records go on");
+                metrics::gauge!(m::PARTITION_UNAVAILABLE_SINCE, "topic" => key.0.clone(), "partition" => key.1.to_string()).set(0.0);
+            }
+        }
+        metrics::gauge!(m::PARTITIONS_UNAVAILABLE).set(self.held.len() as f64);
+        (new, back)
+    }
+
+    /// The question failed (the broker is away): ask again later.
+    pub fn unanswered(&mut self) {
+        self.asking = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: i32) -> PartitionKey {
+        ("t".into(), p)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_outstanding_past_the_stall_are_asked_after_and_held_partitions_rechecked() {
+        let mut offline = Offline::default();
+        assert_eq!(
+            offline.ask_at(None),
+            None,
+            "nothing outstanding, nothing held"
+        );
+        let sent = Instant::now();
+        assert_eq!(offline.ask_at(Some(sent)), Some(sent + STALL));
+        tokio::time::advance(STALL).await;
+        offline.asking();
+        assert_eq!(offline.ask_at(Some(sent)), None, "one question at a time");
+        let asked: HashSet<_> = [key(0), key(1)].into();
+        let (new, back) = offline.answered(&asked, &[key(1)].into());
+        assert_eq!(new, [key(1)].into());
+        assert!(back.is_empty());
+        assert!(offline.holds(&key(1)) && !offline.holds(&key(0)));
+        assert_eq!(
+            offline.ask_at(None),
+            Some(Instant::now() + RECHECK),
+            "a held partition is asked after again"
+        );
+        tokio::time::advance(RECHECK).await;
+        offline.asking();
+        let (new, back) = offline.answered(&[key(1)].into(), &HashSet::new());
+        assert!(new.is_empty());
+        assert_eq!(back, [key(1)].into());
+        assert!(!offline.holds(&key(1)));
+        assert!(offline.snapshot().is_empty());
+    }
+}
