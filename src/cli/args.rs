@@ -220,7 +220,8 @@ pub struct InboxArgs {
 impl InboxArgs {
     pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
         let overrides = parse_kafka_options(&self.kafka.kafka_options)?;
-        for (key, _) in &overrides {
+        for (key, value) in &overrides {
+            crate::kafka::config::refuse_auto_create(key, value).map_err(UsageError)?;
             if matches!(
                 key.as_str(),
                 "enable.auto.commit" | "enable.auto.offset.store" | "group.id"
