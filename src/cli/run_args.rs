@@ -91,7 +91,7 @@ pub struct TopicArgs {
     pub no_create_topics: bool,
     /// Partitions of topics walrelay creates (default 1). An existing topic
     /// keeps its own count; one with fewer is named at start, with the fix.
-    #[arg(long, env = "WALRELAY_TOPIC_PARTITIONS", value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, env = "WALRELAY_TOPIC_PARTITIONS", value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
     pub topic_partitions: Option<i32>,
     /// Replicas of each partition of topics walrelay creates: a number, or
     /// default: the brokers' default.replication.factor (-1 means the
@@ -99,6 +99,7 @@ pub struct TopicArgs {
     #[arg(
         long,
         env = "WALRELAY_TOPIC_REPLICATION_FACTOR",
+        value_name = "N|default",
         default_value = "default",
         allow_negative_numbers = true
     )]
