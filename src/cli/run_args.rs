@@ -349,3 +349,42 @@ impl RunArgs {
         Ok((pg, router))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use crate::kafka::{Replication, TopicSpec};
+
+    fn topics(extra: &[&str]) -> Result<TopicSpec, String> {
+        let mut args = vec!["walrelay", "run", "--pg-url", "postgres://u@h/db"];
+        args.extend(["--brokers", "k:9092"]);
+        args.extend(extra);
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            unreachable!("parsed as run")
+        };
+        Ok(run.sink_settings().map_err(|e| e.0)?.topics)
+    }
+
+    #[test]
+    fn topic_flags_take_a_replica_count_or_default_and_tell_whether_partitions_were_given() {
+        assert_eq!(topics(&[]), Ok(TopicSpec::default()));
+        assert_eq!(
+            topics(&["--topic-partitions", "8", "--topic-replication-factor", "3"]),
+            Ok(TopicSpec {
+                partitions: Some(8),
+                replication: Replication::Factor(3),
+            })
+        );
+        for default in ["default", "-1"] {
+            assert_eq!(
+                topics(&["--topic-replication-factor", default]).map(|t| t.replication),
+                Ok(Replication::ClusterDefault)
+            );
+        }
+        let zero = topics(&["--topic-replication-factor", "0"]).unwrap_err();
+        assert!(zero.contains("or default"), "{zero}");
+    }
+}
