@@ -33,7 +33,7 @@ pub struct ProducerSettings {
 
 impl ProducerSettings {
     /// The librdkafka configuration: walrelay's defaults, then the user's
-    /// overrides, except the two that the delivery guarantee rests on.
+    /// overrides, except those that would weaken the delivery guarantee.
     pub fn client_config(&self) -> Result<ClientConfig, String> {
         let mut options: BTreeMap<String, String> = [
             ("bootstrap.servers", self.brokers.as_str()),
