@@ -268,3 +268,120 @@ async fn the_polling_source_and_the_inbox_lose_nothing_when_the_leader_dies() {
         inbox.log()
     );
 }
+
+/// On a cluster set up as its operators are told to
+/// (default.replication.factor 3, min.insync.replicas 2), the topics
+/// walrelay creates get three replicas without being told; and `walrelay
+/// check` names, with the fix, the topics walrelay writes that one broker's
+/// loss could take confirmed events from: a single replica, or
+/// min.insync.replicas 1. One cluster start serves both (a start is slow).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clusters_topics_get_its_replication_factor_and_check_names_the_weak_ones() {
+    let stack = Stack::start_with(
+        "replicas",
+        StackOptions {
+            broker: BrokerChoice::Cluster,
+            ..Default::default()
+        },
+    )
+    .await;
+    let made = stack.topic("made");
+    let dead_letters = stack.topics.dead_letters();
+    let relay = stack.relay(&["--topic-partitions", "2"]);
+    stack.insert_events("made", 10).await;
+    assert_eq!(
+        stack.broker.consume(&made, 10, TIMEOUT).len(),
+        10,
+        "{}",
+        relay.log()
+    );
+    let replicas = |topic: &str| -> Option<Vec<usize>> {
+        Some(
+            stack
+                .broker
+                .layout(topic)?
+                .iter()
+                .map(|p| p.replicas.len())
+                .collect(),
+        )
+    };
+    assert_eq!(replicas(&made), Some(vec![3, 3]), "{}", relay.log());
+    // The dead-letter topic is made at start, before any dead letter.
+    wait_for("the dead-letter topic", TIMEOUT, async || {
+        replicas(&dead_letters)
+    })
+    .await;
+    assert_eq!(replicas(&dead_letters), Some(vec![3, 3]));
+    let log = relay.log();
+    assert!(
+        log.lines().any(|l| l.contains("created topic")
+            && l.contains(&format!("topic=\"{made}\""))
+            && l.contains("partitions=2 replication_factor=3")),
+        "{log}"
+    );
+
+    // Two topics of the template made by hand, each weak in one way.
+    let single = stack.topic("single");
+    stack.broker.create_topic_replicated(&single, 1, 1);
+    let lax = stack.topic("lax");
+    stack.broker.create_topic(&lax, 1);
+    stack
+        .broker
+        .set_topic_config(&lax, "min.insync.replicas", "1");
+    let bootstrap = stack.broker.bootstrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args([
+            "check",
+            "--pg-url",
+            &stack.url(),
+            "--brokers",
+            &bootstrap,
+            "--topic-template",
+            &stack.topic("{aggregate_type}"),
+            "--dead-letter-topic",
+            &dead_letters,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("walrelay check:\n{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "warnings do not fail check:\n{text}"
+    );
+    let finding = |start: &str| -> (String, String) {
+        let mut lines = text.lines();
+        let what = lines
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?}:\n{text}"));
+        let fix = lines.next().unwrap_or_default().trim();
+        (what.to_owned(), fix.to_owned())
+    };
+    let (_, fix) = finding(&format!(
+        "warn  topic {single} has replication factor 1 on a cluster of 3 brokers"
+    ));
+    assert!(
+        fix.starts_with(&format!(
+            "fix: reassign its partitions to 3 replicas each: kafka-reassign-partitions.sh --bootstrap-server {bootstrap}"
+        )) && fix.ends_with(&format!("every partition of {single}")),
+        "{fix}"
+    );
+    let (_, fix) = finding(&format!(
+        "warn  topic {lax} has min.insync.replicas 1 (set on the topic)"
+    ));
+    assert_eq!(
+        fix,
+        format!(
+            "fix: kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {lax} --add-config min.insync.replicas=2"
+        )
+    );
+    // The topics walrelay made are fine, and said to be.
+    finding(&format!(
+        "ok    topic {made}: 2 partition(s), replication factor 3, min.insync.replicas 2"
+    ));
+    finding(&format!(
+        "ok    topic {dead_letters}: 2 partition(s), replication factor 3, min.insync.replicas 2"
+    ));
+    finding("ok    the brokers' default.replication.factor is 3");
+}

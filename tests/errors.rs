@@ -389,8 +389,10 @@ async fn a_sixty_second_broker_outage_under_load_releases_the_slot_and_takes_it_
 }
 
 /// Producer options that would let a record time out and land after later
-/// records of its key, or weaken exactly once, are refused before anything
-/// starts: exit 2, the option named, and what to do instead.
+/// records of its key, put a key in another partition, let a client create
+/// a topic with the broker's defaults, or weaken exactly once, are refused
+/// before anything starts: exit 2, the option named, and what to do
+/// instead.
 #[test]
 fn producer_options_that_would_weaken_order_or_exactly_once_exit_2_naming_the_fix() {
     for (option, says) in [
@@ -399,6 +401,12 @@ fn producer_options_that_would_weaken_order_or_exactly_once_exit_2_naming_the_fi
         ("delivery.timeout.ms=3000", "delivery.timeout.ms"),
         ("max.in.flight.requests.per.connection=10", "use 1 to 5"),
         ("transactional.id=mine", "transactional.id"),
+        // Keys land where Java's partitioner (murmur2) puts them.
+        ("partitioner=random", "murmur2"),
+        ("topic.partitioner=consistent", "exactly once"),
+        // A metadata request must not make a topic with the broker's
+        // defaults before walrelay creates it as asked.
+        ("allow.auto.create.topics=true", "--topic-partitions"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
             .args([
@@ -420,4 +428,25 @@ fn producer_options_that_would_weaken_order_or_exactly_once_exit_2_naming_the_fi
             "-X {option}: {stderr}"
         );
     }
+    // The inbox's consumer never makes the topics it subscribes to either.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args([
+            "inbox",
+            "--pg-url",
+            "postgres://postgres@127.0.0.1:1/db",
+            "--brokers",
+            "127.0.0.1:1",
+            "--topic",
+            "orders",
+            "-X",
+            "allow.auto.create.topics=true",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("-X allow.auto.create.topics=true: "),
+        "{stderr}"
+    );
 }

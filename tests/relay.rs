@@ -738,6 +738,112 @@ async fn with_no_create_topics_a_missing_topic_stops_the_relay_naming_it() {
     assert!(stack.confirmed().await < event_commit);
 }
 
+/// The test broker runs as Apache Kafka ships (auto.create.topics.enable
+/// on, num.partitions 1): a client whose metadata request may create a
+/// topic makes it there with one partition before walrelay's
+/// CreateTopics. walrelay's topic has the partitions asked for, and its
+/// events land across them where Java's partitioner puts their keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_walrelay_creates_on_a_stock_broker_have_the_partitions_asked_for() {
+    let stack = Stack::start("partitions").await;
+    let relay = stack.relay(&["--topic-partitions", "8"]);
+    stack
+        .client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'spread', 'agg-' || g, 'E', '{}' FROM generate_series(0, 99) g",
+        )
+        .await
+        .unwrap();
+    let topic = stack.topic("spread");
+    let records = stack.broker.consume(&topic, 100, Duration::from_secs(60));
+    let layout = stack.broker.layout(&topic).expect("the topic exists");
+    let log = relay.log();
+    assert_eq!(layout.len(), 8, "the topic's partitions; relay log:\n{log}");
+    let mut used = std::collections::BTreeSet::new();
+    for r in &records {
+        let key = r.key.as_deref().unwrap();
+        assert_eq!(
+            r.partition,
+            walrelay::publish::partition_for(Some(key), None, 8),
+            "{} lands where Java's partitioner puts it",
+            String::from_utf8_lossy(key)
+        );
+        used.insert(r.partition);
+    }
+    // The 100 keys fall in every one of the 8 partitions (murmur2 is
+    // fixed, so this is a fact of these keys, not luck).
+    assert_eq!(used.len(), 8, "partitions used: {used:?}");
+    let created = log
+        .lines()
+        .find(|l| l.contains("created topic") && l.contains(&format!("\"{topic}\"")))
+        .unwrap_or_else(|| panic!("no line saying the topic was created:\n{log}"));
+    assert!(
+        created.contains("partitions=8") && created.contains("replication_factor=1"),
+        "what the broker made, as it has it: {created}"
+    );
+}
+
+/// An existing topic keeps its partition count (exactly once uses the
+/// topic's own): one with fewer than --topic-partitions asks for is a
+/// warning naming the command that adds them, one with more a note.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_topic_with_another_partition_count_is_named_at_start_with_the_fix() {
+    let stack = Stack::start("existing").await;
+    let fewer = stack.topic("fewer");
+    let more = stack.topic("more");
+    stack.broker.create_topic(&fewer, 2);
+    stack.broker.create_topic(&more, 6);
+    let relay = stack.relay(&["--topic-partitions", "4"]);
+    stack.insert_events("fewer", 10).await;
+    stack.insert_events("more", 10).await;
+    let timeout = Duration::from_secs(60);
+    let in_fewer = stack.broker.consume(&fewer, 10, timeout);
+    let in_more = stack.broker.consume(&more, 10, timeout);
+    assert!(in_fewer.iter().all(|r| r.partition < 2), "{in_fewer:?}");
+    for r in &in_more {
+        assert_eq!(
+            r.partition,
+            walrelay::publish::partition_for(r.key.as_deref(), None, 6)
+        );
+    }
+    assert_eq!(stack.broker.layout(&fewer).unwrap().len(), 2);
+    assert_eq!(stack.broker.layout(&more).unwrap().len(), 6);
+
+    let log = relay.log();
+    let about = |topic: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(&format!("topic=\"{topic}\"")))
+            .map(str::to_owned)
+            .collect()
+    };
+    let warned: Vec<String> = about(&fewer)
+        .into_iter()
+        .filter(|l| l.contains(" WARN "))
+        .collect();
+    assert_eq!(warned.len(), 1, "one warning about {fewer}:\n{log}");
+    assert!(
+        warned[0].contains("fewer partitions than --topic-partitions")
+            && warned[0].contains(&format!(
+                "fix=kafka-topics.sh --bootstrap-server {} --alter --topic {fewer} --partitions 4",
+                stack.broker.bootstrap()
+            )),
+        "{}",
+        warned[0]
+    );
+    let about_more = about(&more);
+    assert!(
+        about_more.iter().any(|l| l.contains(" INFO ")
+            && l.contains("more partitions than --topic-partitions")
+            && l.contains("partitions=6")),
+        "{about_more:?}"
+    );
+    assert!(
+        !about_more.iter().any(|l| l.contains(" WARN ")),
+        "more partitions is fine: {about_more:?}"
+    );
+}
+
 #[test]
 fn bad_options_exit_with_code_2_and_name_the_option() {
     let run = |args: &[&str]| {

@@ -140,6 +140,77 @@ pub struct SetupArgs {
     pub inbox: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub setup: SetupArgs,
+    #[command(flatten)]
+    pub kafka: CheckKafkaArgs,
+}
+
+/// The topics `check` looks at, when it is given the brokers.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Kafka")]
+pub struct CheckKafkaArgs {
+    /// Kafka bootstrap servers: check the topics walrelay writes too (their
+    /// replication factor and min.insync.replicas). Without it, only
+    /// PostgreSQL is checked.
+    #[arg(long, env = "WALRELAY_BROKERS")]
+    pub brokers: Option<String>,
+    /// librdkafka option key=value, as `run` takes them (TLS, SASL).
+    #[arg(
+        short = 'X',
+        value_name = "KEY=VALUE",
+        env = "WALRELAY_KAFKA_OPTIONS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<String>,
+    /// The topics checked are those this template makes (as `run`'s).
+    #[arg(
+        long,
+        env = "WALRELAY_TOPIC_TEMPLATE",
+        default_value = "outbox.event.{aggregate_type}"
+    )]
+    pub topic_template: String,
+    /// Checked too, as `run`'s.
+    #[arg(
+        long,
+        env = "WALRELAY_DEAD_LETTER_TOPIC",
+        default_value = "walrelay.dead-letter"
+    )]
+    pub dead_letter_topic: String,
+}
+
+impl CheckKafkaArgs {
+    /// The Kafka checks' options; `None` without --brokers.
+    pub fn options(
+        &self,
+        tables: &[(String, String)],
+    ) -> Result<Option<crate::commands::check_kafka::KafkaCheckOptions>, UsageError> {
+        let Some(brokers) = self.brokers.as_deref().filter(|b| !b.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let producer = crate::kafka::ProducerSettings {
+            brokers: brokers.to_owned(),
+            overrides: parse_kafka_options(&self.kafka_options)?,
+        };
+        producer.validate().map_err(UsageError)?;
+        let topic_template = self
+            .topic_template
+            .parse()
+            .map_err(|e| UsageError(format!("--topic-template {e}")))?;
+        crate::router::check_topic_name(&self.dead_letter_topic)
+            .map_err(|e| UsageError(format!("--dead-letter-topic: {e}")))?;
+        Ok(Some(crate::commands::check_kafka::KafkaCheckOptions {
+            producer,
+            topic_template,
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            tables: tables.to_vec(),
+        }))
+    }
+}
+
 /// Where `run` reads events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SourceKind {
@@ -220,7 +291,8 @@ pub struct InboxArgs {
 impl InboxArgs {
     pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
         let overrides = parse_kafka_options(&self.kafka.kafka_options)?;
-        for (key, _) in &overrides {
+        for (key, value) in &overrides {
+            crate::kafka::config::refuse_auto_create(key, value).map_err(UsageError)?;
             if matches!(
                 key.as_str(),
                 "enable.auto.commit" | "enable.auto.offset.store" | "group.id"

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use args::{
-    InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs, TailArgs, inbox_tables,
+    CheckArgs, CheckKafkaArgs, InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs,
+    TailArgs, inbox_tables,
 };
 pub use run_args::RunArgs;
 pub use values::{parse_duration, parse_size};
@@ -36,8 +37,10 @@ pub enum Command {
     /// Create the outbox table, the publication and the slot if missing.
     Setup(Box<SetupArgs>),
     /// Preflight: wal_level, free slots and senders, REPLICATION, publication
-    /// and table shape; each failure names its fix. Exit code 0 or 1.
-    Check(Box<SetupArgs>),
+    /// and table shape; with --brokers, the replication of the topics
+    /// walrelay writes. Each finding names its fix. Exit code 1 when a
+    /// check fails (warnings do not).
+    Check(Box<CheckArgs>),
     /// Replication slots: active pid, confirmed and restart LSN, lag and
     /// retained WAL, wal_status.
     Status(StatusArgs),
@@ -126,7 +129,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check(args) if args.inbox.is_some() => {
+        Command::Check(args) if args.setup.inbox.is_some() => {
+            let args = &args.setup;
             let config = args.pg.connection_config()?;
             let tables = inbox_tables(args.inbox.as_deref().unwrap_or_default(), "--inbox")?;
             let client = sql::connect(&config).await?;
@@ -174,8 +178,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check(args) => {
+        Command::Check(check) => {
+            let args = &check.setup;
             let config = args.pg.connection_config()?;
+            let kafka = check.kafka.options(&args.outbox.tables()?)?;
             let options = commands::check::CheckOptions {
                 tables: args.outbox.tables()?,
                 columns: args.outbox.columns(),
@@ -191,7 +197,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 primary.target_session_attrs = crate::postgres::TargetSessionAttrs::Primary;
             }
             let client = sql::connect(&primary).await?;
-            let findings = commands::check::check(&client, &config, &options).await?;
+            let mut findings = commands::check::check(&client, &config, &options).await?;
+            findings.extend(commands::check_kafka::check(kafka.as_ref()).await);
             let failed = commands::check::print(&findings);
             Ok(if failed {
                 ExitCode::from(1)

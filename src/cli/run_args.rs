@@ -8,7 +8,7 @@ use clap::Args;
 use super::UsageError;
 use super::args::{HttpArgs, KafkaArgs, OutboxArgs, PgArgs, SourceKind, parse_kafka_options};
 use super::values::{parse_duration, parse_size};
-use crate::kafka::{ProducerSettings, SinkSettings};
+use crate::kafka::{ProducerSettings, Replication, SinkSettings, TopicSpec};
 use crate::poll::{OnPublished, PollConfig};
 use crate::postgres::TargetSessionAttrs;
 use crate::relay::{DeliveryGuarantee, RelayConfig};
@@ -89,12 +89,21 @@ pub struct TopicArgs {
     /// Stop with an error instead of creating a missing topic.
     #[arg(long, env = "WALRELAY_NO_CREATE_TOPICS")]
     pub no_create_topics: bool,
-    /// Partitions of topics walrelay creates.
-    #[arg(long, env = "WALRELAY_TOPIC_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
-    pub topic_partitions: i32,
-    /// Replication factor of topics walrelay creates.
-    #[arg(long, env = "WALRELAY_TOPIC_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
-    pub topic_replication_factor: i32,
+    /// Partitions of topics walrelay creates (default 1). An existing topic
+    /// keeps its own count; one with fewer is named at start, with the fix.
+    #[arg(long, env = "WALRELAY_TOPIC_PARTITIONS", value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_partitions: Option<i32>,
+    /// Replicas of each partition of topics walrelay creates: a number, or
+    /// default: the brokers' default.replication.factor (-1 means the
+    /// same). An existing topic with fewer is named at start, with the fix.
+    #[arg(
+        long,
+        env = "WALRELAY_TOPIC_REPLICATION_FACTOR",
+        value_name = "N|default",
+        default_value = "default",
+        allow_negative_numbers = true
+    )]
+    pub topic_replication_factor: Replication,
 }
 
 #[derive(Debug, Args)]
@@ -212,8 +221,10 @@ impl RunArgs {
             producer,
             transactional: exactly_once,
             create_topics: !self.topics.no_create_topics,
-            topic_partitions: self.topics.topic_partitions,
-            topic_replication_factor: self.topics.topic_replication_factor,
+            topics: TopicSpec {
+                partitions: self.topics.topic_partitions,
+                replication: self.topics.topic_replication_factor,
+            },
         })
     }
 
@@ -336,5 +347,44 @@ impl RunArgs {
             cloudevents_source: self.routing.cloudevents_source.clone(),
         };
         Ok((pg, router))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use crate::kafka::{Replication, TopicSpec};
+
+    fn topics(extra: &[&str]) -> Result<TopicSpec, String> {
+        let mut args = vec!["walrelay", "run", "--pg-url", "postgres://u@h/db"];
+        args.extend(["--brokers", "k:9092"]);
+        args.extend(extra);
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            unreachable!("parsed as run")
+        };
+        Ok(run.sink_settings().map_err(|e| e.0)?.topics)
+    }
+
+    #[test]
+    fn topic_flags_take_a_replica_count_or_default_and_tell_whether_partitions_were_given() {
+        assert_eq!(topics(&[]), Ok(TopicSpec::default()));
+        assert_eq!(
+            topics(&["--topic-partitions", "8", "--topic-replication-factor", "3"]),
+            Ok(TopicSpec {
+                partitions: Some(8),
+                replication: Replication::Factor(3),
+            })
+        );
+        for default in ["default", "-1"] {
+            assert_eq!(
+                topics(&["--topic-replication-factor", default]).map(|t| t.replication),
+                Ok(Replication::ClusterDefault)
+            );
+        }
+        let zero = topics(&["--topic-replication-factor", "0"]).unwrap_err();
+        assert!(zero.contains("or default"), "{zero}");
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod check_failover;
+pub mod check_kafka;
 pub mod check_result;
 pub mod inbox;
 pub mod run;

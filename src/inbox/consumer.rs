@@ -62,6 +62,10 @@ impl InboxConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
+            // Subscribing to a topic the relay has not made yet must not
+            // make it with the broker's defaults (librdkafka's consumer
+            // default; said here, where the consumer is made).
+            .set("allow.auto.create.topics", "false")
             // High watermarks for the consumer-lag gauge.
             .set("statistics.interval.ms", "1000");
         if self.topics.iter().any(|t| t.starts_with('^')) {

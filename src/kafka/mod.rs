@@ -1,6 +1,8 @@
 //! The Kafka side: the librdkafka client configuration, the producer as a
-//! [`crate::sink::Sink`], topic preparation, and partition tail scans.
+//! [`crate::sink::Sink`], topic preparation, what the cluster says of its
+//! topics, and partition tail scans.
 
+pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod producer;
@@ -9,3 +11,4 @@ pub mod topics;
 
 pub use config::{ProducerSettings, SinkSettings};
 pub use producer::KafkaSink;
+pub use topics::{Replication, TopicSpec};

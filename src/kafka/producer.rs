@@ -119,8 +119,8 @@ impl KafkaSink {
         let topics = TopicCreator::new(
             &config,
             settings.create_topics,
-            settings.topic_partitions,
-            settings.topic_replication_factor,
+            settings.topics,
+            &settings.producer.brokers,
         )?;
         Ok(KafkaSink {
             settings: settings.clone(),

@@ -117,6 +117,9 @@ impl TailReader {
             .set("queued.max.messages.kbytes", "1024")
             .set("fetch.max.bytes", "1048576")
             .set("isolation.level", "read_committed")
+            // A scan never makes a topic (the producer's options have it
+            // off too; this says so where the consumer is made).
+            .set("allow.auto.create.topics", "false")
             .set("client.id", "walrelay-tail-scan");
         TailReader {
             config,

@@ -80,6 +80,39 @@ impl TopicTemplate {
     }
 }
 
+impl TopicTemplate {
+    /// Whether `topic` is a name this template renders: for a row of one
+    /// of `tables` (its schema and table in their placeholders), or for a
+    /// logical decoding message (no schema, no table).
+    /// `{aggregate_type}` and `{event_type}` stand for any text.
+    pub fn could_render(&self, topic: &str, tables: &[(String, String)]) -> bool {
+        let message = (String::new(), String::new());
+        tables
+            .iter()
+            .chain(std::iter::once(&message))
+            .any(|(schema, table)| matches_parts(&self.parts, topic, schema, table))
+    }
+}
+
+fn matches_parts(parts: &[TemplatePart], rest: &str, schema: &str, table: &str) -> bool {
+    let Some((part, after)) = parts.split_first() else {
+        return rest.is_empty();
+    };
+    let fixed = match part {
+        TemplatePart::Literal(s) => s.as_str(),
+        TemplatePart::Schema => schema,
+        TemplatePart::Table => table,
+        // Any text: try every length (topic names are short).
+        TemplatePart::AggregateType | TemplatePart::EventType => {
+            return (0..=rest.len())
+                .filter(|at| rest.is_char_boundary(*at))
+                .any(|at| matches_parts(after, &rest[at..], schema, table));
+        }
+    };
+    rest.strip_prefix(fixed)
+        .is_some_and(|rest| matches_parts(after, rest, schema, table))
+}
+
 impl std::fmt::Display for TopicTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
@@ -142,5 +175,27 @@ mod tests {
             t.to_string(),
             "{schema}.{table}.{aggregate_type}.{event_type}"
         );
+    }
+
+    #[test]
+    fn a_template_recognises_the_topics_it_renders() {
+        let tables = [("public".to_owned(), "outbox".to_owned())];
+        let default: TopicTemplate = "outbox.event.{aggregate_type}".parse().unwrap();
+        assert!(default.could_render("outbox.event.order", &tables));
+        assert!(!default.could_render("outbox.events.order", &tables));
+        assert!(!default.could_render("other", &tables));
+
+        // Placeholders anywhere: the schema and table are those of the
+        // tables, or none (a logical decoding message).
+        let t: TopicTemplate = "{aggregate_type}-{schema}.{table}-v1".parse().unwrap();
+        assert!(t.could_render("order-public.outbox-v1", &tables));
+        assert!(t.could_render("order-.-v1", &tables));
+        assert!(!t.could_render("order-sales.outbox-v1", &tables));
+        assert!(!t.could_render("order-public.outbox-v2", &tables));
+
+        let two: TopicTemplate = "{aggregate_type}.{event_type}".parse().unwrap();
+        assert!(two.could_render("order.Paid", &tables));
+        assert!(two.could_render("a.b.c", &tables));
+        assert!(!two.could_render("nodot", &tables));
     }
 }

@@ -395,6 +395,68 @@ impl Broker {
         })
     }
 
+    /// Every partition of `topic` as the cluster's metadata shows it now
+    /// (reading only: any broker may be asked); `None` when the topic does
+    /// not exist.
+    pub fn layout(&self, topic: &str) -> Option<Vec<PartitionState>> {
+        let metadata = self
+            .consumer()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .ok()?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())?;
+        let mut partitions: Vec<_> = t.partitions().iter().collect();
+        partitions.sort_by_key(|p| p.id());
+        let layout: Vec<PartitionState> = partitions
+            .into_iter()
+            .map(|p| PartitionState {
+                leader: (p.leader() >= 1).then(|| p.leader() as usize),
+                replicas: p.replicas().iter().map(|r| *r as usize).collect(),
+                isr: p.isr().iter().map(|r| *r as usize).collect(),
+            })
+            .collect();
+        (!layout.is_empty()).then_some(layout)
+    }
+
+    /// Sets `topic`'s own `name` to `value` (kafka-configs.sh --alter
+    /// --add-config), and waits until the cluster reports it.
+    pub fn set_topic_config(&self, topic: &str, name: &str, value: &str) {
+        use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+        let admin = self.admin();
+        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+        let results = block_on(async {
+            admin
+                .alter_configs(
+                    &[AlterConfig::new(ResourceSpecifier::Topic(topic)).set(name, value)],
+                    &options,
+                )
+                .await
+        })
+        .expect("AlterConfigs");
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = block_on(async {
+                admin
+                    .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+                    .await
+            });
+            let shown = now
+                .ok()
+                .and_then(|mut r| r.pop()?.ok()?.get(name).and_then(|e| e.value.clone()));
+            if shown.as_deref() == Some(value) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic}'s {name} is not {value} within 30 s: {shown:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", self.bootstrap());
