@@ -276,6 +276,7 @@ async fn api_status(State(state): State<AppState>) -> Response {
         "streaming": s.connected(),
         "reason": s.reason(),
         "waiting_for_broker": s.waiting_for_broker(),
+        "held_partitions": s.held_partitions.get(),
         "host": s.host(),
         "role": s.role(),
         "broker_reachable": c.broker_reachable.load(Ordering::Relaxed),

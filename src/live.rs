@@ -34,7 +34,10 @@ pub use errors::{ErrorLog, ErrorRecord, Recovery};
 pub use history::{CAPACITY, History, INTERVAL, MAX_PARTITIONS};
 pub use latency::{IntervalLatency, IntervalTimer, LatencyHistogram, LatencyWindow};
 use readings::Reading;
-pub use readings::{Backlog, InboxPartition, InboxSnapshot, LiveCounters, Role, Source, Subject};
+pub use readings::{
+    Backlog, HeldPartition, HeldPartitions, InboxPartition, InboxSnapshot, LiveCounters, Role,
+    Source, Subject,
+};
 pub use sample::{Sample, State, Transition};
 
 /// Counts since start at the last sample, for the sample's per-interval
@@ -67,6 +70,8 @@ pub struct LiveState {
     /// The inbox's consumer lag, summed over its partitions.
     consumer_lag: Mutex<Option<i64>>,
     inbox: Mutex<Option<InboxSnapshot>>,
+    /// Partitions with no leader whose records wait (the publisher's).
+    pub held_partitions: HeldPartitions,
     totals: Mutex<Totals>,
     /// The most in flight since the last sample: a batch that comes and
     /// goes between two samples still shows.
@@ -99,6 +104,7 @@ impl Default for LiveState {
             backlog: Mutex::new(Reading::default()),
             consumer_lag: Mutex::new(None),
             inbox: Mutex::new(None),
+            held_partitions: HeldPartitions::default(),
             totals: Mutex::new(Totals::default()),
             in_flight_peak: AtomicU64::new(0),
             in_flight_bytes_peak: AtomicU64::new(0),

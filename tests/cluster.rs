@@ -385,3 +385,111 @@ async fn a_clusters_topics_get_its_replication_factor_and_check_names_the_weak_o
     ));
     finding("ok    the brokers' default.replication.factor is 3");
 }
+
+/// A topic whose only replica's broker dies holds back only its own
+/// events, under exactly once: every other topic's events keep reaching a
+/// `read_committed` consumer, nothing is confirmed past the events that
+/// wait, and once the broker is back each arrives once, in per-key order.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_topics_only_broker_killed_holds_back_only_that_topics_events() {
+    let stack = Stack::start_with(
+        "offline",
+        StackOptions {
+            broker: BrokerChoice::Cluster,
+            twin: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // One replica: its broker's death leaves the partition without a
+    // leader (unclean election is off, as shipped).
+    let lone = stack.topic("lone");
+    stack.broker.create_topic_replicated(&lone, 1, 1);
+    let busy = stack.topic("busy");
+    stack.broker.create_topic(&busy, 3);
+    let relay = stack.relay(&["--max-backoff", "1s", "--max-in-flight-events", "20000"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let lone_writer = steady_writer(stack.url(), "lone", Arc::clone(&stop));
+    let busy_writer = steady_writer(stack.url(), "busy", Arc::clone(&stop));
+    let topic_published = |topic: &str| {
+        let name = format!("walrelay_events_published_total{{topic=\"{topic}\"}}");
+        let relay = &relay;
+        async move { relay.metric(&name).await }
+    };
+    wait_for("both topics to be published", TIMEOUT, async || {
+        (topic_published(&lone).await? >= 100.0 && topic_published(&busy).await? >= 100.0)
+            .then_some(())
+    })
+    .await;
+
+    let node = stack.broker.leader(&lone, 0).expect("a leader");
+    stack.broker.kill_node(node);
+    eprintln!("killed node {node}, the only replica of {lone}");
+    wait_for(
+        "the relay to hold the partition back",
+        TIMEOUT,
+        async || (relay.metric("walrelay_partitions_unavailable").await? == 1.0).then_some(()),
+    )
+    .await;
+    // Events written after the partition went offline reach a
+    // read_committed consumer of the other topic: the relay streams on.
+    let busy_written: i64 = stack
+        .client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE aggregate_type = 'busy'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let lone_then = topic_published(&lone).await.unwrap();
+    let seen = stack
+        .broker
+        .consume(&busy, busy_written as usize + 300, TIMEOUT)
+        .len();
+    assert!(seen >= busy_written as usize + 300, "{seen}");
+    assert_eq!(
+        topic_published(&lone).await,
+        Some(lone_then),
+        "nothing of the offline topic is delivered"
+    );
+    let status = relay.http_get("/api/status").await.unwrap().1;
+    assert!(
+        status.contains(&lone),
+        "the held partition is shown: {status}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let written = lone_writer.await.unwrap() + busy_writer.await.unwrap();
+    let truth = commit_order(&stack.pg, &stack.db, "twin", written).await;
+    let lone_ids: HashSet<String> = stack
+        .client
+        .query(
+            "SELECT id::text FROM outbox WHERE aggregate_type = 'lone'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (lone_truth, busy_truth): (Vec<_>, Vec<_>) = truth
+        .iter()
+        .cloned()
+        .partition(|(id, _, _)| lone_ids.contains(id));
+    let last_lone = lone_truth.last().unwrap().2;
+    assert!(
+        stack.confirmed().await < last_lone,
+        "nothing is confirmed past the events that wait"
+    );
+
+    stack.broker.start_again();
+    stack.wait_confirmed(truth.last().unwrap().2, TIMEOUT).await;
+    assert_exactly_once_in_order(&busy_truth, &stack.broker.consume_all(&busy));
+    assert_exactly_once_in_order(&lone_truth, &stack.broker.consume_all(&lone));
+    eprintln!(
+        "{} events of the offline topic and {} of the other, each once",
+        lone_truth.len(),
+        busy_truth.len()
+    );
+}

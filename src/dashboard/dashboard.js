@@ -541,6 +541,28 @@
     }
   }
 
+  // Partitions with no leader: their records wait outside transactions,
+  // every other partition's go on, nothing is confirmed past them.
+  function renderHeld(S) {
+    const box = $("held");
+    const held = S.held_partitions || [];
+    box.hidden = held.length === 0;
+    box.replaceChildren();
+    if (!held.length) return;
+    const head = el("div", "head");
+    head.append(el("h2", null, "Partitions without a leader"), el("span", "tag current", "their events wait"));
+    box.append(head);
+    const list = document.createElement("ul");
+    for (const h of held) {
+      const li = document.createElement("li");
+      li.append(el("span", "message", h.topic + " [" + h.partition + "]"),
+        el("span", "muted", " since " + clock(h.since_unix_ms) + " (" + ago(h.since_unix_ms) + " ago)"));
+      list.append(li);
+    }
+    box.append(list);
+    box.append(el("p", "muted", "Every other partition's events go on; nothing is confirmed to PostgreSQL past the waiting ones. They go once a broker holding a replica is back."));
+  }
+
   const RECOVERY = {
     reconnected: "connected again",
     acknowledged: "events acknowledged since",
@@ -838,6 +860,7 @@
       model.runs = stateRuns(H);
       renderHeader(S);
       renderError(S);
+      renderHeld(S);
       renderCards(S, H);
       renderTimeline(H);
       renderCharts(S, H);

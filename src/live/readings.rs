@@ -63,6 +63,29 @@ pub struct InboxSnapshot {
     pub duplicates: u64,
 }
 
+/// A partition with no leader whose records wait, and since when.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct HeldPartition {
+    pub topic: String,
+    pub partition: i32,
+    pub since_unix_ms: u64,
+}
+
+/// The partitions whose records wait, as the publisher last found them:
+/// it writes, the HTTP endpoints read.
+#[derive(Clone, Debug, Default)]
+pub struct HeldPartitions(std::sync::Arc<std::sync::Mutex<Vec<HeldPartition>>>);
+
+impl HeldPartitions {
+    pub fn set(&self, held: Vec<HeldPartition>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    pub fn get(&self) -> Vec<HeldPartition> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct InboxPartition {
     pub topic: String,

@@ -57,7 +57,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         // Rows in doubt may lie behind the batches of every lane (and of
         // other relays): the scan's margin covers several relays' worth.
         let in_flight = 4 * config.lanes.max(1) * config.batch_size;
-        let publisher = Publisher::new(
+        let mut publisher = Publisher::new(
             sink,
             PublisherConfig {
                 dead_letter_topic: config.router.dead_letter_topic.clone(),
@@ -70,6 +70,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                 }),
             },
         );
+        publisher.share_held_partitions(live.held_partitions.clone());
         PollRelay {
             router: Router::new(config.router.clone(), String::new()),
             publisher,

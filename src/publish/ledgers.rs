@@ -111,6 +111,11 @@ impl PartitionLedgers {
         }
     }
 
+    /// Forgets what is known of `key`: its next record reads its tail again.
+    pub fn forget_partition(&mut self, key: &PartitionKey) {
+        self.known.remove(key);
+    }
+
     /// A scan failed for a reason that passes (the broker is away): the
     /// partition's records wait, and it is read again with this scan.
     pub fn rescan(&self, key: &PartitionKey) -> LedgerScan {

@@ -73,6 +73,10 @@ struct BrokerState {
     /// Transactional ids whose last transaction ended while it touched
     /// partitions with no leader: they wait for those.
     blocked: HashMap<String, HashSet<(String, i32)>>,
+    /// Partitions where a transaction of these ids was left open (its
+    /// marker never written while the partition had no leader): it hides
+    /// the partition's tail until the id's next abort there ends it.
+    left_open: HashMap<(String, i32), HashSet<String>>,
 }
 
 impl BrokerState {
@@ -101,9 +105,31 @@ impl BrokerState {
         let touched = self.touched.remove(&txn).unwrap_or_default();
         let waiting: HashSet<(String, i32)> =
             touched.intersection(&self.offline).cloned().collect();
+        for partition in &waiting {
+            self.left_open
+                .entry(partition.clone())
+                .or_default()
+                .insert(id.to_owned());
+        }
         if !waiting.is_empty() {
             self.blocked.insert(id.to_owned(), waiting);
         }
+    }
+
+    /// An abort by `id` ends what it left open in the partitions it touched.
+    fn abort_ends_left_open(&mut self, id: Option<&str>, txn: Option<u64>) {
+        let (Some(id), Some(txn)) = (id, txn) else {
+            return;
+        };
+        let Some(touched) = self.touched.get(&txn) else {
+            return;
+        };
+        for partition in touched.iter().filter(|p| !self.offline.contains(*p)) {
+            if let Some(ids) = self.left_open.get_mut(partition) {
+                ids.remove(id);
+            }
+        }
+        self.left_open.retain(|_, ids| !ids.is_empty());
     }
 }
 
@@ -189,6 +215,15 @@ impl MemoryBroker {
             });
         }
         self.release_writable();
+    }
+
+    /// Whether a transaction left open hides `partition` of `topic`.
+    pub fn is_left_open(&self, topic: &str, partition: i32) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .left_open
+            .contains_key(&(topic.to_owned(), partition))
     }
 
     /// Whether `transactional_id` waits for a partition with no leader.
@@ -476,6 +511,7 @@ impl Sink for MemorySink {
         mut scan: LedgerScan,
     ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>> {
         let state = self.broker.state.lock().unwrap();
+        let hidden = state.left_open.contains_key(&(topic.to_owned(), partition));
         let log: Vec<(usize, KafkaRecord)> = state
             .logs
             .get(&(topic.to_owned(), partition))
@@ -489,6 +525,9 @@ impl Sink for MemorySink {
             .unwrap_or_default();
         drop(state);
         Box::pin(async move {
+            if hidden {
+                scan.hidden_by_open_transaction();
+            }
             for (offset, record) in log.iter().rev() {
                 let header = |name: &str| {
                     record
@@ -630,7 +669,9 @@ impl Sink for MemorySink {
                 result: Err(purged_error()),
             });
         }
-        state.end(holder.as_ref().map(|(id, _)| id.as_str()), txn);
+        let id = holder.as_ref().map(|(id, _)| id.as_str());
+        state.abort_ends_left_open(id, txn);
+        state.end(id, txn);
         Box::pin(async { Ok(()) })
     }
 }

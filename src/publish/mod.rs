@@ -54,7 +54,7 @@ pub use offline::HeldPartition;
 pub use outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
-pub use publisher::Publisher;
+pub use publisher::{CLEANUP_HEADER, Publisher};
 pub use sink::{
     BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendId, SendRefused, Sink,
     TopicError,

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::ledgers::PartitionKey;
+use crate::live::{self, HeldPartitions};
 use crate::metrics as m;
 
 /// How long records may be outstanding before their partitions are asked
@@ -35,12 +36,18 @@ pub struct HeldPartition {
 #[derive(Default)]
 pub struct Offline {
     held: HashMap<PartitionKey, (Instant, SystemTime)>,
+    /// Where the dashboard reads them.
+    board: HeldPartitions,
     /// A question is with the sink.
     asking: bool,
     last_asked: Option<Instant>,
 }
 
 impl Offline {
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
     /// Whether `partition`'s records wait.
     pub fn holds(&self, partition: &PartitionKey) -> bool {
         !self.held.is_empty() && self.held.contains_key(partition)
@@ -63,6 +70,29 @@ impl Offline {
             .collect();
         held.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         held
+    }
+
+    /// Shows the partitions held on `board` from now on.
+    pub fn share(&mut self, board: HeldPartitions) {
+        self.board = board;
+        self.show();
+    }
+
+    fn show(&self) {
+        let held = self
+            .snapshot()
+            .into_iter()
+            .map(|h| live::HeldPartition {
+                since_unix_ms: h
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64,
+                topic: h.topic,
+                partition: h.partition,
+            })
+            .collect();
+        self.board.set(held);
     }
 
     /// When to ask next, given when the oldest record outstanding was sent.
@@ -121,6 +151,9 @@ impl Offline {
             }
         }
         metrics::gauge!(m::PARTITIONS_UNAVAILABLE).set(self.held.len() as f64);
+        if !new.is_empty() || !back.is_empty() {
+            self.show();
+        }
         (new, back)
     }
 

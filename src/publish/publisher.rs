@@ -34,13 +34,15 @@ use super::offline::{HeldPartition, Offline};
 use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures};
 use super::partitioner::partition_for;
 use super::pause::Pause;
-use super::records::Records;
+use super::records::{Entry, Records};
 use super::sink::{
-    BrokerError, BrokerErrorClass, Delivery, RecordId, SendRefused, Sink, TopicError,
+    BrokerError, BrokerErrorClass, Delivery, RecordId, SendId, SendRefused, Sink, TopicError,
 };
 use super::topics::{Prepared, Readiness, Topics};
-use super::transaction::{End, Next, Transaction};
+use super::transaction::{CleanupStep, End, Next, Transaction};
 use crate::metrics as m;
+use crate::record::KafkaRecord;
+use bytes::Bytes;
 
 /// How long records wait after the producer's queue turned one away.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
@@ -57,7 +59,17 @@ pub struct Publisher<S: Sink, T> {
     pause: Pause,
     /// An error to return from the next call of `next`.
     failed: Option<PublishError>,
+    /// Partitions cleaned up in this session (once each).
+    cleaned: HashSet<PartitionKey>,
+    /// Cleanup records whose report is outstanding.
+    cleanup_sent: usize,
 }
+
+/// The id of cleanup records: never one of a record in hand, so their
+/// reports are passed over.
+const CLEANUP_RECORD: RecordId = RecordId((1 << 48) - 1);
+/// The header a cleanup record carries.
+pub const CLEANUP_HEADER: &str = "walrelay_cleanup";
 
 impl<S: Sink, T: Copy> Publisher<S, T> {
     pub fn new(sink: S, config: PublisherConfig) -> Self {
@@ -71,6 +83,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             io: BrokerIo::new(),
             pause: Pause::new(),
             failed: None,
+            cleaned: HashSet::new(),
+            cleanup_sent: 0,
             config,
         };
         // The dead-letter topic is made ready before a record needs it.
@@ -84,6 +98,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// `transactional_id` first, fencing any earlier holder of it.
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
         self.io.new_session();
+        self.cleaned.clear();
+        self.cleanup_sent = 0;
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
             ledgers.begin(replay);
         }
@@ -92,6 +108,19 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     }
 
     fn initialize_if_needed(&mut self) {
+        match self.txn.next_cleanup() {
+            Some(CleanupStep::TakeOver(id)) => {
+                let init = self.sink.init(&id);
+                self.io
+                    .watch(async move { SessionIo::Initialized(init.await) });
+                return;
+            }
+            Some(CleanupStep::Abort(id, partitions)) => {
+                self.clean_up_under(&id, &partitions);
+                return;
+            }
+            None => {}
+        }
         if let Some(id) = self.txn.take_initialization() {
             let init = self.sink.init(&id);
             self.io
@@ -125,11 +154,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         self.offline.snapshot()
     }
 
+    /// Shows the partitions whose records wait on `board` (the dashboard's).
+    pub fn share_held_partitions(&mut self, board: crate::live::HeldPartitions) {
+        self.offline.share(board);
+    }
+
     /// Forgets every record (the source ends its session and will read
     /// them again): the open transaction is left to be aborted by the next
     /// session's takeover, and the producer is taken over again.
     pub fn discard(&mut self) -> usize {
         self.pause.clear();
+        self.cleanup_sent = 0;
         self.io.new_session();
         self.txn.abandon();
         self.sink.renew_if_failed();
@@ -186,6 +221,19 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     }
 
     fn on_delivery(&mut self, delivery: Delivery, outcomes: &mut Vec<Outcome<T>>) {
+        if delivery.send.id == CLEANUP_RECORD {
+            if let Err(error) = &delivery.result {
+                tracing::debug!(%error, "a cleanup record was not written");
+            }
+            // A report from before a new session is passed over.
+            if self.cleanup_sent > 0 && self.txn.is_cleaning() {
+                self.cleanup_sent -= 1;
+                if self.cleanup_sent == 0 {
+                    self.abort_cleanup();
+                }
+            }
+            return;
+        }
         if !self.records.reported(delivery.send) {
             return; // discarded, settled, or a report of an earlier send
         }
@@ -285,6 +333,16 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                             SessionIo::Scanned(key, started, read.await.map(Box::new))
                         });
                     }
+                    // An open transaction hides the tail: it may be one of
+                    // this relay's ids, left open by a partition that had no
+                    // leader. Clean up once, then read it again.
+                    Ok(scan)
+                        if scan.is_hidden()
+                            && self.txn.is_on()
+                            && self.cleaned.insert(key.clone()) =>
+                    {
+                        self.txn.clean_up([key]);
+                    }
                     result => {
                         let result = result.map(|scan| *scan).map_err(|e| e.to_string());
                         ledgers.scanned(key, started.elapsed().as_secs_f64(), result);
@@ -296,6 +354,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 self.follow(next, outcomes);
             }
             SessionIo::Committed(result) => {
+                tracing::debug!(?result, id = ?self.txn.id, "commit finished");
                 let next = self.txn.committed(result);
                 self.follow(next, outcomes);
                 if let Some(next) = self.txn.rest_if_stuck() {
@@ -303,10 +362,59 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 }
             }
             SessionIo::Aborted(result) => {
-                let next = self.txn.aborted(result);
+                tracing::debug!(?result, id = ?self.txn.id, acked = self.records.any_acked(), "abort finished");
+                let next = self.txn.aborted(result, self.records.any_acked());
                 self.follow(next, outcomes);
             }
         }
+    }
+
+    /// Ends what `id` left open in `partitions`: a transaction with one
+    /// record to each, aborted (`transaction.rs`).
+    fn clean_up_under(&mut self, id: &str, partitions: &[PartitionKey]) {
+        self.sink.switch_to(id);
+        if let Err(error) = self.sink.begin() {
+            self.failed = Some(PublishError::ending(error, Some(id)));
+            return;
+        }
+        for (topic, partition) in partitions {
+            let record = KafkaRecord {
+                topic: topic.clone(),
+                key: Some(Bytes::from_static(b"walrelay-cleanup")),
+                value: Some(Bytes::new()),
+                headers: vec![(
+                    CLEANUP_HEADER.into(),
+                    Bytes::from_static(b"an aborted record ending a transaction left open"),
+                )],
+            };
+            let send = SendId {
+                id: CLEANUP_RECORD,
+                attempt: 0,
+            };
+            match self.sink.send(&record, Some(*partition), send) {
+                Ok(()) => self.cleanup_sent += 1,
+                Err(refused) => {
+                    tracing::debug!(
+                        ?refused,
+                        topic,
+                        partition,
+                        "the cleanup record was not queued"
+                    )
+                }
+            }
+        }
+        // Aborted once written: a record never sent would not put the
+        // partition in the transaction, and the abort would end nothing
+        // there.
+        if self.cleanup_sent == 0 {
+            self.abort_cleanup();
+        }
+    }
+
+    fn abort_cleanup(&mut self) {
+        let abort = self.sink.abort();
+        self.io
+            .watch(async move { SessionIo::Aborted(abort.await) });
     }
 
     /// Asks the sink which partitions have no leader, if it is time: those
@@ -354,6 +462,14 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         let (_, back) = self.offline.answered(&asked, &leaderless);
         if !back.is_empty() {
             self.txn.back(&back);
+            // Read again before use: a transaction may have been left open
+            // there while it had no leader.
+            if let Some(ledgers) = self.ledgers.as_mut() {
+                for key in &back {
+                    ledgers.forget_partition(key);
+                    self.cleaned.remove(key);
+                }
+            }
         }
         let held: HashSet<PartitionKey> = self.offline.held().cloned().collect();
         if let Some(next) = self.txn.leaderless(&held) {
@@ -366,6 +482,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         match next {
             Next::Go => {}
             Next::Use(id) => self.sink.switch_to(&id),
+            Next::CleanUp(id, partitions) => self.clean_up_under(&id, &partitions),
+            Next::Cleaned(id, partitions) => {
+                if let Some(id) = id {
+                    self.sink.switch_to(&id);
+                }
+                if let Some(ledgers) = self.ledgers.as_mut() {
+                    for key in &partitions {
+                        ledgers.forget_partition(key);
+                    }
+                }
+            }
             Next::Rest { abandon, next } => {
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "partition_offline")
                     .increment(1);
@@ -625,15 +752,40 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 partitions
             }
         };
-        // Exactly once, walrelay picks the partition (as Java's partitioner
-        // does); otherwise librdkafka's murmur2_random does the same for
-        // keyed records.
         let entry = self.records.get(id).expect("waiting");
-        let partition = match (&self.ledgers, entry.record.key.as_deref(), entry.position) {
+        let partition = self.pick_partition(entry, partitions);
+        Some((topic, partition))
+    }
+
+    /// Exactly once, walrelay picks the partition (as Java's partitioner
+    /// does); otherwise librdkafka's murmur2_random does the same for keyed
+    /// records (-1: the sink picks).
+    fn pick_partition(&self, entry: &Entry<T>, partitions: i32) -> i32 {
+        match (&self.ledgers, entry.record.key.as_deref(), entry.position) {
             (Some(_), Some(key), _) => partition_for(Some(key), None, partitions),
             (Some(_), None, Some(position)) => partition_for(None, Some(&position), partitions),
             _ => -1,
-        };
-        Some((topic, partition))
+        }
+    }
+
+    /// Whether every record in hand waits for a partition with no leader:
+    /// nothing else is outstanding, so nothing else can make progress.
+    pub fn waits_only_for_offline(&self) -> bool {
+        if self.offline.is_empty()
+            || self.records.len() == 0
+            || self.records.sent() > 0
+            || self.records.any_acked()
+        {
+            return false;
+        }
+        self.records
+            .waiting()
+            .all(|entry| match self.topics.readiness(&entry.record.topic) {
+                Readiness::Ready { partitions, .. } => {
+                    let partition = self.pick_partition(entry, partitions);
+                    self.offline.holds(&(entry.record.topic.clone(), partition))
+                }
+                _ => false,
+            })
     }
 }

@@ -121,6 +121,11 @@ impl<T> Records<T> {
         }
     }
 
+    /// The records waiting to be sent, in order.
+    pub fn waiting(&self) -> impl Iterator<Item = &Entry<T>> {
+        self.pending.iter().map(|id| &self.entries[id])
+    }
+
     /// The waiting records of `topic`.
     pub fn waiting_for(&self, topic: &str) -> Vec<RecordId> {
         self.pending

@@ -189,6 +189,11 @@ impl LedgerScan {
 
     /// The reader could only see up to the last stable offset, below the
     /// high watermark: an open transaction hides the rest.
+    /// Whether an open transaction hid the partition's newest records.
+    pub fn is_hidden(&self) -> bool {
+        self.unsure == Some(ScanEnd::Hidden)
+    }
+
     pub fn hidden_by_open_transaction(&mut self) {
         self.unsure = Some(ScanEnd::Hidden);
     }

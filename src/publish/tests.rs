@@ -353,11 +353,20 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
         ids(&broker.log(OTHER)),
         ["2", "4", "6", "8", "10"].map(String::from)
     );
-    assert_eq!(
-        broker.log_uncommitted(OTHER).len(),
-        5,
-        "nothing of the aborted transaction was ever written"
+    assert!(
+        !broker.is_left_open(OTHER, 0),
+        "the transaction left open while it had no leader was ended by a cleanup"
     );
+    let uncommitted = broker.log_uncommitted(OTHER);
+    assert_eq!(
+        uncommitted
+            .iter()
+            .filter(|r| r.header(CLEANUP_HEADER).is_some())
+            .count(),
+        2,
+        "each id aborted one cleanup record there"
+    );
+    assert_eq!(uncommitted.len(), 7, "five events and two cleanup records");
     assert!(publisher.held_partitions().is_empty());
     assert_eq!(
         broker.transactional_ids(),

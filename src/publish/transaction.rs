@@ -22,6 +22,20 @@
 //! partition is back, while the other id carries the records of every
 //! other partition. The publisher keeps the offline partition's records
 //! out of transactions meanwhile (`offline.rs`).
+//!
+//! # A transaction left open
+//!
+//! A transaction that touched a partition while it had no leader can be
+//! left open in that partition's log once it is back (its marker never
+//! written): it hides everything after it from `read_committed` readers,
+//! and a later commit marker of the same producer would make its aborted
+//! records visible. Kafka ends a producer's open transaction in a
+//! partition with that producer's next marker there. So when a tail read
+//! finds the partition hidden by an open transaction, each id of the
+//! session *cleans up*: it is taken over again if it must be, begins a
+//! transaction, sends one record to the partition and aborts, which ends
+//! whatever it had left open there as aborted. The tail is then read
+//! again.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -60,6 +74,8 @@ enum State {
     },
     Committing,
     Aborting,
+    /// A cleanup transaction is being aborted.
+    Cleaning,
 }
 
 /// What to do with the transaction now.
@@ -101,6 +117,13 @@ pub enum Next {
     /// The commit may still complete (aborting could make its records
     /// visible twice once they are sent again): commit again shortly.
     CommitAgain,
+    /// Clean up: begin a transaction under the current producer (the id
+    /// given, taken over), send one record to each of the partitions, and
+    /// abort it.
+    CleanUp(String, Vec<PartitionKey>),
+    /// The cleanup is done: records go through this id again, and the
+    /// partitions' tails are read again.
+    Cleaned(Option<String>, Vec<PartitionKey>),
     /// A failure to wait out, counted in the publisher's backoff.
     BackOff,
     /// Hold every record back this long.
@@ -151,8 +174,28 @@ pub struct Transaction {
     /// The current id is stuck on these partitions: end its transaction
     /// and rest it.
     stuck: Option<HashSet<PartitionKey>>,
+    /// Partitions to clean up, and the ids that still must.
+    cleanup: Option<Cleanup>,
+    /// Partitions waiting for the next cleanup.
+    to_clean: HashSet<PartitionKey>,
     /// The current transactional id (for messages).
     pub id: Option<String>,
+}
+
+#[derive(Debug)]
+struct Cleanup {
+    partitions: Vec<PartitionKey>,
+    /// Ids still to clean up, the one at work first.
+    left: Vec<usize>,
+}
+
+/// The next step of a cleanup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CleanupStep {
+    /// Take this id over first.
+    TakeOver(String),
+    /// Begin, send one record to each partition, and abort, under this id.
+    Abort(String, Vec<PartitionKey>),
 }
 
 impl Transaction {
@@ -168,6 +211,8 @@ impl Transaction {
             current: None,
             initializing: None,
             stuck: None,
+            cleanup: None,
+            to_clean: HashSet::new(),
             id: None,
         }
     }
@@ -183,11 +228,14 @@ impl Transaction {
         if !self.is_on() {
             return;
         }
+        self.rest_stuck();
         self.state = State::Uninitialized;
         self.must_abort = false;
         self.stuck = None;
         self.current = None;
         self.initializing = None;
+        self.cleanup = None;
+        self.to_clean.clear();
         self.id = None;
         let names: Vec<String> = match &id {
             Some(id) => vec![id.clone(), format!("{id}{SPARE_SUFFIX}")],
@@ -204,15 +252,26 @@ impl Transaction {
         self.ids = ids;
     }
 
+    /// A stuck id rests, even with its transaction's end unknown (a new
+    /// session begins): taking it over again would wait for its partitions.
+    fn rest_stuck(&mut self) {
+        if let (Some(stuck), Some(index)) = (self.stuck.take(), self.current) {
+            self.ids[index].resting.extend(stuck);
+        }
+    }
+
     /// Everything in flight was abandoned: the producers must be taken over
     /// again.
     pub fn abandon(&mut self) {
+        self.rest_stuck();
         if self.is_on() {
             self.state = State::Uninitialized;
             self.must_abort = false;
             self.stuck = None;
             self.current = None;
             self.initializing = None;
+            self.cleanup = None;
+            self.to_clean.clear();
             for id in &mut self.ids {
                 id.ready = false;
                 id.touched.clear();
@@ -241,6 +300,23 @@ impl Transaction {
     /// The takeover of the transactional id finished.
     pub fn initialized(&mut self, result: Result<(), BrokerError>) -> Next {
         let index = self.initializing.take();
+        if let Some(cleanup) = &self.cleanup {
+            // An id taken over to clean up: the current one, if any, waits.
+            self.state = State::Idle;
+            return match (result, index) {
+                (Ok(()), Some(index)) => {
+                    self.ids[index].ready = true;
+                    self.state = State::Cleaning;
+                    Next::CleanUp(self.ids[index].name.clone(), cleanup.partitions.clone())
+                }
+                (Err(error), _) if error.ends_producer() => Next::EndProducer(error),
+                (Err(error), _) => {
+                    tracing::warn!(%error, "cannot take over the transactional id to clean up yet");
+                    Next::BackOff
+                }
+                (Ok(()), None) => Next::Go,
+            };
+        }
         self.state = State::Uninitialized;
         match result {
             Ok(()) => {
@@ -303,15 +379,36 @@ impl Transaction {
         }
     }
 
-    /// An abort finished.
-    pub fn aborted(&mut self, result: Result<(), BrokerError>) -> Next {
+    /// An abort finished; `wrote`: records of the transaction were
+    /// acknowledged (written to their partitions).
+    pub fn aborted(&mut self, result: Result<(), BrokerError>, wrote: bool) -> Next {
+        if self.state == State::Cleaning {
+            return self.cleaned(result);
+        }
         if self.stuck.is_some() {
-            // Whether or not the abort went through, the id is given up
-            // until its partitions are back.
-            if let Err(error) = &result {
-                tracing::warn!(%error, "aborting the stuck transaction did not finish; dropping its producer (the broker aborts it at its timeout)");
+            match &result {
+                Ok(()) => return self.rest(),
+                Err(error) if error.ends_producer() => {}
+                // Its written records would hold back read_committed
+                // readers of their partitions (and exactly once's tail
+                // reads) until the broker's transaction timeout: abort
+                // again until the coordinator takes it.
+                Err(error) if wrote => {
+                    tracing::warn!(%error, "aborting the stuck transaction failed; trying again");
+                    self.state = State::closed();
+                    return Next::Pause(super::outcome::backoff(
+                        1,
+                        super::pause::MAX_RETRY_BACKOFF,
+                    ));
+                }
+                // Nothing of it was written (its partitions could not even
+                // be added while the transaction before waits for its
+                // markers): its producer is dropped.
+                Err(error) => {
+                    tracing::warn!(%error, "the stuck transaction wrote nothing and cannot be aborted now; dropping its producer");
+                    return self.rest();
+                }
             }
-            return self.rest();
         }
         match result {
             Ok(()) => {
@@ -346,7 +443,7 @@ impl Transaction {
         if stuck.is_empty() {
             return None;
         }
-        tracing::warn!(id = %id.name, partitions = ?stuck, "a partition this transactional id wrote to has no leader: its transaction cannot end until the partition is back; the spare id takes over");
+        tracing::warn!(id = %id.name, partitions = ?stuck, state = ?self.state, "a partition this transactional id wrote to has no leader: its transaction cannot end until the partition is back; the spare id takes over");
         self.stuck = Some(stuck);
         match self.state {
             State::Open { .. } => {
@@ -357,6 +454,85 @@ impl Transaction {
             // A commit or an abort under way ends first.
             _ => None,
         }
+    }
+
+    /// `partitions`' tails are hidden by an open transaction: every id
+    /// cleans up there before they are read again.
+    pub fn clean_up(&mut self, partitions: impl IntoIterator<Item = PartitionKey>) {
+        if self.is_on() {
+            self.to_clean.extend(partitions);
+        }
+    }
+
+    /// The next step of a cleanup, when one is due and no transaction is
+    /// open.
+    pub fn next_cleanup(&mut self) -> Option<CleanupStep> {
+        if self.state != State::Idle || self.stuck.is_some() {
+            return None;
+        }
+        if self.cleanup.is_none() {
+            if self.to_clean.is_empty() {
+                return None;
+            }
+            let left: Vec<usize> = (0..self.ids.len())
+                .filter(|i| self.ids[*i].resting.is_empty())
+                .collect();
+            let mut partitions: Vec<PartitionKey> = self.to_clean.drain().collect();
+            partitions.sort();
+            tracing::info!(
+                ?partitions,
+                "an open transaction hides these partitions' newest records: each transactional id aborts one there, ending any it left open"
+            );
+            self.cleanup = Some(Cleanup { partitions, left });
+        }
+        let cleanup = self.cleanup.as_ref()?;
+        let &index = cleanup.left.first()?;
+        let id = &self.ids[index];
+        if id.ready {
+            self.state = State::Cleaning;
+            Some(CleanupStep::Abort(
+                id.name.clone(),
+                cleanup.partitions.clone(),
+            ))
+        } else {
+            self.state = State::Initializing;
+            self.initializing = Some(index);
+            Some(CleanupStep::TakeOver(id.name.clone()))
+        }
+    }
+
+    /// A cleanup's abort finished.
+    fn cleaned(&mut self, result: Result<(), BrokerError>) -> Next {
+        self.state = State::Idle;
+        match result {
+            Ok(()) => {}
+            Err(error) if error.ends_producer() => return Next::EndProducer(error),
+            Err(error) => {
+                tracing::warn!(%error, "the cleanup's abort failed; trying again");
+                return Next::BackOff;
+            }
+        }
+        let Some(cleanup) = self.cleanup.as_mut() else {
+            return Next::Go;
+        };
+        cleanup.left.remove(0);
+        if !cleanup.left.is_empty() {
+            return Next::Go;
+        }
+        let partitions = self
+            .cleanup
+            .take()
+            .map(|c| c.partitions)
+            .unwrap_or_default();
+        let current = self.current.map(|i| self.ids[i].name.clone());
+        if current.is_none() {
+            self.state = State::Uninitialized;
+            if let Some(name) = self.pick() {
+                self.state = State::Idle;
+                return Next::Cleaned(Some(name), partitions);
+            }
+        }
+        Next::Cleaned(current, partitions)
     }
 
     /// A stuck id whose commit or abort ended meanwhile rests now.
@@ -392,6 +568,11 @@ impl Transaction {
         for id in &mut self.ids {
             id.resting.retain(|p| !partitions.contains(p));
         }
+    }
+
+    /// Whether a cleanup transaction is under way.
+    pub fn is_cleaning(&self) -> bool {
+        self.state == State::Cleaning
     }
 
     /// Whether an abort is under way.
@@ -552,7 +733,7 @@ mod tests {
         tokio::time::advance(MAX_OPEN).await;
         assert!(!t.may_send());
         assert_eq!(t.due(0, false), Some(End::Abort), "closed and empty");
-        assert!(matches!(t.aborted(Ok(())), Next::SendAgain));
+        assert!(matches!(t.aborted(Ok(()), false), Next::SendAgain));
         assert!(t.needs_begin() && t.may_send());
     }
 
@@ -615,12 +796,12 @@ mod tests {
             "a commit that failed is aborted"
         );
         assert!(matches!(
-            t.aborted(Err(error(BrokerErrorClass::Transient))),
+            t.aborted(Err(error(BrokerErrorClass::Transient)), true),
             Next::Pause(_)
         ));
         assert_eq!(t.due(0, true), Some(End::Abort), "and aborted again");
         assert!(matches!(
-            t.aborted(Err(error(BrokerErrorClass::Fenced))),
+            t.aborted(Err(error(BrokerErrorClass::Fenced)), true),
             Next::EndProducer(_)
         ));
     }
@@ -652,7 +833,7 @@ mod tests {
             "aborted at once, records outstanding or not"
         );
         assert!(t.is_aborting());
-        match t.aborted(Ok(())) {
+        match t.aborted(Ok(()), true) {
             Next::Rest { abandon, next } => {
                 assert_eq!(abandon, "walrelay.7.s");
                 assert_eq!(next.as_deref(), Some("walrelay.7.s.spare"));
@@ -704,5 +885,52 @@ mod tests {
             Some(Next::Rest { next: Some(_), .. })
         ));
         assert!(t.may_send());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_transaction_that_wrote_is_aborted_until_it_goes_through() {
+        let error = BrokerError::transient("Coordinator load in progress");
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        t.began(0);
+        t.sent_to(&key("a", 0));
+        t.sent_to(&key("b", 0));
+        assert!(t.leaderless(&[key("a", 0)].into()).is_none());
+        assert_eq!(t.due(1, true), Some(End::Abort));
+        assert!(
+            matches!(t.aborted(Err(error.clone()), true), Next::Pause(_)),
+            "its records in b would hold b's readers back: abort again"
+        );
+        assert_eq!(t.due(0, true), Some(End::Abort));
+        assert!(matches!(
+            t.aborted(Ok(()), true),
+            Next::Rest { next: Some(_), .. }
+        ));
+        // One that wrote nothing is given up at once.
+        t.began(0);
+        t.sent_to(&key("a", 1));
+        assert!(t.leaderless(&[key("a", 1)].into()).is_none());
+        assert_eq!(t.due(1, false), Some(End::Abort));
+        assert!(matches!(
+            t.aborted(Err(error), false),
+            Next::Rest { next: None, .. }
+        ));
+    }
+
+    #[test]
+    fn a_new_session_leaves_a_stuck_id_resting_whatever_became_of_its_abort() {
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        t.began(0);
+        t.sent_to(&key("a", 0));
+        assert!(t.leaderless(&[key("a", 0)].into()).is_none());
+        t.abandon();
+        t.restart(Some("walrelay.7.s".into()));
+        assert_eq!(
+            t.take_initialization().as_deref(),
+            Some("walrelay.7.s.spare"),
+            "only the spare is taken over"
+        );
+        assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s.spare"));
     }
 }

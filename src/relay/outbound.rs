@@ -87,7 +87,7 @@ impl<S: Sink> Outbound<S> {
                 window: config.max_in_flight_events,
                 margin: crate::publish::EVENT_MARGIN,
             });
-        let publisher = Publisher::new(
+        let mut publisher = Publisher::new(
             sink,
             PublisherConfig {
                 dead_letter_topic: config.router.dead_letter_topic.clone(),
@@ -95,6 +95,7 @@ impl<S: Sink> Outbound<S> {
                 exactly_once,
             },
         );
+        publisher.share_held_partitions(live.held_partitions.clone());
         Outbound {
             window: InFlightWindow::new(config.max_in_flight_events, config.max_in_flight_bytes),
             publisher,
@@ -165,6 +166,18 @@ impl<S: Sink> Outbound<S> {
     /// The last acknowledgement, or when events started to wait.
     pub(super) fn last_progress(&self) -> Instant {
         self.last_progress
+    }
+
+    /// Whether every event in flight waits for a partition with no leader
+    /// (`publish/offline.rs`): no broker stall, and nothing else to wait
+    /// for before a new session.
+    pub(super) fn waits_only_for_offline(&self) -> bool {
+        self.refused.is_empty() && self.publisher.waits_only_for_offline()
+    }
+
+    /// Counts as progress: the stall clock starts again.
+    pub(super) fn not_stalled(&mut self) {
+        self.last_progress = Instant::now();
     }
 
     /// Forgets everything in flight (it will be read again from the slot);

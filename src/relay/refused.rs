@@ -64,6 +64,10 @@ impl<T: 'static> Refused<T> {
         }
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        self.storing.is_empty()
+    }
+
     /// Forgets the events being stored (they will be read again).
     pub(super) fn clear(&mut self) -> usize {
         let dropped = self.storing.len();

@@ -174,8 +174,13 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             };
             let stall_at = (streaming && stop_deadline.is_none() && !self.out.is_empty())
                 .then(|| self.out.last_progress() + self.config.broker_stall_timeout);
+            // A new session waits for the events in flight, unless they all
+            // wait for partitions with no leader: those are read again.
             let reconnect_at = match &link {
-                Link::Idle { reconnect_at } if stop_deadline.is_none() && self.out.is_empty() => {
+                Link::Idle { reconnect_at }
+                    if stop_deadline.is_none()
+                        && (self.out.is_empty() || self.out.waits_only_for_offline()) =>
+                {
                     Some(*reconnect_at)
                 }
                 _ => None,
@@ -243,8 +248,22 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         } else if due(deadlines.silent) {
             Err(StreamError::Silent(self.config.replication_timeout).into())
         } else if due(deadlines.stall) {
+            if self.out.waits_only_for_offline() {
+                // The broker answers: only partitions with no leader wait,
+                // and the events of every other one go on.
+                self.out.not_stalled();
+                return Ok(());
+            }
             self.release(link, Release::BrokerStalled).await
         } else if due(deadlines.reconnect) {
+            if !self.out.is_empty() {
+                let dropped = self.out.discard();
+                tracing::info!(
+                    dropped,
+                    "every event in flight waits for a partition with no leader: streaming again, and those events are read again from the slot"
+                );
+                self.confirmer.abandon_in_flight();
+            }
             *link = Link::Connecting(self.connector.connect());
             Ok(())
         } else {
