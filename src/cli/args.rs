@@ -213,9 +213,24 @@ pub struct InboxArgs {
     /// Longest wait between attempts to reach PostgreSQL again.
     #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// A partition whose stored offset is past its log's end, or stored
+    /// under another topic id (the topic was deleted and created again, or
+    /// its log truncated): fail stops with the topic, partition, offsets
+    /// and ids; earliest reads the log now from its start (a record whose
+    /// id is already in the inbox is skipped).
+    #[arg(
+        long,
+        env = "WALRELAY_INBOX_ON_TOPIC_RESET",
+        value_enum,
+        default_value = "fail"
+    )]
+    pub on_topic_reset: crate::inbox::OnTopicReset,
     #[command(flatten)]
     pub http: HttpArgs,
 }
+
+/// How often a running inbox reads the ids of the topics it holds again.
+const TOPIC_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 impl InboxArgs {
     pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
@@ -261,6 +276,8 @@ impl InboxArgs {
             batch_size: self.batch_size as usize,
             batch_wait: self.batch_wait,
             max_backoff: self.max_backoff,
+            on_topic_reset: self.on_topic_reset,
+            topic_check_interval: TOPIC_CHECK_INTERVAL,
         })
     }
 }

@@ -18,6 +18,7 @@ use rdkafka::Offset;
 use super::consumer::{Inbox, InboxConfig, InboxError};
 use super::memory::{Call, Fault, MemberHandle, MemoryConsumer, MemoryStore};
 use super::positions::Placement;
+use super::reset::OnTopicReset;
 use super::schema::InboxTables;
 use super::store::{StoreError, TopicPartition};
 use crate::live::LiveState;
@@ -46,6 +47,8 @@ fn config(batch_size: usize, batch_wait: Duration, max_backoff: Duration) -> Inb
         batch_size,
         batch_wait,
         max_backoff,
+        on_topic_reset: OnTopicReset::Fail,
+        topic_check_interval: FOREVER,
     }
 }
 
