@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::context::{Assignment, InboxContext, Rebalance, partition_list};
@@ -43,6 +43,10 @@ struct Member {
     paused: BTreeSet<TopicPartition>,
     /// Every seek done, in order.
     seeks: Vec<(TopicPartition, Offset)>,
+    /// Topic ids and watermarks are not answered (the broker is away).
+    unanswered: bool,
+    /// Times the topic ids were asked for.
+    topic_id_requests: usize,
 }
 
 /// The loop's Kafka consumer, on the in-memory broker.
@@ -196,6 +200,13 @@ impl InboxConsumer for MemoryConsumer {
         topics: &[&str],
         _timeout: Duration,
     ) -> KafkaResult<HashMap<String, KafkaResult<Option<String>>>> {
+        let mut member = self.member();
+        member.topic_id_requests += 1;
+        if member.unanswered {
+            return Err(KafkaError::AdminOp(
+                rdkafka::error::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
         Ok(topics
             .iter()
             .map(|t| ((*t).to_owned(), Ok(Some(self.broker.topic_id(t)))))
@@ -203,6 +214,11 @@ impl InboxConsumer for MemoryConsumer {
     }
 
     fn log_bounds(&self, tp: &TopicPartition, _timeout: Duration) -> KafkaResult<(i64, i64)> {
+        if self.member().unanswered {
+            return Err(KafkaError::MetadataFetch(
+                rdkafka::error::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
         Ok((0, self.broker.log_end(&tp.0, tp.1)))
     }
 }
@@ -267,6 +283,16 @@ impl MemberHandle {
     /// Every seek so far, in order.
     pub fn seeks(&self) -> Vec<(TopicPartition, Offset)> {
         self.member.lock().unwrap().seeks.clone()
+    }
+
+    /// Topic ids and watermarks go unanswered (`true`), or are answered.
+    pub fn set_unanswered(&self, unanswered: bool) {
+        self.member.lock().unwrap().unanswered = unanswered;
+    }
+
+    /// Times the loop asked for topic ids.
+    pub fn topic_id_requests(&self) -> usize {
+        self.member.lock().unwrap().topic_id_requests
     }
 }
 
