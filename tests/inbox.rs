@@ -689,3 +689,35 @@ async fn a_rebalance_while_postgresql_is_unreachable_loses_nothing_and_sigterm_s
     assert!(a.terminate(Duration::from_secs(30)).await.success());
     assert!(b.terminate(Duration::from_secs(30)).await.success());
 }
+
+/// Consumer options that would let the inbox create topics, store records
+/// of aborted transactions, or skip records on its own are refused before
+/// anything starts: exit 2, the option named, and what to do instead.
+#[test]
+fn consumer_options_that_could_lose_or_invent_records_exit_2_naming_the_fix() {
+    for (args, says) in [
+        (
+            &["-X", "allow.auto.create.topics=true"][..],
+            "-X allow.auto.create.topics=true: the inbox never creates a topic",
+        ),
+        (
+            &["-X", "isolation.level=read_uncommitted"][..],
+            "-X isolation.level=read_uncommitted: the inbox reads read_committed",
+        ),
+        (
+            &["-X", "auto.offset.reset=latest"][..],
+            "-X auto.offset.reset: the inbox starts each partition at the offset stored in PostgreSQL",
+        ),
+        (&["--on-topic-reset", "latest"][..], "--on-topic-reset"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .args(["inbox", "--pg-url", "postgres://postgres@127.0.0.1:1/db"])
+            .args(["--brokers", "127.0.0.1:1", "--topic", "orders"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -235,7 +235,7 @@ const TOPIC_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 impl InboxArgs {
     pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
         let overrides = parse_kafka_options(&self.kafka.kafka_options)?;
-        for (key, _) in &overrides {
+        for (key, value) in &overrides {
             if matches!(
                 key.as_str(),
                 "enable.auto.commit" | "enable.auto.offset.store" | "group.id"
@@ -243,6 +243,24 @@ impl InboxArgs {
                 return Err(UsageError(format!(
                     "-X {key}: the inbox keeps its offsets in PostgreSQL and its group in --group; leave {key} to walrelay"
                 )));
+            }
+            match (key.as_str(), value.as_str()) {
+                ("allow.auto.create.topics", v) if v != "false" => {
+                    return Err(UsageError(format!(
+                        "-X allow.auto.create.topics={v}: the inbox never creates a topic (one made on first use gets the broker's defaults, and a misspelt --topic would wait on an empty topic); create topics with the relay or your tools, and leave this option unset"
+                    )));
+                }
+                ("isolation.level", v) if v != "read_committed" => {
+                    return Err(UsageError(format!(
+                        "-X isolation.level={v}: the inbox reads read_committed, so records of aborted Kafka transactions are never stored; leave this option unset"
+                    )));
+                }
+                ("auto.offset.reset", _) => {
+                    return Err(UsageError(
+                        "-X auto.offset.reset: the inbox starts each partition at the offset stored in PostgreSQL, and a topic made again is decided by --on-topic-reset; leave this option unset".into(),
+                    ));
+                }
+                _ => {}
             }
         }
         if self.kafka.brokers.trim().is_empty() {

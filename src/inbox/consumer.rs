@@ -74,6 +74,12 @@ impl InboxConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // librdkafka's consumer default, kept explicit: subscribing to
+            // (or checking) a topic never creates it with the broker's
+            // defaults. `-X` may not change it (cli/args.rs).
+            .set("allow.auto.create.topics", "false")
+            // Records of aborted transactions are never stored; `-X` may
+            // not change it either.
             .set("isolation.level", "read_committed")
             // High watermarks for the consumer-lag gauge.
             .set("statistics.interval.ms", "1000");
