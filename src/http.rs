@@ -170,6 +170,7 @@ fn export_subject(source: live::Source, subject: &Subject) {
             metrics::counter!(m::INBOX_RECORDS_CONSUMED_TOTAL).absolute(0);
             metrics::counter!(m::INBOX_RECORDS_STORED_TOTAL).absolute(0);
             metrics::counter!(m::INBOX_DUPLICATES_SKIPPED_TOTAL).absolute(0);
+            metrics::counter!(m::INBOX_TOPIC_RESETS_TOTAL).absolute(0);
             for kind in crate::inbox::store::DeadLetterKind::ALL {
                 metrics::counter!(m::INBOX_DEAD_LETTERS_TOTAL, "kind" => kind.as_str()).absolute(0);
             }

@@ -48,6 +48,7 @@ pub const INBOX_CONSUMER_LAG: &str = "walrelay_inbox_consumer_lag";
 pub const INBOX_REBALANCES_TOTAL: &str = "walrelay_inbox_rebalances_total";
 pub const INBOX_BATCH_SECONDS: &str = "walrelay_inbox_batch_seconds";
 pub const INBOX_PRODUCED_TO_STORED_SECONDS: &str = "walrelay_inbox_produced_to_stored_seconds";
+pub const INBOX_TOPIC_RESETS_TOTAL: &str = "walrelay_inbox_topic_resets_total";
 pub const POLL_CLAIM_SECONDS: &str = "walrelay_poll_claim_seconds";
 pub const POLL_SETTLE_SECONDS: &str = "walrelay_poll_settle_seconds";
 pub const IN_FLIGHT_LIMIT_EVENTS: &str = "walrelay_in_flight_limit_events";
@@ -223,6 +224,10 @@ pub fn describe() {
         Unit::Seconds,
         "a record's Kafka timestamp to its row committed in the inbox"
     );
+    describe_counter!(
+        INBOX_TOPIC_RESETS_TOTAL,
+        "partitions the inbox read again from their log's start because their topic was made again or their log truncated (--on-topic-reset earliest)"
+    );
     describe_histogram!(
         POLL_CLAIM_SECONDS,
         Unit::Seconds,
@@ -296,6 +301,7 @@ pub const ALL: &[&str] = &[
     INBOX_REBALANCES_TOTAL,
     INBOX_BATCH_SECONDS,
     INBOX_PRODUCED_TO_STORED_SECONDS,
+    INBOX_TOPIC_RESETS_TOTAL,
     POLL_CLAIM_SECONDS,
     POLL_SETTLE_SECONDS,
     IN_FLIGHT_LIMIT_EVENTS,

@@ -689,3 +689,361 @@ async fn a_rebalance_while_postgresql_is_unreachable_loses_nothing_and_sigterm_s
     assert!(a.terminate(Duration::from_secs(30)).await.success());
     assert!(b.terminate(Duration::from_secs(30)).await.success());
 }
+
+/// What the inbox stored for `topic`: partition -> (next offset, topic id).
+async fn stored_offsets(
+    client: &tokio_postgres::Client,
+    topics: &Topics,
+    topic: &str,
+) -> BTreeMap<i32, (i64, Option<String>)> {
+    client
+        .query(
+            "SELECT \"partition\", next_offset, topic_id FROM inbox_offsets WHERE consumer_group = $1 AND topic = $2",
+            &[&topics.group(), &topic],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Records `<id>-N` for N in `range`, over `partitions` partitions.
+fn spread(id: &str, range: std::ops::Range<usize>, partitions: usize) -> Vec<Out> {
+    range
+        .map(|i| Out {
+            partition: (i % partitions) as i32,
+            key: format!("k{i}"),
+            id: Some(format!("{id}-{i}")),
+            value: format!("{{\"n\": {i}}}"),
+        })
+        .collect()
+}
+
+/// Each id in the inbox with its partition and offset.
+async fn rows(client: &tokio_postgres::Client) -> BTreeMap<String, (i32, i64)> {
+    client
+        .query("SELECT id, \"partition\", \"offset\" FROM inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// An inbox that must stop by itself with exit code 1: its log.
+async fn fails(mut inbox: RelayProcess) -> String {
+    let status = inbox.wait(Duration::from_secs(90)).await;
+    assert_eq!(status.code(), Some(1), "{}", inbox.log());
+    inbox.log()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_made_again_with_fewer_records_stops_the_inbox_until_told_to_read_it_from_its_start()
+ {
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxshrunk").await;
+    let url = pg.url(&db);
+    setup(&url, &["--inbox"]);
+    let client = pg.client(&db).await;
+    let broker = Broker::shared();
+    let topics = Topics::new("inboxshrunk");
+    let topic = topics.named("orders");
+    broker.create_topic(&topic, 2);
+    produce(broker, &topic, &spread("old", 0..200, 2));
+    let args = topics.inbox_args(&["--topic", &topic, "-X", SESSION]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    wait_for(
+        "the old topic stored",
+        Duration::from_secs(60),
+        async || {
+            let stored = stored_offsets(&client, &topics, &topic).await;
+            let next: Vec<i64> = stored.values().map(|(n, _)| *n).collect();
+            (next == [100, 100]).then_some(())
+        },
+    )
+    .await;
+    assert!(inbox.terminate(Duration::from_secs(30)).await.success());
+    // The topic id stored beside the offsets is the one Kafka's tools show.
+    let old_id = broker.topic_id(&topic);
+    let stored = stored_offsets(&client, &topics, &topic).await;
+    assert!(
+        stored.values().all(|(_, id)| id.as_ref() == Some(&old_id)),
+        "{stored:?}, Kafka says {old_id}"
+    );
+
+    broker.delete_topic(&topic);
+    // An inbox started while the topic is gone does not create it, though
+    // the broker would (auto.create.topics.enable=true, Kafka's default).
+    let mut waiting = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    wait_for(
+        "the inbox to find the topic missing",
+        Duration::from_secs(60),
+        async || {
+            waiting
+                .log()
+                .contains("UnknownTopicOrPartition")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !broker.topic_exists(&topic),
+        "the inbox created the topic it consumes"
+    );
+    assert!(waiting.terminate(Duration::from_secs(30)).await.success());
+
+    // Made again, shorter than the stored offsets: 11 records in
+    // partition 0 (one of them repeats an id stored from the old topic),
+    // 10 in partition 1.
+    broker.create_topic(&topic, 2);
+    let mut new_log = vec![Out {
+        partition: 0,
+        key: "k1".into(),
+        id: Some("old-1".into()),
+        value: "{\"n\": 1}".into(),
+    }];
+    new_log.extend(spread("new", 0..20, 2));
+    produce(broker, &topic, &new_log);
+    let new_id = broker.topic_id(&topic);
+    assert_ne!(new_id, old_id);
+
+    let log = fails(RelayProcess::start_inbox(&url, &broker.bootstrap(), &args)).await;
+    for partition_facts in [
+        format!(
+            "topic {topic} was deleted and created again: its id is {new_id}, but the inbox stored next offset 100 of partition 0 under topic id {old_id}; the partition's log now runs from offset 0 to 11"
+        ),
+        format!(
+            "its id is {new_id}, but the inbox stored next offset 100 of partition 1 under topic id {old_id}; the partition's log now runs from offset 0 to 10"
+        ),
+        "run `walrelay inbox` with --on-topic-reset earliest".to_owned(),
+    ] {
+        assert!(
+            log.contains(&partition_facts),
+            "{partition_facts:?} in:\n{log}"
+        );
+    }
+    // Nothing stored, nothing moved.
+    assert_eq!(rows(&client).await.len(), 200);
+    let stored = stored_offsets(&client, &topics, &topic).await;
+    assert_eq!(
+        stored.values().cloned().collect::<Vec<_>>(),
+        [(100, Some(old_id.clone())), (100, Some(old_id.clone()))]
+    );
+
+    let mut earliest_args = args.clone();
+    earliest_args.extend(["--on-topic-reset", "earliest"]);
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &earliest_args);
+    wait_for(
+        "the new log stored, each id once",
+        Duration::from_secs(60),
+        async || {
+            let stored = stored_offsets(&client, &topics, &topic).await;
+            let expected = BTreeMap::from([
+                (0, (11, Some(new_id.clone()))),
+                (1, (10, Some(new_id.clone()))),
+            ]);
+            (stored == expected).then_some(())
+        },
+    )
+    .await;
+    // Counted once the batch committed: every record of the new log seen.
+    wait_for("the new log counted", Duration::from_secs(30), async || {
+        let seen = metric(&inbox, "walrelay_inbox_records_stored_total").await
+            + metric(&inbox, "walrelay_inbox_duplicates_skipped_total").await;
+        (seen == 21.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&inbox, "walrelay_inbox_topic_resets_total").await,
+        2.0
+    );
+    assert_eq!(
+        metric(&inbox, "walrelay_inbox_records_stored_total").await,
+        20.0
+    );
+    assert_eq!(
+        metric(&inbox, "walrelay_inbox_duplicates_skipped_total").await,
+        1.0,
+        "old-1, stored from the old topic"
+    );
+    assert!(inbox.terminate(Duration::from_secs(30)).await.success());
+
+    let rows = rows(&client).await;
+    assert_eq!(rows.len(), 220);
+    let in_kafka = broker.consume_all(&topic);
+    assert_eq!(in_kafka.len(), 21);
+    for record in &in_kafka {
+        let id = record.header("id").unwrap();
+        let expected = if id == "old-1" {
+            (1, 0) // the old topic's copy, stored first
+        } else {
+            (record.partition, record.offset)
+        };
+        assert_eq!(rows.get(id), Some(&expected), "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_made_again_that_grew_past_the_stored_offset_is_caught_by_its_topic_id() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxgrown").await;
+    let url = pg.url(&db);
+    setup(&url, &["--inbox"]);
+    let client = pg.client(&db).await;
+    let broker = Broker::shared();
+    let topics = Topics::new("inboxgrown");
+    let topic = topics.named("orders");
+    broker.create_topic(&topic, 1);
+    produce(broker, &topic, &spread("old", 0..50, 1));
+    let args = topics.inbox_args(&["--topic", &topic, "-X", SESSION]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    wait_for(
+        "the old topic stored",
+        Duration::from_secs(60),
+        async || {
+            let stored = stored_offsets(&client, &topics, &topic).await;
+            (stored.get(&0).map(|(n, _)| *n) == Some(50)).then_some(())
+        },
+    )
+    .await;
+    assert!(inbox.terminate(Duration::from_secs(30)).await.success());
+    let old_id = broker.topic_id(&topic);
+
+    // Made again and grown past offset 50: the offset alone cannot tell.
+    broker.delete_topic(&topic);
+    broker.create_topic(&topic, 1);
+    produce(broker, &topic, &spread("new", 0..80, 1));
+    let new_id = broker.topic_id(&topic);
+
+    let log = fails(RelayProcess::start_inbox(&url, &broker.bootstrap(), &args)).await;
+    let facts = format!(
+        "topic {topic} was deleted and created again: its id is {new_id}, but the inbox stored next offset 50 of partition 0 under topic id {old_id}; the partition's log now runs from offset 0 to 80"
+    );
+    assert!(log.contains(&facts), "{facts:?} in:\n{log}");
+    assert_eq!(rows(&client).await.len(), 50, "nothing of the new topic");
+
+    let mut earliest_args = args.clone();
+    earliest_args.extend(["--on-topic-reset", "earliest"]);
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &earliest_args);
+    wait_for(
+        "the whole new log stored",
+        Duration::from_secs(60),
+        async || {
+            let stored = stored_offsets(&client, &topics, &topic).await;
+            (stored.get(&0) == Some(&(80, Some(new_id.clone())))).then_some(())
+        },
+    )
+    .await;
+    assert!(inbox.terminate(Duration::from_secs(30)).await.success());
+    let rows = rows(&client).await;
+    let new_rows: BTreeMap<&str, i64> = rows
+        .iter()
+        .filter(|(id, _)| id.starts_with("new-"))
+        .map(|(id, (_, offset))| (id.as_str(), *offset))
+        .collect();
+    let expected: BTreeMap<String, i64> = (0..80).map(|i| (format!("new-{i}"), i)).collect();
+    let expected: BTreeMap<&str, i64> = expected.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(
+        new_rows, expected,
+        "every record of the new topic, from offset 0"
+    );
+    assert_eq!(rows.len(), 130);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offsets_table_made_before_topic_ids_gets_the_column_and_the_inbox_resumes_from_it() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("inboxolder").await;
+    let url = pg.url(&db);
+    setup(&url, &["--inbox"]);
+    let client = pg.client(&db).await;
+    // The offsets table as an older walrelay made it, with an offset it
+    // stored.
+    let old_table = "DROP TABLE inbox_offsets;
+        CREATE TABLE inbox_offsets (
+          consumer_group text NOT NULL,
+          topic          text NOT NULL,
+          \"partition\"    integer NOT NULL,
+          next_offset    bigint NOT NULL,
+          updated_at     timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (consumer_group, topic, \"partition\"))";
+    client.batch_execute(old_table).await.unwrap();
+    let broker = Broker::shared();
+    let topics = Topics::new("inboxolder");
+    let topic = topics.named("orders");
+    broker.create_topic(&topic, 1);
+    produce(broker, &topic, &spread("evt", 0..30, 1));
+    client
+        .execute(
+            "INSERT INTO inbox_offsets (consumer_group, topic, \"partition\", next_offset) VALUES ($1, $2, 0, 10)",
+            &[&topics.group(), &topic],
+        )
+        .await
+        .unwrap();
+
+    let args = topics.inbox_args(&["--topic", &topic, "-X", SESSION]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &args);
+    let topic_id = broker.topic_id(&topic);
+    wait_for("the rest stored", Duration::from_secs(60), async || {
+        let stored = stored_offsets(&client, &topics, &topic).await;
+        (stored.get(&0) == Some(&(30, Some(topic_id.clone())))).then_some(())
+    })
+    .await;
+    assert!(inbox.terminate(Duration::from_secs(30)).await.success());
+    assert!(
+        inbox.log().contains("added column topic_id"),
+        "{}",
+        inbox.log()
+    );
+    let ids: Vec<String> = rows(&client).await.into_keys().collect();
+    let mut expected: Vec<String> = (10..30).map(|i| format!("evt-{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        ids, expected,
+        "resumed at the offset the older walrelay stored"
+    );
+
+    // `setup --inbox` brings such a table up to date too.
+    client.batch_execute(old_table).await.unwrap();
+    assert!(
+        setup(&url, &["--inbox"])
+            .contains(&"added column topic_id to table public.inbox_offsets".to_owned())
+    );
+    assert_eq!(setup(&url, &["--inbox"]).len(), 3, "once");
+}
+
+/// Consumer options that would let the inbox create topics, store records
+/// of aborted transactions, or skip records on its own are refused before
+/// anything starts: exit 2, the option named, and what to do instead.
+#[test]
+fn consumer_options_that_could_lose_or_invent_records_exit_2_naming_the_fix() {
+    for (args, says) in [
+        (
+            &["-X", "allow.auto.create.topics=true"][..],
+            "-X allow.auto.create.topics=true: the inbox never creates a topic",
+        ),
+        (
+            &["-X", "isolation.level=read_uncommitted"][..],
+            "-X isolation.level=read_uncommitted: the inbox reads read_committed",
+        ),
+        (
+            &["-X", "auto.offset.reset=latest"][..],
+            "-X auto.offset.reset: the inbox starts each partition at the offset stored in PostgreSQL",
+        ),
+        (&["--on-topic-reset", "latest"][..], "--on-topic-reset"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .args(["inbox", "--pg-url", "postgres://postgres@127.0.0.1:1/db"])
+            .args(["--brokers", "127.0.0.1:1", "--topic", "orders"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -284,15 +284,34 @@ pub struct InboxArgs {
     /// Longest wait between attempts to reach PostgreSQL again.
     #[arg(long, env = "WALRELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
+    /// A partition whose stored offset is past its log's end, or stored
+    /// under another topic id (the topic was deleted and created again, or
+    /// its log truncated): fail stops with the topic, partition, offsets
+    /// and ids; earliest reads the log now from its start (a record whose
+    /// id is already in the inbox is skipped).
+    #[arg(
+        long,
+        env = "WALRELAY_INBOX_ON_TOPIC_RESET",
+        value_enum,
+        default_value = "fail"
+    )]
+    pub on_topic_reset: crate::inbox::OnTopicReset,
     #[command(flatten)]
     pub http: HttpArgs,
 }
+
+/// How often a running inbox reads the ids of the topics it holds again.
+const TOPIC_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 impl InboxArgs {
     pub fn inbox_config(&self) -> Result<crate::inbox::InboxConfig, UsageError> {
         let overrides = parse_kafka_options(&self.kafka.kafka_options)?;
         for (key, value) in &overrides {
-            crate::kafka::config::refuse_auto_create(key, value).map_err(UsageError)?;
+            if crate::kafka::config::refuse_auto_create(key, value).is_err() {
+                return Err(UsageError(format!(
+                    "-X {key}={value}: the inbox never creates a topic (one made on first use gets the broker's defaults, and a misspelt --topic would wait on an empty topic); create topics with the relay or your tools, and leave this option unset"
+                )));
+            }
             if matches!(
                 key.as_str(),
                 "enable.auto.commit" | "enable.auto.offset.store" | "group.id"
@@ -300,6 +319,19 @@ impl InboxArgs {
                 return Err(UsageError(format!(
                     "-X {key}: the inbox keeps its offsets in PostgreSQL and its group in --group; leave {key} to walrelay"
                 )));
+            }
+            match (key.as_str(), value.as_str()) {
+                ("isolation.level", v) if v != "read_committed" => {
+                    return Err(UsageError(format!(
+                        "-X isolation.level={v}: the inbox reads read_committed, so records of aborted Kafka transactions are never stored; leave this option unset"
+                    )));
+                }
+                ("auto.offset.reset", _) => {
+                    return Err(UsageError(
+                        "-X auto.offset.reset: the inbox starts each partition at the offset stored in PostgreSQL, and a topic made again is decided by --on-topic-reset; leave this option unset".into(),
+                    ));
+                }
+                _ => {}
             }
         }
         if self.kafka.brokers.trim().is_empty() {
@@ -333,6 +365,8 @@ impl InboxArgs {
             batch_size: self.batch_size as usize,
             batch_wait: self.batch_wait,
             max_backoff: self.max_backoff,
+            on_topic_reset: self.on_topic_reset,
+            topic_check_interval: TOPIC_CHECK_INTERVAL,
         })
     }
 }

@@ -15,10 +15,17 @@ pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyh
         listener,
         metrics,
         Arc::clone(&live),
-        // The broker probe: a client of the same brokers and options.
+        // The broker probe: a client of the same brokers and options,
+        // which never creates a topic either (it asks for every topic's
+        // metadata, which creates none; the setting says so outright).
         ProducerSettings {
             brokers: config.brokers.clone(),
-            overrides: config.overrides.clone(),
+            overrides: config
+                .overrides
+                .iter()
+                .cloned()
+                .chain([("allow.auto.create.topics".into(), "false".into())])
+                .collect(),
         },
         Subject {
             name: config.topics.join(" "),

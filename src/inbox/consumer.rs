@@ -8,8 +8,14 @@
 //! offset asked for, so the first record delivered is the stored offset's
 //! (or the next one there is: transaction markers, compaction and
 //! retention leave gaps).
+//!
+//! Before a partition is placed, its stored offset is checked against its
+//! log now: a topic deleted and created again (or a truncated log) is
+//! noticed, never read from a position of the old log ([`super::reset`]).
+//! While it is read, a log that goes back under the consumer, or a topic
+//! whose id changes, gets its partitions placed again, so checked again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,10 +27,11 @@ use rdkafka::error::KafkaError;
 use tokio::runtime::Handle;
 
 use super::context::{InboxContext, partition_list};
-use super::positions::Arrival;
+use super::positions::{Arrival, Start};
+use super::reset::{self, LogNow, OnTopicReset, PartitionReset, TopicResets};
 use super::schema::InboxTables;
 use super::seams::{InboxConsumer, InboxStore};
-use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
+use super::store::{Incoming, Store, StoreError, StoredOffset, TopicPartition, Written};
 use crate::live::LiveState;
 use crate::metrics as m;
 use crate::postgres::ConnectionConfig;
@@ -47,6 +54,12 @@ pub struct InboxConfig {
     pub batch_wait: Duration,
     /// Longest wait between attempts to reach PostgreSQL again.
     pub max_backoff: Duration,
+    /// What to do with a partition whose topic was made again (or whose
+    /// log was truncated).
+    pub on_topic_reset: OnTopicReset,
+    /// How often the ids of the topics held are read again, to notice a
+    /// topic made again while it is read.
+    pub topic_check_interval: Duration,
 }
 
 impl InboxConfig {
@@ -61,6 +74,12 @@ impl InboxConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // librdkafka's consumer default, kept explicit: subscribing to
+            // (or checking) a topic never creates it with the broker's
+            // defaults. `-X` may not change it (cli/args.rs).
+            .set("allow.auto.create.topics", "false")
+            // Records of aborted transactions are never stored; `-X` may
+            // not change it either.
             .set("isolation.level", "read_committed")
             // Subscribing to a topic the relay has not made yet must not
             // make it with the broker's defaults (librdkafka's consumer
@@ -89,6 +108,8 @@ pub enum InboxError {
     Store(#[from] StoreError),
     #[error("Kafka consumer: {0}; fix: check --brokers and the -X options")]
     Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    TopicReset(#[from] TopicResets),
 }
 
 /// How long one `poll` waits at most: a SIGTERM is seen within it.
@@ -108,6 +129,13 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Once asked to stop, how long a store call may still take (the batch in
 /// hand stored at exit among them).
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Longest a placement waits for the broker's topic ids or a partition's
+/// watermarks, and the wait before it tries again when it got none.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
+const KAFKA_RETRY: Duration = Duration::from_secs(1);
+/// Longest the periodic check of the topic ids waits (a check missed is
+/// made at the next one).
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the inbox until `shutdown` is set; blocks the calling thread.
 pub fn run(
@@ -148,6 +176,10 @@ pub(super) struct Inbox<C: InboxConsumer, S: InboxStore> {
     /// failed, or the wait after a seek that failed.
     place_after: Instant,
     backoff: Duration,
+    /// Placed partitions whose log went back, or whose topic's id changed:
+    /// to be placed again.
+    replace: Vec<TopicPartition>,
+    last_topic_check: Instant,
 }
 
 impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
@@ -171,6 +203,8 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
             rewinding: false,
             place_after: Instant::now(),
             backoff: FIRST_BACKOFF,
+            replace: Vec::new(),
+            last_topic_check: Instant::now(),
         }
     }
 
@@ -201,6 +235,11 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
         let mut last_snapshot = Instant::now();
         while !self.shutdown.load(Ordering::Relaxed) {
             self.receive();
+            if self.last_topic_check.elapsed() >= self.config.topic_check_interval {
+                self.last_topic_check = Instant::now();
+                self.check_topic_ids();
+            }
+            self.place_again()?;
             self.place()?;
             let full = self.context().lock().batch.len() >= self.config.batch_size;
             let due = self
@@ -229,9 +268,17 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
                 metrics::counter!(m::INBOX_RECORDS_CONSUMED_TOTAL).increment(1);
                 let tp = (record.topic.clone(), record.partition);
                 let mut shared = self.consumer.context().lock();
-                if shared.positions.arrive(&tp, record.offset) == Arrival::Take {
-                    shared.batch.push(record);
-                    self.batch_started.get_or_insert_with(Instant::now);
+                match shared.positions.arrive(&tp, record.offset) {
+                    Arrival::Take => {
+                        shared.batch.push(record);
+                        self.batch_started.get_or_insert_with(Instant::now);
+                    }
+                    Arrival::Behind if !self.replace.contains(&tp) => {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset,
+                            "a record below the partition's position: its log went back (the topic made again, or the log truncated); checking it again");
+                        self.replace.push(tp);
+                    }
+                    _ => {}
                 }
             }
             Some(Err(e)) => {
@@ -253,7 +300,10 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
         if !unread.is_empty() {
             match self.stored_offsets(&unread) {
                 Ok(stored) => {
-                    self.context().lock().positions.found(&unread, &stored);
+                    let Some(starts) = self.starts(&unread, &stored)? else {
+                        return Ok(());
+                    };
+                    self.context().lock().positions.found(&starts);
                     self.backoff = FIRST_BACKOFF;
                     self.live.set_connected(true);
                     if std::mem::take(&mut self.rewinding) {
@@ -263,15 +313,7 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
                     }
                 }
                 Err(e) if e.is_transient() => {
-                    self.reconnect = true;
-                    self.live.set_connected(false);
-                    self.live.set_last_error(&e.to_string());
-                    if self.rewinding {
-                        tracing::warn!(error = %e, "PostgreSQL is still unreachable");
-                    } else {
-                        tracing::warn!(error = %e, "cannot read the stored offsets; trying again");
-                    }
-                    self.back_off();
+                    self.unreachable(&e);
                     return Ok(());
                 }
                 // The tables went away (or the role lost its rights): stop.
@@ -320,12 +362,224 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
         Ok(())
     }
 
+    /// PostgreSQL did not answer a placement's call: tried again after a
+    /// backoff, on a fresh connection.
+    fn unreachable(&mut self, e: &StoreError) {
+        self.reconnect = true;
+        self.live.set_connected(false);
+        self.live.set_last_error(&e.to_string());
+        if self.rewinding {
+            tracing::warn!(error = %e, "PostgreSQL is still unreachable");
+        } else {
+            tracing::warn!(error = %e, "cannot read the stored offsets; trying again");
+        }
+        self.back_off();
+    }
+
+    /// Where each of these partitions starts: its stored offset, if it
+    /// belongs to the partition's log now; if not (the topic was made
+    /// again, or the log truncated), as `--on-topic-reset` says: stop
+    /// with the facts, or the log's start (stored at once, so a restart
+    /// does not decide again). `None` when Kafka or PostgreSQL did not
+    /// answer: the partitions stay unread and are tried again later.
+    fn starts(
+        &mut self,
+        partitions: &[TopicPartition],
+        stored: &HashMap<TopicPartition, StoredOffset>,
+    ) -> Result<Option<HashMap<TopicPartition, Start>>, InboxError> {
+        let Some(ids) = self.topic_ids_to_place(partitions) else {
+            return Ok(None);
+        };
+        let mut starts = HashMap::new();
+        let mut resets = Vec::new();
+        for tp in partitions {
+            let topic_id = ids[&tp.0].clone();
+            let Some(stored) = stored.get(tp) else {
+                starts.insert(
+                    tp.clone(),
+                    Start {
+                        next: None,
+                        topic_id,
+                    },
+                );
+                continue;
+            };
+            let (start, end) = match self.consumer.log_bounds(tp, KAFKA_TIMEOUT) {
+                Ok(bounds) => bounds,
+                Err(e) => {
+                    self.kafka_unanswered(&format!(
+                        "cannot read the log bounds of {} partition {}: {e}",
+                        tp.0, tp.1
+                    ));
+                    return Ok(None);
+                }
+            };
+            let log = LogNow {
+                start,
+                end,
+                topic_id: topic_id.clone(),
+            };
+            match reset::check(tp, stored, &log) {
+                None => {
+                    // An offset stored without a topic id (an older
+                    // walrelay) takes the current one from the next batch.
+                    let next = Some(stored.next);
+                    starts.insert(tp.clone(), Start { next, topic_id });
+                }
+                Some(reset) => resets.push(reset),
+            }
+        }
+        if resets.is_empty() {
+            return Ok(Some(starts));
+        }
+        if self.config.on_topic_reset == OnTopicReset::Fail {
+            return Err(TopicResets {
+                resets,
+                offsets_table: self.config.tables.offsets_table_name(),
+                group: self.config.group.clone(),
+            }
+            .into());
+        }
+        for reset in resets {
+            match self.restart_log(&reset) {
+                Ok(true) => {
+                    let start = Start {
+                        next: Some(reset.log.start),
+                        topic_id: reset.log.topic_id,
+                    };
+                    starts.insert(reset.tp, start);
+                }
+                // Another member moved the offset meanwhile: read it again.
+                Ok(false) => return Ok(None),
+                Err(e) if e.is_transient() => {
+                    self.unreachable(&e);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(starts))
+    }
+
+    /// The ids of the topics of these partitions, to check and store with
+    /// their offsets; `None` when Kafka did not say them all.
+    fn topic_ids_to_place(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Option<HashMap<String, Option<String>>> {
+        let topics: BTreeSet<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+        let topics: Vec<&str> = topics.into_iter().collect();
+        let mut described = match self.consumer.topic_ids(&topics, KAFKA_TIMEOUT) {
+            Ok(described) => described,
+            Err(e) => {
+                self.kafka_unanswered(&format!("cannot read the ids of topics {topics:?}: {e}"));
+                return None;
+            }
+        };
+        let mut ids = HashMap::new();
+        for topic in topics {
+            match described.remove(topic) {
+                Some(Ok(id)) => {
+                    ids.insert(topic.to_owned(), id);
+                }
+                Some(Err(e)) => {
+                    self.kafka_unanswered(&format!("cannot read the id of topic {topic}: {e}"));
+                    return None;
+                }
+                None => {
+                    self.kafka_unanswered(&format!("the broker did not describe topic {topic}"));
+                    return None;
+                }
+            }
+        }
+        Some(ids)
+    }
+
+    /// `--on-topic-reset earliest`: the partition's stored offset moves to
+    /// its log's start, with the topic's id now; returns whether it moved
+    /// (it had not changed since it was read).
+    fn restart_log(&mut self, reset: &PartitionReset) -> Result<bool, StoreError> {
+        let to = StoredOffset {
+            next: reset.log.start,
+            topic_id: reset.log.topic_id.clone(),
+        };
+        let address = self.config.pg.address();
+        let call = self.store.reset(&reset.tp, &reset.stored, &to);
+        let moved = bounded(&self.handle, &self.shutdown, &address, call)?;
+        if moved {
+            metrics::counter!(m::INBOX_TOPIC_RESETS_TOTAL).increment(1);
+            tracing::warn!(topic = %reset.tp.0, partition = reset.tp.1, from = reset.stored.next, to = to.next,
+                "{reset}; reading the new log from its start (--on-topic-reset earliest)");
+        }
+        Ok(moved)
+    }
+
+    /// Kafka did not answer a placement's question: the partitions stay
+    /// unread and are tried again in a while.
+    fn kafka_unanswered(&mut self, what: &str) {
+        tracing::warn!("{what}; trying again");
+        self.live.set_last_error(&format!("Kafka: {what}"));
+        self.place_after = Instant::now() + KAFKA_RETRY;
+    }
+
+    /// Partitions whose log went back, or whose topic's id changed, are
+    /// placed again: the batch in hand is stored first (its records were
+    /// taken in order from the log read so far, which may be gone from
+    /// Kafka), then their start is read and checked again.
+    fn place_again(&mut self) -> Result<(), InboxError> {
+        if self.replace.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        let partitions = std::mem::take(&mut self.replace);
+        self.context().lock().positions.unplace(&partitions);
+        if let Err(e) = self.consumer.pause(&partition_list(&partitions)) {
+            tracing::warn!(error = %e, "cannot pause the partitions; what arrives for them before they are placed is dropped");
+        }
+        Ok(())
+    }
+
+    /// Every `topic_check_interval`: the ids of the topics held against
+    /// those their partitions were placed with. librdkafka notices a topic
+    /// made again only when its new log ends below the position; one grown
+    /// past it would be read on from there, its first records passed over.
+    fn check_topic_ids(&mut self) {
+        let placed = self.context().lock().positions.topic_ids();
+        if placed.is_empty() {
+            return;
+        }
+        let topics: BTreeSet<&str> = placed.keys().map(|(t, _)| t.as_str()).collect();
+        let topics: Vec<&str> = topics.into_iter().collect();
+        let now = match self.consumer.topic_ids(&topics, TOPIC_CHECK_TIMEOUT) {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the topic ids; checking again later");
+                return;
+            }
+        };
+        let mut changed: Vec<(&TopicPartition, &String, &String)> = placed
+            .iter()
+            .filter_map(|(tp, was)| match now.get(&tp.0) {
+                Some(Ok(Some(id))) if id != was => Some((tp, was, id)),
+                _ => None,
+            })
+            .collect();
+        changed.sort();
+        for (tp, was, id) in changed {
+            if !self.replace.contains(tp) {
+                tracing::warn!(topic = %tp.0, partition = tp.1, was = %was, now = %id,
+                    "the topic's id changed: it was deleted and created again; checking the partition again");
+                self.replace.push(tp.clone());
+            }
+        }
+    }
+
     /// The stored next offsets of these partitions (reconnected first
     /// when the connection failed).
     fn stored_offsets(
         &mut self,
         partitions: &[TopicPartition],
-    ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+    ) -> Result<HashMap<TopicPartition, StoredOffset>, StoreError> {
         let (handle, shutdown) = (&self.handle, &*self.shutdown);
         let address = self.config.pg.address();
         if self.reconnect {
@@ -346,7 +600,8 @@ impl<C: InboxConsumer, S: InboxStore> Inbox<C, S> {
         }
         let started = Instant::now();
         let address = self.config.pg.address();
-        let write = self.store.write(&batch);
+        let topic_ids = self.context().lock().positions.topic_ids();
+        let write = self.store.write(&batch, &topic_ids);
         match bounded(&self.handle, &self.shutdown, &address, write) {
             Ok(written) => {
                 self.context().lock().duplicates += written.duplicates;

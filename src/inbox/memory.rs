@@ -7,11 +7,14 @@
 //! [`MemberHandle`]; the change happens inside the loop's next `poll`,
 //! through the same [`InboxContext::rebalanced`] that librdkafka's
 //! callback calls (cooperative: only the partitions named move). It does
-//! not model prefetching: a paused partition delivers nothing.
+//! not model prefetching: a paused partition delivers nothing. As
+//! librdkafka with `auto.offset.reset=earliest`, a partition read past
+//! its log's end (its topic made again) starts again from the log's
+//! start; it reports the broker's topic ids and watermarks.
 //!
 //! [`MemoryStore`] keeps the inbox's rows by id and each partition's next
-//! offset, a batch all or nothing, and can lose its connection, refuse
-//! for good, or hang.
+//! offset and topic id, a batch all or nothing, and can lose its
+//! connection, refuse for good, or hang.
 
 use std::cell::Cell;
 use std::collections::btree_map::Entry;
@@ -19,12 +22,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::context::{Assignment, InboxContext, Rebalance, partition_list};
 use super::seams::{InboxConsumer, InboxStore};
-use super::store::{DeadLetterKind, Incoming, StoreError, TopicPartition, Written};
+use super::store::{DeadLetterKind, Incoming, StoreError, StoredOffset, TopicPartition, Written};
 use crate::live::LiveState;
 use crate::publish::memory::MemoryBroker;
 use crate::record::KafkaRecord;
@@ -40,6 +43,10 @@ struct Member {
     paused: BTreeSet<TopicPartition>,
     /// Every seek done, in order.
     seeks: Vec<(TopicPartition, Offset)>,
+    /// Topic ids and watermarks are not answered (the broker is away).
+    unanswered: bool,
+    /// Times the topic ids were asked for.
+    topic_id_requests: usize,
 }
 
 /// The loop's Kafka consumer, on the in-memory broker.
@@ -85,6 +92,10 @@ impl MemoryConsumer {
         for ((topic, partition), next) in assigned.iter_mut() {
             if paused.contains(&(topic.clone(), *partition)) {
                 continue;
+            }
+            // Past the log's end: auto.offset.reset=earliest.
+            if *next > self.broker.log_end(topic, *partition) {
+                *next = 0;
             }
             if let Some((offset, record)) = self.broker.read(topic, *partition, *next) {
                 *next = offset + 1;
@@ -183,6 +194,33 @@ impl InboxConsumer for MemoryConsumer {
     fn context(&self) -> &InboxContext {
         &self.context
     }
+
+    fn topic_ids(
+        &self,
+        topics: &[&str],
+        _timeout: Duration,
+    ) -> KafkaResult<HashMap<String, KafkaResult<Option<String>>>> {
+        let mut member = self.member();
+        member.topic_id_requests += 1;
+        if member.unanswered {
+            return Err(KafkaError::AdminOp(
+                rdkafka::error::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
+        Ok(topics
+            .iter()
+            .map(|t| ((*t).to_owned(), Ok(Some(self.broker.topic_id(t)))))
+            .collect())
+    }
+
+    fn log_bounds(&self, tp: &TopicPartition, _timeout: Duration) -> KafkaResult<(i64, i64)> {
+        if self.member().unanswered {
+            return Err(KafkaError::MetadataFetch(
+                rdkafka::error::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
+        Ok((0, self.broker.log_end(&tp.0, tp.1)))
+    }
 }
 
 impl Assignment for MemoryConsumer {
@@ -246,6 +284,16 @@ impl MemberHandle {
     pub fn seeks(&self) -> Vec<(TopicPartition, Offset)> {
         self.member.lock().unwrap().seeks.clone()
     }
+
+    /// Topic ids and watermarks go unanswered (`true`), or are answered.
+    pub fn set_unanswered(&self, unanswered: bool) {
+        self.member.lock().unwrap().unanswered = unanswered;
+    }
+
+    /// Times the loop asked for topic ids.
+    pub fn topic_id_requests(&self) -> usize {
+        self.member.lock().unwrap().topic_id_requests
+    }
 }
 
 /// What the test makes the store do.
@@ -265,6 +313,7 @@ pub enum Fault {
 pub enum Call {
     Offsets,
     Write,
+    Reset,
     Reconnect,
 }
 
@@ -291,6 +340,9 @@ pub struct Tables {
     pub rows: BTreeMap<String, Row>,
     /// The group's next offset per partition.
     pub next_offsets: BTreeMap<TopicPartition, i64>,
+    /// The topic id stored beside each next offset (none: stored by an
+    /// older walrelay).
+    pub topic_ids: BTreeMap<TopicPartition, String>,
     /// Records skipped because their id was stored already.
     pub duplicates: u64,
     /// The size of each batch written, in order.
@@ -426,16 +478,47 @@ impl InboxStore for MemoryStore {
     async fn offsets(
         &self,
         partitions: &[TopicPartition],
-    ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+    ) -> Result<HashMap<TopicPartition, StoredOffset>, StoreError> {
         self.unless_hanging().await;
         let tables = self.call(Call::Offsets)?;
         Ok(partitions
             .iter()
-            .filter_map(|tp| tables.next_offsets.get(tp).map(|n| (tp.clone(), *n)))
+            .filter_map(|tp| {
+                let stored = StoredOffset {
+                    next: *tables.next_offsets.get(tp)?,
+                    topic_id: tables.topic_ids.get(tp).cloned(),
+                };
+                Some((tp.clone(), stored))
+            })
             .collect())
     }
 
-    async fn write(&mut self, batch: &[Incoming]) -> Result<Written, StoreError> {
+    async fn reset(
+        &mut self,
+        tp: &TopicPartition,
+        from: &StoredOffset,
+        to: &StoredOffset,
+    ) -> Result<bool, StoreError> {
+        self.unless_hanging().await;
+        let mut tables = self.call(Call::Reset)?;
+        if tables.next_offsets.get(tp) != Some(&from.next)
+            || tables.topic_ids.get(tp) != from.topic_id.as_ref()
+        {
+            return Ok(false);
+        }
+        tables.next_offsets.insert(tp.clone(), to.next);
+        match &to.topic_id {
+            Some(id) => tables.topic_ids.insert(tp.clone(), id.clone()),
+            None => tables.topic_ids.remove(tp),
+        };
+        Ok(true)
+    }
+
+    async fn write(
+        &mut self,
+        batch: &[Incoming],
+        topic_ids: &HashMap<TopicPartition, String>,
+    ) -> Result<Written, StoreError> {
         let writer = self.writer;
         self.unless_hanging().await;
         let mut tables = self.call(Call::Write)?;
@@ -461,10 +544,19 @@ impl InboxStore for MemoryStore {
             }
         }
         // GREATEST, as the real store: a late writer never moves an
-        // offset back.
+        // offset back, nor one that read another topic of the same name.
         for (tp, next) in &written.next_offsets {
+            let id = topic_ids.get(tp);
+            if let (Some(stored), Some(id)) = (tables.topic_ids.get(tp), id)
+                && stored != id
+            {
+                continue;
+            }
             let stored = tables.next_offsets.entry(tp.clone()).or_insert(*next);
             *stored = (*stored).max(*next);
+            if let Some(id) = id {
+                tables.topic_ids.insert(tp.clone(), id.clone());
+            }
         }
         tables.duplicates += written.duplicates;
         tables.batches.push(batch.len());

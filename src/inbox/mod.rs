@@ -17,6 +17,11 @@
 //! given up are dropped, for the next owner to read again from the stored
 //! offset.
 //!
+//! A stored offset is of one log: the topic's id (KIP-516) is stored
+//! beside it, and a partition whose topic was deleted and made again (or
+//! whose log was truncated) is noticed before it is read, never read from
+//! the old log's position; `--on-topic-reset` says what then ([`reset`]).
+//!
 //! The loop reaches the consumer and the store through two traits
 //! ([`seams`]), so its rules are tested in-process (`tests.rs`) with an
 //! in-memory consumer and store (`memory.rs`).
@@ -26,6 +31,7 @@ mod context;
 #[cfg(test)]
 mod memory;
 mod positions;
+pub mod reset;
 pub mod schema;
 mod seams;
 pub mod store;
@@ -33,4 +39,5 @@ pub mod store;
 mod tests;
 
 pub use consumer::{InboxConfig, InboxError, run};
+pub use reset::OnTopicReset;
 pub use schema::InboxTables;

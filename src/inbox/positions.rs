@@ -2,10 +2,12 @@
 //! record that arrives for one.
 //!
 //! A partition is read only once it is placed: its start (the next offset
-//! PostgreSQL holds for it) has been read and the consumer moved there.
-//! Before that every record that arrives for it is dropped, never taken:
-//! taking one past the stored offset would pass over the records between
-//! them, and those would be lost.
+//! PostgreSQL holds for it, checked against its log now: `reset.rs`) has
+//! been read and the consumer moved there. Before that every record that
+//! arrives for it is dropped, never taken: taking one past the stored
+//! offset would pass over the records between them, and those would be
+//! lost. A placed partition whose log goes back under the consumer is
+//! placed again, never read on from below its position.
 
 use std::collections::HashMap;
 
@@ -16,8 +18,8 @@ use super::store::TopicPartition;
 /// How far a partition is from being read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// Just assigned, or rewound after a failed store: its start must be
-    /// read from PostgreSQL.
+    /// Just assigned, rewound after a failed store, or its log went back:
+    /// its start must be read from PostgreSQL and checked against its log.
     Unread,
     /// Its start is known (`next`); the consumer has not moved there yet.
     Unsought,
@@ -32,7 +34,18 @@ pub struct Position {
     /// The first offset not yet consumed (stored or in the batch); `None`
     /// before the first record when nothing was ever stored.
     pub next: Option<i64>,
+    /// The id of the topic read, learnt when placed (`None`: the broker
+    /// keeps no topic ids).
+    pub topic_id: Option<String>,
     pub high_watermark: Option<i64>,
+}
+
+/// Where a partition starts, once its stored offset was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Start {
+    /// The next offset to take; `None` when nothing was ever stored.
+    pub next: Option<i64>,
+    pub topic_id: Option<String>,
 }
 
 impl Position {
@@ -51,9 +64,11 @@ impl Position {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arrival {
     Take,
-    /// Already stored or in the batch (a record fetched before a seek):
-    /// drop it.
-    Below,
+    /// Below the partition's position: its log went back (librdkafka
+    /// started again from the log's start after asking for an offset past
+    /// its end: the topic was made again, or the log truncated). Dropped,
+    /// and the partition is to be placed again.
+    Behind,
     /// The partition is not placed yet: drop it, it is read again from the
     /// stored offset.
     Unplaced,
@@ -73,6 +88,7 @@ impl Positions {
             Position {
                 placement: Placement::Unread,
                 next: None,
+                topic_id: None,
                 high_watermark: None,
             },
         );
@@ -92,6 +108,16 @@ impl Positions {
             position.placement = Placement::Unread;
         }
         self.0.keys().cloned().collect()
+    }
+
+    /// These placed partitions back to unread: their start is read and
+    /// checked again.
+    pub fn unplace(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            if let Some(position) = self.0.get_mut(tp) {
+                position.placement = Placement::Unread;
+            }
+        }
     }
 
     /// The partitions whose start must be read from PostgreSQL.
@@ -121,17 +147,27 @@ impl Positions {
         partitions
     }
 
-    /// The stored next offsets of `partitions` were read (`None`: nothing
-    /// stored). A partition revoked or rewound since is left alone.
-    pub fn found(&mut self, partitions: &[TopicPartition], stored: &HashMap<TopicPartition, i64>) {
-        for tp in partitions {
+    /// The starts of these partitions were read and checked. A partition
+    /// revoked or rewound since is left alone.
+    pub fn found(&mut self, starts: &HashMap<TopicPartition, Start>) {
+        for (tp, start) in starts {
             if let Some(position) = self.0.get_mut(tp)
                 && position.placement == Placement::Unread
             {
-                position.next = stored.get(tp).copied();
+                position.next = start.next;
+                position.topic_id = start.topic_id.clone();
                 position.placement = Placement::Unsought;
             }
         }
+    }
+
+    /// The topic id each partition was placed with, where known (stored
+    /// beside its offsets).
+    pub fn topic_ids(&self) -> HashMap<TopicPartition, String> {
+        self.0
+            .iter()
+            .filter_map(|(tp, p)| Some((tp.clone(), p.topic_id.clone()?)))
+            .collect()
     }
 
     /// The consumer was moved to the partition's start.
@@ -163,7 +199,7 @@ impl Positions {
             return Arrival::Unplaced;
         }
         match position.next {
-            Some(next) if offset < next => Arrival::Below,
+            Some(next) if offset < next => Arrival::Behind,
             Some(next) => {
                 if offset > next {
                     // Transaction markers take offsets; compaction and
@@ -189,12 +225,20 @@ mod tests {
         ("orders".to_owned(), partition)
     }
 
+    /// Starts `next` (and topic id "A") for `tp(0)`.
+    fn start(next: Option<i64>) -> HashMap<TopicPartition, Start> {
+        let start = Start {
+            next,
+            topic_id: Some("A".into()),
+        };
+        HashMap::from([(tp(0), start)])
+    }
+
     /// `tp(0)` placed at `stored`.
     fn placed_at(stored: Option<i64>) -> Positions {
         let mut positions = Positions::default();
         positions.assign(tp(0));
-        let stored: HashMap<TopicPartition, i64> = stored.map(|s| (tp(0), s)).into_iter().collect();
-        positions.found(&[tp(0)], &stored);
+        positions.found(&start(stored));
         positions.placed(&tp(0));
         positions
     }
@@ -205,7 +249,7 @@ mod tests {
         positions.assign(tp(0));
         assert_eq!(positions.unread(), [tp(0)]);
         assert_eq!(positions.arrive(&tp(0), 0), Arrival::Unplaced);
-        positions.found(&[tp(0)], &HashMap::from([(tp(0), 40)]));
+        positions.found(&start(Some(40)));
         assert_eq!(positions.unsought(), [(tp(0), Offset::Offset(40))]);
         // Known but not sought yet: a record fetched from elsewhere
         // (the log's start, or past the stored offset) is still dropped.
@@ -218,19 +262,33 @@ mod tests {
     #[test]
     fn a_placed_partition_takes_from_its_stored_offset_on() {
         let mut positions = placed_at(Some(10));
-        assert_eq!(positions.arrive(&tp(0), 9), Arrival::Below);
         assert_eq!(positions.arrive(&tp(0), 10), Arrival::Take);
-        assert_eq!(positions.arrive(&tp(0), 10), Arrival::Below);
         // A gap (a transaction marker) is passed over, not a record.
         assert_eq!(positions.arrive(&tp(0), 12), Arrival::Take);
         assert_eq!(positions.iter().next().unwrap().1.next, Some(13));
+        assert_eq!(
+            positions.topic_ids(),
+            HashMap::from([(tp(0), "A".to_owned())])
+        );
+    }
+
+    #[test]
+    fn a_record_below_the_position_means_the_log_went_back_and_is_not_taken() {
+        let mut positions = placed_at(Some(10));
+        assert_eq!(positions.arrive(&tp(0), 10), Arrival::Take);
+        // librdkafka started the log again from its start.
+        assert_eq!(positions.arrive(&tp(0), 0), Arrival::Behind);
+        assert_eq!(positions.iter().next().unwrap().1.next, Some(11));
+        positions.unplace(&[tp(0)]);
+        assert_eq!(positions.unread(), [tp(0)]);
+        assert_eq!(positions.arrive(&tp(0), 1), Arrival::Unplaced);
     }
 
     #[test]
     fn nothing_stored_starts_at_the_log_start_and_takes_the_first_record() {
         let mut positions = Positions::default();
         positions.assign(tp(0));
-        positions.found(&[tp(0)], &HashMap::new());
+        positions.found(&start(None));
         assert_eq!(positions.unsought(), [(tp(0), Offset::Beginning)]);
         positions.placed(&tp(0));
         assert_eq!(positions.arrive(&tp(0), 7), Arrival::Take);
@@ -242,7 +300,7 @@ mod tests {
         assert_eq!(positions.arrive(&tp(0), 5), Arrival::Take);
         assert_eq!(positions.rewind_all(), [tp(0)]);
         assert_eq!(positions.arrive(&tp(0), 6), Arrival::Unplaced);
-        positions.found(&[tp(0)], &HashMap::from([(tp(0), 5)]));
+        positions.found(&start(Some(5)));
         positions.placed(&tp(0));
         assert_eq!(positions.arrive(&tp(0), 5), Arrival::Take);
     }
@@ -252,7 +310,7 @@ mod tests {
         let mut positions = Positions::default();
         positions.assign(tp(0));
         positions.remove(&tp(0));
-        positions.found(&[tp(0)], &HashMap::from([(tp(0), 3)]));
+        positions.found(&start(Some(3)));
         assert!(positions.unsought().is_empty());
         assert_eq!(positions.arrive(&tp(0), 3), Arrival::NotOurs);
     }

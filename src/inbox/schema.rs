@@ -38,6 +38,11 @@ impl InboxTables {
         qualified(&self.schema, &self.dead_letters_name())
     }
 
+    /// `schema.table_offsets`, as the user would write it.
+    pub fn offsets_table_name(&self) -> String {
+        format!("{}.{}", self.schema, self.offsets_name())
+    }
+
     fn offsets_name(&self) -> String {
         format!("{}_offsets", self.table)
     }
@@ -53,6 +58,13 @@ impl InboxTables {
             (self.schema.clone(), self.offsets_name()),
             (self.schema.clone(), self.dead_letters_name()),
         ]
+    }
+
+    fn add_topic_id_sql(&self) -> String {
+        format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS topic_id text",
+            self.offsets()
+        )
     }
 
     fn create_sql(&self) -> [String; 3] {
@@ -79,6 +91,7 @@ impl InboxTables {
                    topic          text NOT NULL,
                    \"partition\"    integer NOT NULL,
                    next_offset    bigint NOT NULL,        -- everything below is stored
+                   topic_id       text,                   -- the topic's id (KIP-516) the offset is of
                    updated_at     timestamptz NOT NULL DEFAULT now(),
                    PRIMARY KEY (consumer_group, topic, \"partition\"))",
                 self.offsets()
@@ -110,6 +123,7 @@ pub async fn setup(client: &mut SqlClient, tables: &InboxTables) -> Result<Vec<S
     for (schema, table) in tables.all() {
         existed.push(catalog::table_exists(client, &schema, &table).await?);
     }
+    let add_topic_id = existed[1] && !has_topic_id(client, tables).await?;
     let tx = client.inner().transaction().await.map_err(at)?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {}",
@@ -120,8 +134,13 @@ pub async fn setup(client: &mut SqlClient, tables: &InboxTables) -> Result<Vec<S
     for sql in tables.create_sql() {
         tx.batch_execute(&sql).await.map_err(at)?;
     }
+    if add_topic_id {
+        tx.batch_execute(&tables.add_topic_id_sql())
+            .await
+            .map_err(at)?;
+    }
     tx.commit().await.map_err(at)?;
-    Ok(tables
+    let mut done: Vec<String> = tables
         .all()
         .iter()
         .zip(existed)
@@ -132,7 +151,42 @@ pub async fn setup(client: &mut SqlClient, tables: &InboxTables) -> Result<Vec<S
                 format!("created table {schema}.{table}")
             }
         })
-        .collect())
+        .collect();
+    if add_topic_id {
+        done.push(format!(
+            "added column topic_id to table {}",
+            tables.offsets_table_name()
+        ));
+    }
+    Ok(done)
+}
+
+/// Whether the offsets table has the `topic_id` column (tables made before
+/// walrelay kept topic ids have not).
+async fn has_topic_id(client: &SqlClient, tables: &InboxTables) -> Result<bool, SqlError> {
+    let columns = catalog::table_columns(client, &tables.schema, &tables.offsets_name()).await?;
+    Ok(columns.iter().any(|(name, _)| name == "topic_id"))
+}
+
+/// Adds the `topic_id` column to an offsets table made by an older
+/// walrelay (nullable, no default: no rewrite, a moment's lock, waited for
+/// at most 10 s). Returns whether it did. An offset stored without a topic
+/// id takes the topic's current id on trust (see `reset.rs`).
+pub async fn add_topic_id(client: &mut SqlClient, tables: &InboxTables) -> Result<bool, SqlError> {
+    if has_topic_id(client, tables).await? {
+        return Ok(false);
+    }
+    let address = client.address().to_owned();
+    let at = |e| SqlError::from_postgres(&address, e);
+    let tx = client.inner().transaction().await.map_err(at)?;
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'")
+        .await
+        .map_err(at)?;
+    tx.batch_execute(&tables.add_topic_id_sql())
+        .await
+        .map_err(at)?;
+    tx.commit().await.map_err(at)?;
+    Ok(true)
 }
 
 /// What is missing for `walrelay inbox`, each with its fix.

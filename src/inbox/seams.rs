@@ -12,7 +12,8 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
 
 use super::context::{Assignment, InboxContext};
-use super::store::{Incoming, Store, StoreError, TopicPartition, Written};
+use super::store::{Incoming, Store, StoreError, StoredOffset, TopicPartition, Written};
+use crate::kafka::topic_id;
 
 /// The Kafka consumer, as the loop and the rebalance callbacks (which run
 /// inside its `poll`) use it.
@@ -32,6 +33,17 @@ pub trait InboxConsumer: Assignment {
     fn unsubscribe(&self);
     /// What the loop and the rebalance callbacks share.
     fn context(&self) -> &InboxContext;
+    /// Each topic's id (KIP-516), `None` when the broker keeps none; an
+    /// error for a topic it could not describe. Blocks up to `timeout`;
+    /// never creates a topic.
+    fn topic_ids(
+        &self,
+        topics: &[&str],
+        timeout: Duration,
+    ) -> KafkaResult<HashMap<String, KafkaResult<Option<String>>>>;
+    /// The partition's log now: its first offset and the offset its next
+    /// record will get (low and high watermarks). Blocks up to `timeout`.
+    fn log_bounds(&self, tp: &TopicPartition, timeout: Duration) -> KafkaResult<(i64, i64)>;
 }
 
 impl InboxConsumer for BaseConsumer<InboxContext> {
@@ -57,6 +69,18 @@ impl InboxConsumer for BaseConsumer<InboxContext> {
 
     fn context(&self) -> &InboxContext {
         Consumer::context(self)
+    }
+
+    fn topic_ids(
+        &self,
+        topics: &[&str],
+        timeout: Duration,
+    ) -> KafkaResult<HashMap<String, KafkaResult<Option<String>>>> {
+        topic_id::topic_ids(self.client(), topics, timeout)
+    }
+
+    fn log_bounds(&self, tp: &TopicPartition, timeout: Duration) -> KafkaResult<(i64, i64)> {
+        Consumer::fetch_watermarks(self, &tp.0, tp.1, timeout)
     }
 }
 
@@ -103,13 +127,27 @@ fn incoming<M: Message>(message: &M) -> Incoming {
 
 /// Where the inbox's rows and offsets are kept: PostgreSQL ([`Store`]).
 pub trait InboxStore {
-    /// The stored next offset of each of these partitions that has one.
+    /// The stored next offset (and topic id) of each of these partitions
+    /// that has one.
     fn offsets(
         &self,
         partitions: &[TopicPartition],
-    ) -> impl Future<Output = Result<HashMap<TopicPartition, i64>, StoreError>>;
-    /// Stores a batch and each partition's next offset, all or nothing.
-    fn write(&mut self, batch: &[Incoming]) -> impl Future<Output = Result<Written, StoreError>>;
+    ) -> impl Future<Output = Result<HashMap<TopicPartition, StoredOffset>, StoreError>>;
+    /// Stores a batch and each partition's next offset with its topic id
+    /// (when known), all or nothing.
+    fn write(
+        &mut self,
+        batch: &[Incoming],
+        topic_ids: &HashMap<TopicPartition, String>,
+    ) -> impl Future<Output = Result<Written, StoreError>>;
+    /// Moves a partition's stored offset to `to` if it is still `from`
+    /// (its topic was made again); returns whether it did.
+    fn reset(
+        &mut self,
+        tp: &TopicPartition,
+        from: &StoredOffset,
+        to: &StoredOffset,
+    ) -> impl Future<Output = Result<bool, StoreError>>;
     /// A fresh connection after a failure.
     fn reconnect(&mut self) -> impl Future<Output = Result<(), StoreError>>;
 }
@@ -118,12 +156,25 @@ impl InboxStore for Store {
     async fn offsets(
         &self,
         partitions: &[TopicPartition],
-    ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
+    ) -> Result<HashMap<TopicPartition, StoredOffset>, StoreError> {
         Ok(Store::offsets(self, partitions).await?)
     }
 
-    async fn write(&mut self, batch: &[Incoming]) -> Result<Written, StoreError> {
-        Ok(Store::write(self, batch).await?)
+    async fn write(
+        &mut self,
+        batch: &[Incoming],
+        topic_ids: &HashMap<TopicPartition, String>,
+    ) -> Result<Written, StoreError> {
+        Ok(Store::write(self, batch, topic_ids).await?)
+    }
+
+    async fn reset(
+        &mut self,
+        tp: &TopicPartition,
+        from: &StoredOffset,
+        to: &StoredOffset,
+    ) -> Result<bool, StoreError> {
+        Ok(Store::reset(self, tp, from, to).await?)
     }
 
     async fn reconnect(&mut self) -> Result<(), StoreError> {

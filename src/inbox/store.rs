@@ -15,6 +15,16 @@ use crate::sql::{self, SqlClient, SqlError};
 /// A partition of a topic.
 pub type TopicPartition = (String, i32);
 
+/// What the offsets table holds for a partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOffset {
+    /// Every record below it is stored.
+    pub next: i64,
+    /// The id of the topic the offset is of; `None` when stored by an
+    /// older walrelay, or from a broker that keeps no topic ids.
+    pub topic_id: Option<String>,
+}
+
 /// A record as consumed from Kafka.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -153,6 +163,22 @@ impl Store {
                 ))
             })?;
         let payload_is_bytea = payload_type == "bytea";
+        let mut client = client;
+        match schema::add_topic_id(&mut client, tables).await {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(
+                table = %tables.offsets(),
+                "added column topic_id: the inbox keeps each topic's id beside its offsets"
+            ),
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => {
+                return Err(StoreError::NotSetUp(format!(
+                    "{0} has no topic_id column (made by an older walrelay) and this role cannot add it ({e}): run `walrelay setup --inbox {1}` as the table's owner, or ALTER TABLE {0} ADD COLUMN topic_id text",
+                    tables.offsets(),
+                    tables.name()
+                )));
+            }
+        }
         Ok(Store {
             config: config.clone(),
             tables: tables.clone(),
@@ -169,18 +195,19 @@ impl Store {
         Ok(())
     }
 
-    /// The stored next offset of each of these partitions that has one.
+    /// The stored next offset (and topic id) of each of these partitions
+    /// that has one.
     pub async fn offsets(
         &self,
         partitions: &[TopicPartition],
-    ) -> Result<HashMap<TopicPartition, i64>, SqlError> {
+    ) -> Result<HashMap<TopicPartition, StoredOffset>, SqlError> {
         let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
         let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         let rows = self
             .client
             .query(
                 &format!(
-                    "SELECT o.topic, o.\"partition\", o.next_offset FROM {} o
+                    "SELECT o.topic, o.\"partition\", o.next_offset, o.topic_id FROM {} o
                      JOIN unnest($2::text[], $3::int4[]) AS w(topic, p)
                        ON o.topic = w.topic AND o.\"partition\" = w.p
                      WHERE o.consumer_group = $1",
@@ -191,14 +218,58 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .map(|r| {
+                let stored = StoredOffset {
+                    next: r.get(2),
+                    topic_id: r.get(3),
+                };
+                ((r.get(0), r.get(1)), stored)
+            })
             .collect())
+    }
+
+    /// Moves a partition's stored offset to the start of a new log (its
+    /// topic made again), if it still is `from`; returns whether it did.
+    /// (Storing a batch never moves an offset back; this does, once, on
+    /// purpose.)
+    pub async fn reset(
+        &self,
+        tp: &TopicPartition,
+        from: &StoredOffset,
+        to: &StoredOffset,
+    ) -> Result<bool, SqlError> {
+        let moved = self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {} SET next_offset = $5, topic_id = $6, updated_at = now()
+                     WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3
+                       AND next_offset = $4 AND topic_id IS NOT DISTINCT FROM $7",
+                    self.tables.offsets()
+                ),
+                &[
+                    &self.group,
+                    &tp.0,
+                    &tp.1,
+                    &from.next,
+                    &to.next,
+                    &to.topic_id,
+                    &from.topic_id,
+                ],
+            )
+            .await?;
+        Ok(moved == 1)
     }
 
     /// Stores a batch: each record in the inbox unless its id is there
     /// already, or in the dead-letter table when it cannot be stored, and
-    /// each partition's next offset, all in one transaction.
-    pub async fn write(&mut self, batch: &[Incoming]) -> Result<Written, SqlError> {
+    /// each partition's next offset with its topic's id (from `topic_ids`,
+    /// when known), all in one transaction.
+    pub async fn write(
+        &mut self,
+        batch: &[Incoming],
+        topic_ids: &HashMap<TopicPartition, String>,
+    ) -> Result<Written, SqlError> {
         let address = self.client.address().to_owned();
         let at = |e| SqlError::from_postgres(&address, e);
         let mut written = Written::default();
@@ -298,17 +369,27 @@ impl Store {
             .collect();
         let partitions: Vec<i32> = written.next_offsets.keys().map(|(_, p)| *p).collect();
         let offsets: Vec<i64> = written.next_offsets.values().copied().collect();
+        let ids: Vec<Option<&str>> = written
+            .next_offsets
+            .keys()
+            .map(|tp| topic_ids.get(tp).map(String::as_str))
+            .collect();
         // GREATEST: a consumer that lost its partition in a rebalance and
-        // did not know yet never moves the next owner's offset back.
+        // did not know yet never moves the next owner's offset back. Nor
+        // does one that read the topic before it was made again: an offset
+        // of another topic id is left alone.
         tx.execute(
             &format!(
-                "INSERT INTO {t} AS o (consumer_group, topic, \"partition\", next_offset)
-                 SELECT $1, w.topic, w.p, w.n FROM unnest($2::text[], $3::int4[], $4::int8[]) AS w(topic, p, n)
+                "INSERT INTO {t} AS o (consumer_group, topic, \"partition\", next_offset, topic_id)
+                 SELECT $1, w.topic, w.p, w.n, w.id
+                 FROM unnest($2::text[], $3::int4[], $4::int8[], $5::text[]) AS w(topic, p, n, id)
                  ON CONFLICT (consumer_group, topic, \"partition\")
-                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset), updated_at = now()",
+                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset),
+                               topic_id = COALESCE(EXCLUDED.topic_id, o.topic_id), updated_at = now()
+                 WHERE o.topic_id IS NULL OR EXCLUDED.topic_id IS NULL OR o.topic_id = EXCLUDED.topic_id",
                 t = self.tables.offsets()
             ),
-            &[&self.group, &topics, &partitions, &offsets],
+            &[&self.group, &topics, &partitions, &offsets, &ids],
         )
         .await
         .map_err(at)?;

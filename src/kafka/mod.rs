@@ -1,12 +1,13 @@
 //! The Kafka side: the librdkafka client configuration, the producer as a
 //! [`crate::sink::Sink`], topic preparation, what the cluster says of its
-//! topics, and partition tail scans.
+//! topics, partition tail scans, and topic ids.
 
 pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod producer;
 pub mod tail;
+pub mod topic_id;
 pub mod topics;
 
 pub use config::{ProducerSettings, SinkSettings};

@@ -77,6 +77,9 @@ struct BrokerState {
     /// marker never written while the partition had no leader): it hides
     /// the partition's tail until the id's next abort there ends it.
     left_open: HashMap<(String, i32), HashSet<String>>,
+    /// How many times each topic was deleted and created again: its id
+    /// changes each time.
+    generations: HashMap<String, u32>,
 }
 
 impl BrokerState {
@@ -370,6 +373,38 @@ impl MemoryBroker {
             .skip(offset.max(0) as usize)
             .find(|(_, l)| state.visible(l))
             .map(|(at, l)| (at as i64, l.record.clone()))
+    }
+
+    /// The offset the next record of `partition` of `topic` will get (the
+    /// high watermark).
+    pub fn log_end(&self, topic: &str, partition: i32) -> i64 {
+        let state = self.state.lock().unwrap();
+        state
+            .logs
+            .get(&(topic.to_owned(), partition))
+            .map_or(0, |log| log.len() as i64)
+    }
+
+    /// `topic`'s id (KIP-516): a new one each time the topic is made again.
+    pub fn topic_id(&self, topic: &str) -> String {
+        let state = self.state.lock().unwrap();
+        let generation = state.generations.get(topic).copied().unwrap_or(0);
+        format!("{topic}-id-{generation}")
+    }
+
+    /// `topic` is deleted and created again (a new id, empty logs), and
+    /// `records` are written to it, all at once.
+    pub fn recreate_topic(&self, topic: &str, records: Vec<(i32, KafkaRecord)>) {
+        let mut state = self.state.lock().unwrap();
+        state.logs.retain(|(t, _), _| t != topic);
+        *state.generations.entry(topic.to_owned()).or_default() += 1;
+        for (partition, record) in records {
+            state
+                .logs
+                .entry((record.topic.clone(), partition))
+                .or_default()
+                .push(Logged { record, txn: None });
+        }
     }
 
     /// The records held are lost with the producer that sent them (its

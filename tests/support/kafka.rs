@@ -525,6 +525,69 @@ impl Broker {
         self.wait_for_partitions(topic, partitions as usize);
     }
 
+    /// Deletes `topic` (DeleteTopics) and waits until the metadata no
+    /// longer shows it, so that it can be created again.
+    pub fn delete_topic(&self, topic: &str) {
+        use rdkafka::admin::AdminOptions;
+        let admin = self.admin();
+        let results = block_on(async {
+            admin
+                .delete_topics(
+                    &[topic],
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+                )
+                .await
+        })
+        .expect("DeleteTopics");
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.topic_exists(topic) {
+            assert!(
+                Instant::now() < deadline,
+                "{topic} still shows in the metadata 30 s after it was deleted"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the broker's metadata shows `topic` (asked without creating
+    /// it: a consumer's metadata request never does).
+    pub fn topic_exists(&self, topic: &str) -> bool {
+        let consumer = self.consumer();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.partitions(&consumer, topic) {
+                Ok(found) => return found.is_some(),
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "no metadata of {topic} within 30 s: {e}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `topic`'s id (KIP-516) as Kafka's own topic tool prints it.
+    pub fn topic_id(&self, topic: &str) -> String {
+        let out = Command::new(script())
+            .args(["tool", &self.dir.display().to_string()])
+            .args(["org.apache.kafka.tools.TopicCommand", "--describe"])
+            .args(["--topic", topic])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run scripts/kafka: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|word| *word != "TopicId:")
+            .nth(1)
+            .unwrap_or_else(|| {
+                panic!(
+                    "kafka-topics --describe {topic} printed no TopicId: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+            .to_owned()
+    }
+
     /// Raises `topic`'s partition count to `total` (CreatePartitions): the
     /// records stay where they are, new partitions start empty.
     pub fn add_partitions(&self, topic: &str, total: usize) {
