@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -49,7 +49,39 @@ async fn twenty_kills_during_twenty_thousand_events_leave_every_event_exactly_on
         .await;
     let records = stack.broker.consume_all(&stack.topic("eo"));
     assert_exactly_once_in_order(&truth, &records);
+    // What a read_uncommitted reader (the Java consumer's default) gets:
+    // every committed record, plus the aborted transactions' copies, each
+    // a copy of an event (never anything else but the relay's aborted
+    // cleanup records). The README gives these counts.
+    let uncommitted = stack.broker.consume_all_uncommitted(&stack.topic("eo"));
+    let committed: HashSet<(i32, i64)> = records.iter().map(|r| (r.partition, r.offset)).collect();
+    let seen: HashSet<(i32, i64)> = uncommitted
+        .iter()
+        .map(|r| (r.partition, r.offset))
+        .collect();
+    assert!(
+        committed.is_subset(&seen),
+        "a read_uncommitted reader sees every committed record"
+    );
+    let ids: HashSet<&str> = truth.iter().map(|(id, _, _)| id.as_str()).collect();
+    for r in &uncommitted {
+        let id = r.header("id");
+        assert!(
+            id.is_some_and(|id| ids.contains(id)) || r.header("walrelay_cleanup").is_some(),
+            "an aborted record that is no event's copy at {}/{}",
+            r.partition,
+            r.offset
+        );
+    }
+    let distinct: HashSet<&str> = uncommitted.iter().filter_map(|r| r.header("id")).collect();
     let (_, metrics) = relay.http_get("/metrics").await.unwrap();
+    eprintln!(
+        "20 kills, 20000 events: read_committed {} records; read_uncommitted {} records ({} distinct events, {} copies of aborted transactions)",
+        records.len(),
+        uncommitted.len(),
+        distinct.len(),
+        uncommitted.len() - records.len()
+    );
     eprintln!(
         "20 kills, 20000 events: {} records; last relay: {}",
         records.len(),

@@ -382,7 +382,7 @@ impl Broker {
     /// leader, replicas and in-sync replicas (node ids, 1-based).
     pub fn partition(&self, topic: &str, partition: i32) -> Option<PartitionState> {
         self.must_be_private("a partition's leader and replicas (for a fault)");
-        let consumer = self.consumer();
+        let consumer = self.consumer("read_committed");
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .ok()?;
@@ -400,7 +400,7 @@ impl Broker {
     /// not exist.
     pub fn layout(&self, topic: &str) -> Option<Vec<PartitionState>> {
         let metadata = self
-            .consumer()
+            .consumer("read_committed")
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .ok()?;
         let t = metadata
@@ -553,7 +553,7 @@ impl Broker {
     /// Whether the broker's metadata shows `topic` (asked without creating
     /// it: a consumer's metadata request never does).
     pub fn topic_exists(&self, topic: &str) -> bool {
-        let consumer = self.consumer();
+        let consumer = self.consumer("read_committed");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match self.partitions(&consumer, topic) {
@@ -607,7 +607,7 @@ impl Broker {
     }
 
     fn wait_for_partitions(&self, topic: &str, count: usize) {
-        let consumer = self.consumer();
+        let consumer = self.consumer("read_committed");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let found = match self.partitions(&consumer, topic) {
@@ -627,7 +627,7 @@ impl Broker {
 
     /// Each partition's (low, high) watermarks now.
     pub fn watermarks(&self, topic: &str) -> HashMap<i32, (i64, i64)> {
-        let consumer = self.consumer();
+        let consumer = self.consumer("read_committed");
         let partitions = self
             .partitions(&consumer, topic)
             .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"))
@@ -656,12 +656,20 @@ impl Broker {
         self.read(topic, None, Duration::from_secs(60))
     }
 
-    fn consumer(&self) -> BaseConsumer {
+    /// Everything `topic` holds now as a `read_uncommitted` reader sees it
+    /// (the Java consumer's default): aborted transactions' records too.
+    /// Only for reporting what such a reader gets; exactly once is judged
+    /// by `read_committed` readers.
+    pub fn consume_all_uncommitted(&self, topic: &str) -> Vec<Record> {
+        self.read_as(topic, None, Duration::from_secs(60), "read_uncommitted")
+    }
+
+    fn consumer(&self, isolation: &str) -> BaseConsumer {
         self.client_config()
             .set("group.id", "walrelay-tests")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", isolation)
             .create()
             .unwrap()
     }
@@ -693,7 +701,17 @@ impl Broker {
     /// records arrived (or panics at `timeout`); then every partition to
     /// its high watermark.
     fn read(&self, topic: &str, expected: Option<usize>, timeout: Duration) -> Vec<Record> {
-        let consumer = self.consumer();
+        self.read_as(topic, expected, timeout, "read_committed")
+    }
+
+    fn read_as(
+        &self,
+        topic: &str,
+        expected: Option<usize>,
+        timeout: Duration,
+        isolation: &str,
+    ) -> Vec<Record> {
+        let consumer = self.consumer(isolation);
         let started = Instant::now();
         let deadline = started + timeout;
         let partitions = loop {
