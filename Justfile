@@ -30,6 +30,10 @@ bench-debezium *ARGS:
 bench-quick *ARGS:
     scripts/bench --quick --peer debezium {{ARGS}}
 
+# Build the container image without a Docker engine (buildah): target/walrelay-image.tar, checked to run the binary.
+image *ARGS:
+    scripts/image {{ARGS}}
+
 # Record pgoutput fixtures from a real PostgreSQL.
 record-fixtures:
     scripts/record-fixtures
