@@ -1,5 +1,7 @@
 //! The HTTP server: `/metrics` (Prometheus text), `/healthz` (process
-//! alive), `/readyz` (streaming and the broker reachable), `/api/status`
+//! alive), `/readyz` (streaming and the broker reachable; with
+//! `?standby=ready` a relay standing by counts as ready too, for
+//! Kubernetes: see deploy/kubernetes/poddisruptionbudget.yaml), `/api/status`
 //! (the dashboard's current values), `/api/history` (its hour of samples)
 //! and `/`, the live dashboard.
 //!
@@ -13,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -234,11 +236,22 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+/// `/readyz`'s query: `standby=ready` counts a relay standing by as ready.
+#[derive(serde::Deserialize)]
+struct ReadyQuery {
+    standby: Option<String>,
+}
+
+async fn readyz(State(state): State<AppState>, Query(query): Query<ReadyQuery>) -> Response {
     let streaming = state.live.connected();
     let broker = state.live.counters.broker_reachable.load(Ordering::Relaxed);
+    // A standby is a working member of a pair: counting it as ready lets a
+    // PodDisruptionBudget allow one eviction of two, either pod.
+    let standing_by =
+        query.standby.as_deref() == Some("ready") && state.live.role() == live::Role::Standby;
+    let ready = (streaming && broker) || standing_by;
     let body = json!({
-        "ready": streaming && broker,
+        "ready": ready,
         "role": state.live.role(),
         "streaming": streaming,
         "reason": state.live.reason(),
@@ -247,7 +260,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "host": state.live.host(),
         "slot": state.subject.name,
     });
-    let code = if streaming && broker {
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -111,9 +111,9 @@ fn the_manifests_render_and_every_resource_passes_its_schema() {
         ),
         (
             "poddisruptionbudget.yaml",
-            "minAvailable: 1",
-            "minAvailble: 1",
-            "minAvailble",
+            "maxUnavailable: 1",
+            "maxUnavailble: 1",
+            "maxUnavailble",
         ),
     ] {
         let dir = broken_copy(file, from, to);
@@ -190,7 +190,10 @@ fn the_resources_point_at_each_other_and_name_real_options() {
         .unwrap();
     let port = &relay["ports"][0];
     assert_eq!(port["containerPort"], listen_port);
-    assert_eq!(relay["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        relay["readinessProbe"]["httpGet"]["path"],
+        "/readyz?standby=ready"
+    );
     assert_eq!(relay["livenessProbe"]["httpGet"]["path"], "/healthz");
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(relay[probe]["httpGet"]["port"], port["name"], "{probe}");
@@ -274,8 +277,25 @@ fn spawn(args: &Value, env: &BTreeMap<String, String>, log: &Path) -> Child {
         .unwrap()
 }
 
-async fn readiness(port: u16) -> Option<(u16, String)> {
-    let (code, body) = support::relay::http_get(port, "/readyz").await?;
+/// Kubernetes' disruption controller: how many pods a PodDisruptionBudget
+/// lets be evicted now, with `expected` pods of which `healthy` are Ready.
+fn disruptions_allowed(pdb: &Value, expected: i64, healthy: i64) -> i64 {
+    let spec = &pdb["spec"];
+    let desired_healthy = match (
+        spec["minAvailable"].as_i64(),
+        spec["maxUnavailable"].as_i64(),
+    ) {
+        (Some(min), None) => min,
+        (None, Some(max)) => expected - max,
+        _ => panic!("one of minAvailable and maxUnavailable, as a number: {spec}"),
+    };
+    (healthy - desired_healthy).max(0)
+}
+
+/// The readiness probe's answer (its path from the manifest): the status
+/// code and the role.
+async fn readiness(port: u16, path: &str) -> Option<(u16, String)> {
+    let (code, body) = support::relay::http_get(port, path).await?;
     let v: Value = serde_json::from_str(&body).ok()?;
     Some((code, v["role"].as_str()?.to_owned()))
 }
@@ -343,17 +363,18 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
     }
     let logs: Vec<PathBuf> = relays.iter().map(|r| r.2.clone()).collect();
     let log = |i: usize| std::fs::read_to_string(&logs[i]).unwrap_or_default();
+    let probe = relay["readinessProbe"]["httpGet"]["path"].as_str().unwrap();
     let (active, standby) = wait_for(
-        "one relay Ready (active) and the other not (standby)",
+        "both relays Ready: one active, the other standing by",
         Duration::from_secs(30),
         async || {
-            let a = readiness(relays[0].1).await?;
-            let b = readiness(relays[1].1).await?;
+            let a = readiness(relays[0].1, probe).await?;
+            let b = readiness(relays[1].1, probe).await?;
             match (a, b) {
-                (a, b) if a == (200, "active".into()) && b == (503, "standby".into()) => {
+                (a, b) if a == (200, "active".into()) && b == (200, "standby".into()) => {
                     Some((0, 1))
                 }
-                (a, b) if b == (200, "active".into()) && a == (503, "standby".into()) => {
+                (a, b) if b == (200, "active".into()) && a == (200, "standby".into()) => {
                     Some((1, 0))
                 }
                 _ => None,
@@ -361,6 +382,17 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
         },
     )
     .await;
+    // Plain /readyz still tells the streaming relay from the standby.
+    assert_eq!(readiness(relays[active].1, "/readyz").await.unwrap().0, 200);
+    assert_eq!(
+        readiness(relays[standby].1, "/readyz").await.unwrap().0,
+        503
+    );
+    // So the budget lets a node drain evict one of the two, either one,
+    // and no second while the first's replacement is not Ready.
+    let pdb = &r["PodDisruptionBudget"];
+    assert_eq!(disruptions_allowed(pdb, 2, 2), 1, "{pdb}");
+    assert_eq!(disruptions_allowed(pdb, 2, 1), 0, "{pdb}");
 
     let client = pg.client(&db).await;
     client
@@ -386,12 +418,22 @@ async fn the_pods_configuration_sets_up_and_runs_one_ready_relay_and_one_standby
         .expect("the relay outlived the pod's grace period")
         .unwrap();
     assert!(exit.success(), "{}", log(active));
+    let exited = std::time::Instant::now();
     wait_for(
-        "the standby to become Ready",
+        "the standby to take over",
         Duration::from_secs(30),
-        async || (readiness(relays[standby].1).await? == (200, "active".into())).then_some(()),
+        async || {
+            (readiness(relays[standby].1, probe).await? == (200, "active".into())).then_some(())
+        },
     )
     .await;
+    // Measured, not asserted (shared machines are noisy): about the
+    // standby's retry time.
+    eprintln!(
+        "the standby took over {:?} after the streaming relay exited (WALRELAY_STANDBY_RETRY={})",
+        exited.elapsed(),
+        env["WALRELAY_STANDBY_RETRY"]
+    );
     client
         .batch_execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)

@@ -37,6 +37,8 @@ pub enum SessionIo {
     Initialized(Result<(), BrokerError>),
     Committed(Result<(), BrokerError>),
     Aborted(Result<(), BrokerError>),
+    /// A cleanup's time to have its records written is up (its round).
+    CleanupWaited(u16),
 }
 
 enum Tagged {

@@ -61,13 +61,37 @@ pub struct Publisher<S: Sink, T> {
     failed: Option<PublishError>,
     /// Partitions cleaned up in this session (once each).
     cleaned: HashSet<PartitionKey>,
-    /// Cleanup records whose report is outstanding.
-    cleanup_sent: usize,
+    /// The cleanup under way: its partitions, which were written, how many
+    /// reports are outstanding, and its round (late reports of an earlier
+    /// round are passed over).
+    cleanup: CleanupSends,
 }
 
-/// The id of cleanup records: never one of a record in hand, so their
-/// reports are passed over.
-const CLEANUP_RECORD: RecordId = RecordId((1 << 48) - 1);
+#[derive(Default)]
+struct CleanupSends {
+    round: u16,
+    partitions: Vec<PartitionKey>,
+    written: Vec<PartitionKey>,
+    outstanding: usize,
+}
+
+/// Cleanup records' ids count down from here, one per partition: never
+/// one of a record in hand, so the records' bookkeeping passes them over.
+const CLEANUP_RECORDS: u64 = (1 << 48) - 1;
+/// At most this many partitions in one cleanup (the ids below are the
+/// records').
+const CLEANUP_PARTITIONS: u64 = 1 << 16;
+
+/// A cleanup record's index among its cleanup's partitions.
+fn cleanup_index(id: RecordId) -> Option<usize> {
+    CLEANUP_RECORDS
+        .checked_sub(id.0)
+        .filter(|index| *index < CLEANUP_PARTITIONS)
+        .map(|index| index as usize)
+}
+/// How long a cleanup waits for its records to be written before it
+/// aborts anyway (a partition that cannot be written is not cleaned).
+const CLEANUP_WAIT: Duration = Duration::from_secs(10);
 /// The header a cleanup record carries.
 pub const CLEANUP_HEADER: &str = "walrelay_cleanup";
 
@@ -84,7 +108,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             pause: Pause::new(),
             failed: None,
             cleaned: HashSet::new(),
-            cleanup_sent: 0,
+            cleanup: CleanupSends::default(),
             config,
         };
         // The dead-letter topic is made ready before a record needs it.
@@ -99,7 +123,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
         self.io.new_session();
         self.cleaned.clear();
-        self.cleanup_sent = 0;
+        self.cleanup.outstanding = 0;
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
             ledgers.begin(replay);
         }
@@ -164,7 +188,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// session's takeover, and the producer is taken over again.
     pub fn discard(&mut self) -> usize {
         self.pause.clear();
-        self.cleanup_sent = 0;
+        self.cleanup.outstanding = 0;
         self.io.new_session();
         self.txn.abandon();
         self.sink.renew_if_failed();
@@ -221,14 +245,19 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     }
 
     fn on_delivery(&mut self, delivery: Delivery, outcomes: &mut Vec<Outcome<T>>) {
-        if delivery.send.id == CLEANUP_RECORD {
-            if let Err(error) = &delivery.result {
-                tracing::debug!(%error, "a cleanup record was not written");
-            }
-            // A report from before a new session is passed over.
-            if self.cleanup_sent > 0 && self.txn.is_cleaning() {
-                self.cleanup_sent -= 1;
-                if self.cleanup_sent == 0 {
+        if let Some(index) = cleanup_index(delivery.send.id) {
+            let current = delivery.send.attempt == self.cleanup.round
+                && self.cleanup.outstanding > 0
+                && self.txn.is_cleaning();
+            if let Some(key) = self.cleanup.partitions.get(index).filter(|_| current) {
+                match &delivery.result {
+                    Ok(()) => self.cleanup.written.push(key.clone()),
+                    Err(error) => {
+                        tracing::warn!(%error, topic = %key.0, partition = key.1, "a cleanup record was not written: what was left open there stays")
+                    }
+                }
+                self.cleanup.outstanding -= 1;
+                if self.cleanup.outstanding == 0 {
                     self.abort_cleanup();
                 }
             }
@@ -339,10 +368,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     Ok(scan)
                         if scan.is_hidden()
                             && self.txn.is_on()
-                            && self.cleaned.insert(key.clone()) =>
-                    {
-                        self.txn.clean_up([key]);
-                    }
+                            && self.cleaned.insert(key.clone())
+                            && self.txn.clean_up(&key) => {}
                     result => {
                         let result = result.map(|scan| *scan).map_err(|e| e.to_string());
                         ledgers.scanned(key, started.elapsed().as_secs_f64(), result);
@@ -361,10 +388,33 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     self.follow(next, outcomes);
                 }
             }
+            SessionIo::Aborted(result) if self.txn.is_cleaning() => {
+                tracing::debug!(?result, written = ?self.cleanup.written, "cleanup abort finished");
+                match self.txn.cleaned(result, &self.cleanup.written) {
+                    Next::Pause(wait) => {
+                        let abort = self.sink.abort();
+                        self.io.watch(async move {
+                            tokio::time::sleep(wait).await;
+                            SessionIo::Aborted(abort.await)
+                        });
+                    }
+                    next => self.follow(next, outcomes),
+                }
+            }
             SessionIo::Aborted(result) => {
                 tracing::debug!(?result, id = ?self.txn.id, acked = self.records.any_acked(), "abort finished");
                 let next = self.txn.aborted(result, self.records.any_acked());
                 self.follow(next, outcomes);
+            }
+            SessionIo::CleanupWaited(round) => {
+                if round == self.cleanup.round
+                    && self.cleanup.outstanding > 0
+                    && self.txn.is_cleaning()
+                {
+                    tracing::warn!(waiting = ?self.cleanup.partitions, "cleanup records not written in time: aborting without them");
+                    self.cleanup.outstanding = 0;
+                    self.abort_cleanup();
+                }
             }
         }
     }
@@ -377,7 +427,18 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             self.failed = Some(PublishError::ending(error, Some(id)));
             return;
         }
-        for (topic, partition) in partitions {
+        let round = self.cleanup.round.wrapping_add(1);
+        self.cleanup = CleanupSends {
+            round,
+            partitions: partitions.to_vec(),
+            written: Vec::new(),
+            outstanding: 0,
+        };
+        for (index, (topic, partition)) in partitions
+            .iter()
+            .take(CLEANUP_PARTITIONS as usize)
+            .enumerate()
+        {
             let record = KafkaRecord {
                 topic: topic.clone(),
                 key: Some(Bytes::from_static(b"walrelay-cleanup")),
@@ -388,11 +449,11 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 )],
             };
             let send = SendId {
-                id: CLEANUP_RECORD,
-                attempt: 0,
+                id: RecordId(CLEANUP_RECORDS - index as u64),
+                attempt: round,
             };
             match self.sink.send(&record, Some(*partition), send) {
-                Ok(()) => self.cleanup_sent += 1,
+                Ok(()) => self.cleanup.outstanding += 1,
                 Err(refused) => {
                     tracing::debug!(
                         ?refused,
@@ -406,8 +467,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         // Aborted once written: a record never sent would not put the
         // partition in the transaction, and the abort would end nothing
         // there.
-        if self.cleanup_sent == 0 {
+        if self.cleanup.outstanding == 0 {
             self.abort_cleanup();
+        } else {
+            self.io.watch(async move {
+                tokio::time::sleep(CLEANUP_WAIT).await;
+                SessionIo::CleanupWaited(round)
+            });
         }
     }
 
@@ -483,6 +549,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             Next::Go => {}
             Next::Use(id) => self.sink.switch_to(&id),
             Next::CleanUp(id, partitions) => self.clean_up_under(&id, &partitions),
+            Next::CleanupGivenUp(abandon, partitions) => {
+                self.sink.abandon(&abandon);
+                if let Some(id) = self.txn.id.clone() {
+                    self.sink.switch_to(&id);
+                }
+                if let Some(ledgers) = self.ledgers.as_mut() {
+                    for key in &partitions {
+                        ledgers.forget_partition(key);
+                    }
+                }
+            }
             Next::Cleaned(id, partitions) => {
                 if let Some(id) = id {
                     self.sink.switch_to(&id);

@@ -30,12 +30,17 @@
 //! written): it hides everything after it from `read_committed` readers,
 //! and a later commit marker of the same producer would make its aborted
 //! records visible. Kafka ends a producer's open transaction in a
-//! partition with that producer's next marker there. So when a tail read
-//! finds the partition hidden by an open transaction, each id of the
-//! session *cleans up*: it is taken over again if it must be, begins a
-//! transaction, sends one record to the partition and aborts, which ends
-//! whatever it had left open there as aborted. The tail is then read
-//! again.
+//! partition with that producer's next marker there, as that marker says.
+//! So when a tail read finds the partition hidden by an open transaction,
+//! each id whose last transaction there was *aborted* (known in this
+//! process) cleans up: it is taken over again if it must be, begins a
+//! transaction, sends one record to the partition, waits until it is
+//! written, and aborts, which ends what it left open there as aborted.
+//! The tail is then read again. Where no id knows its last transaction
+//! there was aborted (it committed, or another process wrote it), nothing
+//! is ended: an abort could take back committed events. The tail read
+//! then counts as unsure and the partition's events are published again
+//! (duplicates possible, never a loss).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -124,6 +129,9 @@ pub enum Next {
     /// The cleanup is done: records go through this id again, and the
     /// partitions' tails are read again.
     Cleaned(Option<String>, Vec<PartitionKey>),
+    /// The cleanup was given up: drop this id's producer, go on with the
+    /// current one, and read the partitions' tails again.
+    CleanupGivenUp(String, Vec<PartitionKey>),
     /// A failure to wait out, counted in the publisher's backoff.
     BackOff,
     /// Hold every record back this long.
@@ -146,6 +154,11 @@ struct TxnId {
     /// Partitions of its transaction before (its markers may still be
     /// unwritten).
     previous: HashSet<PartitionKey>,
+    /// Partitions where its last transaction was aborted: one it left open
+    /// there may be ended with an abort.
+    aborted_in: HashSet<PartitionKey>,
+    /// Partitions it must clean up (abort one record in).
+    to_clean: HashSet<PartitionKey>,
 }
 
 impl TxnId {
@@ -156,6 +169,8 @@ impl TxnId {
             resting: HashSet::new(),
             touched: HashSet::new(),
             previous: HashSet::new(),
+            aborted_in: HashSet::new(),
+            to_clean: HashSet::new(),
         }
     }
 }
@@ -174,20 +189,23 @@ pub struct Transaction {
     /// The current id is stuck on these partitions: end its transaction
     /// and rest it.
     stuck: Option<HashSet<PartitionKey>>,
-    /// Partitions to clean up, and the ids that still must.
+    /// The id cleaning up, and where.
     cleanup: Option<Cleanup>,
-    /// Partitions waiting for the next cleanup.
-    to_clean: HashSet<PartitionKey>,
     /// The current transactional id (for messages).
     pub id: Option<String>,
 }
 
 #[derive(Debug)]
 struct Cleanup {
+    index: usize,
     partitions: Vec<PartitionKey>,
-    /// Ids still to clean up, the one at work first.
-    left: Vec<usize>,
+    /// Aborts that failed.
+    failures: u32,
 }
+
+/// Aborts of a cleanup that may fail before it is given up (its id may have
+/// got stuck on another partition meanwhile).
+const CLEANUP_ABORTS: u32 = 3;
 
 /// The next step of a cleanup.
 #[derive(Debug, PartialEq, Eq)]
@@ -212,7 +230,6 @@ impl Transaction {
             initializing: None,
             stuck: None,
             cleanup: None,
-            to_clean: HashSet::new(),
             id: None,
         }
     }
@@ -235,7 +252,6 @@ impl Transaction {
         self.current = None;
         self.initializing = None;
         self.cleanup = None;
-        self.to_clean.clear();
         self.id = None;
         let names: Vec<String> = match &id {
             Some(id) => vec![id.clone(), format!("{id}{SPARE_SUFFIX}")],
@@ -246,6 +262,7 @@ impl Transaction {
             let mut entry = TxnId::new(name.clone());
             if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
                 entry.resting = std::mem::take(&mut old.resting);
+                entry.aborted_in = std::mem::take(&mut old.aborted_in);
             }
             ids.push(entry);
         }
@@ -271,8 +288,8 @@ impl Transaction {
             self.current = None;
             self.initializing = None;
             self.cleanup = None;
-            self.to_clean.clear();
             for id in &mut self.ids {
+                id.to_clean.clear();
                 id.ready = false;
                 id.touched.clear();
                 id.previous.clear();
@@ -308,6 +325,13 @@ impl Transaction {
                     self.ids[index].ready = true;
                     self.state = State::Cleaning;
                     Next::CleanUp(self.ids[index].name.clone(), cleanup.partitions.clone())
+                }
+                (Err(error), _)
+                    if !error.ends_producer() && error.class != BrokerErrorClass::Transient =>
+                {
+                    tracing::warn!(%error, "cannot take over the transactional id to clean up; its partitions' events are published again instead");
+                    self.cleanup = None;
+                    Next::Go
                 }
                 (Err(error), _) if error.ends_producer() => Next::EndProducer(error),
                 (Err(error), _) => {
@@ -359,7 +383,7 @@ impl Transaction {
     pub fn committed(&mut self, result: Result<(), BrokerError>) -> Next {
         match result {
             Ok(()) => {
-                self.ended();
+                self.ended(false);
                 Next::Deliver
             }
             Err(error) if error.ends_producer() => Next::EndProducer(error),
@@ -382,12 +406,9 @@ impl Transaction {
     /// An abort finished; `wrote`: records of the transaction were
     /// acknowledged (written to their partitions).
     pub fn aborted(&mut self, result: Result<(), BrokerError>, wrote: bool) -> Next {
-        if self.state == State::Cleaning {
-            return self.cleaned(result);
-        }
         if self.stuck.is_some() {
             match &result {
-                Ok(()) => return self.rest(),
+                Ok(()) => return self.rest(true),
                 Err(error) if error.ends_producer() => {}
                 // Its written records would hold back read_committed
                 // readers of their partitions (and exactly once's tail
@@ -406,13 +427,13 @@ impl Transaction {
                 // markers): its producer is dropped.
                 Err(error) => {
                     tracing::warn!(%error, "the stuck transaction wrote nothing and cannot be aborted now; dropping its producer");
-                    return self.rest();
+                    return self.rest(false);
                 }
             }
         }
         match result {
             Ok(()) => {
-                self.ended();
+                self.ended(true);
                 Next::SendAgain
             }
             Err(error) if error.ends_producer() => Next::EndProducer(error),
@@ -450,50 +471,50 @@ impl Transaction {
                 self.must_abort = true;
                 None
             }
-            State::Idle => Some(self.rest()),
+            State::Idle => Some(self.rest(false)),
             // A commit or an abort under way ends first.
             _ => None,
         }
     }
 
-    /// `partitions`' tails are hidden by an open transaction: every id
-    /// cleans up there before they are read again.
-    pub fn clean_up(&mut self, partitions: impl IntoIterator<Item = PartitionKey>) {
-        if self.is_on() {
-            self.to_clean.extend(partitions);
+    /// `partition`'s tail is hidden by an open transaction: each id whose
+    /// last transaction there was aborted cleans up there. Whether any will
+    /// (if none, the tail read stands, unsure).
+    pub fn clean_up(&mut self, partition: &PartitionKey) -> bool {
+        let mut any = false;
+        for id in &mut self.ids {
+            if id.aborted_in.contains(partition) {
+                id.to_clean.insert(partition.clone());
+                any = true;
+            }
         }
+        if any {
+            tracing::info!(topic = %partition.0, partition = partition.1, "an open transaction hides the partition's newest records: the transactional ids whose last transaction there was aborted each abort one record there, ending what they left open");
+        }
+        any
     }
 
     /// The next step of a cleanup, when one is due and no transaction is
-    /// open.
+    /// open. An id resting on another partition cleans up once it is back.
     pub fn next_cleanup(&mut self) -> Option<CleanupStep> {
-        if self.state != State::Idle || self.stuck.is_some() {
+        if self.state != State::Idle || self.stuck.is_some() || self.cleanup.is_some() {
             return None;
         }
-        if self.cleanup.is_none() {
-            if self.to_clean.is_empty() {
-                return None;
-            }
-            let left: Vec<usize> = (0..self.ids.len())
-                .filter(|i| self.ids[*i].resting.is_empty())
-                .collect();
-            let mut partitions: Vec<PartitionKey> = self.to_clean.drain().collect();
-            partitions.sort();
-            tracing::info!(
-                ?partitions,
-                "an open transaction hides these partitions' newest records: each transactional id aborts one there, ending any it left open"
-            );
-            self.cleanup = Some(Cleanup { partitions, left });
-        }
-        let cleanup = self.cleanup.as_ref()?;
-        let &index = cleanup.left.first()?;
+        let index = self
+            .ids
+            .iter()
+            .position(|id| !id.to_clean.is_empty() && id.resting.is_empty())?;
         let id = &self.ids[index];
+        let mut partitions: Vec<PartitionKey> = id.to_clean.iter().cloned().collect();
+        partitions.sort();
+        self.cleanup = Some(Cleanup {
+            index,
+            partitions: partitions.clone(),
+            failures: 0,
+        });
         if id.ready {
             self.state = State::Cleaning;
-            Some(CleanupStep::Abort(
-                id.name.clone(),
-                cleanup.partitions.clone(),
-            ))
+            Some(CleanupStep::Abort(id.name.clone(), partitions))
         } else {
             self.state = State::Initializing;
             self.initializing = Some(index);
@@ -501,47 +522,72 @@ impl Transaction {
         }
     }
 
-    /// A cleanup's abort finished.
-    fn cleaned(&mut self, result: Result<(), BrokerError>) -> Next {
-        self.state = State::Idle;
+    /// A cleanup's abort finished; `written`: the partitions whose cleanup
+    /// record was written (the abort ended what was left open there).
+    pub fn cleaned(&mut self, result: Result<(), BrokerError>, written: &[PartitionKey]) -> Next {
+        let given_up = result.is_err();
         match result {
             Ok(()) => {}
-            Err(error) if error.ends_producer() => return Next::EndProducer(error),
+            Err(error) if error.ends_producer() => {
+                self.state = State::Idle;
+                return Next::EndProducer(error);
+            }
             Err(error) => {
-                tracing::warn!(%error, "the cleanup's abort failed; trying again");
-                return Next::BackOff;
+                let failures = self.cleanup.as_mut().map_or(CLEANUP_ABORTS, |c| {
+                    c.failures += 1;
+                    c.failures
+                });
+                if failures < CLEANUP_ABORTS {
+                    // The abort is tried again (never a begin before it ends).
+                    tracing::warn!(%error, "the cleanup's abort failed; aborting again");
+                    return Next::Pause(super::outcome::backoff(
+                        failures,
+                        super::pause::MAX_RETRY_BACKOFF,
+                    ));
+                }
+                tracing::warn!(%error, "the cleanup's abort keeps failing: giving it up (its producer is dropped; those partitions' events are published again)");
             }
         }
-        let Some(cleanup) = self.cleanup.as_mut() else {
+        self.state = State::Idle;
+        let Some(cleanup) = self.cleanup.take() else {
             return Next::Go;
         };
-        cleanup.left.remove(0);
-        if !cleanup.left.is_empty() {
-            return Next::Go;
+        let id = &mut self.ids[cleanup.index];
+        for key in &cleanup.partitions {
+            id.to_clean.remove(key);
+            if written.contains(key) && !given_up {
+                id.aborted_in.remove(key);
+            }
         }
-        let partitions = self
-            .cleanup
-            .take()
-            .map(|c| c.partitions)
-            .unwrap_or_default();
+        if given_up {
+            id.ready = false;
+            let abandon = id.name.clone();
+            if self.current == Some(cleanup.index) {
+                self.current = None;
+                self.id = None;
+                self.state = State::Uninitialized;
+            }
+            return Next::CleanupGivenUp(abandon, cleanup.partitions);
+        }
         let current = self.current.map(|i| self.ids[i].name.clone());
         if current.is_none() {
             self.state = State::Uninitialized;
             if let Some(name) = self.pick() {
                 self.state = State::Idle;
-                return Next::Cleaned(Some(name), partitions);
+                return Next::Cleaned(Some(name), cleanup.partitions);
             }
         }
-        Next::Cleaned(current, partitions)
+        Next::Cleaned(current, cleanup.partitions)
     }
 
     /// A stuck id whose commit or abort ended meanwhile rests now.
     pub fn rest_if_stuck(&mut self) -> Option<Next> {
-        (self.state == State::Idle && self.stuck.is_some()).then(|| self.rest())
+        (self.state == State::Idle && self.stuck.is_some()).then(|| self.rest(false))
     }
 
-    /// The current id rests on the partitions it is stuck on.
-    fn rest(&mut self) -> Next {
+    /// The current id rests on the partitions it is stuck on; `aborted`:
+    /// its open transaction was aborted.
+    fn rest(&mut self, aborted: bool) -> Next {
         let stuck = self.stuck.take().unwrap_or_default();
         self.must_abort = false;
         let Some(index) = self.current.take() else {
@@ -550,6 +596,19 @@ impl Transaction {
         let id = &mut self.ids[index];
         id.ready = false;
         id.resting.extend(stuck);
+        if aborted {
+            // Where the transaction before touched a partition too, what is
+            // left open there may be that one, committed: never ended with
+            // an abort.
+            let aborted_only: Vec<PartitionKey> =
+                id.touched.difference(&id.previous).cloned().collect();
+            id.aborted_in.extend(aborted_only);
+        }
+        for key in id.previous.iter().chain(&id.touched) {
+            if !aborted || id.previous.contains(key) {
+                id.aborted_in.remove(key);
+            }
+        }
         id.touched.clear();
         id.previous.clear();
         let abandon = id.name.clone();
@@ -677,11 +736,18 @@ impl Transaction {
     }
 
     /// A commit or an abort went through.
-    fn ended(&mut self) {
+    fn ended(&mut self, aborted: bool) {
         self.state = State::Idle;
         self.must_abort = false;
         if let Some(index) = self.current {
             let id = &mut self.ids[index];
+            for key in &id.touched {
+                if aborted {
+                    id.aborted_in.insert(key.clone());
+                } else {
+                    id.aborted_in.remove(key);
+                }
+            }
             id.previous = std::mem::take(&mut id.touched);
         }
     }
@@ -808,6 +874,104 @@ mod tests {
 
     fn key(topic: &str, partition: i32) -> PartitionKey {
         (topic.into(), partition)
+    }
+
+    /// A transaction of the current id that wrote to `p`, then committed
+    /// or aborted.
+    async fn transaction_in(t: &mut Transaction, p: &PartitionKey, commit: bool) {
+        t.began(0);
+        t.sent_to(p);
+        if !commit {
+            t.fail();
+        }
+        tokio::time::advance(MAX_OPEN).await;
+        if commit {
+            assert_eq!(t.due(0, true), Some(End::Commit));
+            assert!(matches!(t.committed(Ok(())), Next::Deliver));
+        } else {
+            assert_eq!(t.due(0, true), Some(End::Abort));
+            assert!(matches!(t.aborted(Ok(()), true), Next::SendAgain));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_id_whose_last_transaction_in_a_partition_was_aborted_cleans_up_there() {
+        let p = key("outbox.event.order", 0);
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        transaction_in(&mut t, &p, true).await;
+        assert!(
+            !t.clean_up(&p),
+            "an abort could take back what the id committed there"
+        );
+        assert_eq!(t.next_cleanup(), None);
+
+        transaction_in(&mut t, &p, false).await;
+        assert!(t.clean_up(&p));
+        assert_eq!(
+            t.next_cleanup(),
+            Some(CleanupStep::Abort("walrelay.7.s".into(), vec![p.clone()]))
+        );
+        assert!(!t.may_send(), "no records while the cleanup is under way");
+        assert!(
+            matches!(t.cleaned(Ok(()), std::slice::from_ref(&p)), Next::Cleaned(Some(id), ps) if id == "walrelay.7.s" && ps == [p.clone()])
+        );
+        assert!(t.may_send());
+        assert!(!t.clean_up(&p), "once ended, never again");
+
+        // An aborted transaction followed by a committed one: no cleanup.
+        transaction_in(&mut t, &p, false).await;
+        transaction_in(&mut t, &p, true).await;
+        assert!(!t.clean_up(&p));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cleanup_whose_record_was_not_written_is_not_counted_as_done() {
+        let p = key("outbox.event.order", 0);
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        transaction_in(&mut t, &p, false).await;
+        assert!(t.clean_up(&p));
+        assert!(t.next_cleanup().is_some());
+        assert!(matches!(t.cleaned(Ok(()), &[]), Next::Cleaned(..)));
+        assert!(
+            t.clean_up(&p),
+            "the abort ended nothing there: a later hidden tail is cleaned again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cleanup_abort_that_keeps_failing_is_given_up_and_its_producer_dropped() {
+        let error = |class| BrokerError {
+            class,
+            message: "test".into(),
+        };
+        let p = key("outbox.event.order", 0);
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        transaction_in(&mut t, &p, false).await;
+        assert!(t.clean_up(&p));
+        assert!(t.next_cleanup().is_some());
+        for _ in 1..CLEANUP_ABORTS {
+            assert!(matches!(
+                t.cleaned(
+                    Err(error(BrokerErrorClass::Abortable)),
+                    std::slice::from_ref(&p)
+                ),
+                Next::Pause(_)
+            ));
+            assert!(!t.may_send(), "aborted again, never begun");
+        }
+        assert!(matches!(
+            t.cleaned(Err(error(BrokerErrorClass::Abortable)), std::slice::from_ref(&p)),
+            Next::CleanupGivenUp(id, ps) if id == "walrelay.7.s" && ps == [p.clone()]
+        ));
+        assert_eq!(t.next_cleanup(), None, "not tried again");
+        assert_eq!(
+            t.take_initialization().as_deref(),
+            Some("walrelay.7.s"),
+            "its producer is taken over anew"
+        );
     }
 
     #[tokio::test(start_paused = true)]

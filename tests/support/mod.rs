@@ -26,11 +26,19 @@ use tempfile::TempDir;
 /// ephemeral range as scripts/free-ports picks them: a port bind(0) hands
 /// out is as likely to be taken a moment later by some client's outgoing
 /// connection, before the server meant for it binds it.
+/// A port is handed out once per test process: tests run in parallel, and
+/// two of them could otherwise draw the same port before either binds it.
 pub fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let port = rand::random_range(10_000..32_768);
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            return listener.local_addr().unwrap().port();
+        let mut handed_out = HANDED_OUT.lock().unwrap();
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
         }
     }
 }
@@ -258,6 +266,23 @@ host replication all 127.0.0.1/32 md5
 ";
         let hba = format!("{}\n{hba}", options.hba_first.join("\n"));
         std::fs::write(cluster.data_dir().join("pg_hba.conf"), hba).unwrap();
+        let mut cluster = cluster;
+        // Another process may take the port between free_port and the
+        // server's bind: start again on a new one.
+        for _ in 0..5 {
+            match cluster.try_pg_ctl_start() {
+                Ok(()) => return cluster,
+                Err(e) if e.contains("Address already in use") => {
+                    let _ = std::fs::remove_file(cluster.log_file());
+                    cluster.port = free_port();
+                    append(
+                        &cluster.data_dir().join("postgresql.conf"),
+                        &format!("port = {}", cluster.port),
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         cluster.pg_ctl_start();
         cluster
     }
@@ -271,6 +296,12 @@ host replication all 127.0.0.1/32 md5
     }
 
     fn run(&self, program: &str, args: &[&str]) {
+        if let Err(e) = self.try_run(program, args) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_run(&self, program: &str, args: &[&str]) -> Result<(), String> {
         let mut cmd = Command::new(self.bindir.join(program));
         cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
         if let Some((uid, gid)) = self.user {
@@ -279,18 +310,26 @@ host replication all 127.0.0.1/32 md5
         let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-        assert!(
-            out.status.success(),
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
             "{program} failed: {}\nserver log:\n{}",
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(self.log_file()).unwrap_or_default()
-        );
+        ))
     }
 
     fn pg_ctl_start(&self) {
+        if let Err(e) = self.try_pg_ctl_start() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_pg_ctl_start(&self) -> Result<(), String> {
         let data = self.data_dir();
         let log = self.log_file();
-        self.run(
+        self.try_run(
             "pg_ctl",
             &[
                 "-D",
@@ -302,7 +341,7 @@ host replication all 127.0.0.1/32 md5
                 "60",
                 "start",
             ],
-        );
+        )
     }
 
     /// Stops the server (fast shutdown) and starts it again on the same port.
