@@ -174,3 +174,80 @@ fn anchors_follow_github() {
         BTreeSet::from(["a".to_string(), "a-1".to_string()])
     );
 }
+
+/// The runbooks written with this page's links: each must let an operator
+/// act, so each has the four parts, and commands to run.
+const RUNBOOKS: &[&str] = &[
+    "relay-down.md",
+    "not-scraped.md",
+    "standby-lost.md",
+    "slot-lag-growing.md",
+    "broker-down.md",
+    "dead-letters.md",
+    "exactly-once-fallback.md",
+    "poll-backlog.md",
+    "inbox-lag.md",
+    "publishing-stalled.md",
+    "failover.md",
+];
+
+#[test]
+fn every_runbook_has_symptoms_alert_check_and_fix_with_commands() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runbooks");
+    let mut problems = Vec::new();
+    for name in RUNBOOKS {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let headings: Vec<String> = prose_lines(&text)
+            .filter_map(|(_, line)| line.strip_prefix("## "))
+            .map(str::to_lowercase)
+            .collect();
+        for part in ["symptoms", "the alert", "check", "fix"] {
+            if !headings.iter().any(|h| h.starts_with(part)) {
+                problems.push(format!("{name}: no \"## {part}\" section"));
+            }
+        }
+        if !text.contains("```sh") {
+            problems.push(format!("{name}: no commands (a ```sh block)"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Alert names (`WalrelaySomething`) the docs mention, in prose or code.
+fn alert_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("Walrelay") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(tail.len());
+        if end > "Walrelay".len() {
+            names.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn every_alert_the_docs_name_is_a_shipped_rule() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = std::fs::read_to_string(root.join("alerts/walrelay.rules.yml")).unwrap();
+    let missing: Vec<String> = markdown_files(root)
+        .iter()
+        .flat_map(|page| {
+            let text = std::fs::read_to_string(page).unwrap();
+            alert_names(&text)
+                .into_iter()
+                .filter(|name| !rules.contains(&format!("alert: {name}\n")))
+                .map(|name| format!("{}: {name}", page.display()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the docs name alerts alerts/walrelay.rules.yml does not define:\n{}",
+        missing.join("\n")
+    );
+}
