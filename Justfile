@@ -22,7 +22,7 @@ chaos:
 bench *ARGS:
     scripts/bench {{ARGS}}
 
-# The README's table: walrelay against Debezium's connector and Outbox Event Router, side by side (about 25 minutes).
+# The table of docs/performance.md: walrelay against Debezium's connector and Outbox Event Router, side by side (about 25 minutes).
 bench-debezium *ARGS:
     scripts/bench --peer debezium {{ARGS}}
 

@@ -52,7 +52,7 @@ async fn twenty_kills_during_twenty_thousand_events_leave_every_event_exactly_on
     // What a read_uncommitted reader (the Java consumer's default) gets:
     // every committed record, plus the aborted transactions' copies, each
     // a copy of an event (never anything else but the relay's aborted
-    // cleanup records). The README gives these counts.
+    // cleanup records). docs/guarantees.md gives these counts.
     let uncommitted = stack.broker.consume_all_uncommitted(&stack.topic("eo"));
     let committed: HashSet<(i32, i64)> = records.iter().map(|r| (r.partition, r.offset)).collect();
     let seen: HashSet<(i32, i64)> = uncommitted

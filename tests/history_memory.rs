@@ -2,7 +2,7 @@
 //! counting allocator sees every byte the live state asks for while it is
 //! filled as a busy process fills it in an hour (and more), and the total
 //! must match what `/api/status` reports (`history.heap_bytes`) and stay
-//! under the bound the README states.
+//! under the bound docs/metrics.md states.
 //!
 //! Run with `--nocapture` to see the figures.
 

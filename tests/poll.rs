@@ -157,7 +157,7 @@ async fn setup_for_polling_is_idempotent_numbers_existing_rows_and_check_sees_ev
     );
 }
 
-/// The record the contract (README, "The Kafka record") says a row
+/// The record the contract (docs/configuration.md, "The Kafka record") says a row
 /// becomes, built from the row as PostgreSQL prints it, without walrelay's
 /// router: the oracle both sources are held against.
 struct Expected {

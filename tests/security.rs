@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::workload::{commit_order, confirmed};
 use support::{BrokerChoice, Stack, StackOptions, wait_for};
 
-/// What the relay's principal needs (README, "TLS"): its topics and the
+/// What the relay's principal needs (docs/configuration.md, "TLS"): its topics and the
 /// dead-letter topic (here all under the test's namespace), its
 /// transactional id, idempotent writes.
 fn grant_relay(stack: &Stack) {

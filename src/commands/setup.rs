@@ -216,7 +216,7 @@ fn tables_text(tables: &[(String, String)]) -> String {
         .join(", ")
 }
 
-/// The default outbox table (README, "The outbox"), with the configured column names.
+/// The default outbox table (docs/configuration.md, "The outbox"), with the configured column names.
 pub fn create_table_sql(schema: &str, table: &str, c: &OutboxColumns) -> String {
     let q = quote_ident;
     format!(

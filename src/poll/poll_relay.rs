@@ -525,7 +525,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         }
         // The server rolled the claim back: another relay may take these
         // rows over while this relay's producer still holds their records,
-        // so exactly once falls back to at least once for them (README,
+        // so exactly once falls back to at least once for them (docs/guarantees.md,
         // "Known limits"); counted.
         if self.config.exactly_once && lost.claimed_batch {
             metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "claim_lost")
