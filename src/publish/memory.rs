@@ -546,6 +546,15 @@ impl Sink for MemorySink {
         mut scan: LedgerScan,
     ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>> {
         let state = self.broker.state.lock().unwrap();
+        if state.offline.contains(&(topic.to_owned(), partition)) {
+            // As Kafka: no leader to fetch from.
+            return Box::pin(async {
+                Err(BrokerError {
+                    class: BrokerErrorClass::Transient,
+                    message: "Local: Unknown partition (no leader)".into(),
+                })
+            });
+        }
         let hidden = state.left_open.contains_key(&(topic.to_owned(), partition));
         let log: Vec<(usize, KafkaRecord)> = state
             .logs

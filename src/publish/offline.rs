@@ -6,7 +6,9 @@
 //! Records outstanding for `STALL` make the publisher ask the sink which
 //! of their partitions (and of those the current transaction touched) have
 //! no leader; partitions held are asked again every `RECHECK` until they
-//! have one.
+//! have one. So are partitions whose tail read (exactly once, before their
+//! first send) has failed for `STALL`: after a restart, the records of an
+//! offline partition wait for that read, not inside the producer.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -41,6 +43,8 @@ pub struct Offline {
     /// A question is with the sink.
     asking: bool,
     last_asked: Option<Instant>,
+    /// Partitions whose tail read keeps failing, since its first failure.
+    unread: HashMap<PartitionKey, Instant>,
 }
 
 impl Offline {
@@ -95,13 +99,38 @@ impl Offline {
         self.board.set(held);
     }
 
+    /// `partition`'s tail could not be read.
+    pub fn read_failed(&mut self, partition: &PartitionKey) {
+        self.unread
+            .entry(partition.clone())
+            .or_insert_with(Instant::now);
+    }
+
+    /// `partition`'s tail was read (or its read ended for good).
+    pub fn read_done(&mut self, partition: &PartitionKey) {
+        self.unread.remove(partition);
+    }
+
+    /// Partitions whose tail read has failed for `STALL`.
+    pub fn unread(&self) -> impl Iterator<Item = &PartitionKey> {
+        self.unread
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= STALL)
+            .map(|(key, _)| key)
+    }
+
     /// When to ask next, given when the oldest record outstanding was sent.
     pub fn ask_at(&self, oldest_outstanding: Option<Instant>) -> Option<Instant> {
         if self.asking {
             return None;
         }
         let not_before = self.last_asked.map(|at| at + RECHECK);
-        let stalled = oldest_outstanding.map(|at| at + STALL);
+        let oldest_unread = self.unread.values().min().copied();
+        let stalled = match (oldest_outstanding, oldest_unread) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|at| at + STALL);
         let recheck = (!self.held.is_empty()).then_some(not_before).flatten();
         let at = match (stalled, recheck) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -90,8 +90,9 @@ fn cleanup_index(id: RecordId) -> Option<usize> {
         .map(|index| index as usize)
 }
 /// How long a cleanup waits for its records to be written before it
-/// aborts anyway (a partition that cannot be written is not cleaned).
-const CLEANUP_WAIT: Duration = Duration::from_secs(10);
+/// aborts anyway (a partition that cannot be written is not cleaned):
+/// below the broker-stall timeout's default (5 s).
+const CLEANUP_WAIT: Duration = Duration::from_secs(4);
 /// The header a cleanup record carries.
 pub const CLEANUP_HEADER: &str = "walrelay_cleanup";
 
@@ -350,6 +351,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                         ) =>
                     {
                         let wait = self.pause.failed();
+                        self.offline.read_failed(&key);
                         if error.class == BrokerErrorClass::NotAuthorized {
                             tracing::error!(topic = %key.0, partition = key.1, %error, "exactly once reads each partition's tail, and this principal may not: grant it READ on the topic (or run --delivery at-least-once); its records wait");
                         } else {
@@ -371,6 +373,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                             && self.cleaned.insert(key.clone())
                             && self.txn.clean_up(&key) => {}
                     result => {
+                        self.offline.read_done(&key);
                         let result = result.map(|scan| *scan).map_err(|e| e.to_string());
                         ledgers.scanned(key, started.elapsed().as_secs_f64(), result);
                     }
@@ -398,7 +401,12 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                             SessionIo::Aborted(abort.await)
                         });
                     }
-                    next => self.follow(next, outcomes),
+                    next => {
+                        self.follow(next, outcomes);
+                        if let Some(next) = self.txn.rest_if_stuck() {
+                            self.follow(next, outcomes);
+                        }
+                    }
                 }
             }
             SessionIo::Aborted(result) => {
@@ -496,6 +504,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         }
         let mut asked = self.records.outstanding_partitions();
         asked.extend(self.txn.touched());
+        asked.extend(self.offline.unread().cloned());
         asked.extend(self.offline.held().cloned());
         // Records whose partition the sink picks cannot be asked after;
         // without transactions they wait inside the producer anyway.

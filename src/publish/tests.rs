@@ -282,6 +282,50 @@ async fn a_topic_that_gains_partitions_is_used_with_its_new_count_and_a_shrunk_o
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_partition_offline_before_its_tail_is_read_is_shown_held_and_the_rest_goes_on() {
+    const OTHER: &str = "outbox.event.invoice";
+    let broker = MemoryBroker::default();
+    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
+    // A restart while OTHER's only replica is down: exactly once must read
+    // its tail before sending, and cannot.
+    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    broker.take_offline(OTHER, 0);
+    let mut outcomes = Vec::new();
+    for n in 1..=6 {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        outcomes.extend(publisher.publish(event_to(topic, n)));
+    }
+    assert_eq!(
+        settle(&mut publisher, outcomes, 3).await.unwrap(),
+        [1, 3, 5]
+    );
+    assert!(publisher.held_partitions().is_empty(), "not before STALL");
+    let held = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let held = publisher.held_partitions();
+            if !held.is_empty() {
+                return held;
+            }
+            tokio::select! {
+                outcomes = publisher.next() => panic!("nothing settles: {outcomes:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the partition whose tail cannot be read is shown held");
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].topic.as_str(), held[0].partition), (OTHER, 0));
+    assert!(broker.log(OTHER).is_empty());
+    // The partition is back: its tail is read and its records go, once.
+    broker.bring_online(OTHER, 0);
+    let rest = settle(&mut publisher, Vec::new(), 3).await.unwrap();
+    assert_eq!(rest, [2, 4, 6]);
+    assert_eq!(ids(&broker.log(OTHER)), ["2", "4", "6"].map(String::from));
+    assert!(publisher.held_partitions().is_empty());
+}
+
 /// Event `n` to `topic`, keyed `k{n}` so keys stay in one partition.
 fn event_to(topic: &str, n: u64) -> Outgoing<u64> {
     let mut out = event(n);
@@ -295,6 +339,12 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
     let broker = MemoryBroker::default();
     let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
     publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    // Both partitions' tails are read and written to first; the id's last
+    // transaction before the outage is the online topic's.
+    let first = publisher.publish(event_to(OTHER, 0));
+    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
+    let second = publisher.publish(event_to(TOPIC, 20));
+    assert_eq!(settle(&mut publisher, second, 1).await.unwrap(), [20]);
     // The broker holding the only replica of OTHER's partition is gone.
     broker.take_offline(OTHER, 0);
     let mut outcomes = Vec::new();
@@ -326,9 +376,9 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
     );
     assert_eq!(
         ids(&broker.log(TOPIC)),
-        ["1", "3", "5", "7", "9"].map(String::from)
+        ["20", "1", "3", "5", "7", "9"].map(String::from)
     );
-    assert!(broker.log(OTHER).is_empty());
+    assert_eq!(ids(&broker.log(OTHER)), ["0"].map(String::from));
     let held = publisher.held_partitions();
     assert_eq!(held.len(), 1);
     assert_eq!((held[0].topic.as_str(), held[0].partition), (OTHER, 0));
@@ -351,7 +401,7 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
     assert_eq!(rest, [2, 4, 6, 8, 10]);
     assert_eq!(
         ids(&broker.log(OTHER)),
-        ["2", "4", "6", "8", "10"].map(String::from)
+        ["0", "2", "4", "6", "8", "10"].map(String::from)
     );
     assert!(
         !broker.is_left_open(OTHER, 0),
@@ -366,7 +416,7 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
         1,
         "the id whose transaction there was aborted ended it with one cleanup record; the spare, which never wrote there, did not"
     );
-    assert_eq!(uncommitted.len(), 6, "five events and one cleanup record");
+    assert_eq!(uncommitted.len(), 7, "six events and one cleanup record");
     assert!(publisher.held_partitions().is_empty());
     assert_eq!(
         broker.transactional_ids(),

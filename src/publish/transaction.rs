@@ -261,8 +261,9 @@ impl Transaction {
         for name in names {
             let mut entry = TxnId::new(name.clone());
             if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
+                // What it aborted is not carried over: another process may
+                // have used the id since, and committed there.
                 entry.resting = std::mem::take(&mut old.resting);
-                entry.aborted_in = std::mem::take(&mut old.aborted_in);
             }
             ids.push(entry);
         }
@@ -326,17 +327,12 @@ impl Transaction {
                     self.state = State::Cleaning;
                     Next::CleanUp(self.ids[index].name.clone(), cleanup.partitions.clone())
                 }
-                (Err(error), _)
-                    if !error.ends_producer() && error.class != BrokerErrorClass::Transient =>
-                {
-                    tracing::warn!(%error, "cannot take over the transactional id to clean up; its partitions' events are published again instead");
-                    self.cleanup = None;
-                    Next::Go
-                }
                 (Err(error), _) if error.ends_producer() => Next::EndProducer(error),
+                // Retrying could wait as long as what it would end (its
+                // markers pending on a partition still away): give it up.
                 (Err(error), _) => {
-                    tracing::warn!(%error, "cannot take over the transactional id to clean up yet");
-                    Next::BackOff
+                    tracing::warn!(%error, "cannot take over the transactional id to clean up; its partitions' events are published again instead");
+                    self.give_up_cleanup()
                 }
                 (Ok(()), None) => Next::Go,
             };
@@ -481,9 +477,11 @@ impl Transaction {
     /// last transaction there was aborted cleans up there. Whether any will
     /// (if none, the tail read stands, unsure).
     pub fn clean_up(&mut self, partition: &PartitionKey) -> bool {
+        // An id resting on another partition cannot clean up until that one
+        // is back: the read stands (unsure) rather than wait for it.
         let mut any = false;
         for id in &mut self.ids {
-            if id.aborted_in.contains(partition) {
+            if id.aborted_in.contains(partition) && id.resting.is_empty() {
                 id.to_clean.insert(partition.clone());
                 any = true;
             }
@@ -495,7 +493,7 @@ impl Transaction {
     }
 
     /// The next step of a cleanup, when one is due and no transaction is
-    /// open. An id resting on another partition cleans up once it is back.
+    /// open.
     pub fn next_cleanup(&mut self) -> Option<CleanupStep> {
         if self.state != State::Idle || self.stuck.is_some() || self.cleanup.is_some() {
             return None;
@@ -525,7 +523,6 @@ impl Transaction {
     /// A cleanup's abort finished; `written`: the partitions whose cleanup
     /// record was written (the abort ended what was left open there).
     pub fn cleaned(&mut self, result: Result<(), BrokerError>, written: &[PartitionKey]) -> Next {
-        let given_up = result.is_err();
         match result {
             Ok(()) => {}
             Err(error) if error.ends_producer() => {
@@ -546,6 +543,7 @@ impl Transaction {
                     ));
                 }
                 tracing::warn!(%error, "the cleanup's abort keeps failing: giving it up (its producer is dropped; those partitions' events are published again)");
+                return self.give_up_cleanup();
             }
         }
         self.state = State::Idle;
@@ -555,19 +553,9 @@ impl Transaction {
         let id = &mut self.ids[cleanup.index];
         for key in &cleanup.partitions {
             id.to_clean.remove(key);
-            if written.contains(key) && !given_up {
+            if written.contains(key) {
                 id.aborted_in.remove(key);
             }
-        }
-        if given_up {
-            id.ready = false;
-            let abandon = id.name.clone();
-            if self.current == Some(cleanup.index) {
-                self.current = None;
-                self.id = None;
-                self.state = State::Uninitialized;
-            }
-            return Next::CleanupGivenUp(abandon, cleanup.partitions);
         }
         let current = self.current.map(|i| self.ids[i].name.clone());
         if current.is_none() {
@@ -578,6 +566,35 @@ impl Transaction {
             }
         }
         Next::Cleaned(current, cleanup.partitions)
+    }
+
+    /// The cleanup under way is given up: its id's producer is dropped
+    /// (taken over anew when next needed). Where that id was the current one,
+    /// it rests on what it is stuck on, and the other carries on.
+    fn give_up_cleanup(&mut self) -> Next {
+        self.state = State::Uninitialized;
+        let Some(cleanup) = self.cleanup.take() else {
+            return Next::Go;
+        };
+        let index = cleanup.index;
+        let id = &mut self.ids[index];
+        for key in &cleanup.partitions {
+            id.to_clean.remove(key);
+        }
+        id.ready = false;
+        let abandon = id.name.clone();
+        if self.current == Some(index) {
+            id.resting.extend(self.stuck.take().unwrap_or_default());
+            id.touched.clear();
+            id.previous.clear();
+            self.must_abort = false;
+            self.current = None;
+            self.id = None;
+        }
+        if self.current.is_some() || self.pick().is_some() {
+            self.state = State::Idle;
+        }
+        Next::CleanupGivenUp(abandon, cleanup.partitions)
     }
 
     /// A stuck id whose commit or abort ended meanwhile rests now.
@@ -742,7 +759,9 @@ impl Transaction {
         if let Some(index) = self.current {
             let id = &mut self.ids[index];
             for key in &id.touched {
-                if aborted {
+                // Where the transaction before touched it too, what is left
+                // open there may be that one, committed.
+                if aborted && !id.previous.contains(key) {
                     id.aborted_in.insert(key.clone());
                 } else {
                     id.aborted_in.remove(key);
@@ -905,7 +924,13 @@ mod tests {
             "an abort could take back what the id committed there"
         );
         assert_eq!(t.next_cleanup(), None);
+        transaction_in(&mut t, &p, false).await;
+        assert!(
+            !t.clean_up(&p),
+            "the transaction before wrote there too: what is left open may be that one, committed"
+        );
 
+        transaction_in(&mut t, &key("outbox.event.invoice", 0), true).await;
         transaction_in(&mut t, &p, false).await;
         assert!(t.clean_up(&p));
         assert_eq!(
@@ -920,6 +945,7 @@ mod tests {
         assert!(!t.clean_up(&p), "once ended, never again");
 
         // An aborted transaction followed by a committed one: no cleanup.
+        transaction_in(&mut t, &key("outbox.event.invoice", 0), true).await;
         transaction_in(&mut t, &p, false).await;
         transaction_in(&mut t, &p, true).await;
         assert!(!t.clean_up(&p));
@@ -968,9 +994,41 @@ mod tests {
         ));
         assert_eq!(t.next_cleanup(), None, "not tried again");
         assert_eq!(
-            t.take_initialization().as_deref(),
-            Some("walrelay.7.s"),
-            "its producer is taken over anew"
+            t.id.as_deref(),
+            Some("walrelay.7.s.spare"),
+            "the spare carries on"
+        );
+        assert!(t.may_send());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_back_is_not_held_for_an_id_resting_on_another() {
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        t.began(0);
+        t.sent_to(&key("a", 0));
+        t.sent_to(&key("b", 1));
+        assert!(t.leaderless(&[key("b", 1)].into()).is_none());
+        assert_eq!(t.due(2, false), Some(End::Abort));
+        assert!(matches!(t.aborted(Ok(()), true), Next::Rest { .. }));
+        assert!(
+            !t.clean_up(&key("a", 0)),
+            "the id that aborted there rests on b: a's read stands, unsure, rather than wait for b"
+        );
+        t.back(&[key("b", 1)].into());
+        assert!(t.clean_up(&key("a", 0)), "once b is back, it cleans up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_an_id_aborted_is_not_carried_into_a_new_session() {
+        let p = key("outbox.event.order", 0);
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        transaction_in(&mut t, &p, false).await;
+        ready(&mut t);
+        assert!(
+            !t.clean_up(&p),
+            "another process may have committed there under the id since"
         );
     }
 
