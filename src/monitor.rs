@@ -74,7 +74,7 @@ pub enum OutboxProblem {
     )]
     PublicationDropped { publication: String },
     #[error(
-        "outbox table {schema}.{table} was dropped: recreate it (walrelay setup) and add it to the publication, or remove it from --table"
+        "outbox table {schema}.{table} was dropped (or renamed while the relay was not running): rename it back, or recreate it (walrelay setup) and add it to the publication, or remove it from --table"
     )]
     TableDropped { schema: String, table: String },
     #[error(

@@ -39,6 +39,7 @@ async fn stops_before_the_first_hidden_insert(
     change: &str,
     insert: &str,
     expected: &[&str],
+    on_restart: &str,
 ) {
     let client = &stack.client;
     let mut relay = stack.relay(&[]);
@@ -93,7 +94,7 @@ async fn stops_before_the_first_hidden_insert(
     let mut again = stack.relay(&[]);
     let (code, log) = exit_of(&mut again).await;
     assert_eq!(code, Some(1), "{log}");
-    assert!(log.contains(expected[0]), "{log}");
+    assert!(log.contains(on_restart), "{log}");
     assert_eq!(stack.confirmed().await, confirmed);
 }
 
@@ -111,6 +112,7 @@ async fn a_publication_altered_to_drop_inserts_stops_the_relay_before_it_confirm
             "publication \"walrelay\" no longer publishes inserts",
             "ALTER PUBLICATION \"walrelay\" SET (publish = 'insert, update, delete, truncate')",
         ],
+        "publication \"walrelay\" no longer publishes inserts",
     )
     .await;
 }
@@ -130,6 +132,7 @@ async fn a_row_filter_on_the_outbox_stops_the_relay_before_it_confirms_past_a_fi
             "publishes outbox table public.outbox only WHERE",
             "ALTER PUBLICATION \"walrelay\" DROP TABLE \"public\".\"outbox\"; ALTER PUBLICATION \"walrelay\" ADD TABLE \"public\".\"outbox\"",
         ],
+        "publishes outbox table public.outbox only WHERE",
     )
     .await;
 }
@@ -148,6 +151,7 @@ async fn a_column_list_without_the_relays_columns_stops_the_relay_and_names_them
         &[
             "publishes only some columns of outbox table public.outbox, not payload, headers, created_at",
         ],
+        "publishes only some columns of outbox table public.outbox",
     )
     .await;
 }
@@ -163,6 +167,8 @@ async fn a_renamed_outbox_table_stops_the_relay_before_it_confirms_past_its_inse
             "outbox table public.outbox was renamed to public.outbox_old",
             "ALTER TABLE public.outbox_old RENAME TO \"outbox\"",
         ],
+        // A new process cannot know the table's OID from before.
+        "outbox table public.outbox was dropped (or renamed while the relay was not running)",
     )
     .await;
 }
