@@ -155,6 +155,20 @@ fn after_the_fix(slot: &str) -> String {
     )
 }
 
+/// The columns the relay reads from an outbox row (a publication's column
+/// list must keep them).
+pub fn relay_columns(c: &crate::router::OutboxColumns) -> Vec<String> {
+    vec![
+        c.id.clone(),
+        c.aggregate_type.clone(),
+        c.aggregate_id.clone(),
+        c.event_type.clone(),
+        c.payload.clone(),
+        c.headers.clone(),
+        c.created_at.clone(),
+    ]
+}
+
 /// What the publication must do for the relay, and the outbox tables'
 /// identities (OIDs) as first seen, to notice a table renamed or replaced.
 #[derive(Clone, Debug)]

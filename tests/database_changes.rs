@@ -242,6 +242,15 @@ async fn setup_after_a_dropped_slot_refuses_to_make_it_again_and_names_recover()
         );
     }
 
+    // The preflight says so too.
+    let out = walrelay(&["check", "--pg-url", &url]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL  replication slot \"walrelay\" does not exist, but walrelay made or streamed from it before"),
+        "{stdout}"
+    );
+
     // The operator accepts the loss explicitly.
     let out = walrelay(&["setup", "--pg-url", &url, "--new-slot"]);
     assert!(
@@ -349,6 +358,15 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_stops_the_relay_with_the_r
     if pg_major() >= 17 {
         assert!(log.contains("reason wal_removed"), "{log}");
     }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args(["check", "--pg-url", &stack.url()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL  replication slot \"walrelay\" was invalidated"),
+        "{stdout}"
+    );
     assert!(
         stack
             .broker

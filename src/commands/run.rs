@@ -201,16 +201,7 @@ pub async fn listen(addr: &str) -> Result<tokio::net::TcpListener, String> {
 /// The columns the relay reads from an outbox row: a publication's column
 /// list must keep them.
 fn needed_columns(router: &RouterConfig) -> Vec<String> {
-    let c = &router.columns;
-    let mut columns = vec![
-        c.id.clone(),
-        c.aggregate_type.clone(),
-        c.aggregate_id.clone(),
-        c.event_type.clone(),
-        c.payload.clone(),
-        c.headers.clone(),
-        c.created_at.clone(),
-    ];
+    let mut columns = crate::monitor::relay_columns(&router.columns);
     columns.extend(router.header_columns.iter().map(|h| h.column.clone()));
     columns
 }
