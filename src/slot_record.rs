@@ -49,11 +49,15 @@ fn tables_text(tables: &[(String, String)]) -> Vec<String> {
     tables.iter().map(|(s, t)| format!("{s}.{t}")).collect()
 }
 
-/// Creates the record's table if it is missing.
+/// Creates the record's table if it is missing (only then: a role that
+/// may not create tables in the schema can still use one made by setup).
 pub async fn ensure_table(client: &Client, schema: &str) -> Result<(), SqlError> {
+    if table_exists(client, schema).await? {
+        return Ok(());
+    }
     client
         .batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (
+            "CREATE TABLE IF NOT EXISTS {0} (
   slot_name     text PRIMARY KEY,
   publication   text NOT NULL,
   tables        text[] NOT NULL,
@@ -63,8 +67,7 @@ pub async fn ensure_table(client: &Client, schema: &str) -> Result<(), SqlError>
   confirmed_lsn pg_lsn,
   confirmed_at  timestamptz
 );
-COMMENT ON TABLE {} IS 'walrelay: the replication slots it made and streamed from (see walrelay setup --new-slot)'",
-            table(schema),
+COMMENT ON TABLE {0} IS 'walrelay: the replication slots it made and streamed from (see walrelay setup --new-slot)'",
             table(schema)
         ))
         .await

@@ -233,10 +233,21 @@ async fn ensure_slot(
             false
         }
     };
-    let record = if recording {
-        slot_record::find(&client, &schema, &config.slot).await?
+    let (recording, record) = if recording {
+        match slot_record::find(&client, &schema, &config.slot).await {
+            Ok(record) => (true, record),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read walrelay's record of its slots in {schema}.{}: a dropped slot cannot be told from one never made; grant this role SELECT, INSERT, UPDATE on it", slot_record::TABLE);
+                (false, None)
+            }
+        }
     } else {
-        None
+        (false, None)
+    };
+    // The record guards against making a slot again; failing to update it
+    // only costs the time in a later error message.
+    let note = |what: &str, e: crate::sql::SqlError| {
+        tracing::warn!(error = %e, "cannot {what} in {schema}.{}", slot_record::TABLE);
     };
     let was_in_use = record.is_some();
     let last = record.map(|r| r.last).unwrap_or_default();
@@ -262,7 +273,7 @@ async fn ensure_slot(
             }
             let lsn = catalog::create_logical_slot(&client, &config.slot, true).await?;
             if recording {
-                slot_record::created(
+                if let Err(e) = slot_record::created(
                     &client,
                     &schema,
                     &config.slot,
@@ -270,7 +281,10 @@ async fn ensure_slot(
                     &config.router.tables,
                     &lsn,
                 )
-                .await?;
+                .await
+                {
+                    note("record the new slot", e);
+                }
             }
             tracing::info!(slot = %config.slot, "created replication slot");
         }
@@ -288,14 +302,17 @@ async fn ensure_slot(
         ),
     }
     if recording {
-        slot_record::used(
+        if let Err(e) = slot_record::used(
             &client,
             &schema,
             &config.slot,
             &config.publication,
             &config.router.tables,
         )
-        .await?;
+        .await
+        {
+            note("record the slot's use", e);
+        }
     }
     Ok((recording.then_some(schema), last))
 }
