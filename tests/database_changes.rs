@@ -374,3 +374,43 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_stops_the_relay_with_the_r
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publications_for_all_tables_or_a_schema_count_as_covering_the_outbox() {
+    let stack = Stack::start("allpubs").await;
+    let client = &stack.client;
+    let mut kinds = vec![("all_tables", "FOR ALL TABLES")];
+    if pg_major() >= 15 {
+        kinds.push(("in_schema", "FOR TABLES IN SCHEMA public"));
+    }
+    for (name, what) in kinds {
+        client
+            .batch_execute(&format!("CREATE PUBLICATION {name} {what}"))
+            .await
+            .unwrap();
+        let slot = format!("slot_{name}");
+        let mut relay = stack.relay(&["--publication", name, "--slot", &slot, "--create-slot"]);
+        stack.insert_events(name, 2).await;
+        assert_eq!(
+            stack
+                .broker
+                .consume(&stack.topic(name), 2, Duration::from_secs(30))
+                .len(),
+            2,
+            "{}",
+            relay.log()
+        );
+        // The checks pass, so the slot confirms the events.
+        let written = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
+        wait_for(
+            &format!("slot {slot} to confirm {written}"),
+            Duration::from_secs(30),
+            async || (support::workload::confirmed(client, &slot).await >= written).then_some(()),
+        )
+        .await;
+        assert_eq!(
+            relay.terminate(Duration::from_secs(30)).await.code(),
+            Some(0)
+        );
+    }
+}
