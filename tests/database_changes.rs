@@ -390,6 +390,12 @@ async fn publications_for_all_tables_or_a_schema_count_as_covering_the_outbox() 
             .unwrap();
         let slot = format!("slot_{name}");
         let mut relay = stack.relay(&["--publication", name, "--slot", &slot, "--create-slot"]);
+        // The slot starts where the relay makes it: write after that.
+        wait_for("the relay to stream", Duration::from_secs(30), async || {
+            let (code, _) = relay.http_get("/readyz").await?;
+            (code == 200).then_some(())
+        })
+        .await;
         stack.insert_events(name, 2).await;
         assert_eq!(
             stack
