@@ -62,6 +62,89 @@ pub async fn publication_covers(
         .get(0))
 }
 
+/// What a publication does with one table's inserts: what pgoutput reads
+/// to decide whether an INSERT becomes a message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishedTable {
+    /// `publish` includes `insert`.
+    pub inserts: bool,
+    /// The table is in it (listed, FOR ALL TABLES, or TABLES IN SCHEMA).
+    pub covered: bool,
+    /// Its row filter (15+), as `pg_get_expr` prints it.
+    pub row_filter: Option<String>,
+    /// The columns it publishes (15+); `None` when the server does not say.
+    pub columns: Option<Vec<String>>,
+}
+
+/// How `publication` publishes `schema.table`; `None` when the publication
+/// does not exist. Row filters and column lists (15+) come through
+/// `to_jsonb`, so the query runs on PostgreSQL 14 to 18.
+pub async fn published_table(
+    client: &Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Option<PublishedTable>, SqlError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT p.pubinsert, t.pubname IS NOT NULL, to_jsonb(t) ->> 'rowfilter',
+                    (to_jsonb(t) -> 'attnames')::text
+             FROM pg_publication p
+             LEFT JOIN pg_publication_tables t
+               ON t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3
+             WHERE p.pubname = $1",
+            &[&publication, &schema, &table],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let columns: Option<String> = row.get(3);
+    Ok(Some(PublishedTable {
+        inserts: row.get(0),
+        covered: row.get(1),
+        row_filter: row.get(2),
+        columns: columns.and_then(|json| serde_json::from_str(&json).ok()),
+    }))
+}
+
+/// A table's OID by name; `None` when no relation has that name.
+pub async fn table_oid(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<u32>, SqlError> {
+    Ok(client
+        .query_one("SELECT to_regclass($1)::oid", &[&qualified(schema, table)])
+        .await?
+        .get(0))
+}
+
+/// The `schema.table` a relation OID has now; `None` once it is dropped.
+pub async fn table_name_of(client: &Client, oid: u32) -> Result<Option<String>, SqlError> {
+    Ok(client
+        .query_opt(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}
+
+/// The server's WAL position now (its replay position on a standby), and
+/// its clock (UTC, RFC 3339).
+pub async fn wal_position(client: &Client) -> Result<(String, String), SqlError> {
+    let row = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
+                    to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// A replication slot's plugin, database, and failover state (17+).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotInfo {

@@ -24,4 +24,6 @@ pub mod relay;
 pub mod replication;
 pub mod router;
 pub mod shutdown;
+pub mod slot_health;
+pub mod slot_record;
 pub mod sql;

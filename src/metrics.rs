@@ -7,6 +7,8 @@ pub const SLOT_LAG_BYTES: &str = "walrelay_slot_lag_bytes";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "walrelay_slot_retained_wal_bytes";
 pub const SLOT_ACTIVE: &str = "walrelay_slot_active";
 pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walrelay_slot_safe_wal_size_bytes";
+pub const MAX_SLOT_WAL_KEEP_SIZE_BYTES: &str = "walrelay_max_slot_wal_keep_size_bytes";
+pub const VERIFIED_LSN: &str = "walrelay_publication_verified_lsn";
 pub const SLOT_WAL_STATUS: &str = "walrelay_slot_wal_status";
 pub const SLOT_WRITE_LAG_SECONDS: &str = "walrelay_slot_write_lag_seconds";
 pub const SLOT_FLUSH_LAG_SECONDS: &str = "walrelay_slot_flush_lag_seconds";
@@ -73,6 +75,15 @@ pub fn describe() {
         SLOT_SAFE_WAL_SIZE_BYTES,
         Unit::Bytes,
         "WAL that can still be written before the slot is in danger of losing required WAL (safe_wal_size; -1 when unlimited)"
+    );
+    describe_gauge!(
+        MAX_SLOT_WAL_KEEP_SIZE_BYTES,
+        Unit::Bytes,
+        "the server's max_slot_wal_keep_size (-1 when unlimited): what safe_wal_size counts down from"
+    );
+    describe_gauge!(
+        VERIFIED_LSN,
+        "the WAL position up to which the publication was last seen publishing every insert of the outbox: the relay confirms nothing past it"
     );
     describe_gauge!(
         SLOT_WAL_STATUS,
@@ -263,6 +274,8 @@ pub const ALL: &[&str] = &[
     SLOT_RETAINED_WAL_BYTES,
     SLOT_ACTIVE,
     SLOT_SAFE_WAL_SIZE_BYTES,
+    MAX_SLOT_WAL_KEEP_SIZE_BYTES,
+    VERIFIED_LSN,
     SLOT_WAL_STATUS,
     SLOT_WRITE_LAG_SECONDS,
     SLOT_FLUSH_LAG_SECONDS,

@@ -1,20 +1,46 @@
-//! The slot monitor: every few seconds, on its own SQL connection, reads
-//! the slot's lag and retained WAL and exports them, and checks that the
-//! outbox tables and the publication are still there. A failed reading is
-//! logged and counted and never stops the stream; a dropped table or
-//! publication is a [`Finding`] the relay acts on.
+//! The slot monitor: every second, on its own SQL connection, reads the
+//! slot's lag and retained WAL and exports them, checks that the slot can
+//! still stream every event, and checks that the publication still
+//! publishes every insert of the outbox tables. A failed reading is logged
+//! and counted and never stops the stream; a slot or publication that
+//! loses events is a [`Finding`] the relay stops on.
+//!
+//! # Confirming only what was checked
+//!
+//! pgoutput decides with the publication as it was when each change was
+//! written (it reads the catalog through a historic snapshot), so a change
+//! to the publication takes effect in the stream at its commit LSN. Each
+//! check reads the server's WAL position first, then the publication: if
+//! the publication is still right, every commit below that position was
+//! decoded with a right publication, and the position is published as the
+//! *verified LSN*. The relay never confirms past it (`relay/confirmer.rs`).
+//! Once a check fails the verified LSN never moves again, so the slot keeps
+//! every change from before the alteration and the relay stops.
+//!
+//! What stays racy, and is documented in docs/runbooks/publication-changed.md:
+//! an ALTER whose commit record is written but not yet visible when the
+//! check reads the catalog (microseconds) is first seen by the next check,
+//! which is still before the cap moves past it except in that window; and
+//! a change undone between two checks (within a second) is never seen, so
+//! the inserts committed meanwhile are decoded away unnoticed.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::catalog::{self, SlotSnapshot, quote_ident};
 use crate::live::LiveState;
+use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::replication::ConnectionConfig;
+use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::sql::{SqlClient, SqlError, SqlSession};
+
+/// How often, at most, the slot's confirmed position is written to
+/// walrelay's record (`walrelay_slots`).
+const RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// How often the slot is read: the dashboard's history has a sample a
 /// second.
@@ -27,15 +53,19 @@ const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 pub enum Finding {
     /// The outbox can no longer be streamed: the relay stops with the fix.
     Outbox(OutboxProblem),
+    /// The slot is missing or invalidated: the relay stops with the
+    /// recover command.
+    Slot(SlotProblem),
     /// PostgreSQL is shutting down (it ended the monitor's session and
     /// refuses new ones): the relay ends its replication session at once,
     /// so the walsender does not hold the shutdown while events drain.
     ServerStopping,
 }
 
-/// A dropped outbox table or publication, or a table the publication no
-/// longer covers: changes to it are not streamed, so relaying on would
-/// silently skip events.
+/// A dropped outbox table or publication, a table the publication no
+/// longer covers or publishes only in part, or a table renamed or
+/// replaced: its inserts are not streamed, so relaying on would silently
+/// skip events.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OutboxProblem {
     #[error(
@@ -44,7 +74,7 @@ pub enum OutboxProblem {
     )]
     PublicationDropped { publication: String },
     #[error(
-        "outbox table {schema}.{table} was dropped: recreate it (walrelay setup) and add it to the publication, or remove it from --table"
+        "outbox table {schema}.{table} was dropped (or renamed while the relay was not running): rename it back, or recreate it (walrelay setup) and add it to the publication, or remove it from --table"
     )]
     TableDropped { schema: String, table: String },
     #[error(
@@ -57,6 +87,216 @@ pub enum OutboxProblem {
         schema: String,
         table: String,
     },
+    #[error(
+        "publication {publication:?} no longer publishes inserts: pgoutput decodes every insert into the outbox away, so their events would be lost. The relay stopped before confirming past the change. Restore it: ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate'). {}",
+        quote_ident(publication),
+        after_the_fix(slot)
+    )]
+    NoInserts { publication: String, slot: String },
+    #[error(
+        "publication {publication:?} publishes outbox table {schema}.{table} only WHERE {filter}: pgoutput decodes the other inserts away, so their events would be lost. The relay stopped before confirming past the change. Remove the row filter: BEGIN; ALTER PUBLICATION {p} DROP TABLE {t}; ALTER PUBLICATION {p} ADD TABLE {t}; COMMIT. {}",
+        after_the_fix(slot),
+        p = quote_ident(publication),
+        t = catalog::qualified(schema, table)
+    )]
+    RowFilter {
+        publication: String,
+        schema: String,
+        table: String,
+        filter: String,
+        slot: String,
+    },
+    #[error(
+        "publication {publication:?} publishes only some columns of outbox table {schema}.{table}, not {}: events would go out without them. The relay stopped before confirming past the change. Publish every column: BEGIN; ALTER PUBLICATION {p} DROP TABLE {t}; ALTER PUBLICATION {p} ADD TABLE {t}; COMMIT. {}",
+        missing.join(", "),
+        after_the_fix(slot),
+        p = quote_ident(publication),
+        t = catalog::qualified(schema, table)
+    )]
+    ColumnList {
+        publication: String,
+        schema: String,
+        table: String,
+        missing: Vec<String>,
+        slot: String,
+    },
+    #[error(
+        "outbox table {schema}.{table} was renamed to {now}: its inserts now arrive under a name the relay does not route. Rename it back (ALTER TABLE {now} RENAME TO {}) or point --table at {now}. {}",
+        quote_ident(table),
+        after_the_fix(slot)
+    )]
+    TableRenamed {
+        schema: String,
+        table: String,
+        now: String,
+        slot: String,
+    },
+    #[error(
+        "outbox table {schema}.{table} is another table now (OID {was}, now {now}): it was dropped and made again, or swapped by renames, while the relay streamed. Make sure publication {publication:?} covers the new one (ALTER PUBLICATION {} ADD TABLE {}), then start the relay again. {}",
+        quote_ident(publication),
+        catalog::qualified(schema, table),
+        after_the_fix(slot)
+    )]
+    TableReplaced {
+        publication: String,
+        schema: String,
+        table: String,
+        was: u32,
+        now: u32,
+        slot: String,
+    },
+}
+
+/// What to say after the fix of a changed publication or table.
+fn after_the_fix(slot: &str) -> String {
+    format!(
+        "Inserts committed while it was changed are not streamed even after the fix (pgoutput reads the publication as it was when each change was written): if there were any, bring them back from the outbox table with `{}`. See docs/runbooks/publication-changed.md",
+        slot_health::recover_command(slot)
+    )
+}
+
+/// The columns the relay reads from an outbox row (a publication's column
+/// list must keep them).
+pub fn relay_columns(c: &crate::router::OutboxColumns) -> Vec<String> {
+    vec![
+        c.id.clone(),
+        c.aggregate_type.clone(),
+        c.aggregate_id.clone(),
+        c.event_type.clone(),
+        c.payload.clone(),
+        c.headers.clone(),
+        c.created_at.clone(),
+    ]
+}
+
+/// What the publication must do for the relay, and the outbox tables'
+/// identities (OIDs) as first seen, to notice a table renamed or replaced.
+#[derive(Clone, Debug)]
+pub struct OutboxWatch {
+    slot: String,
+    publication: String,
+    tables: Vec<(String, String)>,
+    /// The columns the relay reads (the configured outbox columns).
+    columns: Vec<String>,
+    oids: Vec<Option<u32>>,
+}
+
+impl OutboxWatch {
+    pub fn new(
+        slot: &str,
+        publication: &str,
+        tables: &[(String, String)],
+        columns: Vec<String>,
+    ) -> Self {
+        OutboxWatch {
+            slot: slot.to_owned(),
+            publication: publication.to_owned(),
+            tables: tables.to_vec(),
+            columns,
+            oids: vec![None; tables.len()],
+        }
+    }
+
+    /// Checks the publication and the tables now; the first problem found.
+    pub async fn check(&mut self, client: &SqlClient) -> Result<Option<OutboxProblem>, SqlError> {
+        let publication = self.publication.clone();
+        if !catalog::publication_exists(client, &publication).await? {
+            return Ok(Some(OutboxProblem::PublicationDropped { publication }));
+        }
+        for i in 0..self.tables.len() {
+            if let Some(problem) = self.check_table(client, i).await? {
+                return Ok(Some(problem));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn check_table(
+        &mut self,
+        client: &SqlClient,
+        i: usize,
+    ) -> Result<Option<OutboxProblem>, SqlError> {
+        let (schema, table) = self.tables[i].clone();
+        let (publication, slot) = (self.publication.clone(), self.slot.clone());
+        let oid = catalog::table_oid(client, &schema, &table).await?;
+        match (self.oids[i], oid) {
+            (Some(was), None) => {
+                if let Some(now) = catalog::table_name_of(client, was).await? {
+                    return Ok(Some(OutboxProblem::TableRenamed {
+                        schema,
+                        table,
+                        now,
+                        slot,
+                    }));
+                }
+                return Ok(Some(OutboxProblem::TableDropped { schema, table }));
+            }
+            (None, None) => return Ok(Some(OutboxProblem::TableDropped { schema, table })),
+            (Some(was), Some(now)) if was != now => {
+                return Ok(Some(OutboxProblem::TableReplaced {
+                    publication,
+                    schema,
+                    table,
+                    was,
+                    now,
+                    slot,
+                }));
+            }
+            (None, Some(now)) => self.oids[i] = Some(now),
+            _ => {}
+        }
+        let Some(published) =
+            catalog::published_table(client, &publication, &schema, &table).await?
+        else {
+            return Ok(Some(OutboxProblem::PublicationDropped { publication }));
+        };
+        if !published.inserts {
+            return Ok(Some(OutboxProblem::NoInserts { publication, slot }));
+        }
+        if !published.covered {
+            return Ok(Some(OutboxProblem::TableNotCovered {
+                publication,
+                schema,
+                table,
+            }));
+        }
+        if let Some(filter) = published.row_filter {
+            return Ok(Some(OutboxProblem::RowFilter {
+                publication,
+                schema,
+                table,
+                filter,
+                slot,
+            }));
+        }
+        if let Some(published_columns) = published.columns {
+            let unpublished: Vec<&String> = self
+                .columns
+                .iter()
+                .filter(|c| !published_columns.contains(c))
+                .collect();
+            if !unpublished.is_empty() {
+                // Only columns the table has: an optional column the table
+                // lacks is not missing from the publication.
+                let existing = catalog::table_columns(client, &schema, &table).await?;
+                let missing: Vec<String> = unpublished
+                    .into_iter()
+                    .filter(|c| existing.iter().any(|(name, _)| name == *c))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    return Ok(Some(OutboxProblem::ColumnList {
+                        publication,
+                        schema,
+                        table,
+                        missing,
+                        slot,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// What the monitor watches.
@@ -64,17 +304,35 @@ pub enum OutboxProblem {
 pub struct MonitorConfig {
     pub pg: ConnectionConfig,
     pub slot: String,
-    pub publication: String,
-    pub tables: Vec<(String, String)>,
+    pub outbox: OutboxWatch,
+    /// The schema of walrelay's record of its slots, if it has one there.
+    pub record_schema: Option<String>,
+    /// The slot's last confirmed position as the record had it at start.
+    pub last_confirmed: LastConfirmed,
 }
 
-/// Starts the monitor task; its findings arrive on the returned channel.
-pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Finding> {
+/// Starts the monitor task. Its findings arrive on the returned channel;
+/// the verified LSN (see the module's doc) on the watch.
+pub fn spawn(
+    config: MonitorConfig,
+    live: Arc<LiveState>,
+) -> (mpsc::Receiver<Finding>, watch::Receiver<Lsn>) {
     let (tx, rx) = mpsc::channel(4);
+    let (verified_tx, verified_rx) = watch::channel(Lsn::ZERO);
+    let MonitorConfig {
+        pg,
+        slot,
+        mut outbox,
+        record_schema,
+        mut last_confirmed,
+    } = config;
     tokio::spawn(async move {
-        let mut session = SqlSession::new(config.pg.clone());
+        let mut session = SqlSession::new(pg);
         let mut tick = tokio::time::interval(INTERVAL);
         let mut last_failure = None;
+        // Once anything loses events, the verified LSN stays where it is.
+        let mut stopped = false;
+        let mut recorded: Option<(String, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -105,13 +363,44 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
                     continue;
                 }
             };
-            match catalog::slots(client, Some(&config.slot)).await {
+            // The WAL position before the catalog is read: see the module's doc.
+            let (position, now) = match catalog::wal_position(client).await {
+                Ok((lsn, now)) => (lsn.parse::<Lsn>().ok(), now),
+                Err(e) => {
+                    failed(
+                        &live,
+                        &mut last_failure,
+                        format!("slot monitor query failed: {e}"),
+                    );
+                    continue;
+                }
+            };
+            match catalog::slots(client, Some(&slot)).await {
                 Ok(slots) => {
                     let snapshot = slots.into_iter().next();
-                    export(&config.slot, snapshot.as_ref());
+                    export(&slot, snapshot.as_ref());
+                    if let Some(lsn) = snapshot
+                        .as_ref()
+                        .and_then(|s| s.confirmed_flush_lsn.clone())
+                    {
+                        if last_confirmed.lsn.as_ref() != Some(&lsn) {
+                            last_confirmed = LastConfirmed::seen(lsn, now.clone());
+                        }
+                    }
+                    if let Some(schema) = &record_schema {
+                        record(client, schema, &slot, &last_confirmed, &mut recorded).await;
+                    }
+                    let problem =
+                        slot_health::assess(&slot, snapshot.as_ref(), last_confirmed.clone());
                     live.set_slot(snapshot);
                     if let Ok(limit) = catalog::max_slot_wal_keep_size(client).await {
                         live.set_wal_keep_limit(limit);
+                        metrics::gauge!(m::MAX_SLOT_WAL_KEEP_SIZE_BYTES)
+                            .set(limit.map_or(-1.0, |v| v as f64));
+                    }
+                    if let Some(problem) = problem {
+                        stopped = true;
+                        let _ = tx.try_send(Finding::Slot(problem));
                     }
                 }
                 Err(e) => failed(
@@ -120,12 +409,23 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
                     format!("slot monitor query failed: {e}"),
                 ),
             }
-            match outbox_problem(client, &config.publication, &config.tables).await {
+            match outbox.check(client).await {
                 Ok(Some(problem)) => {
+                    stopped = true;
                     // The relay ends on the first; a full channel means it has one.
                     let _ = tx.try_send(Finding::Outbox(problem));
                 }
-                Ok(None) => last_failure = None,
+                Ok(None) => {
+                    last_failure = None;
+                    if let (false, Some(lsn)) = (stopped, position) {
+                        verified_tx.send_if_modified(|v| {
+                            let moved = lsn > *v;
+                            *v = (*v).max(lsn);
+                            moved
+                        });
+                        metrics::gauge!(m::VERIFIED_LSN).set(verified_tx.borrow().0 as f64);
+                    }
+                }
                 Err(e) => failed(
                     &live,
                     &mut last_failure,
@@ -134,35 +434,32 @@ pub fn spawn(config: MonitorConfig, live: Arc<LiveState>) -> mpsc::Receiver<Find
             }
         }
     });
-    rx
+    (rx, verified_rx)
 }
 
-async fn outbox_problem(
+/// Writes the slot's confirmed position to walrelay's record when it
+/// moved, at most every [`RECORD_EVERY`]; a failure is only logged (the
+/// record says since when events are missing, it guards nothing).
+async fn record(
     client: &SqlClient,
-    publication: &str,
-    tables: &[(String, String)],
-) -> Result<Option<OutboxProblem>, SqlError> {
-    if !catalog::publication_exists(client, publication).await? {
-        return Ok(Some(OutboxProblem::PublicationDropped {
-            publication: publication.to_owned(),
-        }));
-    }
-    for (schema, table) in tables {
-        if !catalog::table_exists(client, schema, table).await? {
-            return Ok(Some(OutboxProblem::TableDropped {
-                schema: schema.clone(),
-                table: table.clone(),
-            }));
-        }
-        if !catalog::publication_covers(client, publication, schema, table).await? {
-            return Ok(Some(OutboxProblem::TableNotCovered {
-                publication: publication.to_owned(),
-                schema: schema.clone(),
-                table: table.clone(),
-            }));
+    schema: &str,
+    slot: &str,
+    last: &LastConfirmed,
+    recorded: &mut Option<(String, tokio::time::Instant)>,
+) {
+    let Some(lsn) = &last.lsn else { return };
+    if let Some((was, at)) = recorded {
+        if was == lsn || at.elapsed() < RECORD_EVERY {
+            return;
         }
     }
-    Ok(None)
+    match crate::slot_record::confirmed(client, schema, slot, lsn).await {
+        Ok(()) => *recorded = Some((lsn.clone(), tokio::time::Instant::now())),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot record the slot's confirmed position");
+            *recorded = Some((String::new(), tokio::time::Instant::now()));
+        }
+    }
 }
 
 /// The server refuses connections because it is shutting down.

@@ -81,7 +81,7 @@ async fn a_dropped_slot_ends_the_relay_with_its_fix() {
         log.contains("replication slot \"walrelay\" does not exist"),
         "{log}"
     );
-    assert!(log.contains("run `walrelay setup` to create it"), "{log}");
+    assert!(log.contains("walrelay recover --slot walrelay"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

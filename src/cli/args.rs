@@ -123,6 +123,12 @@ pub struct SetupArgs {
     /// slots on standbys with sync_replication_slots = on).
     #[arg(long, env = "WALRELAY_NO_FAILOVER")]
     pub no_failover: bool,
+    /// Make the slot even though walrelay streamed from a slot of that name
+    /// that is gone (dropped, invalidated, or not on a promoted server).
+    /// Events committed since it was lost are then never streamed: prefer
+    /// `walrelay recover`. Never put this in an init container.
+    #[arg(long, env = "WALRELAY_NEW_SLOT")]
+    pub new_slot: bool,
     /// wal: the publication and the slot; poll: the columns, triggers and
     /// index `run --source poll` needs (no logical replication).
     #[arg(long, env = "WALRELAY_SOURCE", value_enum, default_value = "wal")]

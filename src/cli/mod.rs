@@ -165,6 +165,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 failover: !args.no_failover,
                 poll: args.source == SourceKind::Poll,
                 dead_letter_table: args.outbox.dead_letter_table()?,
+                new_slot: args.new_slot,
             };
             let mut client = sql::connect(&config).await?;
             if options.poll {

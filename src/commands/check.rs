@@ -154,6 +154,9 @@ pub async fn check(
     for (schema, table) in &options.tables {
         findings.extend(check_table(client, options, schema, table).await?);
     }
+    if !options.poll {
+        findings.extend(lost_events(client, options).await?);
+    }
 
     let keep = setting("max_slot_wal_keep_size").await?;
     findings.push(if keep == "-1" {
@@ -166,6 +169,62 @@ pub async fn check(
     });
     findings
         .extend(super::check_failover::check(client, pg, &options.slot, options.failover).await?);
+    Ok(findings)
+}
+
+/// What `run` stops on at start besides the checks above: a publication
+/// that decodes events away (a row filter, a column list, a renamed
+/// table), and a slot that is invalidated or gone after walrelay used it.
+async fn lost_events(client: &Client, options: &CheckOptions) -> Result<Vec<Check>, SqlError> {
+    use crate::monitor::{OutboxProblem, OutboxWatch};
+    use crate::slot_health::recover_command;
+    let mut findings = Vec::new();
+    let mut watch = OutboxWatch::new(
+        &options.slot,
+        &options.publication,
+        &options.tables,
+        crate::monitor::relay_columns(&options.columns),
+    );
+    if let Some(problem @ (OutboxProblem::RowFilter { .. } | OutboxProblem::ColumnList { .. })) =
+        watch.check(client).await?
+    {
+        findings.push(Check::fail(
+            problem.to_string(),
+            "see docs/runbooks/publication-changed.md",
+        ));
+    }
+    let schema = super::run::record_schema(&options.tables);
+    // A role that may not read walrelay's record: the slot checks above stand.
+    let record = crate::slot_record::find(client, &schema, &options.slot)
+        .await
+        .ok()
+        .flatten();
+    let reading = catalog::slots(client, Some(&options.slot))
+        .await?
+        .into_iter()
+        .next();
+    let fix = format!(
+        "{} (see docs/runbooks/slot-lost.md)",
+        recover_command(&options.slot)
+    );
+    match (&reading, record) {
+        (None, Some(record)) => findings.push(Check::fail(
+            crate::slot_record::SlotWasInUse {
+                slot: options.slot.clone(),
+                record,
+            }
+            .to_string(),
+            fix,
+        )),
+        (Some(_), record) => {
+            let last = record.map(|r| r.last).unwrap_or_default();
+            if let Some(problem) = crate::slot_health::assess(&options.slot, reading.as_ref(), last)
+            {
+                findings.push(Check::fail(problem.to_string(), fix));
+            }
+        }
+        (None, None) => {}
+    }
     Ok(findings)
 }
 

@@ -8,10 +8,13 @@ use std::time::Duration;
 use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
-use crate::monitor::MonitorConfig;
+use crate::monitor::{MonitorConfig, OutboxWatch};
 use crate::poll::{PgStore, PollConfig, PollRelay};
 use crate::relay::{DeliveryGuarantee, PgConnector, RelayConfig, WalRelay};
+use crate::router::RouterConfig;
 use crate::shutdown::Shutdown;
+use crate::slot_health::{self, LastConfirmed, SlotProblem};
+use crate::slot_record;
 use crate::sql;
 
 /// How long the producer may take to reach a broker before streaming
@@ -53,18 +56,30 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             ..Subject::default()
         },
     )?;
-    ensure_slot(&config, create_slot).await?;
+    let (record_schema, last_confirmed) = ensure_slot(&config, create_slot).await?;
     let client = sql::connect(&config.pg).await?;
     crate::dead_letters::check(&client, &config.dead_letter_table)
         .await
         .map_err(anyhow::Error::msg)?;
+    // A publication that decodes events away stops the relay before it
+    // streams anything.
+    let mut outbox = OutboxWatch::new(
+        &config.slot,
+        &config.publication,
+        &config.router.tables,
+        needed_columns(&config.router),
+    );
+    if let Some(problem) = outbox.check(&client).await? {
+        return Err(problem.into());
+    }
     drop(client);
-    let findings = crate::monitor::spawn(
+    let (findings, verified) = crate::monitor::spawn(
         MonitorConfig {
             pg: config.pg.clone(),
             slot: config.slot.clone(),
-            publication: config.publication.clone(),
-            tables: config.router.tables.clone(),
+            outbox,
+            record_schema,
+            last_confirmed,
         },
         Arc::clone(&live),
     );
@@ -88,6 +103,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         setup_timeout: config.replication_timeout,
     };
     WalRelay::new(config, connector, sink, live, findings)
+        .with_confirm_cap(verified)
         .run(shutdown)
         .await?;
     Ok(())
@@ -182,25 +198,121 @@ pub async fn listen(addr: &str) -> Result<tokio::net::TcpListener, String> {
         .map_err(|e| format!("--http-addr {addr}: cannot listen ({e}); choose a free port"))
 }
 
-/// A missing slot is an error unless the operator asked to create it: a
-/// slot that vanished means events may have been lost.
-async fn ensure_slot(config: &RelayConfig, create: bool) -> anyhow::Result<()> {
+/// The columns the relay reads from an outbox row: a publication's column
+/// list must keep them.
+fn needed_columns(router: &RouterConfig) -> Vec<String> {
+    let mut columns = crate::monitor::relay_columns(&router.columns);
+    columns.extend(router.header_columns.iter().map(|h| h.column.clone()));
+    columns
+}
+
+/// Where walrelay keeps its record of its slots: beside the first outbox
+/// table.
+pub fn record_schema(tables: &[(String, String)]) -> String {
+    tables
+        .first()
+        .map_or_else(|| "public".to_owned(), |(schema, _)| schema.clone())
+}
+
+/// A missing slot is an error unless the operator asked to create it and
+/// walrelay never streamed from a slot of that name (its record says):
+/// a slot that vanished means events were not streamed. A slot that is
+/// invalidated, or about to be, stops the relay too. Returns where the
+/// record is kept (if it can be) and the slot's last confirmed position
+/// as it has it.
+async fn ensure_slot(
+    config: &RelayConfig,
+    create: bool,
+) -> anyhow::Result<(Option<String>, LastConfirmed)> {
     let client = sql::connect(&config.pg).await?;
+    let schema = record_schema(&config.router.tables);
+    let recording = match slot_record::ensure_table(&client, &schema).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot keep walrelay's record of its slots in {schema}.{}: a dropped slot cannot be told from one never made; run `walrelay setup` as a role that may create it", slot_record::TABLE);
+            false
+        }
+    };
+    let (recording, record) = if recording {
+        match slot_record::find(&client, &schema, &config.slot).await {
+            Ok(record) => (true, record),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read walrelay's record of its slots in {schema}.{}: a dropped slot cannot be told from one never made; grant this role SELECT, INSERT, UPDATE on it", slot_record::TABLE);
+                (false, None)
+            }
+        }
+    } else {
+        (false, None)
+    };
+    // The record guards against making a slot again; failing to update it
+    // only costs the time in a later error message.
+    let note = |what: &str, e: crate::sql::SqlError| {
+        tracing::warn!(error = %e, "cannot {what} in {schema}.{}", slot_record::TABLE);
+    };
+    let was_in_use = record.is_some();
+    let last = record.map(|r| r.last).unwrap_or_default();
     match catalog::slot(&client, &config.slot).await? {
         Some(slot) if slot.plugin != "pgoutput" => anyhow::bail!(
             "replication slot {:?} uses output plugin {:?}, not pgoutput; drop it or choose another --slot",
             config.slot,
             slot.plugin
         ),
-        Some(_) => Ok(()),
+        Some(_) => {
+            let reading = catalog::slots(&client, Some(&config.slot))
+                .await?
+                .into_iter()
+                .next();
+            if let Some(problem) = slot_health::assess(&config.slot, reading.as_ref(), last.clone())
+            {
+                return Err(problem.into());
+            }
+        }
         None if create => {
-            catalog::create_logical_slot(&client, &config.slot, true).await?;
+            if recording {
+                slot_record::may_create(&client, &schema, &config.slot, false).await??;
+            }
+            let lsn = catalog::create_logical_slot(&client, &config.slot, true).await?;
+            if recording {
+                if let Err(e) = slot_record::created(
+                    &client,
+                    &schema,
+                    &config.slot,
+                    &config.publication,
+                    &config.router.tables,
+                    &lsn,
+                )
+                .await
+                {
+                    note("record the new slot", e);
+                }
+            }
             tracing::info!(slot = %config.slot, "created replication slot");
-            Ok(())
+        }
+        None if was_in_use => {
+            return Err(SlotProblem::Missing {
+                slot: config.slot.clone(),
+                last,
+            }
+            .into());
         }
         None => anyhow::bail!(
-            "replication slot {:?} does not exist: run `walrelay setup` (or pass --create-slot). If it existed before, someone dropped it and events written meanwhile were not relayed",
-            config.slot
+            "replication slot {:?} does not exist: run `walrelay setup` (or pass --create-slot). If it existed before, someone dropped it and events written meanwhile were not relayed: recover them with `{}`",
+            config.slot,
+            slot_health::recover_command(&config.slot)
         ),
     }
+    if recording {
+        if let Err(e) = slot_record::used(
+            &client,
+            &schema,
+            &config.slot,
+            &config.publication,
+            &config.router.tables,
+        )
+        .await
+        {
+            note("record the slot's use", e);
+        }
+    }
+    Ok((recording.then_some(schema), last))
 }

@@ -1,11 +1,17 @@
 //! `walrelay setup`: create the outbox table, the publication and the slot
 //! if they are missing. Idempotent: run twice, the second run changes
 //! nothing and says so.
+//!
+//! It never re-makes a slot walrelay streamed from (its record in
+//! `walrelay_slots` says so): that slot's loss means events were not
+//! streamed, and a new slot would skip them silently. It refuses and names
+//! `walrelay recover`, unless `--new-slot` accepts the loss.
 
 use crate::catalog::{self, qualified, quote_ident};
 use crate::postgres::ConnectionConfig;
 use crate::replication::ReplicationConnection;
 use crate::router::OutboxColumns;
+use crate::slot_record;
 use crate::sql::{SqlClient as Client, SqlError};
 
 /// What setup needs.
@@ -22,6 +28,10 @@ pub struct SetupOptions {
     pub poll: bool,
     /// Where events the broker refuses for good are kept.
     pub dead_letter_table: (String, String),
+    /// Make the slot even if walrelay streamed from one of that name that
+    /// is gone (`--new-slot`): the operator accepts that events since were
+    /// not streamed.
+    pub new_slot: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +48,8 @@ pub enum SetupError {
     WrongDatabase { slot: String, database: String },
     #[error(transparent)]
     Replication(#[from] crate::replication::ReplicationError),
+    #[error(transparent)]
+    SlotWasInUse(#[from] crate::slot_record::SlotWasInUse),
 }
 
 /// Runs setup and returns one line per step, saying what it did. `pg`
@@ -108,10 +120,22 @@ pub async fn setup(
         }
     }
 
+    let schema = crate::commands::run::record_schema(&options.tables);
+    slot_record::ensure_table(client, &schema).await?;
     let slot = catalog::slot(client, &options.slot).await?;
     let failover = match slot {
         None => {
+            slot_record::may_create(client, &schema, &options.slot, options.new_slot).await??;
             let lsn = catalog::create_logical_slot(client, &options.slot, options.failover).await?;
+            slot_record::created(
+                client,
+                &schema,
+                &options.slot,
+                &options.publication,
+                &options.tables,
+                &lsn,
+            )
+            .await?;
             report.push(format!(
                 "created replication slot {} at {lsn}",
                 options.slot
@@ -131,6 +155,14 @@ pub async fn setup(
                     database: slot.database,
                 });
             }
+            slot_record::used(
+                client,
+                &schema,
+                &options.slot,
+                &options.publication,
+                &options.tables,
+            )
+            .await?;
             report.push(format!("replication slot {} exists", options.slot));
             slot.failover.unwrap_or(false)
         }

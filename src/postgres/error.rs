@@ -36,7 +36,10 @@ impl ServerError {
                 "another process holds this replication slot: stop it (see pg_stat_replication), wait for it to exit, or use a different --slot"
             }
             "42704" if m.contains("replication slot") => {
-                "the replication slot does not exist: run `walrelay setup` to create it (a slot that vanished means events may have been lost; find out who dropped it)"
+                "the replication slot does not exist: if walrelay streamed from it before, it was dropped and events committed since were not streamed; recover them from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/slot-dropped.md). If it never existed, run `walrelay setup`"
+            }
+            "55000" if m.contains("can no longer get changes from replication slot") => {
+                "the replication slot was invalidated and its WAL removed: events committed after its last confirmed LSN cannot be streamed; recover them from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/slot-lost.md)"
             }
             "42704" if m.contains("publication") => {
                 "the publication does not exist: run `walrelay setup`, or CREATE PUBLICATION walrelay FOR TABLE public.outbox"

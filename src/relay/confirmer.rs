@@ -6,10 +6,15 @@
 //! small transactions does not cost a write per commit. It also measures
 //! heartbeat latency: a heartbeat transaction is confirmed once everything
 //! before it is, so emit-to-confirm is the relay's end-to-end delay.
+//!
+//! What it reports is also capped at the slot monitor's verified LSN, when
+//! there is one: the position up to which the publication was seen
+//! publishing every insert (`monitor.rs` says why and where that is racy).
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::ack_tracker::{AckError, AckTracker, TxnTicket};
@@ -30,6 +35,11 @@ pub struct Confirmer {
     /// Heartbeat transactions not yet confirmed: (end LSN, emitted at, in
     /// Unix microseconds).
     heartbeats: VecDeque<(Lsn, i64)>,
+    /// Nothing past it is reported (the verified LSN); `None`: no cap.
+    cap: Option<watch::Receiver<Lsn>>,
+    /// Where the session started: the slot is there already, so a report
+    /// never goes below it whatever the cap.
+    floor: Lsn,
 }
 
 impl Confirmer {
@@ -40,7 +50,28 @@ impl Confirmer {
             last_reported: Lsn::ZERO,
             last_report_at: Instant::now(),
             heartbeats: VecDeque::new(),
+            cap: None,
+            floor: Lsn::ZERO,
         }
+    }
+
+    /// Reports nothing past what `cap` holds.
+    pub fn set_cap(&mut self, cap: watch::Receiver<Lsn>) {
+        self.cap = Some(cap);
+    }
+
+    /// Waits up to `timeout` for the cap to reach the watermark, so a clean
+    /// stop confirms everything acknowledged (the monitor checks every
+    /// second). False when it did not.
+    pub async fn wait_for_cap(&mut self, timeout: Duration) -> bool {
+        let target = self.tracker.confirmed();
+        let Some(cap) = &mut self.cap else {
+            return true;
+        };
+        matches!(
+            tokio::time::timeout(timeout, cap.wait_for(|v| *v >= target)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Starts a new session at `from`, the slot's position as the server
@@ -49,6 +80,7 @@ impl Confirmer {
     pub fn restart(&mut self, from: Lsn) {
         debug_assert_eq!(self.tracker.events_in_flight(), 0);
         self.tracker = AckTracker::new(from);
+        self.floor = from;
         self.heartbeats.clear();
         // The first update of a session goes out at once.
         self.last_report_at = Instant::now() - self.interval;
@@ -99,16 +131,21 @@ impl Confirmer {
     /// When the next status update is due.
     pub fn due_at(&self) -> Instant {
         let periodic = self.last_report_at + self.interval;
-        if self.tracker.confirmed() > self.last_reported {
+        if self.to_report() > self.last_reported {
             periodic.min(self.last_report_at + COALESCE)
         } else {
             periodic
         }
     }
 
-    /// The LSN to report now; call [`Confirmer::reported`] once it is sent.
+    /// The LSN to report now: the watermark, capped at the verified LSN;
+    /// call [`Confirmer::reported`] once it is sent.
     pub fn to_report(&self) -> Lsn {
-        self.tracker.confirmed()
+        let watermark = self.tracker.confirmed();
+        match &self.cap {
+            Some(cap) => watermark.min(*cap.borrow()).max(self.floor),
+            None => watermark,
+        }
     }
 
     /// A status update with `lsn` went out.
@@ -156,5 +193,28 @@ mod tests {
         c.reported(c.to_report());
         assert_eq!(c.last_reported, Lsn(100));
         assert_eq!(c.due_at(), Instant::now() + Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_past_the_verified_lsn_is_reported_nor_below_the_session_start() {
+        let (verified, cap) = watch::channel(Lsn(50));
+        let mut c = Confirmer::new(Duration::from_secs(1));
+        c.set_cap(cap);
+        c.restart(Lsn(100));
+        assert_eq!(c.to_report(), Lsn(100), "never below the slot's position");
+        verified.send_replace(Lsn(150));
+        let t = c.begin();
+        c.commit(t, Lsn(200), None).unwrap();
+        assert_eq!(c.confirmed(), Lsn(200));
+        assert_eq!(c.to_report(), Lsn(150), "capped at the verified LSN");
+        c.reported(c.to_report());
+        assert_eq!(
+            c.due_at(),
+            Instant::now() + Duration::from_secs(1),
+            "a capped watermark is not reported again and again"
+        );
+        verified.send_replace(Lsn(300));
+        assert_eq!(c.to_report(), Lsn(200));
+        assert!(c.wait_for_cap(Duration::from_secs(1)).await);
     }
 }

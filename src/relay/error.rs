@@ -5,6 +5,7 @@ use super::ack_tracker::AckError;
 use crate::monitor::OutboxProblem;
 use crate::publish::{PublishError, TopicError};
 use crate::replication::ReplicationError;
+use crate::slot_health::SlotProblem;
 
 /// Everything that can end a replication session or the relay.
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +19,23 @@ pub enum RelayError {
     #[error("cannot create the Kafka producer: {0}")]
     Producer(String),
     #[error("{0}")]
-    Outbox(#[from] OutboxProblem),
+    Outbox(Box<OutboxProblem>),
+    #[error("{0}")]
+    Slot(Box<SlotProblem>),
     #[error("internal error, please report it: {0}")]
     Ack(#[from] AckError),
+}
+
+impl From<OutboxProblem> for RelayError {
+    fn from(problem: OutboxProblem) -> Self {
+        RelayError::Outbox(Box::new(problem))
+    }
+}
+
+impl From<SlotProblem> for RelayError {
+    fn from(problem: SlotProblem) -> Self {
+        RelayError::Slot(Box::new(problem))
+    }
 }
 
 /// The stream did something the protocol does not allow, or ended.
@@ -81,6 +96,7 @@ pub fn decide(error: &RelayError) -> Decision {
         RelayError::Publish(PublishError::Topic(_))
         | RelayError::Producer(_)
         | RelayError::Outbox(_)
+        | RelayError::Slot(_)
         | RelayError::Ack(_) => Decision::Stop,
     }
 }

@@ -51,6 +51,10 @@ use crate::shutdown::Shutdown;
 /// they are already received.
 const READY_BATCH: usize = 256;
 
+/// How long a clean stop waits for the monitor to check the publication
+/// past the last acknowledged event (it checks every second).
+const STOP_CAP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// When each timed thing is due, if it is.
 #[derive(Clone, Copy)]
 struct Deadlines {
@@ -134,6 +138,13 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         }
     }
 
+    /// Confirms nothing past the slot monitor's verified LSN (see
+    /// `monitor.rs`).
+    pub fn with_confirm_cap(mut self, cap: tokio::sync::watch::Receiver<crate::lsn::Lsn>) -> Self {
+        self.confirmer.set_cap(cap);
+        self
+    }
+
     /// Keeps refused events in `store` instead of the dead-letter table.
     pub fn with_dead_letter_store(mut self, store: Rc<dyn DeadLetterStore>) -> Self {
         self.out.set_dead_letter_store(store);
@@ -206,7 +217,8 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Ok(())
                 }
                 Some(finding) = self.findings.recv() => match finding {
-                    Finding::Outbox(problem) => Err(RelayError::Outbox(problem)),
+                    Finding::Outbox(problem) => Err(problem.into()),
+                    Finding::Slot(problem) => Err(problem.into()),
                     Finding::ServerStopping => self.release(&mut link, Release::ServerStopping).await,
                 },
                 settling = self.out.next() => match settling {
@@ -529,6 +541,13 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
             tracing::warn!(
                 in_flight = self.out.events(),
                 "shutdown timeout: unacknowledged events will be sent again on restart"
+            );
+        }
+        // Everything acknowledged is confirmed once the monitor has checked
+        // the publication past it (within a second).
+        if link.is_streaming() && !self.confirmer.wait_for_cap(STOP_CAP_WAIT).await {
+            tracing::info!(
+                "the publication was not checked past the last acknowledged events; they will be sent again on restart"
             );
         }
         self.send_feedback(&mut link, false).await?;

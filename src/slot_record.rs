@@ -1,0 +1,208 @@
+//! walrelay's own record of the slots it made and streamed from, in a
+//! table beside the outbox (`walrelay_slots`). A slot that vanished leaves
+//! no trace in `pg_replication_slots`; this record is how `setup` and
+//! `run --create-slot` tell "never had a slot" (make one) from "had one and
+//! lost it" (events since its last confirmed LSN were never streamed: a new
+//! slot would skip them silently, so refuse and name `walrelay recover`).
+//!
+//! The record is a table, not a file, so it follows the database: a
+//! promoted standby has it, and so does a restored backup.
+
+use crate::catalog::qualified;
+use crate::slot_health::{LastConfirmed, recover_command};
+use crate::sql::{SqlClient as Client, SqlError};
+
+/// The record's table name, in the schema of the first outbox table.
+pub const TABLE: &str = "walrelay_slots";
+
+/// One slot walrelay made or streamed from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRecord {
+    pub slot: String,
+    /// The outbox tables it streamed, `schema.table`.
+    pub tables: Vec<String>,
+    /// When walrelay made it (UTC, RFC 3339); `None` for a slot made
+    /// before walrelay kept records.
+    pub created_at: Option<String>,
+    pub last: LastConfirmed,
+}
+
+/// The slot was in use and is gone: a new one would silently skip every
+/// event committed since.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "replication slot {slot:?} does not exist, but walrelay made or streamed from it before ({}{}): it was dropped or invalidated, or this server was promoted without it, and events committed since were not streamed. A new slot would skip them silently, so none is made. Recover them from the outbox table with `{}` (same --pg-url, --brokers and routing flags as run); or, to accept that loss, run `walrelay setup --new-slot`. See docs/runbooks/slot-dropped.md",
+    record.last,
+    record.created_at.as_deref().map(|at| format!(", created at {at}")).unwrap_or_default(),
+    recover_command(&record.slot)
+)]
+pub struct SlotWasInUse {
+    pub slot: String,
+    pub record: SlotRecord,
+}
+
+fn table(schema: &str) -> String {
+    qualified(schema, TABLE)
+}
+
+fn tables_text(tables: &[(String, String)]) -> Vec<String> {
+    tables.iter().map(|(s, t)| format!("{s}.{t}")).collect()
+}
+
+/// Creates the record's table if it is missing (only then: a role that
+/// may not create tables in the schema can still use one made by setup).
+pub async fn ensure_table(client: &Client, schema: &str) -> Result<(), SqlError> {
+    if table_exists(client, schema).await? {
+        return Ok(());
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {0} (
+  slot_name     text PRIMARY KEY,
+  publication   text NOT NULL,
+  tables        text[] NOT NULL,
+  created_at    timestamptz,
+  created_lsn   pg_lsn,
+  last_used_at  timestamptz,
+  confirmed_lsn pg_lsn,
+  confirmed_at  timestamptz
+);
+COMMENT ON TABLE {0} IS 'walrelay: the replication slots it made and streamed from (see walrelay setup --new-slot)'",
+            table(schema)
+        ))
+        .await
+}
+
+/// Whether the record's table exists.
+pub async fn table_exists(client: &Client, schema: &str) -> Result<bool, SqlError> {
+    crate::catalog::table_exists(client, schema, TABLE).await
+}
+
+/// The record of `slot`; `None` when walrelay never made or streamed from
+/// a slot of that name here (or the table does not exist). Keyed by name:
+/// a second slot under another name (`--slot`) is a deliberate choice.
+pub async fn find(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+) -> Result<Option<SlotRecord>, SqlError> {
+    if !table_exists(client, schema).await? {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT slot_name, tables,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        confirmed_lsn::text,
+                        to_char(confirmed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                 FROM {} WHERE slot_name = $1",
+                table(schema)
+            ),
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let (lsn, at): (Option<String>, Option<String>) = (r.get(3), r.get(4));
+        SlotRecord {
+            slot: r.get(0),
+            tables: r.get(1),
+            created_at: r.get(2),
+            last: LastConfirmed {
+                lsn: lsn.clone(),
+                seen: lsn.zip(at),
+            },
+        }
+    }))
+}
+
+/// May a missing `slot` be made? Yes when walrelay never streamed from a
+/// slot of that name, or the operator accepts a new slot (`new_slot`).
+pub async fn may_create(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+    new_slot: bool,
+) -> Result<Result<(), SlotWasInUse>, SqlError> {
+    if new_slot {
+        return Ok(Ok(()));
+    }
+    Ok(match find(client, schema, slot).await? {
+        Some(record) => Err(SlotWasInUse {
+            slot: slot.to_owned(),
+            record,
+        }),
+        None => Ok(()),
+    })
+}
+
+/// Records a slot walrelay just made at `lsn` (replacing any record of a
+/// slot of that name).
+pub async fn created(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+    publication: &str,
+    tables: &[(String, String)],
+    lsn: &str,
+) -> Result<(), SqlError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (slot_name, publication, tables, created_at, created_lsn)
+                 VALUES ($1, $2, $3, now(), $4::text::pg_lsn)
+                 ON CONFLICT (slot_name) DO UPDATE SET publication = EXCLUDED.publication,
+                   tables = EXCLUDED.tables, created_at = now(), created_lsn = EXCLUDED.created_lsn,
+                   last_used_at = NULL, confirmed_lsn = NULL, confirmed_at = NULL",
+                table(schema)
+            ),
+            &[&slot, &publication, &tables_text(tables), &lsn],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records that `slot` exists and streams these tables (setup and run; a
+/// slot made before walrelay kept records gets one here).
+pub async fn used(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<(), SqlError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (slot_name, publication, tables, last_used_at)
+                 VALUES ($1, $2, $3, now())
+                 ON CONFLICT (slot_name) DO UPDATE SET publication = EXCLUDED.publication,
+                   tables = EXCLUDED.tables, last_used_at = now()",
+                table(schema)
+            ),
+            &[&slot, &publication, &tables_text(tables)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records the slot's confirmed position, so that once the slot is gone
+/// the error can still say since when events are missing.
+pub async fn confirmed(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+    lsn: &str,
+) -> Result<(), SqlError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {} SET confirmed_lsn = $2::text::pg_lsn, confirmed_at = now()
+                 WHERE slot_name = $1 AND confirmed_lsn IS DISTINCT FROM $2::text::pg_lsn",
+                table(schema)
+            ),
+            &[&slot, &lsn],
+        )
+        .await?;
+    Ok(())
+}
