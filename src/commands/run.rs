@@ -208,11 +208,11 @@ async fn check_retention_index(
     Ok(())
 }
 
-/// A retention as the operator would write it.
+/// A retention as the operator would write it (24h rather than 1d).
 fn humane(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 86_400 == 0 && s > 86_400 => format!("{}d", s / 86_400),
         s if s % 3600 == 0 => format!("{}h", s / 3600),
         s if s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
