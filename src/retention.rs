@@ -84,7 +84,11 @@ pub fn spawn(config: RetentionConfig) {
     metrics::gauge!(m::RETENTION_SECONDS).set(config.retain.as_secs_f64());
     tokio::spawn(async move {
         let mut session = SqlSession::new(config.pg.clone());
-        let mut tick = tokio::time::interval(config.interval);
+        // The first pass waits one interval: the stream starts first.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.interval,
+            config.interval,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
