@@ -287,7 +287,7 @@ async fn check_table(
                         c.created_at
                     ),
                     format!(
-                        "walrelay setup --retain, or {}",
+                        "walrelay setup --retain 24h (the index is the same for any retention), or {}",
                         crate::retention::create_index_sql(schema, table, &c.created_at)
                     ),
                 )
