@@ -30,6 +30,10 @@ bench-debezium *ARGS:
 bench-quick *ARGS:
     scripts/bench --quick --peer debezium {{ARGS}}
 
+# Retention (run --retain): rows pruned per second, and what pruning costs a saturated stream; docs/retention.md has the numbers.
+bench-retention *ARGS:
+    scripts/bench-retention {{ARGS}}
+
 # Build the container image without a Docker engine (buildah): target/walrelay-image.tar, checked to run the binary.
 image *ARGS:
     scripts/image {{ARGS}}

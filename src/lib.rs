@@ -22,6 +22,7 @@ pub mod record;
 pub mod relation_cache;
 pub mod relay;
 pub mod replication;
+pub mod retention;
 pub mod router;
 pub mod shutdown;
 pub mod slot_health;

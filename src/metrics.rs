@@ -57,6 +57,11 @@ pub const IN_FLIGHT_LIMIT_EVENTS: &str = "walrelay_in_flight_limit_events";
 pub const IN_FLIGHT_LIMIT_BYTES: &str = "walrelay_in_flight_limit_bytes";
 pub const STATE: &str = "walrelay_state";
 pub const INFO: &str = "walrelay_info";
+pub const RETENTION_DELETED_TOTAL: &str = "walrelay_retention_deleted_total";
+pub const RETENTION_OLDEST_ROW_AGE_SECONDS: &str = "walrelay_retention_oldest_row_age_seconds";
+pub const RETENTION_PASSES_TOTAL: &str = "walrelay_retention_passes_total";
+pub const RETENTION_ERRORS_TOTAL: &str = "walrelay_retention_errors_total";
+pub const RETENTION_SECONDS: &str = "walrelay_retention_seconds";
 
 /// Registers every metric's help text and unit with the recorder.
 pub fn describe() {
@@ -266,6 +271,28 @@ pub fn describe() {
         INFO,
         "always 1: the source (wal, poll, inbox), the delivery guarantee and the version, as labels"
     );
+    describe_counter!(
+        RETENTION_DELETED_TOTAL,
+        "outbox rows deleted by retention (--retain): older than the retention and confirmed to PostgreSQL"
+    );
+    describe_gauge!(
+        RETENTION_OLDEST_ROW_AGE_SECONDS,
+        Unit::Seconds,
+        "age of the oldest row left in the outbox table after a retention pass; above --retain, rows wait for confirmation"
+    );
+    describe_counter!(
+        RETENTION_PASSES_TOTAL,
+        "retention passes completed (every table pruned as far as it may be)"
+    );
+    describe_counter!(
+        RETENTION_ERRORS_TOTAL,
+        "retention passes that failed (logged; the next pass tries again)"
+    );
+    describe_gauge!(
+        RETENTION_SECONDS,
+        Unit::Seconds,
+        "the retention (--retain): confirmed rows older than this are deleted"
+    );
 }
 
 /// Every metric name walrelay exports, for checks of dashboards and alerts.
@@ -321,4 +348,9 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT_LIMIT_BYTES,
     STATE,
     INFO,
+    RETENTION_DELETED_TOTAL,
+    RETENTION_OLDEST_ROW_AGE_SECONDS,
+    RETENTION_PASSES_TOTAL,
+    RETENTION_ERRORS_TOTAL,
+    RETENTION_SECONDS,
 ];

@@ -144,6 +144,10 @@ pub struct SetupArgs {
         default_missing_value = "public.inbox"
     )]
     pub inbox: Option<String>,
+    /// The retention `run --retain` will use: setup creates (and check
+    /// looks for) the index on the created-at column its pruning walks.
+    #[arg(long, env = "WALRELAY_RETAIN", value_parser = super::values::parse_retention)]
+    pub retain: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]

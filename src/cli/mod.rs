@@ -14,7 +14,7 @@ pub use args::{
     TailArgs, inbox_tables,
 };
 pub use run_args::RunArgs;
-pub use values::{parse_duration, parse_size};
+pub use values::{parse_duration, parse_retention, parse_size};
 
 use crate::commands;
 use crate::commands::setup::SetupOptions;
@@ -96,6 +96,8 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) if args.poll.source == SourceKind::Poll => {
+            // --retain is refused here, with the reason.
+            args.retention_config()?;
             let kafka = args.sink_settings()?;
             let poll = args.poll_config()?;
             let listener = commands::run::listen(&args.http.http_addr)
@@ -107,6 +109,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let kafka = args.sink_settings()?;
             let relay = args.relay_config()?;
+            let retention = args.retention_config()?;
             let listener = commands::run::listen(&args.http.http_addr)
                 .await
                 .map_err(UsageError)?;
@@ -116,6 +119,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 listener,
                 create_slot: args.stream.create_slot,
                 heartbeat_interval: args.stream.heartbeat_interval,
+                retention,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -166,6 +170,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 poll: args.source == SourceKind::Poll,
                 dead_letter_table: args.outbox.dead_letter_table()?,
                 new_slot: args.new_slot,
+                retain: args.retain.is_some(),
             };
             let mut client = sql::connect(&config).await?;
             if options.poll {
@@ -191,6 +196,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 failover: !args.no_failover,
                 poll: args.source == SourceKind::Poll,
                 dead_letter_table: args.outbox.dead_letter_table()?,
+                retain: args.retain.is_some(),
             };
             // With several hosts, the checks of the outbox run on the primary.
             let mut primary = config.clone();

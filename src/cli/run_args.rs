@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::UsageError;
 use super::args::{HttpArgs, KafkaArgs, OutboxArgs, PgArgs, SourceKind, parse_kafka_options};
-use super::values::{parse_duration, parse_size};
+use super::values::{parse_duration, parse_retention, parse_size};
 use crate::kafka::{ProducerSettings, Replication, SinkSettings, TopicSpec};
 use crate::poll::{OnPublished, PollConfig};
 use crate::postgres::TargetSessionAttrs;
@@ -46,6 +46,25 @@ pub struct RunArgs {
     pub delivery: DeliveryArgs,
     #[command(flatten)]
     pub poll: PollArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Retention (--source wal)")]
+pub struct RetentionArgs {
+    /// Keep outbox rows this long (such as 24h or 7d), then delete those
+    /// whose event PostgreSQL knows is delivered; rows stay meanwhile for
+    /// recovery. Needs the index `walrelay setup --retain` creates.
+    /// Default: the relay deletes nothing.
+    #[arg(long, env = "WALRELAY_RETAIN", value_parser = parse_retention)]
+    pub retain: Option<Duration>,
+    /// Rows deleted at most per DELETE (each its own short transaction).
+    #[arg(long, env = "WALRELAY_RETAIN_BATCH_SIZE", default_value_t = crate::retention::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub retain_batch_size: u64,
+    /// Time between retention passes.
+    #[arg(long, env = "WALRELAY_RETAIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub retain_interval: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +281,34 @@ impl RunArgs {
             dead_letter_table: self.outbox.dead_letter_table()?,
             replication_timeout: self.stream.replication_timeout,
         })
+    }
+
+    /// Retention's configuration, when `--retain` is given.
+    pub fn retention_config(
+        &self,
+    ) -> Result<Option<crate::retention::RetentionConfig>, UsageError> {
+        let Some(retain) = self.retention.retain else {
+            return Ok(None);
+        };
+        if self.poll.source == SourceKind::Poll {
+            return Err(UsageError(
+                "--retain works with --source wal; the polling source removes rows itself (--on-published delete, or mark and delete them on your schedule)".into(),
+            ));
+        }
+        if self.retention.retain_interval.is_zero() {
+            return Err(UsageError(
+                "--retain-interval must be greater than zero, such as 10s".into(),
+            ));
+        }
+        Ok(Some(crate::retention::RetentionConfig {
+            pg: self.pg.connection_config()?,
+            slot: self.outbox.slot.clone(),
+            tables: self.outbox.tables()?,
+            created_at_column: self.outbox.created_at_column.clone(),
+            retain,
+            batch_size: self.retention.retain_batch_size,
+            interval: self.retention.retain_interval,
+        }))
     }
 
     /// The polling source's configuration (`--source poll`).

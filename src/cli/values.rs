@@ -61,9 +61,63 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// A retention (`--retain`): a whole number with s, m, h or d, such as
+/// 24h or 7d. A unit is required: a bare `24` is more likely meant as
+/// hours than seconds, so it is refused rather than guessed.
+pub fn parse_retention(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let hint = "use a whole number with s, m, h or d, such as 24h or 7d";
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(format!("{text:?} is not a retention; {hint}"));
+    }
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is too large; {hint}"))?;
+    let factor = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "" => return Err(format!("{text:?} has no unit; {hint}")),
+        other => return Err(format!("{text:?}: unknown unit {other:?}; {hint}")),
+    };
+    if value == 0 {
+        return Err(format!(
+            "{text:?}: a retention of zero would delete rows as soon as they are confirmed; {hint}, or leave --retain out to keep every row"
+        ));
+    }
+    let seconds = value
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large; {hint}"))?;
+    Ok(Duration::from_secs(seconds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retentions_need_a_whole_number_and_a_unit() {
+        assert_eq!(parse_retention("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_retention("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_retention("90s"), Ok(Duration::from_secs(90)));
+        for (bad, says) in [
+            ("24", "no unit"),
+            ("0h", "zero"),
+            ("-1h", "not a retention"),
+            ("1.5h", "unknown unit"),
+            ("3w", "unknown unit"),
+            ("soon", "not a retention"),
+            ("99999999999999999999d", "too large"),
+        ] {
+            let err = parse_retention(bad).unwrap_err();
+            assert!(err.contains(says) && err.contains("24h"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn sizes_take_binary_and_decimal_units() {

@@ -20,6 +20,8 @@ pub struct CheckOptions {
     /// Check what `run --source poll` needs instead of logical replication.
     pub poll: bool,
     pub dead_letter_table: (String, String),
+    /// `--retain`: check the index retention's pruning walks.
+    pub retain: bool,
 }
 
 /// The fix for a database that cannot do logical replication, besides
@@ -330,6 +332,27 @@ async fn check_table(
             ),
         )
     });
+    if options.retain && !options.poll {
+        findings.push(
+            if crate::retention::has_index(client, schema, table, &c.created_at).await? {
+                Check::pass(format!(
+                    "{name} has an index on {} (for --retain)",
+                    c.created_at
+                ))
+            } else {
+                Check::fail(
+                    format!(
+                        "{name} has no index on {}: --retain would scan the whole table for every batch",
+                        c.created_at
+                    ),
+                    format!(
+                        "walrelay setup --retain 24h (the index is the same for any retention), or {}",
+                        crate::retention::create_index_sql(schema, table, &c.created_at)
+                    ),
+                )
+            },
+        );
+    }
     Ok(findings)
 }
 

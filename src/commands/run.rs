@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub listener: tokio::net::TcpListener,
     pub create_slot: bool,
     pub heartbeat_interval: Duration,
+    /// `--retain`: prune confirmed rows older than this.
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -37,6 +39,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         listener,
         create_slot,
         heartbeat_interval,
+        retention,
     } = options;
     let live = Arc::new(LiveState::new());
     let metrics = crate::http::install_metrics()?;
@@ -71,6 +74,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     );
     if let Some(problem) = outbox.check(&client).await? {
         return Err(problem.into());
+    }
+    if let Some(retention) = retention {
+        check_retention_index(&client, &retention).await?;
+        crate::retention::spawn(retention);
     }
     drop(client);
     let (findings, verified) = crate::monitor::spawn(
@@ -196,6 +203,36 @@ pub async fn listen(addr: &str) -> Result<tokio::net::TcpListener, String> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("--http-addr {addr}: cannot listen ({e}); choose a free port"))
+}
+
+/// Without the index on the created-at column every batch would scan the
+/// whole table: refuse to start, with the fix.
+async fn check_retention_index(
+    client: &sql::SqlClient,
+    retention: &crate::retention::RetentionConfig,
+) -> anyhow::Result<()> {
+    for (schema, table) in &retention.tables {
+        let column = &retention.created_at_column;
+        if !crate::retention::has_index(client, schema, table, column).await? {
+            anyhow::bail!(
+                "--retain needs an index on {schema}.{table} ({column}), so pruning never scans the table: run `walrelay setup --retain {}` (or {})",
+                humane(retention.retain),
+                crate::retention::create_index_sql(schema, table, column)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A retention as the operator would write it (24h rather than 1d).
+fn humane(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s % 86_400 == 0 && s > 86_400 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// The columns the relay reads from an outbox row: a publication's column

@@ -32,6 +32,8 @@ pub struct SetupOptions {
     /// is gone (`--new-slot`): the operator accepts that events since were
     /// not streamed.
     pub new_slot: bool,
+    /// `--retain`: the index retention's pruning walks.
+    pub retain: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ pub async fn setup(
         }
     }
     report.push(dead_letter_table(client, options).await?);
+    if options.retain {
+        report.extend(retention_indexes(client, options).await?);
+    }
 
     let table_list = options
         .tables
@@ -189,6 +194,31 @@ pub async fn setup_poll(
         report.extend(crate::poll::schema::setup(client, schema, table, &options.columns).await?);
     }
     report.push(dead_letter_table(client, options).await?);
+    Ok(report)
+}
+
+/// The index on the created-at column of each table (`--retain`).
+async fn retention_indexes(
+    client: &Client,
+    options: &SetupOptions,
+) -> Result<Vec<String>, SetupError> {
+    let column = &options.columns.created_at;
+    let mut report = Vec::new();
+    for (schema, table) in &options.tables {
+        if crate::retention::has_index(client, schema, table, column).await? {
+            report.push(format!(
+                "{schema}.{table} has an index on {column} (for --retain)"
+            ));
+        } else {
+            client
+                .batch_execute(&crate::retention::create_index_sql(schema, table, column))
+                .await?;
+            report.push(format!(
+                "created index {} on {schema}.{table} ({column}) for --retain",
+                crate::retention::index_name(table, column)
+            ));
+        }
+    }
     Ok(report)
 }
 
