@@ -117,7 +117,7 @@ impl TableReader {
         let created = format!("t.{}", quote_ident(&self.columns.created_at));
         let id = format!("t.{}::text COLLATE \"C\"", quote_ident(&self.columns.id));
         let mut parts = vec![format!(
-            "($1::timestamptz IS NULL OR ({created}, {id}) > ($1::timestamptz, $2::text COLLATE \"C\"))"
+            "($1::text IS NULL OR ({created}, {id}) > ($1::text::timestamptz, $2::text COLLATE \"C\"))"
         )];
         if let Some(since) = &self.selection.since {
             parts.push(format!("{created} >= {}::timestamptz", literal(since)));
