@@ -101,6 +101,14 @@ async fn a_backfill_of_a_time_range_killed_midway_and_run_again_sends_each_event
         },
     )
     .await;
+    let progress = first
+        .metric("walrelay_replay_events_total")
+        .await
+        .expect("the progress metric");
+    assert!(
+        progress >= 3000.0,
+        "walrelay_replay_events_total {progress}"
+    );
     first.kill9().await;
     let (sent, done): (i64, bool) = {
         let row = stack
@@ -366,4 +374,69 @@ async fn a_slot_lost_with_its_rows_deleted_is_not_recovered_and_the_gap_is_named
         .unwrap()
         .get(0);
     assert_ne!(status, "lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn moving_off_a_polling_relay_with_a_first_slot_loses_nothing_and_doubles_nothing() {
+    let stack = Stack::start("firstslot").await;
+    // Before walrelay: no slot, and a polling relay that published the
+    // older part of the table (here: a backfill to the usual topics, whose
+    // records carry the rows' ids as any outbox relay's do).
+    stack
+        .client
+        .batch_execute("SELECT pg_drop_replication_slot('walrelay')")
+        .await
+        .unwrap();
+    stack.insert_events("order", 1000).await;
+    stack
+        .client
+        .batch_execute(
+            "UPDATE outbox SET created_at = created_at - interval '1 hour'
+             WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 400)",
+        )
+        .await
+        .unwrap();
+    let until: String = stack
+        .client
+        .query_one("SELECT (now() - interval '30 minutes')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut poller = command(&stack, "backfill", &["--until", &until, "--name", "poller"]);
+    let status = poller.wait(Duration::from_secs(120)).await;
+    assert!(status.success(), "{}", poller.log());
+    let topic = stack.topic("order");
+    assert_eq!(stack.broker.consume_all(&topic).len(), 400);
+
+    // The polling relay stopped; walrelay takes over.
+    let mut first = command(&stack, "recover", &["--first-slot"]);
+    let status = first.wait(Duration::from_secs(120)).await;
+    assert!(
+        status.success(),
+        "recover --first-slot failed:\n{}",
+        first.log()
+    );
+    let mut relay = command(&stack, "run", &[]);
+    stack.insert_events("order", 300).await;
+    let lsn: walrelay::lsn::Lsn = stack
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
+    relay.terminate(Duration::from_secs(60)).await;
+
+    let records = stack.broker.consume_all(&topic);
+    let counts = id_counts(&records);
+    assert_eq!(
+        counts.values().filter(|c| **c > 1).count(),
+        0,
+        "events doubled"
+    );
+    let got: HashSet<String> = counts.keys().cloned().collect();
+    assert_eq!(got, table_ids(&stack, "true").await);
+    assert_eq!(records.len(), 1300);
 }

@@ -225,12 +225,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Backfill(args) => {
             let options = args.options()?;
-            crate::replay::backfill::run(options).await?;
+            let listener = commands::run::listen(&args.run.http.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::replay::backfill(options, listener).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Recover(args) => {
             let options = args.options()?;
-            crate::replay::recover::run(options).await?;
+            let listener = commands::run::listen(&args.run.http.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::replay::recover(options, listener).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tail(args) => {

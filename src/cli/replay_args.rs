@@ -71,6 +71,15 @@ pub struct RecoverArgs {
     /// Go on although events whose rows were deleted cannot be recovered.
     #[arg(long, env = "WALRELAY_ACCEPT_LOSS")]
     pub accept_loss: bool,
+    /// There was no slot before: the outbox was published by a polling
+    /// relay, now stopped. Makes the slot and publishes every row of its
+    /// snapshot whose id is not in Kafka yet.
+    #[arg(
+        long,
+        env = "WALRELAY_RECOVER_FIRST_SLOT",
+        conflicts_with = "accept_loss"
+    )]
+    pub first_slot: bool,
 }
 
 impl RecoverArgs {
@@ -84,6 +93,7 @@ impl RecoverArgs {
             slot: self.run.outbox.slot.clone(),
             since: self.since.clone(),
             accept_loss: self.accept_loss,
+            first_slot: self.first_slot,
         })
     }
 }

@@ -64,6 +64,10 @@ pub struct RecoverOptions {
     /// reading back of old topics).
     pub since: Option<String>,
     pub accept_loss: bool,
+    /// There was no slot before (the outbox was published by a polling
+    /// relay, now stopped): make the slot and publish every row of its
+    /// snapshot not in Kafka.
+    pub first_slot: bool,
 }
 
 /// What a recovery did.
@@ -77,11 +81,12 @@ pub struct Summary {
 struct LostSlot {
     confirmed: String,
     wal_status: String,
+    /// Synchronized to standbys (PostgreSQL 17+): the new slot is too.
+    failover: bool,
 }
 
 pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
     let client = sql::connect(&options.pg).await?;
-    let lost = lost_slot(&client, &options.slot).await?;
     let system_id = system_identifier(&client).await?;
     let router = Router::new(options.router.clone(), system_id.clone());
     let producer = options
@@ -93,48 +98,43 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         since: options.since.clone(),
         ..Selection::default()
     };
-
-    // 1. Before any slot is touched: does the table reach back past the
-    //    loss? (Rows read now; the snapshot read below sees these and
-    //    any committed since.)
-    let rows = read_all(&client, &router, &options.router, &selection).await?;
-    let in_kafka = ids_in_kafka(&producer, &rows).await?;
-    let overlap = rows.iter().filter(|r| in_kafka.contains(&r.id)).count();
-    if overlap == 0 && !options.accept_loss {
-        let now: String = client
-            .query_one(
-                "SELECT pg_current_wal_lsn()::text || ' at ' || now()::text",
-                &[],
-            )
+    if options.first_slot
+        && crate::catalog::slot(&client, &options.slot)
             .await?
-            .get(0);
-        let span = table_span(&rows);
+            .is_some()
+    {
         return Err(ReplayError::Refused(format!(
-            "slot {slot} was lost (wal_status {status}) after confirming {confirmed}; the events committed between {confirmed} and {now} are not all in the table any more: \
-             of its {n} rows none is already in Kafka, so it does not reach back to where the slot stopped{span}, and the events whose rows were deleted (or pruned) in that range cannot be accounted for (their number is unknown: the WAL that held them is gone). \
-             Nothing was changed. Restore the rows (from a backup) and run `walrelay recover` again, or accept the loss with `walrelay recover --accept-loss`, which publishes the {n} rows still there and makes a new slot",
-            slot = options.slot,
-            status = lost.wal_status,
-            confirmed = lost.confirmed,
-            n = rows.len(),
+            "slot {} exists: --first-slot makes a slot where there was none (moving off a polling relay); for a lost slot leave --first-slot out",
+            options.slot
         )));
     }
-    if overlap == 0 {
-        tracing::warn!(slot = %options.slot, confirmed = %lost.confirmed, "--accept-loss: events whose rows were deleted since the slot's confirmed LSN are lost");
+    let mut failover = false;
+    if !options.first_slot {
+        let lost = lost_slot(&client, &options.slot).await?;
+        check_reaches_back(&client, &router, &options, &selection, &producer, &lost).await?;
+        failover = lost.failover;
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
+            .await?;
     }
 
     // 2. The new slot, in place of the lost one, and its snapshot.
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
-        .await?;
     let mut replication = ReplicationConnection::connect(&options.pg)
         .await
         .map_err(|e| ReplayError::Refused(e.to_string()))?;
     let created = replication
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            quote_ident(&options.slot)
-        ))
+        .simple_query(&if failover {
+            // PostgreSQL 17+ only: the option list syntax.
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+                quote_ident(&options.slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(&options.slot)
+            )
+        })
         .await
         .map_err(|e| ReplayError::Refused(e.to_string()))?;
     let row = created.first().cloned().unwrap_or_default();
@@ -208,8 +208,9 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
 async fn lost_slot(client: &SqlClient, slot: &str) -> Result<LostSlot, ReplayError> {
     let row = client
         .query_opt(
-            "SELECT coalesce(confirmed_flush_lsn::text, '?'), coalesce(wal_status, '?'), active
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT coalesce(confirmed_flush_lsn::text, '?'), coalesce(wal_status, '?'), active,
+                    coalesce((to_jsonb(s) ->> 'failover')::bool, false)
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
@@ -221,6 +222,7 @@ async fn lost_slot(client: &SqlClient, slot: &str) -> Result<LostSlot, ReplayErr
     let lost = LostSlot {
         confirmed: row.get(0),
         wal_status: row.get(1),
+        failover: row.get(3),
     };
     let active: bool = row.get(2);
     if active {
@@ -297,4 +299,43 @@ fn table_span(rows: &[RoutedRow]) -> String {
         ),
         _ => " (it is empty)".to_owned(),
     }
+}
+
+/// 1. Before any slot is touched: does the table reach back past the
+///    loss? (Rows read now; the snapshot read later sees these and any
+///    committed since.)
+async fn check_reaches_back(
+    client: &SqlClient,
+    router: &Router,
+    options: &RecoverOptions,
+    selection: &Selection,
+    producer: &rdkafka::ClientConfig,
+    lost: &LostSlot,
+) -> Result<(), ReplayError> {
+    let rows = read_all(client, router, &options.router, selection).await?;
+    let in_kafka = ids_in_kafka(producer, &rows).await?;
+    let overlap = rows.iter().filter(|r| in_kafka.contains(&r.id)).count();
+    if overlap == 0 && !options.accept_loss {
+        let now: String = client
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text || ' at ' || now()::text",
+                &[],
+            )
+            .await?
+            .get(0);
+        let span = table_span(&rows);
+        return Err(ReplayError::Refused(format!(
+            "slot {slot} was lost (wal_status {status}) after confirming {confirmed}; the events committed between {confirmed} and {now} are not all in the table any more: \
+             of its {n} rows none is already in Kafka, so it does not reach back to where the slot stopped{span}, and the events whose rows were deleted (or pruned) in that range cannot be accounted for (their number is unknown: the WAL that held them is gone). \
+             Nothing was changed. Restore the rows (from a backup) and run `walrelay recover` again, or accept the loss with `walrelay recover --accept-loss`, which publishes the {n} rows still there and makes a new slot",
+            slot = options.slot,
+            status = lost.wal_status,
+            confirmed = lost.confirmed,
+            n = rows.len(),
+        )));
+    }
+    if overlap == 0 {
+        tracing::warn!(slot = %options.slot, confirmed = %lost.confirmed, "--accept-loss: events whose rows were deleted since the slot's confirmed LSN are lost");
+    }
+    Ok(())
 }
