@@ -40,6 +40,7 @@ use super::ReplayError;
 use super::backfill::{Bar, system_identifier};
 use super::rows::{After, RoutedRow, Selection, TableReader, stamp};
 use super::send::Sender;
+use super::state;
 use crate::catalog::quote_ident;
 use crate::kafka::{KafkaSink, SinkSettings};
 use crate::postgres::ConnectionConfig;
@@ -81,6 +82,7 @@ pub struct Summary {
 struct LostSlot {
     confirmed: String,
     wal_status: String,
+    active: bool,
     /// Synchronized to standbys (PostgreSQL 17+): the new slot is too.
     failover: bool,
 }
@@ -98,61 +100,65 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         since: options.since.clone(),
         ..Selection::default()
     };
-    if options.first_slot
-        && crate::catalog::slot(&client, &options.slot)
-            .await?
-            .is_some()
-    {
-        return Err(ReplayError::Refused(format!(
-            "slot {} exists: --first-slot makes a slot where there was none (moving off a polling relay); for a lost slot leave --first-slot out",
-            options.slot
-        )));
-    }
-    let mut failover = false;
-    if !options.first_slot {
-        let lost = lost_slot(&client, &options.slot).await?;
-        check_reaches_back(&client, &router, &options, &selection, &producer, &lost).await?;
-        failover = lost.failover;
-        client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
-            .await?;
-    }
-
-    // 2. The new slot, in place of the lost one, and its snapshot.
-    let mut replication = ReplicationConnection::connect(&options.pg)
-        .await
-        .map_err(|e| ReplayError::Refused(e.to_string()))?;
-    let created = replication
-        .simple_query(&if failover {
-            // PostgreSQL 17+ only: the option list syntax.
-            format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
-                quote_ident(&options.slot)
-            )
-        } else {
-            format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                quote_ident(&options.slot)
-            )
-        })
-        .await
-        .map_err(|e| ReplayError::Refused(e.to_string()))?;
-    let row = created.first().cloned().unwrap_or_default();
-    let consistent = row.get(1).cloned().flatten().unwrap_or_default();
-    let snapshot = row.get(2).cloned().flatten().ok_or_else(|| {
-        ReplayError::Refused("CREATE_REPLICATION_SLOT exported no snapshot".into())
-    })?;
-    tracing::info!(slot = %options.slot, consistent_point = %consistent, "new slot made");
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
+    state::ensure_recover_table(&client).await?;
+    let underway = state::recovery_underway(&client, &options.slot).await?;
+    let found = slot_state(&client, &options.slot).await?;
+    let exists = |slot: &str| {
+        ReplayError::Refused(format!(
+            "slot {slot} exists: --first-slot makes a slot where there was none (moving off a polling relay); for a lost slot leave --first-slot out"
         ))
-        .await?;
-    let rows = read_all(&client, &router, &options.router, &selection).await?;
-    client.batch_execute("COMMIT").await?;
-    // The snapshot was needed only while the rows were read.
-    let _ = replication.close().await;
+    };
+    let rows = match (found, underway) {
+        (Some(lost), _) if lost.active => {
+            return Err(ReplayError::Refused(format!(
+                "slot {} is in use by a walsender: stop the relay first",
+                options.slot
+            )));
+        }
+        (Some(_), _) if options.first_slot => return Err(exists(&options.slot)),
+        (Some(lost), _) if lost.wal_status == "lost" => {
+            if underway.is_none() {
+                check_reaches_back(&client, &router, &options, &selection, &producer, &lost)
+                    .await?;
+            }
+            state::begin_recovery(&client, &options.slot, &lost.confirmed, lost.failover).await?;
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
+                .await?;
+            snapshot_rows(&client, &router, &options, &selection, lost.failover).await?
+        }
+        (Some(_), Some(_)) => {
+            // A recovery died after it made the new slot: the snapshot is
+            // gone. Rows are read as they are now; those committed after
+            // the new slot go out now and again from `run` (duplicates
+            // with the same id, never a loss).
+            tracing::warn!(
+                slot = %options.slot,
+                "a recovery of this slot died after making the new slot: publishing every row not in Kafka; rows committed since then will be streamed again by `walrelay run` (duplicates with the same id header)"
+            );
+            read_all(&client, &router, &options.router, &selection).await?
+        }
+        (Some(healthy), None) => {
+            return Err(ReplayError::Refused(format!(
+                "slot {} is not lost (wal_status {}): `walrelay run` resumes it without loss",
+                options.slot, healthy.wal_status
+            )));
+        }
+        (None, Some(failover)) => {
+            // Died between dropping the lost slot and making the new one.
+            snapshot_rows(&client, &router, &options, &selection, failover).await?
+        }
+        (None, None) if options.first_slot => {
+            state::begin_recovery(&client, &options.slot, "none", false).await?;
+            snapshot_rows(&client, &router, &options, &selection, false).await?
+        }
+        (None, None) => {
+            return Err(ReplayError::Refused(format!(
+                "slot {0} does not exist: recover replaces a slot the server still lists as lost (wal_status 'lost'). If walrelay never streamed this outbox (moving off a polling relay), use `walrelay recover --first-slot`; to send events again use `walrelay backfill`",
+                options.slot
+            )));
+        }
+    };
 
     // 3. What is not in Kafka goes out, in order.
     let in_kafka = ids_in_kafka(&producer, &rows).await?;
@@ -198,14 +204,62 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         bar.show(summary.published as i64);
     }
     bar.finish();
+    state::end_recovery(&client, &options.slot).await?;
     println!(
-        "recovered slot {}: {} events published from the table, {} already in Kafka; the new slot starts at {consistent}: `walrelay run` streams on from it",
+        "recovered slot {}: {} events published from the table, {} already in Kafka: `walrelay run` streams on from the new slot",
         options.slot, summary.published, summary.already_in_kafka
     );
     Ok(summary)
 }
 
-async fn lost_slot(client: &SqlClient, slot: &str) -> Result<LostSlot, ReplayError> {
+/// Makes the slot with an exported snapshot and reads the rows in it:
+/// exactly those committed before the slot's consistent point.
+async fn snapshot_rows(
+    client: &SqlClient,
+    router: &Router,
+    options: &RecoverOptions,
+    selection: &Selection,
+    failover: bool,
+) -> Result<Vec<RoutedRow>, ReplayError> {
+    let mut replication = ReplicationConnection::connect(&options.pg)
+        .await
+        .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let created = replication
+        .simple_query(&if failover {
+            // PostgreSQL 17+ only: the option list syntax.
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+                quote_ident(&options.slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(&options.slot)
+            )
+        })
+        .await
+        .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let row = created.first().cloned().unwrap_or_default();
+    let consistent = row.get(1).cloned().flatten().unwrap_or_default();
+    let snapshot = row.get(2).cloned().flatten().ok_or_else(|| {
+        ReplayError::Refused("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    tracing::info!(slot = %options.slot, consistent_point = %consistent, "new slot made");
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await?;
+    let rows = read_all(client, router, &options.router, selection).await?;
+    client.batch_execute("COMMIT").await?;
+    // The snapshot was needed only while the rows were read.
+    let _ = replication.close().await;
+    Ok(rows)
+}
+
+/// The slot as the server lists it, if it does.
+async fn slot_state(client: &SqlClient, slot: &str) -> Result<Option<LostSlot>, ReplayError> {
     let row = client
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '?'), coalesce(wal_status, '?'), active,
@@ -214,29 +268,12 @@ async fn lost_slot(client: &SqlClient, slot: &str) -> Result<LostSlot, ReplayErr
             &[&slot],
         )
         .await?;
-    let Some(row) = row else {
-        return Err(ReplayError::Refused(format!(
-            "slot {slot} does not exist: recover replaces a slot the server still lists as lost (wal_status 'lost'); to send events again without a lost slot use `walrelay backfill`"
-        )));
-    };
-    let lost = LostSlot {
+    Ok(row.map(|row| LostSlot {
         confirmed: row.get(0),
         wal_status: row.get(1),
+        active: row.get(2),
         failover: row.get(3),
-    };
-    let active: bool = row.get(2);
-    if active {
-        return Err(ReplayError::Refused(format!(
-            "slot {slot} is in use by a walsender: stop the relay first"
-        )));
-    }
-    if lost.wal_status != "lost" {
-        return Err(ReplayError::Refused(format!(
-            "slot {slot} is not lost (wal_status {}): `walrelay run` resumes it without loss",
-            lost.wal_status
-        )));
-    }
-    Ok(lost)
+    }))
 }
 
 /// Every row of the selection, routed, in `(created_at, id)` order.

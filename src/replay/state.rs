@@ -85,3 +85,66 @@ pub async fn save(client: &SqlClient, name: &str, progress: &Progress) -> Result
         .await?;
     Ok(())
 }
+
+/// Recoveries under way (`public.walrelay_recover`): written before the
+/// lost slot is dropped, cleared once every row is in Kafka, so a recovery
+/// that dies is finished by the next run instead of being taken for a
+/// healthy slot.
+pub const RECOVER_TABLE: &str = "walrelay_recover";
+
+pub async fn ensure_recover_table(client: &SqlClient) -> Result<(), SqlError> {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS public.{RECOVER_TABLE} (
+               slot text PRIMARY KEY,
+               lost_confirmed_lsn text NOT NULL,
+               failover boolean NOT NULL,
+               underway boolean NOT NULL,
+               started_at timestamptz NOT NULL DEFAULT now(),
+               finished_at timestamptz)"
+        ))
+        .await
+}
+
+/// `Some(failover)` when a recovery of `slot` is under way.
+pub async fn recovery_underway(client: &SqlClient, slot: &str) -> Result<Option<bool>, SqlError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT failover FROM public.{RECOVER_TABLE} WHERE slot = $1 AND underway"),
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub async fn begin_recovery(
+    client: &SqlClient,
+    slot: &str,
+    lost_confirmed_lsn: &str,
+    failover: bool,
+) -> Result<(), SqlError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO public.{RECOVER_TABLE} (slot, lost_confirmed_lsn, failover, underway)
+                 VALUES ($1, $2, $3, true)
+                 ON CONFLICT (slot) DO UPDATE SET lost_confirmed_lsn = $2, failover = $3,
+                   underway = true, started_at = now(), finished_at = NULL"
+            ),
+            &[&slot, &lost_confirmed_lsn, &failover],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn end_recovery(client: &SqlClient, slot: &str) -> Result<(), SqlError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE public.{RECOVER_TABLE} SET underway = false, finished_at = now() WHERE slot = $1"
+            ),
+            &[&slot],
+        )
+        .await?;
+    Ok(())
+}
