@@ -440,3 +440,64 @@ async fn moving_off_a_polling_relay_with_a_first_slot_loses_nothing_and_doubles_
     assert_eq!(got, table_ids(&stack, "true").await);
     assert_eq!(records.len(), 1300);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recovery_killed_after_making_the_new_slot_is_finished_by_the_next_run() {
+    let stack = small_slot_stack("recoverkill").await;
+    lose_the_slot_during_an_outage(&stack, 5000).await;
+
+    let mut recover = command(&stack, "recover", &[]);
+    wait_for("the new slot", Duration::from_secs(120), async || {
+        let status: Option<String> = stack
+            .client
+            .query_opt(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walrelay'",
+                &[],
+            )
+            .await
+            .ok()??
+            .get(0);
+        (status.as_deref() != Some("lost")).then_some(())
+    })
+    .await;
+    recover.kill9().await;
+    let underway: bool = stack
+        .client
+        .query_one(
+            "SELECT underway FROM walrelay_recover WHERE slot = 'walrelay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(underway, "the recovery was killed before it finished");
+
+    // `run` first would start past the rows recover had not sent yet: the
+    // operator runs recover again, which finishes the job.
+    let mut again = command(&stack, "recover", &[]);
+    let status = again.wait(Duration::from_secs(300)).await;
+    assert!(
+        status.success(),
+        "the second recover failed:\n{}",
+        again.log()
+    );
+    let mut relay = command(&stack, "run", &[]);
+    stack.insert_events("order", 200).await;
+    let lsn: walrelay::lsn::Lsn = stack
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
+    relay.terminate(Duration::from_secs(60)).await;
+
+    let records = stack.broker.consume_all(&stack.topic("order"));
+    let counts = id_counts(&records);
+    let got: HashSet<String> = counts.keys().cloned().collect();
+    assert_eq!(got, table_ids(&stack, "true").await, "every event arrives");
+    // Nothing was written while the recovery ran, so nothing is doubled.
+    assert_eq!(counts.values().filter(|c| **c > 1).count(), 0);
+}
