@@ -100,6 +100,8 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         since: options.since.clone(),
         ..Selection::default()
     };
+    // Where the rows come from depends on the slot, and on whether an
+    // earlier recovery of it died midway.
     state::ensure_recover_table(&client).await?;
     let underway = state::recovery_underway(&client, &options.slot).await?;
     let found = slot_state(&client, &options.slot).await?;
@@ -160,7 +162,7 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         }
     };
 
-    // 3. What is not in Kafka goes out, in order.
+    // What is not in Kafka goes out, in order.
     let in_kafka = ids_in_kafka(&producer, &rows).await?;
     let origin = Origin {
         system_id,
@@ -338,9 +340,9 @@ fn table_span(rows: &[RoutedRow]) -> String {
     }
 }
 
-/// 1. Before any slot is touched: does the table reach back past the
-///    loss? (Rows read now; the snapshot read later sees these and any
-///    committed since.)
+/// Before any slot is touched: does the table reach back past the loss?
+/// (Rows read now; the snapshot read later sees these and any committed
+/// since.)
 async fn check_reaches_back(
     client: &SqlClient,
     router: &Router,
