@@ -14,7 +14,7 @@
 //! | `rows.rs` | the table read in pages, each row routed as the stream routes it |
 //! | `ids.rs` | the event ids a set of topics already holds, read back `read_committed` |
 //! | `send.rs` | records through the publisher, waited for until in Kafka |
-//! | `state.rs` | the progress tables |
+//! | `state.rs` | each backfill's progress, and recoveries under way |
 //! | `backfill.rs` | `walrelay backfill` |
 //! | `recover.rs` | `walrelay recover` |
 //!

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::catalog::{qualified, quote_ident};
 use crate::pgoutput::{Column, ColumnValue, PgTimestamp, Relation, ReplicaIdentity, TupleData};
+use crate::postgres::quote_literal;
 use crate::publish::{ORIGIN_HEADER, POSITION_HEADER, Position};
 use crate::record::KafkaRecord;
 use crate::relation_cache::RelationInfo;
@@ -120,10 +121,13 @@ impl TableReader {
             "($1::text IS NULL OR ({created}, {id}) > ($1::text::timestamptz, $2::text COLLATE \"C\"))"
         )];
         if let Some(since) = &self.selection.since {
-            parts.push(format!("{created} >= {}::timestamptz", literal(since)));
+            parts.push(format!(
+                "{created} >= {}::timestamptz",
+                quote_literal(since)
+            ));
         }
         if let Some(until) = &self.selection.until {
-            parts.push(format!("{created} < {}::timestamptz", literal(until)));
+            parts.push(format!("{created} < {}::timestamptz", quote_literal(until)));
         }
         if let Some(predicate) = &self.selection.predicate {
             parts.push(format!("({predicate})"));
@@ -208,11 +212,6 @@ impl TableReader {
     }
 }
 
-/// A string as an SQL literal.
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 /// Marks a record as this job's: its origin, and a position from the row's
 /// creation time (so it sorts, and prints, as the stream's positions do).
 pub fn stamp(record: &mut KafkaRecord, origin: &Bytes, created_micros: u64) {
@@ -228,4 +227,67 @@ pub fn stamp(record: &mut KafkaRecord, origin: &Bytes, created_micros: u64) {
         .headers
         .push((POSITION_HEADER.into(), position.to_bytes()));
     record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::Relation;
+
+    fn reader(selection: Selection) -> TableReader {
+        TableReader {
+            relation: RelationInfo::from_message(&Relation {
+                xid: None,
+                id: 0,
+                namespace: "public".into(),
+                name: "outbox".into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: Vec::new(),
+            }),
+            columns: OutboxColumns::default(),
+            selection,
+        }
+    }
+
+    #[test]
+    fn the_selection_is_the_keyset_start_and_each_given_bound_joined_with_and() {
+        let all = reader(Selection::default()).filter();
+        assert!(all.starts_with("($1::text IS NULL OR"), "{all}");
+        assert!(!all.contains(" AND t."), "{all}");
+        let some = reader(Selection {
+            since: Some("2026-01-01".into()),
+            until: Some("it's".into()),
+            predicate: Some("aggregate_type = 'order'".into()),
+        })
+        .filter();
+        assert!(
+            some.contains("t.\"created_at\" >= '2026-01-01'::timestamptz"),
+            "{some}"
+        );
+        assert!(
+            some.contains("t.\"created_at\" < 'it''s'::timestamptz"),
+            "{some}"
+        );
+        assert!(some.ends_with(" AND (aggregate_type = 'order')"), "{some}");
+    }
+
+    #[test]
+    fn a_stamp_replaces_any_position_and_origin_with_the_jobs() {
+        let mut record = KafkaRecord {
+            topic: "t".into(),
+            key: None,
+            value: None,
+            headers: vec![
+                (ORIGIN_HEADER.into(), Bytes::from_static(b"old")),
+                ("id".into(), Bytes::from_static(b"1")),
+            ],
+        };
+        stamp(&mut record, &Bytes::from_static(b"7/backfill:x/0"), 0x10);
+        assert_eq!(record.header(ORIGIN_HEADER).unwrap(), "7/backfill:x/0");
+        assert_eq!(
+            record.header(POSITION_HEADER).unwrap(),
+            "0000000000000010/0000000000000010/0000"
+        );
+        assert_eq!(record.headers.len(), 3);
+    }
 }
