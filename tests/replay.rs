@@ -501,3 +501,29 @@ async fn a_recovery_killed_after_making_the_new_slot_is_finished_by_the_next_run
     // Nothing was written while the recovery ran, so nothing is doubled.
     assert_eq!(counts.values().filter(|c| **c > 1).count(), 0);
 }
+
+#[test]
+fn bad_flags_of_backfill_and_recover_stop_with_exit_code_2_naming_the_flag() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+            .args(args)
+            .args([
+                "--pg-url",
+                "postgres://u@127.0.0.1:1/db",
+                "--brokers",
+                "127.0.0.1:1",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run(&["backfill", "--name", "a/b"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--name"));
+    let out = run(&["recover", "--first-slot", "--accept-loss"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--first-slot") && stderr.contains("--accept-loss"),
+        "{stderr}"
+    );
+}
