@@ -21,6 +21,7 @@ pub mod publish;
 pub mod record;
 pub mod relation_cache;
 pub mod relay;
+pub mod replay;
 pub mod replication;
 pub mod retention;
 pub mod router;

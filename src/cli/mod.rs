@@ -2,6 +2,7 @@
 //! subcommands. Every option also reads an environment variable.
 
 mod args;
+mod replay_args;
 mod run_args;
 mod values;
 
@@ -13,6 +14,7 @@ pub use args::{
     CheckArgs, CheckKafkaArgs, InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs,
     TailArgs, inbox_tables,
 };
+pub use replay_args::{BackfillArgs, RecoverArgs};
 pub use run_args::RunArgs;
 pub use values::{parse_duration, parse_retention, parse_size};
 
@@ -51,6 +53,15 @@ pub enum Command {
     /// id header); offsets kept in PostgreSQL with the rows. Create the
     /// tables with `walrelay setup --inbox`.
     Inbox(Box<InboxArgs>),
+    /// Send outbox rows again as the stream's records: all, a time range
+    /// (--since/--until) or a --where predicate, to the usual topics or a
+    /// --topic-template of their own. Resumable under its --name.
+    Backfill(Box<BackfillArgs>),
+    /// After the slot was lost (wal_status 'lost'): make it again and
+    /// publish, from the outbox table, every event not in Kafka; then
+    /// `run` streams on from the new slot. Stops if rows are gone, unless
+    /// --accept-loss.
+    Recover(Box<RecoverArgs>),
 }
 
 /// A bad flag or environment value: exit code 2.
@@ -217,6 +228,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = args.pg.connection_config()?;
             let client = sql::connect(&config).await?;
             commands::status::run(&client, args.slot.as_deref(), args.json, args.watch).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill(args) => {
+            let options = args.options()?;
+            let listener = commands::run::listen(&args.run.http.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::replay::backfill(options, listener).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Recover(args) => {
+            let options = args.options()?;
+            let listener = commands::run::listen(&args.run.http.http_addr)
+                .await
+                .map_err(UsageError)?;
+            commands::replay::recover(options, listener).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tail(args) => {

@@ -5,6 +5,7 @@ pub mod check_failover;
 pub mod check_kafka;
 pub mod check_result;
 pub mod inbox;
+pub mod replay;
 pub mod run;
 pub mod setup;
 pub mod status;

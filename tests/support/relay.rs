@@ -26,7 +26,9 @@ impl RelayProcess {
         Self::start_command("inbox", pg_url, brokers, args)
     }
 
-    fn start_command(command: &str, pg_url: &str, brokers: &str, args: &[&str]) -> Self {
+    /// Starts `walrelay <command>` (`backfill`, `recover`, ...) with `args`
+    /// after the standard connection flags.
+    pub fn start_command(command: &str, pg_url: &str, brokers: &str, args: &[&str]) -> Self {
         let http_port = super::free_port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("relay.log");

@@ -1,0 +1,380 @@
+//! `walrelay recover`: after a slot was lost (invalidated by
+//! `max_slot_wal_keep_size`), a new slot, and every event the lost one had
+//! not confirmed published from the outbox table, so that `run` streams
+//! on from the new slot with no gap and no duplicate.
+//!
+//! # Which rows the lost slot had not confirmed
+//!
+//! A row does not carry the LSN of its commit, so "committed after the
+//! lost slot's confirmed LSN" cannot be asked of the table. What can be
+//! asked is the outcome that matters: is the row's event in Kafka? Every
+//! event at or below the confirmed LSN is (nothing is confirmed before the
+//! broker has it), and so are the lost slot's last unconfirmed sends. So
+//! recover reads each topic back (`read_committed`, by the `id` header,
+//! from the oldest candidate row's `created_at` less a margin: a record is
+//! produced after its row was written) and publishes exactly the rows
+//! whose ids it does not find, in `(created_at, id)` order.
+//!
+//! # The boundary with the new slot
+//!
+//! The new slot is made with `EXPORT_SNAPSHOT` and the rows are read in
+//! that snapshot: a row is in it if and only if its transaction committed
+//! before the slot's consistent point, and every later commit is decoded
+//! from the new slot by `run`. Nothing falls between, nothing is on both
+//! sides.
+//!
+//! # Rows that are gone
+//!
+//! If rows were deleted (deleted in the inserting transaction, or pruned)
+//! the events between the lost slot's confirmed LSN and the new slot exist
+//! nowhere. The table must reach back past the loss: at least one of its
+//! rows must already be in Kafka (as delivered by the lost slot). If none
+//! is, recover stops before touching any slot, names the LSNs and times of
+//! the gap, and goes on only with `--accept-loss`.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use super::ReplayError;
+use super::backfill::{Bar, system_identifier};
+use super::rows::{After, RoutedRow, Selection, TableReader, stamp};
+use super::send::Sender;
+use super::state;
+use crate::catalog::quote_ident;
+use crate::kafka::{KafkaSink, SinkSettings};
+use crate::postgres::ConnectionConfig;
+use crate::publish::Origin;
+use crate::replication::ReplicationConnection;
+use crate::router::{Router, RouterConfig};
+use crate::sql::{self, SqlClient};
+
+/// Read back this much before the oldest row: the clocks of the database
+/// and of the relay that produced the records may differ.
+const CLOCK_MARGIN_MS: i64 = 10 * 60_000;
+const PAGE: i64 = 5_000;
+
+pub struct RecoverOptions {
+    pub pg: ConnectionConfig,
+    pub router: RouterConfig,
+    pub kafka: SinkSettings,
+    pub exactly_once: bool,
+    /// The lost slot, and the name of the new one.
+    pub slot: String,
+    /// Only rows created at or after this are candidates (bounds the
+    /// reading back of old topics).
+    pub since: Option<String>,
+    pub accept_loss: bool,
+    /// There was no slot before (the outbox was published by a polling
+    /// relay, now stopped): make the slot and publish every row of its
+    /// snapshot not in Kafka.
+    pub first_slot: bool,
+}
+
+/// What a recovery did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub published: usize,
+    pub already_in_kafka: usize,
+}
+
+/// The lost slot, as the server still lists it.
+struct LostSlot {
+    confirmed: String,
+    wal_status: String,
+    active: bool,
+    /// Synchronized to standbys (PostgreSQL 17+): the new slot is too.
+    failover: bool,
+}
+
+pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
+    let client = sql::connect(&options.pg).await?;
+    let system_id = system_identifier(&client).await?;
+    let router = Router::new(options.router.clone(), system_id.clone());
+    let producer = options
+        .kafka
+        .producer
+        .client_config()
+        .map_err(ReplayError::Kafka)?;
+    let selection = Selection {
+        since: options.since.clone(),
+        ..Selection::default()
+    };
+    // Where the rows come from depends on the slot, and on whether an
+    // earlier recovery of it died midway.
+    state::ensure_recover_table(&client).await?;
+    let underway = state::recovery_underway(&client, &options.slot).await?;
+    let found = slot_state(&client, &options.slot).await?;
+    let exists = |slot: &str| {
+        ReplayError::Refused(format!(
+            "slot {slot} exists: --first-slot makes a slot where there was none (moving off a polling relay); for a lost slot leave --first-slot out"
+        ))
+    };
+    let rows = match (found, underway) {
+        (Some(lost), _) if lost.active => {
+            return Err(ReplayError::Refused(format!(
+                "slot {} is in use by a walsender: stop the relay first",
+                options.slot
+            )));
+        }
+        (Some(_), _) if options.first_slot => return Err(exists(&options.slot)),
+        (Some(lost), _) if lost.wal_status == "lost" => {
+            if underway.is_none() {
+                check_reaches_back(&client, &router, &options, &selection, &producer, &lost)
+                    .await?;
+            }
+            state::begin_recovery(&client, &options.slot, &lost.confirmed, lost.failover).await?;
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
+                .await?;
+            snapshot_rows(&client, &router, &options, &selection, lost.failover).await?
+        }
+        (Some(_), Some(_)) => {
+            // A recovery died after it made the new slot: the snapshot is
+            // gone. Rows are read as they are now; those committed after
+            // the new slot go out now and again from `run` (duplicates
+            // with the same id, never a loss).
+            tracing::warn!(
+                slot = %options.slot,
+                "a recovery of this slot died after making the new slot: publishing every row not in Kafka; rows committed since then will be streamed again by `walrelay run` (duplicates with the same id header)"
+            );
+            read_all(&client, &router, &options.router, &selection).await?
+        }
+        (Some(healthy), None) => {
+            return Err(ReplayError::Refused(format!(
+                "slot {} is not lost (wal_status {}): `walrelay run` resumes it without loss",
+                options.slot, healthy.wal_status
+            )));
+        }
+        (None, Some(failover)) => {
+            // Died between dropping the lost slot and making the new one.
+            snapshot_rows(&client, &router, &options, &selection, failover).await?
+        }
+        (None, None) if options.first_slot => {
+            state::begin_recovery(&client, &options.slot, "none", false).await?;
+            snapshot_rows(&client, &router, &options, &selection, false).await?
+        }
+        (None, None) => {
+            return Err(ReplayError::Refused(format!(
+                "slot {0} does not exist: recover replaces a slot the server still lists as lost (wal_status 'lost'). If walrelay never streamed this outbox (moving off a polling relay), use `walrelay recover --first-slot`; to send events again use `walrelay backfill`",
+                options.slot
+            )));
+        }
+    };
+
+    // What is not in Kafka goes out, in order.
+    let in_kafka = ids_in_kafka(&producer, &rows).await?;
+    let origin = Origin {
+        system_id,
+        slot: format!("recover:{}", options.slot),
+        timeline: 0,
+    };
+    let origin_bytes = Bytes::from(origin.to_string());
+    let sink = KafkaSink::new(&options.kafka).map_err(|e| ReplayError::Kafka(e.to_string()))?;
+    let mut sender = Sender::new(
+        sink,
+        &options.router.dead_letter_topic,
+        options.exactly_once,
+        origin,
+        options
+            .exactly_once
+            .then(|| format!("walrelay-recover-{}", options.slot)),
+    );
+    let mut summary = Summary::default();
+    let missing: Vec<RoutedRow> = rows
+        .into_iter()
+        .filter(|r| {
+            let found = in_kafka.contains(&r.id);
+            summary.already_in_kafka += usize::from(found);
+            !found
+        })
+        .collect();
+    let bar = Bar::new(&format!("recover {}", options.slot), missing.len() as i64);
+    for chunk in missing.chunks(PAGE as usize) {
+        let records = chunk
+            .iter()
+            .map(|row| {
+                let mut record = row.record.clone();
+                stamp(&mut record, &origin_bytes, row.created_micros as u64);
+                (record, row.dead_letter)
+            })
+            .collect();
+        sender.send_all(records).await?;
+        summary.published += chunk.len();
+        metrics::counter!(super::EVENTS_REPLAYED_TOTAL, "job" => "recover")
+            .increment(chunk.len() as u64);
+        bar.show(summary.published as i64);
+    }
+    bar.finish();
+    state::end_recovery(&client, &options.slot).await?;
+    println!(
+        "recovered slot {}: {} events published from the table, {} already in Kafka: `walrelay run` streams on from the new slot",
+        options.slot, summary.published, summary.already_in_kafka
+    );
+    Ok(summary)
+}
+
+/// Makes the slot with an exported snapshot and reads the rows in it:
+/// exactly those committed before the slot's consistent point.
+async fn snapshot_rows(
+    client: &SqlClient,
+    router: &Router,
+    options: &RecoverOptions,
+    selection: &Selection,
+    failover: bool,
+) -> Result<Vec<RoutedRow>, ReplayError> {
+    let mut replication = ReplicationConnection::connect(&options.pg)
+        .await
+        .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let created = replication
+        .simple_query(&if failover {
+            // PostgreSQL 17+ only: the option list syntax.
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+                quote_ident(&options.slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(&options.slot)
+            )
+        })
+        .await
+        .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let row = created.first().cloned().unwrap_or_default();
+    let consistent = row.get(1).cloned().flatten().unwrap_or_default();
+    let snapshot = row.get(2).cloned().flatten().ok_or_else(|| {
+        ReplayError::Refused("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    tracing::info!(slot = %options.slot, consistent_point = %consistent, "new slot made");
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await?;
+    let rows = read_all(client, router, &options.router, selection).await?;
+    client.batch_execute("COMMIT").await?;
+    // The snapshot was needed only while the rows were read.
+    let _ = replication.close().await;
+    Ok(rows)
+}
+
+/// The slot as the server lists it, if it does.
+async fn slot_state(client: &SqlClient, slot: &str) -> Result<Option<LostSlot>, ReplayError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn::text, '?'), coalesce(wal_status, '?'), active,
+                    coalesce((to_jsonb(s) ->> 'failover')::bool, false)
+             FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|row| LostSlot {
+        confirmed: row.get(0),
+        wal_status: row.get(1),
+        active: row.get(2),
+        failover: row.get(3),
+    }))
+}
+
+/// Every row of the selection, routed, in `(created_at, id)` order.
+async fn read_all(
+    client: &SqlClient,
+    router: &Router,
+    config: &RouterConfig,
+    selection: &Selection,
+) -> Result<Vec<RoutedRow>, ReplayError> {
+    let mut all = Vec::new();
+    for (schema, table) in &config.tables {
+        let reader =
+            TableReader::load(client, schema, table, &config.columns, selection.clone()).await?;
+        let mut after = After::default();
+        loop {
+            let page = reader.page(client, router, &after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = After {
+                created_at: Some(last.created_at.clone()),
+                id: Some(last.id.clone()),
+            };
+            all.extend(page);
+        }
+    }
+    Ok(all)
+}
+
+/// The ids of `rows` found in their topics, read from the oldest row on.
+async fn ids_in_kafka(
+    producer: &rdkafka::ClientConfig,
+    rows: &[RoutedRow],
+) -> Result<HashSet<String>, ReplayError> {
+    let Some(oldest) = rows.iter().map(|r| r.created_micros).min() else {
+        return Ok(HashSet::new());
+    };
+    let topics: Vec<String> = rows
+        .iter()
+        .map(|r| r.record.topic.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let producer = producer.clone();
+    let since = oldest / 1000 - CLOCK_MARGIN_MS;
+    tokio::task::spawn_blocking(move || super::ids::ids_since(&producer, &topics, since, None))
+        .await
+        .map_err(|e| ReplayError::Kafka(e.to_string()))?
+        .map_err(|e| {
+            ReplayError::Kafka(format!(
+                "cannot read the topics back ({e}): is the broker up? nothing was changed; run again once it is"
+            ))
+        })
+}
+
+/// The time span of the table's rows, for the gap's report.
+fn table_span(rows: &[RoutedRow]) -> String {
+    match (rows.first(), rows.last()) {
+        (Some(oldest), Some(newest)) => format!(
+            " (its rows were created from {} to {})",
+            oldest.created_at, newest.created_at
+        ),
+        _ => " (it is empty)".to_owned(),
+    }
+}
+
+/// Before any slot is touched: does the table reach back past the loss?
+/// (Rows read now; the snapshot read later sees these and any committed
+/// since.)
+async fn check_reaches_back(
+    client: &SqlClient,
+    router: &Router,
+    options: &RecoverOptions,
+    selection: &Selection,
+    producer: &rdkafka::ClientConfig,
+    lost: &LostSlot,
+) -> Result<(), ReplayError> {
+    let rows = read_all(client, router, &options.router, selection).await?;
+    let in_kafka = ids_in_kafka(producer, &rows).await?;
+    let overlap = rows.iter().filter(|r| in_kafka.contains(&r.id)).count();
+    if overlap == 0 && !options.accept_loss {
+        let now: String = client
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text || ' at ' || now()::text",
+                &[],
+            )
+            .await?
+            .get(0);
+        let span = table_span(&rows);
+        return Err(ReplayError::Refused(format!(
+            "slot {slot} was lost (wal_status {status}) after confirming {confirmed}; the events committed between {confirmed} and {now} are not all in the table any more: \
+             of its {n} rows none is already in Kafka, so it does not reach back to where the slot stopped{span}, and the events whose rows were deleted (or pruned) in that range cannot be accounted for (their number is unknown: the WAL that held them is gone). \
+             Nothing was changed. Restore the rows (from a backup) and run `walrelay recover` again, or accept the loss with `walrelay recover --accept-loss`, which publishes the {n} rows still there and makes a new slot",
+            slot = options.slot,
+            status = lost.wal_status,
+            confirmed = lost.confirmed,
+            n = rows.len(),
+        )));
+    }
+    if overlap == 0 {
+        tracing::warn!(slot = %options.slot, confirmed = %lost.confirmed, "--accept-loss: events whose rows were deleted since the slot's confirmed LSN are lost");
+    }
+    Ok(())
+}
