@@ -7,8 +7,9 @@ use super::config::ConnectionConfig;
 use super::url::{ConfigError, from_pairs};
 
 /// Whether `text` is a keyword/value string rather than a URL.
+/// An empty string is one too: everything from the environment, as libpq.
 pub fn is_conninfo(text: &str) -> bool {
-    !text.contains("://") && text.contains('=')
+    !text.contains("://") && (text.contains('=') || text.trim().is_empty())
 }
 
 /// Parses a keyword/value string, with libpq's environment variables for
