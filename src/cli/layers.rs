@@ -84,6 +84,37 @@ pub enum LayerError {
 /// Parses `argv` (with the program name first) merged with the config
 /// file it or `WALRELAY_CONFIG` names.
 pub fn parse(argv: Vec<OsString>) -> Result<Layered, LayerError> {
+    let (matches, file, settings) = layered_matches(argv, false)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(LayerError::Clap)?;
+    Ok(Layered {
+        cli,
+        file,
+        settings,
+    })
+}
+
+/// What `walrelay config` shows: the command named in `argv` and its
+/// settings. A required flag left unset is shown as unset, not an error.
+pub fn describe(argv: Vec<OsString>) -> Result<Described, LayerError> {
+    let (matches, file, settings) = layered_matches(argv, true)?;
+    let command = matches.subcommand_name().unwrap_or("run").to_owned();
+    Ok(Described {
+        command,
+        file,
+        settings,
+    })
+}
+
+/// A command's effective configuration, for `walrelay config`.
+pub struct Described {
+    pub command: String,
+    pub file: Option<PathBuf>,
+    pub settings: Vec<Setting>,
+}
+
+type Parsed = (ArgMatches, Option<PathBuf>, Vec<Setting>);
+
+fn layered_matches(argv: Vec<OsString>, optional: bool) -> Result<Parsed, LayerError> {
     let mut command = Cli::command();
     let names: Vec<String> = command
         .get_subcommands()
@@ -95,16 +126,20 @@ pub fn parse(argv: Vec<OsString>) -> Result<Layered, LayerError> {
         let table = read_file(path)?;
         from_file = apply(&mut command, &table, subcommand.as_deref(), path)?;
     }
+    if optional {
+        for name in &names {
+            command = command.mut_subcommand(name, |sub| {
+                let ids: Vec<clap::Id> = sub.get_arguments().map(|a| a.get_id().clone()).collect();
+                ids.into_iter()
+                    .fold(sub, |sub, id| sub.mut_arg(id, |a| a.required(false)))
+            });
+        }
+    }
     let matches = command
         .try_get_matches_from(argv)
         .map_err(LayerError::Clap)?;
-    let cli = Cli::from_arg_matches(&matches).map_err(LayerError::Clap)?;
     let settings = settings(&matches, &from_file);
-    Ok(Layered {
-        cli,
-        file,
-        settings,
-    })
+    Ok((matches, file, settings))
 }
 
 /// The config file (from `--config` or the environment) and the command
@@ -344,10 +379,19 @@ fn values_of(
             .clone()
             .try_get_matches_from([format!("{flag}={value}")])
         {
+            // clap's message without its usage lines, which are about
+            // the command line, not the file.
             let text = e.to_string();
-            let text = text.lines().next().unwrap_or_default();
-            let text = text.strip_prefix("error: ").unwrap_or(text);
-            return Err(bad(text.to_owned()));
+            let text: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage") && !l.starts_with("For more"))
+                .collect();
+            let text = text.join(" ");
+            return Err(bad(text
+                .strip_prefix("error: ")
+                .unwrap_or(&text)
+                .to_owned()));
         }
     }
     Ok(values)

@@ -303,37 +303,21 @@ fn print_config(outer: &layers::Layered, args: &ConfigArgs) -> ExitCode {
         argv.push("run".into());
     }
     argv.extend(args.command_line.iter().cloned());
-    let inner = match layers::parse(argv) {
+    let inner = match layers::describe(argv) {
         Ok(inner) => inner,
         Err(error) => return layer_error(error),
     };
-    if matches!(inner.cli.command, Command::Config(_)) {
+    if inner.command == "config" {
         eprintln!(
             "walrelay: config shows another command's configuration, such as `walrelay config run`"
         );
         return ExitCode::from(2);
     }
-    let name = Cli::command_name(&inner.cli.command);
     print!(
         "{}",
-        commands::config::render(name, inner.file.as_deref(), &inner.settings)
+        commands::config::render(&inner.command, inner.file.as_deref(), &inner.settings)
     );
     ExitCode::SUCCESS
-}
-
-impl Cli {
-    /// The sub-command's name, as typed.
-    fn command_name(command: &Command) -> &'static str {
-        match command {
-            Command::Run(_) => "run",
-            Command::Setup(_) => "setup",
-            Command::Check(_) => "check",
-            Command::Status(_) => "status",
-            Command::Tail(_) => "tail",
-            Command::Inbox(_) => "inbox",
-            Command::Config(_) => "config",
-        }
-    }
 }
 
 /// Logs to standard error; WALRELAY_LOG is an EnvFilter (default info).

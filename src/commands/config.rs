@@ -73,13 +73,16 @@ fn literal(text: &str) -> String {
 /// A value with any secret in it replaced: a connection URL's or string's
 /// password, a secret librdkafka option.
 pub fn mask(value: &str) -> String {
+    if value.contains("://") {
+        return crate::postgres::redact_url(value);
+    }
     if let Some((key, _)) = value.split_once('=') {
         let lower = key.trim().to_ascii_lowercase();
         if !lower.contains(' ') && SECRET_MARKS.iter().any(|m| lower.contains(m)) {
             return format!("{key}=***");
         }
     }
-    if value.contains("://") || crate::postgres::conninfo::is_conninfo(value) {
+    if crate::postgres::conninfo::is_conninfo(value) {
         return crate::postgres::redact_url(value);
     }
     value.to_owned()
@@ -119,6 +122,10 @@ mod tests {
         assert_eq!(mask("postgres://u:pw@db/app"), "postgres://u:***@db/app");
         assert_eq!(mask("host=db password=pw"), "host=db password=***");
         assert_eq!(mask("walrelay"), "walrelay");
+        assert_eq!(
+            mask("postgres://u:secret@db/app?sslmode=require"),
+            "postgres://u:***@db/app?sslmode=require"
+        );
     }
 
     #[test]
