@@ -544,3 +544,22 @@ status-interval = "200ms"
         assert!(value["fields"]["message"].is_string(), "{line}");
     }
 }
+
+#[test]
+fn the_shipped_example_file_configures_every_command() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/walrelay.toml");
+    for command in ["setup", "check", "run", "status", "tail", "inbox"] {
+        let (code, out, err) = run(walrelay().args(["--config", example, "config", command]));
+        assert_eq!(code, 0, "{command}: {err}");
+        assert!(
+            out.contains("# file"),
+            "{command}: nothing from the file:\n{out}"
+        );
+    }
+    let (_, out, _) = run(walrelay().args(["--config", example, "config", "run"]));
+    assert_eq!(line(&out, "log-format"), r#"log-format = "json"  # file"#);
+    assert_eq!(
+        line(&out, "topic-partitions"),
+        "topic-partitions = 12  # file"
+    );
+}
