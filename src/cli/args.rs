@@ -33,8 +33,10 @@ pub struct PgArgs {
 impl PgArgs {
     /// The parsed connection string, or a configuration error naming the flag.
     pub fn connection_config(&self) -> Result<ConnectionConfig, UsageError> {
-        ConnectionConfig::from_url(&self.pg_url)
-            .map_err(|e| UsageError(format!("--pg-url {}: {e}", redact_url(&self.pg_url))))
+        ConnectionConfig::from_url(&self.pg_url).map_err(|e| match self.pg_url.trim() {
+            "" => UsageError(format!("the PostgreSQL connection (no --pg-url): {e}")),
+            url => UsageError(format!("--pg-url {}: {e}", redact_url(url))),
+        })
     }
 }
 
