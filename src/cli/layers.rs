@@ -197,8 +197,9 @@ fn normalize(key: &str) -> String {
     key.replace('_', "-")
 }
 
+/// Flags are settings; `config`'s positional command line is not.
 fn settable(arg: &Arg) -> bool {
-    !NOT_SETTINGS.contains(&arg.get_id().as_str())
+    !NOT_SETTINGS.contains(&arg.get_id().as_str()) && !arg.is_positional()
 }
 
 /// Sets the file's values as defaults of the running command's (and the
@@ -249,7 +250,8 @@ fn apply(
         }
         if !known.contains(&normalize(key)) {
             let mut candidates = known.clone();
-            candidates.extend(names.iter().cloned());
+            // Command tables are keys too; `config` has no settings.
+            candidates.extend(names.iter().filter(|n| *n != "config").cloned());
             return Err(unknown(path, key, key, &candidates));
         }
         wanted.insert(normalize(key), (key.clone(), value));
@@ -415,10 +417,14 @@ fn scalar(value: &toml::Value) -> Option<String> {
 }
 
 fn unknown(path: &Path, shown: &str, key: &str, candidates: &BTreeSet<String>) -> LayerError {
+    let key = normalize(key);
+    // Only a near miss is worth suggesting.
     let nearest = candidates
         .iter()
-        .min_by_key(|c| edit_distance(&normalize(key), c))
-        .map(|c| format!("; did you mean `{c}`?"))
+        .map(|c| (edit_distance(&key, c), c))
+        .min()
+        .filter(|(distance, _)| *distance <= (key.len() / 3).max(2))
+        .map(|(_, c)| format!("; did you mean `{c}`?"))
         .unwrap_or_default();
     LayerError::File(format!(
         "config file {}: unknown key `{shown}`{nearest} (keys are the flags' long names, see walrelay help)",
