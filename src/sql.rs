@@ -203,7 +203,20 @@ async fn open(
     let tls = crate::postgres::tls::client_config(config)
         .map_err(|e| SqlError::new(&address, SqlCause::Tls(e.to_string())))?;
     let pg = config.to_tokio_postgres();
-    let at = |e| SqlError::from_postgres(&address, e);
+    // tokio-postgres says only "invalid configuration" when the server
+    // asks for a password and there is none.
+    let no_password = config.password.is_none();
+    let at = |e: tokio_postgres::Error| {
+        if no_password && e.to_string() == "invalid configuration" {
+            return SqlError::new(
+                &address,
+                SqlCause::Other(
+                    "the server asks for a password but the connection has none: give it in --pg-url (password=), PGPASSWORD, or a line of the password file (PGPASSFILE, ~/.pgpass, mode 0600)".into(),
+                ),
+            );
+        }
+        SqlError::from_postgres(&address, e)
+    };
     let (closed_tx, closed) = watch::channel(None);
     let client = match tls {
         Some(tls) => {

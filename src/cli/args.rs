@@ -14,17 +14,29 @@ use crate::router::OutboxColumns;
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone, Args)]
 pub struct PgArgs {
-    /// PostgreSQL URL: postgres://user:password@host:port/db?sslmode=disable.
-    /// A Unix socket directory goes in ?host=/var/run/postgresql.
-    #[arg(long, env = "WALRELAY_PG_URL", hide_env_values = true)]
+    /// PostgreSQL connection, as a URL
+    /// (postgres://user:password@host:port/db?sslmode=verify-full) or a
+    /// libpq keyword/value string (host=db dbname=app user=walrelay).
+    /// What it leaves out comes from libpq's variables (PGHOST, PGPORT,
+    /// PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGSSLROOTCERT, ...) and
+    /// password file (PGPASSFILE, ~/.pgpass); left out entirely, they give
+    /// it all. A Unix socket directory goes in host=/var/run/postgresql.
+    #[arg(
+        long,
+        env = "WALRELAY_PG_URL",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub pg_url: String,
 }
 
 impl PgArgs {
-    /// The parsed URL, or a configuration error naming the flag.
+    /// The parsed connection string, or a configuration error naming the flag.
     pub fn connection_config(&self) -> Result<ConnectionConfig, UsageError> {
-        ConnectionConfig::from_url(&self.pg_url)
-            .map_err(|e| UsageError(format!("--pg-url {}: {e}", redact_url(&self.pg_url))))
+        ConnectionConfig::from_url(&self.pg_url).map_err(|e| match self.pg_url.trim() {
+            "" => UsageError(format!("the PostgreSQL connection (no --pg-url): {e}")),
+            url => UsageError(format!("--pg-url {}: {e}", redact_url(url))),
+        })
     }
 }
 
@@ -45,8 +57,10 @@ pub struct OutboxArgs {
         value_delimiter = ','
     )]
     pub tables: Vec<String>,
+    /// The event id: the Kafka `id` header consumers de-duplicate on.
     #[arg(long, env = "WALRELAY_ID_COLUMN", default_value = "id")]
     pub id_column: String,
+    /// Routes the event to a topic ({aggregate_type} in --topic-template).
     #[arg(
         long,
         env = "WALRELAY_AGGREGATE_TYPE_COLUMN",
@@ -60,6 +74,7 @@ pub struct OutboxArgs {
         default_value = "aggregate_id"
     )]
     pub aggregate_id_column: String,
+    /// Becomes the Kafka `event_type` header (and CloudEvents ce_type).
     #[arg(long, env = "WALRELAY_EVENT_TYPE_COLUMN", default_value = "event_type")]
     pub event_type_column: String,
     /// Becomes the Kafka value (jsonb, json, text or bytea).

@@ -3,12 +3,15 @@
 
 mod args;
 mod replay_args;
+pub mod layers;
 mod run_args;
 mod values;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+pub use layers::{Layered, Setting, Source};
 
 pub use args::{
     CheckArgs, CheckKafkaArgs, InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs,
@@ -27,8 +30,33 @@ use crate::sql;
 #[derive(Debug, Parser)]
 #[command(name = "walrelay", version, about)]
 pub struct Cli {
+    /// A TOML file of settings whose keys are the flags' long names
+    /// (pg-url = "...", [run] max-in-flight-events = 10000). Flags win
+    /// over environment variables, which win over the file.
+    #[arg(long, global = true, env = layers::CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Log lines as text, or as JSON objects (one per line) for a log
+    /// collector. WALRELAY_LOG picks what is logged (default info; such as
+    /// walrelay=debug,rdkafka=warn).
+    #[arg(
+        long,
+        global = true,
+        env = "WALRELAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written to standard error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (tracing-subscriber's json format).
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +90,24 @@ pub enum Command {
     /// `run` streams on from the new slot. Stops if rows are gone, unless
     /// --accept-loss.
     Recover(Box<RecoverArgs>),
+    /// Print the effective configuration of a command, each value with its
+    /// source (flag, env, file or default), secrets masked; the output is a
+    /// valid config file. `walrelay config run --slot s` shows what
+    /// `walrelay run --slot s` would use (default: run).
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// The command and flags to show the configuration of, such as `run` or
+    /// `inbox --topic orders`.
+    #[arg(
+        value_name = "COMMAND [FLAGS]",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        num_args = 0..
+    )]
+    pub command_line: Vec<std::ffi::OsString>,
 }
 
 /// A bad flag or environment value: exit code 2.
@@ -72,8 +118,16 @@ pub struct UsageError(pub String);
 /// Parses the command line, runs the command and maps the outcome to an
 /// exit code: 0 success, 1 failure, 2 bad configuration.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let layered = match layers::parse(argv) {
+        Ok(layered) => layered,
+        Err(error) => return layer_error(error),
+    };
+    if let Command::Config(args) = &layered.cli.command {
+        return print_config(&layered, args);
+    }
+    let cli = layered.cli;
+    init_tracing(cli.log_format);
     // One thread: the relay is one loop, and a single-threaded runtime
     // saves the cross-thread wakeups that dominated its CPU profile.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -246,6 +300,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::replay::recover(options, listener).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Config(_) => Ok(ExitCode::SUCCESS),
         Command::Tail(args) => {
             let config = args.pg.connection_config()?;
             let options = commands::tail::TailOptions {
@@ -260,12 +315,90 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_tracing() {
+fn layer_error(error: layers::LayerError) -> ExitCode {
+    match error {
+        // --help and --version exit 0, a bad flag 2.
+        layers::LayerError::Clap(e) => e.exit(),
+        layers::LayerError::File(message) => {
+            eprintln!("walrelay: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `walrelay config [COMMAND [FLAGS]]`: the same parse as the command
+/// would get, printed instead of run.
+fn print_config(outer: &layers::Layered, args: &ConfigArgs) -> ExitCode {
+    let mut argv: Vec<std::ffi::OsString> = vec!["walrelay".into()];
+    if let Some(file) = &outer.file {
+        argv.extend(["--config".into(), file.clone().into_os_string()]);
+    }
+    if args.command_line.is_empty() {
+        argv.push("run".into());
+    }
+    argv.extend(args.command_line.iter().cloned());
+    let inner = match layers::describe(argv) {
+        Ok(inner) => inner,
+        Err(error) => return layer_error(error),
+    };
+    if inner.command == "config" {
+        eprintln!(
+            "walrelay: config shows another command's configuration, such as `walrelay config run`"
+        );
+        return ExitCode::from(2);
+    }
+    print!(
+        "{}",
+        commands::config::render(&inner.command, inner.file.as_deref(), &inner.settings)
+    );
+    ExitCode::SUCCESS
+}
+
+/// Logs to standard error; WALRELAY_LOG is an EnvFilter (default info).
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WALRELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of every command says what it does in `--help`.
+    #[test]
+    fn every_argument_of_every_command_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut missing = Vec::new();
+        walk(&command, "walrelay", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -58,7 +58,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Ok(Duration::from_secs_f64(seconds))
+    // from_secs_f64 panics past u64::MAX seconds; say so instead.
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        format!("{text:?} is too long a duration; use at most a few years, such as 30s or 1h")
+    })
 }
 
 /// A retention (`--retain`): a whole number with s, m, h or d, such as
@@ -148,5 +151,53 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown unit")
         );
+        assert!(
+            parse_duration("99999999999999999999999h")
+                .unwrap_err()
+                .contains("too long")
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn parse_duration_never_panics(text in "\\PC*") {
+                let _ = parse_duration(&text);
+            }
+
+            #[test]
+            fn parse_duration_never_panics_on_numbers_with_units(
+                number in "[0-9.]{0,40}",
+                unit in prop::sample::select(vec!["", "ms", "s", "m", "h", "x"]),
+            ) {
+                let _ = parse_duration(&format!("{number}{unit}"));
+            }
+
+            #[test]
+            fn whole_seconds_read_back(secs in 0u64..1_000_000_000) {
+                prop_assert_eq!(parse_duration(&format!("{secs}s")), Ok(Duration::from_secs(secs)));
+            }
+
+            #[test]
+            fn parse_size_never_panics(text in "\\PC*") {
+                let _ = parse_size(&text);
+            }
+
+            #[test]
+            fn parse_size_never_panics_on_numbers_with_units(
+                number in "[0-9]{0,30}",
+                unit in prop::sample::select(vec!["", "B", "KiB", "MiB", "GiB", "KB", "MB", "GB", "x"]),
+            ) {
+                let _ = parse_size(&format!("{number}{unit}"));
+            }
+
+            #[test]
+            fn sizes_read_back_in_kib(kib in 1u64..(1 << 40)) {
+                prop_assert_eq!(parse_size(&format!("{kib}KiB")), Ok(kib << 10));
+            }
+        }
     }
 }

@@ -214,6 +214,11 @@ impl ConnectionConfig {
         })
     }
 
+    /// `sslrootcert=system`: the operating system's CAs.
+    pub fn uses_system_roots(&self) -> bool {
+        self.ssl_root_cert.as_deref() == Some(std::path::Path::new(super::SYSTEM_ROOTS))
+    }
+
     /// The first server: the one a single-host connection uses.
     pub fn host(&self) -> &Host {
         &self.hosts[0].host

@@ -5,13 +5,15 @@
 //! connection in `crate::sql`.
 
 pub mod config;
+pub mod conninfo;
 pub mod error;
+pub mod passfile;
 pub mod tls;
 mod url;
 
 pub use config::{ConnectionConfig, Host, HostPort, Password, SslMode, TargetSessionAttrs};
 pub use error::{ServerError, os_error_fix};
-pub use url::{ConfigError, redact_url};
+pub use url::{ConfigError, LIBPQ_ENV, SYSTEM_ROOTS, redact_url};
 
 /// A host that does not suit, and why: its error, or what it is.
 pub type HostFailure<E> = (String, Result<String, E>);

@@ -10,7 +10,8 @@
 //! | `verify-full` | yes | against `sslrootcert` | yes |
 //!
 //! `sslrootcert` defaults to `~/.postgresql/root.crt`, as in libpq; a client
-//! certificate comes from `sslcert` and `sslkey`.
+//! certificate comes from `sslcert` and `sslkey`. `sslrootcert=system` uses
+//! the operating system's CAs and, as in libpq, requires `verify-full`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,7 +57,11 @@ pub fn client_config(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider))),
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let roots = Arc::new(root_store(&config.root_cert_path())?);
+            let roots = Arc::new(if config.uses_system_roots() {
+                system_store()?
+            } else {
+                root_store(&config.root_cert_path())?
+            });
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
                 .map_err(|e| TlsConfigError::RootCert {
@@ -114,6 +119,30 @@ fn root_store(path: &Path) -> Result<RootCertStore, TlsConfigError> {
     }
     if store.is_empty() {
         return Err(error("no certificate in the file".into()));
+    }
+    Ok(store)
+}
+
+/// `sslrootcert=system`: the operating system's trusted CAs (as libpq,
+/// through the platform's store; SSL_CERT_FILE and SSL_CERT_DIR are
+/// honoured).
+fn system_store() -> Result<RootCertStore, TlsConfigError> {
+    let error = |reason: String| TlsConfigError::RootCert {
+        path: "system".into(),
+        reason,
+    };
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    let (added, _ignored) = store.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "no CA certificate found".into());
+        return Err(error(format!(
+            "{why}; install the system's CA certificates (ca-certificates) or set SSL_CERT_FILE"
+        )));
     }
     Ok(store)
 }

@@ -5,7 +5,7 @@
 //! them; silently ignoring, say, `sslmode=require` would send a password in
 //! the clear to a user who asked for encryption.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
@@ -32,7 +32,7 @@ pub enum ConfigError {
     )]
     UnknownSslMode(String),
     #[error(
-        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs, keepalives, keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
+        "connection URL: parameter {0:?} is not supported; supported: host, port, user, password, passfile, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout, target_session_attrs, keepalives, keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
     )]
     UnknownParameter(String),
     #[error(
@@ -49,11 +49,47 @@ pub enum ConfigError {
     NotANumber(String, String),
     #[error("connection URL: connect_timeout={0:?} is not a whole number of seconds")]
     ConnectTimeout(String),
+    #[error(
+        "sslrootcert=system checks the server against the system's CAs, which only means something with the host name checked too: use sslmode=verify-full (the default with sslrootcert=system)"
+    )]
+    WeakSystemRoots,
+    #[error("connection string: {0}")]
+    Conninfo(String),
+    #[error("environment variable {0}: {1}")]
+    FromEnv(&'static str, Box<ConfigError>),
 }
 
+/// The libpq environment variables walrelay reads, and the parameter each
+/// stands in for when the connection string leaves it out.
+pub const LIBPQ_ENV: [(&str, &str); 12] = [
+    ("host", "PGHOST"),
+    ("port", "PGPORT"),
+    ("user", "PGUSER"),
+    ("password", "PGPASSWORD"),
+    ("dbname", "PGDATABASE"),
+    ("sslmode", "PGSSLMODE"),
+    ("sslrootcert", "PGSSLROOTCERT"),
+    ("sslcert", "PGSSLCERT"),
+    ("sslkey", "PGSSLKEY"),
+    ("application_name", "PGAPPNAME"),
+    ("connect_timeout", "PGCONNECT_TIMEOUT"),
+    ("target_session_attrs", "PGTARGETSESSIONATTRS"),
+];
+
 /// Parses `postgres://user:password@host:port/dbname?param=value` (see
-/// [`ConnectionConfig::from_url`]).
+/// [`ConnectionConfig::from_url`]), with libpq's environment variables for
+/// what it leaves out.
 pub fn parse(url: &str) -> Result<ConnectionConfig, ConfigError> {
+    parse_with_env(url, &|name| {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    })
+}
+
+/// [`parse`] with the environment given, for tests.
+pub fn parse_with_env(
+    url: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ConnectionConfig, ConfigError> {
     let rest = url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
@@ -71,64 +107,107 @@ pub fn parse(url: &str) -> Result<ConnectionConfig, ConfigError> {
         None => (None, authority),
     };
 
-    let mut user = None;
-    let mut password = None;
+    // The URL's parts as (key, value) pairs, in the order libpq applies
+    // them: the authority and path, then the query (later wins).
+    let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(userinfo) = userinfo {
         let (u, p) = match userinfo.split_once(':') {
             Some((u, p)) => (u, Some(p)),
             None => (userinfo, None),
         };
         if !u.is_empty() {
-            user = Some(decode(u, "user name")?);
+            pairs.push(("user".into(), decode(u, "user name")?));
         }
         if let Some(p) = p {
-            password = Some(Password::new(decode(p, "password")?));
+            pairs.push(("password".into(), decode(p, "password")?));
         }
     }
-
     // host[:port] entries of the authority; a port may be missing.
-    let mut hosts: Vec<String> = Vec::new();
-    let mut ports: Vec<Option<u16>> = Vec::new();
     if !hostport.is_empty() {
+        let mut hosts = Vec::new();
+        let mut ports = Vec::new();
         for entry in hostport.split(',') {
             let (host_text, port_text) = split_host_port(entry);
             hosts.push(decode(host_text, "host")?);
-            ports.push(match port_text {
-                Some(p) => Some(parse_port(p)?),
-                None => None,
-            });
+            ports.push(port_text.unwrap_or_default().to_owned());
+        }
+        pairs.push(("host".into(), hosts.join(",")));
+        if ports.iter().any(|p| !p.is_empty()) {
+            pairs.push(("port".into(), ports.join(",")));
         }
     }
-    let mut target_session_attrs = TargetSessionAttrs::Any;
-    let mut dbname = if path.is_empty() {
-        None
-    } else {
-        Some(decode(path, "database name")?)
-    };
-    let mut ssl_mode = SslMode::Prefer;
-    let (mut ssl_root_cert, mut ssl_cert, mut ssl_key) = (None, None, None);
-    let mut application_name = "walrelay".to_owned();
-    let mut connect_timeout = None;
-    let mut keepalives = Keepalives::default();
-    let number = |key: &str, value: &str| {
-        value
-            .parse::<u64>()
-            .map_err(|_| ConfigError::NotANumber(key.to_owned(), value.to_owned()))
-    };
-
+    if !path.is_empty() {
+        pairs.push(("dbname".into(), decode(path, "database name")?));
+    }
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = decode(value, "query parameter")?;
+        pairs.push((key.to_owned(), decode(value, "query parameter")?));
+    }
+    from_pairs(pairs, env)
+}
+
+/// Builds the configuration from libpq parameters (a URL's or a key=value
+/// string's), filling what they leave out from the environment.
+pub fn from_pairs(
+    pairs: Vec<(String, String)>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ConnectionConfig, ConfigError> {
+    let mut settings = Settings::default();
+    for (key, variable) in LIBPQ_ENV {
+        if pairs.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        if let Some(value) = env(variable) {
+            settings
+                .set(key, value)
+                .map_err(|e| ConfigError::FromEnv(variable, Box::new(e)))?;
+        }
+    }
+    for (key, value) in pairs {
+        settings.set(&key, value)?;
+    }
+    settings.finish(env)
+}
+
+/// The parameters as they are set, before defaults.
+#[derive(Default)]
+struct Settings {
+    hosts: Vec<String>,
+    ports: Vec<Option<u16>>,
+    user: Option<String>,
+    password: Option<Password>,
+    dbname: Option<String>,
+    ssl_mode: Option<SslMode>,
+    ssl_root_cert: Option<PathBuf>,
+    ssl_cert: Option<PathBuf>,
+    ssl_key: Option<PathBuf>,
+    application_name: Option<String>,
+    connect_timeout: Option<Duration>,
+    target_session_attrs: Option<TargetSessionAttrs>,
+    keepalives: Keepalives,
+    passfile: Option<PathBuf>,
+}
+
+impl Settings {
+    fn set(&mut self, key: &str, value: String) -> Result<(), ConfigError> {
+        let number = |value: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| ConfigError::NotANumber(key.to_owned(), value.to_owned()))
+        };
         match key {
-            "host" => hosts = value.split(',').map(str::to_owned).collect(),
+            "host" => self.hosts = value.split(',').map(str::to_owned).collect(),
             "port" => {
-                ports = value
+                self.ports = value
                     .split(',')
-                    .map(|p| parse_port(p).map(Some))
+                    .map(|p| match p {
+                        "" => Ok(None),
+                        p => parse_port(p).map(Some),
+                    })
                     .collect::<Result<_, _>>()?
             }
             "target_session_attrs" => {
-                target_session_attrs = match value.as_str() {
+                self.target_session_attrs = Some(match value.as_str() {
                     "any" => TargetSessionAttrs::Any,
                     "read-write" => TargetSessionAttrs::ReadWrite,
                     "read-only" => TargetSessionAttrs::ReadOnly,
@@ -136,100 +215,141 @@ pub fn parse(url: &str) -> Result<ConnectionConfig, ConfigError> {
                     "standby" => TargetSessionAttrs::Standby,
                     "prefer-standby" => TargetSessionAttrs::PreferStandby,
                     _ => return Err(ConfigError::UnknownTargetSessionAttrs(value)),
-                }
+                })
             }
-            "user" => user = Some(value),
-            "password" => password = Some(Password::new(value)),
-            "dbname" => dbname = Some(value),
-            "application_name" => application_name = value,
+            "user" => self.user = Some(value),
+            "password" => self.password = Some(Password::new(value)),
+            "passfile" => self.passfile = Some(PathBuf::from(value)),
+            "dbname" => self.dbname = Some(value),
+            "application_name" => self.application_name = Some(value),
             "sslmode" => {
-                ssl_mode = match value.as_str() {
+                self.ssl_mode = Some(match value.as_str() {
                     "disable" => SslMode::Disable,
                     "allow" | "prefer" => SslMode::Prefer,
                     "require" => SslMode::Require,
                     "verify-ca" => SslMode::VerifyCa,
                     "verify-full" => SslMode::VerifyFull,
                     _ => return Err(ConfigError::UnknownSslMode(value)),
-                }
+                })
             }
-            "sslrootcert" => ssl_root_cert = Some(PathBuf::from(value)),
-            "sslcert" => ssl_cert = Some(PathBuf::from(value)),
-            "sslkey" => ssl_key = Some(PathBuf::from(value)),
+            "sslrootcert" => self.ssl_root_cert = Some(PathBuf::from(value)),
+            "sslcert" => self.ssl_cert = Some(PathBuf::from(value)),
+            "sslkey" => self.ssl_key = Some(PathBuf::from(value)),
             "connect_timeout" => {
                 let secs: u64 = value
                     .parse()
                     .map_err(|_| ConfigError::ConnectTimeout(value.clone()))?;
-                connect_timeout = (secs > 0).then(|| Duration::from_secs(secs));
+                self.connect_timeout = (secs > 0).then(|| Duration::from_secs(secs));
             }
-            "keepalives" => keepalives.enabled = number(key, &value)? != 0,
-            "keepalives_idle" => keepalives.idle = Duration::from_secs(number(key, &value)?),
+            "keepalives" => self.keepalives.enabled = number(&value)? != 0,
+            "keepalives_idle" => self.keepalives.idle = Duration::from_secs(number(&value)?),
             "keepalives_interval" => {
-                keepalives.interval = Duration::from_secs(number(key, &value)?)
+                self.keepalives.interval = Duration::from_secs(number(&value)?)
             }
-            "keepalives_count" => keepalives.count = number(key, &value)? as u32,
+            "keepalives_count" => {
+                self.keepalives.count = u32::try_from(number(&value)?)
+                    .map_err(|_| ConfigError::NotANumber(key.to_owned(), value.clone()))?
+            }
             "tcp_user_timeout" => {
-                let ms = number(key, &value)?;
-                keepalives.user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+                let ms = number(&value)?;
+                self.keepalives.user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
             }
             other => return Err(ConfigError::UnknownParameter(other.to_owned())),
         }
+        Ok(())
     }
 
-    let user = user
-        .or_else(|| std::env::var("PGUSER").ok())
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "postgres".to_owned());
-    if ssl_cert.is_some() != ssl_key.is_some() {
-        return Err(ConfigError::ClientCertPair);
-    }
-    if hosts.is_empty() {
-        hosts.push(String::new());
-    }
-    // One port for all hosts, or one per host (libpq's rule).
-    let ports: Vec<Option<u16>> = match ports.len() {
-        0 => vec![None; hosts.len()],
-        1 => vec![ports[0]; hosts.len()],
-        n if n == hosts.len() => ports,
-        n => {
-            return Err(ConfigError::PortCount {
-                hosts: hosts.len(),
-                ports: n,
-            });
+    fn finish(self, env: &dyn Fn(&str) -> Option<String>) -> Result<ConnectionConfig, ConfigError> {
+        let user = self
+            .user
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "postgres".to_owned());
+        if self.ssl_cert.is_some() != self.ssl_key.is_some() {
+            return Err(ConfigError::ClientCertPair);
         }
-    };
-    let hosts = hosts
-        .into_iter()
-        .zip(ports)
-        .map(|(h, port)| HostPort {
-            host: if h.is_empty() {
-                Host::Tcp("localhost".to_owned())
-            } else if h.starts_with('/') {
-                Host::UnixSocketDir(PathBuf::from(h))
-            } else {
-                Host::Tcp(h)
-            },
-            port: port.unwrap_or(5432),
+        // sslrootcert=system: the system's CAs, and (as libpq) only with
+        // the host name checked too, else any CA's customer could pose as
+        // the server.
+        let system_roots = self.ssl_root_cert.as_deref() == Some(Path::new(SYSTEM_ROOTS));
+        let ssl_mode = match self.ssl_mode {
+            None if system_roots => SslMode::VerifyFull,
+            Some(mode) if system_roots && mode != SslMode::VerifyFull => {
+                return Err(ConfigError::WeakSystemRoots);
+            }
+            mode => mode.unwrap_or(SslMode::Prefer),
+        };
+        let mut hosts = self.hosts;
+        if hosts.is_empty() {
+            hosts.push(String::new());
+        }
+        // One port for all hosts, or one per host (libpq's rule).
+        let ports: Vec<Option<u16>> = match self.ports.len() {
+            0 => vec![None; hosts.len()],
+            1 => vec![self.ports[0]; hosts.len()],
+            n if n == hosts.len() => self.ports,
+            n => {
+                return Err(ConfigError::PortCount {
+                    hosts: hosts.len(),
+                    ports: n,
+                });
+            }
+        };
+        let hosts: Vec<HostPort> = hosts
+            .into_iter()
+            .zip(ports)
+            .map(|(h, port)| HostPort {
+                host: if h.is_empty() {
+                    Host::Tcp("localhost".to_owned())
+                } else if h.starts_with('/') {
+                    Host::UnixSocketDir(PathBuf::from(h))
+                } else {
+                    Host::Tcp(h)
+                },
+                port: port.unwrap_or(5432),
+            })
+            .collect();
+        let dbname = self.dbname.unwrap_or_else(|| user.clone());
+        // The password file, as libpq reads it, when no password is given.
+        let password = match self.password {
+            Some(password) => Some(password),
+            None => {
+                let file = self
+                    .passfile
+                    .or_else(|| env("PGPASSFILE").map(PathBuf::from));
+                let file = file.or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".pgpass")));
+                file.and_then(|f| super::passfile::lookup(&f, &hosts, &dbname, &user))
+                    .map(Password::new)
+            }
+        };
+        Ok(ConnectionConfig {
+            hosts,
+            target_session_attrs: self.target_session_attrs.unwrap_or(TargetSessionAttrs::Any),
+            dbname,
+            user,
+            password,
+            ssl_mode,
+            ssl_root_cert: self.ssl_root_cert,
+            ssl_cert: self.ssl_cert,
+            ssl_key: self.ssl_key,
+            application_name: self
+                .application_name
+                .unwrap_or_else(|| "walrelay".to_owned()),
+            connect_timeout: self.connect_timeout,
+            keepalives: self.keepalives,
         })
-        .collect();
-    Ok(ConnectionConfig {
-        hosts,
-        target_session_attrs,
-        dbname: dbname.unwrap_or_else(|| user.clone()),
-        user,
-        password: password.or_else(|| std::env::var("PGPASSWORD").ok().map(Password::new)),
-        ssl_mode,
-        ssl_root_cert,
-        ssl_cert,
-        ssl_key,
-        application_name,
-        connect_timeout,
-        keepalives,
-    })
+    }
 }
 
-/// The URL with any password replaced, safe to print.
+/// `sslrootcert=system`: the operating system's trusted CAs.
+pub const SYSTEM_ROOTS: &str = "system";
+
+/// The URL (or keyword/value string) with any password replaced, safe to
+/// print.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
+        if super::conninfo::is_conninfo(url) {
+            return super::conninfo::redact(url);
+        }
         return url.to_owned();
     };
     let after = &url[scheme_end + 3..];
@@ -295,7 +415,14 @@ impl ConnectionConfig {
     /// Several hosts are separated by commas, as libpq takes them
     /// (`h1:5432,h2:5432`, or `?host=h1,h2&port=5432`), and
     /// `target_session_attrs` picks among them.
+    ///
+    /// A libpq keyword/value string (`host=db dbname=app`) is taken too, and
+    /// libpq's environment variables (`PGHOST`, `PGSSLMODE`, ...) and
+    /// password file fill in what the string leaves out.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        if super::conninfo::is_conninfo(url) {
+            return super::conninfo::parse(url);
+        }
         parse(url)
     }
 }

@@ -150,3 +150,53 @@ fn password_never_appears_in_debug_output_or_redacted_urls() {
     let err = ConnectionConfig::from_url("mysql://u:hunter2@h/db").unwrap_err();
     assert!(!err.to_string().contains("hunter2"));
 }
+
+fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+    }
+}
+
+#[test]
+fn libpq_variables_fill_in_what_the_url_leaves_out_and_never_override_it() {
+    let env = env_of(&[
+        ("PGHOST", "envhost"),
+        ("PGPORT", "6543"),
+        ("PGUSER", "envuser"),
+        ("PGDATABASE", "envdb"),
+        ("PGSSLMODE", "require"),
+        ("PGAPPNAME", "envapp"),
+        ("PGTARGETSESSIONATTRS", "read-write"),
+    ]);
+    let c = parse_with_env("postgres://", &env).unwrap();
+    assert_eq!(c.address(), "envhost:6543");
+    assert_eq!((c.user.as_str(), c.dbname.as_str()), ("envuser", "envdb"));
+    assert_eq!(c.ssl_mode, SslMode::Require);
+    assert_eq!(c.application_name, "envapp");
+    assert_eq!(c.target_session_attrs, TargetSessionAttrs::ReadWrite);
+
+    let c = parse_with_env("postgres://u@db:5432/app?sslmode=disable", &env).unwrap();
+    assert_eq!(c.address(), "db:5432");
+    assert_eq!((c.user.as_str(), c.dbname.as_str()), ("u", "app"));
+    assert_eq!(c.ssl_mode, SslMode::Disable);
+}
+
+#[test]
+fn a_bad_libpq_variable_is_named_unless_the_url_overrides_it() {
+    let env = env_of(&[("PGSSLMODE", "sometimes")]);
+    let err = parse_with_env("postgres://db/app", &env).unwrap_err();
+    assert!(
+        err.to_string().contains("environment variable PGSSLMODE"),
+        "{err}"
+    );
+    assert!(parse_with_env("postgres://db/app?sslmode=disable", &env).is_ok());
+}
+
+#[test]
+fn a_huge_keepalives_count_is_an_error_not_a_wrap() {
+    let err =
+        parse_with_env("postgres://db/app?keepalives_count=99999999999", &|_| None).unwrap_err();
+    assert!(err.to_string().contains("keepalives_count"), "{err}");
+}

@@ -46,7 +46,7 @@ pub enum ReplicationError {
         error: Box<ServerError>,
     },
     #[error(
-        "the server asks for a password but --pg-url has none: add it (postgres://user:password@host/db) or set PGPASSWORD"
+        "the server asks for a password but --pg-url has none: add it (postgres://user:password@host/db), set PGPASSWORD, or add a line to the password file (PGPASSFILE, ~/.pgpass, mode 0600)"
     )]
     PasswordRequired,
     #[error(
