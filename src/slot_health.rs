@@ -70,8 +70,7 @@ pub fn recover_command(slot: &str) -> String {
 }
 
 /// What is wrong with the slot, from one reading of it (`None`: it does
-/// not exist). `unreserved` counts: its WAL goes at the next checkpoint,
-/// and an operator must act before or after, never the relay's retries.
+/// not exist). `unreserved` is only warned of (see below).
 pub fn assess(
     slot: &str,
     reading: Option<&SlotSnapshot>,
@@ -83,7 +82,18 @@ pub fn assess(
             last,
         });
     };
-    let at_risk = matches!(s.wal_status.as_deref(), Some("lost" | "unreserved"));
+    // `unreserved` is not a stop: its WAL goes at the next checkpoint
+    // unless the slot moves on, and a relay that keeps streaming may move
+    // it on in time (the alert on safe_wal_size pages before). Stopping
+    // would make the loss certain.
+    if s.wal_status.as_deref() == Some("unreserved") && s.invalidation_reason.is_none() {
+        tracing::warn!(
+            slot,
+            "the slot's WAL is past max_slot_wal_keep_size (wal_status 'unreserved'): it is lost at the next checkpoint unless the relay catches up; see docs/runbooks/slot-near-invalidation.md"
+        );
+        return None;
+    }
+    let at_risk = matches!(s.wal_status.as_deref(), Some("lost"));
     if !at_risk && s.invalidation_reason.is_none() {
         return None;
     }
@@ -152,14 +162,15 @@ mod tests {
     }
 
     #[test]
-    fn an_unreserved_or_conflicting_slot_stops_the_relay() {
+    fn a_conflicting_slot_stops_the_relay_and_an_unreserved_one_streams_on() {
         assert!(
             assess(
                 "s",
                 Some(&reading("unreserved", None)),
                 LastConfirmed::default()
             )
-            .is_some()
+            .is_none(),
+            "streaming on may save it; stopping would lose it for sure"
         );
         assert!(
             assess(

@@ -316,6 +316,54 @@ async fn a_slot_lost_during_a_broker_outage_is_recovered_and_run_delivers_each_e
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_slot_walrelay_streamed_from_is_recovered_from_its_record_and_each_event_arrives_once()
+ {
+    let stack = Stack::start("recoverdropped").await;
+    let mut relay = command(&stack, "run", &[]);
+    stack.insert_events("order", 300).await;
+    let topic = stack.topic("order");
+    assert_eq!(
+        stack
+            .broker
+            .consume(&topic, 300, Duration::from_secs(60))
+            .len(),
+        300
+    );
+    relay.terminate(Duration::from_secs(60)).await;
+    // Dropped by hand while the relay is away; events go on meanwhile.
+    stack
+        .client
+        .batch_execute("SELECT pg_drop_replication_slot('walrelay')")
+        .await
+        .unwrap();
+    stack.insert_events("order", 700).await;
+
+    let mut recover = command(&stack, "recover", &[]);
+    let status = recover.wait(Duration::from_secs(300)).await;
+    assert!(status.success(), "recover failed:\n{}", recover.log());
+
+    let mut relay = command(&stack, "run", &[]);
+    stack.insert_events("order", 100).await;
+    let lsn: walrelay::lsn::Lsn = stack
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
+    relay.terminate(Duration::from_secs(60)).await;
+
+    let counts = id_counts(&stack.broker.consume_all(&topic));
+    let wanted = table_ids(&stack, "true").await;
+    assert_eq!(wanted.len(), 1100);
+    assert_eq!(counts.values().filter(|c| **c > 1).count(), 0, "doubled");
+    let got: HashSet<String> = counts.keys().cloned().collect();
+    assert_eq!(got, wanted, "each event once, none missing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slot_lost_with_its_rows_deleted_is_not_recovered_and_the_gap_is_named() {
     let stack = small_slot_stack("recovergone").await;
     let confirmed = lose_the_slot_during_an_outage(&stack, 2000).await;

@@ -2,8 +2,8 @@
 //! subcommands. Every option also reads an environment variable.
 
 mod args;
-mod replay_args;
 pub mod layers;
+mod replay_args;
 mod run_args;
 mod values;
 

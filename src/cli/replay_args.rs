@@ -93,6 +93,7 @@ impl RecoverArgs {
             slot: self.run.outbox.slot.clone(),
             since: self.since.clone(),
             accept_loss: self.accept_loss,
+            publication: self.run.outbox.publication.clone(),
             first_slot: self.first_slot,
         })
     }

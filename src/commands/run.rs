@@ -61,6 +61,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     )?;
     let (record_schema, last_confirmed) = ensure_slot(&config, create_slot).await?;
     let client = sql::connect(&config.pg).await?;
+    // Streaming from a slot `recover` made before it has published the
+    // rows of its snapshot would put later events ahead of earlier ones.
+    if crate::replay::state::recovery_pending(&client, &config.slot).await? {
+        anyhow::bail!(
+            "a `walrelay recover --slot {0}` is under way, or died midway: let it finish (or run it again, it goes on where it stopped), then start run",
+            config.slot
+        );
+    }
     crate::dead_letters::check(&client, &config.dead_letter_table)
         .await
         .map_err(anyhow::Error::msg)?;

@@ -32,7 +32,7 @@ mod rows;
 
 pub use rows::Selection;
 mod send;
-mod state;
+pub(crate) mod state;
 
 use crate::publish::PublishError;
 use crate::sql::SqlError;

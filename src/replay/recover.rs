@@ -65,6 +65,8 @@ pub struct RecoverOptions {
     /// reading back of old topics).
     pub since: Option<String>,
     pub accept_loss: bool,
+    /// The publication `run` streams (for walrelay's record of its slots).
+    pub publication: String,
     /// There was no slot before (the outbox was published by a polling
     /// relay, now stopped): make the slot and publish every row of its
     /// snapshot not in Kafka.
@@ -82,6 +84,9 @@ pub struct Summary {
 struct LostSlot {
     confirmed: String,
     wal_status: String,
+    /// Invalidated (PostgreSQL 17+'s invalidation_reason, 16's
+    /// conflicting), whatever its wal_status says.
+    invalidated: bool,
     active: bool,
     /// Synchronized to standbys (PostgreSQL 17+): the new slot is too.
     failover: bool,
@@ -104,7 +109,23 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
     // earlier recovery of it died midway.
     state::ensure_recover_table(&client).await?;
     let underway = state::recovery_underway(&client, &options.slot).await?;
-    let found = slot_state(&client, &options.slot).await?;
+    let mut found = slot_state(&client, &options.slot).await?;
+    // A slot walrelay streamed from that is gone (dropped, or a promotion
+    // without it): recovered as a lost one, from its recorded position.
+    let record_schema = crate::commands::run::record_schema(&options.router.tables);
+    if found.is_none() && underway.is_none() && !options.first_slot {
+        if let Ok(Some(record)) =
+            crate::slot_record::find(&client, &record_schema, &options.slot).await
+        {
+            found = Some(LostSlot {
+                confirmed: record.last.lsn.unwrap_or_else(|| "?".into()),
+                wal_status: "dropped".into(),
+                invalidated: true,
+                active: false,
+                failover: false,
+            });
+        }
+    }
     let exists = |slot: &str| {
         ReplayError::Refused(format!(
             "slot {slot} exists: --first-slot makes a slot where there was none (moving off a polling relay); for a lost slot leave --first-slot out"
@@ -118,15 +139,17 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
             )));
         }
         (Some(_), _) if options.first_slot => return Err(exists(&options.slot)),
-        (Some(lost), _) if lost.wal_status == "lost" => {
+        (Some(lost), _) if lost.wal_status == "lost" || lost.invalidated => {
             if underway.is_none() {
                 check_reaches_back(&client, &router, &options, &selection, &producer, &lost)
                     .await?;
             }
             state::begin_recovery(&client, &options.slot, &lost.confirmed, lost.failover).await?;
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
-                .await?;
+            if lost.wal_status != "dropped" {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
+                    .await?;
+            }
             snapshot_rows(&client, &router, &options, &selection, lost.failover).await?
         }
         (Some(_), Some(_)) => {
@@ -156,7 +179,7 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         }
         (None, None) => {
             return Err(ReplayError::Refused(format!(
-                "slot {0} does not exist: recover replaces a slot the server still lists as lost (wal_status 'lost'). If walrelay never streamed this outbox (moving off a polling relay), use `walrelay recover --first-slot`; to send events again use `walrelay backfill`",
+                "slot {0} does not exist and walrelay has no record of streaming from it: recover replaces a lost, invalidated or dropped slot walrelay used. If walrelay never streamed this outbox (moving off a polling relay), use `walrelay recover --first-slot`; to send events again use `walrelay backfill`",
                 options.slot
             )));
         }
@@ -207,6 +230,18 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
     }
     bar.finish();
     state::end_recovery(&client, &options.slot).await?;
+    // The new slot is the one walrelay streams from now.
+    if let Err(e) = crate::slot_record::used(
+        &client,
+        &record_schema,
+        &options.slot,
+        &options.publication,
+        &options.router.tables,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "cannot note the new slot in walrelay's record of its slots");
+    }
     println!(
         "recovered slot {}: {} events published from the table, {} already in Kafka: `walrelay run` streams on from the new slot",
         options.slot, summary.published, summary.already_in_kafka
@@ -265,7 +300,9 @@ async fn slot_state(client: &SqlClient, slot: &str) -> Result<Option<LostSlot>, 
     let row = client
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '?'), coalesce(wal_status, '?'), active,
-                    coalesce((to_jsonb(s) ->> 'failover')::bool, false)
+                    coalesce((to_jsonb(s) ->> 'failover')::bool, false),
+                    (to_jsonb(s) ->> 'invalidation_reason') IS NOT NULL
+                      OR coalesce((to_jsonb(s) ->> 'conflicting')::bool, false)
              FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
@@ -275,6 +312,7 @@ async fn slot_state(client: &SqlClient, slot: &str) -> Result<Option<LostSlot>, 
         wal_status: row.get(1),
         active: row.get(2),
         failover: row.get(3),
+        invalidated: row.get(4),
     }))
 }
 

@@ -106,6 +106,20 @@ pub async fn ensure_recover_table(client: &SqlClient) -> Result<(), SqlError> {
         .await
 }
 
+/// Whether a recovery of `slot` is under way (or died midway), for `run`,
+/// which must not stream from the new slot before it is done: false when
+/// no recovery was ever run here.
+pub async fn recovery_pending(client: &SqlClient, slot: &str) -> Result<bool, SqlError> {
+    let exists: bool = client
+        .query_one(
+            &format!("SELECT to_regclass('public.{RECOVER_TABLE}') IS NOT NULL"),
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(exists && recovery_underway(client, slot).await?.is_some())
+}
+
 /// `Some(failover)` when a recovery of `slot` is under way.
 pub async fn recovery_underway(client: &SqlClient, slot: &str) -> Result<Option<bool>, SqlError> {
     let row = client
