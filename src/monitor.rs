@@ -363,6 +363,20 @@ pub fn spawn(
                     continue;
                 }
             };
+            // A query that waits (a lock on walrelay's record, say) must not
+            // hold the verified LSN, and with it every confirmation, for
+            // good: it fails, is counted, and the next pass tries again.
+            if let Err(e) = client
+                .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
+                .await
+            {
+                failed(
+                    &live,
+                    &mut last_failure,
+                    format!("slot monitor query failed: {e}"),
+                );
+                continue;
+            }
             // The WAL position before the catalog is read: see the module's doc.
             let (position, now) = match catalog::wal_position(client).await {
                 Ok((lsn, now)) => (lsn.parse::<Lsn>().ok(), now),
@@ -473,7 +487,7 @@ fn is_shutting_down(error: &SqlError) -> bool {
 /// a server that is down for a while does not flood the log.
 fn failed(live: &LiveState, last: &mut Option<String>, message: String) {
     if last.as_deref() != Some(message.as_str()) {
-        tracing::warn!(error = %message, "slot monitor");
+        tracing::warn!(error = %message, "slot monitor: until a check succeeds, nothing is confirmed to PostgreSQL past the position last verified, and the slot keeps its WAL");
     } else {
         tracing::debug!(error = %message, "slot monitor");
     }

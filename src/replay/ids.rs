@@ -26,6 +26,65 @@ pub fn ids_since(
     since_ms: i64,
     origin: Option<&str>,
 ) -> Result<HashSet<String>, KafkaError> {
+    let consumer = read_back_consumer(producer)?;
+    let mut ids = HashSet::new();
+    for topic in topics {
+        read_topic(&consumer, topic, since_ms, origin, &mut ids)?;
+    }
+    Ok(ids)
+}
+
+/// Partitions of `topics` that may have lost records from `since_ms` on
+/// (their log starts past offset 0, and no record kept there is older
+/// than the time): retention or a deletion removed what a read back would
+/// need to see, so events found missing may be in Kafka's past already.
+/// Each as `topic/partition (log starts at offset N)`.
+pub fn not_kept_since(
+    producer: &ClientConfig,
+    topics: &[String],
+    since_ms: i64,
+) -> Result<Vec<String>, KafkaError> {
+    let consumer = read_back_consumer(producer)?;
+    let mut not_kept = Vec::new();
+    for topic in topics {
+        let mut wanted = TopicPartitionList::new();
+        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+        for t in metadata.topics() {
+            if t.error().is_some() {
+                continue;
+            }
+            for p in t.partitions() {
+                wanted.add_partition_offset(topic, p.id(), Offset::Offset(since_ms))?;
+            }
+        }
+        if wanted.count() == 0 {
+            continue;
+        }
+        let found = consumer.offsets_for_times(wanted, TIMEOUT)?;
+        for element in found.elements() {
+            let (low, high) = consumer.fetch_watermarks(topic, element.partition(), TIMEOUT)?;
+            if low == 0 {
+                continue;
+            }
+            // The first record at or after the time is the first kept (or
+            // none is kept at all): what came before may have been newer.
+            let first_kept = match element.offset() {
+                Offset::Offset(offset) => offset <= low,
+                _ => high == low,
+            };
+            if first_kept {
+                not_kept.push(format!(
+                    "{topic}/{} (log starts at offset {low})",
+                    element.partition()
+                ));
+            }
+        }
+    }
+    Ok(not_kept)
+}
+
+/// A `read_committed` consumer with the producer's connection settings.
+fn read_back_consumer(producer: &ClientConfig) -> Result<BaseConsumer, KafkaError> {
     let mut config = ClientConfig::new();
     for (key, value) in producer.config_map() {
         // Only the connection settings carry over to the consumer.
@@ -37,18 +96,13 @@ pub fn ids_since(
             config.set(key, value);
         }
     }
-    let consumer: BaseConsumer = config
+    config
         .set("group.id", "walrelay-replay-read-back")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .set("allow.auto.create.topics", "false")
-        .create()?;
-    let mut ids = HashSet::new();
-    for topic in topics {
-        read_topic(&consumer, topic, since_ms, origin, &mut ids)?;
-    }
-    Ok(ids)
+        .create()
 }
 
 /// One topic's share of [`ids_since`] (end-of-partition events name only

@@ -152,16 +152,20 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
             }
             snapshot_rows(&client, &router, &options, &selection, lost.failover).await?
         }
-        (Some(_), Some(_)) => {
-            // A recovery died after it made the new slot: the snapshot is
-            // gone. Rows are read as they are now; those committed after
-            // the new slot go out now and again from `run` (duplicates
-            // with the same id, never a loss).
-            tracing::warn!(
+        (Some(_), Some(failover)) => {
+            // A recovery died after it made the new slot, and its snapshot
+            // is gone. No relay has streamed from that slot (`run` refuses
+            // while a recovery is under way), so it is made again, with a
+            // new snapshot: nothing falls between the two, nothing is on
+            // both sides.
+            tracing::info!(
                 slot = %options.slot,
-                "a recovery of this slot died after making the new slot: publishing every row not in Kafka; rows committed since then will be streamed again by `walrelay run` (duplicates with the same id header)"
+                "a recovery of this slot died after making the new slot: making it again for a new snapshot"
             );
-            read_all(&client, &router, &options.router, &selection).await?
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
+                .await?;
+            snapshot_rows(&client, &router, &options, &selection, failover).await?
         }
         (Some(healthy), None) => {
             return Err(ReplayError::Refused(format!(
@@ -357,12 +361,32 @@ async fn ids_in_kafka(
         .collect();
     let producer = producer.clone();
     let since = oldest / 1000 - CLOCK_MARGIN_MS;
+    // Events whose records Kafka no longer keeps cannot be told from
+    // events never sent: publishing them again would double them (and put
+    // old values after new ones on a compacted topic).
+    let (check_producer, check_topics) = (producer.clone(), topics.clone());
+    let not_kept = tokio::task::spawn_blocking(move || {
+        super::ids::not_kept_since(&check_producer, &check_topics, since)
+    })
+    .await
+    .map_err(|e| ReplayError::Kafka(e.to_string()))?
+    .map_err(|e| {
+        ReplayError::Kafka(format!(
+            "cannot read the topics back ({e}): is the broker up? run recover again once it is; it goes on where it stopped"
+        ))
+    })?;
+    if !not_kept.is_empty() {
+        return Err(ReplayError::Refused(format!(
+            "the outbox rows reach back further than the topics keep: {} no longer hold every record since the oldest row's time, so events found missing may have been delivered long ago, and publishing them would double them. Run recover again with --since set to a time the topics still hold in full (within their retention.ms), or delete or archive the older rows",
+            not_kept.join(", ")
+        )));
+    }
     tokio::task::spawn_blocking(move || super::ids::ids_since(&producer, &topics, since, None))
         .await
         .map_err(|e| ReplayError::Kafka(e.to_string()))?
         .map_err(|e| {
             ReplayError::Kafka(format!(
-                "cannot read the topics back ({e}): is the broker up? nothing was changed; run again once it is"
+                "cannot read the topics back ({e}): is the broker up? run recover again once it is; it goes on where it stopped"
             ))
         })
 }
