@@ -83,6 +83,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         crate::metrics::INBOX_PRODUCED_TO_STORED_SECONDS,
         crate::metrics::POLL_CLAIM_SECONDS,
         crate::metrics::POLL_SETTLE_SECONDS,
+        // Buckets, not a summary's quantiles: quantiles cannot be summed
+        // across pods.
+        crate::metrics::PARTITION_RECOVERY_SECONDS,
+        crate::metrics::INBOX_BATCH_SECONDS,
     ] {
         builder =
             builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS)?;
@@ -92,7 +96,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     // Export the gauges from the start, so dashboards see them at zero.
     metrics::gauge!(crate::metrics::REPLICATION_CONNECTED).set(0.0);
     metrics::gauge!(crate::metrics::EVENTS_IN_FLIGHT).set(0.0);
-    metrics::gauge!(crate::metrics::BYTES_IN_FLIGHT).set(0.0);
+    metrics::gauge!(crate::metrics::IN_FLIGHT_BYTES).set(0.0);
     metrics::gauge!(crate::metrics::CONFIRMED_LSN).set(0.0);
     metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(0.0);
     metrics::counter!(crate::metrics::RECONNECTS_TOTAL).absolute(0);
@@ -186,13 +190,7 @@ fn export_subject(source: live::Source, subject: &Subject) {
             for &kind in kinds {
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => kind).absolute(0);
             }
-            for kind in [
-                "metadata",
-                "topic",
-                "rejected",
-                "dead_letter_rejected",
-                "delivery",
-            ] {
+            for kind in ["metadata", "topic", "dead_letter_rejected", "delivery"] {
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => kind).absolute(0);
             }
         }

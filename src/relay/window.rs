@@ -27,7 +27,7 @@ impl InFlightWindow {
             max_bytes,
             was_full: false,
             events_gauge: metrics::gauge!(m::EVENTS_IN_FLIGHT),
-            bytes_gauge: metrics::gauge!(m::BYTES_IN_FLIGHT),
+            bytes_gauge: metrics::gauge!(m::IN_FLIGHT_BYTES),
         }
     }
 
