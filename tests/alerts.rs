@@ -370,7 +370,8 @@ async fn each_alert_fires_for_its_own_fault_and_no_other() {
     // The inbox reads the orders and the polled rows (not the topic another
     // producer writes to below: its records are no events).
     let pattern = format!("^{}\\.outbox\\.event\\.(orders|polled)$", topics.ns);
-    let inbox_args = topics.inbox_args(&["--topic", &pattern]);
+    // Small batches: a slow store shows as lag between them.
+    let inbox_args = topics.inbox_args(&["--topic", &pattern, "--batch-size", "5"]);
     let inbox_args: Vec<&str> = inbox_args.iter().map(String::as_str).collect();
     let inbox = RelayProcess::start_inbox(&url, &broker.bootstrap(), &inbox_args);
 
@@ -603,12 +604,23 @@ async fn each_alert_fires_for_its_own_fault_and_no_other() {
     drop(lock);
     quiet(&prometheus, "the lock went").await;
 
-    // 8. Inbox lag: a lock on the inbox table stops it storing while the
-    // relay publishes.
-    let lock = hold(&pg, &db, "LOCK TABLE inbox IN EXCLUSIVE MODE").await;
-    insert("orders", 50).await;
+    // 8. Inbox lag: the inbox cannot keep up (a trigger makes each stored
+    // row take 100 ms) while the relay publishes 300 events.
+    client
+        .batch_execute(
+            "CREATE FUNCTION slow_store() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$;
+             CREATE TRIGGER slow_store BEFORE INSERT ON inbox
+               FOR EACH ROW EXECUTE FUNCTION slow_store()",
+        )
+        .await
+        .unwrap();
+    insert("orders", 300).await;
     fires_alone(&prometheus, "WalrelayInboxLag", &[("job", COMPOSE_JOB)]).await;
-    drop(lock);
+    client
+        .batch_execute("DROP TRIGGER slow_store ON inbox")
+        .await
+        .unwrap();
     quiet(&prometheus, "the inbox caught up").await;
 
     // 9. The broker is down, with events waiting: one alert per job.
