@@ -347,10 +347,11 @@ async fn each_alert_fires_for_its_own_fault_and_no_other() {
         "3s",
         "--replication-timeout",
         "10m",
-        // A scan of one record: another producer's record at a partition's
-        // tail makes exactly once fall back.
+        // A scan of 50 records: the test's own partitions are read to their
+        // start, while 60 records of another producer at a partition's tail
+        // make exactly once fall back.
         "--exactly-once-lookback",
-        "1",
+        "50",
     ]);
     let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
     let start_relay = || RelayProcess::start(&url, &broker.bootstrap(), &relay_args);
@@ -574,9 +575,9 @@ async fn each_alert_fires_for_its_own_fault_and_no_other() {
     quiet(&prometheus, "the dead letter aged out of the window").await;
 
     // 6. Exactly once falls back: another producer wrote to a topic of
-    // the relay's, so the relay's scan of that partition's tail (one record
+    // the relay's, so the relay's scan of that partition's tail (50 records
     // deep here) finds none of its own.
-    broker.produce_plain(&topics.topic("shared"), 3);
+    broker.produce_plain(&topics.topic("shared"), 60);
     insert("shared", 1).await;
     fires_alone(
         &prometheus,
