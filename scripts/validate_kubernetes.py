@@ -2,7 +2,7 @@
 built-in kinds against the Kubernetes API schemas (kubernetes-validate,
 strict: an unknown field is an error) for the oldest and the newest
 Kubernetes the manifests support, the PodMonitor against the Prometheus
-Operator's CRD model (a field the model does not know is an error).
+Operator's CRD model, and so the PrometheusRule (a field the model does not know is an error).
 
 Usage: validate_kubernetes.py DIR [--json]
 Prints one line per resource and exits 1 on the first invalid one; with
@@ -22,7 +22,10 @@ from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
 TOOLS = os.environ.get("WALRELAY_TOOLS", "/opt/walrelay")
 KUBERNETES_VERSIONS = ["1.31.0", "1.37.0"]  # PDB unhealthyPodEvictionPolicy is GA in 1.31
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"): prometheus_operator.PodMonitor}
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): prometheus_operator.PodMonitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): prometheus_operator.PrometheusRule,
+}
 
 
 def render(directory):

@@ -64,6 +64,16 @@ const ASSETS: &[(&str, &str, &str)] = &[
 /// How often the broker is probed for `/readyz`.
 const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// The `reason`s of `walrelay_partitions_at_least_once_total` a partition
+/// scan gives: `ScanEnd::reason` and an unreadable tail.
+const SCAN_FALLBACK_REASONS: [&str; 5] = [
+    "lookback",
+    "truncated",
+    "open_transaction",
+    "disorder",
+    "unreadable",
+];
+
 /// Buckets of the latency histograms (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -85,6 +95,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         crate::metrics::INBOX_PRODUCED_TO_STORED_SECONDS,
         crate::metrics::POLL_CLAIM_SECONDS,
         crate::metrics::POLL_SETTLE_SECONDS,
+        // Buckets, not a summary's quantiles: quantiles cannot be summed
+        // across pods.
+        crate::metrics::PARTITION_RECOVERY_SECONDS,
+        crate::metrics::INBOX_BATCH_SECONDS,
     ] {
         builder =
             builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS)?;
@@ -94,7 +108,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     // Export the gauges from the start, so dashboards see them at zero.
     metrics::gauge!(crate::metrics::REPLICATION_CONNECTED).set(0.0);
     metrics::gauge!(crate::metrics::EVENTS_IN_FLIGHT).set(0.0);
-    metrics::gauge!(crate::metrics::BYTES_IN_FLIGHT).set(0.0);
+    metrics::gauge!(crate::metrics::IN_FLIGHT_BYTES).set(0.0);
     metrics::gauge!(crate::metrics::CONFIRMED_LSN).set(0.0);
     metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(0.0);
     metrics::counter!(crate::metrics::RECONNECTS_TOTAL).absolute(0);
@@ -188,14 +202,21 @@ fn export_subject(source: live::Source, subject: &Subject) {
             for &kind in kinds {
                 metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => kind).absolute(0);
             }
-            for kind in [
-                "metadata",
-                "topic",
-                "rejected",
-                "dead_letter_rejected",
-                "delivery",
-            ] {
+            for kind in ["metadata", "topic", "dead_letter_rejected", "delivery"] {
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => kind).absolute(0);
+            }
+            // From zero, so the first fallback is an increase() that
+            // WalrelayExactlyOnceFallback sees (a series born at 1 is not).
+            if subject.delivery == "exactly-once" {
+                let claim: &[&str] = if source == "poll" {
+                    &["claim_lost"]
+                } else {
+                    &[]
+                };
+                for &reason in SCAN_FALLBACK_REASONS.iter().chain(claim) {
+                    metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => reason)
+                        .absolute(0);
+                }
             }
         }
     }
@@ -340,4 +361,23 @@ async fn api_history(State(state): State<AppState>, uri: Uri) -> Response {
         state.live.history.to_json(state.live.source(), since),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SCAN_FALLBACK_REASONS;
+    use crate::publish::scan::ScanEnd;
+
+    #[test]
+    fn every_scan_fallback_reason_is_exported_from_zero() {
+        for end in [
+            ScanEnd::LookbackExceeded,
+            ScanEnd::Truncated,
+            ScanEnd::Hidden,
+            ScanEnd::Disordered,
+        ] {
+            let reason = end.reason().unwrap();
+            assert!(SCAN_FALLBACK_REASONS.contains(&reason), "{reason}");
+        }
+    }
 }

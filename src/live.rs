@@ -177,7 +177,7 @@ impl LiveState {
         if self.source != Source::Wal {
             // The WAL relay's window exports these itself.
             metrics::gauge!(m::EVENTS_IN_FLIGHT).set(events as f64);
-            metrics::gauge!(m::BYTES_IN_FLIGHT).set(bytes as f64);
+            metrics::gauge!(m::IN_FLIGHT_BYTES).set(bytes as f64);
         }
         let (events, bytes) = (events as u64, bytes as u64);
         self.counters.in_flight.store(events, Ordering::Relaxed);

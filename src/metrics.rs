@@ -17,7 +17,7 @@ pub const EVENTS_PUBLISHED_TOTAL: &str = "walrelay_events_published_total";
 pub const PUBLISH_ERRORS_TOTAL: &str = "walrelay_publish_errors_total";
 pub const DEAD_LETTERS_TOTAL: &str = "walrelay_dead_letters_total";
 pub const EVENTS_IN_FLIGHT: &str = "walrelay_events_in_flight";
-pub const BYTES_IN_FLIGHT: &str = "walrelay_bytes_in_flight";
+pub const IN_FLIGHT_BYTES: &str = "walrelay_in_flight_bytes";
 pub const COMMIT_TO_ACK_SECONDS: &str = "walrelay_commit_to_ack_seconds";
 pub const CONFIRMED_LSN: &str = "walrelay_confirmed_lsn";
 pub const REPLICATION_CONNECTED: &str = "walrelay_replication_connected";
@@ -46,7 +46,7 @@ pub const INBOX_RECORDS_CONSUMED_TOTAL: &str = "walrelay_inbox_records_consumed_
 pub const INBOX_RECORDS_STORED_TOTAL: &str = "walrelay_inbox_records_stored_total";
 pub const INBOX_DUPLICATES_SKIPPED_TOTAL: &str = "walrelay_inbox_duplicates_skipped_total";
 pub const INBOX_DEAD_LETTERS_TOTAL: &str = "walrelay_inbox_dead_letters_total";
-pub const INBOX_CONSUMER_LAG: &str = "walrelay_inbox_consumer_lag";
+pub const INBOX_CONSUMER_LAG_RECORDS: &str = "walrelay_inbox_consumer_lag_records";
 pub const INBOX_REBALANCES_TOTAL: &str = "walrelay_inbox_rebalances_total";
 pub const INBOX_BATCH_SECONDS: &str = "walrelay_inbox_batch_seconds";
 pub const INBOX_PRODUCED_TO_STORED_SECONDS: &str = "walrelay_inbox_produced_to_stored_seconds";
@@ -113,7 +113,7 @@ pub fn describe() {
     );
     describe_gauge!(EVENTS_IN_FLIGHT, "events produced and not yet acknowledged");
     describe_gauge!(
-        BYTES_IN_FLIGHT,
+        IN_FLIGHT_BYTES,
         Unit::Bytes,
         "bytes of events produced and not yet acknowledged"
     );
@@ -223,7 +223,7 @@ pub fn describe() {
         "records the inbox put in its dead-letter table, by kind"
     );
     describe_gauge!(
-        INBOX_CONSUMER_LAG,
+        INBOX_CONSUMER_LAG_RECORDS,
         "records between the inbox's next offset and the partition's high watermark, per topic and partition"
     );
     describe_counter!(
@@ -311,7 +311,7 @@ pub const ALL: &[&str] = &[
     PUBLISH_ERRORS_TOTAL,
     DEAD_LETTERS_TOTAL,
     EVENTS_IN_FLIGHT,
-    BYTES_IN_FLIGHT,
+    IN_FLIGHT_BYTES,
     COMMIT_TO_ACK_SECONDS,
     CONFIRMED_LSN,
     REPLICATION_CONNECTED,
@@ -337,7 +337,7 @@ pub const ALL: &[&str] = &[
     INBOX_RECORDS_STORED_TOTAL,
     INBOX_DUPLICATES_SKIPPED_TOTAL,
     INBOX_DEAD_LETTERS_TOTAL,
-    INBOX_CONSUMER_LAG,
+    INBOX_CONSUMER_LAG_RECORDS,
     INBOX_REBALANCES_TOTAL,
     INBOX_BATCH_SECONDS,
     INBOX_PRODUCED_TO_STORED_SECONDS,

@@ -85,6 +85,7 @@ fn the_manifests_render_and_every_resource_passes_its_schema() {
         "Deployment",
         "PodDisruptionBudget",
         "PodMonitor",
+        "PrometheusRule",
     ] {
         assert!(text.contains(&format!("valid: {kind}/")), "{kind}: {text}");
     }
@@ -108,6 +109,12 @@ fn the_manifests_render_and_every_resource_passes_its_schema() {
             "interval: 15s",
             "intervall: 15s",
             "intervall",
+        ),
+        (
+            "prometheusrule.yaml",
+            "    - alert: WalrelayDown",
+            "    - alertt: WalrelayDown",
+            "alertt",
         ),
         (
             "poddisruptionbudget.yaml",

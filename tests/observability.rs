@@ -256,7 +256,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 9 rules found"));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 14 rules found"));
     let test = promtool(&["test", "rules", "alerts/walrelay.test.yml"], None);
     assert!(
         test.status.success(),

@@ -152,7 +152,7 @@
         raw: col("in_flight_events"), format: num,
       },
       {
-        label: "bytes", colour: C.orange, metric: "walrelay_bytes_in_flight", limitMetric: "walrelay_in_flight_limit_bytes",
+        label: "bytes", colour: C.orange, metric: "walrelay_in_flight_bytes", limitMetric: "walrelay_in_flight_limit_bytes",
         values: (H, S) => share(col("in_flight_bytes")(H), S.subject && S.subject.max_in_flight_bytes),
         raw: col("in_flight_bytes"), format: bytes, when: (S) => S.subject && S.subject.max_in_flight_bytes,
       },
@@ -664,7 +664,7 @@
     const prefix = commonPrefix(names);
     return names.map((name, i) => ({
       label: name.slice(prefix.length), name, colour: PARTITION_COLOURS[i % PARTITION_COLOURS.length],
-      metric: "walrelay_inbox_consumer_lag", values: (h) => h.partitions[name],
+      metric: "walrelay_inbox_consumer_lag_records", values: (h) => h.partitions[name],
     }));
   }
 

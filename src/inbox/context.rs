@@ -77,7 +77,7 @@ impl InboxContext {
                     (Some(high), None) => Some(high.max(0)),
                     _ => None,
                 };
-                metrics::gauge!(m::INBOX_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                metrics::gauge!(m::INBOX_CONSUMER_LAG_RECORDS, "topic" => topic.clone(), "partition" => partition.to_string())
                     .set(lag.unwrap_or(0) as f64);
                 InboxPartition {
                     topic: topic.clone(),

@@ -185,6 +185,7 @@ impl<S: Sink> Outbound<S> {
     pub(super) fn discard(&mut self) -> usize {
         let dropped = self.publisher.discard() + self.refused.clear();
         self.window.clear();
+        self.live.record_in_flight(0, 0);
         dropped
     }
 

@@ -514,6 +514,12 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     tracing::info!(slot = %self.config.slot, "the slot is held by another process; standing by");
                     self.live.set_role(Role::Standby);
                 }
+                // A relay that let go for a stalled broker and found the slot
+                // taken over waits for the slot now, not the broker: left at
+                // 1, the gauge would page WalrelayBrokerDown for good.
+                if self.live.waiting_for_broker() {
+                    report_waiting_for_broker(&self.live, false);
+                }
                 wait
             }
             Next::Reconnect(wait) => {

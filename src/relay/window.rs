@@ -27,7 +27,7 @@ impl InFlightWindow {
             max_bytes,
             was_full: false,
             events_gauge: metrics::gauge!(m::EVENTS_IN_FLIGHT),
-            bytes_gauge: metrics::gauge!(m::BYTES_IN_FLIGHT),
+            bytes_gauge: metrics::gauge!(m::IN_FLIGHT_BYTES),
         }
     }
 
@@ -58,6 +58,9 @@ impl InFlightWindow {
     pub fn clear(&mut self) {
         self.events = 0;
         self.bytes = 0;
+        // Left as it was, the gauge would show events in flight that no
+        // longer are (and WalrelayPublishingStalled would page a standby).
+        self.export();
     }
 
     pub fn events(&self) -> usize {
@@ -101,5 +104,20 @@ mod tests {
         w.admit(7);
         w.clear();
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn clearing_the_window_sets_its_gauges_to_zero() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let mut w = InFlightWindow::new(10, 1000);
+            w.admit(7);
+            w.admit(8);
+            w.clear();
+        });
+        let text = handle.render();
+        assert!(text.contains("walrelay_events_in_flight 0\n"), "{text}");
+        assert!(text.contains("walrelay_in_flight_bytes 0\n"), "{text}");
     }
 }
