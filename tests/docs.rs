@@ -189,6 +189,10 @@ const RUNBOOKS: &[&str] = &[
     "inbox-lag.md",
     "publishing-stalled.md",
     "failover.md",
+    "slot-near-invalidation.md",
+    "publication-changed.md",
+    "slot-dropped.md",
+    "slot-lost.md",
 ];
 
 #[test]
