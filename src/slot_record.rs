@@ -65,7 +65,8 @@ pub async fn ensure_table(client: &Client, schema: &str) -> Result<(), SqlError>
   created_lsn   pg_lsn,
   last_used_at  timestamptz,
   confirmed_lsn pg_lsn,
-  confirmed_at  timestamptz
+  confirmed_at  timestamptz,
+  inserts_at_confirm bigint
 );
 COMMENT ON TABLE {0} IS 'walrelay: the replication slots it made and streamed from (see walrelay setup --new-slot)'",
             table(schema)
@@ -197,7 +198,9 @@ pub async fn confirmed(
     client
         .execute(
             &format!(
-                "UPDATE {} SET confirmed_lsn = $2::text::pg_lsn, confirmed_at = now()
+                "UPDATE {} SET confirmed_lsn = $2::text::pg_lsn, confirmed_at = now(),
+                   inserts_at_confirm = (SELECT sum(n_tup_ins)::bigint FROM pg_stat_user_tables s
+                                         WHERE s.schemaname || '.' || s.relname = ANY(tables))
                  WHERE slot_name = $1 AND confirmed_lsn IS DISTINCT FROM $2::text::pg_lsn",
                 table(schema)
             ),
@@ -205,4 +208,35 @@ pub async fn confirmed(
         )
         .await?;
     Ok(())
+}
+
+/// Rows inserted into the slot's outbox tables since its last recorded
+/// confirmation, by PostgreSQL's statistics (which count the inserts of
+/// rolled-back transactions too, and may lag a second): with when that
+/// confirmation was recorded. `None` without a record or statistics.
+pub async fn inserts_since_confirm(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+) -> Result<Option<(i64, String)>, SqlError> {
+    if !table_exists(client, schema).await? {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT (SELECT sum(n_tup_ins)::bigint FROM pg_stat_user_tables s
+                         WHERE s.schemaname || '.' || s.relname = ANY(r.tables)) - r.inserts_at_confirm,
+                        to_char(r.confirmed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                 FROM {} r WHERE r.slot_name = $1 AND r.inserts_at_confirm IS NOT NULL",
+                table(schema)
+            ),
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| {
+        let inserted: Option<i64> = r.get(0);
+        let at: Option<String> = r.get(1);
+        inserted.zip(at)
+    }))
 }

@@ -393,6 +393,15 @@ async fn a_slot_lost_with_its_rows_deleted_is_not_recovered_and_the_gap_is_named
         log.contains("--accept-loss"),
         "the error names the way on:\n{log}"
     );
+    // How many: the 2,000 written after the last confirmation, counted from
+    // PostgreSQL's statistics (an upper bound: they may lag the record).
+    let count: i64 = log
+        .split("at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the error counts the lost events:\n{log}"));
+    assert!((2000..=3000).contains(&count), "{count}:\n{log}");
     // Nothing was changed: the lost slot is still there.
     let status: String = stack
         .client

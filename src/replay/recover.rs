@@ -425,9 +425,22 @@ async fn check_reaches_back(
             .await?
             .get(0);
         let span = table_span(&rows);
+        // None of the rows there is in Kafka, so each was inserted after
+        // the confirmation: the others inserted since are the lost ones.
+        let schema = crate::commands::run::record_schema(&options.router.tables);
+        let count = match crate::slot_record::inserts_since_confirm(client, &schema, &options.slot)
+            .await
+        {
+            Ok(Some((inserted, at))) => format!(
+                "at most {} events (PostgreSQL's statistics count {inserted} rows inserted into the outbox since walrelay recorded the slot's confirmation at {at}, and {} of them are still in the table; the statistics count rolled-back inserts too)",
+                (inserted - rows.len() as i64).max(0),
+                rows.len()
+            ),
+            _ => "an unknown number of events (walrelay has no record of the slot's statistics, and the WAL that held them is gone)".to_owned(),
+        };
         return Err(ReplayError::Refused(format!(
             "slot {slot} was lost (wal_status {status}) after confirming {confirmed}; the events committed between {confirmed} and {now} are not all in the table any more: \
-             of its {n} rows none is already in Kafka, so it does not reach back to where the slot stopped{span}, and the events whose rows were deleted (or pruned) in that range cannot be accounted for (their number is unknown: the WAL that held them is gone). \
+             of its {n} rows none is already in Kafka, so it does not reach back to where the slot stopped{span}, and the events whose rows were deleted (or pruned) in that range cannot be accounted for: {count}. \
              Nothing was changed. Restore the rows (from a backup) and run `walrelay recover` again, or accept the loss with `walrelay recover --accept-loss`, which publishes the {n} rows still there and makes a new slot",
             slot = options.slot,
             status = lost.wal_status,
