@@ -152,6 +152,28 @@ pub async fn store(
     Ok(())
 }
 
+/// The event ids the table holds (none when it does not exist): events
+/// Kafka refused for good and the stream kept here, which a replay passes
+/// over rather than have Kafka refuse them again.
+pub async fn ids(
+    client: &SqlClient,
+    (schema, table): &(String, String),
+) -> Result<std::collections::HashSet<String>, SqlError> {
+    if !crate::catalog::table_exists(client, schema, table).await? {
+        return Ok(Default::default());
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT id FROM {} WHERE id IS NOT NULL",
+                qualified(schema, table)
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Whether the table exists, and the fix if not.
 pub async fn check(client: &SqlClient, (schema, table): &(String, String)) -> Result<(), String> {
     match crate::catalog::table_exists(client, schema, table).await {

@@ -56,6 +56,7 @@ impl BackfillArgs {
             ),
             page_size: self.page_size,
             restart: self.restart,
+            dead_letter_table: self.run.outbox.dead_letter_table()?,
         })
     }
 }
@@ -94,6 +95,7 @@ impl RecoverArgs {
             since: self.since.clone(),
             accept_loss: self.accept_loss,
             publication: self.run.outbox.publication.clone(),
+            dead_letter_table: self.run.outbox.dead_letter_table()?,
             first_slot: self.first_slot,
         })
     }

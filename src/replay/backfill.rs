@@ -40,6 +40,8 @@ pub struct BackfillOptions {
     pub page_size: i64,
     /// Start over although a backfill of this name finished.
     pub restart: bool,
+    /// Where the stream keeps events Kafka refused for good: passed over.
+    pub dead_letter_table: (String, String),
 }
 
 /// What a backfill did.
@@ -147,8 +149,10 @@ pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
             state::save(&client, &key, &progress).await?;
             let origin_bytes = Bytes::from(origin_text.clone());
             let mut records = Vec::with_capacity(page.len());
+            let dead_lettered =
+                crate::dead_letters::ids(&client, &options.dead_letter_table).await?;
             for mut row in page {
-                if in_kafka.contains(&row.id) {
+                if in_kafka.contains(&row.id) || dead_lettered.contains(&row.id) {
                     progress.skipped += 1;
                     metrics::counter!(super::EVENTS_REPLAY_SKIPPED_TOTAL, "job" => "backfill")
                         .increment(1);

@@ -67,6 +67,9 @@ pub struct RecoverOptions {
     pub accept_loss: bool,
     /// The publication `run` streams (for walrelay's record of its slots).
     pub publication: String,
+    /// Where the stream keeps events Kafka refused for good: passed over,
+    /// as they are kept whole there already.
+    pub dead_letter_table: (String, String),
     /// There was no slot before (the outbox was published by a polling
     /// relay, now stopped): make the slot and publish every row of its
     /// snapshot not in Kafka.
@@ -77,6 +80,8 @@ pub struct RecoverOptions {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Summary {
     pub published: usize,
+    /// In Kafka already, or kept in the dead-letter table (Kafka refused
+    /// them for good when the stream sent them).
     pub already_in_kafka: usize,
 }
 
@@ -208,10 +213,11 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
             .then(|| format!("walrelay-recover-{}", options.slot)),
     );
     let mut summary = Summary::default();
+    let dead_lettered = crate::dead_letters::ids(&client, &options.dead_letter_table).await?;
     let missing: Vec<RoutedRow> = rows
         .into_iter()
         .filter(|r| {
-            let found = in_kafka.contains(&r.id);
+            let found = in_kafka.contains(&r.id) || dead_lettered.contains(&r.id);
             summary.already_in_kafka += usize::from(found);
             !found
         })
