@@ -174,6 +174,19 @@ async fn a_backfill_of_a_time_range_killed_midway_and_run_again_sends_each_event
     let mut third = command(&stack, "backfill", &args);
     assert!(third.wait(Duration::from_secs(120)).await.success());
     assert_eq!(stack.broker.consume_all(&topic).len(), 20_000);
+    // The same name asking for other rows does not take the first one's
+    // progress for its own.
+    let mut other_args = args;
+    other_args[3] = "2026-01-01T02:00:00Z";
+    let mut other = command(&stack, "backfill", &other_args);
+    let status = other.wait(Duration::from_secs(120)).await;
+    assert_eq!(status.code(), Some(1), "{}", other.log());
+    assert!(
+        other.log().contains("give it a --name of its own"),
+        "{}",
+        other.log()
+    );
+    assert_eq!(stack.broker.consume_all(&topic).len(), 20_000);
     eprintln!(
         "read_committed: {} records; read_uncommitted: {}",
         records.len(),

@@ -88,7 +88,17 @@ pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
             options.selection.clone(),
         )
         .await?;
+        let selection = format!(
+            "{:?} to {}",
+            options.selection, options.router.topic_template
+        );
         let mut progress = match state::load(&client, &key).await? {
+            Some(p) if !p.selection.is_empty() && p.selection != selection && !options.restart => {
+                return Err(ReplayError::Refused(format!(
+                    "a backfill named {key} of other rows is recorded ({}); this one asks for {selection}: give it a --name of its own, or pass --restart to start that name over",
+                    p.selection
+                )));
+            }
             Some(p) if p.done && !options.restart => {
                 println!(
                     "backfill {key} finished before ({} sent): nothing to do (--restart sends everything again)",
@@ -99,6 +109,7 @@ pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
             Some(p) if !p.done && !options.restart => p,
             _ => Progress::default(),
         };
+        progress.selection = selection;
         // A run that died mid-page: its records since then are read back.
         let resumed_from = progress.page_started_ms;
         let mut read_topics: HashSet<String> = HashSet::new();

@@ -21,6 +21,9 @@ pub struct Progress {
     /// from here.
     pub page_started_ms: Option<i64>,
     pub done: bool,
+    /// Which rows, and to which topics (see `backfill.rs`): a run of the
+    /// same name that asks for others does not take this one's place.
+    pub selection: String,
 }
 
 pub async fn ensure_table(client: &SqlClient) -> Result<(), SqlError> {
@@ -34,7 +37,8 @@ pub async fn ensure_table(client: &SqlClient) -> Result<(), SqlError> {
                skipped bigint NOT NULL DEFAULT 0,
                page_started_ms bigint,
                done boolean NOT NULL DEFAULT false,
-               updated_at timestamptz NOT NULL DEFAULT now())"
+               updated_at timestamptz NOT NULL DEFAULT now());
+             ALTER TABLE public.{BACKFILL_TABLE} ADD COLUMN IF NOT EXISTS selection text NOT NULL DEFAULT ''"
         ))
         .await
 }
@@ -43,7 +47,7 @@ pub async fn load(client: &SqlClient, name: &str) -> Result<Option<Progress>, Sq
     let row = client
         .query_opt(
             &format!(
-                "SELECT after_created_at, after_id, sent, skipped, page_started_ms, done
+                "SELECT after_created_at, after_id, sent, skipped, page_started_ms, done, selection
                  FROM public.{BACKFILL_TABLE} WHERE name = $1"
             ),
             &[&name],
@@ -58,6 +62,7 @@ pub async fn load(client: &SqlClient, name: &str) -> Result<Option<Progress>, Sq
         skipped: r.get(3),
         page_started_ms: r.get(4),
         done: r.get(5),
+        selection: r.get(6),
     }))
 }
 
@@ -66,11 +71,11 @@ pub async fn save(client: &SqlClient, name: &str, progress: &Progress) -> Result
         .execute(
             &format!(
                 "INSERT INTO public.{BACKFILL_TABLE}
-                   (name, after_created_at, after_id, sent, skipped, page_started_ms, done, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                   (name, after_created_at, after_id, sent, skipped, page_started_ms, done, selection, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
                  ON CONFLICT (name) DO UPDATE SET
                    after_created_at = $2, after_id = $3, sent = $4, skipped = $5,
-                   page_started_ms = $6, done = $7, updated_at = now()"
+                   page_started_ms = $6, done = $7, selection = $8, updated_at = now()"
             ),
             &[
                 &name,
@@ -80,6 +85,7 @@ pub async fn save(client: &SqlClient, name: &str, progress: &Progress) -> Result
                 &progress.skipped,
                 &progress.page_started_ms,
                 &progress.done,
+                &progress.selection,
             ],
         )
         .await?;
