@@ -156,7 +156,10 @@ pub async fn prune(client: &SqlClient, config: &RetentionConfig) -> Result<u64, 
 
 /// One batch: `$1` the retention in seconds, `$2` the slot. The row's
 /// `xmin` must be older than the slot's `catalog_xmin` (see the module
-/// comment); a missing slot makes the bound NULL, which deletes nothing.
+/// comment), and older than every other pgoutput slot's of the database
+/// too: another relay (a second slot on the same table) may not have
+/// confirmed it yet, and its `recover` would need the row. A missing (or
+/// invalidated) own slot makes the bound NULL, which deletes nothing.
 fn delete_sql(schema: &str, table: &str, created_at: &str, batch_size: u64) -> String {
     let table = qualified(schema, table);
     let created_at = quote_ident(created_at);
@@ -164,8 +167,10 @@ fn delete_sql(schema: &str, table: &str, created_at: &str, batch_size: u64) -> S
         "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
            SELECT ctid FROM {table}
            WHERE {created_at} < now() - make_interval(secs => $1::float8)
-             AND age(xmin) > (SELECT age(catalog_xmin) FROM pg_replication_slots
-                              WHERE slot_name = $2 AND database = current_database())
+             AND age(xmin) > (SELECT CASE WHEN bool_or(slot_name = $2) THEN max(age(catalog_xmin)) END
+                              FROM pg_replication_slots
+                              WHERE database = current_database() AND plugin = 'pgoutput'
+                                AND catalog_xmin IS NOT NULL)
            ORDER BY {created_at}
            LIMIT {batch_size}
            FOR UPDATE SKIP LOCKED))"
@@ -239,7 +244,7 @@ mod tests {
         assert!(sql.contains("ORDER BY \"created_at\""), "{sql}");
         assert!(sql.contains("FOR UPDATE SKIP LOCKED"), "{sql}");
         assert!(
-            sql.contains("age(xmin) > (SELECT age(catalog_xmin)"),
+            sql.contains("THEN max(age(catalog_xmin))") && sql.contains("bool_or(slot_name = $2)"),
             "{sql}"
         );
     }
