@@ -39,6 +39,8 @@ pub enum SessionIo {
     Aborted(Result<(), BrokerError>),
     /// A cleanup's time to have its records written is up (its round).
     CleanupWaited(u16),
+    /// Time to read again a partition whose tail an open transaction hid.
+    ReadHiddenAgain(PartitionKey),
 }
 
 enum Tagged {

@@ -221,6 +221,13 @@ impl MemoryBroker {
     }
 
     /// Whether a transaction left open hides `partition` of `topic`.
+    /// The coordinator aborts what was left open in `partition` (its
+    /// transaction timed out).
+    pub fn time_out_left_open(&self, topic: &str, partition: i32) {
+        let mut state = self.state.lock().unwrap();
+        state.left_open.remove(&(topic.to_owned(), partition));
+    }
+
     pub fn is_left_open(&self, topic: &str, partition: i32) -> bool {
         self.state
             .lock()

@@ -20,7 +20,7 @@
 //! [`Publisher::next`] polls, so the source's loop answers shutdown and the
 //! walsender meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -61,6 +61,8 @@ pub struct Publisher<S: Sink, T> {
     failed: Option<PublishError>,
     /// Partitions cleaned up in this session (once each).
     cleaned: HashSet<PartitionKey>,
+    /// Partitions whose tail an open transaction hides, since when.
+    hidden: HashMap<PartitionKey, Instant>,
     /// The cleanup under way: its partitions, which were written, how many
     /// reports are outstanding, and its round (late reports of an earlier
     /// round are passed over).
@@ -93,6 +95,13 @@ fn cleanup_index(id: RecordId) -> Option<usize> {
 /// aborts anyway (a partition that cannot be written is not cleaned):
 /// below the broker-stall timeout's default (5 s).
 const CLEANUP_WAIT: Duration = Duration::from_secs(4);
+/// How long a partition whose tail an open transaction hides is read
+/// again, waiting for Kafka to end that transaction, before its events are
+/// published again unsure: past the transaction timeout (60 s), after
+/// which the broker aborts an abandoned producer's transaction.
+const HIDDEN_WAIT: Duration = Duration::from_secs(75);
+/// How often it is read again meanwhile.
+const HIDDEN_RETRY: Duration = Duration::from_secs(2);
 /// The header a cleanup record carries.
 pub const CLEANUP_HEADER: &str = "walrelay_cleanup";
 
@@ -110,6 +119,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             failed: None,
             cleaned: HashSet::new(),
             cleanup: CleanupSends::default(),
+            hidden: HashMap::new(),
             config,
         };
         // The dead-letter topic is made ready before a record needs it.
@@ -124,6 +134,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
         self.io.new_session();
         self.cleaned.clear();
+        self.hidden.clear();
         self.cleanup.outstanding = 0;
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
             ledgers.begin(replay);
@@ -372,7 +383,29 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                             && self.txn.is_on()
                             && self.cleaned.insert(key.clone())
                             && self.txn.clean_up(&key) => {}
+                    // No id of this session may end it: Kafka does, once
+                    // the transaction times out (an abandoned producer's) or
+                    // its markers are written. Read again until then; only
+                    // past that is the tail taken as unsure (published
+                    // again, at least once).
+                    Ok(scan)
+                        if scan.is_hidden()
+                            && self.txn.is_on()
+                            && self
+                                .hidden
+                                .entry(key.clone())
+                                .or_insert_with(Instant::now)
+                                .elapsed()
+                                < HIDDEN_WAIT =>
+                    {
+                        tracing::info!(topic = %key.0, partition = key.1, "an open transaction hides the partition's newest records: reading it again until Kafka ends it");
+                        self.io.watch(async move {
+                            tokio::time::sleep(HIDDEN_RETRY).await;
+                            SessionIo::ReadHiddenAgain(key)
+                        });
+                    }
                     result => {
+                        self.hidden.remove(&key);
                         self.offline.read_done(&key);
                         let result = result.map(|scan| *scan).map_err(|e| e.to_string());
                         ledgers.scanned(key, started.elapsed().as_secs_f64(), result);
@@ -413,6 +446,16 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 tracing::debug!(?result, id = ?self.txn.id, acked = self.records.any_acked(), "abort finished");
                 let next = self.txn.aborted(result, self.records.any_acked());
                 self.follow(next, outcomes);
+            }
+            SessionIo::ReadHiddenAgain(key) => {
+                if let Some(ledgers) = self.ledgers.as_mut() {
+                    let scan = ledgers.rescan(&key);
+                    let read = self.sink.scan_tail(&key.0, key.1, scan);
+                    let started = Instant::now();
+                    self.io.watch(async move {
+                        SessionIo::Scanned(key, started, read.await.map(Box::new))
+                    });
+                }
             }
             SessionIo::CleanupWaited(round) => {
                 if round == self.cleanup.round

@@ -283,6 +283,40 @@ async fn a_topic_that_gains_partitions_is_used_with_its_new_count_and_a_shrunk_o
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_hidden_tail_no_id_may_end_is_read_again_until_kafka_ends_it_and_nothing_is_doubled() {
+    const OTHER: &str = "outbox.event.invoice";
+    let broker = MemoryBroker::default();
+    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
+    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    // The id's last transaction before the outage wrote to OTHER too: an
+    // abort there could take it back, so no cleanup is allowed.
+    let first = publisher.publish(event_to(OTHER, 0));
+    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
+    broker.take_offline(OTHER, 0);
+    let mut outcomes = Vec::new();
+    for n in 1..=4 {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        outcomes.extend(publisher.publish(event_to(topic, n)));
+    }
+    assert_eq!(settle(&mut publisher, outcomes, 2).await.unwrap(), [1, 3]);
+    broker.bring_online(OTHER, 0);
+    // The left-open transaction hides OTHER's tail: its records wait.
+    let waited = tokio::time::timeout(Duration::from_secs(30), publisher.next()).await;
+    assert!(
+        waited.is_err(),
+        "nothing settles while the tail is hidden: {waited:?}"
+    );
+    assert!(broker.is_left_open(OTHER, 0));
+    assert_eq!(ids(&broker.log(OTHER)), ["0"].map(String::from));
+    // The broker times the transaction out: the tail is read, and each
+    // event goes once.
+    broker.time_out_left_open(OTHER, 0);
+    let rest = settle(&mut publisher, Vec::new(), 2).await.unwrap();
+    assert_eq!(rest, [2, 4]);
+    assert_eq!(ids(&broker.log(OTHER)), ["0", "2", "4"].map(String::from));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_partition_offline_before_its_tail_is_read_is_shown_held_and_the_rest_goes_on() {
     const OTHER: &str = "outbox.event.invoice";
     let broker = MemoryBroker::default();
