@@ -902,3 +902,86 @@ fn bad_options_exit_with_code_2_and_name_the_option() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// Under continuous WAL the replication link always has something to read;
+/// the status update must still go out every `--status-interval`, or the
+/// walsender's view of the relay (and `pg_stat_replication`) goes stale.
+/// A backlog of many transactions keeps the link ready for the whole
+/// drain, and a window far larger than it keeps reading from pausing.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_updates_go_out_on_time_while_wal_streams_without_pause() {
+    let stack = Stack::start("status").await;
+    for _ in 0..150 {
+        stack.insert_events("status", 2_000).await;
+    }
+    let end: Lsn = {
+        let row = stack
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap();
+        row.get::<_, String>(0).parse().unwrap()
+    };
+    let relay = stack.relay(&[
+        "--status-interval",
+        "1s",
+        "--max-in-flight-events",
+        "1000000",
+        "--max-in-flight-bytes",
+        "2GiB",
+    ]);
+    // The walsender's record of each status update it received, sampled
+    // until the backlog is confirmed.
+    let mut replies: Vec<std::time::SystemTime> = Vec::new();
+    let started = std::time::Instant::now();
+    while stack.confirmed().await < end {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the backlog was not confirmed in 5 minutes; relay log:\n{}",
+            relay.log()
+        );
+        let row = stack
+            .client
+            .query_opt(
+                "SELECT r.reply_time FROM pg_stat_replication r
+                 JOIN pg_replication_slots s ON s.active_pid = r.pid
+                 WHERE s.slot_name = 'walrelay' AND r.reply_time IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            let at: std::time::SystemTime = row.get(0);
+            if replies.last() != Some(&at) {
+                replies.push(at);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !replies.is_empty(),
+        "no status update seen; relay log:\n{}",
+        relay.log()
+    );
+    // The end of the drain closes the last gap.
+    replies.push(std::time::SystemTime::now());
+    let streamed = replies[replies.len() - 1]
+        .duration_since(replies[0])
+        .unwrap_or_default();
+    assert!(
+        streamed >= Duration::from_secs(4),
+        "the drain must outlast several status intervals to show anything (it took {streamed:?}); make the backlog larger"
+    );
+    let longest_gap = replies
+        .windows(2)
+        .filter_map(|pair| pair[1].duration_since(pair[0]).ok())
+        .max()
+        .unwrap();
+    assert!(
+        longest_gap <= Duration::from_secs(3),
+        "a status update every 1s was asked for, but PostgreSQL heard nothing for {longest_gap:?} while WAL streamed ({} updates over {streamed:?}); relay log:\n{}",
+        replies.len() - 1,
+        relay.log()
+    );
+    drop(relay);
+}

@@ -5,13 +5,15 @@
 //! 2. a finding of the slot monitor (a dropped outbox table ends the relay);
 //! 3. the publisher: what became of records (they free the window and move
 //!    the watermark);
-//! 4. a status update due to PostgreSQL (periodic, or coalesced after the
-//!    watermark moved);
+//! 4. the timers: a status update due to PostgreSQL (periodic, or
+//!    coalesced after the watermark moved), the server's silence, the
+//!    broker stall (events wait and nothing was acknowledged for
+//!    `--broker-stall-timeout`), reconnecting (only once nothing is in
+//!    flight) and the shutdown deadline;
 //! 5. the replication link: a connection attempt finishing, or new WAL
-//!    while the window has room;
-//! 6. the timers: the broker stall (events wait and nothing was
-//!    acknowledged for `--broker-stall-timeout`), reconnecting (only once
-//!    nothing is in flight) and the shutdown deadline.
+//!    while the window has room. It comes last because under continuous
+//!    WAL it is always ready: anything below it would wait for the
+//!    window to fill.
 //!
 //! No branch waits on anything but its own future, so shutdown, deliveries
 //! and the walsender are answered whatever else is going on.
@@ -226,6 +228,11 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     Settling::Outcomes(Err(error)) => Err(error.into()),
                     Settling::Stored(tag, notice) => self.out.stored(tag, notice, &mut self.confirmer),
                 },
+                // Before the link: under continuous WAL the link is always
+                // ready, and the status update must still go out on time.
+                () = timer.as_mut(), if wake_at.is_some() => {
+                    self.on_deadline(deadlines, &mut link).await
+                }
                 event = link.next(reading) => match event {
                     LinkEvent::Connected(Ok((stream, start))) => {
                         self.on_connected(start);
@@ -236,9 +243,6 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     LinkEvent::Item(Ok(item)) => self.apply_ready(item, &mut link).await,
                     LinkEvent::Item(Err(error)) => Err(error),
                 },
-                () = timer.as_mut(), if wake_at.is_some() => {
-                    self.on_deadline(deadlines, &mut link).await
-                }
             };
             if let Err(error) = outcome {
                 self.on_error(error, &mut link)?;
