@@ -132,6 +132,24 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// read again on first use; with transactions, the producer takes over
     /// `transactional_id` first, fencing any earlier holder of it.
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
+        self.start_session(replay, transactional_id, false);
+    }
+
+    /// A session starts where no other process can have used the
+    /// transactional ids since this one's last session (the source knows:
+    /// the slot stayed where this process confirmed it). What the ids
+    /// aborted still stands, so a transaction one of them left open in a
+    /// partition may still be ended with an abort (`transaction.rs`).
+    pub fn continue_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
+        self.start_session(replay, transactional_id, true);
+    }
+
+    fn start_session(
+        &mut self,
+        replay: Option<Replay>,
+        transactional_id: Option<String>,
+        keep_aborted: bool,
+    ) {
         self.io.new_session();
         self.cleaned.clear();
         self.hidden.clear();
@@ -139,7 +157,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
             ledgers.begin(replay);
         }
-        self.txn.restart(transactional_id);
+        self.txn.restart(transactional_id, keep_aborted);
         self.initialize_if_needed();
     }
 

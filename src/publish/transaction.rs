@@ -33,7 +33,8 @@
 //! partition with that producer's next marker there, as that marker says.
 //! So when a tail read finds the partition hidden by an open transaction,
 //! each id whose last transaction there was *aborted* (known in this
-//! process) cleans up: it is taken over again if it must be, begins a
+//! process, and carried into its next session when no other process can
+//! have used the id in between) cleans up: it is taken over again if it must be, begins a
 //! transaction, sends one record to the partition, waits until it is
 //! written, and aborts, which ends what it left open there as aborted.
 //! The tail is then read again. Where no id knows its last transaction
@@ -241,7 +242,9 @@ impl Transaction {
     /// A new session takes the transactional ids over: `id` and its spare.
     /// An id resting on an offline partition in this process stays out
     /// until the partition is back (taking it over now would wait for it).
-    pub fn restart(&mut self, id: Option<String>) {
+    /// `keep_aborted`: no other process can have used the ids since, so
+    /// where each aborted last still stands.
+    pub fn restart(&mut self, id: Option<String>, keep_aborted: bool) {
         if !self.is_on() {
             return;
         }
@@ -261,9 +264,12 @@ impl Transaction {
         for name in names {
             let mut entry = TxnId::new(name.clone());
             if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
-                // What it aborted is not carried over: another process may
-                // have used the id since, and committed there.
                 entry.resting = std::mem::take(&mut old.resting);
+                // Otherwise what it aborted is not carried over: another
+                // process may have used the id since, and committed there.
+                if keep_aborted {
+                    entry.aborted_in = std::mem::take(&mut old.aborted_in);
+                }
             }
             ids.push(entry);
         }
@@ -778,7 +784,7 @@ mod tests {
 
     /// Takes both ids over, as a session's start does.
     fn ready(t: &mut Transaction) {
-        t.restart(Some("walrelay.7.s".into()));
+        t.restart(Some("walrelay.7.s".into()), false);
         assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
         assert!(matches!(t.initialized(Ok(())), Next::Go));
         assert!(!t.may_send(), "not before the spare is taken over too");
@@ -850,7 +856,7 @@ mod tests {
             message: "test".into(),
         };
         let mut t = Transaction::new(true);
-        t.restart(Some("walrelay.7.s".into()));
+        t.restart(Some("walrelay.7.s".into()), false);
         t.take_initialization();
         assert!(matches!(
             t.initialized(Err(error(BrokerErrorClass::Transient))),
@@ -1020,7 +1026,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn what_an_id_aborted_is_not_carried_into_a_new_session() {
+    async fn what_an_id_aborted_is_carried_into_a_new_session_only_where_no_other_process_took_over()
+     {
         let p = key("outbox.event.order", 0);
         let mut t = Transaction::new(true);
         ready(&mut t);
@@ -1030,6 +1037,20 @@ mod tests {
             !t.clean_up(&p),
             "another process may have committed there under the id since"
         );
+
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        transaction_in(&mut t, &p, false).await;
+        t.restart(Some("walrelay.7.s".into()), true);
+        assert!(
+            t.clean_up(&p),
+            "the slot stayed with this process: its abort there still stands"
+        );
+        let mut t = Transaction::new(true);
+        ready(&mut t);
+        transaction_in(&mut t, &p, true).await;
+        t.restart(Some("walrelay.7.s".into()), true);
+        assert!(!t.clean_up(&p), "its last transaction there committed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1086,7 +1107,7 @@ mod tests {
         assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
         assert!(t.may_send());
         // A new session leaves the resting spare out.
-        t.restart(Some("walrelay.7.s".into()));
+        t.restart(Some("walrelay.7.s".into()), false);
         assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
         assert!(matches!(t.initialized(Ok(())), Next::Use(_)));
         assert_eq!(t.take_initialization(), None);
@@ -1147,7 +1168,7 @@ mod tests {
         t.sent_to(&key("a", 0));
         assert!(t.leaderless(&[key("a", 0)].into()).is_none());
         t.abandon();
-        t.restart(Some("walrelay.7.s".into()));
+        t.restart(Some("walrelay.7.s".into()), false);
         assert_eq!(
             t.take_initialization().as_deref(),
             Some("walrelay.7.s.spare"),
