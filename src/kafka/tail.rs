@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 
 use crate::publish::scan::{LedgerScan, Scan, TailRecord};
 use crate::publish::{BrokerError, BrokerErrorClass};
-use crate::publish::{ORIGIN_HEADER, POSITION_HEADER};
+use crate::publish::{CLEANUP_HEADER, ORIGIN_HEADER, POSITION_HEADER};
 
 /// Records fetched per step back.
 const CHUNK: i64 = 1000;
@@ -152,25 +152,13 @@ impl TailReader {
                     .create_with_context(ScanContext)
                     .map_err(|e| kafka_error(&e))?,
             };
-            let high = || {
-                let mut reader = uncommitted.lock().unwrap_or_else(|e| e.into_inner());
-                if reader.is_none() {
-                    let mut config = config.clone();
-                    config.set("isolation.level", "read_uncommitted");
-                    *reader = Some(
-                        config
-                            .create_with_context(ScanContext)
-                            .map_err(|e| kafka_error(&e))?,
-                    );
-                }
-                reader
-                    .as_ref()
-                    .expect("made above")
-                    .fetch_watermarks(&topic, partition, CHUNK_TIMEOUT)
-                    .map(|(_, high)| high)
-                    .map_err(|e| kafka_error(&e))
+            let uncommitted = Uncommitted {
+                reader: &uncommitted,
+                config: &config,
+                topic: &topic,
+                partition,
             };
-            let result = scan_blocking(&consumer, &topic, partition, scan, high);
+            let result = scan_blocking(&consumer, &topic, partition, scan, &uncommitted);
             if result.is_ok() {
                 let _ = consumer.unassign();
                 idle.lock()
@@ -181,12 +169,57 @@ impl TailReader {
                 // its stale view of the cluster (a partition "unknown"
                 // long after another broker leads it): the next try starts
                 // with fresh clients.
-                *uncommitted.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *uncommitted.reader.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             result
         })
         .await
         .map_err(|e| BrokerError::transient(format!("the tail scan task failed: {e}")))?
+    }
+}
+
+/// The `read_uncommitted` reader of one partition: it sees the high
+/// watermark past an open transaction, and what that transaction hides.
+struct Uncommitted<'a> {
+    reader: &'a Mutex<Option<ScanConsumer>>,
+    config: &'a ClientConfig,
+    topic: &'a str,
+    partition: i32,
+}
+
+impl Uncommitted<'_> {
+    fn with_reader<T>(
+        &self,
+        read: impl FnOnce(&ScanConsumer) -> Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if reader.is_none() {
+            let mut config = self.config.clone();
+            config.set("isolation.level", "read_uncommitted");
+            *reader = Some(
+                config
+                    .create_with_context(ScanContext)
+                    .map_err(|e| kafka_error(&e))?,
+            );
+        }
+        read(reader.as_ref().expect("made above"))
+    }
+
+    fn high_watermark(&self) -> Result<i64, BrokerError> {
+        self.with_reader(|reader| {
+            reader
+                .fetch_watermarks(self.topic, self.partition, CHUNK_TIMEOUT)
+                .map(|(_, high)| high)
+                .map_err(|e| kafka_error(&e))
+        })
+    }
+
+    /// The records from `stable` up to `high`, whatever their transaction,
+    /// cleanup records left out (they are only ever aborted).
+    fn hidden(&self, stable: i64, high: i64) -> Result<Vec<TailRecord>, BrokerError> {
+        self.with_reader(|reader| {
+            read_chunk(reader, self.topic, self.partition, stable, high, true)
+        })
     }
 }
 
@@ -201,7 +234,7 @@ fn scan_blocking(
     topic: &str,
     partition: i32,
     mut scan: LedgerScan,
-    high_watermark: impl Fn() -> Result<i64, BrokerError>,
+    uncommitted: &Uncommitted,
 ) -> Result<LedgerScan, BrokerError> {
     // A `read_committed` consumer's high watermark is the last stable
     // offset.
@@ -210,7 +243,8 @@ fn scan_blocking(
         let (low, stable) = consumer
             .fetch_watermarks(topic, partition, CHUNK_TIMEOUT)
             .map_err(|e| kafka_error(&e))?;
-        if stable >= high_watermark()? {
+        let high = uncommitted.high_watermark()?;
+        if stable >= high {
             break (low, stable);
         }
         if Instant::now() >= deadline {
@@ -220,6 +254,16 @@ fn scan_blocking(
                 "another producer's open transaction hides the partition's newest records"
             );
             scan.hidden_by_open_transaction();
+            // What it hides, if little enough to read: whether any of it
+            // may have been confirmed decides whether it may be aborted.
+            if high - stable <= CHUNK {
+                match uncommitted.hidden(stable, high) {
+                    Ok(records) => scan.hidden_records(&records),
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot read what the open transaction hides")
+                    }
+                }
+            }
             break (low, stable);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -232,7 +276,7 @@ fn scan_blocking(
     let mut upper = i64::MAX;
     let mut start = (high - CHUNK).max(low);
     loop {
-        let chunk = read_chunk(consumer, topic, partition, start, upper)?;
+        let chunk = read_chunk(consumer, topic, partition, start, upper, false)?;
         if let Some(first) = chunk.first() {
             upper = first.offset;
         }
@@ -255,14 +299,16 @@ fn scan_blocking(
     }
 }
 
-/// The committed records from `start` up to `upper`, exclusive, or to the
-/// partition's end.
+/// The records (committed ones, for a `read_committed` consumer) from
+/// `start` up to `upper`, exclusive, or to the partition's end;
+/// `skip_cleanup`: cleanup records left out.
 fn read_chunk(
     consumer: &ScanConsumer,
     topic: &str,
     partition: i32,
     start: i64,
     upper: i64,
+    skip_cleanup: bool,
 ) -> Result<Vec<TailRecord>, BrokerError> {
     let mut assignment = TopicPartitionList::new();
     assignment
@@ -285,6 +331,12 @@ fn read_chunk(
                     return Ok(records);
                 }
                 if message.offset() < start {
+                    continue;
+                }
+                let is_cleanup = message
+                    .headers()
+                    .is_some_and(|headers| headers.iter().any(|h| h.key == CLEANUP_HEADER));
+                if skip_cleanup && is_cleanup {
                     continue;
                 }
                 let header = |name: &str| {

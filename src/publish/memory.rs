@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::position::{ORIGIN_HEADER, POSITION_HEADER};
+use super::publisher::CLEANUP_HEADER;
 use super::scan::{LedgerScan, Scan, TailRecord};
 use super::sink::{
     BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, SendId, SendRefused, Sink, TopicError,
@@ -77,6 +78,9 @@ struct BrokerState {
     /// marker never written while the partition had no leader): it hides
     /// the partition's tail until the id's next abort there ends it.
     left_open: HashMap<(String, i32), HashSet<String>>,
+    /// Where in the partition's log the first transaction left open begins
+    /// (a `read_committed` reader's last stable offset).
+    open_from: HashMap<(String, i32), usize>,
     /// How many times each topic was deleted and created again: its id
     /// changes each time.
     generations: HashMap<String, u32>,
@@ -113,6 +117,14 @@ impl BrokerState {
                 .entry(partition.clone())
                 .or_default()
                 .insert(id.to_owned());
+            let first = self
+                .logs
+                .get(partition)
+                .and_then(|log| log.iter().position(|l| l.txn == Some(txn)));
+            if let Some(first) = first {
+                let from = self.open_from.entry(partition.clone()).or_insert(first);
+                *from = (*from).min(first);
+            }
         }
         if !waiting.is_empty() {
             self.blocked.insert(id.to_owned(), waiting);
@@ -133,6 +145,8 @@ impl BrokerState {
             }
         }
         self.left_open.retain(|_, ids| !ids.is_empty());
+        let left_open = &self.left_open;
+        self.open_from.retain(|p, _| left_open.contains_key(p));
     }
 }
 
@@ -226,6 +240,7 @@ impl MemoryBroker {
     pub fn time_out_left_open(&self, topic: &str, partition: i32) {
         let mut state = self.state.lock().unwrap();
         state.left_open.remove(&(topic.to_owned(), partition));
+        state.open_from.remove(&(topic.to_owned(), partition));
     }
 
     pub fn is_left_open(&self, topic: &str, partition: i32) -> bool {
@@ -563,6 +578,23 @@ impl Sink for MemorySink {
             });
         }
         let hidden = state.left_open.contains_key(&(topic.to_owned(), partition));
+        // What the open transaction hides, as a read_uncommitted reader
+        // sees it (cleanup records left out).
+        let hidden_records: Vec<TailRecord> = state
+            .open_from
+            .get(&(topic.to_owned(), partition))
+            .and_then(|from| {
+                let log = state.logs.get(&(topic.to_owned(), partition))?;
+                Some(
+                    log.iter()
+                        .enumerate()
+                        .skip(*from)
+                        .filter(|(_, l)| l.record.header(CLEANUP_HEADER).is_none())
+                        .map(|(offset, l)| tail_record(offset, &l.record))
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
         let log: Vec<(usize, KafkaRecord)> = state
             .logs
             .get(&(topic.to_owned(), partition))
@@ -578,19 +610,10 @@ impl Sink for MemorySink {
         Box::pin(async move {
             if hidden {
                 scan.hidden_by_open_transaction();
+                scan.hidden_records(&hidden_records);
             }
             for (offset, record) in log.iter().rev() {
-                let header = |name: &str| {
-                    record
-                        .header(name)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                };
-                let tail = TailRecord {
-                    offset: *offset as i64,
-                    origin: header(ORIGIN_HEADER),
-                    position: header(POSITION_HEADER),
-                };
-                if scan.push(&tail) == Scan::Enough {
+                if scan.push(&tail_record(*offset, record)) == Scan::Enough {
                     break;
                 }
             }
@@ -734,5 +757,19 @@ impl MemorySink {
             .as_ref()
             .and_then(|id| self.producers.get_mut(id))
             .and_then(|p| p.txn.take())
+    }
+}
+
+/// What a tail scan reads of a logged record.
+fn tail_record(offset: usize, record: &KafkaRecord) -> TailRecord {
+    let header = |name: &str| {
+        record
+            .header(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    TailRecord {
+        offset: offset as i64,
+        origin: header(ORIGIN_HEADER),
+        position: header(POSITION_HEADER),
     }
 }

@@ -61,6 +61,9 @@ pub struct Publisher<S: Sink, T> {
     failed: Option<PublishError>,
     /// Partitions cleaned up in this session (once each).
     cleaned: HashSet<PartitionKey>,
+    /// Partitions this session sent events to: a transaction left open
+    /// there may hold events it counts as delivered.
+    sent_in_session: HashSet<PartitionKey>,
     /// Partitions whose tail an open transaction hides, since when.
     hidden: HashMap<PartitionKey, Instant>,
     /// The cleanup under way: its partitions, which were written, how many
@@ -118,6 +121,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             pause: Pause::new(),
             failed: None,
             cleaned: HashSet::new(),
+            sent_in_session: HashSet::new(),
             cleanup: CleanupSends::default(),
             hidden: HashMap::new(),
             config,
@@ -132,32 +136,15 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// read again on first use; with transactions, the producer takes over
     /// `transactional_id` first, fencing any earlier holder of it.
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
-        self.start_session(replay, transactional_id, false);
-    }
-
-    /// A session starts where no other process can have used the
-    /// transactional ids since this one's last session (the source knows:
-    /// the slot stayed where this process confirmed it). What the ids
-    /// aborted still stands, so a transaction one of them left open in a
-    /// partition may still be ended with an abort (`transaction.rs`).
-    pub fn continue_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
-        self.start_session(replay, transactional_id, true);
-    }
-
-    fn start_session(
-        &mut self,
-        replay: Option<Replay>,
-        transactional_id: Option<String>,
-        keep_aborted: bool,
-    ) {
         self.io.new_session();
         self.cleaned.clear();
+        self.sent_in_session.clear();
         self.hidden.clear();
         self.cleanup.outstanding = 0;
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
             ledgers.begin(replay);
         }
-        self.txn.restart(transactional_id, keep_aborted);
+        self.txn.restart(transactional_id);
         self.initialize_if_needed();
     }
 
@@ -395,12 +382,18 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     }
                     // An open transaction hides the tail: it may be one of
                     // this relay's ids, left open by a partition that had no
-                    // leader. Clean up once, then read it again.
+                    // leader. Clean up once, then read it again: where an
+                    // id's last transaction there was aborted, or where
+                    // what it hides was never confirmed and this session
+                    // has sent nothing there yet.
                     Ok(scan)
                         if scan.is_hidden()
                             && self.txn.is_on()
                             && self.cleaned.insert(key.clone())
-                            && self.txn.clean_up(&key) => {}
+                            && (self.txn.clean_up(&key)
+                                || (scan.hides_only_unconfirmed()
+                                    && !self.sent_in_session.contains(&key)
+                                    && self.txn.clean_up_unconfirmed(&key))) => {}
                     // No id of this session may end it: Kafka does, once
                     // the transaction times out (an abandoned producer's) or
                     // its markers are written. Read again until then; only
@@ -853,6 +846,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             Ok(()) => {
                 self.records.mark_sent(send, key.1);
                 self.txn.sent_to(&key);
+                self.sent_in_session.insert(key);
             }
             Err(SendRefused::QueueFull) => self.pause(QUEUE_FULL_PAUSE),
             Err(SendRefused::Rejected(error)) => {

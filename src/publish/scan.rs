@@ -58,6 +58,9 @@ pub struct LedgerScan {
     disorder: usize,
     /// Why the reader could not show the whole tail, if it could not.
     unsure: Option<ScanEnd>,
+    /// Every record an open transaction hides is this relay's, of an event
+    /// from the replay's start on: none was confirmed to PostgreSQL.
+    hides_only_unconfirmed: bool,
 }
 
 /// Whether a scan wants the next older record.
@@ -138,6 +141,7 @@ impl LedgerScan {
             own: Vec::new(),
             disorder: 0,
             unsure: None,
+            hides_only_unconfirmed: false,
         }
     }
 
@@ -196,6 +200,24 @@ impl LedgerScan {
 
     pub fn hidden_by_open_transaction(&mut self) {
         self.unsure = Some(ScanEnd::Hidden);
+    }
+
+    /// What the open transaction hides, read uncommitted (cleanup records
+    /// left out): whether each is this relay's own record of an event from
+    /// the replay's start on, none confirmed to PostgreSQL.
+    pub fn hidden_records(&mut self, records: &[TailRecord]) {
+        self.hides_only_unconfirmed = records.iter().all(|record| {
+            self.own_position(record)
+                .is_some_and(|position| position.commit >= self.request.start)
+        });
+    }
+
+    /// Whether an open transaction hides the newest records and all of
+    /// them are own records of events not confirmed to PostgreSQL: ending
+    /// it with an abort takes back nothing confirmed, and the replay sends
+    /// again whatever the tail then lacks.
+    pub fn hides_only_unconfirmed(&self) -> bool {
+        self.is_hidden() && self.hides_only_unconfirmed
     }
 
     /// The ledger, and whether the scan was complete.
@@ -317,6 +339,32 @@ mod tests {
         }
         assert_eq!(scan.read(), 3);
         assert_eq!(scan.finish().1, ScanEnd::LookbackExceeded);
+    }
+
+    #[test]
+    fn a_hidden_tail_counts_as_unconfirmed_only_when_every_hidden_record_is_an_own_event_from_the_start_on()
+     {
+        let own_new = record("7/walrelay/2", pos(0x6000, 0x5F00, 0), 9);
+        let own_old = record("7/walrelay/2", pos(0x3000, 0x3000, 0), 8);
+        let other = record("9/other/1", pos(0x7000, 0x7000, 0), 7);
+        let case = |hidden: &[TailRecord], is_hidden: bool| {
+            let mut scan = LedgerScan::new(request(0x4000, 2, 1000));
+            if is_hidden {
+                scan.hidden_by_open_transaction();
+            }
+            scan.hidden_records(hidden);
+            scan.hides_only_unconfirmed()
+        };
+        assert!(case(std::slice::from_ref(&own_new), true));
+        assert!(
+            !case(&[own_new.clone(), own_old], true),
+            "an event before the start may be confirmed"
+        );
+        assert!(
+            !case(&[own_new.clone(), other], true),
+            "another source's record: what became of it is not known"
+        );
+        assert!(!case(&[own_new], false), "nothing hidden");
     }
 
     #[test]

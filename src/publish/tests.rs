@@ -457,3 +457,47 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
         ["walrelay.7.walrelay", "walrelay.7.walrelay.spare"].map(String::from)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_session_ends_a_transaction_left_open_that_hides_only_unconfirmed_events() {
+    const OTHER: &str = "outbox.event.invoice";
+    let broker = MemoryBroker::default();
+    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
+    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    // The id's transaction before the outage wrote to OTHER too, so what it
+    // aborted there is not known to be all it left open.
+    let first = publisher.publish(event_to(OTHER, 0));
+    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
+    broker.take_offline(OTHER, 0);
+    let mut outcomes = Vec::new();
+    for n in 1..=4 {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        outcomes.extend(publisher.publish(event_to(topic, n)));
+    }
+    assert_eq!(settle(&mut publisher, outcomes, 2).await.unwrap(), [1, 3]);
+    // Only OTHER's events wait: the WAL relay lets them go and streams
+    // again from the slot, which confirmed event 0 only.
+    publisher.discard();
+    broker.bring_online(OTHER, 0);
+    publisher.begin_session(
+        Some(Replay {
+            start: Lsn(100),
+            ..replay()
+        }),
+        Some("walrelay.7.walrelay".into()),
+    );
+    let mut outcomes = Vec::new();
+    for n in 1..=4 {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        outcomes.extend(publisher.publish(event_to(topic, n)));
+    }
+    let mut settled = settle(&mut publisher, outcomes, 4).await.unwrap();
+    settled.sort();
+    assert_eq!(settled, [1, 2, 3, 4]);
+    assert!(
+        !broker.is_left_open(OTHER, 0),
+        "ended by a cleanup, not by the broker's timeout"
+    );
+    assert_eq!(ids(&broker.log(OTHER)), ["0", "2", "4"].map(String::from));
+    assert_eq!(ids(&broker.log(TOPIC)), ["1", "3"].map(String::from));
+}

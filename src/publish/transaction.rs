@@ -33,13 +33,17 @@
 //! partition with that producer's next marker there, as that marker says.
 //! So when a tail read finds the partition hidden by an open transaction,
 //! each id whose last transaction there was *aborted* (known in this
-//! process, and carried into its next session when no other process can
-//! have used the id in between) cleans up: it is taken over again if it must be, begins a
+//! process) cleans up: it is taken over again if it must be, begins a
 //! transaction, sends one record to the partition, waits until it is
 //! written, and aborts, which ends what it left open there as aborted.
-//! The tail is then read again. Where no id knows its last transaction
-//! there was aborted (it committed, or another process wrote it), nothing
-//! is ended: an abort could take back committed events. The tail read
+//! So does every id, in a session that has not sent to the partition yet,
+//! when what the transaction hides (read uncommitted) is all this relay's
+//! records of events not confirmed to PostgreSQL: an abort can take back
+//! nothing confirmed, and the session sends again what the tail lacks
+//! (`LedgerScan::hides_only_unconfirmed`). The tail is then read again.
+//! Where neither holds (an id's last transaction there committed, or
+//! another process wrote it), nothing is ended: an abort could take back
+//! committed events. The tail read
 //! then counts as unsure and the partition's events are published again
 //! (duplicates possible, never a loss).
 
@@ -242,9 +246,7 @@ impl Transaction {
     /// A new session takes the transactional ids over: `id` and its spare.
     /// An id resting on an offline partition in this process stays out
     /// until the partition is back (taking it over now would wait for it).
-    /// `keep_aborted`: no other process can have used the ids since, so
-    /// where each aborted last still stands.
-    pub fn restart(&mut self, id: Option<String>, keep_aborted: bool) {
+    pub fn restart(&mut self, id: Option<String>) {
         if !self.is_on() {
             return;
         }
@@ -264,12 +266,9 @@ impl Transaction {
         for name in names {
             let mut entry = TxnId::new(name.clone());
             if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
+                // What it aborted is not carried over: another process may
+                // have used the id since, and committed there.
                 entry.resting = std::mem::take(&mut old.resting);
-                // Otherwise what it aborted is not carried over: another
-                // process may have used the id since, and committed there.
-                if keep_aborted {
-                    entry.aborted_in = std::mem::take(&mut old.aborted_in);
-                }
             }
             ids.push(entry);
         }
@@ -494,6 +493,26 @@ impl Transaction {
         }
         if any {
             tracing::info!(topic = %partition.0, partition = partition.1, "an open transaction hides the partition's newest records: the transactional ids whose last transaction there was aborted each abort one record there, ending what they left open");
+        }
+        any
+    }
+
+    /// `partition`'s tail is hidden by an open transaction that holds only
+    /// records of events never confirmed to PostgreSQL, in a partition this
+    /// session has not sent to: ending it with an abort takes back nothing
+    /// confirmed, whatever an id's last transaction there was. Each id not
+    /// resting cleans up there (an abort ends only what its own producer
+    /// left open). Whether any will.
+    pub fn clean_up_unconfirmed(&mut self, partition: &PartitionKey) -> bool {
+        let mut any = false;
+        for id in &mut self.ids {
+            if id.resting.is_empty() {
+                id.to_clean.insert(partition.clone());
+                any = true;
+            }
+        }
+        if any {
+            tracing::info!(topic = %partition.0, partition = partition.1, "an open transaction hides the partition's newest records, none of them confirmed: each transactional id aborts one record there, ending what it left open");
         }
         any
     }
@@ -784,7 +803,7 @@ mod tests {
 
     /// Takes both ids over, as a session's start does.
     fn ready(t: &mut Transaction) {
-        t.restart(Some("walrelay.7.s".into()), false);
+        t.restart(Some("walrelay.7.s".into()));
         assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
         assert!(matches!(t.initialized(Ok(())), Next::Go));
         assert!(!t.may_send(), "not before the spare is taken over too");
@@ -856,7 +875,7 @@ mod tests {
             message: "test".into(),
         };
         let mut t = Transaction::new(true);
-        t.restart(Some("walrelay.7.s".into()), false);
+        t.restart(Some("walrelay.7.s".into()));
         t.take_initialization();
         assert!(matches!(
             t.initialized(Err(error(BrokerErrorClass::Transient))),
@@ -1026,7 +1045,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn what_an_id_aborted_is_carried_into_a_new_session_only_where_no_other_process_took_over()
+    async fn what_an_id_aborted_is_not_carried_into_a_new_session_but_unconfirmed_records_may_be_cleaned()
      {
         let p = key("outbox.event.order", 0);
         let mut t = Transaction::new(true);
@@ -1037,20 +1056,14 @@ mod tests {
             !t.clean_up(&p),
             "another process may have committed there under the id since"
         );
-
-        let mut t = Transaction::new(true);
-        ready(&mut t);
-        transaction_in(&mut t, &p, false).await;
-        t.restart(Some("walrelay.7.s".into()), true);
         assert!(
-            t.clean_up(&p),
-            "the slot stayed with this process: its abort there still stands"
+            t.clean_up_unconfirmed(&p),
+            "where nothing hidden was confirmed, every id may abort there"
         );
-        let mut t = Transaction::new(true);
-        ready(&mut t);
-        transaction_in(&mut t, &p, true).await;
-        t.restart(Some("walrelay.7.s".into()), true);
-        assert!(!t.clean_up(&p), "its last transaction there committed");
+        assert_eq!(
+            t.next_cleanup(),
+            Some(CleanupStep::Abort("walrelay.7.s".into(), vec![p.clone()]))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1107,7 +1120,7 @@ mod tests {
         assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
         assert!(t.may_send());
         // A new session leaves the resting spare out.
-        t.restart(Some("walrelay.7.s".into()), false);
+        t.restart(Some("walrelay.7.s".into()));
         assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
         assert!(matches!(t.initialized(Ok(())), Next::Use(_)));
         assert_eq!(t.take_initialization(), None);
@@ -1168,7 +1181,7 @@ mod tests {
         t.sent_to(&key("a", 0));
         assert!(t.leaderless(&[key("a", 0)].into()).is_none());
         t.abandon();
-        t.restart(Some("walrelay.7.s".into()), false);
+        t.restart(Some("walrelay.7.s".into()));
         assert_eq!(
             t.take_initialization().as_deref(),
             Some("walrelay.7.s.spare"),

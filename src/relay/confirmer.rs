@@ -140,11 +140,6 @@ impl Confirmer {
 
     /// The LSN to report now: the watermark, capped at the verified LSN;
     /// call [`Confirmer::reported`] once it is sent.
-    /// The last LSN a status update carried.
-    pub fn last_reported(&self) -> Lsn {
-        self.last_reported
-    }
-
     pub fn to_report(&self) -> Lsn {
         let watermark = self.tracker.confirmed();
         match &self.cap {

@@ -123,15 +123,8 @@ impl<S: Sink> Outbound<S> {
     }
 
     /// A session starts: its origin is what records carry from now on
-    /// (exactly once), and the publisher begins a session of its own;
-    /// `held_since`: no other relay took the slot over since this process's
-    /// last session.
-    pub(super) fn begin_session(
-        &mut self,
-        config: &RelayConfig,
-        start: &SessionStart,
-        held_since: bool,
-    ) {
+    /// (exactly once), and the publisher begins a session of its own.
+    pub(super) fn begin_session(&mut self, config: &RelayConfig, start: &SessionStart) {
         let origin = Origin {
             system_id: start.system_id.clone(),
             slot: config.slot.clone(),
@@ -147,12 +140,8 @@ impl<S: Sink> Outbound<S> {
             .transactional_id
             .clone()
             .unwrap_or_else(|| format!("walrelay.{}.{}", start.system_id, config.slot));
-        let transactional_id = exactly_once.then_some(transactional_id);
-        if held_since {
-            self.publisher.continue_session(replay, transactional_id);
-        } else {
-            self.publisher.begin_session(replay, transactional_id);
-        }
+        self.publisher
+            .begin_session(replay, exactly_once.then_some(transactional_id));
         self.origin_header = exactly_once.then(|| Bytes::from(origin.to_string()));
         self.origin = Some(origin);
         self.history = Some(start.history.clone());

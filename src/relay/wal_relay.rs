@@ -42,7 +42,6 @@ use super::reconnect::{Next, ReconnectPolicy};
 use super::session::{Connector, Session, SessionStart, WalItem};
 use crate::dead_letters::DeadLetterStore;
 use crate::live::{LiveState, Role};
-use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::monitor::Finding;
 use crate::pgoutput::PgTimestamp;
@@ -443,17 +442,12 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         if let Some(router) = &mut self.router {
             router.set_history(start.history.clone());
         }
-        // The slot is where this process last confirmed it: no other relay
-        // confirmed anything since, so none took the slot (and the
-        // transactional ids) over in between.
-        let held_since = self.confirmer.last_reported() != Lsn::ZERO
-            && self.confirmer.last_reported() == start.slot_confirmed;
         // The server streams from the slot's position: the watermark starts
         // there (see "Where a session starts").
         self.confirmer.restart(start.slot_confirmed);
         self.open = None;
         self.reconnect.session_started(self.confirmer.confirmed());
-        self.out.begin_session(&self.config, &start, held_since);
+        self.out.begin_session(&self.config, &start);
         tracing::info!(slot = %self.config.slot, host = %start.host, start = %start.slot_confirmed, timeline = start.history.current, "streaming");
         self.live.set_host(Some(start.host));
         report_waiting_for_broker(&self.live, false);
