@@ -37,6 +37,8 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
 const CONCURRENT_SCANS: usize = 8;
 /// How long a scan waits for another producer's open transaction to end.
 const OPEN_TRANSACTION_WAIT: Duration = Duration::from_secs(5);
+/// Most records read of what an open transaction hides.
+const HIDDEN_READ: i64 = 10 * CHUNK;
 
 /// librdkafka options that only producers know; left out of the scanning
 /// consumers' configuration.
@@ -215,11 +217,34 @@ impl Uncommitted<'_> {
     }
 
     /// The records from `stable` up to `high`, whatever their transaction,
-    /// cleanup records left out (they are only ever aborted).
+    /// cleanup records left out (they are only ever aborted); an error
+    /// unless the read reached `high`.
     fn hidden(&self, stable: i64, high: i64) -> Result<Vec<TailRecord>, BrokerError> {
-        self.with_reader(|reader| {
-            read_chunk(reader, self.topic, self.partition, stable, high, true)
-        })
+        let read = self.with_reader(|reader| {
+            let records = read_chunk(reader, self.topic, self.partition, stable, high, true);
+            let reached = reader
+                .position()
+                .ok()
+                .and_then(|positions| {
+                    positions
+                        .find_partition(self.topic, self.partition)
+                        .and_then(|p| p.offset().to_raw())
+                })
+                .is_some_and(|next| next >= high);
+            let _ = reader.unassign();
+            match records {
+                Ok(_) if !reached => Err(BrokerError::transient(format!(
+                    "{}/{}: the read of what an open transaction hides stopped before {high}",
+                    self.topic, self.partition
+                ))),
+                records => records,
+            }
+        });
+        if read.is_err() {
+            // A fresh client next time (it may hold a stale view).
+            *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        read
     }
 }
 
@@ -256,7 +281,7 @@ fn scan_blocking(
             scan.hidden_by_open_transaction();
             // What it hides, if little enough to read: whether any of it
             // may have been confirmed decides whether it may be aborted.
-            if high - stable <= CHUNK {
+            if high - stable <= HIDDEN_READ {
                 match uncommitted.hidden(stable, high) {
                     Ok(records) => scan.hidden_records(&records),
                     Err(error) => {
@@ -327,6 +352,9 @@ fn read_chunk(
         match consumer.poll(left.min(Duration::from_millis(500))) {
             Some(Ok(message)) => {
                 deadline = Instant::now() + CHUNK_TIMEOUT;
+                if message.topic() != topic || message.partition() != partition {
+                    continue;
+                }
                 if message.offset() >= upper {
                     return Ok(records);
                 }
@@ -354,7 +382,8 @@ fn read_chunk(
                     position: header(POSITION_HEADER),
                 });
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(records),
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             // A pooled consumer holds the errors it met while idle (the
             // broker was away): they say nothing about this read, which
             // goes on until it ends or its time is up.

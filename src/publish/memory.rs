@@ -243,6 +243,36 @@ impl MemoryBroker {
         state.open_from.remove(&(topic.to_owned(), partition));
     }
 
+    /// Kafka's hanging transaction: `records` written to `partition` of
+    /// `topic` by `transactional_id` in a transaction whose marker never
+    /// reaches the partition (the coordinator holds it ended), until that
+    /// id's next abort there.
+    pub fn leave_open(
+        &self,
+        topic: &str,
+        partition: i32,
+        transactional_id: &str,
+        records: Vec<KafkaRecord>,
+    ) {
+        let mut state = self.state.lock().unwrap();
+        state.next_txn += 1;
+        let txn = state.next_txn;
+        let key = (topic.to_owned(), partition);
+        let log = state.logs.entry(key.clone()).or_default();
+        let first = log.len();
+        log.extend(records.into_iter().map(|record| Logged {
+            record,
+            txn: Some(txn),
+        }));
+        state
+            .left_open
+            .entry(key.clone())
+            .or_default()
+            .insert(transactional_id.to_owned());
+        let from = state.open_from.entry(key).or_insert(first);
+        *from = (*from).min(first);
+    }
+
     pub fn is_left_open(&self, topic: &str, partition: i32) -> bool {
         self.state
             .lock()

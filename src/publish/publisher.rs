@@ -35,11 +35,13 @@ use super::outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures};
 use super::partitioner::partition_for;
 use super::pause::Pause;
 use super::records::{Entry, Records};
+use super::scan::LedgerScan;
 use super::sink::{
     BrokerError, BrokerErrorClass, Delivery, RecordId, SendId, SendRefused, Sink, TopicError,
 };
 use super::topics::{Prepared, Readiness, Topics};
 use super::transaction::{CleanupStep, End, Next, Transaction};
+use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::record::KafkaRecord;
 use bytes::Bytes;
@@ -61,9 +63,13 @@ pub struct Publisher<S: Sink, T> {
     failed: Option<PublishError>,
     /// Partitions cleaned up in this session (once each).
     cleaned: HashSet<PartitionKey>,
-    /// Partitions this session sent events to: a transaction left open
-    /// there may hold events it counts as delivered.
-    sent_in_session: HashSet<PartitionKey>,
+    /// Partitions this session sent events to, or skipped events as
+    /// already there: a transaction left open there may hold events it
+    /// counts as delivered.
+    used_in_session: HashSet<PartitionKey>,
+    /// The earliest commit position of the events handed over in this
+    /// session: every event committed from there on is streamed by it.
+    replayed_from: Option<Lsn>,
     /// Partitions whose tail an open transaction hides, since when.
     hidden: HashMap<PartitionKey, Instant>,
     /// The cleanup under way: its partitions, which were written, how many
@@ -78,6 +84,31 @@ struct CleanupSends {
     partitions: Vec<PartitionKey>,
     written: Vec<PartitionKey>,
     outstanding: usize,
+}
+
+/// Whether a cleanup of `key`, whose tail an open transaction hides, is
+/// scheduled (once a session): where an id's last transaction there was
+/// aborted, or where all the transaction hides is events this session
+/// streams again (from `replayed_from`) and the session has not used the
+/// partition yet, so nothing there counts as delivered.
+fn clean_up(
+    txn: &mut Transaction,
+    cleaned: &mut HashSet<PartitionKey>,
+    used_in_session: &HashSet<PartitionKey>,
+    replayed_from: Option<Lsn>,
+    key: &PartitionKey,
+    scan: &LedgerScan,
+) -> bool {
+    if cleaned.contains(key) {
+        return false;
+    }
+    let replayed = !used_in_session.contains(key)
+        && replayed_from.is_some_and(|from| scan.hides_only_replayed(from));
+    let scheduled = txn.clean_up(key) || (replayed && txn.clean_up_unconfirmed(key));
+    if scheduled {
+        cleaned.insert(key.clone());
+    }
+    scheduled
 }
 
 /// Cleanup records' ids count down from here, one per partition: never
@@ -121,7 +152,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             pause: Pause::new(),
             failed: None,
             cleaned: HashSet::new(),
-            sent_in_session: HashSet::new(),
+            used_in_session: HashSet::new(),
+            replayed_from: None,
             cleanup: CleanupSends::default(),
             hidden: HashMap::new(),
             config,
@@ -138,7 +170,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     pub fn begin_session(&mut self, replay: Option<Replay>, transactional_id: Option<String>) {
         self.io.new_session();
         self.cleaned.clear();
-        self.sent_in_session.clear();
+        self.used_in_session.clear();
+        self.replayed_from = None;
         self.hidden.clear();
         self.cleanup.outstanding = 0;
         if let (Some(ledgers), Some(replay)) = (self.ledgers.as_mut(), replay) {
@@ -171,6 +204,12 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
 
     /// Hands a record over. What became of it may be known at once.
     pub fn publish(&mut self, out: Outgoing<T>) -> Vec<Outcome<T>> {
+        if let Some(position) = &out.position {
+            self.replayed_from = Some(
+                self.replayed_from
+                    .map_or(position.commit, |from| from.min(position.commit)),
+            );
+        }
         let id = self
             .records
             .add(out.tag, out.record, out.position, out.dead_letter);
@@ -205,6 +244,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// session's takeover, and the producer is taken over again.
     pub fn discard(&mut self) -> usize {
         self.pause.clear();
+        self.replayed_from = None;
         self.cleanup.outstanding = 0;
         self.io.new_session();
         self.txn.abandon();
@@ -382,18 +422,18 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     }
                     // An open transaction hides the tail: it may be one of
                     // this relay's ids, left open by a partition that had no
-                    // leader. Clean up once, then read it again: where an
-                    // id's last transaction there was aborted, or where
-                    // what it hides was never confirmed and this session
-                    // has sent nothing there yet.
+                    // leader. Clean up once, then read it again.
                     Ok(scan)
                         if scan.is_hidden()
                             && self.txn.is_on()
-                            && self.cleaned.insert(key.clone())
-                            && (self.txn.clean_up(&key)
-                                || (scan.hides_only_unconfirmed()
-                                    && !self.sent_in_session.contains(&key)
-                                    && self.txn.clean_up_unconfirmed(&key))) => {}
+                            && clean_up(
+                                &mut self.txn,
+                                &mut self.cleaned,
+                                &self.used_in_session,
+                                self.replayed_from,
+                                &key,
+                                &scan,
+                            ) => {}
                     // No id of this session may end it: Kafka does, once
                     // the transaction times out (an abandoned producer's) or
                     // its markers are written. Read again until then; only
@@ -811,6 +851,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             match ledgers.verdict(&key, &position) {
                 Verdict::Send => {}
                 Verdict::Skip => {
+                    self.used_in_session.insert(key);
                     let entry = self.records.remove(id).expect("waiting");
                     metrics::counter!(m::EVENTS_SKIPPED_TOTAL).increment(1);
                     outcomes.push(Outcome::Skipped { tag: entry.tag });
@@ -846,7 +887,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             Ok(()) => {
                 self.records.mark_sent(send, key.1);
                 self.txn.sent_to(&key);
-                self.sent_in_session.insert(key);
+                self.used_in_session.insert(key);
             }
             Err(SendRefused::QueueFull) => self.pause(QUEUE_FULL_PAUSE),
             Err(SendRefused::Rejected(error)) => {

@@ -58,9 +58,10 @@ pub struct LedgerScan {
     disorder: usize,
     /// Why the reader could not show the whole tail, if it could not.
     unsure: Option<ScanEnd>,
-    /// Every record an open transaction hides is this relay's, of an event
-    /// from the replay's start on: none was confirmed to PostgreSQL.
-    hides_only_unconfirmed: bool,
+    /// The commit positions of what an open transaction hides, when every
+    /// record of it is this relay's own (`None`: one is not, or it was not
+    /// read).
+    hidden_commits: Option<Vec<Lsn>>,
 }
 
 /// Whether a scan wants the next older record.
@@ -141,7 +142,7 @@ impl LedgerScan {
             own: Vec::new(),
             disorder: 0,
             unsure: None,
-            hides_only_unconfirmed: false,
+            hidden_commits: None,
         }
     }
 
@@ -202,22 +203,28 @@ impl LedgerScan {
         self.unsure = Some(ScanEnd::Hidden);
     }
 
-    /// What the open transaction hides, read uncommitted (cleanup records
-    /// left out): whether each is this relay's own record of an event from
-    /// the replay's start on, none confirmed to PostgreSQL.
+    /// Everything the open transaction hides (from the last stable offset
+    /// to the high watermark, read uncommitted, cleanup records left out).
     pub fn hidden_records(&mut self, records: &[TailRecord]) {
-        self.hides_only_unconfirmed = records.iter().all(|record| {
-            self.own_position(record)
-                .is_some_and(|position| position.commit >= self.request.start)
-        });
+        self.hidden_commits = records
+            .iter()
+            .map(|record| self.own_position(record).map(|position| position.commit))
+            .collect();
     }
 
-    /// Whether an open transaction hides the newest records and all of
-    /// them are own records of events not confirmed to PostgreSQL: ending
-    /// it with an abort takes back nothing confirmed, and the replay sends
-    /// again whatever the tail then lacks.
-    pub fn hides_only_unconfirmed(&self) -> bool {
-        self.is_hidden() && self.hides_only_unconfirmed
+    /// Whether an open transaction hides the newest records and they are
+    /// all own records of events committed at or after `replayed_from` (and
+    /// the replay's start): events this session streams again, so none of
+    /// them was confirmed before it. Ending the transaction with an abort
+    /// then takes back nothing confirmed, and the session sends again
+    /// whatever the tail lacks.
+    pub fn hides_only_replayed(&self, replayed_from: Lsn) -> bool {
+        let from = replayed_from.max(self.request.start);
+        self.is_hidden()
+            && self
+                .hidden_commits
+                .as_ref()
+                .is_some_and(|commits| !commits.is_empty() && commits.iter().all(|c| *c >= from))
     }
 
     /// The ledger, and whether the scan was complete.
@@ -342,7 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hidden_tail_counts_as_unconfirmed_only_when_every_hidden_record_is_an_own_event_from_the_start_on()
+    fn a_hidden_tail_counts_as_replayed_only_when_every_hidden_record_is_an_own_event_from_the_start_on()
      {
         let own_new = record("7/walrelay/2", pos(0x6000, 0x5F00, 0), 9);
         let own_old = record("7/walrelay/2", pos(0x3000, 0x3000, 0), 8);
@@ -353,9 +360,17 @@ mod tests {
                 scan.hidden_by_open_transaction();
             }
             scan.hidden_records(hidden);
-            scan.hides_only_unconfirmed()
+            scan.hides_only_replayed(Lsn(0x4000))
         };
         assert!(case(std::slice::from_ref(&own_new), true));
+        assert!(!case(&[], true), "nothing read: nothing known");
+        let mut scan = LedgerScan::new(request(0x4000, 2, 1000));
+        scan.hidden_by_open_transaction();
+        scan.hidden_records(std::slice::from_ref(&own_new));
+        assert!(
+            !scan.hides_only_replayed(Lsn(0x6001)),
+            "the session's first event came later: the start read may be stale"
+        );
         assert!(
             !case(&[own_new.clone(), own_old], true),
             "an event before the start may be confirmed"

@@ -36,15 +36,16 @@
 //! process) cleans up: it is taken over again if it must be, begins a
 //! transaction, sends one record to the partition, waits until it is
 //! written, and aborts, which ends what it left open there as aborted.
-//! So does every id, in a session that has not sent to the partition yet,
-//! when what the transaction hides (read uncommitted) is all this relay's
-//! records of events not confirmed to PostgreSQL: an abort can take back
-//! nothing confirmed, and the session sends again what the tail lacks
-//! (`LedgerScan::hides_only_unconfirmed`). The tail is then read again.
-//! Where neither holds (an id's last transaction there committed, or
-//! another process wrote it), nothing is ended: an abort could take back
-//! committed events. The tail read
-//! then counts as unsure and the partition's events are published again
+//! So does every id not resting, in a session that has not used the
+//! partition yet, when all that is hidden (read uncommitted) is this
+//! relay's records of events the session streams again: none was confirmed
+//! before, and the session sends again what the tail lacks
+//! (`LedgerScan::hides_only_replayed`). The tail is then read again.
+//! Where neither holds (an id's last transaction there committed, another
+//! source's records, an event from before the session's stream), nothing
+//! is ended (an abort could take back committed events): the tail is read
+//! again until Kafka ends it; past `HIDDEN_WAIT` (publisher.rs) the read
+//! counts as unsure and the partition's events are published again
 //! (duplicates possible, never a loss).
 
 use std::collections::HashSet;
