@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::replication::ConnectionConfig;
-use crate::sql::SqlSession;
+use crate::standby::WriteRoute;
 
 /// The default heartbeat prefix.
 pub const DEFAULT_PREFIX: &str = "walrelay.heartbeat";
@@ -30,16 +30,32 @@ pub fn emitted_at(content: &[u8]) -> Option<i64> {
     value.get("emitted_at_us")?.as_i64()
 }
 
-/// Emits a heartbeat every `interval` until the process ends.
-pub fn spawn(config: ConnectionConfig, prefix: String, interval: Duration) {
+/// Emits a heartbeat every `interval` until the process ends: on the
+/// server decoded from, or on `primary` while that server is a standby (a
+/// message written on the primary reaches the standby's slot through its
+/// WAL).
+pub fn spawn(
+    decoding: ConnectionConfig,
+    primary: Option<ConnectionConfig>,
+    prefix: String,
+    interval: Duration,
+) {
     tokio::spawn(async move {
-        let mut session = SqlSession::new(config);
+        let mut route = WriteRoute::new(decoding, primary);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let c = match session.client().await {
-                Ok(c) => c,
+            let c = match route.client().await {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    tracing::warn!(
+                        "{}",
+                        crate::standby::needs_primary("the heartbeat is written on the primary")
+                    );
+                    metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat cannot connect");
                     metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);

@@ -37,6 +37,7 @@ use crate::metrics as m;
 use crate::replication::ConnectionConfig;
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::sql::{SqlClient, SqlError, SqlSession};
+use crate::standby::WriteRoute;
 
 /// How often, at most, the slot's confirmed position is written to
 /// walrelay's record (`walrelay_slots`).
@@ -309,6 +310,8 @@ pub struct MonitorConfig {
     pub record_schema: Option<String>,
     /// The slot's last confirmed position as the record had it at start.
     pub last_confirmed: LastConfirmed,
+    /// `--primary-url`: where the record is written while `pg` is a standby.
+    pub primary: Option<ConnectionConfig>,
 }
 
 /// Starts the monitor task. Its findings arrive on the returned channel;
@@ -325,8 +328,10 @@ pub fn spawn(
         mut outbox,
         record_schema,
         mut last_confirmed,
+        primary,
     } = config;
     tokio::spawn(async move {
+        let mut record_route = WriteRoute::new(pg.clone(), primary);
         let mut session = SqlSession::new(pg);
         let mut tick = tokio::time::interval(INTERVAL);
         let mut last_failure = None;
@@ -402,7 +407,14 @@ pub fn spawn(
                         }
                     }
                     if let Some(schema) = &record_schema {
-                        record(client, schema, &slot, &last_confirmed, &mut recorded).await;
+                        record(
+                            &mut record_route,
+                            schema,
+                            &slot,
+                            &last_confirmed,
+                            &mut recorded,
+                        )
+                        .await;
                     }
                     let problem =
                         slot_health::assess(&slot, snapshot.as_ref(), last_confirmed.clone());
@@ -455,7 +467,7 @@ pub fn spawn(
 /// moved, at most every [`RECORD_EVERY`]; a failure is only logged (the
 /// record says since when events are missing, it guards nothing).
 async fn record(
-    client: &SqlClient,
+    route: &mut WriteRoute,
     schema: &str,
     slot: &str,
     last: &LastConfirmed,
@@ -467,7 +479,20 @@ async fn record(
             return;
         }
     }
-    match crate::slot_record::confirmed(client, schema, slot, lsn).await {
+    let written = match route.client().await {
+        // The same bounds as the monitor's own session: a lock on the
+        // record must not hold the monitor.
+        Ok(Some(client)) => match client
+            .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
+            .await
+        {
+            Ok(()) => crate::slot_record::confirmed(client, schema, slot, lsn).await,
+            Err(e) => Err(e),
+        },
+        Ok(None) => return,
+        Err(e) => Err(e),
+    };
+    match written {
         Ok(()) => *recorded = Some((lsn.clone(), tokio::time::Instant::now())),
         Err(e) => {
             tracing::debug!(error = %e, "cannot record the slot's confirmed position");

@@ -185,6 +185,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 create_slot: args.stream.create_slot,
                 heartbeat_interval: args.stream.heartbeat_interval,
                 retention,
+                primary: args.primary.connection_config()?,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -236,6 +237,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 dead_letter_table: args.outbox.dead_letter_table()?,
                 new_slot: args.new_slot,
                 retain: args.retain.is_some(),
+                primary: args.primary.connection_config()?,
             };
             let mut client = sql::connect(&config).await?;
             if options.poll {

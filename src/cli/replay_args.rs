@@ -97,6 +97,7 @@ impl RecoverArgs {
             publication: self.run.outbox.publication.clone(),
             dead_letter_table: self.run.outbox.dead_letter_table()?,
             first_slot: self.first_slot,
+            primary: self.run.primary.connection_config()?,
         })
     }
 }

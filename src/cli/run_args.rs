@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::UsageError;
-use super::args::{HttpArgs, KafkaArgs, OutboxArgs, PgArgs, SourceKind, parse_kafka_options};
+use super::args::{
+    HttpArgs, KafkaArgs, OutboxArgs, PgArgs, PrimaryArgs, SourceKind, parse_kafka_options,
+};
 use super::values::{parse_duration, parse_retention, parse_size};
 use crate::kafka::{ProducerSettings, Replication, SinkSettings, TopicSpec};
 use crate::poll::{OnPublished, PollConfig};
@@ -19,6 +21,8 @@ use crate::router::{HeaderColumn, RouterConfig, TopicTemplate, check_topic_name}
 pub struct RunArgs {
     #[command(flatten)]
     pub pg: PgArgs,
+    #[command(flatten)]
+    pub primary: PrimaryArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
     /// How long a stop waits for in-flight events to be acknowledged.
@@ -347,11 +351,14 @@ impl RunArgs {
         if pg.hosts.len() > 1
             && !matches!(
                 pg.target_session_attrs,
-                TargetSessionAttrs::ReadWrite | TargetSessionAttrs::Primary
+                TargetSessionAttrs::ReadWrite
+                    | TargetSessionAttrs::Primary
+                    | TargetSessionAttrs::Standby
+                    | TargetSessionAttrs::PreferStandby
             )
         {
             return Err(UsageError(format!(
-                "--pg-url names {} hosts with target_session_attrs={}: the relay needs the primary, so add target_session_attrs=read-write (or primary)",
+                "--pg-url names {} hosts with target_session_attrs={}: say which server the relay decodes from: add target_session_attrs=read-write (the primary), or standby (a standby, PostgreSQL 16+)",
                 pg.hosts.len(),
                 pg.target_session_attrs.as_str()
             )));
