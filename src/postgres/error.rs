@@ -38,6 +38,12 @@ impl ServerError {
             "42704" if m.contains("replication slot") => {
                 "the replication slot does not exist: if walrelay streamed from it before, it was dropped and events committed since were not streamed; recover them from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/slot-dropped.md). If it never existed, run `walrelay setup`"
             }
+            "55000"
+                if m.contains("can no longer get changes from replication slot")
+                    && self.detail.as_deref().is_some_and(is_recovery_conflict) =>
+            {
+                "the replication slot on this standby was invalidated by a recovery conflict: the primary vacuumed away catalog rows it still needed, or the primary's wal_level fell below logical. Fix the cause (on the standby: ALTER SYSTEM SET hot_standby_feedback = on, and stream through a physical slot with primary_slot_name; keep wal_level = logical on the primary), then recover the events committed after its last confirmed LSN from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/standby-decoding.md)"
+            }
             "55000" if m.contains("can no longer get changes from replication slot") => {
                 "the replication slot was invalidated and its WAL removed: events committed after its last confirmed LSN cannot be streamed; recover them from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/slot-lost.md)"
             }
@@ -88,7 +94,7 @@ impl ServerError {
                 "the server ended this session (a shutdown, a restart or pg_terminate_backend): walrelay reconnects"
             }
             "25006" => {
-                "this server is a read-only standby: point --pg-url at the primary, or list every host with target_session_attrs=read-write"
+                "this server is a read-only standby: point --pg-url at the primary, or list every host with target_session_attrs=read-write; to decode from a standby (PostgreSQL 16+), give the primary's URL in --primary-url for the writes"
             }
             _ => return None,
         })
@@ -101,6 +107,14 @@ impl ServerError {
             "42704" | "55000" | "42501" | "28000" | "28P01" | "3D000" | "42P01"
         )
     }
+}
+
+/// A slot invalidated on a standby by a recovery conflict, as the server's
+/// detail says it: 16 and 17 name the conflict, 18 its cause.
+fn is_recovery_conflict(detail: &str) -> bool {
+    detail.contains("conflicting with recovery")
+        || detail.contains("rows_removed")
+        || detail.contains("wal_level_insufficient")
 }
 
 /// What to do about an operating-system error on a connection to
@@ -151,3 +165,37 @@ impl fmt::Display for ServerError {
 }
 
 impl std::error::Error for ServerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalidated(detail: &str) -> ServerError {
+        ServerError {
+            severity: "ERROR".into(),
+            code: "55000".into(),
+            message: "can no longer get changes from replication slot \"walrelay\"".into(),
+            detail: Some(detail.into()),
+            hint: None,
+        }
+    }
+
+    #[test]
+    fn a_slot_lost_to_a_recovery_conflict_names_hot_standby_feedback_and_recover() {
+        for detail in [
+            "This slot has been invalidated because it was conflicting with recovery.",
+            "This replication slot has been invalidated due to \"rows_removed\".",
+        ] {
+            let fix = invalidated(detail).fix().unwrap();
+            assert!(fix.contains("recovery conflict"), "{fix}");
+            assert!(fix.contains("hot_standby_feedback = on"), "{fix}");
+            assert!(fix.contains("walrelay recover"), "{fix}");
+        }
+        let fix = invalidated(
+            "This slot has been invalidated because it exceeded the maximum reserved size.",
+        )
+        .fix()
+        .unwrap();
+        assert!(fix.contains("WAL removed"), "{fix}");
+    }
+}
