@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::replication::ConnectionConfig;
+use crate::sql::SqlSession;
 use crate::standby::WriteRoute;
 
 /// The default heartbeat prefix.
@@ -41,21 +42,18 @@ pub fn spawn(
     interval: Duration,
 ) {
     tokio::spawn(async move {
-        let mut route = WriteRoute::new(decoding, primary);
+        let mut session = SqlSession::new(decoding);
+        let mut route = WriteRoute::new(primary);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let c = match route.client().await {
-                Ok(Some(c)) => c,
-                Ok(None) => {
-                    tracing::warn!(
-                        "{}",
-                        crate::standby::needs_primary("the heartbeat is written on the primary")
-                    );
-                    metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);
-                    continue;
-                }
+            let written = match session.client().await {
+                Ok(decoding) => route.client(decoding).await,
+                Err(e) => Err(e),
+            };
+            let c = match written {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat cannot connect");
                     metrics::counter!(m::HEARTBEAT_ERRORS_TOTAL).increment(1);

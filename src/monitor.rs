@@ -331,7 +331,7 @@ pub fn spawn(
         primary,
     } = config;
     tokio::spawn(async move {
-        let mut record_route = WriteRoute::new(pg.clone(), primary);
+        let mut record_route = WriteRoute::new(primary);
         let mut session = SqlSession::new(pg);
         let mut tick = tokio::time::interval(INTERVAL);
         let mut last_failure = None;
@@ -408,6 +408,7 @@ pub fn spawn(
                     }
                     if let Some(schema) = &record_schema {
                         record(
+                            client,
                             &mut record_route,
                             schema,
                             &slot,
@@ -467,6 +468,7 @@ pub fn spawn(
 /// moved, at most every [`RECORD_EVERY`]; a failure is only logged (the
 /// record says since when events are missing, it guards nothing).
 async fn record(
+    client: &SqlClient,
     route: &mut WriteRoute,
     schema: &str,
     slot: &str,
@@ -479,17 +481,20 @@ async fn record(
             return;
         }
     }
-    let written = match route.client().await {
-        // The same bounds as the monitor's own session: a lock on the
-        // record must not hold the monitor.
-        Ok(Some(client)) => match client
+    // On a standby the record is written on the primary, with the same
+    // bounds as the monitor's own session: a lock on it must not hold the
+    // monitor.
+    let written = match route.client(client).await {
+        Ok(writer) if std::ptr::eq(writer, client) => {
+            crate::slot_record::confirmed(writer, schema, slot, lsn).await
+        }
+        Ok(writer) => match writer
             .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
             .await
         {
-            Ok(()) => crate::slot_record::confirmed(client, schema, slot, lsn).await,
+            Ok(()) => crate::slot_record::confirmed(writer, schema, slot, lsn).await,
             Err(e) => Err(e),
         },
-        Ok(None) => return,
         Err(e) => Err(e),
     };
     match written {

@@ -82,30 +82,29 @@ pub fn needs_primary(what: &str) -> String {
 
 /// Where the run path writes (the heartbeat, walrelay's record of its
 /// slots): the server decoded from, unless it is a standby, then the
-/// primary. Asked at each write, so a promotion moves the writes.
+/// primary. Asked at each write, so a promotion moves the writes. Without
+/// a primary named nothing is asked: `run` refused to start on a standby
+/// that needs one.
 pub struct WriteRoute {
-    decoding: SqlSession,
     primary: Option<SqlSession>,
 }
 
 impl WriteRoute {
-    pub fn new(decoding: ConnectionConfig, primary: Option<ConnectionConfig>) -> Self {
+    pub fn new(primary: Option<ConnectionConfig>) -> Self {
         WriteRoute {
-            decoding: SqlSession::new(decoding),
             primary: primary.map(SqlSession::new),
         }
     }
 
-    /// The client to write with; `None` when the server decoded from is a
-    /// standby and no primary was named.
-    pub async fn client(&mut self) -> Result<Option<&SqlClient>, SqlError> {
-        let standby = catalog::in_recovery(self.decoding.client().await?).await?;
-        if !standby {
-            return Ok(Some(self.decoding.client().await?));
-        }
+    /// The client to write with: `decoding` (a client of the server
+    /// decoded from), or the primary's while that server is a standby.
+    pub async fn client<'a>(
+        &'a mut self,
+        decoding: &'a SqlClient,
+    ) -> Result<&'a SqlClient, SqlError> {
         match &mut self.primary {
-            Some(primary) => Ok(Some(primary.client().await?)),
-            None => Ok(None),
+            Some(primary) if catalog::in_recovery(decoding).await? => primary.client().await,
+            _ => Ok(decoding),
         }
     }
 }
