@@ -211,6 +211,29 @@ fn writer(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_on_the_standby_delivers_each_event_of_a_writer_once() {
     let pair = Pair::start("standbywriter").await;
+    // Setup again changes nothing; without the primary it says what it needs.
+    let again = setup(
+        &pair.standby.url(&pair.db),
+        &[
+            "--primary-url",
+            &pair.primary.url(&pair.db),
+            "--no-failover",
+        ],
+    );
+    assert!(
+        again.contains(&"replication slot walrelay exists".to_owned()),
+        "{again:?}"
+    );
+    let alone = std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
+        .args(["setup", "--pg-url", &pair.standby.url(&pair.db)])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&alone.stderr);
+    assert!(!alone.status.success(), "{said}");
+    assert!(
+        said.contains("--pg-url is a standby") && said.contains("--primary-url"),
+        "{said}"
+    );
     let report = pair.command("check", &[]);
     let text = String::from_utf8_lossy(&report.stdout);
     for line in [
@@ -233,6 +256,12 @@ async fn a_relay_on_the_standby_delivers_each_event_of_a_writer_once() {
     assert!(ids.len() >= written && written > 0, "{written} written");
     let records = Broker::shared().consume_all(&pair.topics.topic("standby"));
     assert_each_once(&ids, &records, &relay.log());
+    let uncommitted = Broker::shared().consume_all_uncommitted(&pair.topics.topic("standby"));
+    eprintln!(
+        "read_committed: {} records; read_uncommitted: {}",
+        records.len(),
+        uncommitted.len()
+    );
 
     // The slot's lag is measured against the standby's replay position,
     // and the heartbeat, written on the primary, never failed.
@@ -279,6 +308,12 @@ async fn the_standby_promoted_mid_stream_delivers_each_event_once() {
     let ids = outbox_ids(&new_primary).await;
     let records = Broker::shared().consume_all(&pair.topics.topic("promoted"));
     assert_each_once(&ids, &records, &relay.log());
+    let uncommitted = Broker::shared().consume_all_uncommitted(&pair.topics.topic("promoted"));
+    eprintln!(
+        "read_committed: {} records; read_uncommitted: {}",
+        records.len(),
+        uncommitted.len()
+    );
     assert!(
         relay.child.try_wait().unwrap().is_none(),
         "the relay streams on; log:\n{}",
@@ -416,6 +451,26 @@ async fn a_recovery_conflict_invalidating_the_standby_slot_stops_the_relay_and_r
     ] {
         assert!(log.contains(words), "{words:?} missing: {log}");
     }
+
+    // Started again, the relay finds the slot invalidated before it
+    // streams: the same stop, naming the slot.
+    let mut again = pair.relay(&[]);
+    let status = again.wait(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let log = again.log();
+    for words in [
+        "replication slot \"walrelay\" on this standby was invalidated by a recovery conflict",
+        "hot_standby_feedback = on",
+        "walrelay recover --slot walrelay",
+    ] {
+        assert!(log.contains(words), "{words:?} missing: {log}");
+    }
+    let report = pair.command("check", &[]);
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        text.contains("FAIL  hot_standby_feedback is off"),
+        "check names the cause: {text}"
+    );
 
     // Fixed as the message says, then recovered on the standby.
     for sql in [
