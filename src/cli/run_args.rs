@@ -441,4 +441,31 @@ mod tests {
         let zero = topics(&["--topic-replication-factor", "0"]).unwrap_err();
         assert!(zero.contains("or default"), "{zero}");
     }
+
+    fn relay_config(url: &str) -> Result<(), String> {
+        let cli = Cli::try_parse_from(["walrelay", "run", "--pg-url", url, "--brokers", "k:9092"])
+            .map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            unreachable!("parsed as run")
+        };
+        run.relay_config().map(|_| ()).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn several_hosts_must_say_whether_the_relay_decodes_from_the_primary_or_a_standby() {
+        for attrs in ["read-write", "primary", "standby", "prefer-standby"] {
+            assert_eq!(
+                relay_config(&format!(
+                    "postgres://u@h1,h2/db?target_session_attrs={attrs}"
+                )),
+                Ok(()),
+                "{attrs}"
+            );
+        }
+        let any = relay_config("postgres://u@h1,h2/db").unwrap_err();
+        assert!(
+            any.contains("target_session_attrs=read-write") && any.contains("standby"),
+            "{any}"
+        );
+    }
 }
