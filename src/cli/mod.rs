@@ -185,7 +185,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 create_slot: args.stream.create_slot,
                 heartbeat_interval: args.stream.heartbeat_interval,
                 retention,
-                primary: args.primary.connection_config()?,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -284,6 +284,7 @@ impl RunArgs {
             transactional_id: self.delivery.transactional_id.clone(),
             dead_letter_table: self.outbox.dead_letter_table()?,
             replication_timeout: self.stream.replication_timeout,
+            primary: self.primary.connection_config()?,
         })
     }
 

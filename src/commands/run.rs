@@ -30,8 +30,6 @@ pub struct RunOptions {
     pub heartbeat_interval: Duration,
     /// `--retain`: prune confirmed rows older than this.
     pub retention: Option<crate::retention::RetentionConfig>,
-    /// `--primary-url`: where a relay decoding from a standby writes.
-    pub primary: Option<crate::postgres::ConnectionConfig>,
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -42,8 +40,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         create_slot,
         heartbeat_interval,
         retention,
-        primary,
     } = options;
+    let primary = config.primary.clone();
     let live = Arc::new(LiveState::new());
     let metrics = crate::http::install_metrics()?;
     crate::http::spawn(
