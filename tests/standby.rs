@@ -244,15 +244,45 @@ async fn a_relay_on_the_standby_delivers_each_event_of_a_writer_once() {
     }
     assert!(!text.contains("FAIL"), "{text}");
 
-    let mut relay = pair.relay(&["--heartbeat-interval", "1s"]);
+    // A producer limit below one event's size: that event is refused for
+    // good and kept in the dead-letter table, which only the primary can
+    // take.
+    let mut relay = pair.relay(&[
+        "--heartbeat-interval",
+        "1s",
+        "-X",
+        "message.max.bytes=100000",
+    ]);
     let stop = Arc::new(AtomicBool::new(false));
     let writing = writer(&pair, "standby", Arc::clone(&stop));
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let primary = pair.primary.client(&pair.db).await;
+    primary
+        .batch_execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload)
+               VALUES ('00000000-0000-0000-0000-00000000000b', 'big', 'k', 'TooBig', jsonb_build_object('blob', repeat('y', 200000)))",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     let written = writing.await.unwrap();
     pair.wait_caught_up(&relay).await;
+    let kept: i64 = primary
+        .query_one(
+            "SELECT count(*) FROM walrelay_dead_letters WHERE id = '00000000-0000-0000-0000-00000000000b'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "kept on the primary; relay log:\n{}", relay.log());
+    primary
+        .execute("DELETE FROM outbox WHERE aggregate_type = 'big'", &[])
+        .await
+        .unwrap();
 
-    let ids = outbox_ids(&pair.primary.client(&pair.db).await).await;
+    let ids = outbox_ids(&primary).await;
     assert!(ids.len() >= written && written > 0, "{written} written");
     let records = Broker::shared().consume_all(&pair.topics.topic("standby"));
     assert_each_once(&ids, &records, &relay.log());
