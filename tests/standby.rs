@@ -91,19 +91,21 @@ impl Pair {
 
     /// A walrelay command (check, recover) on the standby, its output.
     fn command(&self, name: &str, args: &[&str]) -> std::process::Output {
+        let primary = self.primary.url(&self.db);
+        let mut all = vec!["--primary-url", primary.as_str()];
+        all.extend_from_slice(args);
+        self.command_on(&self.standby, name, &all)
+    }
+
+    /// A walrelay command on `server` of the pair, its output.
+    fn command_on(&self, server: &PgCluster, name: &str, args: &[&str]) -> std::process::Output {
         let args = if name == "recover" {
             self.topics.relay_args(args)
         } else {
             args.iter().map(|a| (*a).to_owned()).collect()
         };
         std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
-            .args([
-                name,
-                "--pg-url",
-                &self.standby.url(&self.db),
-                "--primary-url",
-                &self.primary.url(&self.db),
-            ])
+            .args([name, "--pg-url", &server.url(&self.db)])
             .args(&args)
             .args(if name == "recover" {
                 vec!["--brokers".to_owned(), Broker::shared().bootstrap()]
@@ -529,4 +531,76 @@ async fn a_recovery_conflict_invalidating_the_standby_slot_stops_the_relay_and_r
         String::from_utf8_lossy(&recover.stdout).trim()
     );
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standby_lost_recover_on_the_primary_brings_back_what_its_slot_had_not_confirmed() {
+    let pair = Pair::start("standbylost").await;
+    let primary = pair.primary.client(&pair.db).await;
+    let insert = async |n: i32| {
+        primary
+            .execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 SELECT 'lost', 'agg-' || (g % 7), 'E', '{}' FROM generate_series(1, $1::int) g",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    };
+    let mut relay = pair.relay(&["--heartbeat-interval", "1s"]);
+    insert(100).await;
+    pair.wait_caught_up(&relay).await;
+    // walrelay's record of the slot, on the primary, reaches what the
+    // standby's slot confirmed.
+    let standby = pair.standby.client(&pair.db).await;
+    let on_standby = confirmed(&standby).await;
+    wait_for(
+        "the record of the standby's slot on the primary",
+        Duration::from_secs(30),
+        async || {
+            let row = primary
+                .query_one(
+                    "SELECT coalesce(confirmed_lsn, '0/0')::text FROM walrelay_slots WHERE slot_name = 'walrelay'",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, String>(0).parse::<Lsn>().ok()? >= on_standby).then_some(())
+        },
+    )
+    .await;
+
+    // The standby, and its slot, are lost; the outbox goes on.
+    relay.kill9().await;
+    pair.standby.stop("immediate");
+    insert(50).await;
+
+    // The documented path: recover where a slot can be made (here the
+    // primary), from walrelay's record of the lost slot.
+    let recover = pair.command_on(&pair.primary, "recover", &[]);
+    let said = String::from_utf8_lossy(&recover.stdout);
+    assert!(
+        recover.status.success(),
+        "recover failed: {said}{}",
+        String::from_utf8_lossy(&recover.stderr)
+    );
+    let args = pair.topics.relay_args(&["--heartbeat-interval", "1s"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = RelayProcess::start(
+        &pair.primary.url(&pair.db),
+        &Broker::shared().bootstrap(),
+        &args,
+    );
+    insert(20).await;
+    let end = lsn(&primary, "SELECT pg_current_wal_lsn()::text").await;
+    wait_caught_up_on(&primary, end, &relay).await;
+    let ids = outbox_ids(&primary).await;
+    let records = Broker::shared().consume_all(&pair.topics.topic("lost"));
+    assert_each_once(&ids, &records, &relay.log());
+    eprintln!(
+        "standby lost: {} events, {} records; recover said: {}",
+        ids.len(),
+        records.len(),
+        said.trim()
+    );
 }
