@@ -99,7 +99,8 @@ impl Pair {
 
     /// A walrelay command on `server` of the pair, its output.
     fn command_on(&self, server: &PgCluster, name: &str, args: &[&str]) -> std::process::Output {
-        let args = if name == "recover" {
+        let replay = matches!(name, "recover" | "backfill");
+        let args = if replay {
             self.topics.relay_args(args)
         } else {
             args.iter().map(|a| (*a).to_owned()).collect()
@@ -107,7 +108,7 @@ impl Pair {
         std::process::Command::new(env!("CARGO_BIN_EXE_walrelay"))
             .args([name, "--pg-url", &server.url(&self.db)])
             .args(&args)
-            .args(if name == "recover" {
+            .args(if replay {
                 vec!["--brokers".to_owned(), Broker::shared().bootstrap()]
             } else {
                 vec![]
@@ -314,6 +315,32 @@ async fn a_relay_on_the_standby_delivers_each_event_of_a_writer_once() {
         "standby under a writer: {written} events written, {} records",
         records.len()
     );
+
+    // A backfill on the standby reads the rows there and keeps its
+    // progress on the primary.
+    let backfill = pair.command(
+        "backfill",
+        &[
+            "--name",
+            "again",
+            "--topic-template",
+            "again.{aggregate_type}",
+        ],
+    );
+    assert!(
+        backfill.status.success(),
+        "backfill failed: {}{}",
+        String::from_utf8_lossy(&backfill.stdout),
+        String::from_utf8_lossy(&backfill.stderr)
+    );
+    let again = Broker::shared().consume_all(&pair.topics.named("again.standby"));
+    assert_each_once(&ids, &again, "(backfill)");
+    let progress: i64 = primary
+        .query_one("SELECT count(*) FROM walrelay_backfill WHERE done", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(progress >= 1, "the backfill's progress is on the primary");
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
 

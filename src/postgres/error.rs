@@ -94,7 +94,7 @@ impl ServerError {
                 "the server ended this session (a shutdown, a restart or pg_terminate_backend): walrelay reconnects"
             }
             "25006" => {
-                "this server is a read-only standby: point --pg-url at the primary, or list every host with target_session_attrs=read-write; to decode from a standby (PostgreSQL 16+), give the primary's URL in --primary-url for the writes"
+                "this server is a read-only standby: point --pg-url at the primary, or list every host with target_session_attrs=read-write; on a standby (PostgreSQL 16+), run (--source wal), setup, recover and backfill take the primary's URL in --primary-url for their writes"
             }
             _ => return None,
         })
