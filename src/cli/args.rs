@@ -46,9 +46,10 @@ impl PgArgs {
 pub struct PrimaryArgs {
     /// When --pg-url is a standby (decoding there, PostgreSQL 16+): the
     /// primary's URL, where what a standby cannot do is written (the
-    /// heartbeat, walrelay's record of its slots, setup's table and
-    /// publication, recover's and backfill's progress) and where slot creation asks for
-    /// the snapshot it waits for. Unused while --pg-url is a primary.
+    /// heartbeat, walrelay's record of its slots, the dead-letter table,
+    /// setup's table and publication, recover's and backfill's progress)
+    /// and where slot creation asks for the snapshot it waits for. Unused
+    /// while --pg-url is a primary.
     #[arg(long, env = "WALRELAY_PRIMARY_URL", hide_env_values = true)]
     pub primary_url: Option<String>,
 }
