@@ -50,6 +50,9 @@ impl ServerError {
             "42704" if m.contains("publication") => {
                 "the publication does not exist: run `walrelay setup`, or CREATE PUBLICATION walrelay FOR TABLE public.outbox"
             }
+            "55000" if m.contains("wal_level") && m.contains("on the primary") => {
+                "logical decoding on a standby needs wal_level = logical on its primary: on the primary, ALTER SYSTEM SET wal_level = logical and restart it (the standby's own wal_level must be logical too)"
+            }
             "55000" if m.contains("wal_level") => {
                 "set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
             }
@@ -197,5 +200,24 @@ mod tests {
         .fix()
         .unwrap();
         assert!(fix.contains("WAL removed"), "{fix}");
+    }
+
+    #[test]
+    fn a_standby_whose_primary_lacks_logical_wal_names_the_primary() {
+        let error = ServerError {
+            severity: "ERROR".into(),
+            code: "55000".into(),
+            message:
+                "logical decoding on standby requires \"wal_level\" >= \"logical\" on the primary"
+                    .into(),
+            detail: None,
+            hint: None,
+        };
+        assert!(
+            error
+                .fix()
+                .unwrap()
+                .contains("on the primary, ALTER SYSTEM SET wal_level = logical")
+        );
     }
 }
