@@ -67,8 +67,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // Streaming from a slot `recover` made before it has published the
     // rows of its snapshot would put later events ahead of earlier ones.
     // Recover keeps its progress on the primary when this is a standby.
-    let state = writer.as_ref().unwrap_or(&client);
-    if crate::replay::state::recovery_pending(state, &config.slot).await? {
+    let recover_progress = writer.as_ref().unwrap_or(&client);
+    if crate::replay::state::recovery_pending(recover_progress, &config.slot).await? {
         anyhow::bail!(
             "a `walrelay recover --slot {0}` is under way, or died midway: let it finish (or run it again, it goes on where it stopped), then start run",
             config.slot
@@ -298,6 +298,7 @@ pub fn record_schema(tables: &[(String, String)]) -> String {
 /// invalidated, or about to be, stops the relay too. Returns where the
 /// record is kept (if it can be) and the slot's last confirmed position
 /// as it has it.
+///
 /// On a standby the slot is read (and made) there, and the record is kept
 /// on the primary (`writer`, which `primary` reaches).
 async fn ensure_slot(
