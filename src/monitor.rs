@@ -37,11 +37,6 @@ use crate::metrics as m;
 use crate::replication::ConnectionConfig;
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::sql::{SqlClient, SqlError, SqlSession};
-use crate::standby::WriteRoute;
-
-/// How often, at most, the slot's confirmed position is written to
-/// walrelay's record (`walrelay_slots`).
-const RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// How often the slot is read: the dashboard's history has a sample a
 /// second.
@@ -331,13 +326,13 @@ pub fn spawn(
         primary,
     } = config;
     tokio::spawn(async move {
-        let mut record_route = WriteRoute::new(primary);
+        let mut recorder = record_schema
+            .map(|schema| crate::slot_record::Recorder::new(schema, slot.clone(), primary));
         let mut session = SqlSession::new(pg);
         let mut tick = tokio::time::interval(INTERVAL);
         let mut last_failure = None;
         // Once anything loses events, the verified LSN stays where it is.
         let mut stopped = false;
-        let mut recorded: Option<(String, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -406,16 +401,8 @@ pub fn spawn(
                             last_confirmed = LastConfirmed::seen(lsn, now.clone());
                         }
                     }
-                    if let Some(schema) = &record_schema {
-                        record(
-                            client,
-                            &mut record_route,
-                            schema,
-                            &slot,
-                            &last_confirmed,
-                            &mut recorded,
-                        )
-                        .await;
+                    if let Some(recorder) = &mut recorder {
+                        recorder.note(client, &last_confirmed).await;
                     }
                     let problem =
                         slot_health::assess(&slot, snapshot.as_ref(), last_confirmed.clone());
@@ -462,48 +449,6 @@ pub fn spawn(
         }
     });
     (rx, verified_rx)
-}
-
-/// Writes the slot's confirmed position to walrelay's record when it
-/// moved, at most every [`RECORD_EVERY`]; a failure is only logged (the
-/// record says since when events are missing, it guards nothing).
-async fn record(
-    client: &SqlClient,
-    route: &mut WriteRoute,
-    schema: &str,
-    slot: &str,
-    last: &LastConfirmed,
-    recorded: &mut Option<(String, tokio::time::Instant)>,
-) {
-    let Some(lsn) = &last.lsn else { return };
-    if let Some((was, at)) = recorded {
-        if was == lsn || at.elapsed() < RECORD_EVERY {
-            return;
-        }
-    }
-    // On a standby the record is written on the primary, with the same
-    // bounds as the monitor's own session: a lock on it must not hold the
-    // monitor.
-    let written = match route.client(client).await {
-        Ok(writer) if std::ptr::eq(writer, client) => {
-            crate::slot_record::confirmed(writer, schema, slot, lsn).await
-        }
-        Ok(writer) => match writer
-            .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
-            .await
-        {
-            Ok(()) => crate::slot_record::confirmed(writer, schema, slot, lsn).await,
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
-    match written {
-        Ok(()) => *recorded = Some((lsn.clone(), tokio::time::Instant::now())),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot record the slot's confirmed position");
-            *recorded = Some((String::new(), tokio::time::Instant::now()));
-        }
-    }
 }
 
 /// The server refuses connections because it is shutting down.
