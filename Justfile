@@ -34,6 +34,10 @@ bench-quick *ARGS:
 bench-retention *ARGS:
     scripts/bench-retention {{ARGS}}
 
+# Decoding from a standby (PostgreSQL 16+): the primary's commit rate under a saturated writer while walrelay decodes from the standby, against from the primary; docs/performance.md has the numbers.
+bench-standby *ARGS:
+    scripts/bench-standby {{ARGS}}
+
 # Build the container image without a Docker engine (buildah): target/walrelay-image.tar, checked to run the binary.
 image *ARGS:
     scripts/image {{ARGS}}

@@ -43,19 +43,23 @@ pub trait DeadLetterStore {
 /// (refusals are rare).
 pub struct PgDeadLetters {
     pub pg: crate::postgres::ConnectionConfig,
+    /// Where letters go while `pg` is a standby (`--primary-url`).
+    pub primary: Option<crate::postgres::ConnectionConfig>,
     pub table: (String, String),
 }
 
 impl DeadLetterStore for PgDeadLetters {
     fn store(&self, letter: DeadLetter) -> crate::publish::LocalBoxFuture<Result<(), String>> {
         let (pg, table) = (self.pg.clone(), self.table.clone());
+        let mut route = crate::standby::WriteRoute::new(self.primary.clone());
         Box::pin(async move {
             // A server that froze while its host still answers TCP must not
             // hold the event (and the relay's window) for good: the store is
             // tried again.
             let attempt = async {
                 let client = crate::sql::connect(&pg).await.map_err(|e| e.to_string())?;
-                store(&client, &table, &letter)
+                let writer = route.client(&client).await.map_err(|e| e.to_string())?;
+                store(writer, &table, &letter)
                     .await
                     .map_err(|e| e.to_string())
             };

@@ -15,6 +15,7 @@ use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::replication::ConnectionConfig;
 use crate::sql::SqlSession;
+use crate::standby::WriteRoute;
 
 /// The default heartbeat prefix.
 pub const DEFAULT_PREFIX: &str = "walrelay.heartbeat";
@@ -30,15 +31,28 @@ pub fn emitted_at(content: &[u8]) -> Option<i64> {
     value.get("emitted_at_us")?.as_i64()
 }
 
-/// Emits a heartbeat every `interval` until the process ends.
-pub fn spawn(config: ConnectionConfig, prefix: String, interval: Duration) {
+/// Emits a heartbeat every `interval` until the process ends: on the
+/// server decoded from, or on `primary` while that server is a standby (a
+/// message written on the primary reaches the standby's slot through its
+/// WAL).
+pub fn spawn(
+    decoding: ConnectionConfig,
+    primary: Option<ConnectionConfig>,
+    prefix: String,
+    interval: Duration,
+) {
     tokio::spawn(async move {
-        let mut session = SqlSession::new(config);
+        let mut session = SqlSession::new(decoding);
+        let mut route = WriteRoute::new(primary);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let c = match session.client().await {
+            let written = match session.client().await {
+                Ok(decoding) => route.client(decoding).await,
+                Err(e) => Err(e),
+            };
+            let c = match written {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat cannot connect");

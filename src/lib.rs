@@ -29,3 +29,4 @@ pub mod shutdown;
 pub mod slot_health;
 pub mod slot_record;
 pub mod sql;
+pub mod standby;

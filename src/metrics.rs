@@ -68,12 +68,12 @@ pub fn describe() {
     describe_gauge!(
         SLOT_LAG_BYTES,
         Unit::Bytes,
-        "pg_current_wal_lsn() - confirmed_flush_lsn of the slot"
+        "pg_current_wal_lsn() (on a standby, pg_last_wal_replay_lsn()) - confirmed_flush_lsn of the slot"
     );
     describe_gauge!(
         SLOT_RETAINED_WAL_BYTES,
         Unit::Bytes,
-        "pg_current_wal_lsn() - restart_lsn: WAL the slot keeps on disk"
+        "pg_current_wal_lsn() (on a standby, the replay position) - restart_lsn: WAL the slot keeps on disk"
     );
     describe_gauge!(SLOT_ACTIVE, "1 when a walsender holds the slot");
     describe_gauge!(

@@ -38,10 +38,6 @@ use crate::replication::ConnectionConfig;
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::sql::{SqlClient, SqlError, SqlSession};
 
-/// How often, at most, the slot's confirmed position is written to
-/// walrelay's record (`walrelay_slots`).
-const RECORD_EVERY: Duration = Duration::from_secs(5);
-
 /// How often the slot is read: the dashboard's history has a sample a
 /// second.
 pub const INTERVAL: Duration = Duration::from_secs(1);
@@ -309,6 +305,8 @@ pub struct MonitorConfig {
     pub record_schema: Option<String>,
     /// The slot's last confirmed position as the record had it at start.
     pub last_confirmed: LastConfirmed,
+    /// `--primary-url`: where the record is written while `pg` is a standby.
+    pub primary: Option<ConnectionConfig>,
 }
 
 /// Starts the monitor task. Its findings arrive on the returned channel;
@@ -325,14 +323,16 @@ pub fn spawn(
         mut outbox,
         record_schema,
         mut last_confirmed,
+        primary,
     } = config;
     tokio::spawn(async move {
+        let mut recorder = record_schema
+            .map(|schema| crate::slot_record::Recorder::new(schema, slot.clone(), primary));
         let mut session = SqlSession::new(pg);
         let mut tick = tokio::time::interval(INTERVAL);
         let mut last_failure = None;
         // Once anything loses events, the verified LSN stays where it is.
         let mut stopped = false;
-        let mut recorded: Option<(String, tokio::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -401,8 +401,8 @@ pub fn spawn(
                             last_confirmed = LastConfirmed::seen(lsn, now.clone());
                         }
                     }
-                    if let Some(schema) = &record_schema {
-                        record(client, schema, &slot, &last_confirmed, &mut recorded).await;
+                    if let Some(recorder) = &mut recorder {
+                        recorder.note(client, &last_confirmed).await;
                     }
                     let problem =
                         slot_health::assess(&slot, snapshot.as_ref(), last_confirmed.clone());
@@ -449,31 +449,6 @@ pub fn spawn(
         }
     });
     (rx, verified_rx)
-}
-
-/// Writes the slot's confirmed position to walrelay's record when it
-/// moved, at most every [`RECORD_EVERY`]; a failure is only logged (the
-/// record says since when events are missing, it guards nothing).
-async fn record(
-    client: &SqlClient,
-    schema: &str,
-    slot: &str,
-    last: &LastConfirmed,
-    recorded: &mut Option<(String, tokio::time::Instant)>,
-) {
-    let Some(lsn) = &last.lsn else { return };
-    if let Some((was, at)) = recorded {
-        if was == lsn || at.elapsed() < RECORD_EVERY {
-            return;
-        }
-    }
-    match crate::slot_record::confirmed(client, schema, slot, lsn).await {
-        Ok(()) => *recorded = Some((lsn.clone(), tokio::time::Instant::now())),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot record the slot's confirmed position");
-            *recorded = Some((String::new(), tokio::time::Instant::now()));
-        }
-    }
 }
 
 /// The server refuses connections because it is shutting down.

@@ -61,6 +61,77 @@ pub enum SlotProblem {
         reason: Option<String>,
         last: LastConfirmed,
     },
+    #[error(
+        "replication slot {slot:?} on this standby was invalidated by a recovery conflict ({}; {last}): {}, so events committed after that LSN cannot be streamed from it. Retrying cannot bring them back. Fix the cause first: {}. Then recover the events from the outbox table with `{}` (same --pg-url, --primary-url, --brokers and routing flags as run); see docs/runbooks/standby-decoding.md",
+        conflict.reason(),
+        conflict.cause(),
+        conflict.fix(),
+        recover_command(slot)
+    )]
+    Conflict {
+        slot: String,
+        conflict: RecoveryConflict,
+        last: LastConfirmed,
+    },
+}
+
+/// Why a recovery conflict invalidated a slot on a standby.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryConflict {
+    /// The primary removed catalog rows the slot still needed
+    /// (`rows_removed` on 17+).
+    RowsRemoved,
+    /// The primary's wal_level dropped below logical.
+    WalLevelInsufficient,
+    /// PostgreSQL 16 says only `conflicting`: one of the two above.
+    Unnamed,
+}
+
+impl RecoveryConflict {
+    /// The conflict a slot's invalidation reason names, if it is one.
+    pub fn of(reason: &str) -> Option<Self> {
+        match reason {
+            "rows_removed" => Some(RecoveryConflict::RowsRemoved),
+            "wal_level_insufficient" => Some(RecoveryConflict::WalLevelInsufficient),
+            "conflicting" => Some(RecoveryConflict::Unnamed),
+            _ => None,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            RecoveryConflict::RowsRemoved => "reason rows_removed",
+            RecoveryConflict::WalLevelInsufficient => "reason wal_level_insufficient",
+            RecoveryConflict::Unnamed => "conflicting",
+        }
+    }
+
+    fn cause(self) -> &'static str {
+        match self {
+            RecoveryConflict::RowsRemoved => {
+                "the primary vacuumed away catalog rows the slot still needed, because it did not know the standby's slot needed them"
+            }
+            RecoveryConflict::WalLevelInsufficient => {
+                "the primary's wal_level was lowered below logical"
+            }
+            RecoveryConflict::Unnamed => {
+                "the primary vacuumed away catalog rows the slot still needed (it did not know the standby's slot needed them), or its wal_level was lowered below logical"
+            }
+        }
+    }
+
+    fn fix(self) -> &'static str {
+        const FEEDBACK: &str = "on the standby, ALTER SYSTEM SET hot_standby_feedback = on and stream through a physical slot (on the primary: SELECT pg_create_physical_replication_slot('standby1'); on the standby: ALTER SYSTEM SET primary_slot_name = 'standby1'), then SELECT pg_reload_conf(), so the primary keeps the rows the standby's slots need";
+        const WAL_LEVEL: &str =
+            "on the primary, ALTER SYSTEM SET wal_level = logical and restart it";
+        match self {
+            RecoveryConflict::RowsRemoved => FEEDBACK,
+            RecoveryConflict::WalLevelInsufficient => WAL_LEVEL,
+            RecoveryConflict::Unnamed => {
+                "on the standby, ALTER SYSTEM SET hot_standby_feedback = on and stream through a physical slot (on the primary: SELECT pg_create_physical_replication_slot('standby1'); on the standby: ALTER SYSTEM SET primary_slot_name = 'standby1'), then SELECT pg_reload_conf(); and keep wal_level = logical on the primary"
+            }
+        }
+    }
 }
 
 /// The command that makes a new slot and publishes, from the outbox
@@ -101,6 +172,17 @@ pub fn assess(
         lsn: s.confirmed_flush_lsn.clone().or(last.lsn),
         seen: last.seen,
     };
+    if let Some(conflict) = s
+        .invalidation_reason
+        .as_deref()
+        .and_then(RecoveryConflict::of)
+    {
+        return Some(SlotProblem::Conflict {
+            slot: slot.to_owned(),
+            conflict,
+            last,
+        });
+    }
     Some(SlotProblem::Invalidated {
         slot: slot.to_owned(),
         wal_status: s.wal_status.clone().unwrap_or_else(|| "unknown".into()),
@@ -180,6 +262,39 @@ mod tests {
             )
             .is_some()
         );
+    }
+
+    #[test]
+    fn a_recovery_conflict_names_its_cause_the_fix_and_recover() {
+        for (reason, cause, fix) in [
+            (
+                "rows_removed",
+                "vacuumed away catalog rows",
+                "hot_standby_feedback = on",
+            ),
+            (
+                "conflicting",
+                "vacuumed away catalog rows",
+                "primary_slot_name",
+            ),
+            (
+                "wal_level_insufficient",
+                "wal_level was lowered",
+                "wal_level = logical",
+            ),
+        ] {
+            let text = assess(
+                "walrelay",
+                Some(&reading("lost", Some(reason))),
+                LastConfirmed::default(),
+            )
+            .unwrap()
+            .to_string();
+            assert!(text.contains("recovery conflict"), "{text}");
+            assert!(text.contains(cause), "{reason}: {text}");
+            assert!(text.contains(fix), "{reason}: {text}");
+            assert!(text.contains("walrelay recover --slot walrelay"), "{text}");
+        }
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! promoted standby has it, and so does a restored backup.
 
 use crate::catalog::qualified;
+use crate::postgres::ConnectionConfig;
 use crate::slot_health::{LastConfirmed, recover_command};
 use crate::sql::{SqlClient as Client, SqlError};
+use crate::standby::WriteRoute;
 
 /// The record's table name, in the schema of the first outbox table.
 pub const TABLE: &str = "walrelay_slots";
@@ -208,6 +210,67 @@ pub async fn confirmed(
         )
         .await?;
     Ok(())
+}
+
+/// How often, at most, the slot's confirmed position is written to the
+/// record.
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The slot monitor's writer of the confirmed position: when it moved, at
+/// most every [`RECORD_EVERY`], on the primary while the server decoded
+/// from is a standby. A failure is only logged (the record says since when
+/// events are missing, it guards nothing).
+pub struct Recorder {
+    schema: String,
+    slot: String,
+    route: WriteRoute,
+    recorded: Option<(String, tokio::time::Instant)>,
+}
+
+impl Recorder {
+    pub fn new(schema: String, slot: String, primary: Option<ConnectionConfig>) -> Self {
+        Recorder {
+            schema,
+            slot,
+            route: WriteRoute::new(primary),
+            recorded: None,
+        }
+    }
+
+    /// Records `last` through `client` (the monitor's connection to the
+    /// server decoded from), or the primary's connection.
+    pub async fn note(&mut self, client: &Client, last: &LastConfirmed) {
+        let Some(lsn) = &last.lsn else { return };
+        if let Some((was, at)) = &self.recorded {
+            if was == lsn || at.elapsed() < RECORD_EVERY {
+                return;
+            }
+        }
+        let (schema, slot) = (&self.schema, &self.slot);
+        let written = match self.route.client(client).await {
+            Ok(writer) if std::ptr::eq(writer, client) => {
+                confirmed(writer, schema, slot, lsn).await
+            }
+            // The primary's session gets the monitor's bounds: a lock on
+            // the record must not hold the monitor.
+            Ok(writer) => match writer
+                .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
+                .await
+            {
+                Ok(()) => confirmed(writer, schema, slot, lsn).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let now = tokio::time::Instant::now();
+        self.recorded = match written {
+            Ok(()) => Some((lsn.clone(), now)),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot record the slot's confirmed position");
+                Some((String::new(), now))
+            }
+        };
+    }
 }
 
 /// Rows inserted into the slot's outbox tables since its last recorded

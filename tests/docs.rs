@@ -193,6 +193,7 @@ const RUNBOOKS: &[&str] = &[
     "publication-changed.md",
     "slot-dropped.md",
     "slot-lost.md",
+    "standby-decoding.md",
 ];
 
 #[test]

@@ -2,6 +2,7 @@
 (PostgreSQL with the benchmark's settings and one Apache Kafka node) in a
 temporary directory, and the SQL and pgbench calls the workloads make."""
 
+import glob
 import os
 import re
 import shutil
@@ -47,6 +48,12 @@ class Stack:
                 key, _, value = line.strip().partition("=")
                 env[key] = value
         self.bindir = env["PG_BINDIR"]
+        # psql and pgbench: beside the server, else Debian's (a server from
+        # scripts/fetch-postgres ships none; newer clients talk to it).
+        self.client_bindir = self.bindir
+        if not os.path.exists(os.path.join(self.bindir, "psql")):
+            debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"), key=lambda p: int(p.split("/")[4]))
+            self.client_bindir = os.path.dirname(debian[-1]) if debian else self.bindir
         self.pg_port = int(env["PG_PORT"])
         self.url = env["PG_URL"]
         self.brokers = env["BROKERS"]
@@ -57,7 +64,7 @@ class Stack:
 
     def psql(self, sql):
         out = subprocess.run(
-            [f"{self.bindir}/psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.url, "-c", sql],
+            [f"{self.client_bindir}/psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.url, "-c", sql],
             check=True, capture_output=True, text=True,
         )
         return out.stdout.strip()
@@ -65,7 +72,7 @@ class Stack:
     def rows(self, sql):
         """The rows of a query, each a list of text fields."""
         out = subprocess.run(
-            [f"{self.bindir}/psql", "-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-d", self.url, "-c", sql],
+            [f"{self.client_bindir}/psql", "-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-d", self.url, "-c", sql],
             check=True, capture_output=True, text=True,
         )
         return [line.split("\t") for line in out.stdout.splitlines() if line]
@@ -102,7 +109,7 @@ class Stack:
         path = self.path("insert.sql")
         with open(path, "w") as f:
             f.write(script or insert_script())
-        cmd = [f"{self.bindir}/pgbench", "-n", "-f", path, "-c", str(CLIENTS), "-j", "2"] + args + [self.url]
+        cmd = [f"{self.client_bindir}/pgbench", "-n", "-f", path, "-c", str(CLIENTS), "-j", "2"] + args + [self.url]
         if background:
             return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

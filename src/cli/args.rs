@@ -40,6 +40,33 @@ impl PgArgs {
     }
 }
 
+/// The primary, when --pg-url is a standby the relay decodes from
+/// (PostgreSQL 16+).
+#[derive(Debug, Clone, Args)]
+pub struct PrimaryArgs {
+    /// When --pg-url is a standby (decoding there, PostgreSQL 16+): the
+    /// primary's URL, where what a standby cannot do is written (the
+    /// heartbeat, walrelay's record of its slots, the dead-letter table,
+    /// setup's table and publication, recover's and backfill's progress)
+    /// and where slot creation asks for the snapshot it waits for. Unused
+    /// while --pg-url is a primary.
+    #[arg(long, env = "WALRELAY_PRIMARY_URL", hide_env_values = true)]
+    pub primary_url: Option<String>,
+}
+
+impl PrimaryArgs {
+    /// The parsed URL, if given.
+    pub fn connection_config(&self) -> Result<Option<ConnectionConfig>, UsageError> {
+        self.primary_url
+            .as_deref()
+            .map(|url| {
+                ConnectionConfig::from_url(url)
+                    .map_err(|e| UsageError(format!("--primary-url {}: {e}", redact_url(url))))
+            })
+            .transpose()
+    }
+}
+
 /// The slot, the publication and the outbox tables.
 #[derive(Debug, Clone, Args)]
 pub struct OutboxArgs {
@@ -132,6 +159,8 @@ impl OutboxArgs {
 pub struct SetupArgs {
     #[command(flatten)]
     pub pg: PgArgs,
+    #[command(flatten)]
+    pub primary: PrimaryArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
     /// Do not make the slot a failover slot (PostgreSQL 17+ keeps failover

@@ -236,6 +236,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 dead_letter_table: args.outbox.dead_letter_table()?,
                 new_slot: args.new_slot,
                 retain: args.retain.is_some(),
+                primary: args.primary.connection_config()?,
             };
             let mut client = sql::connect(&config).await?;
             if options.poll {
@@ -262,10 +263,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 poll: args.source == SourceKind::Poll,
                 dead_letter_table: args.outbox.dead_letter_table()?,
                 retain: args.retain.is_some(),
+                primary: args.primary.connection_config()?,
             };
-            // With several hosts, the checks of the outbox run on the primary.
+            // With several hosts, the checks of the outbox run on the primary,
+            // unless the URL asks for the standby the relay decodes from.
             let mut primary = config.clone();
-            if primary.hosts.len() > 1 {
+            let decodes_on_standby = matches!(
+                config.target_session_attrs,
+                crate::postgres::TargetSessionAttrs::Standby
+                    | crate::postgres::TargetSessionAttrs::PreferStandby
+            );
+            if primary.hosts.len() > 1 && !decodes_on_standby {
                 primary.target_session_attrs = crate::postgres::TargetSessionAttrs::Primary;
             }
             let client = sql::connect(&primary).await?;

@@ -57,6 +57,7 @@ impl BackfillArgs {
             page_size: self.page_size,
             restart: self.restart,
             dead_letter_table: self.run.outbox.dead_letter_table()?,
+            primary: self.run.primary.connection_config()?,
         })
     }
 }
@@ -97,6 +98,7 @@ impl RecoverArgs {
             publication: self.run.outbox.publication.clone(),
             dead_letter_table: self.run.outbox.dead_letter_table()?,
             first_slot: self.first_slot,
+            primary: self.run.primary.connection_config()?,
         })
     }
 }

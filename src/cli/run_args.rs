@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::UsageError;
-use super::args::{HttpArgs, KafkaArgs, OutboxArgs, PgArgs, SourceKind, parse_kafka_options};
+use super::args::{
+    HttpArgs, KafkaArgs, OutboxArgs, PgArgs, PrimaryArgs, SourceKind, parse_kafka_options,
+};
 use super::values::{parse_duration, parse_retention, parse_size};
 use crate::kafka::{ProducerSettings, Replication, SinkSettings, TopicSpec};
 use crate::poll::{OnPublished, PollConfig};
@@ -19,6 +21,8 @@ use crate::router::{HeaderColumn, RouterConfig, TopicTemplate, check_topic_name}
 pub struct RunArgs {
     #[command(flatten)]
     pub pg: PgArgs,
+    #[command(flatten)]
+    pub primary: PrimaryArgs,
     #[command(flatten)]
     pub outbox: OutboxArgs,
     /// How long a stop waits for in-flight events to be acknowledged.
@@ -280,6 +284,7 @@ impl RunArgs {
             transactional_id: self.delivery.transactional_id.clone(),
             dead_letter_table: self.outbox.dead_letter_table()?,
             replication_timeout: self.stream.replication_timeout,
+            primary: self.primary.connection_config()?,
         })
     }
 
@@ -347,11 +352,14 @@ impl RunArgs {
         if pg.hosts.len() > 1
             && !matches!(
                 pg.target_session_attrs,
-                TargetSessionAttrs::ReadWrite | TargetSessionAttrs::Primary
+                TargetSessionAttrs::ReadWrite
+                    | TargetSessionAttrs::Primary
+                    | TargetSessionAttrs::Standby
+                    | TargetSessionAttrs::PreferStandby
             )
         {
             return Err(UsageError(format!(
-                "--pg-url names {} hosts with target_session_attrs={}: the relay needs the primary, so add target_session_attrs=read-write (or primary)",
+                "--pg-url names {} hosts with target_session_attrs={}: say which server the relay decodes from: add target_session_attrs=read-write (the primary), or standby (a standby, PostgreSQL 16+)",
                 pg.hosts.len(),
                 pg.target_session_attrs.as_str()
             )));
@@ -433,5 +441,32 @@ mod tests {
         }
         let zero = topics(&["--topic-replication-factor", "0"]).unwrap_err();
         assert!(zero.contains("or default"), "{zero}");
+    }
+
+    fn relay_config(url: &str) -> Result<(), String> {
+        let cli = Cli::try_parse_from(["walrelay", "run", "--pg-url", url, "--brokers", "k:9092"])
+            .map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            unreachable!("parsed as run")
+        };
+        run.relay_config().map(|_| ()).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn several_hosts_must_say_whether_the_relay_decodes_from_the_primary_or_a_standby() {
+        for attrs in ["read-write", "primary", "standby", "prefer-standby"] {
+            assert_eq!(
+                relay_config(&format!(
+                    "postgres://u@h1,h2/db?target_session_attrs={attrs}"
+                )),
+                Ok(()),
+                "{attrs}"
+            );
+        }
+        let any = relay_config("postgres://u@h1,h2/db").unwrap_err();
+        assert!(
+            any.contains("target_session_attrs=read-write") && any.contains("standby"),
+            "{any}"
+        );
     }
 }

@@ -22,6 +22,8 @@ pub struct CheckOptions {
     pub dead_letter_table: (String, String),
     /// `--retain`: check the index retention's pruning walks.
     pub retain: bool,
+    /// `--primary-url`: when the server checked is a standby, its primary.
+    pub primary: Option<ConnectionConfig>,
 }
 
 /// The fix for a database that cannot do logical replication, besides
@@ -169,8 +171,15 @@ pub async fn check(
     } else {
         Check::pass(format!("max_slot_wal_keep_size = {keep}"))
     });
-    findings
-        .extend(super::check_failover::check(client, pg, &options.slot, options.failover).await?);
+    // A standby the relay decodes from has its own needs; failover slots
+    // are the primary's.
+    if catalog::in_recovery(client).await? {
+        findings.extend(super::check_standby::check(client, options.primary.as_ref()).await?);
+    } else {
+        findings.extend(
+            super::check_failover::check(client, pg, &options.slot, options.failover).await?,
+        );
+    }
     Ok(findings)
 }
 

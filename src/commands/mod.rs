@@ -4,6 +4,7 @@ pub mod check;
 pub mod check_failover;
 pub mod check_kafka;
 pub mod check_result;
+pub mod check_standby;
 pub mod config;
 pub mod inbox;
 pub mod replay;

@@ -41,6 +41,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         heartbeat_interval,
         retention,
     } = options;
+    let primary = config.primary.clone();
     let live = Arc::new(LiveState::new());
     let metrics = crate::http::install_metrics()?;
     crate::http::spawn(
@@ -59,11 +60,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             ..Subject::default()
         },
     )?;
-    let (record_schema, last_confirmed) = ensure_slot(&config, create_slot).await?;
     let client = sql::connect(&config.pg).await?;
+    let writer = primary_for_run(&client, primary.as_ref(), heartbeat_interval, &retention).await?;
+    let (record_schema, last_confirmed) =
+        ensure_slot(&config, create_slot, writer.as_ref(), primary.as_ref()).await?;
     // Streaming from a slot `recover` made before it has published the
     // rows of its snapshot would put later events ahead of earlier ones.
-    if crate::replay::state::recovery_pending(&client, &config.slot).await? {
+    // Recover keeps its progress on the primary when this is a standby.
+    let recover_progress = writer.as_ref().unwrap_or(&client);
+    if crate::replay::state::recovery_pending(recover_progress, &config.slot).await? {
         anyhow::bail!(
             "a `walrelay recover --slot {0}` is under way, or died midway: let it finish (or run it again, it goes on where it stopped), then start run",
             config.slot
@@ -95,12 +100,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             outbox,
             record_schema,
             last_confirmed,
+            primary: primary.clone(),
         },
         Arc::clone(&live),
     );
     if !heartbeat_interval.is_zero() {
         crate::heartbeat::spawn(
             config.pg.clone(),
+            primary,
             config.heartbeat_prefix.clone(),
             heartbeat_interval,
         );
@@ -251,6 +258,32 @@ fn needed_columns(router: &RouterConfig) -> Vec<String> {
     columns
 }
 
+/// When `--pg-url` is a standby: a connection to the primary for the
+/// writes a standby cannot take, or the error that names the fix. `--retain`
+/// is refused there: its deletes must see the slot's position, and the
+/// slot is on the standby.
+async fn primary_for_run(
+    client: &sql::SqlClient,
+    primary: Option<&crate::postgres::ConnectionConfig>,
+    heartbeat_interval: Duration,
+    retention: &Option<crate::retention::RetentionConfig>,
+) -> anyhow::Result<Option<sql::SqlClient>> {
+    if !catalog::in_recovery(client).await? {
+        return Ok(None);
+    }
+    if retention.is_some() {
+        anyhow::bail!(
+            "--retain cannot run while the relay decodes from a standby: the primary, where rows are deleted, cannot see how far the standby's slot has confirmed. Leave --retain out (delete rows on your own schedule, older than the slot's lag), or decode from the primary"
+        );
+    }
+    let what = if heartbeat_interval.is_zero() {
+        "walrelay's record of its slots is kept on the primary"
+    } else {
+        "the heartbeat that moves an idle slot is written on the primary (or turn it off with --heartbeat-interval 0)"
+    };
+    Ok(crate::standby::primary_for(client, primary, what).await?)
+}
+
 /// Where walrelay keeps its record of its slots: beside the first outbox
 /// table.
 pub fn record_schema(tables: &[(String, String)]) -> String {
@@ -265,13 +298,19 @@ pub fn record_schema(tables: &[(String, String)]) -> String {
 /// invalidated, or about to be, stops the relay too. Returns where the
 /// record is kept (if it can be) and the slot's last confirmed position
 /// as it has it.
+///
+/// On a standby the slot is read (and made) there, and the record is kept
+/// on the primary (`writer`, which `primary` reaches).
 async fn ensure_slot(
     config: &RelayConfig,
     create: bool,
+    writer: Option<&sql::SqlClient>,
+    primary: Option<&crate::postgres::ConnectionConfig>,
 ) -> anyhow::Result<(Option<String>, LastConfirmed)> {
-    let client = sql::connect(&config.pg).await?;
+    let server = sql::connect(&config.pg).await?;
+    let client = writer.unwrap_or(&server);
     let schema = record_schema(&config.router.tables);
-    let recording = match slot_record::ensure_table(&client, &schema).await {
+    let recording = match slot_record::ensure_table(client, &schema).await {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "cannot keep walrelay's record of its slots in {schema}.{}: a dropped slot cannot be told from one never made; run `walrelay setup` as a role that may create it", slot_record::TABLE);
@@ -279,7 +318,7 @@ async fn ensure_slot(
         }
     };
     let (recording, record) = if recording {
-        match slot_record::find(&client, &schema, &config.slot).await {
+        match slot_record::find(client, &schema, &config.slot).await {
             Ok(record) => (true, record),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read walrelay's record of its slots in {schema}.{}: a dropped slot cannot be told from one never made; grant this role SELECT, INSERT, UPDATE on it", slot_record::TABLE);
@@ -296,14 +335,14 @@ async fn ensure_slot(
     };
     let was_in_use = record.is_some();
     let last = record.map(|r| r.last).unwrap_or_default();
-    match catalog::slot(&client, &config.slot).await? {
+    match catalog::slot(&server, &config.slot).await? {
         Some(slot) if slot.plugin != "pgoutput" => anyhow::bail!(
             "replication slot {:?} uses output plugin {:?}, not pgoutput; drop it or choose another --slot",
             config.slot,
             slot.plugin
         ),
         Some(_) => {
-            let reading = catalog::slots(&client, Some(&config.slot))
+            let reading = catalog::slots(&server, Some(&config.slot))
                 .await?
                 .into_iter()
                 .next();
@@ -314,12 +353,18 @@ async fn ensure_slot(
         }
         None if create => {
             if recording {
-                slot_record::may_create(&client, &schema, &config.slot, false).await??;
+                slot_record::may_create(client, &schema, &config.slot, false).await??;
             }
-            let lsn = catalog::create_logical_slot(&client, &config.slot, true).await?;
+            let create = catalog::create_logical_slot(&server, &config.slot, writer.is_none());
+            let lsn = match (writer, primary) {
+                (Some(_), Some(primary)) => {
+                    crate::standby::with_standby_snapshots(primary, create).await?
+                }
+                _ => create.await?,
+            };
             if recording {
                 if let Err(e) = slot_record::created(
-                    &client,
+                    client,
                     &schema,
                     &config.slot,
                     &config.publication,
@@ -348,7 +393,7 @@ async fn ensure_slot(
     }
     if recording {
         if let Err(e) = slot_record::used(
-            &client,
+            client,
             &schema,
             &config.slot,
             &config.publication,

@@ -34,6 +34,10 @@ pub struct SetupOptions {
     pub new_slot: bool,
     /// `--retain`: the index retention's pruning walks.
     pub retain: bool,
+    /// `--primary-url`: when the server is a standby, the table, the
+    /// publication and walrelay's record are made here, and the slot on
+    /// the standby (PostgreSQL 16+).
+    pub primary: Option<ConnectionConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,17 +56,36 @@ pub enum SetupError {
     Replication(#[from] crate::replication::ReplicationError),
     #[error(transparent)]
     SlotWasInUse(#[from] crate::slot_record::SlotWasInUse),
+    #[error(transparent)]
+    Standby(#[from] crate::standby::StandbyError),
 }
 
 /// Runs setup and returns one line per step, saying what it did. `pg`
 /// reaches the same server for the replication command that makes an
-/// existing slot a failover slot.
+/// existing slot a failover slot. When `server` is a standby, everything
+/// but the slot is made on the primary (`options.primary`).
 pub async fn setup(
-    client: &Client,
+    server: &Client,
     pg: &ConnectionConfig,
     options: &SetupOptions,
 ) -> Result<Vec<String>, SetupError> {
     let mut report = Vec::new();
+    let primary = crate::standby::primary_for(
+        server,
+        options.primary.as_ref(),
+        "setup makes the outbox table, the publication and walrelay's record on the primary",
+    )
+    .await?;
+    let on_standby = primary.is_some();
+    // Writes go to the primary; the slot is made where it is decoded.
+    let client = primary.as_ref().unwrap_or(server);
+    if on_standby {
+        report.push(format!(
+            "{} is a standby: the slot is made there, everything else on the primary {}",
+            server.address(),
+            client.address()
+        ));
+    }
     for (schema, table) in &options.tables {
         if catalog::table_exists(client, schema, table).await? {
             report.push(format!("table {schema}.{table} exists"));
@@ -127,11 +150,21 @@ pub async fn setup(
 
     let schema = crate::commands::run::record_schema(&options.tables);
     slot_record::ensure_table(client, &schema).await?;
-    let slot = catalog::slot(client, &options.slot).await?;
+    let slot = catalog::slot(server, &options.slot).await?;
     let failover = match slot {
         None => {
             slot_record::may_create(client, &schema, &options.slot, options.new_slot).await??;
-            let lsn = catalog::create_logical_slot(client, &options.slot, options.failover).await?;
+            let lsn = match &options.primary {
+                Some(primary) if on_standby => {
+                    // A standby cannot make a failover slot.
+                    crate::standby::with_standby_snapshots(
+                        primary,
+                        catalog::create_logical_slot(server, &options.slot, false),
+                    )
+                    .await?
+                }
+                _ => catalog::create_logical_slot(server, &options.slot, options.failover).await?,
+            };
             slot_record::created(
                 client,
                 &schema,
@@ -145,7 +178,7 @@ pub async fn setup(
                 "created replication slot {} at {lsn}",
                 options.slot
             ));
-            options.failover
+            options.failover && !on_standby
         }
         Some(slot) => {
             if slot.plugin != "pgoutput" {
@@ -154,7 +187,7 @@ pub async fn setup(
                     plugin: slot.plugin,
                 });
             }
-            if slot.database != catalog::current_database(client).await? {
+            if slot.database != catalog::current_database(server).await? {
                 return Err(SetupError::WrongDatabase {
                     slot: options.slot.clone(),
                     database: slot.database,
@@ -172,7 +205,14 @@ pub async fn setup(
             slot.failover.unwrap_or(false)
         }
     };
-    report.push(failover_line(client, pg, options, failover).await?);
+    report.push(if on_standby {
+        format!(
+            "replication slot {} is on a standby: PostgreSQL makes failover slots on the primary only; if this standby is lost, see docs/runbooks/standby-decoding.md",
+            options.slot
+        )
+    } else {
+        failover_line(client, pg, options, failover).await?
+    });
     Ok(report)
 }
 

@@ -38,11 +38,20 @@ impl ServerError {
             "42704" if m.contains("replication slot") => {
                 "the replication slot does not exist: if walrelay streamed from it before, it was dropped and events committed since were not streamed; recover them from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/slot-dropped.md). If it never existed, run `walrelay setup`"
             }
+            "55000"
+                if m.contains("can no longer get changes from replication slot")
+                    && self.detail.as_deref().is_some_and(is_recovery_conflict) =>
+            {
+                "the replication slot on this standby was invalidated by a recovery conflict: the primary vacuumed away catalog rows it still needed, or the primary's wal_level fell below logical. Fix the cause (on the standby: ALTER SYSTEM SET hot_standby_feedback = on, and stream through a physical slot with primary_slot_name; keep wal_level = logical on the primary), then recover the events committed after its last confirmed LSN from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/standby-decoding.md)"
+            }
             "55000" if m.contains("can no longer get changes from replication slot") => {
                 "the replication slot was invalidated and its WAL removed: events committed after its last confirmed LSN cannot be streamed; recover them from the outbox table with `walrelay recover --slot <slot>` (docs/runbooks/slot-lost.md)"
             }
             "42704" if m.contains("publication") => {
                 "the publication does not exist: run `walrelay setup`, or CREATE PUBLICATION walrelay FOR TABLE public.outbox"
+            }
+            "55000" if m.contains("wal_level") && m.contains("on the primary") => {
+                "logical decoding on a standby needs wal_level = logical on its primary: on the primary, ALTER SYSTEM SET wal_level = logical and restart it (the standby's own wal_level must be logical too)"
             }
             "55000" if m.contains("wal_level") => {
                 "set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
@@ -88,7 +97,7 @@ impl ServerError {
                 "the server ended this session (a shutdown, a restart or pg_terminate_backend): walrelay reconnects"
             }
             "25006" => {
-                "this server is a read-only standby: point --pg-url at the primary, or list every host with target_session_attrs=read-write"
+                "this server is a read-only standby: point --pg-url at the primary, or list every host with target_session_attrs=read-write; on a standby (PostgreSQL 16+), run (--source wal), setup, recover and backfill take the primary's URL in --primary-url for their writes"
             }
             _ => return None,
         })
@@ -101,6 +110,14 @@ impl ServerError {
             "42704" | "55000" | "42501" | "28000" | "28P01" | "3D000" | "42P01"
         )
     }
+}
+
+/// A slot invalidated on a standby by a recovery conflict, as the server's
+/// detail says it: 16 and 17 name the conflict, 18 its cause.
+fn is_recovery_conflict(detail: &str) -> bool {
+    detail.contains("conflicting with recovery")
+        || detail.contains("rows_removed")
+        || detail.contains("wal_level_insufficient")
 }
 
 /// What to do about an operating-system error on a connection to
@@ -151,3 +168,56 @@ impl fmt::Display for ServerError {
 }
 
 impl std::error::Error for ServerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalidated(detail: &str) -> ServerError {
+        ServerError {
+            severity: "ERROR".into(),
+            code: "55000".into(),
+            message: "can no longer get changes from replication slot \"walrelay\"".into(),
+            detail: Some(detail.into()),
+            hint: None,
+        }
+    }
+
+    #[test]
+    fn a_slot_lost_to_a_recovery_conflict_names_hot_standby_feedback_and_recover() {
+        for detail in [
+            "This slot has been invalidated because it was conflicting with recovery.",
+            "This replication slot has been invalidated due to \"rows_removed\".",
+        ] {
+            let fix = invalidated(detail).fix().unwrap();
+            assert!(fix.contains("recovery conflict"), "{fix}");
+            assert!(fix.contains("hot_standby_feedback = on"), "{fix}");
+            assert!(fix.contains("walrelay recover"), "{fix}");
+        }
+        let fix = invalidated(
+            "This slot has been invalidated because it exceeded the maximum reserved size.",
+        )
+        .fix()
+        .unwrap();
+        assert!(fix.contains("WAL removed"), "{fix}");
+    }
+
+    #[test]
+    fn a_standby_whose_primary_lacks_logical_wal_names_the_primary() {
+        let error = ServerError {
+            severity: "ERROR".into(),
+            code: "55000".into(),
+            message:
+                "logical decoding on standby requires \"wal_level\" >= \"logical\" on the primary"
+                    .into(),
+            detail: None,
+            hint: None,
+        };
+        assert!(
+            error
+                .fix()
+                .unwrap()
+                .contains("on the primary, ALTER SYSTEM SET wal_level = logical")
+        );
+    }
+}

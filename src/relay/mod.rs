@@ -151,4 +151,7 @@ pub struct RelayConfig {
     /// A session from which nothing arrives this long, though the relay
     /// asks the server to answer, is taken for lost.
     pub replication_timeout: Duration,
+    /// `--primary-url`: where what a standby cannot write goes while `pg`
+    /// is a standby (PostgreSQL 16+; see `standby.rs`).
+    pub primary: Option<ConnectionConfig>,
 }

@@ -108,6 +108,7 @@ impl<S: Sink> Outbound<S> {
             refused: Refused::new(
                 Rc::new(PgDeadLetters {
                     pg: config.pg.clone(),
+                    primary: config.primary.clone(),
                     table: config.dead_letter_table.clone(),
                 }),
                 config.max_backoff,

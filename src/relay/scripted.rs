@@ -40,6 +40,7 @@ pub fn relay_config() -> RelayConfig {
         transactional_id: None,
         dead_letter_table: ("public".into(), "walrelay_dead_letters".into()),
         replication_timeout: Duration::from_secs(30),
+        primary: None,
     }
 }
 

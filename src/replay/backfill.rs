@@ -42,6 +42,8 @@ pub struct BackfillOptions {
     pub restart: bool,
     /// Where the stream keeps events Kafka refused for good: passed over.
     pub dead_letter_table: (String, String),
+    /// `--primary-url`: where the progress is kept when `pg` is a standby.
+    pub primary: Option<crate::postgres::ConnectionConfig>,
 }
 
 /// What a backfill did.
@@ -53,7 +55,17 @@ pub struct Summary {
 
 pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
     let client = sql::connect(&options.pg).await?;
-    state::ensure_table(&client).await?;
+    // On a standby the rows are read there and the progress is kept on
+    // the primary.
+    let primary = crate::standby::primary_for(
+        &client,
+        options.primary.as_ref(),
+        "backfill keeps its progress on the primary",
+    )
+    .await
+    .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let writer = primary.as_ref().unwrap_or(&client);
+    state::ensure_table(writer).await?;
     let system_id = system_identifier(&client).await?;
     let router = Router::new(options.router.clone(), system_id.clone());
     let mut summary = Summary::default();
@@ -92,7 +104,7 @@ pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
             "{:?} to {}",
             options.selection, options.router.topic_template
         );
-        let mut progress = match state::load(&client, &key).await? {
+        let mut progress = match state::load(writer, &key).await? {
             Some(p) if !p.selection.is_empty() && p.selection != selection && !options.restart => {
                 return Err(ReplayError::Refused(format!(
                     "a backfill named {key} of other rows is recorded ({}); this one asks for {selection}: give it a --name of its own, or pass --restart to start that name over",
@@ -157,7 +169,7 @@ pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
                 }
             }
             progress.page_started_ms = Some(now_ms());
-            state::save(&client, &key, &progress).await?;
+            state::save(writer, &key, &progress).await?;
             let origin_bytes = Bytes::from(origin_text.clone());
             let mut records = Vec::with_capacity(page.len());
             let dead_lettered =
@@ -178,14 +190,14 @@ pub async fn run(options: BackfillOptions) -> Result<Summary, ReplayError> {
                 .increment(n as u64);
             progress.sent += n;
             progress.after = last_after;
-            state::save(&client, &key, &progress).await?;
+            state::save(writer, &key, &progress).await?;
             metrics::gauge!(super::REPLAY_REMAINING, "job" => "backfill")
                 .set((total - progress.sent - progress.skipped).max(0) as f64);
             bar.show(progress.sent + progress.skipped);
         }
         progress.done = true;
         progress.page_started_ms = None;
-        state::save(&client, &key, &progress).await?;
+        state::save(writer, &key, &progress).await?;
         bar.finish();
         println!(
             "backfill {key}: {} events sent, {} found already in Kafka",

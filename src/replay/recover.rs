@@ -74,6 +74,9 @@ pub struct RecoverOptions {
     /// relay, now stopped): make the slot and publish every row of its
     /// snapshot not in Kafka.
     pub first_slot: bool,
+    /// `--primary-url`: when `pg` is a standby, the new slot is made there
+    /// and recover's progress and walrelay's record are kept here.
+    pub primary: Option<ConnectionConfig>,
 }
 
 /// What a recovery did.
@@ -110,17 +113,27 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         since: options.since.clone(),
         ..Selection::default()
     };
+    // On a standby, the progress is written on the primary; the rows are
+    // read, and the slot made, on the standby.
+    let primary = crate::standby::primary_for(
+        &client,
+        options.primary.as_ref(),
+        "recover keeps its progress on the primary",
+    )
+    .await
+    .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let writer = primary.as_ref().unwrap_or(&client);
     // Where the rows come from depends on the slot, and on whether an
     // earlier recovery of it died midway.
-    state::ensure_recover_table(&client).await?;
-    let underway = state::recovery_underway(&client, &options.slot).await?;
+    state::ensure_recover_table(writer).await?;
+    let underway = state::recovery_underway(writer, &options.slot).await?;
     let mut found = slot_state(&client, &options.slot).await?;
     // A slot walrelay streamed from that is gone (dropped, or a promotion
     // without it): recovered as a lost one, from its recorded position.
     let record_schema = crate::commands::run::record_schema(&options.router.tables);
     if found.is_none() && underway.is_none() && !options.first_slot {
         if let Ok(Some(record)) =
-            crate::slot_record::find(&client, &record_schema, &options.slot).await
+            crate::slot_record::find(writer, &record_schema, &options.slot).await
         {
             found = Some(LostSlot {
                 confirmed: record.last.lsn.unwrap_or_else(|| "?".into()),
@@ -149,7 +162,7 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
                 check_reaches_back(&client, &router, &options, &selection, &producer, &lost)
                     .await?;
             }
-            state::begin_recovery(&client, &options.slot, &lost.confirmed, lost.failover).await?;
+            state::begin_recovery(writer, &options.slot, &lost.confirmed, lost.failover).await?;
             if lost.wal_status != "dropped" {
                 client
                     .execute("SELECT pg_drop_replication_slot($1)", &[&options.slot])
@@ -183,7 +196,7 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
             snapshot_rows(&client, &router, &options, &selection, failover).await?
         }
         (None, None) if options.first_slot => {
-            state::begin_recovery(&client, &options.slot, "none", false).await?;
+            state::begin_recovery(writer, &options.slot, "none", false).await?;
             snapshot_rows(&client, &router, &options, &selection, false).await?
         }
         (None, None) => {
@@ -239,10 +252,10 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
         bar.show(summary.published as i64);
     }
     bar.finish();
-    state::end_recovery(&client, &options.slot).await?;
+    state::end_recovery(writer, &options.slot).await?;
     // The new slot is the one walrelay streams from now.
     if let Err(e) = crate::slot_record::used(
-        &client,
+        writer,
         &record_schema,
         &options.slot,
         &options.publication,
@@ -271,21 +284,27 @@ async fn snapshot_rows(
     let mut replication = ReplicationConnection::connect(&options.pg)
         .await
         .map_err(|e| ReplayError::Refused(e.to_string()))?;
-    let created = replication
-        .simple_query(&if failover {
-            // PostgreSQL 17+ only: the option list syntax.
-            format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
-                quote_ident(&options.slot)
-            )
-        } else {
-            format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                quote_ident(&options.slot)
-            )
-        })
-        .await
-        .map_err(|e| ReplayError::Refused(e.to_string()))?;
+    let command = if failover {
+        // PostgreSQL 17+ only: the option list syntax.
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+            quote_ident(&options.slot)
+        )
+    } else {
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(&options.slot)
+        )
+    };
+    let create = replication.simple_query(&command);
+    // On a standby the new slot waits for a running-transactions record.
+    let created = match &options.primary {
+        Some(primary) if crate::catalog::in_recovery(client).await? => {
+            crate::standby::with_standby_snapshots(primary, create).await
+        }
+        _ => create.await,
+    }
+    .map_err(|e| ReplayError::Refused(e.to_string()))?;
     let row = created.first().cloned().unwrap_or_default();
     let consistent = row.get(1).cloned().flatten().unwrap_or_default();
     let snapshot = row.get(2).cloned().flatten().ok_or_else(|| {

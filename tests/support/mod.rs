@@ -356,8 +356,8 @@ host replication all 127.0.0.1/32 md5
     }
 
     /// A physical standby of this cluster, streaming through the physical
-    /// slot `slot` and keeping copies of its failover slots (PostgreSQL
-    /// 17's sync_replication_slots). Made without pg_basebackup: the
+    /// slot `slot` with hot_standby_feedback on, and keeping copies of its
+    /// failover slots (PostgreSQL 17+'s sync_replication_slots). Made without pg_basebackup: the
     /// primary stops, its data directory is copied (without its slots),
     /// and both start again.
     pub fn standby(&self, slot: &str, db: &str) -> PgCluster {
@@ -389,23 +389,27 @@ host replication all 127.0.0.1/32 md5
         for entry in std::fs::read_dir(standby.data_dir().join("pg_replslot")).unwrap() {
             std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
         }
+        let mut conf = vec![
+            format!("port = {}", standby.port),
+            format!(
+                "unix_socket_directories = '{}'",
+                standby.dir.path().display()
+            ),
+            format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname={db}'",
+                self.port
+            ),
+            format!("primary_slot_name = '{slot}'"),
+            "hot_standby_feedback = on".into(),
+        ];
+        // Slot synchronization came with PostgreSQL 17; 16 refuses to
+        // start with a setting it does not know.
+        if self.major >= 17 {
+            conf.push("sync_replication_slots = on".into());
+        }
         append(
             &standby.data_dir().join("postgresql.conf"),
-            &[
-                format!("port = {}", standby.port),
-                format!(
-                    "unix_socket_directories = '{}'",
-                    standby.dir.path().display()
-                ),
-                format!(
-                    "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname={db}'",
-                    self.port
-                ),
-                format!("primary_slot_name = '{slot}'"),
-                "hot_standby_feedback = on".into(),
-                "sync_replication_slots = on".into(),
-            ]
-            .join("\n"),
+            &conf.join("\n"),
         );
         std::fs::write(standby.data_dir().join("standby.signal"), "").unwrap();
         if let Some((uid, gid)) = self.user {
