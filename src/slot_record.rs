@@ -9,6 +9,7 @@
 //! promoted standby has it, and so does a restored backup.
 
 use crate::catalog::qualified;
+use crate::lsn::Lsn;
 use crate::postgres::ConnectionConfig;
 use crate::slot_health::{LastConfirmed, recover_command};
 use crate::sql::{SqlClient as Client, SqlError};
@@ -190,27 +191,71 @@ pub async fn used(
 }
 
 /// Records the slot's confirmed position, so that once the slot is gone
-/// the error can still say since when events are missing.
+/// the error can still say since when events are missing; with
+/// `inserts`, the rows inserted into its tables by then (else the count
+/// recorded before stays: older, so it counts more as missing, never
+/// fewer).
 pub async fn confirmed(
     client: &Client,
     schema: &str,
     slot: &str,
     lsn: &str,
+    inserts: Option<i64>,
 ) -> Result<(), SqlError> {
     client
         .execute(
             &format!(
                 "UPDATE {} SET confirmed_lsn = $2::text::pg_lsn, confirmed_at = now(),
-                   inserts_at_confirm = (SELECT sum(n_tup_ins)::bigint FROM pg_stat_user_tables s
-                                         WHERE s.schemaname || '.' || s.relname = ANY(tables))
+                   inserts_at_confirm = coalesce($3, inserts_at_confirm)
                  WHERE slot_name = $1 AND confirmed_lsn IS DISTINCT FROM $2::text::pg_lsn",
                 table(schema)
             ),
-            &[&slot, &lsn],
+            &[&slot, &lsn, &inserts],
         )
         .await?;
     Ok(())
 }
+
+/// The rows inserted into the slot's tables so far by PostgreSQL's
+/// statistics, and the WAL position then (every insert counted is at or
+/// before it: the statistics only lag).
+async fn inserts_sample(
+    client: &Client,
+    schema: &str,
+    slot: &str,
+) -> Result<Option<(i64, Lsn)>, SqlError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT (SELECT sum(n_tup_ins)::bigint FROM pg_stat_user_tables s
+                         WHERE s.schemaname || '.' || s.relname = ANY(r.tables)),
+                        pg_current_wal_lsn()::text
+                 FROM {} r WHERE r.slot_name = $1",
+                table(schema)
+            ),
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|row| {
+        let inserts: Option<i64> = row.get(0);
+        let at: String = row.get(1);
+        Some((inserts?, at.parse().ok()?))
+    }))
+}
+
+/// The last insert count read at or before `confirmed`: every insert it
+/// counts is confirmed.
+fn inserts_by(samples: &std::collections::VecDeque<(i64, Lsn)>, confirmed: Lsn) -> Option<i64> {
+    samples
+        .iter()
+        .rev()
+        .find(|(_, at)| *at <= confirmed)
+        .map(|(inserts, _)| *inserts)
+}
+
+/// Insert counts kept to pick one from before a confirmed position: a
+/// few minutes of the monitor's passes.
+const SAMPLES_KEPT: usize = 300;
 
 /// How often, at most, the slot's confirmed position is written to the
 /// record.
@@ -225,6 +270,15 @@ pub struct Recorder {
     slot: String,
     route: WriteRoute,
     recorded: Option<(String, tokio::time::Instant)>,
+    /// Insert counts with the WAL position they were read at, oldest
+    /// first. The count recorded beside a confirmed position is the last
+    /// one read at or before it: one read at the time of recording would
+    /// count inserts after the position (confirmed or not), and recover
+    /// would then report fewer missing events than there are.
+    samples: std::collections::VecDeque<(i64, Lsn)>,
+    /// When the writer could last not be reached: tried again after
+    /// [`RECORD_EVERY`].
+    unreachable_at: Option<tokio::time::Instant>,
 }
 
 impl Recorder {
@@ -234,6 +288,8 @@ impl Recorder {
             slot,
             route: WriteRoute::new(primary),
             recorded: None,
+            samples: std::collections::VecDeque::new(),
+            unreachable_at: None,
         }
     }
 
@@ -241,27 +297,53 @@ impl Recorder {
     /// server decoded from), or the primary's connection.
     pub async fn note(&mut self, client: &Client, last: &LastConfirmed) {
         let Some(lsn) = &last.lsn else { return };
+        if self
+            .unreachable_at
+            .is_some_and(|at| at.elapsed() < RECORD_EVERY)
+        {
+            return;
+        }
+        let (schema, slot) = (&self.schema, &self.slot);
+        let writer = match self.route.client(client).await {
+            Ok(writer) if std::ptr::eq(writer, client) => Ok(writer),
+            // The primary's session gets the monitor's bounds: a lock on
+            // the record must not hold the monitor.
+            Ok(writer) => writer
+                .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
+                .await
+                .map(|()| writer),
+            Err(e) => Err(e),
+        };
+        let writer = match writer {
+            Ok(writer) => writer,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot record the slot's confirmed position");
+                self.unreachable_at = Some(tokio::time::Instant::now());
+                return;
+            }
+        };
+        self.unreachable_at = None;
+        // Read where the inserts happen (the primary's statistics).
+        match inserts_sample(writer, schema, slot).await {
+            Ok(Some(sample)) => {
+                if self.samples.len() == SAMPLES_KEPT {
+                    self.samples.pop_front();
+                }
+                self.samples.push_back(sample);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot read the outbox's insert count"),
+        }
         if let Some((was, at)) = &self.recorded {
             if was == lsn || at.elapsed() < RECORD_EVERY {
                 return;
             }
         }
-        let (schema, slot) = (&self.schema, &self.slot);
-        let written = match self.route.client(client).await {
-            Ok(writer) if std::ptr::eq(writer, client) => {
-                confirmed(writer, schema, slot, lsn).await
-            }
-            // The primary's session gets the monitor's bounds: a lock on
-            // the record must not hold the monitor.
-            Ok(writer) => match writer
-                .batch_execute("SET statement_timeout = '10s'; SET lock_timeout = '2s'")
-                .await
-            {
-                Ok(()) => confirmed(writer, schema, slot, lsn).await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+        let inserts = lsn
+            .parse()
+            .ok()
+            .and_then(|confirmed| inserts_by(&self.samples, confirmed));
+        let written = confirmed(writer, schema, slot, lsn, inserts).await;
         let now = tokio::time::Instant::now();
         self.recorded = match written {
             Ok(()) => Some((lsn.clone(), now)),
@@ -302,4 +384,25 @@ pub async fn inserts_since_confirm(
         let at: Option<String> = r.get(1);
         inserted.zip(at)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_insert_count_recorded_is_the_last_read_at_or_before_the_confirmed_position() {
+        let samples = std::collections::VecDeque::from([
+            (1000, Lsn(0x100)),
+            (1000, Lsn(0x180)),
+            (1100, Lsn(0x200)),
+        ]);
+        assert_eq!(inserts_by(&samples, Lsn(0x1FF)), Some(1000));
+        assert_eq!(inserts_by(&samples, Lsn(0x200)), Some(1100));
+        assert_eq!(
+            inserts_by(&samples, Lsn(0xFF)),
+            None,
+            "none read early enough: the count recorded before stays"
+        );
+    }
 }

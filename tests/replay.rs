@@ -229,6 +229,26 @@ async fn lose_the_slot_during_an_outage(stack: &Stack, n: i32) -> String {
         .parse()
         .unwrap();
     stack.wait_confirmed(lsn, Duration::from_secs(60)).await;
+    // The relay records the slot's confirmed position with the inserts
+    // counted by then (read at or before it), so that recover can say how
+    // many events a lost slot took with it.
+    wait_for(
+        "walrelay to record the slot's insert count",
+        Duration::from_secs(60),
+        async || {
+            let row = stack
+                .client
+                .query_opt(
+                    "SELECT 1 FROM walrelay_slots WHERE slot_name = 'walrelay'
+                       AND inserts_at_confirm IS NOT NULL AND confirmed_lsn >= $1::text::pg_lsn",
+                    &[&lsn.to_string()],
+                )
+                .await
+                .unwrap();
+            row.map(|_| ())
+        },
+    )
+    .await;
     stack.broker.stop();
     for _ in 0..n / 100 {
         stack.insert_events("order", 100).await;
