@@ -139,8 +139,11 @@ mod tests {
         };
         let mut doubt = Doubt::new(true);
         let batch = |number: u64, table: &OutboxTable, rows: Vec<ClaimedRow>, doubt: &Doubt| {
-            let origin = doubt.origin(table).map(|o| o.to_string().into());
-            Batch::new(number, table.clone(), rows, &router, origin)
+            let stamp = doubt
+                .origin(table)
+                .as_ref()
+                .map(crate::publish::OriginStamp::new);
+            Batch::new(number, table.clone(), rows, &router, stamp)
         };
         let window = 4 * cfg.lanes * cfg.batch_size;
         let broker = MemoryBroker::default();

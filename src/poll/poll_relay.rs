@@ -286,7 +286,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                     self.tables[table].clone(),
                     rows,
                     &self.router,
-                    origin.as_ref().map(|o| o.to_string().into()),
+                    origin.as_ref().map(crate::publish::OriginStamp::new),
                 );
                 match self.lanes[index].conn.clone() {
                     Some(conn) if self.config.exactly_once => {
