@@ -10,7 +10,7 @@ use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
 use crate::monitor::{MonitorConfig, OutboxWatch};
 use crate::poll::{PgStore, PollConfig, PollRelay};
-use crate::relay::{DeliveryGuarantee, PgConnector, RelayConfig, WalRelay};
+use crate::relay::{PgConnector, RelayConfig, WalRelay};
 use crate::router::RouterConfig;
 use crate::shutdown::Shutdown;
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
@@ -50,10 +50,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         kafka.producer.clone(),
         Subject {
             name: config.slot.clone(),
-            delivery: match config.delivery {
-                DeliveryGuarantee::ExactlyOnce => "exactly-once",
-                DeliveryGuarantee::AtLeastOnce => "at-least-once",
-            },
+            delivery: config.delivery.as_str(),
             max_in_flight_events: Some(config.max_in_flight_events as u64),
             max_in_flight_bytes: Some(config.max_in_flight_bytes as u64),
             ..Subject::default()
@@ -148,11 +145,7 @@ pub async fn run_poll(
         kafka.producer.clone(),
         Subject {
             name: tables,
-            delivery: if config.exactly_once {
-                "exactly-once"
-            } else {
-                "at-least-once"
-            },
+            delivery: config.delivery.as_str(),
             // Each lane holds at most one batch.
             max_in_flight_events: Some((config.batch_size * config.lanes.max(1)) as u64),
             ..Subject::default()

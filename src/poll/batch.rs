@@ -227,7 +227,7 @@ impl Batch {
                     self.rows[tag.index].refused = Some(DeadLetter {
                         event_key: key,
                         record,
-                        kind: kind.to_owned(),
+                        kind: kind.as_str().to_owned(),
                         error: error.message,
                     });
                 }

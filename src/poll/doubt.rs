@@ -117,7 +117,7 @@ mod tests {
         );
         let tables = vec![t1.clone(), t2.clone()];
         let mut cfg = config();
-        cfg.exactly_once = true;
+        cfg.delivery = crate::publish::DeliveryGuarantee::ExactlyOnce;
         cfg.router.tables = vec![
             ("public".into(), "outbox".into()),
             ("public".into(), "outbox2".into()),

@@ -50,10 +50,10 @@ mod tests;
 mod topics;
 mod transaction;
 
-pub use error::{DeliveryDecision, PublishError, decide};
+pub use error::{DeliveryDecision, PublishError, RefusalKind, decide};
 pub use ledgers::{MARGIN as EVENT_MARGIN, Replay, ScanSettings};
 pub use offline::HeldPartition;
-pub use outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
+pub use outcome::{DeliveryGuarantee, Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
 pub use outgoing::{OriginStamp, RefusedRecord, ToSend, refused, to_send};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};

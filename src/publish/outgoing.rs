@@ -9,6 +9,7 @@ use std::fmt::Display;
 
 use bytes::Bytes;
 
+use super::error::RefusalKind;
 use super::position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
 use crate::dead_letters::DeadLetter;
 use crate::metrics as m;
@@ -88,21 +89,21 @@ pub fn refused(
     event_key: String,
     record: KafkaRecord,
     reason: String,
-    kind: &str,
+    kind: RefusalKind,
 ) -> RefusedRecord {
     metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected").increment(1);
     let notice = crate::router::broker_dead_letter(
         dead_letter_topic,
         &record,
         &reason,
-        kind,
-        kind != "too_large",
+        kind.as_str(),
+        kind.notice_keeps_value(),
     );
     RefusedRecord {
         letter: DeadLetter {
             event_key,
             record,
-            kind: kind.to_owned(),
+            kind: kind.as_str().to_owned(),
             error: reason,
         },
         notice,
@@ -172,13 +173,25 @@ mod tests {
 
     #[test]
     fn a_refused_record_is_kept_whole_and_its_notice_drops_only_a_value_too_large() {
-        let kept = refused("dl", "o/1".into(), record(), "too big".into(), "too_large");
+        let kept = refused(
+            "dl",
+            "o/1".into(),
+            record(),
+            "too big".into(),
+            RefusalKind::TooLarge,
+        );
         assert_eq!(kept.letter.record, record());
         assert_eq!(kept.letter.event_key, "o/1");
         assert_eq!(kept.letter.kind, "too_large");
         assert_eq!(kept.notice.topic, "dl");
         assert_eq!(kept.notice.value, None);
-        let kept = refused("dl", "o/1".into(), record(), "bad".into(), "invalid_record");
+        let kept = refused(
+            "dl",
+            "o/1".into(),
+            record(),
+            "bad".into(),
+            RefusalKind::InvalidRecord,
+        );
         assert_eq!(kept.notice.value, record().value);
     }
 }

@@ -236,7 +236,7 @@ async fn a_record_too_large_comes_back_refused_for_its_source_to_keep() {
     match &outcomes[0] {
         Outcome::Refused {
             tag: 1,
-            kind: "too_large",
+            kind: RefusalKind::TooLarge,
             record,
             dead_letter: false,
             ..

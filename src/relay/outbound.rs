@@ -29,7 +29,7 @@ use crate::metrics as m;
 use crate::pgoutput::PgTimestamp;
 use crate::publish::{
     Origin, OriginStamp, Outcome, Outgoing, Position, PublishError, Publisher, PublisherConfig,
-    RefusedRecord, Replay, ScanSettings, Sink, ToSend, TopicFailures,
+    RefusalKind, RefusedRecord, Replay, ScanSettings, Sink, ToSend, TopicFailures,
 };
 use crate::record::KafkaRecord;
 use crate::replication::TimelineHistory;
@@ -324,7 +324,13 @@ impl<S: Sink> Outbound<S> {
 
     /// Keeps a refused event whole in the dead-letter table (trying again
     /// until PostgreSQL takes it; the event stays in flight meanwhile).
-    fn store_dead_letter(&mut self, tag: EventTag, record: KafkaRecord, kind: &str, error: String) {
+    fn store_dead_letter(
+        &mut self,
+        tag: EventTag,
+        record: KafkaRecord,
+        kind: RefusalKind,
+        error: String,
+    ) {
         // Keyed by the timeline the event was written on, not the
         // session's: a replay after a failover is the same row.
         let origin = self.origin.as_ref().map_or_else(String::new, |origin| {
