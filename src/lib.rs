@@ -29,3 +29,5 @@ pub mod shutdown;
 pub mod slot_health;
 pub mod slot_record;
 pub mod sql;
+pub mod timeline;
+pub mod timestamp;

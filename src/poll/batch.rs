@@ -7,12 +7,12 @@ use super::claim::{ClaimedRow, FailedRow, OutboxTable, PublishedRow};
 use crate::dead_letters::DeadLetter;
 use crate::lsn::Lsn;
 use crate::metrics as m;
-use crate::pgoutput::PgTimestamp;
 use crate::publish::{
     OriginStamp, Outcome, Outgoing, Position, RefusedRecord, ToSend, backoff, to_send,
 };
 use crate::record::KafkaRecord;
 use crate::router::{ChangeAt, ChangeContext, Router};
+use crate::timestamp::PgTimestamp;
 
 /// A row's position: its `seq` in the fields where a WAL event has its
 /// LSNs, so it prints, sorts and is looked for as one.

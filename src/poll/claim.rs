@@ -23,10 +23,11 @@ use bytes::Bytes;
 use super::schema::{ATTEMPTS, LAST_ERROR, NEXT_ATTEMPT_AT, PUBLISHED_AT, SEQ};
 use crate::catalog::{self, qualified, quote_ident};
 use crate::live::Backlog;
-use crate::pgoutput::{Column, ColumnValue, PgTimestamp, Relation, ReplicaIdentity, TupleData};
+use crate::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity, TupleData};
 use crate::relation_cache::RelationInfo;
 use crate::router::OutboxColumns;
 use crate::sql::{SqlClient, SqlError};
+use crate::timestamp::PgTimestamp;
 
 /// What to do with a published row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -6,7 +6,7 @@ use super::batch::{Batch, RowTag};
 use super::claim::OutboxTable;
 use crate::lsn::Lsn;
 use crate::publish::{Origin, Publisher, Replay, Sink};
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 pub struct Doubt {
     exactly_once: bool,
@@ -106,8 +106,9 @@ mod tests {
     async fn exactly_once_rows_in_doubt_of_two_tables_are_looked_for_one_table_at_a_time() {
         use super::super::batch::{Batch, RowTag};
         use super::super::claim::{ClaimedRow, OutboxTable};
-        use crate::pgoutput::{ColumnValue, PgTimestamp, TupleData};
+        use crate::pgoutput::{ColumnValue, TupleData};
         use crate::publish::{Outcome, Publisher, PublisherConfig, ScanSettings, TopicFailures};
+        use crate::timestamp::PgTimestamp;
 
         let shape = [("id", 2950), ("aggregate_type", 25), ("aggregate_id", 25)];
         let shape = [shape.as_slice(), &[("event_type", 25), ("payload", 3802)]].concat();

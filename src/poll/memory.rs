@@ -21,9 +21,10 @@ use super::batch::Settlement;
 use super::claim::{Claim, ClaimedRow, LaneShare, OutboxTable};
 use super::store::{Connected, OutboxStore, Wakeups};
 use crate::dead_letters::DeadLetter;
-use crate::pgoutput::{ColumnValue, PgTimestamp, TupleData};
+use crate::pgoutput::{ColumnValue, TupleData};
 use crate::publish::LocalBoxFuture;
 use crate::sql::{SqlCause, SqlError};
+use crate::timestamp::PgTimestamp;
 
 /// A call a lane makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

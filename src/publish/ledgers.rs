@@ -9,7 +9,7 @@ use super::position::{Origin, Position};
 use super::scan::{Ledger, LedgerScan, ScanRequest};
 use crate::lsn::Lsn;
 use crate::metrics as m;
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 /// Own records from before the replay's start a scan of an event topic
 /// must see when one producer keeps each partition in position order (the

@@ -9,7 +9,7 @@ use super::memory::MemoryBroker;
 use super::*;
 use crate::lsn::Lsn;
 use crate::record::KafkaRecord;
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 const TOPIC: &str = "outbox.event.order";
 

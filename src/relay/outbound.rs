@@ -26,14 +26,14 @@ use super::{DeliveryGuarantee, RelayConfig};
 use crate::dead_letters::{DeadLetterStore, PgDeadLetters};
 use crate::live::{Delivered, LiveState};
 use crate::metrics as m;
-use crate::pgoutput::PgTimestamp;
 use crate::publish::{
     Origin, OriginStamp, Outcome, Outgoing, Position, PublishError, Publisher, PublisherConfig,
     RefusalKind, RefusedRecord, Replay, ScanSettings, Sink, ToSend, TopicFailures,
 };
 use crate::record::KafkaRecord;
-use crate::replication::TimelineHistory;
 use crate::router::Routed;
+use crate::timeline::TimelineHistory;
+use crate::timestamp::PgTimestamp;
 
 /// What travels with each record through the publisher and back.
 #[derive(Clone, Copy, Debug)]

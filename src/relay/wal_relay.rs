@@ -44,10 +44,10 @@ use crate::dead_letters::DeadLetterStore;
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::monitor::Finding;
-use crate::pgoutput::PgTimestamp;
 use crate::publish::Sink;
 use crate::router::{Routed, Router};
 use crate::shutdown::Shutdown;
+use crate::timestamp::PgTimestamp;
 
 /// Items of the stream applied in one turn of the loop, at most, when
 /// they are already received.

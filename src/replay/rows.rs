@@ -11,13 +11,14 @@
 use bytes::Bytes;
 
 use crate::catalog::{qualified, quote_ident};
-use crate::pgoutput::{Column, ColumnValue, PgTimestamp, Relation, ReplicaIdentity, TupleData};
+use crate::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity, TupleData};
 use crate::postgres::quote_literal;
 use crate::publish::{ORIGIN_HEADER, POSITION_HEADER, Position};
 use crate::record::KafkaRecord;
 use crate::relation_cache::RelationInfo;
 use crate::router::{ChangeAt, ChangeContext, OutboxColumns, Routed, Router};
 use crate::sql::{SqlClient, SqlError};
+use crate::timestamp::PgTimestamp;
 
 use super::ReplayError;
 

@@ -28,10 +28,11 @@ pub use template::{TopicTemplate, check_topic_name};
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-use crate::pgoutput::{Message, PgTimestamp, TupleData};
+use crate::pgoutput::{Message, TupleData};
 use crate::record::{HeaderName, KafkaRecord};
 use crate::relation_cache::{RelationInfo, RowShapeError};
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
+use crate::timestamp::PgTimestamp;
 
 /// What the router made of a change.
 #[derive(Clone, Debug, PartialEq, Eq)]
