@@ -29,5 +29,6 @@ pub mod shutdown;
 pub mod slot_health;
 pub mod slot_record;
 pub mod sql;
+pub mod table;
 pub mod timeline;
 pub mod timestamp;

@@ -4,6 +4,7 @@ use bytes::Bytes;
 
 use crate::lsn::Lsn;
 
+pub use crate::table::ColumnValue;
 pub use crate::timestamp::PgTimestamp;
 
 /// A transaction id.
@@ -128,18 +129,6 @@ pub struct Type {
     pub oid: TypeOid,
     pub namespace: String,
     pub name: String,
-}
-
-/// One column of a row, as sent.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ColumnValue {
-    Null,
-    /// A TOASTed value that did not change; its content is not sent.
-    UnchangedToast,
-    /// The type's text output.
-    Text(Bytes),
-    /// The type's binary send output (only with the `binary` option).
-    Binary(Bytes),
 }
 
 /// A row's column values, in the relation's column order.

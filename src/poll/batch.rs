@@ -102,7 +102,7 @@ impl Batch {
                     at: ChangeAt::Seq(row.seq),
                     commit_time: row.created,
                 };
-                let routed = router.route_insert(&table.relation, &row.tuple, ctx);
+                let routed = router.route_insert(&table.relation, &row.values, ctx);
                 let ToSend {
                     mut record,
                     unroutable,

@@ -23,10 +23,9 @@ use bytes::Bytes;
 use super::schema::{ATTEMPTS, LAST_ERROR, NEXT_ATTEMPT_AT, PUBLISHED_AT, SEQ};
 use crate::catalog::{self, qualified, quote_ident};
 use crate::live::Backlog;
-use crate::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity, TupleData};
-use crate::relation_cache::RelationInfo;
 use crate::router::OutboxColumns;
 use crate::sql::{SqlClient, SqlError};
+use crate::table::{ColumnInfo, ColumnValue, RelationInfo};
 use crate::timestamp::PgTimestamp;
 
 /// What to do with a published row.
@@ -63,8 +62,8 @@ pub struct ClaimedRow {
     pub attempts: i32,
     /// The aggregate, as the lock key sees it.
     pub aggregate: (Option<String>, Option<String>),
-    /// Every column, in text format, as pgoutput would send it.
-    pub tuple: TupleData,
+    /// Every column, in text format, in the table's column order.
+    pub values: Vec<ColumnValue>,
     /// `created_at`, or the claim's time when the table has none.
     pub created: PgTimestamp,
     /// A relay claimed it before and may have sent its record (it is in
@@ -127,22 +126,19 @@ impl OutboxTable {
         columns: &OutboxColumns,
         source_id: String,
     ) -> Self {
-        let relation = RelationInfo::from_message(&Relation {
-            xid: None,
-            id: 0,
-            namespace: schema.to_owned(),
-            name: table.to_owned(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: shape
+        let relation = RelationInfo::new(
+            0,
+            schema.to_owned(),
+            table.to_owned(),
+            shape
                 .iter()
-                .map(|(name, oid)| Column {
+                .map(|(name, oid)| ColumnInfo {
                     is_key: *name == columns.id,
                     name: (*name).to_owned(),
                     type_oid: *oid,
-                    type_modifier: -1,
                 })
                 .collect(),
-        });
+        );
         OutboxTable {
             schema: schema.to_owned(),
             table: table.to_owned(),
@@ -305,7 +301,7 @@ pub async fn claim(
             continue;
         }
         let created = PgTimestamp::from_unix_micros(row.get(5));
-        let columns = (0..table.relation.columns.len())
+        let values = (0..table.relation.columns.len())
             .map(|i| match row.get::<_, Option<&str>>(8 + i) {
                 Some(text) => ColumnValue::Text(Bytes::copy_from_slice(text.as_bytes())),
                 None => ColumnValue::Null,
@@ -316,7 +312,7 @@ pub async fn claim(
             row_id: row.get(7),
             attempts: row.get(2),
             aggregate,
-            tuple: TupleData { columns },
+            values,
             created,
             in_doubt: row.get(6),
         });

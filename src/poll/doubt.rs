@@ -106,8 +106,8 @@ mod tests {
     async fn exactly_once_rows_in_doubt_of_two_tables_are_looked_for_one_table_at_a_time() {
         use super::super::batch::{Batch, RowTag};
         use super::super::claim::{ClaimedRow, OutboxTable};
-        use crate::pgoutput::{ColumnValue, TupleData};
         use crate::publish::{Outcome, Publisher, PublisherConfig, ScanSettings, TopicFailures};
+        use crate::table::ColumnValue;
         use crate::timestamp::PgTimestamp;
 
         let shape = [("id", 2950), ("aggregate_type", 25), ("aggregate_id", 25)];
@@ -129,12 +129,10 @@ mod tests {
             row_id: format!("(0,{seq})"),
             attempts: 0,
             aggregate: (Some("order".into()), Some("agg".into())),
-            tuple: TupleData {
-                columns: [id, "order", "agg", "Placed", "{}"]
-                    .iter()
-                    .map(|v| ColumnValue::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
-                    .collect(),
-            },
+            values: [id, "order", "agg", "Placed", "{}"]
+                .iter()
+                .map(|v| ColumnValue::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
             created: PgTimestamp::now(),
             in_doubt: seq > 1,
         };

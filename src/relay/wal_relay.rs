@@ -342,7 +342,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     .as_ref()
                     .expect("the session checks inserts are in a transaction");
                 let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                let routed = self.router().route_insert(&relation, &tuple, ctx);
+                let routed = self.router().route_insert(&relation, &tuple.columns, ctx);
                 self.out
                     .publish(routed, ticket, commit_time, position, &mut self.confirmer)?;
             }
