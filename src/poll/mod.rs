@@ -64,7 +64,7 @@ mod work;
 pub use backlog::spawn_backlog_monitor;
 pub use claim::{OnPublished, OutboxTable};
 pub use poll_relay::PollRelay;
-pub use store::{OutboxStore, PgStore};
+pub use store::PgStore;
 
 use std::time::Duration;
 
