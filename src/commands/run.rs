@@ -17,6 +17,8 @@ use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::slot_record;
 use crate::sql;
 
+pub use crate::slot_record::record_schema;
+
 /// How long the producer may take to reach a broker before streaming
 /// starts anyway (events then wait for the broker).
 const WARM_UP: Duration = Duration::from_secs(10);
@@ -242,14 +244,6 @@ fn needed_columns(router: &RouterConfig) -> Vec<String> {
     let mut columns = crate::monitor::relay_columns(&router.columns);
     columns.extend(router.header_columns.iter().map(|h| h.column.clone()));
     columns
-}
-
-/// Where walrelay keeps its record of its slots: beside the first outbox
-/// table.
-pub fn record_schema(tables: &[(String, String)]) -> String {
-    tables
-        .first()
-        .map_or_else(|| "public".to_owned(), |(schema, _)| schema.clone())
 }
 
 /// A missing slot is an error unless the operator asked to create it and
