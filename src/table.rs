@@ -55,6 +55,25 @@ impl RelationInfo {
         }
     }
 
+    /// A table as the catalog gives it (no relation id): its columns'
+    /// names and type oids in order, `key` the one that identifies a row.
+    pub fn from_catalog<'a>(
+        schema: &str,
+        table: &str,
+        columns: impl IntoIterator<Item = (&'a str, u32)>,
+        key: &str,
+    ) -> Self {
+        let columns = columns
+            .into_iter()
+            .map(|(name, type_oid)| ColumnInfo {
+                is_key: name == key,
+                name: name.to_owned(),
+                type_oid,
+            })
+            .collect();
+        RelationInfo::new(0, schema.to_owned(), table.to_owned(), columns)
+    }
+
     /// `schema.table`.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.table)

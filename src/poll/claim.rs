@@ -25,7 +25,7 @@ use crate::catalog::{self, qualified, quote_ident};
 use crate::live::Backlog;
 use crate::router::OutboxColumns;
 use crate::sql::{SqlClient, SqlError};
-use crate::table::{ColumnInfo, ColumnValue, RelationInfo};
+use crate::table::{ColumnValue, RelationInfo};
 use crate::timestamp::PgTimestamp;
 
 /// What to do with a published row.
@@ -126,19 +126,8 @@ impl OutboxTable {
         columns: &OutboxColumns,
         source_id: String,
     ) -> Self {
-        let relation = RelationInfo::new(
-            0,
-            schema.to_owned(),
-            table.to_owned(),
-            shape
-                .iter()
-                .map(|(name, oid)| ColumnInfo {
-                    is_key: *name == columns.id,
-                    name: (*name).to_owned(),
-                    type_oid: *oid,
-                })
-                .collect(),
-        );
+        let relation =
+            RelationInfo::from_catalog(schema, table, shape.iter().copied(), &columns.id);
         OutboxTable {
             schema: schema.to_owned(),
             table: table.to_owned(),

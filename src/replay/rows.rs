@@ -16,7 +16,7 @@ use crate::publish::{ORIGIN_HEADER, POSITION_HEADER, Position};
 use crate::record::KafkaRecord;
 use crate::router::{ChangeAt, ChangeContext, OutboxColumns, Routed, Router};
 use crate::sql::{SqlClient, SqlError};
-use crate::table::{ColumnInfo, ColumnValue, RelationInfo};
+use crate::table::{ColumnValue, RelationInfo};
 use crate::timestamp::PgTimestamp;
 
 use super::ReplayError;
@@ -79,19 +79,8 @@ impl TableReader {
                 )));
             }
         }
-        let relation = RelationInfo::new(
-            0,
-            schema.to_owned(),
-            table.to_owned(),
-            shape
-                .iter()
-                .map(|(name, oid)| ColumnInfo {
-                    is_key: *name == columns.id,
-                    name: name.clone(),
-                    type_oid: *oid,
-                })
-                .collect(),
-        );
+        let shape = shape.iter().map(|(name, oid)| (name.as_str(), *oid));
+        let relation = RelationInfo::from_catalog(schema, table, shape, &columns.id);
         let reader = TableReader {
             relation,
             columns: columns.clone(),
