@@ -133,6 +133,20 @@ pub enum PollError {
     },
 }
 
+impl PollError {
+    /// Whether trying again cannot help: after a few tries the relay stops
+    /// with it.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            PollError::Sql(e) => !e.is_transient(),
+            PollError::NotSetUp(_)
+            | PollError::Publish(_)
+            | PollError::GaveUp(_)
+            | PollError::OutOfStep { .. } => true,
+        }
+    }
+}
+
 impl From<SqlError> for PollError {
     fn from(error: SqlError) -> Self {
         PollError::Sql(Box::new(error))

@@ -521,13 +521,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         }
         self.live.set_last_error(&error.to_string());
         metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
-        let permanent = match &error {
-            PollError::Sql(e) => !e.is_transient(),
-            PollError::NotSetUp(_)
-            | PollError::Publish(_)
-            | PollError::GaveUp(_)
-            | PollError::OutOfStep { .. } => true,
-        };
+        let permanent = error.is_permanent();
         tracing::warn!(%error, attempt = self.failures, lane = index, "polling failed");
         if permanent && self.failures >= self.config.permanent_error_attempts {
             return Err(PollError::GaveUp(Box::new(error)));
