@@ -9,6 +9,7 @@
 //! after a replay changes nothing.
 
 use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
 use serde_json::{Map, Value};
 
 use crate::catalog::{qualified, quote_ident};
@@ -36,7 +37,7 @@ pub struct DeadLetter {
 /// Where the WAL relay keeps refused events: the table in PostgreSQL, or
 /// (in tests) memory.
 pub trait DeadLetterStore {
-    fn store(&self, letter: DeadLetter) -> crate::publish::LocalBoxFuture<Result<(), String>>;
+    fn store(&self, letter: DeadLetter) -> LocalBoxFuture<'static, Result<(), String>>;
 }
 
 /// The dead-letter table, through a connection of its own for each store
@@ -49,7 +50,7 @@ pub struct PgDeadLetters {
 }
 
 impl DeadLetterStore for PgDeadLetters {
-    fn store(&self, letter: DeadLetter) -> crate::publish::LocalBoxFuture<Result<(), String>> {
+    fn store(&self, letter: DeadLetter) -> LocalBoxFuture<'static, Result<(), String>> {
         let (pg, table) = (self.pg.clone(), self.table.clone());
         let mut route = crate::standby::WriteRoute::new(self.primary.clone());
         Box::pin(async move {
@@ -82,7 +83,7 @@ pub struct MemoryDeadLetters(pub std::sync::Arc<std::sync::Mutex<Vec<DeadLetter>
 
 #[cfg(any(test, feature = "bench-support"))]
 impl DeadLetterStore for MemoryDeadLetters {
-    fn store(&self, letter: DeadLetter) -> crate::publish::LocalBoxFuture<Result<(), String>> {
+    fn store(&self, letter: DeadLetter) -> LocalBoxFuture<'static, Result<(), String>> {
         let letters = self.0.clone();
         Box::pin(async move {
             let mut letters = letters.lock().unwrap();

@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use crate::metrics as m;
-use crate::pgoutput::PgTimestamp;
 use crate::replication::ConnectionConfig;
 use crate::sql::SqlSession;
 use crate::standby::WriteRoute;
+use crate::timestamp::PgTimestamp;
 
 /// The default heartbeat prefix.
 pub const DEFAULT_PREFIX: &str = "walrelay.heartbeat";

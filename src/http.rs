@@ -26,6 +26,7 @@ use serde_json::json;
 
 use crate::kafka::ProducerSettings;
 use crate::live::{self, LiveState, Subject};
+use crate::publish::DeliveryGuarantee;
 
 /// The page and what it loads, by path.
 const ASSETS: &[(&str, &str, &str)] = &[
@@ -172,17 +173,17 @@ pub fn spawn(
 
 /// The process's fixed facts as metrics: what it is, and its limits.
 fn export_subject(source: live::Source, subject: &Subject) {
-    let source = match source {
+    let label = match source {
         live::Source::Wal => "wal",
         live::Source::Poll => "poll",
         live::Source::Inbox => "inbox",
     };
-    metrics::gauge!(crate::metrics::INFO, "source" => source, "delivery" => subject.delivery, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(crate::metrics::INFO, "source" => label, "delivery" => subject.delivery, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Counters with labels exist from the start at zero, for each label
     // value they take, so a scrape shows every series the dashboards use.
     use crate::metrics as m;
     match source {
-        "inbox" => {
+        live::Source::Inbox => {
             metrics::counter!(m::INBOX_RECORDS_CONSUMED_TOTAL).absolute(0);
             metrics::counter!(m::INBOX_RECORDS_STORED_TOTAL).absolute(0);
             metrics::counter!(m::INBOX_DUPLICATES_SKIPPED_TOTAL).absolute(0);
@@ -191,8 +192,8 @@ fn export_subject(source: live::Source, subject: &Subject) {
                 metrics::counter!(m::INBOX_DEAD_LETTERS_TOTAL, "kind" => kind.as_str()).absolute(0);
             }
         }
-        _ => {
-            let kinds: &[&str] = if source == "poll" {
+        live::Source::Wal | live::Source::Poll => {
+            let kinds: &[&str] = if source == live::Source::Poll {
                 metrics::counter!(m::POLL_BATCHES_TOTAL).absolute(0);
                 metrics::counter!(m::POLL_ROW_FAILURES_TOTAL).absolute(0);
                 &["unroutable", "broker_rejected", "max_attempts"]
@@ -207,8 +208,8 @@ fn export_subject(source: live::Source, subject: &Subject) {
             }
             // From zero, so the first fallback is an increase() that
             // WalrelayExactlyOnceFallback sees (a series born at 1 is not).
-            if subject.delivery == "exactly-once" {
-                let claim: &[&str] = if source == "poll" {
+            if subject.delivery == DeliveryGuarantee::ExactlyOnce.as_str() {
+                let claim: &[&str] = if source == live::Source::Poll {
                     &["claim_lost"]
                 } else {
                     &[]

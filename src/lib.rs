@@ -2,31 +2,34 @@
 //! logical replication. `docs/architecture.md` maps the modules to the
 //! pipeline and says where each guarantee is enforced.
 
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod cli;
-pub mod commands;
+pub(crate) mod commands;
 pub mod dead_letters;
-pub mod heartbeat;
-pub mod http;
-pub mod inbox;
+pub(crate) mod heartbeat;
+pub(crate) mod http;
+pub(crate) mod inbox;
 pub mod kafka;
 pub mod live;
 pub mod lsn;
 pub mod metrics;
-pub mod monitor;
+pub(crate) mod monitor;
 pub mod pgoutput;
-pub mod poll;
+pub(crate) mod poll;
 pub mod postgres;
 pub mod publish;
-pub mod record;
+pub(crate) mod record;
 pub mod relation_cache;
 pub mod relay;
-pub mod replay;
+pub(crate) mod replay;
 pub mod replication;
-pub mod retention;
+pub(crate) mod retention;
 pub mod router;
 pub mod shutdown;
-pub mod slot_health;
-pub mod slot_record;
+pub(crate) mod slot_health;
+pub(crate) mod slot_record;
 pub mod sql;
-pub mod standby;
+pub(crate) mod standby;
+pub(crate) mod table;
+pub(crate) mod timeline;
+pub(crate) mod timestamp;

@@ -401,7 +401,7 @@ impl LiveState {
     /// An event was acknowledged (stored): while connected, whatever went
     /// wrong before is over.
     pub fn record_ack(&self) {
-        let now = crate::pgoutput::PgTimestamp::now().unix_micros();
+        let now = crate::timestamp::PgTimestamp::now().unix_micros();
         self.last_ack_unix_micros
             .store(now.max(0) as u64, Ordering::Relaxed);
         if self.errors.any_current() && self.connected() && !self.waiting_for_broker() {

@@ -8,27 +8,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::pgoutput::{ColumnValue, Relation, RelationId, TupleData, TypeOid};
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ColumnInfo {
-    pub name: String,
-    pub type_oid: TypeOid,
-    /// Part of the replica identity (normally the primary key).
-    pub is_key: bool,
-}
-
-/// One table's shape, as last sent by the server.
-#[derive(Clone, Debug)]
-pub struct RelationInfo {
-    pub id: RelationId,
-    pub schema: String,
-    pub table: String,
-    pub columns: Vec<ColumnInfo>,
-    index_by_name: HashMap<String, usize>,
-}
+use crate::pgoutput::{Relation, RelationId};
+pub use crate::table::{ColumnInfo, RelationInfo, Row, RowShapeError};
 
 impl RelationInfo {
+    /// The shape a Relation message gives.
     pub fn from_message(relation: &Relation) -> Self {
         let columns: Vec<ColumnInfo> = relation
             .columns
@@ -39,73 +23,12 @@ impl RelationInfo {
                 is_key: c.is_key,
             })
             .collect();
-        let index_by_name = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.name.clone(), i))
-            .collect();
-        RelationInfo {
-            id: relation.id,
-            schema: relation.namespace.clone(),
-            table: relation.name.clone(),
+        RelationInfo::new(
+            relation.id,
+            relation.namespace.clone(),
+            relation.name.clone(),
             columns,
-            index_by_name,
-        }
-    }
-
-    /// `schema.table`.
-    pub fn qualified_name(&self) -> String {
-        format!("{}.{}", self.schema, self.table)
-    }
-
-    /// The position of a column, by name.
-    pub fn column_index(&self, name: &str) -> Option<usize> {
-        self.index_by_name.get(name).copied()
-    }
-
-    /// Pairs a tuple with this relation so its values can be read by name.
-    pub fn row<'a>(&'a self, tuple: &'a TupleData) -> Result<Row<'a>, RowShapeError> {
-        if tuple.columns.len() != self.columns.len() {
-            return Err(RowShapeError {
-                relation: self.qualified_name(),
-                expected: self.columns.len(),
-                got: tuple.columns.len(),
-            });
-        }
-        Ok(Row {
-            relation: self,
-            tuple,
-        })
-    }
-}
-
-/// A row whose column count differs from its relation's: the stream and the
-/// cache disagree, which only a protocol bug can cause.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("row of {relation} has {got} columns but its Relation message lists {expected}")]
-pub struct RowShapeError {
-    pub relation: String,
-    pub expected: usize,
-    pub got: usize,
-}
-
-/// A decoded row, readable by column name.
-#[derive(Clone, Copy, Debug)]
-pub struct Row<'a> {
-    pub relation: &'a RelationInfo,
-    tuple: &'a TupleData,
-}
-
-impl<'a> Row<'a> {
-    /// The value of a column, or `None` when the relation has no such column.
-    pub fn get(&self, name: &str) -> Option<&'a ColumnValue> {
-        let index = self.relation.column_index(name)?;
-        self.tuple.columns.get(index)
-    }
-
-    /// The column's info and value, in column order.
-    pub fn iter(&self) -> impl Iterator<Item = (&'a ColumnInfo, &'a ColumnValue)> + use<'a> {
-        self.relation.columns.iter().zip(self.tuple.columns.iter())
+        )
     }
 }
 
@@ -143,7 +66,7 @@ impl RelationCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::{Column, ReplicaIdentity};
+    use crate::pgoutput::{Column, ColumnValue, ReplicaIdentity, TupleData};
     use bytes::Bytes;
 
     fn relation(columns: &[&str]) -> Relation {
@@ -176,7 +99,7 @@ mod tests {
         let tuple = TupleData {
             columns: vec![text("1"), text("{}")],
         };
-        let row = info.row(&tuple).unwrap();
+        let row = info.row(&tuple.columns).unwrap();
         assert_eq!(row.get("payload"), Some(&text("{}")));
         assert_eq!(row.get("missing"), None);
         assert!(info.columns[0].is_key);
@@ -191,7 +114,7 @@ mod tests {
         let tuple = TupleData {
             columns: vec![text("1"), text("acme"), text("{}")],
         };
-        let row = info.row(&tuple).unwrap();
+        let row = info.row(&tuple.columns).unwrap();
         assert_eq!(row.get("payload"), Some(&text("{}")));
         assert_eq!(row.get("tenant"), Some(&text("acme")));
         assert_eq!(cache.len(), 1);
@@ -203,7 +126,7 @@ mod tests {
         let tuple = TupleData {
             columns: vec![text("1")],
         };
-        let err = info.row(&tuple).unwrap_err();
+        let err = info.row(&tuple.columns).unwrap_err();
         assert_eq!(err.expected, 2);
         assert_eq!(err.got, 1);
     }

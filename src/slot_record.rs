@@ -18,6 +18,13 @@ use crate::standby::WriteRoute;
 /// The record's table name, in the schema of the first outbox table.
 pub const TABLE: &str = "walrelay_slots";
 
+/// Where the record is kept: beside the first outbox table.
+pub fn record_schema(tables: &[(String, String)]) -> String {
+    tables
+        .first()
+        .map_or_else(|| "public".to_owned(), |(schema, _)| schema.clone())
+}
+
 /// One slot walrelay made or streamed from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotRecord {

@@ -143,7 +143,7 @@ fn inserted_rows(messages: &[(Lsn, LogicalMessage)]) -> Vec<Vec<(String, ColumnV
             }
             LogicalMessage::Insert(i) => {
                 let info = cache.get(i.relation_id).expect("Relation before Insert");
-                let row = info.row(&i.new).unwrap();
+                let row = info.row(&i.new.columns).unwrap();
                 rows.push(
                     row.iter()
                         .map(|(c, v)| (c.name.clone(), v.clone()))
@@ -193,7 +193,7 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
             }
             LogicalMessage::Insert(i) => {
                 let info = cache.get(i.relation_id).unwrap();
-                let row = info.row(&i.new).unwrap();
+                let row = info.row(&i.new.columns).unwrap();
                 seen.push(format!(
                     "insert {} {:?} {}",
                     text(row.get("id").unwrap()),
@@ -203,12 +203,15 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
             }
             LogicalMessage::Update(u) => {
                 let info = cache.get(u.relation_id).unwrap();
-                let row = info.row(&u.new).unwrap();
+                let row = info.row(&u.new.columns).unwrap();
                 let old = match &u.old {
                     None => "none".to_string(),
                     Some(OldTuple::Key(_)) => "key".to_string(),
                     Some(OldTuple::Full(t)) => {
-                        format!("full n={}", text(info.row(t).unwrap().get("n").unwrap()))
+                        format!(
+                            "full n={}",
+                            text(info.row(&t.columns).unwrap().get("n").unwrap())
+                        )
                     }
                 };
                 seen.push(format!(
@@ -225,7 +228,7 @@ async fn insert_update_delete_and_truncate_decode_with_their_values() {
                 };
                 seen.push(format!(
                     "delete {}",
-                    text(info.row(old).unwrap().get("id").unwrap())
+                    text(info.row(&old.columns).unwrap().get("id").unwrap())
                 ));
             }
             LogicalMessage::Truncate(t) => {

@@ -47,7 +47,7 @@ impl BackfillArgs {
             pg: poll.pg,
             router: poll.router,
             kafka: self.run.sink_settings()?,
-            exactly_once: poll.exactly_once,
+            exactly_once: poll.delivery.is_exactly_once(),
             name: self.name.clone(),
             selection: crate::replay::rows_selection(
                 self.since.clone(),
@@ -91,7 +91,7 @@ impl RecoverArgs {
             pg: poll.pg,
             router: poll.router,
             kafka: self.run.sink_settings()?,
-            exactly_once: poll.exactly_once,
+            exactly_once: poll.delivery.is_exactly_once(),
             slot: self.run.outbox.slot.clone(),
             since: self.since.clone(),
             accept_loss: self.accept_loss,

@@ -329,11 +329,10 @@ impl RunArgs {
             router,
             batch_size: self.poll.poll_batch_size as usize,
             lanes: self.poll.poll_connections as usize,
-            exactly_once: self
+            delivery: self
                 .delivery
                 .delivery
-                .unwrap_or(DeliveryGuarantee::ExactlyOnce)
-                == DeliveryGuarantee::ExactlyOnce,
+                .unwrap_or(DeliveryGuarantee::ExactlyOnce),
             exactly_once_lookback: self.delivery.exactly_once_lookback as usize,
             poll_interval: self.poll.poll_interval,
             on_published: self.poll.on_published,

@@ -10,12 +10,14 @@ use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
 use crate::monitor::{MonitorConfig, OutboxWatch};
 use crate::poll::{PgStore, PollConfig, PollRelay};
-use crate::relay::{DeliveryGuarantee, PgConnector, RelayConfig, WalRelay};
+use crate::relay::{PgConnector, RelayConfig, WalRelay};
 use crate::router::RouterConfig;
 use crate::shutdown::Shutdown;
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::slot_record;
 use crate::sql;
+
+pub use crate::slot_record::record_schema;
 
 /// How long the producer may take to reach a broker before streaming
 /// starts anyway (events then wait for the broker).
@@ -51,10 +53,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         kafka.producer.clone(),
         Subject {
             name: config.slot.clone(),
-            delivery: match config.delivery {
-                DeliveryGuarantee::ExactlyOnce => "exactly-once",
-                DeliveryGuarantee::AtLeastOnce => "at-least-once",
-            },
+            delivery: config.delivery.as_str(),
             max_in_flight_events: Some(config.max_in_flight_events as u64),
             max_in_flight_bytes: Some(config.max_in_flight_bytes as u64),
             ..Subject::default()
@@ -155,11 +154,7 @@ pub async fn run_poll(
         kafka.producer.clone(),
         Subject {
             name: tables,
-            delivery: if config.exactly_once {
-                "exactly-once"
-            } else {
-                "at-least-once"
-            },
+            delivery: config.delivery.as_str(),
             // Each lane holds at most one batch.
             max_in_flight_events: Some((config.batch_size * config.lanes.max(1)) as u64),
             ..Subject::default()
@@ -282,14 +277,6 @@ async fn primary_for_run(
         "the heartbeat that moves an idle slot is written on the primary (or turn it off with --heartbeat-interval 0)"
     };
     Ok(crate::standby::primary_for(client, primary, what).await?)
-}
-
-/// Where walrelay keeps its record of its slots: beside the first outbox
-/// table.
-pub fn record_schema(tables: &[(String, String)]) -> String {
-    tables
-        .first()
-        .map_or_else(|| "public".to_owned(), |(schema, _)| schema.clone())
 }
 
 /// A missing slot is an error unless the operator asked to create it and

@@ -38,6 +38,6 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-pub use consumer::{InboxConfig, InboxError, run};
+pub use consumer::{InboxConfig, run};
 pub use reset::OnTopicReset;
 pub use schema::InboxTables;

@@ -27,11 +27,11 @@ impl Delivered {
         &mut self,
         live: &super::LiveState,
         topic: &str,
-        created: crate::pgoutput::PgTimestamp,
+        created: crate::timestamp::PgTimestamp,
         dead_letter: bool,
     ) {
         use std::sync::atomic::Ordering;
-        let now = crate::pgoutput::PgTimestamp::now();
+        let now = crate::timestamp::PgTimestamp::now();
         if dead_letter {
             live.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -3,16 +3,16 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::claim::{ClaimedRow, FailedRow, OutboxTable, PublishedRow};
 use crate::dead_letters::DeadLetter;
 use crate::lsn::Lsn;
 use crate::metrics as m;
-use crate::pgoutput::PgTimestamp;
-use crate::publish::{ORIGIN_HEADER, Outcome, Outgoing, POSITION_HEADER, Position, backoff};
+use crate::publish::{
+    OriginStamp, Outcome, Outgoing, Position, RefusedRecord, ToSend, backoff, to_send,
+};
 use crate::record::KafkaRecord;
-use crate::router::{ChangeAt, ChangeContext, Routed, Router};
+use crate::router::{ChangeAt, ChangeContext, Router};
+use crate::timestamp::PgTimestamp;
 
 /// A row's position: its `seq` in the fields where a WAL event has its
 /// LSNs, so it prints, sorts and is looked for as one.
@@ -71,8 +71,8 @@ pub struct Batch {
     pub number: u64,
     pub table: OutboxTable,
     rows: Vec<Row>,
-    /// Exactly once: the origin header every record carries.
-    origin: Option<Bytes>,
+    /// Exactly once: the headers every record carries.
+    stamp: Option<OriginStamp>,
     /// The out-of-attempts rows' dead letters were sent.
     last_tries_sent: bool,
 }
@@ -87,13 +87,13 @@ pub struct Settlement {
 
 impl Batch {
     /// The claimed rows as records (or their dead letters, if a row cannot
-    /// be one); exactly once, each carries its position and `origin`.
+    /// be one); exactly once, each carries its position and origin.
     pub fn new(
         number: u64,
         table: OutboxTable,
         rows: Vec<ClaimedRow>,
         router: &Router,
-        origin: Option<Bytes>,
+        stamp: Option<OriginStamp>,
     ) -> Self {
         let rows = rows
             .into_iter()
@@ -102,28 +102,19 @@ impl Batch {
                     at: ChangeAt::Seq(row.seq),
                     commit_time: row.created,
                 };
-                let (mut record, dead_letter) =
-                    match router.route_insert(&table.relation, &row.tuple, ctx) {
-                        Routed::Event(record) => (record, None),
-                        Routed::DeadLetter { record, error } => {
-                            tracing::warn!(seq = row.seq, reason = %error, kind = error.kind(), "unroutable row sent to the dead-letter topic");
-                            metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "unroutable")
-                                .increment(1);
-                            (record, Some(error.to_string()))
-                        }
-                        Routed::Ignored => unreachable!("the relation is an outbox table"),
-                    };
-                if let Some(origin) = &origin {
-                    record.headers.push((
-                        POSITION_HEADER.into(),
-                        position_of(row.seq).to_bytes(),
-                    ));
-                    record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
+                let routed = router.route_insert(&table.relation, &row.values, ctx);
+                let ToSend {
+                    mut record,
+                    unroutable,
+                } = to_send(routed, format_args!("seq {}", row.seq))
+                    .expect("the relation is an outbox table");
+                if let Some(stamp) = &stamp {
+                    stamp.stamp(&mut record, position_of(row.seq));
                 }
                 Row {
                     row,
                     record,
-                    dead_letter,
+                    dead_letter: unroutable.map(|error| error.to_string()),
                     refused: None,
                     state: RowState::Sending,
                 }
@@ -133,7 +124,7 @@ impl Batch {
             number,
             table,
             rows,
-            origin,
+            stamp,
             last_tries_sent: false,
         }
     }
@@ -167,7 +158,7 @@ impl Batch {
                 index,
             },
             // Only a row in doubt is looked for in its partition.
-            position: (self.origin.is_some() && row.row.in_doubt).then(|| position_of(row.row.seq)),
+            position: (self.stamp.is_some() && row.row.in_doubt).then(|| position_of(row.row.seq)),
             dead_letter: row.dead_letter.is_some(),
         }
     }
@@ -207,22 +198,15 @@ impl Batch {
                 // The broker will never take it: it is kept whole in the
                 // dead-letter table when the batch settles, and its notice
                 // goes to the dead-letter topic.
-                metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected").increment(1);
-                let notice = crate::router::broker_dead_letter(
+                let RefusedRecord { letter, notice } = crate::publish::refused(
                     dead_letter_topic,
-                    &record,
-                    &error.message,
-                    kind,
-                    kind != "too_large",
-                );
-                let key = self.event_key(tag.index);
-                let row = &mut self.rows[tag.index];
-                row.refused = Some(DeadLetter {
-                    event_key: key,
+                    self.event_key(tag.index),
                     record,
-                    kind: kind.to_owned(),
-                    error: error.message.clone(),
-                });
+                    error.message.clone(),
+                    kind,
+                );
+                let row = &mut self.rows[tag.index];
+                row.refused = Some(letter);
                 row.record = notice;
                 row.dead_letter = Some(error.message);
                 return (false, Some(self.outgoing_of(tag.index)));
@@ -243,7 +227,7 @@ impl Batch {
                     self.rows[tag.index].refused = Some(DeadLetter {
                         event_key: key,
                         record,
-                        kind: kind.to_owned(),
+                        kind: kind.as_str().to_owned(),
                         error: error.message,
                     });
                 }

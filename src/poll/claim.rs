@@ -23,10 +23,10 @@ use bytes::Bytes;
 use super::schema::{ATTEMPTS, LAST_ERROR, NEXT_ATTEMPT_AT, PUBLISHED_AT, SEQ};
 use crate::catalog::{self, qualified, quote_ident};
 use crate::live::Backlog;
-use crate::pgoutput::{Column, ColumnValue, PgTimestamp, Relation, ReplicaIdentity, TupleData};
-use crate::relation_cache::RelationInfo;
 use crate::router::OutboxColumns;
 use crate::sql::{SqlClient, SqlError};
+use crate::table::{ColumnValue, RelationInfo};
+use crate::timestamp::PgTimestamp;
 
 /// What to do with a published row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,8 +62,8 @@ pub struct ClaimedRow {
     pub attempts: i32,
     /// The aggregate, as the lock key sees it.
     pub aggregate: (Option<String>, Option<String>),
-    /// Every column, in text format, as pgoutput would send it.
-    pub tuple: TupleData,
+    /// Every column, in text format, in the table's column order.
+    pub values: Vec<ColumnValue>,
     /// `created_at`, or the claim's time when the table has none.
     pub created: PgTimestamp,
     /// A relay claimed it before and may have sent its record (it is in
@@ -126,22 +126,8 @@ impl OutboxTable {
         columns: &OutboxColumns,
         source_id: String,
     ) -> Self {
-        let relation = RelationInfo::from_message(&Relation {
-            xid: None,
-            id: 0,
-            namespace: schema.to_owned(),
-            name: table.to_owned(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: shape
-                .iter()
-                .map(|(name, oid)| Column {
-                    is_key: *name == columns.id,
-                    name: (*name).to_owned(),
-                    type_oid: *oid,
-                    type_modifier: -1,
-                })
-                .collect(),
-        });
+        let relation =
+            RelationInfo::from_catalog(schema, table, shape.iter().copied(), &columns.id);
         OutboxTable {
             schema: schema.to_owned(),
             table: table.to_owned(),
@@ -304,7 +290,7 @@ pub async fn claim(
             continue;
         }
         let created = PgTimestamp::from_unix_micros(row.get(5));
-        let columns = (0..table.relation.columns.len())
+        let values = (0..table.relation.columns.len())
             .map(|i| match row.get::<_, Option<&str>>(8 + i) {
                 Some(text) => ColumnValue::Text(Bytes::copy_from_slice(text.as_bytes())),
                 None => ColumnValue::Null,
@@ -315,7 +301,7 @@ pub async fn claim(
             row_id: row.get(7),
             attempts: row.get(2),
             aggregate,
-            tuple: TupleData { columns },
+            values,
             created,
             in_doubt: row.get(6),
         });

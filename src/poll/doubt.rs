@@ -6,7 +6,7 @@ use super::batch::{Batch, RowTag};
 use super::claim::OutboxTable;
 use crate::lsn::Lsn;
 use crate::publish::{Origin, Publisher, Replay, Sink};
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 pub struct Doubt {
     exactly_once: bool,
@@ -106,8 +106,9 @@ mod tests {
     async fn exactly_once_rows_in_doubt_of_two_tables_are_looked_for_one_table_at_a_time() {
         use super::super::batch::{Batch, RowTag};
         use super::super::claim::{ClaimedRow, OutboxTable};
-        use crate::pgoutput::{ColumnValue, PgTimestamp, TupleData};
         use crate::publish::{Outcome, Publisher, PublisherConfig, ScanSettings, TopicFailures};
+        use crate::table::ColumnValue;
+        use crate::timestamp::PgTimestamp;
 
         let shape = [("id", 2950), ("aggregate_type", 25), ("aggregate_id", 25)];
         let shape = [shape.as_slice(), &[("event_type", 25), ("payload", 3802)]].concat();
@@ -117,7 +118,7 @@ mod tests {
         );
         let tables = vec![t1.clone(), t2.clone()];
         let mut cfg = config();
-        cfg.exactly_once = true;
+        cfg.delivery = crate::publish::DeliveryGuarantee::ExactlyOnce;
         cfg.router.tables = vec![
             ("public".into(), "outbox".into()),
             ("public".into(), "outbox2".into()),
@@ -128,19 +129,20 @@ mod tests {
             row_id: format!("(0,{seq})"),
             attempts: 0,
             aggregate: (Some("order".into()), Some("agg".into())),
-            tuple: TupleData {
-                columns: [id, "order", "agg", "Placed", "{}"]
-                    .iter()
-                    .map(|v| ColumnValue::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
-                    .collect(),
-            },
+            values: [id, "order", "agg", "Placed", "{}"]
+                .iter()
+                .map(|v| ColumnValue::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
             created: PgTimestamp::now(),
             in_doubt: seq > 1,
         };
         let mut doubt = Doubt::new(true);
         let batch = |number: u64, table: &OutboxTable, rows: Vec<ClaimedRow>, doubt: &Doubt| {
-            let origin = doubt.origin(table).map(|o| o.to_string().into());
-            Batch::new(number, table.clone(), rows, &router, origin)
+            let stamp = doubt
+                .origin(table)
+                .as_ref()
+                .map(crate::publish::OriginStamp::new);
+            Batch::new(number, table.clone(), rows, &router, stamp)
         };
         let window = 4 * cfg.lanes * cfg.batch_size;
         let broker = MemoryBroker::default();

@@ -56,6 +56,23 @@ pub enum Phase {
     },
 }
 
+impl Phase {
+    /// The phase, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Disconnected { .. } => "disconnected",
+            Phase::Connecting => "connecting",
+            Phase::Idle => "idle",
+            Phase::Claiming { .. } => "claiming",
+            Phase::Marking { .. } => "marking",
+            Phase::Waiting { .. } => "waiting",
+            Phase::Publishing { .. } => "publishing",
+            Phase::Settling { .. } => "settling",
+            Phase::Draining { .. } => "draining",
+        }
+    }
+}
+
 pub struct Lane<C> {
     /// Its connection(s) (`store.rs`): the one whose transaction claims and
     /// settles, and exactly once the one the in-flight notes commit on.

@@ -21,9 +21,10 @@ use super::batch::Settlement;
 use super::claim::{Claim, ClaimedRow, LaneShare, OutboxTable};
 use super::store::{Connected, OutboxStore, Wakeups};
 use crate::dead_letters::DeadLetter;
-use crate::pgoutput::{ColumnValue, PgTimestamp, TupleData};
 use crate::publish::LocalBoxFuture;
 use crate::sql::{SqlCause, SqlError};
+use crate::table::ColumnValue;
+use crate::timestamp::PgTimestamp;
 
 /// A call a lane makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -312,15 +313,13 @@ impl OutboxStore for MemoryOutbox {
                     row_id: row_id(*seq),
                     attempts: row.attempts,
                     aggregate: (Some("order".into()), Some(row.aggregate_id.clone())),
-                    tuple: TupleData {
-                        columns: vec![
-                            text(&row.id),
-                            text("order"),
-                            text(&row.aggregate_id),
-                            text("Placed"),
-                            text(&row.payload),
-                        ],
-                    },
+                    values: vec![
+                        text(&row.id),
+                        text("order"),
+                        text(&row.aggregate_id),
+                        text("Placed"),
+                        text(&row.payload),
+                    ],
                     created: PgTimestamp::now(),
                     in_doubt: state.in_flight.contains(seq),
                 });

@@ -64,12 +64,12 @@ mod work;
 pub use backlog::spawn_backlog_monitor;
 pub use claim::{OnPublished, OutboxTable};
 pub use poll_relay::PollRelay;
-pub use store::{OutboxStore, PgStore};
+pub use store::PgStore;
 
 use std::time::Duration;
 
 use crate::postgres::ConnectionConfig;
-use crate::publish::PublishError;
+use crate::publish::{DeliveryGuarantee, PublishError};
 use crate::router::RouterConfig;
 use crate::sql::{SqlClient, SqlError};
 
@@ -86,7 +86,7 @@ pub struct PollConfig {
     /// Exactly once: records carry their position (`seq`) and origin, and
     /// rows a relay may have sent before are checked against their
     /// partition's tail before they are sent again.
-    pub exactly_once: bool,
+    pub delivery: DeliveryGuarantee,
     /// Exactly once: records of a partition's tail read at most.
     pub exactly_once_lookback: usize,
     /// Longest wait between polls of an idle outbox (`--poll-interval`).
@@ -118,8 +118,33 @@ pub enum PollError {
     #[error(transparent)]
     Publish(#[from] PublishError),
     /// A permanent error, tried a few times: the relay stops with it.
-    #[error("{0}")]
-    Gave(String),
+    #[error(transparent)]
+    GaveUp(Box<PollError>),
+    /// A lane's work finished in a phase that cannot take its result: a
+    /// bug. The relay stops rather than drop the result (the claim rolls
+    /// back; nothing was deleted).
+    #[error(
+        "lane {lane}: its {result} work finished while it was {phase}; this is a bug in walrelay"
+    )]
+    OutOfStep {
+        lane: usize,
+        result: &'static str,
+        phase: &'static str,
+    },
+}
+
+impl PollError {
+    /// Whether trying again cannot help: after a few tries the relay stops
+    /// with it.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            PollError::Sql(e) => !e.is_transient(),
+            PollError::NotSetUp(_)
+            | PollError::Publish(_)
+            | PollError::GaveUp(_)
+            | PollError::OutOfStep { .. } => true,
+        }
+    }
 }
 
 impl From<SqlError> for PollError {

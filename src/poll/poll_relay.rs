@@ -62,7 +62,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
             PublisherConfig {
                 dead_letter_topic: config.router.dead_letter_topic.clone(),
                 topic_failures: TopicFailures::FailRecords,
-                exactly_once: config.exactly_once.then(|| ScanSettings {
+                exactly_once: config.delivery.is_exactly_once().then(|| ScanSettings {
                     lookback: config.exactly_once_lookback,
                     dead_letter_topic: config.router.dead_letter_topic.clone(),
                     window: in_flight,
@@ -76,7 +76,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
             publisher,
             live,
             tables: Vec::new(),
-            doubt: Doubt::new(config.exactly_once),
+            doubt: Doubt::new(config.delivery.is_exactly_once()),
             lanes: (0..config.lanes.max(1)).map(|_| Lane::new()).collect(),
             work: LaneWork::new(config.pg.address()),
             wakeups: None,
@@ -129,7 +129,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                 }
                 outcomes = self.publisher.next() => self.on_outcomes(outcomes?),
                 Some((lane, done)) = self.work.next(), if !self.work.is_empty() => match done {
-                    Ok(done) => self.on_done(lane, done),
+                    Ok(done) => self.on_done(lane, done)?,
                     Err(error) => self.on_failure(lane, error)?,
                 },
                 () = notified => self.schedule.notified(),
@@ -242,7 +242,9 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         });
     }
 
-    fn on_done(&mut self, index: usize, done: Done<St::Conn>) {
+    /// Lane `index`'s work finished: its next phase. A result its phase
+    /// cannot take is an error, never dropped.
+    pub(super) fn on_done(&mut self, index: usize, done: Done<St::Conn>) -> Result<(), PollError> {
         let phase = std::mem::replace(&mut self.lanes[index].phase, Phase::Idle);
         self.lanes[index].phase = match (done, phase) {
             (
@@ -275,7 +277,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                 self.schedule
                     .claimed(table, claim.rows.len(), claim.stopped, lanes, tables);
                 if claim.rows.is_empty() {
-                    return;
+                    return Ok(());
                 }
                 let rows = claim.rows;
                 metrics::counter!(m::POLL_BATCHES_TOTAL).increment(1);
@@ -286,10 +288,10 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                     self.tables[table].clone(),
                     rows,
                     &self.router,
-                    origin.as_ref().map(|o| o.to_string().into()),
+                    origin.as_ref().map(crate::publish::OriginStamp::new),
                 );
                 match self.lanes[index].conn.clone() {
-                    Some(conn) if self.config.exactly_once => {
+                    Some(conn) if self.config.delivery.is_exactly_once() => {
                         // Exactly once: noted as possibly sent before it is.
                         let (outbox, seqs) = (batch.table.clone(), batch.seqs());
                         let in_doubt = batch.lowest_in_doubt().is_some();
@@ -324,8 +326,17 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
                 self.failures = 0;
                 Phase::Idle
             }
-            (_, phase) => phase,
+            (done, phase) => {
+                let error = PollError::OutOfStep {
+                    lane: index,
+                    result: done.name(),
+                    phase: phase.name(),
+                };
+                self.lanes[index].phase = phase;
+                return Err(error);
+            }
         };
+        Ok(())
     }
 
     /// Hands lane `index`'s batch to the publisher, rows in doubt looked
@@ -510,13 +521,10 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         }
         self.live.set_last_error(&error.to_string());
         metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
-        let permanent = match &error {
-            PollError::Sql(e) => !e.is_transient(),
-            PollError::NotSetUp(_) | PollError::Publish(_) | PollError::Gave(_) => true,
-        };
+        let permanent = error.is_permanent();
         tracing::warn!(%error, attempt = self.failures, lane = index, "polling failed");
         if permanent && self.failures >= self.config.permanent_error_attempts {
-            return Err(PollError::Gave(error.to_string()));
+            return Err(PollError::GaveUp(Box::new(error)));
         }
         let retry_at = Instant::now() + backoff(self.failures, self.config.max_backoff);
         let lost = self.lanes[index].connection_lost(retry_at);
@@ -527,7 +535,7 @@ impl<S: Sink, St: OutboxStore> PollRelay<S, St> {
         // rows over while this relay's producer still holds their records,
         // so exactly once falls back to at least once for them (docs/guarantees.md,
         // "Known limits"); counted.
-        if self.config.exactly_once && lost.claimed_batch {
+        if self.config.delivery.is_exactly_once() && lost.claimed_batch {
             metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "claim_lost")
                 .increment(1);
         }

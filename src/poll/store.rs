@@ -124,7 +124,7 @@ impl OutboxStore for PgStore {
                 .batch_execute("SET idle_in_transaction_session_timeout = 0")
                 .await?;
             let tables = load_tables(&client, &config.router).await?;
-            let marks = if config.exactly_once {
+            let marks = if config.delivery.is_exactly_once() {
                 Some(Arc::new(sql::connect(&config.pg).await?))
             } else {
                 None
@@ -182,7 +182,7 @@ impl OutboxStore for PgStore {
     ) -> LocalBoxFuture<Result<(), PollError>> {
         let on_published = self.config.on_published;
         let dead_letter_table = self.config.dead_letter_table.clone();
-        let exactly_once = self.config.exactly_once;
+        let exactly_once = self.config.delivery.is_exactly_once();
         Box::pin(async move {
             let client = &conn.client;
             for letter in &settlement.dead_letters {

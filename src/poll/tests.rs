@@ -14,6 +14,7 @@ use super::work::LANE_WORK_TIMEOUT;
 use super::{OnPublished, PollConfig, PollError, PollRelay};
 use crate::live::LiveState;
 use crate::postgres::ConnectionConfig;
+use crate::publish::DeliveryGuarantee;
 use crate::publish::memory::MemoryBroker;
 use crate::record::KafkaRecord;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
@@ -27,7 +28,7 @@ pub(super) fn config() -> PollConfig {
         router: crate::router::test_support::config(),
         batch_size: 100,
         lanes: 1,
-        exactly_once: false,
+        delivery: DeliveryGuarantee::AtLeastOnce,
         exactly_once_lookback: 100_000,
         poll_interval: Duration::from_secs(1),
         on_published: OnPublished::Delete,
@@ -181,7 +182,7 @@ async fn exactly_once_a_takeover_skips_rows_in_doubt_already_in_kafka_and_sends_
             let outbox = MemoryOutbox::default();
             let broker = MemoryBroker::default();
             let mut cfg = config();
-            cfg.exactly_once = true;
+            cfg.delivery = DeliveryGuarantee::ExactlyOnce;
             broker.pause();
             let seqs: Vec<i64> = (0..4).map(|n| outbox.insert(&id(n), "agg", "{}")).collect();
             let first = start(cfg.clone(), &outbox, &broker);
@@ -390,4 +391,28 @@ async fn a_settle_whose_connection_is_lost_leaves_the_rows_to_the_next_claim() {
             h.relay.await.unwrap().unwrap();
         })
         .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lane_result_its_phase_cannot_take_is_an_error_not_dropped() {
+    let outbox = MemoryOutbox::default();
+    let broker = MemoryBroker::default();
+    let live = Arc::new(LiveState::new());
+    let mut relay = PollRelay::new(config(), outbox, broker.sink(), live);
+    // A lane that never connected settled nothing: such a result is a bug,
+    // and the relay stops with it instead of going on as if it had not come.
+    let error = relay
+        .on_done(0, super::work::Done::Settled)
+        .expect_err("a settle finished on a disconnected lane");
+    assert!(
+        matches!(
+            error,
+            PollError::OutOfStep {
+                lane: 0,
+                result: "settle",
+                phase: "disconnected",
+            }
+        ),
+        "{error}"
+    );
 }

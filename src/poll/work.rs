@@ -24,6 +24,18 @@ pub enum Done<C> {
     Settled,
 }
 
+impl<C> Done<C> {
+    /// What finished, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Done::Connected(_) => "connect",
+            Done::Claimed(_) => "claim",
+            Done::Marked => "in-flight note",
+            Done::Settled => "settle",
+        }
+    }
+}
+
 /// A lane's work, finished: the lane, and what came of it.
 type Finished<C> = (usize, Result<Done<C>, PollError>);
 

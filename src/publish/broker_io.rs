@@ -91,10 +91,17 @@ impl BrokerIo {
     pub fn watch_leaders(
         &mut self,
         asked: HashSet<PartitionKey>,
-        answer: LocalBoxFuture<Result<Vec<PartitionKey>, BrokerError>>,
+        answer: LocalBoxFuture<Result<Vec<(String, i32)>, BrokerError>>,
     ) {
-        self.pending
-            .push(Box::pin(async move { Tagged::Asked(asked, answer.await) }));
+        self.pending.push(Box::pin(async move {
+            let leaderless = answer.await.map(|partitions| {
+                partitions
+                    .into_iter()
+                    .map(|(topic, partition)| PartitionKey::new(topic, partition))
+                    .collect()
+            });
+            Tagged::Asked(asked, leaderless)
+        }));
     }
 
     /// The next I/O that finished.

@@ -36,6 +36,36 @@ impl PublishError {
     }
 }
 
+/// Why the broker will never take a record: the kind its dead letter and
+/// its row in the dead-letter table carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalKind {
+    TooLarge,
+    InvalidRecord,
+}
+
+impl RefusalKind {
+    /// The stable snake_case name (`walrelay_error_kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::TooLarge => "too_large",
+            RefusalKind::InvalidRecord => "invalid_record",
+        }
+    }
+
+    /// Whether the record's value can travel in its notice: a value too
+    /// large cannot.
+    pub fn notice_keeps_value(self) -> bool {
+        self != RefusalKind::TooLarge
+    }
+}
+
+impl std::fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a failed delivery means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryDecision {
@@ -45,7 +75,7 @@ pub enum DeliveryDecision {
     Retry,
     /// The broker will never take this record: the source keeps it whole
     /// somewhere durable and sends its dead letter.
-    Refuse { kind: &'static str },
+    Refuse { kind: RefusalKind },
     /// The producer as a whole is done for.
     EndProducer,
 }
@@ -56,9 +86,11 @@ pub fn decide(error: &BrokerError) -> DeliveryDecision {
         BrokerErrorClass::Transient
         | BrokerErrorClass::NotAuthorized
         | BrokerErrorClass::Abortable => DeliveryDecision::Retry,
-        BrokerErrorClass::TooLarge => DeliveryDecision::Refuse { kind: "too_large" },
+        BrokerErrorClass::TooLarge => DeliveryDecision::Refuse {
+            kind: RefusalKind::TooLarge,
+        },
         BrokerErrorClass::InvalidRecord => DeliveryDecision::Refuse {
-            kind: "invalid_record",
+            kind: RefusalKind::InvalidRecord,
         },
         BrokerErrorClass::Fenced | BrokerErrorClass::Fatal => DeliveryDecision::EndProducer,
     }
@@ -87,7 +119,9 @@ mod tests {
         );
         assert_eq!(
             decide(&error(BrokerErrorClass::TooLarge)),
-            DeliveryDecision::Refuse { kind: "too_large" }
+            DeliveryDecision::Refuse {
+                kind: RefusalKind::TooLarge
+            }
         );
         assert_eq!(
             decide(&error(BrokerErrorClass::Fenced)),

@@ -9,7 +9,7 @@ use super::position::{Origin, Position};
 use super::scan::{Ledger, LedgerScan, ScanRequest};
 use crate::lsn::Lsn;
 use crate::metrics as m;
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 /// Own records from before the replay's start a scan of an event topic
 /// must see when one producer keeps each partition in position order (the
@@ -39,8 +39,28 @@ pub struct ScanSettings {
     pub margin: usize,
 }
 
-/// A topic and one of its partitions.
-pub type PartitionKey = (String, i32);
+/// A topic and one of its partitions: `None` where the sink's partitioner
+/// picks it (at least once, a record with no key).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionKey {
+    pub topic: String,
+    pub partition: Option<i32>,
+}
+
+impl PartitionKey {
+    /// One partition of `topic`.
+    pub fn new(topic: impl Into<String>, partition: i32) -> Self {
+        PartitionKey {
+            topic: topic.into(),
+            partition: Some(partition),
+        }
+    }
+
+    /// The partition as a metric label.
+    pub fn label(&self) -> String {
+        self.partition.map_or_else(String::new, |p| p.to_string())
+    }
+}
 
 /// What a record for a partition may do now.
 #[derive(Debug)]
@@ -88,7 +108,7 @@ impl PartitionLedgers {
             Some(None) => Verdict::Wait,
             None => {
                 self.known.insert(key.clone(), None);
-                Verdict::Scan(Box::new(LedgerScan::new(self.request(&key.0))))
+                Verdict::Scan(Box::new(LedgerScan::new(self.request(&key.topic))))
             }
         }
     }
@@ -119,13 +139,13 @@ impl PartitionLedgers {
     /// A scan failed for a reason that passes (the broker is away): the
     /// partition's records wait, and it is read again with this scan.
     pub fn rescan(&self, key: &PartitionKey) -> LedgerScan {
-        LedgerScan::new(self.request(&key.0))
+        LedgerScan::new(self.request(&key.topic))
     }
 
     /// A scan finished (or failed for good): the partition's ledger is
     /// known.
     pub fn scanned(&mut self, key: PartitionKey, seconds: f64, result: Result<LedgerScan, String>) {
-        let (topic, partition) = (&key.0, key.1);
+        let (topic, partition) = (&key.topic, key.partition);
         metrics::histogram!(m::PARTITION_RECOVERY_SECONDS).record(seconds);
         metrics::counter!(m::PARTITION_RECOVERIES_TOTAL).increment(1);
         let ledger = match result {
@@ -168,7 +188,7 @@ impl PartitionLedgers {
     /// is scanned again on first use.
     pub fn forget_topic(&mut self, topic: &str) {
         self.known
-            .retain(|(t, _), ledger| t != topic || ledger.is_none());
+            .retain(|key, ledger| key.topic != topic || ledger.is_none());
     }
 }
 
@@ -203,7 +223,7 @@ mod tests {
     #[test]
     fn a_partition_is_scanned_once_then_skips_exactly_what_it_holds() {
         let mut l = ledgers();
-        let key = ("t".to_owned(), 0);
+        let key = PartitionKey::new("t", 0);
         let Verdict::Scan(mut scan) = l.verdict(&key, &pos(0x200)) else {
             panic!("the first record of a partition asks for a scan");
         };

@@ -13,6 +13,7 @@
 //! | `broker_io.rs` | the broker I/O waited for, each session's told apart |
 //! | `pause.rs` | waiting out failures: the backoff, the pause, the timer |
 //! | `outcome.rs` | what sources hand over and get back |
+//! | `outgoing.rs` | the source-independent half: a routed change to its record, the origin headers, a refused record kept |
 //! | `records.rs` | the records in hand, in order, and what holds them back |
 //! | `transaction.rs` | the Kafka transaction's life, and its two transactional ids |
 //! | `offline.rs` | partitions with no leader: their records wait outside transactions |
@@ -36,6 +37,7 @@ mod ledgers;
 pub mod memory;
 mod offline;
 mod outcome;
+mod outgoing;
 mod partitioner;
 mod pause;
 pub mod position;
@@ -48,10 +50,11 @@ mod tests;
 mod topics;
 mod transaction;
 
-pub use error::{DeliveryDecision, PublishError, decide};
+pub use error::{DeliveryDecision, PublishError, RefusalKind, decide};
 pub use ledgers::{MARGIN as EVENT_MARGIN, Replay, ScanSettings};
 pub use offline::HeldPartition;
-pub use outcome::{Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
+pub use outcome::{DeliveryGuarantee, Outcome, Outgoing, PublisherConfig, TopicFailures, backoff};
+pub use outgoing::{OriginStamp, RefusedRecord, ToSend, refused, to_send};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{ORIGIN_HEADER, Origin, POSITION_HEADER, Position};
 pub use publisher::{CLEANUP_HEADER, Publisher};

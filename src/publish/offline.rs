@@ -66,10 +66,12 @@ impl Offline {
         let mut held: Vec<HeldPartition> = self
             .held
             .iter()
-            .map(|((topic, partition), (_, since))| HeldPartition {
-                topic: topic.clone(),
-                partition: *partition,
-                since: *since,
+            .filter_map(|(key, (_, since))| {
+                Some(HeldPartition {
+                    topic: key.topic.clone(),
+                    partition: key.partition?,
+                    since: *since,
+                })
             })
             .collect();
         held.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
@@ -157,12 +159,12 @@ impl Offline {
         for key in leaderless {
             if !self.held.contains_key(key) {
                 let since = SystemTime::now();
-                tracing::warn!(topic = %key.0, partition = key.1, "the partition has no leader: its records wait outside transactions until it is back, and nothing is confirmed past them; every other partition's records go on");
+                tracing::warn!(topic = %key.topic, partition = key.partition, "the partition has no leader: its records wait outside transactions until it is back, and nothing is confirmed past them; every other partition's records go on");
                 let unix = since
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs_f64();
-                metrics::gauge!(m::PARTITION_UNAVAILABLE_SINCE, "topic" => key.0.clone(), "partition" => key.1.to_string()).set(unix);
+                metrics::gauge!(m::PARTITION_UNAVAILABLE_SINCE, "topic" => key.topic.clone(), "partition" => key.label()).set(unix);
                 self.held.insert(key.clone(), (Instant::now(), since));
                 new.insert(key.clone());
             }
@@ -175,8 +177,8 @@ impl Offline {
             .collect();
         for key in &back {
             if let Some((since, _)) = self.held.remove(key) {
-                tracing::info!(topic = %key.0, partition = key.1, held_for = ?since.elapsed(), "the partition has a leader again: its records go on");
-                metrics::gauge!(m::PARTITION_UNAVAILABLE_SINCE, "topic" => key.0.clone(), "partition" => key.1.to_string()).set(0.0);
+                tracing::info!(topic = %key.topic, partition = key.partition, held_for = ?since.elapsed(), "the partition has a leader again: its records go on");
+                metrics::gauge!(m::PARTITION_UNAVAILABLE_SINCE, "topic" => key.topic.clone(), "partition" => key.label()).set(0.0);
             }
         }
         metrics::gauge!(m::PARTITIONS_UNAVAILABLE).set(self.held.len() as f64);
@@ -197,7 +199,7 @@ mod tests {
     use super::*;
 
     fn key(p: i32) -> PartitionKey {
-        ("t".into(), p)
+        PartitionKey::new("t", p)
     }
 
     #[tokio::test(start_paused = true)]

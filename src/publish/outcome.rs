@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::error::RefusalKind;
 use super::ledgers::ScanSettings;
 use super::position::Position;
 use super::sink::BrokerError;
@@ -38,7 +39,7 @@ pub enum Outcome<T> {
         tag: T,
         record: KafkaRecord,
         error: BrokerError,
-        kind: &'static str,
+        kind: RefusalKind,
         dead_letter: bool,
     },
     /// Its topic cannot be used and someone must fix that
@@ -55,6 +56,33 @@ pub enum TopicFailures {
     /// Each waiting record fails on its own ([`Outcome::Failed`]): a polled
     /// row can wait for its next attempt while others go on.
     FailRecords,
+}
+
+/// What a source promises about duplicates (`--delivery`), the same for
+/// both sources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryGuarantee {
+    /// Every event once in Kafka: records carry their position and origin,
+    /// and a restarted relay skips what a partition already holds.
+    ExactlyOnce,
+    /// Every event at least once: a restart may publish again what was
+    /// not yet confirmed to PostgreSQL (or its row deleted).
+    AtLeastOnce,
+}
+
+impl DeliveryGuarantee {
+    pub fn is_exactly_once(self) -> bool {
+        self == DeliveryGuarantee::ExactlyOnce
+    }
+
+    /// The flag's value, as metrics and the dashboard show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryGuarantee::ExactlyOnce => "exactly-once",
+            DeliveryGuarantee::AtLeastOnce => "at-least-once",
+        }
+    }
 }
 
 /// How the publisher works.

@@ -37,7 +37,8 @@ use super::pause::Pause;
 use super::records::{Entry, Records};
 use super::scan::LedgerScan;
 use super::sink::{
-    BrokerError, BrokerErrorClass, Delivery, RecordId, SendId, SendRefused, Sink, TopicError,
+    BrokerError, BrokerErrorClass, Delivery, LocalBoxFuture, RecordId, SendId, SendRefused, Sink,
+    TopicError,
 };
 use super::topics::{Prepared, Readiness, Topics};
 use super::transaction::{CleanupStep, End, Next, Transaction};
@@ -310,7 +311,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 match &delivery.result {
                     Ok(()) => self.cleanup.written.push(key.clone()),
                     Err(error) => {
-                        tracing::warn!(%error, topic = %key.0, partition = key.1, "a cleanup record was not written: what was left open there stays")
+                        tracing::warn!(%error, topic = %key.topic, partition = key.partition, "a cleanup record was not written: what was left open there stays")
                     }
                 }
                 self.cleanup.outstanding -= 1;
@@ -357,7 +358,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             }
             DeliveryDecision::Refuse { kind } => {
                 let entry = self.records.remove(id).expect("a record in flight");
-                tracing::warn!(topic = %entry.record.topic, reason = %error, kind, "the broker refused a record for good");
+                tracing::warn!(topic = %entry.record.topic, reason = %error, kind = kind.as_str(), "the broker refused a record for good");
                 metrics::counter!(m::PUBLISH_ERRORS_TOTAL, "kind" => "refused").increment(1);
                 outcomes.push(Outcome::Refused {
                     tag: entry.tag,
@@ -409,12 +410,12 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                         let wait = self.pause.failed();
                         self.offline.read_failed(&key);
                         if error.class == BrokerErrorClass::NotAuthorized {
-                            tracing::error!(topic = %key.0, partition = key.1, %error, "exactly once reads each partition's tail, and this principal may not: grant it READ on the topic (or run --delivery at-least-once); its records wait");
+                            tracing::error!(topic = %key.topic, partition = key.partition, %error, "exactly once reads each partition's tail, and this principal may not: grant it READ on the topic (or run --delivery at-least-once); its records wait");
                         } else {
-                            tracing::warn!(topic = %key.0, partition = key.1, %error, retry_in = ?wait, "cannot read the partition's tail yet; its records wait");
+                            tracing::warn!(topic = %key.topic, partition = key.partition, %error, retry_in = ?wait, "cannot read the partition's tail yet; its records wait");
                         }
                         let scan = ledgers.rescan(&key);
-                        let read = self.sink.scan_tail(&key.0, key.1, scan);
+                        let read = self.read_tail(&key, scan);
                         self.io.watch(async move {
                             tokio::time::sleep(wait).await;
                             SessionIo::Scanned(key, started, read.await.map(Box::new))
@@ -449,7 +450,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                                 .elapsed()
                                 < HIDDEN_WAIT =>
                     {
-                        tracing::info!(topic = %key.0, partition = key.1, "an open transaction hides the partition's newest records: reading it again until Kafka ends it");
+                        tracing::info!(topic = %key.topic, partition = key.partition, "an open transaction hides the partition's newest records: reading it again until Kafka ends it");
                         self.io.watch(async move {
                             tokio::time::sleep(HIDDEN_RETRY).await;
                             SessionIo::ReadHiddenAgain(key)
@@ -501,7 +502,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             SessionIo::ReadHiddenAgain(key) => {
                 if let Some(ledgers) = self.ledgers.as_mut() {
                     let scan = ledgers.rescan(&key);
-                    let read = self.sink.scan_tail(&key.0, key.1, scan);
+                    let read = self.read_tail(&key, scan);
                     let started = Instant::now();
                     self.io.watch(async move {
                         SessionIo::Scanned(key, started, read.await.map(Box::new))
@@ -536,7 +537,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             written: Vec::new(),
             outstanding: 0,
         };
-        for (index, (topic, partition)) in partitions
+        for (index, PartitionKey { topic, partition }) in partitions
             .iter()
             .take(CLEANUP_PARTITIONS as usize)
             .enumerate()
@@ -554,7 +555,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 id: RecordId(CLEANUP_RECORDS - index as u64),
                 attempt: round,
             };
-            match self.sink.send(&record, Some(*partition), send) {
+            match self.sink.send(&record, *partition, send) {
                 Ok(()) => self.cleanup.outstanding += 1,
                 Err(refused) => {
                     tracing::debug!(
@@ -602,13 +603,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         asked.extend(self.offline.held().cloned());
         // Records whose partition the sink picks cannot be asked after;
         // without transactions they wait inside the producer anyway.
-        asked.retain(|(_, partition)| *partition >= 0);
+        asked.retain(|key| key.partition.is_some());
         self.offline.asking();
         if asked.is_empty() {
             self.offline.unanswered();
             return;
         }
-        let answer = self.sink.leaderless(asked.iter().cloned().collect());
+        let numbered = asked
+            .iter()
+            .filter_map(|key| Some((key.topic.clone(), key.partition?)))
+            .collect();
+        let answer = self.sink.leaderless(numbered);
         self.io.watch_leaders(asked, answer);
     }
 
@@ -847,7 +852,9 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             return;
         }
         let entry = self.records.get(id).expect("waiting");
-        if let (Some(ledgers), Some(position)) = (self.ledgers.as_mut(), entry.position) {
+        if let (Some(ledgers), Some(position), Some(partition)) =
+            (self.ledgers.as_mut(), entry.position, key.partition)
+        {
             match ledgers.verdict(&key, &position) {
                 Verdict::Send => {}
                 Verdict::Skip => {
@@ -862,7 +869,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     return;
                 }
                 Verdict::Scan(scan) => {
-                    let read = self.sink.scan_tail(&key.0, key.1, *scan);
+                    let read = self.sink.scan_tail(&key.topic, partition, *scan);
                     let (scanned, started) = (key.clone(), Instant::now());
                     self.io.watch(async move {
                         SessionIo::Scanned(scanned, started, read.await.map(Box::new))
@@ -880,12 +887,11 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             }
             self.txn.began(self.records.len());
         }
-        let partition = (key.1 >= 0).then_some(key.1);
         let send = self.records.next_send(id);
         let entry = self.records.get(id).expect("waiting");
-        match self.sink.send(&entry.record, partition, send) {
+        match self.sink.send(&entry.record, key.partition, send) {
             Ok(()) => {
-                self.records.mark_sent(send, key.1);
+                self.records.mark_sent(send, key.partition);
                 self.txn.sent_to(&key);
                 self.used_in_session.insert(key);
             }
@@ -897,8 +903,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         }
     }
 
-    /// The partition a waiting record goes to (-1: the sink's partitioner
-    /// picks), or `None` while its topic holds it.
+    /// The partition a waiting record goes to, or `None` while its topic
+    /// holds it.
     fn partition_of(&mut self, id: RecordId) -> Option<PartitionKey> {
         let entry = self.records.get(id).expect("waiting");
         let topic = entry.record.topic.clone();
@@ -936,18 +942,33 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         };
         let entry = self.records.get(id).expect("waiting");
         let partition = self.pick_partition(entry, partitions);
-        Some((topic, partition))
+        Some(PartitionKey { topic, partition })
     }
 
     /// Exactly once, walrelay picks the partition (as Java's partitioner
     /// does); otherwise librdkafka's murmur2_random does the same for keyed
-    /// records (-1: the sink picks).
-    fn pick_partition(&self, entry: &Entry<T>, partitions: i32) -> i32 {
+    /// records (`None`: the sink picks).
+    fn pick_partition(&self, entry: &Entry<T>, partitions: i32) -> Option<i32> {
         match (&self.ledgers, entry.record.key.as_deref(), entry.position) {
-            (Some(_), Some(key), _) => partition_for(Some(key), None, partitions),
-            (Some(_), None, Some(position)) => partition_for(None, Some(&position), partitions),
-            _ => -1,
+            (Some(_), Some(key), _) => Some(partition_for(Some(key), None, partitions)),
+            (Some(_), None, Some(position)) => {
+                Some(partition_for(None, Some(&position), partitions))
+            }
+            _ => None,
         }
+    }
+
+    /// Reads a partition's tail again. Only a partition walrelay picked
+    /// (exactly once) is ever scanned, so it has a number.
+    fn read_tail(
+        &self,
+        key: &PartitionKey,
+        scan: LedgerScan,
+    ) -> LocalBoxFuture<Result<LedgerScan, BrokerError>> {
+        let partition = key
+            .partition
+            .expect("a scanned partition was picked by walrelay");
+        self.sink.scan_tail(&key.topic, partition, scan)
     }
 
     /// Whether every record in hand waits for a partition with no leader:
@@ -965,7 +986,10 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             .all(|entry| match self.topics.readiness(&entry.record.topic) {
                 Readiness::Ready { partitions, .. } => {
                     let partition = self.pick_partition(entry, partitions);
-                    self.offline.holds(&(entry.record.topic.clone(), partition))
+                    self.offline.holds(&PartitionKey {
+                        topic: entry.record.topic.clone(),
+                        partition,
+                    })
                 }
                 _ => false,
             })

@@ -32,9 +32,9 @@ pub struct Entry<T> {
     pub state: State,
     /// Counts its sends: a report of an earlier one is not this one's.
     pub attempt: u16,
-    /// Sent: when, and to which partition (-1: the sink's partitioner
-    /// picked).
-    sent: Option<(Instant, i32)>,
+    /// Sent: when, and to which partition (`None`: the sink's
+    /// partitioner picked).
+    sent: Option<(Instant, Option<i32>)>,
 }
 
 /// What holds waiting records back, as the last pass over them found.
@@ -147,7 +147,7 @@ impl<T> Records<T> {
     }
 
     /// `send` went out to `partition`.
-    pub fn mark_sent(&mut self, send: SendId, partition: i32) {
+    pub fn mark_sent(&mut self, send: SendId, partition: Option<i32>) {
         if let Some(entry) = self.entries.get_mut(&send.id) {
             let now = Instant::now();
             entry.state = State::Sent;
@@ -188,7 +188,10 @@ impl<T> Records<T> {
             .filter_map(|(_, id)| {
                 let entry = &self.entries[id];
                 let (_, partition) = entry.sent?;
-                Some((entry.record.topic.clone(), partition))
+                Some(PartitionKey {
+                    topic: entry.record.topic.clone(),
+                    partition,
+                })
             })
             .collect()
     }

@@ -20,7 +20,7 @@ use std::collections::HashSet;
 
 use super::position::{Origin, Position};
 use crate::lsn::Lsn;
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 /// What a tail scan reads of one record.
 #[derive(Clone, Debug, PartialEq, Eq)]

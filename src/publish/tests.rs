@@ -9,7 +9,7 @@ use super::memory::MemoryBroker;
 use super::*;
 use crate::lsn::Lsn;
 use crate::record::KafkaRecord;
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 const TOPIC: &str = "outbox.event.order";
 
@@ -236,7 +236,7 @@ async fn a_record_too_large_comes_back_refused_for_its_source_to_keep() {
     match &outcomes[0] {
         Outcome::Refused {
             tag: 1,
-            kind: "too_large",
+            kind: RefusalKind::TooLarge,
             record,
             dead_letter: false,
             ..

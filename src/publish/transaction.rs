@@ -493,7 +493,7 @@ impl Transaction {
             }
         }
         if any {
-            tracing::info!(topic = %partition.0, partition = partition.1, "an open transaction hides the partition's newest records: the transactional ids whose last transaction there was aborted each abort one record there, ending what they left open");
+            tracing::info!(topic = %partition.topic, partition = partition.partition, "an open transaction hides the partition's newest records: the transactional ids whose last transaction there was aborted each abort one record there, ending what they left open");
         }
         any
     }
@@ -513,7 +513,7 @@ impl Transaction {
             }
         }
         if any {
-            tracing::info!(topic = %partition.0, partition = partition.1, "an open transaction hides the partition's newest records, none of them confirmed: each transactional id aborts one record there, ending what it left open");
+            tracing::info!(topic = %partition.topic, partition = partition.partition, "an open transaction hides the partition's newest records, none of them confirmed: each transactional id aborts one record there, ending what it left open");
         }
         any
     }
@@ -918,7 +918,7 @@ mod tests {
     }
 
     fn key(topic: &str, partition: i32) -> PartitionKey {
-        (topic.into(), partition)
+        PartitionKey::new(topic, partition)
     }
 
     /// A transaction of the current id that wrote to `p`, then committed

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::ack_tracker::{AckError, AckTracker, TxnTicket};
 use crate::lsn::Lsn;
 use crate::metrics as m;
-use crate::pgoutput::PgTimestamp;
+use crate::timestamp::PgTimestamp;
 
 /// Shortest time between two status updates sent because the watermark
 /// moved (the periodic update and replies to the server are not held back).

@@ -102,17 +102,7 @@ pub use wal_relay::WalRelay;
 use crate::postgres::ConnectionConfig;
 use crate::router::RouterConfig;
 
-/// What the relay promises about duplicates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeliveryGuarantee {
-    /// Every event once in Kafka: records carry their position and origin,
-    /// and a restarted relay skips what a partition already holds.
-    ExactlyOnce,
-    /// Every event at least once: a restart may publish again what was
-    /// not yet confirmed to PostgreSQL.
-    AtLeastOnce,
-}
+pub use crate::publish::DeliveryGuarantee;
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]

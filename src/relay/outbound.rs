@@ -14,7 +14,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::ack_tracker::TxnTicket;
@@ -24,17 +23,17 @@ use super::refused::Refused;
 use super::session::SessionStart;
 use super::window::InFlightWindow;
 use super::{DeliveryGuarantee, RelayConfig};
-use crate::dead_letters::{DeadLetter, DeadLetterStore, PgDeadLetters};
+use crate::dead_letters::{DeadLetterStore, PgDeadLetters};
 use crate::live::{Delivered, LiveState};
 use crate::metrics as m;
-use crate::pgoutput::PgTimestamp;
 use crate::publish::{
-    ORIGIN_HEADER, Origin, Outcome, Outgoing, POSITION_HEADER, Position, PublishError, Publisher,
-    PublisherConfig, Replay, ScanSettings, Sink, TopicFailures,
+    Origin, OriginStamp, Outcome, Outgoing, Position, PublishError, Publisher, PublisherConfig,
+    RefusalKind, RefusedRecord, Replay, ScanSettings, Sink, ToSend, TopicFailures,
 };
 use crate::record::KafkaRecord;
-use crate::replication::TimelineHistory;
 use crate::router::Routed;
+use crate::timeline::TimelineHistory;
+use crate::timestamp::PgTimestamp;
 
 /// What travels with each record through the publisher and back.
 #[derive(Clone, Copy, Debug)]
@@ -67,9 +66,8 @@ pub(super) struct Outbound<S: Sink> {
     delivered: Delivered,
     /// The last acknowledgement, or when events started to wait.
     last_progress: Instant,
-    /// Exactly once: this session's origin as the header every record
-    /// carries (formatted once per session, not per record).
-    origin_header: Option<Bytes>,
+    /// Exactly once: the headers every record of this session carries.
+    stamp: Option<OriginStamp>,
     /// This session's origin, for the dead-letter table's keys.
     origin: Option<Origin>,
     /// This session's timelines, for the dead-letter table's keys.
@@ -101,7 +99,7 @@ impl<S: Sink> Outbound<S> {
             publisher,
             live,
             last_progress: Instant::now(),
-            origin_header: None,
+            stamp: None,
             origin: None,
             history: None,
             delivered: Delivered::default(),
@@ -143,7 +141,7 @@ impl<S: Sink> Outbound<S> {
             .unwrap_or_else(|| format!("walrelay.{}.{}", start.system_id, config.slot));
         self.publisher
             .begin_session(replay, exactly_once.then_some(transactional_id));
-        self.origin_header = exactly_once.then(|| Bytes::from(origin.to_string()));
+        self.stamp = exactly_once.then(|| OriginStamp::new(&origin));
         self.origin = Some(origin);
         self.history = Some(start.history.clone());
     }
@@ -208,7 +206,7 @@ impl<S: Sink> Outbound<S> {
         confirmer: &mut Confirmer,
     ) -> Result<(), RelayError> {
         tag.stored = true;
-        let position = self.origin_header.is_some().then_some(tag.position);
+        let position = self.stamp.is_some().then_some(tag.position);
         let outcomes = self.publisher.publish(Outgoing {
             record: notice,
             tag,
@@ -227,27 +225,20 @@ impl<S: Sink> Outbound<S> {
         position: Position,
         confirmer: &mut Confirmer,
     ) -> Result<(), RelayError> {
-        let (mut record, dead_letter) = match routed {
-            Routed::Ignored => return Ok(()),
-            Routed::Event(record) => (record, false),
-            Routed::DeadLetter { record, error } => {
-                tracing::warn!(reason = %error, kind = error.kind(), "unroutable change sent to the dead-letter topic");
-                metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "unroutable").increment(1);
-                (record, true)
-            }
+        let Some(ToSend {
+            mut record,
+            unroutable,
+        }) = crate::publish::to_send(routed, position)
+        else {
+            return Ok(());
         };
         confirmer.event_sent(txn)?;
         if self.window.is_empty() {
             // Events start to wait: the stall clock starts now.
             self.last_progress = Instant::now();
         }
-        // Exactly once: the record says where it comes from, so a later
-        // process can tell it is already in the log.
-        if let Some(origin) = &self.origin_header {
-            record
-                .headers
-                .push((POSITION_HEADER.into(), position.to_bytes()));
-            record.headers.push((ORIGIN_HEADER.into(), origin.clone()));
+        if let Some(stamp) = &self.stamp {
+            stamp.stamp(&mut record, position);
         }
         let tag = EventTag {
             txn,
@@ -260,8 +251,8 @@ impl<S: Sink> Outbound<S> {
         let outcomes = self.publisher.publish(Outgoing {
             record,
             tag,
-            position: self.origin_header.is_some().then_some(position),
-            dead_letter,
+            position: self.stamp.is_some().then_some(position),
+            dead_letter: unroutable.is_some(),
         });
         self.settle(outcomes, confirmer)
     }
@@ -296,27 +287,13 @@ impl<S: Sink> Outbound<S> {
                     record,
                     error,
                     kind,
-                    dead_letter: false,
-                } => {
-                    // The broker will never take it: it is kept whole in
-                    // the dead-letter table first, then its notice goes to
-                    // the dead-letter topic; only then is it settled.
-                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
-                        .increment(1);
-                    self.store_dead_letter(tag, record, kind, error.message);
-                    continue;
-                }
-                Outcome::Refused {
-                    tag,
-                    record,
-                    error,
-                    kind,
-                    dead_letter: true,
-                } if !tag.stored => {
-                    // An unroutable change's dead letter (every column, so
-                    // it can be large), refused: kept whole in the table.
-                    metrics::counter!(m::DEAD_LETTERS_TOTAL, "kind" => "broker_rejected")
-                        .increment(1);
+                    dead_letter,
+                } if !dead_letter || !tag.stored => {
+                    // The broker will never take it (an event, or an
+                    // unroutable change's dead letter: every column, so it
+                    // can be large): it is kept whole in the dead-letter
+                    // table first, then its notice goes to the dead-letter
+                    // topic; only then is it settled.
                     self.store_dead_letter(tag, record, kind, error.message);
                     continue;
                 }
@@ -348,7 +325,13 @@ impl<S: Sink> Outbound<S> {
 
     /// Keeps a refused event whole in the dead-letter table (trying again
     /// until PostgreSQL takes it; the event stays in flight meanwhile).
-    fn store_dead_letter(&mut self, tag: EventTag, record: KafkaRecord, kind: &str, error: String) {
+    fn store_dead_letter(
+        &mut self,
+        tag: EventTag,
+        record: KafkaRecord,
+        kind: RefusalKind,
+        error: String,
+    ) {
         // Keyed by the timeline the event was written on, not the
         // session's: a replay after a failover is the same row.
         let origin = self.origin.as_ref().map_or_else(String::new, |origin| {
@@ -361,19 +344,13 @@ impl<S: Sink> Outbound<S> {
             }
             .to_string()
         });
-        let notice = crate::router::broker_dead_letter(
+        let RefusedRecord { letter, notice } = crate::publish::refused(
             &self.dead_letter_topic,
-            &record,
-            &error,
-            kind,
-            kind != "too_large",
-        );
-        let letter = DeadLetter {
-            event_key: format!("{origin}/{}", tag.position),
+            format!("{origin}/{}", tag.position),
             record,
-            kind: kind.to_owned(),
             error,
-        };
+            kind,
+        );
         self.refused.keep(tag, letter, notice);
     }
 }

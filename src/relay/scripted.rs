@@ -13,9 +13,9 @@ use tokio::time::Instant;
 use super::session::{Connector, SessionStart, WalStream};
 use super::{RelayConfig, RelayError};
 use crate::lsn::Lsn;
-use crate::pgoutput::PgTimestamp;
 use crate::publish::LocalBoxFuture;
 use crate::replication::{ConnectionConfig, ReplicationError, ReplicationEvent, TimelineHistory};
+use crate::timestamp::PgTimestamp;
 
 /// A relay of the default outbox, as the in-process tests and the
 /// bench run it (exactly once).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::error::{RelayError, StreamError};
 use crate::lsn::Lsn;
-use crate::pgoutput::{LogicalMessage, Message, PgTimestamp, StreamDecoder, TupleData};
+use crate::pgoutput::{LogicalMessage, Message, StreamDecoder, TupleData};
 use crate::publish::{LocalBoxFuture, Position};
 use crate::relation_cache::{RelationCache, RelationInfo};
 use crate::replication::{
@@ -18,6 +18,7 @@ use crate::replication::{
     ReplicationStream, StartOptions, TimelineHistory,
 };
 use crate::router::{ChangeAt, ChangeContext};
+use crate::timestamp::PgTimestamp;
 
 /// The replication stream as the relay uses it. `ReplicationStream`
 /// implements it; the relay's tests use a scripted one.

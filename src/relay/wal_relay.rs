@@ -44,10 +44,10 @@ use crate::dead_letters::DeadLetterStore;
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::monitor::Finding;
-use crate::pgoutput::PgTimestamp;
 use crate::publish::Sink;
 use crate::router::{Routed, Router};
 use crate::shutdown::Shutdown;
+use crate::timestamp::PgTimestamp;
 
 /// Items of the stream applied in one turn of the loop, at most, when
 /// they are already received.
@@ -342,7 +342,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     .as_ref()
                     .expect("the session checks inserts are in a transaction");
                 let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                let routed = self.router().route_insert(&relation, &tuple, ctx);
+                let routed = self.router().route_insert(&relation, &tuple.columns, ctx);
                 self.out
                     .publish(routed, ticket, commit_time, position, &mut self.confirmer)?;
             }

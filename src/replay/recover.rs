@@ -130,7 +130,7 @@ pub async fn run(options: RecoverOptions) -> Result<Summary, ReplayError> {
     let mut found = slot_state(&client, &options.slot).await?;
     // A slot walrelay streamed from that is gone (dropped, or a promotion
     // without it): recovered as a lost one, from its recorded position.
-    let record_schema = crate::commands::run::record_schema(&options.router.tables);
+    let record_schema = crate::slot_record::record_schema(&options.router.tables);
     if found.is_none() && underway.is_none() && !options.first_slot {
         if let Ok(Some(record)) =
             crate::slot_record::find(writer, &record_schema, &options.slot).await
@@ -452,7 +452,7 @@ async fn check_reaches_back(
         let span = table_span(&rows);
         // None of the rows there is in Kafka, so each was inserted after
         // the confirmation: the others inserted since are the lost ones.
-        let schema = crate::commands::run::record_schema(&options.router.tables);
+        let schema = crate::slot_record::record_schema(&options.router.tables);
         let count = match crate::slot_record::inserts_since_confirm(client, &schema, &options.slot)
             .await
         {

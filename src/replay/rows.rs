@@ -11,13 +11,13 @@
 use bytes::Bytes;
 
 use crate::catalog::{qualified, quote_ident};
-use crate::pgoutput::{Column, ColumnValue, PgTimestamp, Relation, ReplicaIdentity, TupleData};
 use crate::postgres::quote_literal;
 use crate::publish::{ORIGIN_HEADER, POSITION_HEADER, Position};
 use crate::record::KafkaRecord;
-use crate::relation_cache::RelationInfo;
 use crate::router::{ChangeAt, ChangeContext, OutboxColumns, Routed, Router};
 use crate::sql::{SqlClient, SqlError};
+use crate::table::{ColumnValue, RelationInfo};
+use crate::timestamp::PgTimestamp;
 
 use super::ReplayError;
 
@@ -79,22 +79,8 @@ impl TableReader {
                 )));
             }
         }
-        let relation = RelationInfo::from_message(&Relation {
-            xid: None,
-            id: 0,
-            namespace: schema.to_owned(),
-            name: table.to_owned(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: shape
-                .iter()
-                .map(|(name, oid)| Column {
-                    is_key: *name == columns.id,
-                    name: name.clone(),
-                    type_oid: *oid,
-                    type_modifier: -1,
-                })
-                .collect(),
-        });
+        let shape = shape.iter().map(|(name, oid)| (name.as_str(), *oid));
+        let relation = RelationInfo::from_catalog(schema, table, shape, &columns.id);
         let reader = TableReader {
             relation,
             columns: columns.clone(),
@@ -181,7 +167,7 @@ impl TableReader {
             .iter()
             .map(|row| {
                 let micros: i64 = row.get(2);
-                let columns = (0..self.relation.columns.len())
+                let columns: Vec<ColumnValue> = (0..self.relation.columns.len())
                     .map(|i| match row.get::<_, Option<&str>>(3 + i) {
                         Some(text) => ColumnValue::Text(Bytes::copy_from_slice(text.as_bytes())),
                         None => ColumnValue::Null,
@@ -192,7 +178,7 @@ impl TableReader {
                     commit_time: PgTimestamp::from_unix_micros(micros),
                 };
                 let (record, dead_letter) =
-                    match router.route_insert(&self.relation, &TupleData { columns }, ctx) {
+                    match router.route_insert(&self.relation, &columns, ctx) {
                         Routed::Event(record) => (record, false),
                         Routed::DeadLetter { record, error } => {
                             tracing::warn!(reason = %error, "unroutable row sent to the dead-letter topic");
@@ -232,18 +218,10 @@ pub fn stamp(record: &mut KafkaRecord, origin: &Bytes, created_micros: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::Relation;
 
     fn reader(selection: Selection) -> TableReader {
         TableReader {
-            relation: RelationInfo::from_message(&Relation {
-                xid: None,
-                id: 0,
-                namespace: "public".into(),
-                name: "outbox".into(),
-                replica_identity: ReplicaIdentity::Default,
-                columns: Vec::new(),
-            }),
+            relation: RelationInfo::new(0, "public".into(), "outbox".into(), Vec::new()),
             columns: OutboxColumns::default(),
             selection,
         }

@@ -8,7 +8,7 @@ use crate::publish::{
     TopicFailures,
 };
 use crate::record::KafkaRecord;
-use crate::replication::TimelineHistory;
+use crate::timeline::TimelineHistory;
 
 use super::ReplayError;
 

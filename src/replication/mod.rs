@@ -22,11 +22,10 @@ pub mod connection;
 pub mod error;
 mod handshake;
 pub mod stream;
-pub mod timeline;
 mod wire;
 
 pub use crate::postgres::{ConnectionConfig, Password, SslMode};
+pub use crate::timeline::TimelineHistory;
 pub use connection::{CreatedSlot, ReplicationConnection, StartOptions, SystemIdentity};
 pub use error::{ReplicationError, ServerError};
 pub use stream::{FeedbackPositions, ReplicationEvent, ReplicationStream};
-pub use timeline::TimelineHistory;

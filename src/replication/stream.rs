@@ -6,7 +6,7 @@ use postgres_protocol::message::{backend, frontend};
 use super::error::ReplicationError;
 use super::wire::{BackendMessage, Wire, copy_data};
 use crate::lsn::Lsn;
-use crate::pgoutput::PgTimestamp;
+use crate::timestamp::PgTimestamp;
 
 /// What the walsender sends while streaming.
 #[derive(Clone, Debug, PartialEq)]

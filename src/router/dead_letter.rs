@@ -5,9 +5,9 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{ChangeAt, ChangeContext, RouteError, RouterConfig};
-use crate::pgoutput::{ColumnValue, Message, TupleData};
+use crate::pgoutput::Message;
 use crate::record::KafkaRecord;
-use crate::relation_cache::RelationInfo;
+use crate::table::{ColumnValue, RelationInfo};
 
 /// Header naming why a record is a dead letter.
 pub const ERROR_HEADER: &str = "walrelay_error";
@@ -19,12 +19,12 @@ pub const ERROR_KIND_HEADER: &str = "walrelay_error_kind";
 pub(super) fn for_row(
     config: &RouterConfig,
     relation: &RelationInfo,
-    tuple: &TupleData,
+    values: &[ColumnValue],
     ctx: ChangeContext,
     error: &RouteError,
 ) -> KafkaRecord {
     let mut columns = serde_json::Map::new();
-    for (info, value) in relation.columns.iter().zip(&tuple.columns) {
+    for (info, value) in relation.columns.iter().zip(values) {
         columns.insert(
             info.name.clone(),
             match value {
@@ -52,7 +52,7 @@ pub(super) fn for_row(
     };
     let key = relation
         .column_index(&config.columns.aggregate_id)
-        .and_then(|i| match tuple.columns.get(i) {
+        .and_then(|i| match values.get(i) {
             Some(ColumnValue::Text(t)) => Some(t.clone()),
             _ => None,
         });

@@ -161,7 +161,7 @@ mod tests {
         );
         let id_on = |history: &str, current: u32| {
             let mut router = Router::new(config(), "7000");
-            router.set_history(crate::replication::TimelineHistory::parse(current, history));
+            router.set_history(crate::timeline::TimelineHistory::parse(current, history));
             let Routed::Event(record) = router.route_message(&m, ctx()) else {
                 panic!()
             };

@@ -28,10 +28,11 @@ pub use template::{TopicTemplate, check_topic_name};
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-use crate::pgoutput::{Message, PgTimestamp, TupleData};
+use crate::pgoutput::Message;
 use crate::record::{HeaderName, KafkaRecord};
-use crate::relation_cache::{RelationInfo, RowShapeError};
-use crate::replication::TimelineHistory;
+use crate::table::{ColumnValue, RelationInfo, RowShapeError};
+use crate::timeline::TimelineHistory;
+use crate::timestamp::PgTimestamp;
 
 /// What the router made of a change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,16 +269,16 @@ impl Router {
     pub fn route_insert(
         &self,
         relation: &RelationInfo,
-        tuple: &TupleData,
+        values: &[ColumnValue],
         ctx: ChangeContext,
     ) -> Routed {
         if !self.is_outbox(relation) {
             return Routed::Ignored;
         }
-        match row::record(&self.config, relation, tuple, ctx) {
+        match row::record(&self.config, relation, values, ctx) {
             Ok(record) => Routed::Event(record),
             Err(error) => Routed::DeadLetter {
-                record: dead_letter::for_row(&self.config, relation, tuple, ctx, &error),
+                record: dead_letter::for_row(&self.config, relation, values, ctx, &error),
                 error,
             },
         }
@@ -338,7 +339,7 @@ pub(crate) mod test_support {
     use bytes::Bytes;
 
     use super::*;
-    use crate::pgoutput::{Column, ColumnValue, Relation, ReplicaIdentity};
+    use crate::table::ColumnInfo;
 
     pub fn outbox_relation(payload_oid: u32, extra: &[&str]) -> RelationInfo {
         let mut columns = vec![
@@ -351,34 +352,29 @@ pub(crate) mod test_support {
             ("created_at", 1184),
         ];
         columns.extend(extra.iter().map(|e| (*e, 25)));
-        RelationInfo::from_message(&Relation {
-            xid: None,
-            id: 1,
-            namespace: "public".into(),
-            name: "outbox".into(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: columns
+        RelationInfo::new(
+            1,
+            "public".into(),
+            "outbox".into(),
+            columns
                 .into_iter()
-                .map(|(name, type_oid)| Column {
+                .map(|(name, type_oid)| ColumnInfo {
                     is_key: name == "id",
                     name: name.into(),
                     type_oid,
-                    type_modifier: -1,
                 })
                 .collect(),
-        })
+        )
     }
 
-    pub fn tuple(values: &[Option<&str>]) -> TupleData {
-        TupleData {
-            columns: values
-                .iter()
-                .map(|v| match v {
-                    Some(s) => ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes())),
-                    None => ColumnValue::Null,
-                })
-                .collect(),
-        }
+    pub fn tuple(values: &[Option<&str>]) -> Vec<ColumnValue> {
+        values
+            .iter()
+            .map(|v| match v {
+                Some(s) => ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes())),
+                None => ColumnValue::Null,
+            })
+            .collect()
     }
 
     pub use super::example_config as config;

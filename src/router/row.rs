@@ -6,9 +6,8 @@ use serde_json::Value;
 
 use super::cloudevents::{CloudEvent, timestamp_text_to_rfc3339};
 use super::{ChangeContext, RouteError, RouterConfig, check_topic_name};
-use crate::pgoutput::{ColumnValue, TupleData};
 use crate::record::{HeaderName, KafkaRecord};
-use crate::relation_cache::RelationInfo;
+use crate::table::{ColumnValue, RelationInfo};
 
 /// Type OIDs of the payload types we can encode.
 mod oid {
@@ -23,11 +22,11 @@ mod oid {
 pub(super) fn record(
     config: &RouterConfig,
     relation: &RelationInfo,
-    tuple: &TupleData,
+    values: &[ColumnValue],
     ctx: ChangeContext,
 ) -> Result<KafkaRecord, RouteError> {
     let c = &config.columns;
-    let row = relation.row(tuple)?;
+    let row = relation.row(values)?;
     let column = |name: &str| -> Result<&ColumnValue, RouteError> {
         row.get(name).ok_or_else(|| RouteError::MissingColumn {
             table: relation.qualified_name(),
@@ -57,8 +56,7 @@ pub(super) fn record(
                 column: c.payload.clone(),
             })?;
     let payload_type = relation.columns[payload_index].type_oid;
-    let (value, content_type) =
-        encode_payload(&tuple.columns[payload_index], payload_type, &c.payload)?;
+    let (value, content_type) = encode_payload(&values[payload_index], payload_type, &c.payload)?;
 
     let topic = config.topic_template.render(
         aggregate_type,
