@@ -1,5 +1,5 @@
 //! A table's shape and a row's values, as any source reads them: the WAL
-//! relay from Relation and Insert messages (`relation_cache.rs`), the
+//! relay from Relation and Insert messages (`relay/relation_cache.rs`), the
 //! polling source and `replay/` from the catalog and a query. The router
 //! takes these, so it depends on no source.
 

@@ -9,7 +9,7 @@ use support::workload::parse_test_decoding_insert;
 use support::{PgCluster, unique_name};
 use walrelay::lsn::Lsn;
 use walrelay::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder};
-use walrelay::relation_cache::RelationCache;
+use walrelay::relay::relation_cache::RelationCache;
 use walrelay::replication::{
     ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
     StartOptions,

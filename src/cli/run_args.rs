@@ -153,7 +153,7 @@ pub struct StreamArgs {
     #[arg(long, env = "WALRELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
     /// Prefix of the heartbeat messages (never published).
-    #[arg(long, env = "WALRELAY_HEARTBEAT_PREFIX", default_value = crate::heartbeat::DEFAULT_PREFIX)]
+    #[arg(long, env = "WALRELAY_HEARTBEAT_PREFIX", default_value = crate::relay::heartbeat::DEFAULT_PREFIX)]
     pub heartbeat_prefix: String,
     /// While another relay holds the slot, how often to ask for it (standby mode).
     #[arg(long, env = "WALRELAY_STANDBY_RETRY", default_value = "2s", value_parser = parse_duration)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use crate::catalog;
 use crate::kafka::{KafkaSink, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
-use crate::monitor::{MonitorConfig, OutboxWatch};
 use crate::poll::{PgStore, PollConfig, PollRelay};
+use crate::relay::monitor::{MonitorConfig, OutboxWatch};
 use crate::relay::{PgConnector, RelayConfig, WalRelay};
 use crate::router::RouterConfig;
 use crate::shutdown::Shutdown;
@@ -92,7 +92,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         crate::retention::spawn(retention);
     }
     drop(client);
-    let (findings, verified) = crate::monitor::spawn(
+    let (findings, verified) = crate::relay::monitor::spawn(
         MonitorConfig {
             pg: config.pg.clone(),
             slot: config.slot.clone(),
@@ -104,7 +104,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&live),
     );
     if !heartbeat_interval.is_zero() {
-        crate::heartbeat::spawn(
+        crate::relay::heartbeat::spawn(
             config.pg.clone(),
             primary,
             config.heartbeat_prefix.clone(),
@@ -248,7 +248,7 @@ fn humane(d: Duration) -> String {
 /// The columns the relay reads from an outbox row: a publication's column
 /// list must keep them.
 fn needed_columns(router: &RouterConfig) -> Vec<String> {
-    let mut columns = crate::monitor::relay_columns(&router.columns);
+    let mut columns = crate::relay::monitor::relay_columns(&router.columns);
     columns.extend(router.header_columns.iter().map(|h| h.column.clone()));
     columns
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, LogicalMessage, OldTuple, StreamDecoder, TupleData};
-use crate::relation_cache::RelationCache;
+use crate::relay::relation_cache::RelationCache;
 use crate::replication::{
     ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
     StartOptions,

@@ -19,6 +19,9 @@
 //! | `confirmer.rs` | the ack tracker, when to send status updates, heartbeat latency |
 //! | `ack_tracker.rs` | which LSN may be confirmed |
 //! | `error.rs` | the error taxonomy and the one function that decides what to do |
+//! | `relation_cache.rs` | each table's shape from its latest Relation message |
+//! | `monitor.rs` | beside the loop: the slot monitor and its findings |
+//! | `heartbeat.rs` | beside the loop: the idle-WAL heartbeat |
 //!
 //! # The guarantee, and how progress is tracked
 //!
@@ -78,10 +81,13 @@
 mod ack_tracker;
 mod confirmer;
 mod error;
+pub(crate) mod heartbeat;
 mod link;
+pub(crate) mod monitor;
 mod outbound;
 mod reconnect;
 mod refused;
+pub mod relation_cache;
 mod session;
 mod wal_relay;
 mod window;

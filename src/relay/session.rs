@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::error::{RelayError, StreamError};
+use super::relation_cache::{RelationCache, RelationInfo};
 use crate::lsn::Lsn;
 use crate::pgoutput::{LogicalMessage, Message, StreamDecoder, TupleData};
 use crate::publish::{LocalBoxFuture, Position};
-use crate::relation_cache::{RelationCache, RelationInfo};
 use crate::replication::{
     ConnectionConfig, FeedbackPositions, ReplicationConnection, ReplicationError, ReplicationEvent,
     ReplicationStream, StartOptions, TimelineHistory,

@@ -37,13 +37,13 @@ use super::ack_tracker::TxnTicket;
 use super::confirmer::Confirmer;
 use super::error::{RelayError, StreamError, decide};
 use super::link::{Link, LinkEvent, Release, report_connected, report_waiting_for_broker};
+use super::monitor::Finding;
 use super::outbound::{Outbound, Settling};
 use super::reconnect::{Next, ReconnectPolicy};
 use super::session::{Connector, Session, SessionStart, WalItem};
 use crate::dead_letters::DeadLetterStore;
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
-use crate::monitor::Finding;
 use crate::publish::Sink;
 use crate::router::{Routed, Router};
 use crate::shutdown::Shutdown;
@@ -357,7 +357,7 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
                     // has no events, so it is confirmed as soon as
                     // everything before it is, which measures latency.
                     if let (Some(txn), true) = (self.open.as_mut(), in_transaction) {
-                        txn.heartbeat_emitted_at = crate::heartbeat::emitted_at(&message.content);
+                        txn.heartbeat_emitted_at = super::heartbeat::emitted_at(&message.content);
                     }
                     return Ok(());
                 }

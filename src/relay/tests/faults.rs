@@ -78,7 +78,7 @@ async fn a_server_shutting_down_makes_the_relay_end_its_session_at_once() {
             push(&first, wire::transaction(2000, &[("b", "k", "{}")]));
             run_for(Duration::from_millis(100)).await;
             h.findings
-                .send(crate::monitor::Finding::ServerStopping)
+                .send(crate::relay::monitor::Finding::ServerStopping)
                 .await
                 .unwrap();
             run_for(Duration::from_millis(100)).await;

@@ -22,7 +22,7 @@ pub(super) struct Harness {
     pub(super) server: ScriptedServer,
     pub(super) dead_letters: MemoryDeadLetters,
     pub(super) stop: ShutdownTrigger,
-    pub(super) findings: mpsc::Sender<crate::monitor::Finding>,
+    pub(super) findings: mpsc::Sender<crate::relay::monitor::Finding>,
     pub(super) relay: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
 
