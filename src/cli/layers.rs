@@ -20,48 +20,13 @@ use std::path::{Path, PathBuf};
 use clap::{Arg, ArgAction, ArgMatches, CommandFactory, FromArgMatches, parser::ValueSource};
 
 use super::Cli;
+use crate::commands::config::{Setting, Source};
 
 /// The environment variable naming the config file.
 pub const CONFIG_ENV: &str = "WALRELAY_CONFIG";
 
 /// Arguments that are not settings of a command.
 const NOT_SETTINGS: [&str; 3] = ["help", "version", "config"];
-
-/// Where a setting's value came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    Flag,
-    Env,
-    File,
-    Default,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Flag => "flag",
-            Source::Env => "env",
-            Source::File => "file",
-            Source::Default => "default",
-        }
-    }
-}
-
-/// One setting of the command that runs, for `walrelay config`.
-#[derive(Clone, Debug)]
-pub struct Setting {
-    /// The key in the file: the flag's long name.
-    pub key: String,
-    /// Its raw values, unmasked (mask before printing).
-    pub values: Vec<String>,
-    /// Whether it takes several values (printed as a list).
-    pub many: bool,
-    /// Whether it is an on/off flag (printed as a bool).
-    pub switch: bool,
-    pub source: Source,
-    /// The environment variable that sets it, if any.
-    pub env: Option<String>,
-}
 
 /// The parsed command line with the file merged in, and where each
 /// setting came from.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use layers::{Layered, Setting, Source};
+pub use layers::Layered;
 
 pub use args::{
     CheckArgs, CheckKafkaArgs, InboxArgs, OutboxArgs, PgArgs, SetupArgs, SourceKind, StatusArgs,

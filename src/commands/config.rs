@@ -1,10 +1,46 @@
 //! `walrelay config`: the effective configuration of a command, each value
 //! with its source, secrets masked. The output is itself a config file.
+//! The command line (`cli/layers.rs`) finds each [`Setting`] and where it
+//! came from; this file only prints them.
 
 use std::fmt::Write;
 use std::path::Path;
 
-use crate::cli::{Setting, Source};
+/// Where a setting's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    Env,
+    File,
+    Default,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Flag => "flag",
+            Source::Env => "env",
+            Source::File => "file",
+            Source::Default => "default",
+        }
+    }
+}
+
+/// One setting of the command that runs, for `walrelay config`.
+#[derive(Clone, Debug)]
+pub struct Setting {
+    /// The key in the file: the flag's long name.
+    pub key: String,
+    /// Its raw values, unmasked (mask before printing).
+    pub values: Vec<String>,
+    /// Whether it takes several values (printed as a list).
+    pub many: bool,
+    /// Whether it is an on/off flag (printed as a bool).
+    pub switch: bool,
+    pub source: Source,
+    /// The environment variable that sets it, if any.
+    pub env: Option<String>,
+}
 
 /// librdkafka option names that hold a secret (`sasl.password`,
 /// `ssl.key.password`, `sasl.jaas.config`, `sasl.oauthbearer.client.secret`,

@@ -4,7 +4,7 @@
 //! single-quoted values with `\'` and `\\` escapes.
 
 use super::config::ConnectionConfig;
-use super::url::{ConfigError, from_pairs};
+use super::parameters::{ConfigError, from_pairs};
 
 /// Whether `text` is a keyword/value string rather than a URL.
 /// An empty string is one too: everything from the environment, as libpq.

@@ -1,5 +1,6 @@
 //! What both connections to PostgreSQL share: the connection settings
-//! (`config.rs`) and the URL they are parsed from (`url.rs`), TLS
+//! (`config.rs`), the URL or keyword/value string they are parsed from
+//! (`url.rs`, `conninfo.rs`, both down to libpq's `parameters.rs`), TLS
 //! (`tls.rs`), server errors and their fixes (`error.rs`), and identifier
 //! quoting. The walsender connection lives in `crate::replication`, the SQL
 //! connection in `crate::sql`.
@@ -7,13 +8,15 @@
 pub mod config;
 pub mod conninfo;
 pub mod error;
+mod parameters;
 pub mod passfile;
 pub mod tls;
 mod url;
 
 pub use config::{ConnectionConfig, Host, HostPort, Password, SslMode, TargetSessionAttrs};
 pub use error::{ServerError, os_error_fix};
-pub use url::{ConfigError, LIBPQ_ENV, SYSTEM_ROOTS, redact_url};
+pub use parameters::{ConfigError, LIBPQ_ENV, SYSTEM_ROOTS};
+pub use url::redact_url;
 
 /// A host that does not suit, and why: its error, or what it is.
 pub type HostFailure<E> = (String, Result<String, E>);

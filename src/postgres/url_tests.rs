@@ -1,6 +1,10 @@
 //! Tests of the connection URL's parsing.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use super::*;
+use crate::postgres::config::{Host, HostPort, Keepalives, SslMode, TargetSessionAttrs};
 
 #[test]
 fn url_with_every_part_is_parsed() {
