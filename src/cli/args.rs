@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::UsageError;
 use super::values::parse_duration;
+use crate::commands::setup::SetupOptions;
 use crate::postgres::redact_url;
 use crate::replication::ConnectionConfig;
 use crate::router::OutboxColumns;
@@ -192,6 +193,24 @@ pub struct SetupArgs {
     /// looks for) the index on the created-at column its pruning walks.
     #[arg(long, env = "WALRELAY_RETAIN", value_parser = super::values::parse_retention)]
     pub retain: Option<std::time::Duration>,
+}
+
+impl SetupArgs {
+    /// What `setup` makes and `check` looks for, from the flags.
+    pub fn options(&self) -> Result<SetupOptions, UsageError> {
+        Ok(SetupOptions {
+            tables: self.outbox.tables()?,
+            columns: self.outbox.columns(),
+            publication: self.outbox.publication.clone(),
+            slot: self.outbox.slot.clone(),
+            failover: !self.no_failover,
+            poll: self.source == SourceKind::Poll,
+            dead_letter_table: self.outbox.dead_letter_table()?,
+            new_slot: self.new_slot,
+            retain: self.retain.is_some(),
+            primary: self.primary.connection_config()?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]

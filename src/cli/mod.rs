@@ -22,7 +22,6 @@ pub use run_args::RunArgs;
 pub use values::{parse_duration, parse_retention, parse_size};
 
 use crate::commands;
-use crate::commands::setup::SetupOptions;
 use crate::sql;
 
 /// Streams transactional-outbox events from PostgreSQL to Kafka through
@@ -226,18 +225,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Setup(args) => {
             let config = args.pg.connection_config()?;
-            let options = SetupOptions {
-                tables: args.outbox.tables()?,
-                columns: args.outbox.columns(),
-                publication: args.outbox.publication.clone(),
-                slot: args.outbox.slot.clone(),
-                failover: !args.no_failover,
-                poll: args.source == SourceKind::Poll,
-                dead_letter_table: args.outbox.dead_letter_table()?,
-                new_slot: args.new_slot,
-                retain: args.retain.is_some(),
-                primary: args.primary.connection_config()?,
-            };
+            let options = args.options()?;
             let mut client = sql::connect(&config).await?;
             if options.poll {
                 for line in commands::setup::setup_poll(&mut client, &options).await? {
@@ -254,17 +242,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let args = &check.setup;
             let config = args.pg.connection_config()?;
             let kafka = check.kafka.options(&args.outbox.tables()?)?;
-            let options = commands::check::CheckOptions {
-                tables: args.outbox.tables()?,
-                columns: args.outbox.columns(),
-                publication: args.outbox.publication.clone(),
-                slot: args.outbox.slot.clone(),
-                failover: !args.no_failover,
-                poll: args.source == SourceKind::Poll,
-                dead_letter_table: args.outbox.dead_letter_table()?,
-                retain: args.retain.is_some(),
-                primary: args.primary.connection_config()?,
-            };
+            let options = args.options()?;
             // With several hosts, the checks of the outbox run on the primary,
             // unless the URL asks for the standby the relay decodes from.
             let mut primary = config.clone();

@@ -3,28 +3,11 @@
 
 use crate::catalog::{self, qualified, quote_ident, quote_literal};
 use crate::postgres::ConnectionConfig;
-use crate::router::OutboxColumns;
 use crate::sql::{SqlClient as Client, SqlError};
 
-pub use super::check_result::{Check, Status};
+use super::setup::SetupOptions;
 
-/// What to check.
-#[derive(Clone, Debug)]
-pub struct CheckOptions {
-    pub tables: Vec<(String, String)>,
-    pub columns: OutboxColumns,
-    pub publication: String,
-    pub slot: String,
-    /// Check what a failover needs (PostgreSQL 17+ failover slots).
-    pub failover: bool,
-    /// Check what `run --source poll` needs instead of logical replication.
-    pub poll: bool,
-    pub dead_letter_table: (String, String),
-    /// `--retain`: check the index retention's pruning walks.
-    pub retain: bool,
-    /// `--primary-url`: when the server checked is a standby, its primary.
-    pub primary: Option<ConnectionConfig>,
-}
+pub use super::check_result::{Check, Status};
 
 /// The fix for a database that cannot do logical replication, besides
 /// making it: the polling source.
@@ -35,7 +18,7 @@ const OR_POLL: &str = "; or, where logical replication is not allowed, poll the 
 pub async fn check(
     client: &Client,
     pg: &ConnectionConfig,
-    options: &CheckOptions,
+    options: &SetupOptions,
 ) -> Result<Vec<Check>, SqlError> {
     let mut findings = Vec::new();
     let (dl_schema, dl_table) = &options.dead_letter_table;
@@ -186,7 +169,7 @@ pub async fn check(
 /// What `run` stops on at start besides the checks above: a publication
 /// that decodes events away (a row filter, a column list, a renamed
 /// table), and a slot that is invalidated or gone after walrelay used it.
-async fn lost_events(client: &Client, options: &CheckOptions) -> Result<Vec<Check>, SqlError> {
+async fn lost_events(client: &Client, options: &SetupOptions) -> Result<Vec<Check>, SqlError> {
     use crate::relay::monitor::{OutboxProblem, OutboxWatch};
     use crate::slot_health::recover_command;
     let mut findings = Vec::new();
@@ -241,7 +224,7 @@ async fn lost_events(client: &Client, options: &CheckOptions) -> Result<Vec<Chec
 
 async fn check_table(
     client: &Client,
-    options: &CheckOptions,
+    options: &SetupOptions,
     schema: &str,
     table: &str,
 ) -> Result<Vec<Check>, SqlError> {

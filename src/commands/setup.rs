@@ -14,14 +14,16 @@ use crate::router::OutboxColumns;
 use crate::slot_record;
 use crate::sql::{SqlClient as Client, SqlError};
 
-/// What setup needs.
+/// What walrelay needs in the database: `setup` makes it, `check` looks
+/// for it. One struct, so the two cannot drift apart.
 #[derive(Clone, Debug)]
 pub struct SetupOptions {
     pub tables: Vec<(String, String)>,
     pub columns: OutboxColumns,
     pub publication: String,
     pub slot: String,
-    /// Make the slot a failover slot (PostgreSQL 17+), kept on standbys.
+    /// Make the slot a failover slot (PostgreSQL 17+), kept on standbys;
+    /// `check` checks what a failover needs.
     pub failover: bool,
     /// For `run --source poll`: the polling pieces instead of the
     /// publication and the slot.
@@ -30,13 +32,13 @@ pub struct SetupOptions {
     pub dead_letter_table: (String, String),
     /// Make the slot even if walrelay streamed from one of that name that
     /// is gone (`--new-slot`): the operator accepts that events since were
-    /// not streamed.
+    /// not streamed. `check` makes nothing, so it does not read it.
     pub new_slot: bool,
     /// `--retain`: the index retention's pruning walks.
     pub retain: bool,
     /// `--primary-url`: when the server is a standby, the table, the
-    /// publication and walrelay's record are made here, and the slot on
-    /// the standby (PostgreSQL 16+).
+    /// publication and walrelay's record are made (and checked) here, and
+    /// the slot on the standby (PostgreSQL 16+).
     pub primary: Option<ConnectionConfig>,
 }
 
