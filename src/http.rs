@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -20,13 +19,11 @@ use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
 use serde_json::json;
 
-use crate::kafka::ProducerSettings;
 use crate::live::{self, LiveState, Subject};
 use crate::publish::DeliveryGuarantee;
+use crate::shutdown::Shutdown;
 
 /// The page and what it loads, by path.
 const ASSETS: &[(&str, &str, &str)] = &[
@@ -61,9 +58,6 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("dashboard/vendor/uPlot.LICENSE"),
     ),
 ];
-
-/// How often the broker is probed for `/readyz`.
-const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The `reason`s of `walrelay_partitions_at_least_once_total` a partition
 /// scan gives: `ScanEnd::reason` and an unreadable tail.
@@ -119,56 +113,33 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Serves the endpoints on `listener`, takes the dashboard's samples and
-/// probes the broker in the background.
+/// Serves the endpoints on `listener` and takes the dashboard's samples,
+/// until `shutdown`. What `/readyz` reports of the broker is the source's
+/// to set (`LiveState::set_broker_reachable`); this only serves it.
 pub fn spawn(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     live: Arc<LiveState>,
-    producer: ProducerSettings,
     subject: Subject,
-) -> anyhow::Result<()> {
+    shutdown: Shutdown,
+) {
     export_subject(live.source(), &subject);
-    let config = producer.client_config().map_err(anyhow::Error::msg)?;
-    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.create()?);
-    let probe_live = Arc::clone(&live);
-    tokio::spawn(async move {
-        loop {
-            let admin = Arc::clone(&admin);
-            let ok = tokio::task::spawn_blocking(move || {
-                admin
-                    .inner()
-                    .fetch_metadata(None, Duration::from_secs(3))
-                    .is_ok()
-            })
-            .await
-            .unwrap_or(false);
-            probe_live
-                .counters
-                .broker_reachable
-                .store(ok, Ordering::Relaxed);
-            // The inbox has no stall timeout of its own: while the broker
-            // does not answer, it waits for it.
-            if probe_live.source() == live::Source::Inbox && probe_live.waiting_for_broker() == ok {
-                probe_live.set_waiting_for_broker(!ok);
-                metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(if ok { 0.0 } else { 1.0 });
-            }
-            tokio::time::sleep(BROKER_PROBE_INTERVAL).await;
-        }
-    });
-    live::spawn_sampler(Arc::clone(&live));
+    live::spawn_sampler(Arc::clone(&live), shutdown.clone());
     let app = router(AppState {
         metrics,
         live,
         subject: Arc::new(subject),
         started_ms: live::unix_ms(),
     });
+    let mut shutdown = shutdown;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await;
+        if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    Ok(())
 }
 
 /// The process's fixed facts as metrics: what it is, and its limits.

@@ -330,6 +330,13 @@ impl LiveState {
         *lock(&self.role)
     }
 
+    /// The broker probe's latest answer, for `/readyz`.
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        self.counters
+            .broker_reachable
+            .store(reachable, Ordering::Relaxed);
+    }
+
     /// The broker acknowledged nothing for the stall timeout (or answers
     /// again): an error that holds until it answers.
     pub fn set_waiting_for_broker(&self, waiting: bool) {
@@ -467,13 +474,12 @@ fn peak(peak: &AtomicU64, now: &AtomicU64) -> u64 {
     peak.swap(now, Ordering::Relaxed).max(now)
 }
 
-/// Takes a sample once a second until the process ends.
-pub fn spawn_sampler(live: Arc<LiveState>) {
+/// Takes a sample once a second until `shutdown`.
+pub fn spawn_sampler(live: Arc<LiveState>, mut shutdown: crate::shutdown::Shutdown) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+        while shutdown.unless(tick.tick()).await.is_some() {
             live.record_sample();
         }
     });

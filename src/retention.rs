@@ -48,6 +48,7 @@ use std::time::Duration;
 use crate::catalog::{qualified, quote_ident};
 use crate::metrics as m;
 use crate::replication::ConnectionConfig;
+use crate::shutdown::Shutdown;
 use crate::sql::{SqlClient, SqlError, SqlSession};
 
 /// The default rows per `DELETE`.
@@ -79,8 +80,8 @@ pub enum RetentionError {
     NoSlot(String),
 }
 
-/// Prunes every `interval` until the process ends.
-pub fn spawn(config: RetentionConfig) {
+/// Prunes every `interval` until `shutdown`.
+pub fn spawn(config: RetentionConfig, mut shutdown: Shutdown) {
     metrics::gauge!(m::RETENTION_SECONDS).set(config.retain.as_secs_f64());
     tokio::spawn(async move {
         let mut session = SqlSession::new(config.pg.clone());
@@ -91,7 +92,9 @@ pub fn spawn(config: RetentionConfig) {
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            if shutdown.unless(tick.tick()).await.is_none() {
+                return;
+            }
             let result = match session.client().await {
                 Ok(client) => prune(client, &config).await,
                 Err(e) => Err(e.into()),

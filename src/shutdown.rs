@@ -25,6 +25,18 @@ impl ShutdownTrigger {
     }
 }
 
+/// Triggers its shutdown when dropped, however the scope ends: a
+/// command's background loops (HTTP, sampler, probe, monitors) stop when
+/// the command is done, after its drain, so they serve all through it.
+#[derive(Debug)]
+pub struct StopOnDrop(pub ShutdownTrigger);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
 impl Shutdown {
     /// A pair: trigger it, and every clone of the `Shutdown` sees it.
     pub fn new() -> (ShutdownTrigger, Shutdown) {

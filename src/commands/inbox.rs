@@ -10,23 +10,29 @@ use crate::live::{LiveState, Source, Subject};
 
 pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     let live = Arc::new(LiveState::with_source(Source::Inbox));
+    let (background, _stop_background) = super::run::background();
     let metrics = crate::http::install_metrics()?;
+    // The broker probe: a client of the same brokers and options, which
+    // never creates a topic either (it asks for every topic's metadata,
+    // which creates none; the setting says so outright).
+    let probe = ProducerSettings {
+        brokers: config.brokers.clone(),
+        overrides: config
+            .overrides
+            .iter()
+            .cloned()
+            .chain([("allow.auto.create.topics".into(), "false".into())])
+            .collect(),
+    };
+    let probed = Arc::clone(&live);
+    crate::kafka::probe::spawn(&probe, background.clone(), move |reachable| {
+        inbox::broker_answered(&probed, reachable)
+    })
+    .map_err(anyhow::Error::msg)?;
     crate::http::spawn(
         listener,
         metrics,
         Arc::clone(&live),
-        // The broker probe: a client of the same brokers and options,
-        // which never creates a topic either (it asks for every topic's
-        // metadata, which creates none; the setting says so outright).
-        ProducerSettings {
-            brokers: config.brokers.clone(),
-            overrides: config
-                .overrides
-                .iter()
-                .cloned()
-                .chain([("allow.auto.create.topics".into(), "false".into())])
-                .collect(),
-        },
         Subject {
             name: config.topics.join(" "),
             delivery: "exactly-once",
@@ -35,7 +41,8 @@ pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyh
             group: Some(config.group.clone()),
             ..Subject::default()
         },
-    )?;
+        background,
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let mut shutdown = crate::shutdown::Shutdown::on_signals();
     let handle = tokio::runtime::Handle::current();

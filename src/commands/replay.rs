@@ -7,14 +7,15 @@ use crate::kafka::ProducerSettings;
 use crate::live::{LiveState, Subject};
 use crate::replay::backfill::{self, BackfillOptions};
 use crate::replay::recover::{self, RecoverOptions};
+use crate::shutdown::StopOnDrop;
 
 pub async fn backfill(
     options: BackfillOptions,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
-    serve(
+    let _stop_background = serve(
         listener,
-        options.kafka.producer.clone(),
+        &options.kafka.producer,
         format!("backfill {}", options.name),
         options.exactly_once,
     )?;
@@ -26,9 +27,9 @@ pub async fn recover(
     options: RecoverOptions,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
-    serve(
+    let _stop_background = serve(
         listener,
-        options.kafka.producer.clone(),
+        &options.kafka.producer,
         format!("recover {}", options.slot),
         options.exactly_once,
     )?;
@@ -36,18 +37,21 @@ pub async fn recover(
     Ok(())
 }
 
+/// The HTTP server and the broker probe, until the returned guard drops.
 fn serve(
     listener: tokio::net::TcpListener,
-    producer: ProducerSettings,
+    producer: &ProducerSettings,
     name: String,
     exactly_once: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<StopOnDrop> {
+    let (background, stop) = super::run::background();
+    let live = Arc::new(LiveState::new());
     let metrics = crate::http::install_metrics()?;
+    super::run::probe_broker(producer, &live, &background)?;
     crate::http::spawn(
         listener,
         metrics,
-        Arc::new(LiveState::new()),
-        producer,
+        live,
         Subject {
             name,
             delivery: if exactly_once {
@@ -57,5 +61,7 @@ fn serve(
             },
             ..Subject::default()
         },
-    )
+        background,
+    );
+    Ok(stop)
 }

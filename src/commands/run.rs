@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::catalog;
-use crate::kafka::{KafkaSink, SinkSettings};
+use crate::kafka::{KafkaSink, ProducerSettings, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
 use crate::poll::{PgStore, PollConfig, PollRelay};
 use crate::relay::monitor::{MonitorConfig, OutboxWatch};
 use crate::relay::{PgConnector, RelayConfig, WalRelay};
 use crate::router::RouterConfig;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, StopOnDrop};
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::slot_record;
 use crate::sql;
@@ -45,12 +45,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     } = options;
     let primary = config.primary.clone();
     let live = Arc::new(LiveState::new());
+    let (background, _stop_background) = background();
     let metrics = crate::http::install_metrics()?;
+    probe_broker(&kafka.producer, &live, &background)?;
     crate::http::spawn(
         listener,
         metrics,
         Arc::clone(&live),
-        kafka.producer.clone(),
         Subject {
             name: config.slot.clone(),
             delivery: config.delivery.as_str(),
@@ -58,7 +59,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             max_in_flight_bytes: Some(config.max_in_flight_bytes as u64),
             ..Subject::default()
         },
-    )?;
+        background.clone(),
+    );
     let client = sql::connect(&config.pg).await?;
     let writer = primary_for_run(&client, primary.as_ref(), heartbeat_interval, &retention).await?;
     let (record_schema, last_confirmed) =
@@ -89,7 +91,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     if let Some(retention) = retention {
         check_retention_index(&client, &retention).await?;
-        crate::retention::spawn(retention);
+        crate::retention::spawn(retention, background.clone());
     }
     drop(client);
     let (findings, verified) = crate::relay::monitor::spawn(
@@ -102,6 +104,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             primary: primary.clone(),
         },
         Arc::clone(&live),
+        background.clone(),
     );
     if !heartbeat_interval.is_zero() {
         crate::relay::heartbeat::spawn(
@@ -109,6 +112,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             primary,
             config.heartbeat_prefix.clone(),
             heartbeat_interval,
+            background.clone(),
         );
     }
     let mut shutdown = Shutdown::on_signals();
@@ -139,6 +143,7 @@ pub async fn run_poll(
     status_interval: Duration,
 ) -> anyhow::Result<()> {
     let live = Arc::new(LiveState::with_source(Source::Poll));
+    let (background, _stop_background) = background();
     let metrics = crate::http::install_metrics()?;
     let tables = config
         .router
@@ -147,11 +152,11 @@ pub async fn run_poll(
         .map(|(s, t)| format!("{s}.{t}"))
         .collect::<Vec<_>>()
         .join(", ");
+    probe_broker(&kafka.producer, &live, &background)?;
     crate::http::spawn(
         listener,
         metrics,
         Arc::clone(&live),
-        kafka.producer.clone(),
         Subject {
             name: tables,
             delivery: config.delivery.as_str(),
@@ -159,7 +164,8 @@ pub async fn run_poll(
             max_in_flight_events: Some((config.batch_size * config.lanes.max(1)) as u64),
             ..Subject::default()
         },
-    )?;
+        background,
+    );
     // A table that is not set up is an error with its fix, before anything
     // else happens.
     let client = sql::connect(&config.pg).await?;
@@ -185,6 +191,28 @@ pub async fn run_poll(
         .run(shutdown)
         .await?;
     Ok(())
+}
+
+/// The stop of a command's background loops (HTTP, sampler, broker
+/// probe, monitors), and its trigger, which fires when dropped: at the
+/// command's end, after the drain, so they serve all through it.
+pub(crate) fn background() -> (Shutdown, StopOnDrop) {
+    let (trigger, background) = Shutdown::new();
+    (background, StopOnDrop(trigger))
+}
+
+/// The broker probe of a relay (WAL, poll, backfill, recover): its answer
+/// is `/readyz`'s `broker_reachable`, nothing more.
+pub(crate) fn probe_broker(
+    producer: &ProducerSettings,
+    live: &Arc<LiveState>,
+    background: &Shutdown,
+) -> anyhow::Result<()> {
+    let live = Arc::clone(live);
+    crate::kafka::probe::spawn(producer, background.clone(), move |reachable| {
+        live.set_broker_reachable(reachable)
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 /// Connects the producer before the first event, so early events do not

@@ -39,5 +39,17 @@ pub mod store;
 mod tests;
 
 pub use consumer::{InboxConfig, run};
+
+use crate::live::LiveState;
+
+/// The inbox's readiness from the broker probe's answer. It has no stall
+/// timeout of its own: while the broker does not answer, it waits for it.
+pub fn broker_answered(live: &LiveState, reachable: bool) {
+    live.set_broker_reachable(reachable);
+    if live.waiting_for_broker() == reachable {
+        live.set_waiting_for_broker(!reachable);
+        metrics::gauge!(crate::metrics::WAITING_FOR_BROKER).set(if reachable { 0.0 } else { 1.0 });
+    }
+}
 pub use reset::OnTopicReset;
 pub use schema::InboxTables;

@@ -1,10 +1,11 @@
 //! The Kafka side: the librdkafka client configuration, the producer as a
 //! [`crate::sink::Sink`], topic preparation, what the cluster says of its
-//! topics, partition tail scans, and topic ids.
+//! topics, partition tail scans, topic ids, and the broker probe.
 
 pub mod cluster;
 pub mod config;
 pub mod errors;
+pub mod probe;
 pub mod producer;
 pub mod tail;
 pub mod topic_id;

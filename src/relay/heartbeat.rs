@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::metrics as m;
 use crate::replication::ConnectionConfig;
+use crate::shutdown::Shutdown;
 use crate::sql::SqlSession;
 use crate::standby::WriteRoute;
 use crate::timestamp::PgTimestamp;
@@ -31,7 +32,7 @@ pub fn emitted_at(content: &[u8]) -> Option<i64> {
     value.get("emitted_at_us")?.as_i64()
 }
 
-/// Emits a heartbeat every `interval` until the process ends: on the
+/// Emits a heartbeat every `interval` until `shutdown`: on the
 /// server decoded from, or on `primary` while that server is a standby (a
 /// message written on the primary reaches the standby's slot through its
 /// WAL).
@@ -40,6 +41,7 @@ pub fn spawn(
     primary: Option<ConnectionConfig>,
     prefix: String,
     interval: Duration,
+    mut shutdown: Shutdown,
 ) {
     tokio::spawn(async move {
         let mut session = SqlSession::new(decoding);
@@ -47,7 +49,9 @@ pub fn spawn(
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            if shutdown.unless(tick.tick()).await.is_none() {
+                return;
+            }
             let written = match session.client().await {
                 Ok(decoding) => route.client(decoding).await,
                 Err(e) => Err(e),

@@ -35,6 +35,7 @@ use crate::live::LiveState;
 use crate::lsn::Lsn;
 use crate::metrics as m;
 use crate::replication::ConnectionConfig;
+use crate::shutdown::Shutdown;
 use crate::slot_health::{self, LastConfirmed, SlotProblem};
 use crate::sql::{SqlClient, SqlError, SqlSession};
 
@@ -309,11 +310,13 @@ pub struct MonitorConfig {
     pub primary: Option<ConnectionConfig>,
 }
 
-/// Starts the monitor task. Its findings arrive on the returned channel;
-/// the verified LSN (see the module's doc) on the watch.
+/// Starts the monitor task, which runs until `shutdown`. Its findings
+/// arrive on the returned channel; the verified LSN (see the module's doc)
+/// on the watch.
 pub fn spawn(
     config: MonitorConfig,
     live: Arc<LiveState>,
+    mut shutdown: Shutdown,
 ) -> (mpsc::Receiver<Finding>, watch::Receiver<Lsn>) {
     let (tx, rx) = mpsc::channel(4);
     let (verified_tx, verified_rx) = watch::channel(Lsn::ZERO);
@@ -335,6 +338,7 @@ pub fn spawn(
         let mut stopped = false;
         loop {
             tokio::select! {
+                () = shutdown.wait() => return,
                 _ = tick.tick() => {}
                 reason = session.closed() => {
                     // The server ended the session: a fast shutdown does
