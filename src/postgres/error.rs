@@ -161,10 +161,20 @@ impl fmt::Display for ServerError {
             write!(f, " (hint: {hint})")?;
         }
         if let Some(fix) = self.fix() {
-            write!(f, "; fix: {fix}")?;
+            // The command names the slot the server named, ready to run.
+            match slot_named(&self.message) {
+                Some(slot) => write!(f, "; fix: {}", fix.replace("<slot>", slot))?,
+                None => write!(f, "; fix: {fix}")?,
+            }
         }
         Ok(())
     }
+}
+
+/// The slot a server message names: `replication slot "NAME" ...`.
+fn slot_named(message: &str) -> Option<&str> {
+    let rest = message.split_once("replication slot \"")?.1;
+    rest.split_once('"').map(|(slot, _)| slot)
 }
 
 impl std::error::Error for ServerError {}
@@ -172,6 +182,23 @@ impl std::error::Error for ServerError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_slot_s_fix_names_the_slot_the_server_named() {
+        let error = ServerError {
+            severity: "ERROR".into(),
+            code: "42704".into(),
+            message: "replication slot \"orders_relay\" does not exist".into(),
+            detail: None,
+            hint: None,
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains("`walrelay recover --slot orders_relay`"),
+            "{text}"
+        );
+        assert!(!text.contains("<slot>"), "{text}");
+    }
 
     fn invalidated(detail: &str) -> ServerError {
         ServerError {
