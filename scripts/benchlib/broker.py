@@ -39,13 +39,14 @@ class Broker:
         self.admin = AdminClient({"bootstrap.servers": brokers})
         self.meta = self._consumer()
 
-    def _consumer(self):
+    def _consumer(self, **settings):
         return Consumer({
             "bootstrap.servers": self.brokers,
             "group.id": "walrelay-bench",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
+            **settings,
         })
 
     def create_topic(self, name, partitions=1):
@@ -75,6 +76,36 @@ class Broker:
                 raise
             total += high
         return total
+
+    def last_append_ms(self, topic):
+        """The latest append time (LogAppendTime) among the last records of
+        every partition, read under read_committed."""
+        consumer = self._consumer()
+        latest = None
+        try:
+            for p in self.partitions(topic):
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                if high <= low:
+                    continue
+                # The last few offsets: a transaction's commit marker takes one.
+                consumer.assign([TopicPartition(topic, p, max(low, high - 20))])
+                # Read until the partition has nothing more for a second.
+                deadline, read = time.time() + 30, False
+                while time.time() < deadline:
+                    m = consumer.poll(1.0)
+                    if m is None:
+                        if read:
+                            break
+                        continue
+                    if m.error():
+                        continue
+                    ts, read = m.timestamp()[1], True
+                    latest = ts if latest is None else max(latest, ts)
+        finally:
+            consumer.close()
+        if latest is None:
+            raise SystemExit(f"{topic} holds no record")
+        return latest
 
     def tail(self, topic, headers=False):
         return Tail(self, topic, headers)
@@ -163,25 +194,33 @@ class Tail:
 class Watcher(threading.Thread):
     """A read_committed consumer that follows a topic as it is written and
     notes when each event id first became readable (this machine's clock):
-    what a consumer sees, after a transactional producer's commit too."""
+    what a consumer sees, after a transactional producer's commit too.
+
+    It fetches with fetch.wait.max.ms=2 (librdkafka's default is 500: an
+    idle fetch would wait up to half a second and the figure would be the
+    client's cadence, not the producer's) and fetch.min.bytes=1, so an
+    event is read within a few milliseconds of becoming readable."""
 
     def __init__(self, broker, topic):
         super().__init__(daemon=True)
-        self.consumer = broker._consumer()
+        self.consumer = broker._consumer(**{"fetch.wait.max.ms": 2, "fetch.min.bytes": 1,
+                                            "fetch.error.backoff.ms": 5})
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in broker.partitions(topic)])
         self.seen = {}
         self.stopping = threading.Event()
 
     def run(self):
+        # poll() returns as soon as one record is there (consume() would
+        # wait out its timeout for a batch): each is stamped when it
+        # arrives.
         while not self.stopping.is_set():
-            batch = self.consumer.consume(num_messages=10000, timeout=0.1)
+            m = self.consumer.poll(0.05)
+            if m is None or m.error():
+                continue
             now = time.time()
-            for m in batch:
-                if m.error():
-                    continue
-                event_id = next((v.decode() for k, v in (m.headers() or []) if k == "id"), None)
-                if event_id is not None and event_id not in self.seen:
-                    self.seen[event_id] = now
+            event_id = next((v.decode() for k, v in (m.headers() or []) if k == "id"), None)
+            if event_id is not None and event_id not in self.seen:
+                self.seen[event_id] = now
         self.consumer.close()
 
     def stop(self):

@@ -84,7 +84,10 @@ def rows(results):
     for s in results.get("steady", []):
         p = s["peers"]
         for k, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")):
-            out.append((f"steady {s['rate']:,} events/s: commit to broker {label}", {n: v[k] for n, v in p.items()}, "ms", True))
+            out.append((f"steady {s['rate']:,} events/s: commit to readable by a read_committed consumer {label}",
+                        {n: v["visible_to_consumer"][k] for n, v in p.items()}, "ms", True))
+        for k, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            out.append((f"steady {s['rate']:,} events/s: commit to broker append {label}", {n: v[k] for n, v in p.items()}, "ms", True))
         out.append((f"steady {s['rate']:,} events/s: CPU per 100,000 events", {n: v["cpu_seconds_per_100k"] for n, v in p.items()}, "cpu", True))
     sat = results.get("saturated")
     if sat:
@@ -123,8 +126,16 @@ def table(results):
 def walrelay_only(results):
     lines = []
     for r in results.get("recovery", []):
-        lines.append(f"- restart, exactly once, {r['partitions']} partitions ({r['earlier_events']:,} earlier events): "
+        lines.append(f"- kill -9 and restart, exactly once, {r['partitions']} partitions ({r.get('topics', 1)} topics, "
+                     f"{r['earlier_events']:,} earlier events): "
                      f"first new event {r['first_event_ms']} ms, new events in every partition {r['all_partitions_ms']} ms")
+    for d in results.get("scale", []):
+        eo, pg = d["peers"].get("walrelay-eo"), d["peers"]["pg_recvlogical"]
+        if eo:
+            lines.append(f"- scale, exactly once, {d['events']:,} events: {eo['start_to_last_s']} s "
+                         f"({eo['events_per_second']:,}/s), CPU {eo['cpu_seconds_per_100k']} s per 100,000 events "
+                         f"(pg_recvlogical {pg['cpu_seconds_per_100k']} s, ratio "
+                         f"{eo['cpu_seconds_per_100k'] / pg['cpu_seconds_per_100k']:.2f}), peak RSS {eo['peak_rss_mib']} MiB")
     poll = results.get("poll")
     if poll:
         d = poll["drain"]

@@ -20,13 +20,25 @@ AGGREGATES = 1000
 CLIENTS = 4
 
 
-def insert_script(aggregate_type="order"):
-    """One outbox row per transaction: about 310 bytes of JSON, 1,000 aggregates."""
-    return (
-        f"\\set agg random(1, {AGGREGATES})\n"
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
-        f"VALUES ('{aggregate_type}', 'order-' || :agg, 'OrderPlaced', '" + PAYLOAD + "');\n"
-    )
+def insert_script(aggregate_type="order", topics=1, rows=1):
+    """One outbox row per transaction: about 310 bytes of JSON, 1,000
+    aggregates. With `topics` above 1, each row's aggregate type (and so
+    its topic) is `<aggregate_type>1` .. `<aggregate_type><topics>` at
+    random; with `rows` above 1, each transaction inserts that many rows
+    (a faster writer, for the largest backlogs)."""
+    lines = [f"\\set agg random(1, {AGGREGATES})"]
+    if topics > 1:
+        lines.append(f"\\set t random(1, {topics})")
+        kind = f"'{aggregate_type}' || :t"
+    else:
+        kind = f"'{aggregate_type}'"
+    values = f"{kind}, 'order-' || :agg, 'OrderPlaced', '" + PAYLOAD + "'"
+    if rows > 1:
+        insert = ("INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) "
+                  f"SELECT {values} FROM generate_series(1, {rows});")
+    else:
+        insert = f"INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ({values});"
+    return "\n".join(lines + [insert]) + "\n"
 
 
 def lsn_to_int(text):

@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from .broker import Watcher
-from .stack import CLIENTS, insert_script
+from .stack import CLIENTS, insert_script, lsn_to_int
 from .util import log, percentile, wait_until
 
 MIB = 2**20
@@ -322,22 +322,26 @@ def crash(ctx, rate, seconds):
 def recovery(ctx, relay, partitions, earlier=20_000):
     """walrelay exactly once: a restart's cost of reading partition tails.
 
-    A relay publishes `earlier` events to a topic of `partitions`
-    partitions and stops; events for every partition are written; a new
+    A relay publishes `earlier` events to `partitions` partitions (topics
+    of 8 partitions each, as many as it takes: 800 is 100 topics x 8) and
+    is killed (kill -9); events for every partition are written; a new
     relay starts: the time to its first event published (one tail read)
     and to all of them (every partition's tail read)."""
     stack = ctx.stack
     stack.truncate()
     relay.reset()
-    script = insert_script(f"p{partitions}")
-    args = ["--topic-partitions", str(partitions)]
-    log(f"recovery with {partitions} partitions: {earlier:,} earlier events")
+    topics = -(-partitions // 8)
+    if partitions % topics:
+        raise SystemExit(f"--recovery-partitions: {partitions} is not a multiple of 8 (or at most 8)")
+    script = insert_script(f"p{partitions}-", topics=topics)
+    args = ["--topic-partitions", str(partitions // topics)]
+    log(f"recovery with {partitions} partitions ({topics} topics x {partitions // topics}): {earlier:,} earlier events")
     proc = relay.start("recovery", args)
     proc.wait_ready()
     stack.pgbench(["-t", str(earlier // CLIENTS)], script)
     target = stack.lsn()
     wait_until(lambda: stack.confirmed(relay.slot) >= target, 300, "the earlier events to be confirmed", alive=proc.alive)
-    proc.stop()
+    proc.kill9()
     # 1,000 aggregates over the partitions: every partition gets events.
     new = max(2_000, 8 * partitions)
     stack.pgbench(["-t", str(new // CLIENTS)], script)
@@ -356,7 +360,7 @@ def recovery(ctx, relay, partitions, earlier=20_000):
     status = proc.status()
     proc.stop()
     log(f"  first new event after {first * 1000:.0f} ms, {new} events in every partition after {every * 1000:.0f} ms")
-    return {"partitions": partitions, "earlier_events": earlier, "new_events": new,
+    return {"partitions": partitions, "topics": topics, "earlier_events": earlier, "new_events": new,
             "first_event_ms": round(first * 1000), "all_partitions_ms": round(every * 1000),
             "skipped": status.get("events_skipped", 0)}
 
@@ -414,4 +418,46 @@ def poll_source(ctx, relay, binary, events, rate, seconds):
         result["steady"] = {"rate": rate, "seconds": seconds, **_latencies(lat),
                             "walrelay_created_to_ack": {k: _round(v) for k, v in own.items() if k.endswith("_ms")}}
         log(f"  p50 {result['steady']['p50_ms']} ms, p99 {result['steady']['p99_ms']} ms")
+    return result
+
+
+def scale(ctx, relay, n):
+    """The scale curve: walrelay exactly once drains a backlog of n events
+    (written ten to a transaction, so the largest is written in a minute or
+    two), against pg_recvlogical on the same WAL: time, events/s, CPU per
+    event and peak RSS. Done is the slot confirmed at the end of the
+    backlog (every event acknowledged, its transaction committed); the
+    last event's time is its append time, read from each partition's end."""
+    stack, broker = ctx.stack, ctx.broker
+    stack.truncate()
+    relay.reset()
+    ctx.recvlogical.reset()
+    log(f"scale: writing a backlog of {n:,} events (10 per transaction)")
+    t = time.time()
+    stack.pgbench(["-t", str(max(n // (CLIENTS * 10), 1))], insert_script(rows=10))
+    events = stack.outbox_count()
+    end_text = stack.psql("SELECT pg_current_wal_lsn()::text")
+    end = lsn_to_int(end_text)
+    log(f"  {events:,} events in {time.time() - t:.1f} s")
+    result = {"events": events, "rows_per_transaction": 10, "load": _load(), "peers": {}}
+    seconds, cpu, rss = ctx.recvlogical.drain(end_text)
+    result["peers"]["pg_recvlogical"] = {
+        "start_to_last_s": _round(seconds, 3), "events_per_second": round(events / seconds),
+        "cpu_seconds_per_100k": _round(cpu / events * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1)}
+    log(f"  pg_recvlogical: {seconds:.2f} s ({events / seconds:,.0f} events/s)")
+    phase = f"scale{n}"
+    topic = relay.topic(phase)
+    broker.create_topic(topic, ctx.partitions)
+    proc = relay.start(phase)
+    wait_until(lambda: stack.confirmed(relay.slot) >= end, 600 + events / 2_000,
+               f"{relay.name} to drain {events:,} events", interval=0.2, alive=proc.alive)
+    cpu, rss = proc.cpu(), proc.peak_rss()
+    published = proc.status().get("events_published")
+    proc.stop()
+    total = broker.last_append_ms(topic) / 1000 - proc.t_start
+    result["peers"][relay.name] = {
+        "start_to_last_s": _round(total, 3), "events_per_second": round(events / total),
+        "cpu_seconds_per_100k": _round(cpu / events * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1),
+        "events_published": published}
+    log(f"  {relay.name}: {total:.2f} s ({events / total:,.0f} events/s), CPU {cpu:.1f} s, peak RSS {rss / MIB:.0f} MiB")
     return result
