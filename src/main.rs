@@ -2,9 +2,8 @@
 //! the library.
 
 /// mimalloc, not glibc's malloc: allocation was 40% of the relay thread,
-/// and a drain of 200,000 events took 24% less CPU with mimalloc (15% with
-/// jemalloc), for a higher peak RSS (docs/performance.md, "walrelay's own
-/// cost").
+/// and drains took about 13% less CPU per event with mimalloc, for a
+/// higher peak RSS (docs/performance.md, "Comparing two builds").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
