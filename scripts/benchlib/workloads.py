@@ -160,8 +160,9 @@ def steady(ctx, rate, seconds):
         if own:
             entry["walrelay_commit_to_ack"] = {k: _round(v) for k, v in own.items() if k.endswith("_ms")}
         result["peers"][peer.name] = entry
-        log(f"  p50 {entry['p50_ms']} ms, p99 {entry['p99_ms']} ms, max {entry['max_ms']} ms, "
-            f"CPU {entry['cpu_seconds_per_100k']} s per 100k")
+        readable = entry["visible_to_consumer"]
+        log(f"  readable p50 {readable['p50_ms']} ms, p99 {readable['p99_ms']} ms; appended p50 {entry['p50_ms']} ms, "
+            f"p99 {entry['p99_ms']} ms; CPU {entry['cpu_seconds_per_100k']} s per 100k")
     return result
 
 
