@@ -26,8 +26,9 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::context::{Assignment, InboxContext, Rebalance, partition_list};
+use super::incoming::{DeadLetterKind, Incoming};
 use super::seams::{InboxConsumer, InboxStore};
-use super::store::{DeadLetterKind, Incoming, StoreError, StoredOffset, TopicPartition, Written};
+use super::store::{StoreError, StoredOffset, TopicPartition, Written};
 use crate::live::LiveState;
 use crate::publish::memory::MemoryBroker;
 use crate::record::KafkaRecord;

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rdkafka::Offset;
 
-use super::consumer::{Inbox, InboxConfig, InboxError};
+use super::InboxConfig;
+use super::consumer::{Inbox, InboxError};
 use super::memory::{Call, Fault, MemberHandle, MemoryConsumer, MemoryStore};
 use super::positions::Placement;
 use super::reset::OnTopicReset;
