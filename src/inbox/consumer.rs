@@ -14,7 +14,7 @@
 //! noticed, never read from a position of the old log ([`super::reset`]).
 //! While it is read, a log that goes back under the consumer, or a topic
 //! whose id changes, gets its partitions placed again, so checked again.
-//! Placing is [`placement`]'s; this file keeps the loop, its batch and
+//! Placing is `consumer/placement.rs`'s; this file keeps the loop, its batch and
 //! its store calls.
 
 use std::sync::Arc;
