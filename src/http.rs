@@ -154,15 +154,8 @@ fn export_subject(source: live::Source, subject: &Subject) {
     // value they take, so a scrape shows every series the dashboards use.
     use crate::metrics as m;
     match source {
-        live::Source::Inbox => {
-            metrics::counter!(m::INBOX_RECORDS_CONSUMED_TOTAL).absolute(0);
-            metrics::counter!(m::INBOX_RECORDS_STORED_TOTAL).absolute(0);
-            metrics::counter!(m::INBOX_DUPLICATES_SKIPPED_TOTAL).absolute(0);
-            metrics::counter!(m::INBOX_TOPIC_RESETS_TOTAL).absolute(0);
-            for kind in crate::inbox::store::DeadLetterKind::ALL {
-                metrics::counter!(m::INBOX_DEAD_LETTERS_TOTAL, "kind" => kind.as_str()).absolute(0);
-            }
-        }
+        // The inbox exports its own (`inbox::counters`), from its command.
+        live::Source::Inbox => {}
         live::Source::Wal | live::Source::Poll => {
             let kinds: &[&str] = if source == live::Source::Poll {
                 metrics::counter!(m::POLL_BATCHES_TOTAL).absolute(0);

@@ -105,6 +105,31 @@ pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// A loop under test, as the commands run it: on a local task of a
+/// `LocalSet` (its futures hold `Rc`s), stopped through its trigger. The
+/// in-process tests of the WAL relay and of the polling source share it.
+#[cfg(test)]
+pub(crate) mod local_loop {
+    use std::fmt::Debug;
+    use std::future::Future;
+
+    use tokio::task::{JoinHandle, LocalSet};
+
+    use super::ShutdownTrigger;
+
+    /// Runs a test's body on a `LocalSet`, where it may start its loop
+    /// with `spawn_local`.
+    pub(crate) async fn run<F: Future>(body: F) -> F::Output {
+        LocalSet::new().run_until(body).await
+    }
+
+    /// Asks the loop to stop and checks that it ended without an error.
+    pub(crate) async fn finish<E: Debug>(stop: &ShutdownTrigger, task: JoinHandle<Result<(), E>>) {
+        stop.trigger();
+        task.await.unwrap().unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,14 +170,14 @@ pub async fn check(
 /// that decodes events away (a row filter, a column list, a renamed
 /// table), and a slot that is invalidated or gone after walrelay used it.
 async fn lost_events(client: &Client, options: &SetupOptions) -> Result<Vec<Check>, SqlError> {
-    use crate::relay::monitor::{OutboxProblem, OutboxWatch};
+    use crate::relay::outbox_watch::{OutboxProblem, OutboxWatch};
     use crate::slot_health::recover_command;
     let mut findings = Vec::new();
     let mut watch = OutboxWatch::new(
         &options.slot,
         &options.publication,
         &options.tables,
-        crate::relay::monitor::relay_columns(&options.columns),
+        crate::relay::outbox_watch::relay_columns(&options.columns),
     );
     if let Some(problem @ (OutboxProblem::RowFilter { .. } | OutboxProblem::ColumnList { .. })) =
         watch.check(client).await?

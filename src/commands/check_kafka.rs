@@ -7,7 +7,7 @@
 use super::check_result::Check;
 use crate::kafka::ProducerSettings;
 use crate::kafka::cluster::{Cluster, ClusterView, Setting, TopicShape};
-use crate::kafka::topics::replication_fix;
+use crate::kafka::topic_spec::replication_fix;
 use crate::router::TopicTemplate;
 
 /// What to check.

@@ -12,6 +12,7 @@ pub async fn run(config: InboxConfig, listener: tokio::net::TcpListener) -> anyh
     let live = Arc::new(LiveState::with_source(Source::Inbox));
     let (background, _stop_background) = super::run::background();
     let metrics = crate::http::install_metrics()?;
+    inbox::counters::export_from_zero();
     // The broker probe: a client of the same brokers and options, which
     // never creates a topic either (it asks for every topic's metadata,
     // which creates none; the setting says so outright).

@@ -9,7 +9,8 @@ use crate::catalog;
 use crate::kafka::{KafkaSink, ProducerSettings, SinkSettings};
 use crate::live::{LiveState, Source, Subject};
 use crate::poll::{PgStore, PollConfig, PollRelay};
-use crate::relay::monitor::{MonitorConfig, OutboxWatch};
+use crate::relay::monitor::MonitorConfig;
+use crate::relay::outbox_watch::OutboxWatch;
 use crate::relay::{PgConnector, RelayConfig, WalRelay};
 use crate::router::RouterConfig;
 use crate::shutdown::{Shutdown, StopOnDrop};
@@ -276,7 +277,7 @@ fn humane(d: Duration) -> String {
 /// The columns the relay reads from an outbox row: a publication's column
 /// list must keep them.
 fn needed_columns(router: &RouterConfig) -> Vec<String> {
-    let mut columns = crate::relay::monitor::relay_columns(&router.columns);
+    let mut columns = crate::relay::outbox_watch::relay_columns(&router.columns);
     columns.extend(router.header_columns.iter().map(|h| h.column.clone()));
     columns
 }

@@ -17,8 +17,9 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 
+use super::incoming::Incoming;
 use super::positions::Positions;
-use super::store::{Incoming, TopicPartition};
+use super::store::TopicPartition;
 use crate::live::{InboxPartition, InboxSnapshot, LiveState};
 use crate::metrics as m;
 

@@ -26,8 +26,11 @@
 //! ([`seams`]), so its rules are tested in-process (`tests.rs`) with an
 //! in-memory consumer and store (`memory.rs`).
 
+mod config;
 mod consumer;
 mod context;
+pub mod counters;
+pub mod incoming;
 #[cfg(test)]
 mod memory;
 mod positions;
@@ -38,7 +41,8 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-pub use consumer::{InboxConfig, run};
+pub use config::InboxConfig;
+pub use consumer::run;
 
 use crate::live::LiveState;
 

@@ -12,7 +12,8 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message};
 
 use super::context::{Assignment, InboxContext};
-use super::store::{Incoming, Store, StoreError, StoredOffset, TopicPartition, Written};
+use super::incoming::Incoming;
+use super::store::{Store, StoreError, StoredOffset, TopicPartition, Written};
 use crate::kafka::topic_id;
 
 /// The Kafka consumer, as the loop and the rebalance callbacks (which run

@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::BaseProducer;
 
-use super::topics::TopicSpec;
+use super::topic_spec::TopicSpec;
 
 /// Everything the Kafka sink needs.
 #[derive(Clone, Debug)]

@@ -9,8 +9,9 @@ pub mod probe;
 pub mod producer;
 pub mod tail;
 pub mod topic_id;
+pub mod topic_spec;
 pub mod topics;
 
 pub use config::{ProducerSettings, SinkSettings};
 pub use producer::KafkaSink;
-pub use topics::{Replication, TopicSpec};
+pub use topic_spec::{Replication, TopicSpec};

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::claim::{ClaimedRow, FailedRow, OutboxTable, PublishedRow};
+use super::claim::{ClaimedRow, OutboxTable};
+use super::settle::{FailedRow, PublishedRow};
 use crate::dead_letters::DeadLetter;
 use crate::lsn::Lsn;
 use crate::metrics as m;

@@ -56,14 +56,16 @@ mod memory;
 mod poll_relay;
 mod schedule;
 pub mod schema;
+mod settle;
 mod store;
 #[cfg(test)]
 mod tests;
 mod work;
 
 pub use backlog::spawn_backlog_monitor;
-pub use claim::{OnPublished, OutboxTable};
+pub use claim::OutboxTable;
 pub use poll_relay::PollRelay;
+pub use settle::OnPublished;
 pub use store::PgStore;
 
 use std::time::Duration;

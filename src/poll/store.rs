@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::batch::Settlement;
 use super::claim::{self, Claim, LaneShare, OutboxTable};
+use super::settle;
 use super::{PollConfig, PollError, load_tables, schema};
 use crate::publish::LocalBoxFuture;
 use crate::sql::{self, SqlClient, SqlError};
@@ -188,7 +189,7 @@ impl OutboxStore for PgStore {
             for letter in &settlement.dead_letters {
                 crate::dead_letters::store(client, &dead_letter_table, letter).await?;
             }
-            claim::settle(
+            settle::settle(
                 client,
                 &table,
                 on_published,

@@ -2,7 +2,7 @@
 //! to do about it: retry, stand by, or stop.
 
 use super::ack_tracker::AckError;
-use super::monitor::OutboxProblem;
+use super::outbox_watch::OutboxProblem;
 use crate::publish::{PublishError, TopicError};
 use crate::replication::ReplicationError;
 use crate::slot_health::SlotProblem;

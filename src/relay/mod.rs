@@ -85,6 +85,7 @@ pub(crate) mod heartbeat;
 mod link;
 pub(crate) mod monitor;
 mod outbound;
+pub(crate) mod outbox_watch;
 mod reconnect;
 mod refused;
 pub mod relation_cache;

@@ -19,7 +19,8 @@
 //! and the walsender are answered whatever else is going on.
 //!
 //! Handing events to the publisher and settling what became of them is
-//! `outbound.rs`'s; the loop decides when to read and what each item means.
+//! `outbound.rs`'s; the loop decides when to read, and what each item
+//! means is `wal_relay/apply.rs`'s.
 //!
 //! `relay/mod.rs` says why the relay lets go of the slot when the broker
 //! stalls, and where each session starts.
@@ -28,7 +29,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -40,18 +40,16 @@ use super::link::{Link, LinkEvent, Release, report_connected, report_waiting_for
 use super::monitor::Finding;
 use super::outbound::{Outbound, Settling};
 use super::reconnect::{Next, ReconnectPolicy};
-use super::session::{Connector, Session, SessionStart, WalItem};
+use super::session::{Connector, Session, SessionStart};
 use crate::dead_letters::DeadLetterStore;
 use crate::live::{LiveState, Role};
 use crate::metrics as m;
 use crate::publish::Sink;
-use crate::router::{Routed, Router};
+use crate::router::Router;
 use crate::shutdown::Shutdown;
 use crate::timestamp::PgTimestamp;
 
-/// Items of the stream applied in one turn of the loop, at most, when
-/// they are already received.
-const READY_BATCH: usize = 256;
+mod apply;
 
 /// How long a clean stop waits for the monitor to check the publication
 /// past the last acknowledged event (it checks every second).
@@ -285,132 +283,6 @@ impl<C: Connector, S: Sink> WalRelay<C, S> {
         } else {
             Ok(()) // the stop deadline: the loop's head ends the relay
         }
-    }
-
-    /// Applies an item of the stream, then those already received behind
-    /// it (as many as the window takes, up to a batch): one turn of the
-    /// loop for what one read of the socket brought.
-    async fn apply_ready(
-        &mut self,
-        item: WalItem,
-        link: &mut Link<C::Stream>,
-    ) -> Result<(), RelayError> {
-        self.apply(item, link).await?;
-        for _ in 0..READY_BATCH {
-            if !self.out.takes_more() {
-                break;
-            }
-            let Link::Streaming(session) = link else {
-                break;
-            };
-            match session.next().now_or_never() {
-                Some(Ok(item)) => self.apply(item, link).await?,
-                Some(Err(error)) => return Err(error),
-                None => break,
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one item of the stream.
-    async fn apply(&mut self, item: WalItem, link: &mut Link<C::Stream>) -> Result<(), RelayError> {
-        match item {
-            WalItem::Begin { commit_time, .. } => {
-                self.open = Some(ApplyingTxn {
-                    ticket: self.confirmer.begin(),
-                    commit_time,
-                    heartbeat_emitted_at: None,
-                });
-                self.transactions.increment(1);
-            }
-            WalItem::Commit { end_lsn } => {
-                let txn = self
-                    .open
-                    .take()
-                    .expect("the session pairs Begin and Commit");
-                self.confirmer
-                    .commit(txn.ticket, end_lsn, txn.heartbeat_emitted_at)?;
-            }
-            WalItem::Insert {
-                relation,
-                tuple,
-                ctx,
-                position,
-            } => {
-                let txn = self
-                    .open
-                    .as_ref()
-                    .expect("the session checks inserts are in a transaction");
-                let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                let routed = self.router().route_insert(&relation, &tuple.columns, ctx);
-                self.out
-                    .publish(routed, ticket, commit_time, position, &mut self.confirmer)?;
-            }
-            WalItem::Message {
-                message,
-                ctx,
-                in_transaction,
-                position,
-            } => {
-                if message.prefix == self.config.heartbeat_prefix {
-                    // Our own heartbeat: never published. Its transaction
-                    // has no events, so it is confirmed as soon as
-                    // everything before it is, which measures latency.
-                    if let (Some(txn), true) = (self.open.as_mut(), in_transaction) {
-                        txn.heartbeat_emitted_at = super::heartbeat::emitted_at(&message.content);
-                    }
-                    return Ok(());
-                }
-                let routed = self.router().route_message(&message, ctx);
-                if routed == Routed::Ignored {
-                    return Ok(());
-                }
-                match self.open.as_ref() {
-                    Some(txn) if in_transaction => {
-                        let (ticket, commit_time) = (txn.ticket, txn.commit_time);
-                        self.out.publish(
-                            routed,
-                            ticket,
-                            commit_time,
-                            position,
-                            &mut self.confirmer,
-                        )?;
-                    }
-                    _ => {
-                        // A non-transactional message stands alone in the
-                        // stream: it gets a transaction of its own in the
-                        // tracker, ending at its LSN, so it is confirmed in
-                        // stream order.
-                        let ticket = self.confirmer.begin();
-                        self.out.publish(
-                            routed,
-                            ticket,
-                            ctx.commit_time,
-                            position,
-                            &mut self.confirmer,
-                        )?;
-                        self.confirmer.commit(ticket, message.lsn, None)?;
-                    }
-                }
-            }
-            WalItem::Keepalive {
-                wal_end,
-                reply_requested,
-            } => {
-                self.confirmer.server_idle_at(wal_end);
-                if reply_requested {
-                    self.send_feedback(link, false).await?;
-                }
-            }
-            WalItem::Other => {}
-        }
-        Ok(())
-    }
-
-    fn router(&self) -> &Router {
-        self.router
-            .as_ref()
-            .expect("the router is built when the first session starts")
     }
 
     /// Sends a status update with the watermark, if streaming.

@@ -15,6 +15,8 @@ use crate::publish::memory::MemoryBroker;
 use crate::replication::ReplicationEvent;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 
+pub(super) use crate::shutdown::local_loop;
+
 pub(super) use super::scripted::relay_config as config;
 
 /// A relay running on a local task, with its handles.
@@ -24,6 +26,13 @@ pub(super) struct Harness {
     pub(super) stop: ShutdownTrigger,
     pub(super) findings: mpsc::Sender<crate::relay::monitor::Finding>,
     pub(super) relay: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+impl Harness {
+    /// Stops the relay and checks that it ended without an error.
+    pub(super) async fn finish(self) {
+        local_loop::finish(&self.stop, self.relay).await;
+    }
 }
 
 pub(super) fn start(
