@@ -223,6 +223,18 @@ class Watcher(threading.Thread):
                 self.seen[event_id] = now
         self.consumer.close()
 
+    def caught_up(self, n, timeout=120):
+        """Waits until it has read n events (what the topic already holds):
+        from then on it is fetching as records arrive. A consumer's first
+        second (metadata, offsets, the first fetches) would otherwise show
+        as latency of the first events measured."""
+        deadline = time.time() + timeout
+        while len(self.seen) < n:
+            if time.time() > deadline:
+                raise SystemExit(f"the following consumer read {len(self.seen)} of {n} events in {timeout} s")
+            time.sleep(0.05)
+        time.sleep(0.5)
+
     def stop(self):
         self.stopping.set()
         self.join()

@@ -133,6 +133,7 @@ def steady(ctx, rate, seconds):
         proc, topic, tail = _start_streaming(ctx, peer, phase)
         watcher = Watcher(broker, topic)
         watcher.start()
+        watcher.caught_up(tail.count)
         cpu0 = proc.cpu()
         stack.pgbench(["-R", str(rate), "-T", str(seconds)])
         written = stack.outbox_count()
