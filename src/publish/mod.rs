@@ -9,13 +9,13 @@
 //!
 //! | file | role |
 //! | --- | --- |
-//! | `publisher.rs` | order, waiting, retries, outcomes |
+//! | `publisher.rs` | order, waiting, retries, outcomes (`publisher/`: delivery reports, broker I/O that finished, partitions and their leaders, cleanups) |
 //! | `broker_io.rs` | the broker I/O waited for, each session's told apart |
 //! | `pause.rs` | waiting out failures: the backoff, the pause, the timer |
 //! | `outcome.rs` | what sources hand over and get back |
 //! | `outgoing.rs` | the source-independent half: a routed change to its record, the origin headers, a refused record kept |
 //! | `records.rs` | the records in hand, in order, and what holds them back |
-//! | `transaction.rs` | the Kafka transaction's life, and its two transactional ids |
+//! | `transaction.rs` | the Kafka transaction's life, and its two transactional ids (`transaction/`: an id stuck on an offline partition, a transaction left open) |
 //! | `offline.rs` | partitions with no leader: their records wait outside transactions |
 //! | `sink.rs` | the broker as the publisher sees it: the `Sink` trait, classified errors |
 //! | `error.rs` | `PublishError`, and what a failed delivery means |
@@ -23,7 +23,7 @@
 //! | `ledgers.rs`, `scan.rs` | exactly once: which positions each partition already holds |
 //! | `position.rs` | the position and origin every exactly-once record carries |
 //! | `partitioner.rs` | where a key goes |
-//! | `memory.rs` | an in-memory broker with transactions, for in-process tests |
+//! | `memory.rs` | an in-memory broker with transactions, for in-process tests (`memory/`: its sink, its logs) |
 //!
 //! A source hands over [`Outgoing`] records with a tag of its own and gets
 //! [`Outcome`]s back, from [`Publisher::publish`] and [`Publisher::next`];

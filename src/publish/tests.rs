@@ -11,6 +11,9 @@ use crate::lsn::Lsn;
 use crate::record::KafkaRecord;
 use crate::timeline::TimelineHistory;
 
+mod offline;
+mod open_transactions;
+
 const TOPIC: &str = "outbox.event.order";
 
 fn config(exactly_once: bool) -> PublisherConfig {
@@ -56,6 +59,13 @@ fn event(n: u64) -> Outgoing<u64> {
         position: Some(position),
         dead_letter: false,
     }
+}
+
+/// Event `n` to `topic`, keyed `k{n}` so keys stay in one partition.
+fn event_to(topic: &str, n: u64) -> Outgoing<u64> {
+    let mut out = event(n);
+    out.record.topic = topic.into();
+    out
 }
 
 fn ids(records: &[KafkaRecord]) -> Vec<String> {
@@ -280,247 +290,4 @@ async fn a_topic_that_gains_partitions_is_used_with_its_new_count_and_a_shrunk_o
         ),
         "{error}"
     );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_hidden_tail_no_id_may_end_is_read_again_until_kafka_ends_it_and_nothing_is_doubled() {
-    const OTHER: &str = "outbox.event.invoice";
-    let broker = MemoryBroker::default();
-    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
-    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
-    // The id's last transaction before the outage wrote to OTHER too: an
-    // abort there could take it back, so no cleanup is allowed.
-    let first = publisher.publish(event_to(OTHER, 0));
-    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
-    broker.take_offline(OTHER, 0);
-    let mut outcomes = Vec::new();
-    for n in 1..=4 {
-        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
-        outcomes.extend(publisher.publish(event_to(topic, n)));
-    }
-    assert_eq!(settle(&mut publisher, outcomes, 2).await.unwrap(), [1, 3]);
-    broker.bring_online(OTHER, 0);
-    // The left-open transaction hides OTHER's tail: its records wait.
-    let waited = tokio::time::timeout(Duration::from_secs(30), publisher.next()).await;
-    assert!(
-        waited.is_err(),
-        "nothing settles while the tail is hidden: {waited:?}"
-    );
-    assert!(broker.is_left_open(OTHER, 0));
-    assert_eq!(ids(&broker.log(OTHER)), ["0"].map(String::from));
-    // The broker times the transaction out: the tail is read, and each
-    // event goes once.
-    broker.time_out_left_open(OTHER, 0);
-    let rest = settle(&mut publisher, Vec::new(), 2).await.unwrap();
-    assert_eq!(rest, [2, 4]);
-    assert_eq!(ids(&broker.log(OTHER)), ["0", "2", "4"].map(String::from));
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_partition_offline_before_its_tail_is_read_is_shown_held_and_the_rest_goes_on() {
-    const OTHER: &str = "outbox.event.invoice";
-    let broker = MemoryBroker::default();
-    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
-    // A restart while OTHER's only replica is down: exactly once must read
-    // its tail before sending, and cannot.
-    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
-    broker.take_offline(OTHER, 0);
-    let mut outcomes = Vec::new();
-    for n in 1..=6 {
-        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
-        outcomes.extend(publisher.publish(event_to(topic, n)));
-    }
-    assert_eq!(
-        settle(&mut publisher, outcomes, 3).await.unwrap(),
-        [1, 3, 5]
-    );
-    assert!(publisher.held_partitions().is_empty(), "not before STALL");
-    let held = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let held = publisher.held_partitions();
-            if !held.is_empty() {
-                return held;
-            }
-            tokio::select! {
-                outcomes = publisher.next() => panic!("nothing settles: {outcomes:?}"),
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-        }
-    })
-    .await
-    .expect("the partition whose tail cannot be read is shown held");
-    assert_eq!(held.len(), 1);
-    assert_eq!((held[0].topic.as_str(), held[0].partition), (OTHER, 0));
-    assert!(broker.log(OTHER).is_empty());
-    // The partition is back: its tail is read and its records go, once.
-    broker.bring_online(OTHER, 0);
-    let rest = settle(&mut publisher, Vec::new(), 3).await.unwrap();
-    assert_eq!(rest, [2, 4, 6]);
-    assert_eq!(ids(&broker.log(OTHER)), ["2", "4", "6"].map(String::from));
-    assert!(publisher.held_partitions().is_empty());
-}
-
-/// Event `n` to `topic`, keyed `k{n}` so keys stay in one partition.
-fn event_to(topic: &str, n: u64) -> Outgoing<u64> {
-    let mut out = event(n);
-    out.record.topic = topic.into();
-    out
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
-    const OTHER: &str = "outbox.event.invoice";
-    let broker = MemoryBroker::default();
-    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
-    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
-    // Both partitions' tails are read and written to first; the id's last
-    // transaction before the outage is the online topic's.
-    let first = publisher.publish(event_to(OTHER, 0));
-    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
-    let second = publisher.publish(event_to(TOPIC, 20));
-    assert_eq!(settle(&mut publisher, second, 1).await.unwrap(), [20]);
-    // The broker holding the only replica of OTHER's partition is gone.
-    broker.take_offline(OTHER, 0);
-    let mut outcomes = Vec::new();
-    for n in 1..=10 {
-        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
-        outcomes.extend(publisher.publish(event_to(topic, n)));
-    }
-    let mut delivered = Vec::new();
-    let started = tokio::time::Instant::now();
-    while delivered.len() < 5 {
-        for outcome in outcomes.drain(..) {
-            match outcome {
-                Outcome::Delivered { tag, .. } => delivered.push(tag),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        if delivered.len() < 5 {
-            outcomes = tokio::time::timeout(Duration::from_secs(60), publisher.next())
-                .await
-                .expect("the other topic's records are delivered while the partition is offline")
-                .unwrap();
-        }
-    }
-    assert_eq!(delivered, [1, 3, 5, 7, 9], "only the online partition's");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        ids(&broker.log(TOPIC)),
-        ["20", "1", "3", "5", "7", "9"].map(String::from)
-    );
-    assert_eq!(ids(&broker.log(OTHER)), ["0"].map(String::from));
-    let held = publisher.held_partitions();
-    assert_eq!(held.len(), 1);
-    assert_eq!((held[0].topic.as_str(), held[0].partition), (OTHER, 0));
-    assert!(
-        broker.is_blocked("walrelay.7.walrelay"),
-        "the first id's transaction touched the offline partition"
-    );
-    // New records of the online topic keep flowing under the spare id.
-    outcomes = publisher.publish(event_to(TOPIC, 11));
-    let more = settle(&mut publisher, outcomes, 1).await.unwrap();
-    assert_eq!(more, [11]);
-    assert_eq!(
-        publisher.in_flight(),
-        5,
-        "the offline partition's records wait"
-    );
-    // The partition is back: its records go, each once, in order.
-    broker.bring_online(OTHER, 0);
-    let rest = settle(&mut publisher, Vec::new(), 5).await.unwrap();
-    assert_eq!(rest, [2, 4, 6, 8, 10]);
-    assert_eq!(
-        ids(&broker.log(OTHER)),
-        ["0", "2", "4", "6", "8", "10"].map(String::from)
-    );
-    assert!(
-        !broker.is_left_open(OTHER, 0),
-        "the transaction left open while it had no leader was ended by a cleanup"
-    );
-    let uncommitted = broker.log_uncommitted(OTHER);
-    assert_eq!(
-        uncommitted
-            .iter()
-            .filter(|r| r.header(CLEANUP_HEADER).is_some())
-            .count(),
-        1,
-        "the id whose transaction there was aborted ended it with one cleanup record; the spare, which never wrote there, did not"
-    );
-    assert_eq!(uncommitted.len(), 7, "six events and one cleanup record");
-    assert!(publisher.held_partitions().is_empty());
-    assert_eq!(
-        broker.transactional_ids(),
-        ["walrelay.7.walrelay", "walrelay.7.walrelay.spare"].map(String::from)
-    );
-}
-
-/// A session after a hanging transaction of `hanging` (events left open in
-/// OTHER's partition by the relay's id, their marker never written) hands
-/// over events 1-4 again, OTHER's and TOPIC's in turn, from event `from`
-/// on; returns the settled tags, the broker and whether OTHER is still
-/// hidden.
-async fn replay_over_a_hanging_transaction(
-    hanging: Vec<KafkaRecord>,
-    from: u64,
-) -> (Vec<u64>, MemoryBroker, bool) {
-    const OTHER: &str = "outbox.event.invoice";
-    let broker = MemoryBroker::default();
-    let first = event_to(OTHER, 0).record;
-    broker.append(0, first);
-    broker.leave_open(OTHER, 0, "walrelay.7.walrelay", hanging);
-    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
-    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
-    let mut outcomes = Vec::new();
-    for n in from..=4 {
-        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
-        outcomes.extend(publisher.publish(event_to(topic, n)));
-    }
-    let expected = (from..=4).count();
-    let settled = tokio::time::timeout(
-        Duration::from_secs(30),
-        settle(&mut publisher, outcomes, expected),
-    )
-    .await
-    .ok()
-    .map(|settled| settled.unwrap())
-    .unwrap_or_default();
-    let hidden = broker.is_left_open(OTHER, 0);
-    (settled, broker, hidden)
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_hanging_transaction_that_hides_only_events_the_session_streams_again_is_ended_and_each_goes_once()
- {
-    const OTHER: &str = "outbox.event.invoice";
-    let hanging = vec![event_to(OTHER, 2).record];
-    let (mut settled, broker, hidden) = replay_over_a_hanging_transaction(hanging, 1).await;
-    settled.sort();
-    assert_eq!(settled, [1, 2, 3, 4]);
-    assert!(!hidden, "ended by a cleanup, not by a timeout");
-    assert_eq!(ids(&broker.log(OTHER)), ["0", "2", "4"].map(String::from));
-    assert_eq!(ids(&broker.log(TOPIC)), ["1", "3"].map(String::from));
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_hanging_transaction_is_not_aborted_where_it_may_hold_a_confirmed_event_or_another_producers()
- {
-    const OTHER: &str = "outbox.event.invoice";
-    // Event 2 was committed before the session's first event (3): it may
-    // be confirmed, and an abort could take it back.
-    let (settled, _, hidden) =
-        replay_over_a_hanging_transaction(vec![event_to(OTHER, 2).record], 3).await;
-    assert!(hidden, "left open");
-    assert_eq!(settled, Vec::<u64>::new(), "OTHER's events wait meanwhile");
-    // A record of another source: what became of it is not known.
-    let mut foreign = event_to(OTHER, 2).record;
-    foreign.headers.retain(|(name, _)| *name != ORIGIN_HEADER);
-    foreign
-        .headers
-        .push((ORIGIN_HEADER.into(), Bytes::from("9/other/1")));
-    let (_, _, hidden) = replay_over_a_hanging_transaction(vec![foreign], 1).await;
-    assert!(hidden, "left open");
 }

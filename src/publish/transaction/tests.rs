@@ -1,0 +1,393 @@
+//! The transaction's rules, each id's state included.
+
+use super::cleanup::CLEANUP_ABORTS;
+use super::*;
+
+/// Takes both ids over, as a session's start does.
+fn ready(t: &mut Transaction) {
+    t.restart(Some("walrelay.7.s".into()));
+    assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+    assert!(matches!(t.initialized(Ok(())), Next::Go));
+    assert!(!t.may_send(), "not before the spare is taken over too");
+    assert_eq!(
+        t.take_initialization().as_deref(),
+        Some("walrelay.7.s.spare")
+    );
+    assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_takes_records_briefly_then_commits_once_they_are_delivered() {
+    let mut t = Transaction::new(true);
+    assert!(!t.may_send(), "not before the id is taken over");
+    ready(&mut t);
+    assert!(t.needs_begin() && t.may_send());
+    t.began(0);
+    assert_eq!(t.due(1, true), None, "a record is outstanding");
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(!t.may_send(), "closing: new records wait");
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert!(t.needs_begin());
+    t.began(0);
+    t.fail();
+    assert!(!t.may_send());
+    assert_eq!(t.due(0, true), Some(End::Abort));
+    assert!(!Transaction::new(false).is_on());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_that_closes_with_nothing_sent_ends_instead_of_staying_open() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    assert_eq!(t.due(0, false), None, "still open: records may come");
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(!t.may_send());
+    assert_eq!(t.due(0, false), Some(End::Abort), "closed and empty");
+    assert!(matches!(t.aborted(Ok(()), false), Next::SendAgain));
+    assert!(t.needs_begin() && t.may_send());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_begun_with_a_backlog_takes_records_longer() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(BACKLOG - 1);
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(!t.may_send(), "a short backlog keeps the short window");
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    t.began(BACKLOG);
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(t.may_send(), "a backlog keeps the transaction open");
+    assert_eq!(
+        t.closes_at(),
+        Some(Instant::now() + BACKLOG_OPEN - MAX_OPEN)
+    );
+    tokio::time::advance(BACKLOG_OPEN - MAX_OPEN).await;
+    assert!(!t.may_send());
+    assert_eq!(t.due(0, true), Some(End::Commit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_is_committed_again_or_aborted_by_its_error() {
+    let error = |class| BrokerError {
+        class,
+        message: "test".into(),
+    };
+    let mut t = Transaction::new(true);
+    t.restart(Some("walrelay.7.s".into()));
+    t.take_initialization();
+    assert!(matches!(
+        t.initialized(Err(error(BrokerErrorClass::Transient))),
+        Next::BackOff
+    ));
+    assert!(
+        !t.may_send() && t.take_initialization().is_some(),
+        "taken over again"
+    );
+    t.initialized(Ok(()));
+    t.take_initialization();
+    t.initialized(Ok(()));
+    t.began(0);
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(
+        t.committed(Err(error(BrokerErrorClass::Transient))),
+        Next::CommitAgain
+    ));
+    assert_eq!(t.due(0, true), None, "the commit is still under way");
+    assert!(matches!(
+        t.committed(Err(error(BrokerErrorClass::Abortable))),
+        Next::Go
+    ));
+    assert_eq!(
+        t.due(0, true),
+        Some(End::Abort),
+        "a commit that failed is aborted"
+    );
+    assert!(matches!(
+        t.aborted(Err(error(BrokerErrorClass::Transient)), true),
+        Next::Pause(_)
+    ));
+    assert_eq!(t.due(0, true), Some(End::Abort), "and aborted again");
+    assert!(matches!(
+        t.aborted(Err(error(BrokerErrorClass::Fenced)), true),
+        Next::EndProducer(_)
+    ));
+}
+
+fn key(topic: &str, partition: i32) -> PartitionKey {
+    PartitionKey::new(topic, partition)
+}
+
+/// A transaction of the current id that wrote to `p`, then committed
+/// or aborted.
+async fn transaction_in(t: &mut Transaction, p: &PartitionKey, commit: bool) {
+    t.began(0);
+    t.sent_to(p);
+    if !commit {
+        t.fail();
+    }
+    tokio::time::advance(MAX_OPEN).await;
+    if commit {
+        assert_eq!(t.due(0, true), Some(End::Commit));
+        assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    } else {
+        assert_eq!(t.due(0, true), Some(End::Abort));
+        assert!(matches!(t.aborted(Ok(()), true), Next::SendAgain));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_an_id_whose_last_transaction_in_a_partition_was_aborted_cleans_up_there() {
+    let p = key("outbox.event.order", 0);
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    transaction_in(&mut t, &p, true).await;
+    assert!(
+        !t.clean_up(&p),
+        "an abort could take back what the id committed there"
+    );
+    assert_eq!(t.next_cleanup(), None);
+    transaction_in(&mut t, &p, false).await;
+    assert!(
+        !t.clean_up(&p),
+        "the transaction before wrote there too: what is left open may be that one, committed"
+    );
+
+    transaction_in(&mut t, &key("outbox.event.invoice", 0), true).await;
+    transaction_in(&mut t, &p, false).await;
+    assert!(t.clean_up(&p));
+    assert_eq!(
+        t.next_cleanup(),
+        Some(CleanupStep::Abort("walrelay.7.s".into(), vec![p.clone()]))
+    );
+    assert!(!t.may_send(), "no records while the cleanup is under way");
+    assert!(
+        matches!(t.cleaned(Ok(()), std::slice::from_ref(&p)), Next::Cleaned(Some(id), ps) if id == "walrelay.7.s" && ps == [p.clone()])
+    );
+    assert!(t.may_send());
+    assert!(!t.clean_up(&p), "once ended, never again");
+
+    // An aborted transaction followed by a committed one: no cleanup.
+    transaction_in(&mut t, &key("outbox.event.invoice", 0), true).await;
+    transaction_in(&mut t, &p, false).await;
+    transaction_in(&mut t, &p, true).await;
+    assert!(!t.clean_up(&p));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cleanup_whose_record_was_not_written_is_not_counted_as_done() {
+    let p = key("outbox.event.order", 0);
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    transaction_in(&mut t, &p, false).await;
+    assert!(t.clean_up(&p));
+    assert!(t.next_cleanup().is_some());
+    assert!(matches!(t.cleaned(Ok(()), &[]), Next::Cleaned(..)));
+    assert!(
+        t.clean_up(&p),
+        "the abort ended nothing there: a later hidden tail is cleaned again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cleanup_abort_that_keeps_failing_is_given_up_and_its_producer_dropped() {
+    let error = |class| BrokerError {
+        class,
+        message: "test".into(),
+    };
+    let p = key("outbox.event.order", 0);
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    transaction_in(&mut t, &p, false).await;
+    assert!(t.clean_up(&p));
+    assert!(t.next_cleanup().is_some());
+    for _ in 1..CLEANUP_ABORTS {
+        assert!(matches!(
+            t.cleaned(
+                Err(error(BrokerErrorClass::Abortable)),
+                std::slice::from_ref(&p)
+            ),
+            Next::Pause(_)
+        ));
+        assert!(!t.may_send(), "aborted again, never begun");
+    }
+    assert!(matches!(
+        t.cleaned(Err(error(BrokerErrorClass::Abortable)), std::slice::from_ref(&p)),
+        Next::CleanupGivenUp(id, ps) if id == "walrelay.7.s" && ps == [p.clone()]
+    ));
+    assert_eq!(t.next_cleanup(), None, "not tried again");
+    assert_eq!(
+        t.id.as_deref(),
+        Some("walrelay.7.s.spare"),
+        "the spare carries on"
+    );
+    assert!(t.may_send());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_back_is_not_held_for_an_id_resting_on_another() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    t.sent_to(&key("b", 1));
+    assert!(t.leaderless(&[key("b", 1)].into()).is_none());
+    assert_eq!(t.due(2, false), Some(End::Abort));
+    assert!(matches!(t.aborted(Ok(()), true), Next::Rest { .. }));
+    assert!(
+        !t.clean_up(&key("a", 0)),
+        "the id that aborted there rests on b: a's read stands, unsure, rather than wait for b"
+    );
+    t.back(&[key("b", 1)].into());
+    assert!(t.clean_up(&key("a", 0)), "once b is back, it cleans up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_an_id_aborted_is_not_carried_into_a_new_session_but_unconfirmed_records_may_be_cleaned()
+ {
+    let p = key("outbox.event.order", 0);
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    transaction_in(&mut t, &p, false).await;
+    ready(&mut t);
+    assert!(
+        !t.clean_up(&p),
+        "another process may have committed there under the id since"
+    );
+    assert!(
+        t.clean_up_unconfirmed(&p),
+        "where nothing hidden was confirmed, every id may abort there"
+    );
+    assert_eq!(
+        t.next_cleanup(),
+        Some(CleanupStep::Abort("walrelay.7.s".into(), vec![p.clone()]))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries_on() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    t.sent_to(&key("b", 1));
+    assert_eq!(t.touched(), [key("a", 0), key("b", 1)].into());
+    assert!(
+        t.leaderless(&[key("c", 0)].into()).is_none(),
+        "a partition it never touched does not stick it"
+    );
+    assert!(
+        t.leaderless(&[key("b", 1)].into()).is_none(),
+        "open: abort first"
+    );
+    assert!(!t.may_send());
+    assert_eq!(
+        t.due(3, false),
+        Some(End::Abort),
+        "aborted at once, records outstanding or not"
+    );
+    assert!(t.is_aborting());
+    match t.aborted(Ok(()), true) {
+        Next::Rest { abandon, next } => {
+            assert_eq!(abandon, "walrelay.7.s");
+            assert_eq!(next.as_deref(), Some("walrelay.7.s.spare"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(t.needs_begin() && t.may_send(), "the spare takes records");
+    assert_eq!(t.id.as_deref(), Some("walrelay.7.s.spare"));
+    // The spare gets stuck too, between transactions: its last one
+    // touched the partition.
+    t.began(0);
+    t.sent_to(&key("a", 3));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    match t.leaderless(&[key("a", 3)].into()) {
+        Some(Next::Rest {
+            abandon,
+            next: None,
+        }) => assert_eq!(abandon, "walrelay.7.s.spare"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!t.may_send(), "no id to use");
+    assert_eq!(t.take_initialization(), None, "both rest");
+    // The first id's partition is back: it is taken over again.
+    t.back(&[key("b", 1)].into());
+    assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+    assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
+    assert!(t.may_send());
+    // A new session leaves the resting spare out.
+    t.restart(Some("walrelay.7.s".into()));
+    assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
+    assert!(matches!(t.initialized(Ok(())), Next::Use(_)));
+    assert_eq!(t.take_initialization(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_id_whose_commit_was_under_way_rests_once_it_ends() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(t.leaderless(&[key("a", 0)].into()).is_none(), "committing");
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert!(matches!(
+        t.rest_if_stuck(),
+        Some(Next::Rest { next: Some(_), .. })
+    ));
+    assert!(t.may_send());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_transaction_that_wrote_is_aborted_until_it_goes_through() {
+    let error = BrokerError::transient("Coordinator load in progress");
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    t.sent_to(&key("b", 0));
+    assert!(t.leaderless(&[key("a", 0)].into()).is_none());
+    assert_eq!(t.due(1, true), Some(End::Abort));
+    assert!(
+        matches!(t.aborted(Err(error.clone()), true), Next::Pause(_)),
+        "its records in b would hold b's readers back: abort again"
+    );
+    assert_eq!(t.due(0, true), Some(End::Abort));
+    assert!(matches!(
+        t.aborted(Ok(()), true),
+        Next::Rest { next: Some(_), .. }
+    ));
+    // One that wrote nothing is given up at once.
+    t.began(0);
+    t.sent_to(&key("a", 1));
+    assert!(t.leaderless(&[key("a", 1)].into()).is_none());
+    assert_eq!(t.due(1, false), Some(End::Abort));
+    assert!(matches!(
+        t.aborted(Err(error), false),
+        Next::Rest { next: None, .. }
+    ));
+}
+
+#[test]
+fn a_new_session_leaves_a_stuck_id_resting_whatever_became_of_its_abort() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    assert!(t.leaderless(&[key("a", 0)].into()).is_none());
+    t.abandon();
+    t.restart(Some("walrelay.7.s".into()));
+    assert_eq!(
+        t.take_initialization().as_deref(),
+        Some("walrelay.7.s.spare"),
+        "only the spare is taken over"
+    );
+    assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s.spare"));
+}
