@@ -101,10 +101,15 @@ impl Transaction {
     }
 
     /// Partitions that have a leader again: ids resting on them only may
-    /// be taken over again.
+    /// be taken over again. A stuck id whose commit or abort has not ended
+    /// yet still ends it (and is taken over again after), but no longer
+    /// rests on these: no later answer would say they are back.
     pub fn back(&mut self, partitions: &HashSet<PartitionKey>) {
         for id in &mut self.ids {
             id.resting.retain(|p| !partitions.contains(p));
+        }
+        if let Some(stuck) = self.stuck.as_mut() {
+            stuck.retain(|p| !partitions.contains(p));
         }
     }
 }

@@ -329,6 +329,42 @@ async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_partition_back_before_the_stuck_ids_abort_ends_leaves_no_id_resting_on_it() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("b", 1));
+    assert!(t.leaderless(&[key("b", 1)].into()).is_none(), "open");
+    assert_eq!(t.due(1, false), Some(End::Abort));
+    // The partition is back while the abort is still under way (its
+    // coordinator was on the broker that went away).
+    t.back(&[key("b", 1)].into());
+    match t.aborted(Ok(()), true) {
+        Next::Rest { abandon, next } => {
+            assert_eq!(abandon, "walrelay.7.s");
+            assert_eq!(next.as_deref(), Some("walrelay.7.s.spare"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // No answer will say b-1 is back again: the first id must not rest on
+    // it, or a later outage of the spare's partition would leave no id.
+    t.began(0);
+    t.sent_to(&key("a", 3));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert!(matches!(
+        t.leaderless(&[key("a", 3)].into()),
+        Some(Next::Rest { next: None, .. })
+    ));
+    assert_eq!(
+        t.take_initialization().as_deref(),
+        Some("walrelay.7.s"),
+        "the first id is taken over again and carries the other partitions"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_stuck_id_whose_commit_was_under_way_rests_once_it_ends() {
     let mut t = Transaction::new(true);
     ready(&mut t);
