@@ -687,12 +687,21 @@ async fn tail_prints_each_decoded_message_as_a_json_line() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "tail exited with {status}");
-    let n: i64 = client
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0, "the temporary slot is gone");
+    // The server drops a temporary slot when its walsender ends, which can
+    // be a moment after the client has gone.
+    support::wait_for(
+        "the temporary slot to go",
+        Duration::from_secs(10),
+        async || {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
