@@ -70,6 +70,9 @@ const SCAN_FALLBACK_REASONS: [&str; 5] = [
 ];
 
 /// Buckets of the latency histograms (seconds).
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
@@ -125,6 +128,7 @@ pub fn spawn(
 ) {
     export_subject(live.source(), &subject);
     live::spawn_sampler(Arc::clone(&live), shutdown.clone());
+    spawn_upkeep(metrics.clone(), shutdown.clone());
     let app = router(AppState {
         metrics,
         live,
@@ -208,6 +212,20 @@ fn router(state: AppState) -> Router {
         .route("/api/status", get(api_status))
         .route("/api/history", get(api_history))
         .with_state(state)
+}
+
+/// Drains the histograms' recorded samples into their buckets every few
+/// seconds. The recorder keeps every sample until an upkeep, and without
+/// one nothing but a scrape of `/metrics` would drain them: a relay nobody
+/// scrapes grew by about 12 bytes per event (37 MiB over 3,000,000 events).
+fn spawn_upkeep(metrics: PrometheusHandle, mut shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while shutdown.unless(tick.tick()).await.is_some() {
+            metrics.run_upkeep();
+        }
+    });
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
