@@ -83,6 +83,14 @@ struct BrokerState {
     /// Where in the partition's log the first transaction left open begins
     /// (a `read_committed` reader's last stable offset).
     open_from: HashMap<(String, i32), usize>,
+    /// Commits wait while this is set.
+    commits_held: bool,
+    /// Commits that go through while commits are held.
+    commit_passes: usize,
+    /// Commits under way (begun, not yet answered).
+    commits_waiting: usize,
+    /// The next commits fail with these errors (nothing of them committed).
+    commit_failures: VecDeque<BrokerError>,
     /// How many times each topic was deleted and created again: its id
     /// changes each time.
     generations: HashMap<String, u32>,
@@ -293,6 +301,32 @@ impl MemoryBroker {
             send: held.send,
             result,
         });
+    }
+
+    /// Commits wait (their records written, invisible) until
+    /// `release_commits`.
+    pub fn hold_commits(&self) {
+        self.state.lock().unwrap().commits_held = true;
+    }
+
+    pub fn release_commits(&self) {
+        self.state.lock().unwrap().commits_held = false;
+    }
+
+    /// While commits are held, one goes through (the first to be ready).
+    pub fn let_one_commit_through(&self) {
+        self.state.lock().unwrap().commit_passes += 1;
+    }
+
+    /// Commits begun and not yet answered.
+    pub fn commits_waiting(&self) -> usize {
+        self.state.lock().unwrap().commits_waiting
+    }
+
+    /// The next commit fails with `error`: nothing of its transaction
+    /// becomes visible.
+    pub fn fail_next_commit(&self, error: BrokerError) {
+        self.state.lock().unwrap().commit_failures.push_back(error);
     }
 
     pub fn fail_next(&self, error: BrokerError) {

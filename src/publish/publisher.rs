@@ -258,6 +258,39 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// transaction if it is due.
     fn pump(&mut self, outcomes: &mut Vec<Outcome<T>>) {
         self.ask_after_partitions();
+        loop {
+            self.send_waiting(outcomes);
+            match self.txn.due(self.records.sent(), self.records.any_acked()) {
+                Some(End::Commit) => {
+                    // What is delivered from now on is the next one's.
+                    self.records.seal();
+                    let commit = self.sink.commit();
+                    self.io
+                        .watch(async move { SessionIo::Committed(commit.await) });
+                    // Records waiting go at once, into the next transaction
+                    // under the other id (`may_send`).
+                    if self.records.next_waiting(None).is_some() {
+                        continue;
+                    }
+                }
+                Some(End::Abort) => {
+                    let abort = self.sink.abort();
+                    self.io
+                        .watch(async move { SessionIo::Aborted(abort.await) });
+                }
+                Some(End::AbortPrevious) => {
+                    let abort = self.under_committing(|sink| sink.abort());
+                    self.io
+                        .watch(async move { SessionIo::Aborted(abort.await) });
+                }
+                None => {}
+            }
+            return;
+        }
+    }
+
+    /// Offers every waiting record, in order, until something holds all.
+    fn send_waiting(&mut self, outcomes: &mut Vec<Outcome<T>>) {
         self.records.held = Default::default();
         let mut next = self.records.next_waiting(None);
         while let Some(id) = next {
@@ -267,19 +300,20 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             }
             next = self.records.next_waiting(Some(id));
         }
-        match self.txn.due(self.records.sent(), self.records.any_acked()) {
-            Some(End::Commit) => {
-                let commit = self.sink.commit();
-                self.io
-                    .watch(async move { SessionIo::Committed(commit.await) });
-            }
-            Some(End::Abort) => {
-                let abort = self.sink.abort();
-                self.io
-                    .watch(async move { SessionIo::Aborted(abort.await) });
-            }
-            None => {}
+    }
+
+    /// Calls the sink through the producer of the transaction before the
+    /// open one (the current one's if none), then goes back to the current.
+    fn under_committing<R>(&mut self, call: impl FnOnce(&mut S) -> R) -> R {
+        let Some(id) = self.txn.committing_id() else {
+            return call(&mut self.sink);
+        };
+        self.sink.switch_to(&id);
+        let result = call(&mut self.sink);
+        if let Some(current) = self.txn.id.clone() {
+            self.sink.switch_to(&current);
         }
+        result
     }
 
     /// Whether records may be sent at all now.
@@ -288,6 +322,11 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             return false;
         }
         self.initialize_if_needed();
+        // A record to send while the transaction commits: the next one
+        // begins under the other id at once (`transaction/overlap.rs`).
+        if let Some(id) = self.txn.overlap() {
+            self.sink.switch_to(&id);
+        }
         self.txn.may_send()
     }
 

@@ -21,6 +21,9 @@ pub enum State {
     Reported,
     /// Delivered, its transaction not yet committed.
     Acked,
+    /// Delivered, its transaction committing (the next one may be open
+    /// meanwhile, under the other transactional id).
+    Sealed,
 }
 
 #[derive(Debug)]
@@ -55,6 +58,8 @@ pub struct Records<T> {
     sent: usize,
     /// Records delivered, their transaction not yet committed.
     acked: usize,
+    /// Records of the transaction committing.
+    sealed: usize,
     /// Records whose delivery report is outstanding, oldest send first.
     outstanding: BTreeSet<(Instant, RecordId)>,
     pub held: Held,
@@ -68,6 +73,7 @@ impl<T> Records<T> {
             next_id: 0,
             sent: 0,
             acked: 0,
+            sealed: 0,
             outstanding: BTreeSet::new(),
             held: Held::default(),
         }
@@ -216,6 +222,7 @@ impl<T> Records<T> {
                     }
                 }
                 State::Acked => self.acked -= 1,
+                State::Sealed => self.sealed -= 1,
                 State::Pending | State::Reported => {}
             }
             entry.state = State::Pending;
@@ -228,6 +235,7 @@ impl<T> Records<T> {
     pub fn requeue_all(&mut self) {
         self.sent = 0;
         self.acked = 0;
+        self.sealed = 0;
         self.outstanding.clear();
         for (id, entry) in self.entries.iter_mut() {
             if entry.state != State::Pending {
@@ -249,27 +257,49 @@ impl<T> Records<T> {
                 }
             }
             State::Acked => self.acked -= 1,
+            State::Sealed => self.sealed -= 1,
             State::Pending | State::Reported => {}
         }
         Some(entry)
     }
 
-    /// Settles every delivered record (their transaction committed).
-    pub fn take_acked(&mut self) -> Vec<Entry<T>> {
+    /// The open transaction's delivered records are sealed: it commits,
+    /// and what is delivered from now on is the next one's.
+    pub fn seal(&mut self) {
         if self.acked == 0 {
+            return;
+        }
+        self.sealed += self.acked;
+        self.acked = 0;
+        for entry in self.entries.values_mut() {
+            if entry.state == State::Acked {
+                entry.state = State::Sealed;
+            }
+        }
+    }
+
+    /// Settles every sealed record (their transaction committed).
+    pub fn take_sealed(&mut self) -> Vec<Entry<T>> {
+        if self.sealed == 0 {
             return Vec::new();
         }
-        self.acked = 0;
-        let acked: Vec<RecordId> = self
+        self.sealed = 0;
+        let sealed: Vec<RecordId> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.state == State::Acked)
+            .filter(|(_, e)| e.state == State::Sealed)
             .map(|(id, _)| *id)
             .collect();
-        acked
+        sealed
             .into_iter()
             .filter_map(|id| self.entries.remove(&id))
             .collect()
+    }
+
+    /// Whether records were written in a transaction not yet committed
+    /// (the open one's, or the one committing).
+    pub fn any_written(&self) -> bool {
+        self.acked > 0 || self.sealed > 0
     }
 
     pub fn any_acked(&self) -> bool {
@@ -299,6 +329,7 @@ impl<T> Records<T> {
         self.pending.clear();
         self.sent = 0;
         self.acked = 0;
+        self.sealed = 0;
         self.outstanding.clear();
         self.held = Held::default();
         dropped

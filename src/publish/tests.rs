@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::memory::MemoryBroker;
+use super::memory::{MemoryBroker, MemorySink};
 use super::*;
 use crate::lsn::Lsn;
 use crate::record::KafkaRecord;
@@ -13,6 +13,7 @@ use crate::timeline::TimelineHistory;
 
 mod offline;
 mod open_transactions;
+mod overlap;
 
 const TOPIC: &str = "outbox.event.order";
 

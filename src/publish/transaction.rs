@@ -13,6 +13,7 @@
 //! log: `transaction/cleanup.rs`.
 
 mod cleanup;
+mod overlap;
 mod stuck;
 #[cfg(test)]
 mod tests;
@@ -63,6 +64,8 @@ enum State {
 pub enum End {
     Commit,
     Abort,
+    /// Abort the transaction before the open one (its commit failed).
+    AbortPrevious,
 }
 
 impl State {
@@ -166,12 +169,15 @@ pub struct Transaction {
     stuck: Option<HashSet<PartitionKey>>,
     /// The id cleaning up, and where.
     cleanup: Option<Cleanup>,
+    /// The transaction before the open one, while it ends (`overlap.rs`).
+    committing: Option<Committing>,
     /// The current transactional id (for messages).
     pub id: Option<String>,
 }
 
 use cleanup::Cleanup;
 pub use cleanup::CleanupStep;
+use overlap::Committing;
 
 impl Transaction {
     pub fn new(transactional: bool) -> Self {
@@ -187,6 +193,7 @@ impl Transaction {
             initializing: None,
             stuck: None,
             cleanup: None,
+            committing: None,
             id: None,
         }
     }
@@ -326,6 +333,9 @@ impl Transaction {
 
     /// A commit finished.
     pub fn committed(&mut self, result: Result<(), BrokerError>) -> Next {
+        if self.committing.is_some() {
+            return self.previous_committed(result);
+        }
         match result {
             Ok(()) => {
                 self.ended(false);
@@ -351,6 +361,9 @@ impl Transaction {
     /// An abort finished; `wrote`: records of the transaction were
     /// acknowledged (written to their partitions).
     pub fn aborted(&mut self, result: Result<(), BrokerError>, wrote: bool) -> Next {
+        if self.committing.is_some() {
+            return self.previous_aborted(result);
+        }
         if self.stuck.is_some() {
             match &result {
                 Ok(()) => return self.rest(true),
@@ -403,8 +416,12 @@ impl Transaction {
     /// Whether records may be sent now.
     pub fn may_send(&self) -> bool {
         match self.state {
-            State::Off | State::Idle => true,
-            State::Open { since, open_for } => !self.must_abort && since.elapsed() < open_for,
+            State::Off => true,
+            State::Idle => self.previous_lets_send(),
+            // While the one before commits, the open one takes records on.
+            State::Open { since, open_for } => {
+                !self.must_abort && (since.elapsed() < open_for || self.committing.is_some())
+            }
             _ => false,
         }
     }
@@ -436,18 +453,16 @@ impl Transaction {
         }
     }
 
-    /// The partitions the current id's transactions touched: the open one
-    /// and the one before.
+    /// The partitions the current id's transactions touched (the open one
+    /// and the one before), and the committing id's.
     pub fn touched(&self) -> HashSet<PartitionKey> {
+        let committing = self.committing.as_ref().map(|c| c.index);
         self.current
-            .map(|i| {
-                self.ids[i]
-                    .touched
-                    .union(&self.ids[i].previous)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
+            .iter()
+            .chain(committing.iter())
+            .flat_map(|&i| self.ids[i].touched.union(&self.ids[i].previous))
+            .cloned()
+            .collect()
     }
 
     /// A record of the open transaction failed.
@@ -470,6 +485,9 @@ impl Transaction {
     /// is aborted at once: its records for the offline partition would
     /// never be delivered.
     pub fn due(&mut self, sent: usize, any_acked: bool) -> Option<End> {
+        if let Some(previous) = self.previous_due() {
+            return previous;
+        }
         if !matches!(self.state, State::Open { .. }) {
             return None;
         }
@@ -501,17 +519,22 @@ impl Transaction {
         self.state = State::Idle;
         self.must_abort = false;
         if let Some(index) = self.current {
-            let id = &mut self.ids[index];
-            for key in &id.touched {
-                // Where the transaction before touched it too, what is left
-                // open there may be that one, committed.
-                if aborted && !id.previous.contains(key) {
-                    id.aborted_in.insert(key.clone());
-                } else {
-                    id.aborted_in.remove(key);
-                }
-            }
-            id.previous = std::mem::take(&mut id.touched);
+            self.ended_at(index, aborted);
         }
+    }
+
+    /// A commit or an abort of `index`'s transaction went through.
+    fn ended_at(&mut self, index: usize, aborted: bool) {
+        let id = &mut self.ids[index];
+        for key in &id.touched {
+            // Where the transaction before touched it too, what is left
+            // open there may be that one, committed.
+            if aborted && !id.previous.contains(key) {
+                id.aborted_in.insert(key.clone());
+            } else {
+                id.aborted_in.remove(key);
+            }
+        }
+        id.previous = std::mem::take(&mut id.touched);
     }
 }

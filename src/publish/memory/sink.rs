@@ -273,6 +273,7 @@ impl Sink for MemorySink {
         let broker = self.broker.clone();
         let holder = self.holder();
         let txn = self.take_txn();
+        broker.state.lock().unwrap().commits_waiting += 1;
         Box::pin(async move {
             loop {
                 {
@@ -281,10 +282,21 @@ impl Sink for MemorySink {
                         .as_ref()
                         .is_some_and(|(id, epoch)| state.epochs.get(id) != Some(epoch));
                     if fenced {
+                        state.commits_waiting -= 1;
                         return Err(fenced_error());
                     }
-                    // A commit flushes: it waits for its records.
-                    if !state.held.iter().any(|h| h.txn == txn) {
+                    // A commit flushes: it waits for its records (and for
+                    // the test, while it holds commits).
+                    let passes = !state.commits_held || state.commit_passes > 0;
+                    if passes && !state.held.iter().any(|h| h.txn == txn) {
+                        if state.commits_held {
+                            state.commit_passes -= 1;
+                        }
+                        state.commits_waiting -= 1;
+                        if let Some(error) = state.commit_failures.pop_front() {
+                            // Not committed: its records stay invisible.
+                            return Err(error);
+                        }
                         if let Some(txn) = txn {
                             state.committed.insert(txn);
                         }

@@ -128,8 +128,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 }
             }
             SessionIo::Aborted(result) => {
-                tracing::debug!(?result, id = ?self.txn.id, acked = self.records.any_acked(), "abort finished");
-                let next = self.txn.aborted(result, self.records.any_acked());
+                tracing::debug!(?result, id = ?self.txn.id, written = self.records.any_written(), "abort finished");
+                let next = self.txn.aborted(result, self.records.any_written());
                 self.follow(next, outcomes);
             }
             SessionIo::ReadHiddenAgain(key) => {
@@ -198,7 +198,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 }
             }
             Next::Deliver => {
-                for entry in self.records.take_acked() {
+                for entry in self.records.take_sealed() {
                     outcomes.push(Outcome::Delivered {
                         tag: entry.tag,
                         topic: entry.record.topic,
@@ -208,7 +208,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             }
             Next::SendAgain => self.records.requeue_all(),
             Next::CommitAgain => {
-                let commit = self.sink.commit();
+                let commit = self.under_committing(|sink| sink.commit());
                 self.io.watch(async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     SessionIo::Committed(commit.await)

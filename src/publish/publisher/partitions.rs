@@ -154,7 +154,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         if self.offline.is_empty()
             || self.records.len() == 0
             || self.records.sent() > 0
-            || self.records.any_acked()
+            || self.records.any_written()
         {
             return false;
         }

@@ -91,7 +91,11 @@ impl Transaction {
     /// The next step of a cleanup, when one is due and no transaction is
     /// open.
     pub fn next_cleanup(&mut self) -> Option<CleanupStep> {
-        if self.state != State::Idle || self.stuck.is_some() || self.cleanup.is_some() {
+        if self.state != State::Idle
+            || self.stuck.is_some()
+            || self.cleanup.is_some()
+            || self.committing.is_some()
+        {
             return None;
         }
         let index = self

@@ -25,6 +25,9 @@ impl Transaction {
         if let (Some(stuck), Some(index)) = (self.stuck.take(), self.current) {
             self.ids[index].resting.extend(stuck);
         }
+        if let Some(c) = self.committing.take() {
+            self.ids[c.index].resting.extend(c.stuck);
+        }
     }
 
     /// Partitions with no leader now: whether the current id is stuck on
@@ -32,6 +35,16 @@ impl Transaction {
     /// ([`Transaction::due`]), or, with none open, it rests at once
     /// ([`Next::Rest`]).
     pub fn leaderless(&mut self, partitions: &HashSet<PartitionKey>) -> Option<Next> {
+        // The id whose transaction is ending rests once it has ended.
+        if let Some(c) = self.committing.as_mut() {
+            let id = &self.ids[c.index];
+            c.stuck.extend(
+                id.touched
+                    .union(&id.previous)
+                    .filter(|p| partitions.contains(*p))
+                    .cloned(),
+            );
+        }
         let index = self.current?;
         if self.stuck.is_some() {
             return None;
@@ -53,15 +66,17 @@ impl Transaction {
                 self.must_abort = true;
                 None
             }
-            State::Idle => Some(self.rest(false)),
-            // A commit or an abort under way ends first.
+            State::Idle if self.committing.is_none() => Some(self.rest(false)),
+            // A commit or an abort under way ends first (the one before the
+            // open one's too).
             _ => None,
         }
     }
 
     /// A stuck id whose commit or abort ended meanwhile rests now.
     pub fn rest_if_stuck(&mut self) -> Option<Next> {
-        (self.state == State::Idle && self.stuck.is_some()).then(|| self.rest(false))
+        (self.state == State::Idle && self.stuck.is_some() && self.committing.is_none())
+            .then(|| self.rest(false))
     }
 
     /// The current id rests on the partitions it is stuck on; `aborted`:

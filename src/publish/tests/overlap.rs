@@ -1,0 +1,191 @@
+//! Two transactions at once (`transaction/overlap.rs`): the next one takes
+//! records while the one before commits, and a failed commit takes both
+//! back.
+
+use super::*;
+
+/// Drives the publisher for `wait` (paused time): what settled meanwhile.
+async fn run_for(publisher: &mut Publisher<MemorySink, u64>, wait: Duration) -> Vec<u64> {
+    let mut settled = Vec::new();
+    let until = tokio::time::Instant::now() + wait;
+    while let Ok(outcomes) = tokio::time::timeout_at(until, publisher.next()).await {
+        for outcome in outcomes.unwrap() {
+            match outcome {
+                Outcome::Delivered { tag, .. } | Outcome::Skipped { tag } => settled.push(tag),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    settled
+}
+
+fn session(broker: &MemoryBroker) -> Publisher<MemorySink, u64> {
+    let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
+    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    publisher
+}
+
+/// Events `from..to` handed over; nothing settles at once.
+fn publish(publisher: &mut Publisher<MemorySink, u64>, from: u64, to: u64) {
+    for n in from..to {
+        assert!(publisher.publish(event(n)).is_empty());
+    }
+}
+
+/// Drives the publisher until `n` events settle, checking that each one
+/// that does is committed already: nothing counts as delivered (and so is
+/// confirmed) past what a read_committed reader sees.
+async fn settle_committed(
+    publisher: &mut Publisher<MemorySink, u64>,
+    broker: &MemoryBroker,
+    n: usize,
+) -> Vec<u64> {
+    let mut settled = Vec::new();
+    while settled.len() < n {
+        let more = run_for(publisher, Duration::from_millis(100)).await;
+        let visible = ids(&broker.log(TOPIC));
+        for n in &more {
+            assert!(
+                visible.contains(&n.to_string()),
+                "{n} settled before its transaction committed"
+            );
+        }
+        settled.extend(more);
+        assert!(broker.sent() < 100, "settles in a few rounds");
+    }
+    settled
+}
+
+fn strings(range: std::ops::Range<u64>) -> Vec<String> {
+    range.map(|n| n.to_string()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_go_into_the_next_transaction_while_the_one_before_commits() {
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    broker.hold_commits();
+    publish(&mut publisher, 0, 4);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.commits_waiting(), 1, "the first transaction commits");
+    assert_eq!(broker.sent(), 4);
+    publish(&mut publisher, 4, 8);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        broker.sent(),
+        8,
+        "the next records went out while the commit before is under way"
+    );
+    assert_eq!(broker.log_uncommitted(TOPIC).len(), 8);
+    assert!(broker.log(TOPIC).is_empty(), "nothing committed yet");
+    broker.let_one_commit_through();
+    let settled = settle_committed(&mut publisher, &broker, 4).await;
+    assert_eq!(settled, [0, 1, 2, 3], "the first transaction's, only");
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty(),
+        "the next transaction's records settle only once it commits"
+    );
+    broker.release_commits();
+    let settled = settle_committed(&mut publisher, &broker, 4).await;
+    assert_eq!(settled, [4, 5, 6, 7]);
+    assert_eq!(ids(&broker.log(TOPIC)), strings(0..8));
+    assert_eq!(broker.log_uncommitted(TOPIC).len(), 8, "nothing sent twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_commit_that_fails_while_the_next_transaction_is_open_takes_both_back_and_each_event_goes_once_in_order()
+ {
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    broker.hold_commits();
+    broker.fail_next_commit(BrokerError {
+        class: BrokerErrorClass::Abortable,
+        message: "Broker: Transaction coordinator aborted the transaction".into(),
+    });
+    publish(&mut publisher, 0, 5);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.commits_waiting(), 1);
+    publish(&mut publisher, 5, 10);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.sent(), 10, "the next transaction took records");
+    broker.release_commits();
+    let settled = settle_committed(&mut publisher, &broker, 10).await;
+    assert_eq!(settled, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&broker.log(TOPIC)),
+        strings(0..10),
+        "each event once, in order, none of either aborted transaction visible"
+    );
+    assert!(
+        broker.log_uncommitted(TOPIC).len() > 10,
+        "both were taken back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_other_id_resting_transactions_go_one_at_a_time() {
+    const OTHER: &str = "outbox.event.invoice";
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    let first = publisher.publish(event_to(OTHER, 0));
+    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
+    // The first id gets stuck on OTHER's partition, and rests.
+    broker.take_offline(OTHER, 0);
+    let mut outcomes = publisher.publish(event_to(OTHER, 2));
+    outcomes.extend(publisher.publish(event_to(TOPIC, 1)));
+    assert_eq!(settle(&mut publisher, outcomes, 1).await.unwrap(), [1]);
+    assert!(broker.is_blocked("walrelay.7.walrelay"));
+    // Only the spare is left: the next transaction waits for the commit.
+    broker.hold_commits();
+    for n in [3, 5] {
+        assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
+    }
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.commits_waiting(), 1);
+    let sent = broker.sent();
+    for n in [7, 9] {
+        assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
+    }
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        broker.sent(),
+        sent,
+        "nothing goes out while the commit is under way"
+    );
+    broker.release_commits();
+    let settled = settle(&mut publisher, Vec::new(), 4).await.unwrap();
+    assert_eq!(settled, [3, 5, 7, 9]);
+    assert_eq!(
+        ids(&broker.log(TOPIC)),
+        ["1", "3", "5", "7", "9"].map(String::from)
+    );
+    broker.bring_online(OTHER, 0);
+    assert_eq!(settle(&mut publisher, Vec::new(), 1).await.unwrap(), [2]);
+    assert_eq!(ids(&broker.log(OTHER)), ["0", "2"].map(String::from));
+}
