@@ -10,8 +10,10 @@
 //! Transactions: the producer is made with the transactional id when a
 //! session takes it over (`init`), which fences every earlier producer of
 //! that id. Begin, commit and abort are librdkafka calls that block, so
-//! commit and abort run on blocking threads while the publisher holds new
-//! records back.
+//! commit and abort run on blocking threads. A commit or an abort is of
+//! the producer current when it is called: the publisher may switch to the
+//! other id's producer at once and send the next transaction's records
+//! through it while the call runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
-//! The transaction, with a transactional sink: one open at a time; it takes
-//! records for a short while, then holds new ones back until those sent are
-//! delivered, and commits (or aborts after a failure).
+//! The transaction, with a transactional sink: it takes records for a
+//! short while, then holds new ones back until those sent are delivered,
+//! and commits (or aborts after a failure). While it commits, the next one
+//! takes records under the session's other id (`transaction/overlap.rs`);
+//! with that id resting or cleaning up, new records wait for the commit.
 //!
 //! ```text
 //!   Uninitialized ─init─> Initializing ─> Idle ─first record─> Open ─closing, all delivered─> Committing ─> Idle
@@ -8,7 +10,9 @@
 //!                                                               └───────────> Aborting ─> Idle <────┘ (records sent again)
 //! ```
 //!
-//! The two ids, and what happens when a partition has no leader:
+//! The next transaction under the other id while one commits:
+//! `transaction/overlap.rs`; the two ids, and what happens when a partition
+//! has no leader:
 //! `transaction/stuck.rs`; ending a transaction left open in a partition's
 //! log: `transaction/cleanup.rs`.
 
@@ -27,8 +31,9 @@ use super::ledgers::PartitionKey;
 use super::sink::{BrokerError, BrokerErrorClass};
 use crate::metrics as m;
 
-/// How long a transaction takes new records; then they wait while it
-/// commits. Short, because its records count as delivered only once it
+/// How long a transaction takes new records (longer while the one before
+/// still commits); then they wait until it commits, or go into the next one
+/// under the other id. Short, because its records count as delivered only once it
 /// commits; librdkafka sends what lingers at once when a commit begins.
 const MAX_OPEN: Duration = Duration::from_millis(10);
 /// How long a transaction takes records when a backlog waits at its start
