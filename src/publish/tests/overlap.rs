@@ -189,3 +189,47 @@ async fn with_the_other_id_resting_transactions_go_one_at_a_time() {
     assert_eq!(settle(&mut publisher, Vec::new(), 1).await.unwrap(), [2]);
     assert_eq!(ids(&broker.log(OTHER)), ["0", "2"].map(String::from));
 }
+
+/// Known gap, why cluster.rs
+/// `one_topics_only_broker_killed_holds_back_only_that_topics_events` fails
+/// with the overlap: once both ids take turns, both write to every busy
+/// partition, so a partition that loses its leader while one commits and
+/// the other is open sticks both (the committing one's markers cannot be
+/// written there, the open one's records cannot be), and no id is left to
+/// carry the other partitions' records until it is back. A third, clean
+/// id (fenced at session start) would be needed.
+#[tokio::test(start_paused = true)]
+#[ignore = "known gap of the overlap: both ids stuck on one offline partition"]
+async fn with_both_ids_in_use_a_partition_without_a_leader_still_holds_back_only_its_own_records() {
+    const OTHER: &str = "outbox.event.invoice";
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    let first = publisher.publish(event_to(OTHER, 0));
+    assert_eq!(settle(&mut publisher, first, 1).await.unwrap(), [0]);
+    // A transaction with both topics' records commits (held) while the
+    // next takes both topics' records too.
+    broker.hold_commits();
+    for n in [1, 2] {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        assert!(publisher.publish(event_to(topic, n)).is_empty());
+    }
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.commits_waiting(), 1);
+    broker.take_offline(OTHER, 0);
+    let mut outcomes = Vec::new();
+    for n in 3..=8 {
+        let topic = if n % 2 == 0 { OTHER } else { TOPIC };
+        outcomes.extend(publisher.publish(event_to(topic, n)));
+    }
+    broker.release_commits();
+    let settled =
+        tokio::time::timeout(Duration::from_secs(60), settle(&mut publisher, outcomes, 5))
+            .await
+            .expect("the online topic's records are delivered while OTHER is offline")
+            .unwrap();
+    assert_eq!(settled, [1, 2, 3, 5, 7]);
+}
