@@ -91,6 +91,9 @@ struct BrokerState {
     commits_waiting: usize,
     /// The next commits fail with these errors (nothing of them committed).
     commit_failures: VecDeque<BrokerError>,
+    /// Transactional id -> its transaction whose commit failed transiently:
+    /// committing again commits it (as a producer's retried commit does).
+    retry_commit: HashMap<String, u64>,
     /// How many times each topic was deleted and created again: its id
     /// changes each time.
     generations: HashMap<String, u32>,

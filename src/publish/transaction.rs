@@ -17,6 +17,7 @@
 //! log: `transaction/cleanup.rs`.
 
 mod cleanup;
+mod ids;
 mod overlap;
 mod stuck;
 #[cfg(test)]
@@ -43,8 +44,8 @@ const MAX_OPEN: Duration = Duration::from_millis(10);
 const BACKLOG_OPEN: Duration = Duration::from_millis(50);
 const BACKLOG: usize = 1000;
 
-/// The suffix of the spare transactional id.
-pub const SPARE_SUFFIX: &str = ".spare";
+/// The suffixes of the session's spare transactional ids (`ids.rs`).
+pub const SPARE_SUFFIXES: [&str; 2] = [".spare", ".spare2"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -123,47 +124,12 @@ pub enum Next {
     EndProducer(BrokerError),
 }
 
-/// One transactional id of the session.
-#[derive(Debug)]
-struct TxnId {
-    name: String,
-    /// Taken over in this session, its producer alive.
-    ready: bool,
-    /// Stuck: it is not used until each of these partitions has a leader
-    /// again.
-    resting: HashSet<PartitionKey>,
-    /// Partitions of its open transaction.
-    touched: HashSet<PartitionKey>,
-    /// Partitions of its transaction before (its markers may still be
-    /// unwritten).
-    previous: HashSet<PartitionKey>,
-    /// Partitions where its last transaction was aborted: one it left open
-    /// there may be ended with an abort.
-    aborted_in: HashSet<PartitionKey>,
-    /// Partitions it must clean up (abort one record in).
-    to_clean: HashSet<PartitionKey>,
-}
-
-impl TxnId {
-    fn new(name: String) -> Self {
-        TxnId {
-            name,
-            ready: false,
-            resting: HashSet::new(),
-            touched: HashSet::new(),
-            previous: HashSet::new(),
-            aborted_in: HashSet::new(),
-            to_clean: HashSet::new(),
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Transaction {
     state: State,
     /// A record of the open transaction failed: it must be aborted.
     must_abort: bool,
-    /// This session's ids: `<id>` and `<id>.spare`.
+    /// This session's ids: `<id>`, `<id>.spare` and `<id>.spare2`.
     ids: Vec<TxnId>,
     /// The id in use, if any.
     current: Option<usize>,
@@ -182,6 +148,7 @@ pub struct Transaction {
 
 use cleanup::Cleanup;
 pub use cleanup::CleanupStep;
+use ids::TxnId;
 use overlap::Committing;
 
 impl Transaction {
@@ -205,135 +172,6 @@ impl Transaction {
 
     pub fn is_on(&self) -> bool {
         self.state != State::Off
-    }
-
-    /// A new session takes the transactional ids over: `id` and its spare.
-    /// An id resting on an offline partition in this process stays out
-    /// until the partition is back (taking it over now would wait for it).
-    pub fn restart(&mut self, id: Option<String>) {
-        if !self.is_on() {
-            return;
-        }
-        self.rest_stuck();
-        self.state = State::Uninitialized;
-        self.must_abort = false;
-        self.stuck = None;
-        self.current = None;
-        self.initializing = None;
-        self.cleanup = None;
-        self.id = None;
-        let names: Vec<String> = match &id {
-            Some(id) => vec![id.clone(), format!("{id}{SPARE_SUFFIX}")],
-            None => Vec::new(),
-        };
-        let mut ids: Vec<TxnId> = Vec::new();
-        for name in names {
-            let mut entry = TxnId::new(name.clone());
-            if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
-                // What it aborted is not carried over: another process may
-                // have used the id since, and committed there.
-                entry.resting = std::mem::take(&mut old.resting);
-            }
-            ids.push(entry);
-        }
-        self.ids = ids;
-    }
-
-    /// Everything in flight was abandoned: the producers must be taken over
-    /// again.
-    pub fn abandon(&mut self) {
-        self.rest_stuck();
-        if self.is_on() {
-            self.state = State::Uninitialized;
-            self.must_abort = false;
-            self.stuck = None;
-            self.current = None;
-            self.initializing = None;
-            self.cleanup = None;
-            for id in &mut self.ids {
-                id.to_clean.clear();
-                id.ready = false;
-                id.touched.clear();
-                id.previous.clear();
-            }
-        }
-    }
-
-    /// The id to take over now, if one must be: every id not resting is
-    /// taken over before the first record goes out, so every earlier
-    /// holder of each is fenced.
-    pub fn take_initialization(&mut self) -> Option<String> {
-        if self.state != State::Uninitialized {
-            return None;
-        }
-        let index = self
-            .ids
-            .iter()
-            .position(|id| !id.ready && id.resting.is_empty())?;
-        self.state = State::Initializing;
-        self.initializing = Some(index);
-        self.id = Some(self.ids[index].name.clone());
-        Some(self.ids[index].name.clone())
-    }
-
-    /// The takeover of the transactional id finished.
-    pub fn initialized(&mut self, result: Result<(), BrokerError>) -> Next {
-        let index = self.initializing.take();
-        if let Some(cleanup) = &self.cleanup {
-            // An id taken over to clean up: the current one, if any, waits.
-            self.state = State::Idle;
-            return match (result, index) {
-                (Ok(()), Some(index)) => {
-                    self.ids[index].ready = true;
-                    self.state = State::Cleaning;
-                    Next::CleanUp(self.ids[index].name.clone(), cleanup.partitions.clone())
-                }
-                (Err(error), _) if error.ends_producer() => Next::EndProducer(error),
-                // Retrying could wait as long as what it would end (its
-                // markers pending on a partition still away): give it up.
-                (Err(error), _) => {
-                    tracing::warn!(%error, "cannot take over the transactional id to clean up; its partitions' events are published again instead");
-                    self.give_up_cleanup()
-                }
-                (Ok(()), None) => Next::Go,
-            };
-        }
-        self.state = State::Uninitialized;
-        match result {
-            Ok(()) => {
-                let Some(index) = index else {
-                    return Next::Go;
-                };
-                self.ids[index].ready = true;
-                tracing::debug!(id = %self.ids[index].name, "transactional producer ready");
-                if self.ids.iter().any(|id| !id.ready && id.resting.is_empty()) {
-                    return Next::Go; // the next id is taken over first
-                }
-                match self.pick() {
-                    Some(name) => {
-                        self.state = State::Idle;
-                        Next::Use(name)
-                    }
-                    None => Next::Go,
-                }
-            }
-            Err(error) if error.ends_producer() => Next::EndProducer(error),
-            Err(error) => {
-                tracing::warn!(%error, "cannot take over the transactional id yet");
-                Next::BackOff
-            }
-        }
-    }
-
-    /// Makes the first ready, rested id the current one.
-    fn pick(&mut self) -> Option<String> {
-        let index = self
-            .ids
-            .iter()
-            .position(|id| id.ready && id.resting.is_empty())?;
-        self.current = Some(index);
-        self.id = Some(self.ids[index].name.clone());
-        Some(self.ids[index].name.clone())
     }
 
     /// A commit finished.
@@ -422,7 +260,9 @@ impl Transaction {
     pub fn may_send(&self) -> bool {
         match self.state {
             State::Off => true,
-            State::Idle => self.previous_lets_send(),
+            // A stuck id begins nothing more: it rests once the
+            // transaction before the open one has ended.
+            State::Idle => self.stuck.is_none() && self.previous_lets_send(),
             // While the one before commits, the open one takes records on.
             State::Open { since, open_for } => {
                 !self.must_abort && (since.elapsed() < open_for || self.committing.is_some())

@@ -272,8 +272,16 @@ impl Sink for MemorySink {
     fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
         let broker = self.broker.clone();
         let holder = self.holder();
-        let txn = self.take_txn();
-        broker.state.lock().unwrap().commits_waiting += 1;
+        let mut txn = self.take_txn();
+        {
+            let mut state = broker.state.lock().unwrap();
+            state.commits_waiting += 1;
+            // A commit again after one failed transiently: the same
+            // transaction.
+            if let (None, Some((id, _))) = (txn, &holder) {
+                txn = state.retry_commit.remove(id);
+            }
+        }
         Box::pin(async move {
             loop {
                 {
@@ -294,7 +302,13 @@ impl Sink for MemorySink {
                         }
                         state.commits_waiting -= 1;
                         if let Some(error) = state.commit_failures.pop_front() {
-                            // Not committed: its records stay invisible.
+                            // Not committed: its records stay invisible;
+                            // a transient failure may be committed again.
+                            if error.class == BrokerErrorClass::Transient {
+                                if let (Some((id, _)), Some(t)) = (&holder, txn) {
+                                    state.retry_commit.insert(id.clone(), t);
+                                }
+                            }
                             return Err(error);
                         }
                         if let Some(txn) = txn {

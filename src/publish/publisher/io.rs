@@ -102,9 +102,12 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 self.follow(next, outcomes);
             }
             SessionIo::Committed(result) => {
-                tracing::debug!(?result, id = ?self.txn.id, "commit finished");
+                // The commit of the transaction before the open one went
+                // through that one's id: an error ending it names that id.
+                let committing = self.txn.committing_id();
+                tracing::debug!(?result, id = ?committing.as_ref().or(self.txn.id.as_ref()), "commit finished");
                 let next = self.txn.committed(result);
-                self.follow(next, outcomes);
+                self.follow_under(next, committing, outcomes);
                 if let Some(next) = self.txn.rest_if_stuck() {
                     self.follow(next, outcomes);
                 }
@@ -128,9 +131,10 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 }
             }
             SessionIo::Aborted(result) => {
-                tracing::debug!(?result, id = ?self.txn.id, written = self.records.any_written(), "abort finished");
+                let committing = self.txn.committing_id();
+                tracing::debug!(?result, id = ?committing.as_ref().or(self.txn.id.as_ref()), written = self.records.any_written(), "abort finished");
                 let next = self.txn.aborted(result, self.records.any_written());
-                self.follow(next, outcomes);
+                self.follow_under(next, committing, outcomes);
             }
             SessionIo::ReadHiddenAgain(key) => {
                 if let Some(ledgers) = self.ledgers.as_mut() {
@@ -152,6 +156,18 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     self.abort_cleanup();
                 }
             }
+        }
+    }
+
+    /// Does what the transaction decided after the I/O of `id`'s
+    /// transaction (the one before the open one, if `Some`): an error that
+    /// ends the producer names that id.
+    fn follow_under(&mut self, next: Next, id: Option<String>, outcomes: &mut Vec<Outcome<T>>) {
+        match (next, id) {
+            (Next::EndProducer(error), Some(id)) => {
+                self.failed = Some(PublishError::ending(error, Some(&id)));
+            }
+            (next, _) => self.follow(next, outcomes),
         }
     }
 

@@ -17,8 +17,12 @@
 //! - a record counts as delivered only once its own transaction commits
 //!   (`records.rs` seals the committing transaction's records), so
 //!   nothing is confirmed past an uncommitted one;
-//! - only with both ids ready and neither stuck, resting or cleaning up:
-//!   otherwise one transaction at a time, on the id in use, as before.
+//! - only with another id ready and neither stuck, resting or cleaning
+//!   up: otherwise one transaction at a time, on the id in use, as before.
+//!   The other is the first such id, so two ids take turns and the third
+//!   stays clean (`ids.rs`): it carries on when a partition losing its
+//!   leader sticks both (the committing one's markers cannot be written
+//!   there, the open one's records cannot).
 
 use std::collections::HashSet;
 
@@ -47,7 +51,7 @@ pub(super) enum Phase {
 
 impl Transaction {
     /// A record is to be sent while the current transaction commits: if
-    /// the other id can take records, it is the current one from now on,
+    /// another id can take records (the first: two take turns), it is the current one from now on,
     /// and the next transaction begins under it at once. Its name, if so
     /// (the publisher sends through it).
     pub fn overlap(&mut self) -> Option<String> {

@@ -2,16 +2,19 @@
 //!
 //! Kafka ends a transaction only once it has written its marker into every
 //! partition the transaction touched. So a transaction that touched a
-//! partition whose every replica is offline cannot end until that
-//! partition is back, and until then its transactional id can begin no
-//! other. Each session therefore takes over two ids, `<id>` and
-//! `<id>.spare`. When a partition the current id touched (in the open
-//! transaction, or the one before, whose markers may still be unwritten)
-//! has no leader, that id is *stuck*: its open transaction is aborted (its
-//! records are sent again), its producer dropped, and it rests until the
-//! partition is back, while the other id carries the records of every
-//! other partition. The publisher keeps the offline partition's records
-//! out of transactions meanwhile (`offline.rs`).
+//! partition whose every replica is offline cannot end until that partition
+//! is back, and until then its transactional id can begin no other. Each
+//! session therefore takes over three ids, `<id>`, `<id>.spare` and
+//! `<id>.spare2`: two take turns (`overlap.rs`), the third stays clean,
+//! since a partition losing its leader while one of the two commits and the
+//! other is open sticks both. When a partition the current id touched (in
+//! the open transaction, or the one before, whose markers may still be
+//! unwritten) has no leader, that id is *stuck*: its open transaction is
+//! aborted (its records are sent again), its producer dropped, and it rests
+//! until the partition is back, while another id carries the records of
+//! every other partition (alone, one transaction at a time, when it is the
+//! only one left). The publisher keeps the offline partition's records out
+//! of transactions meanwhile (`offline.rs`).
 
 use std::collections::HashSet;
 
@@ -125,6 +128,11 @@ impl Transaction {
         }
         if let Some(stuck) = self.stuck.as_mut() {
             stuck.retain(|p| !partitions.contains(p));
+        }
+        // So does the id of the transaction before the open one, still
+        // ending: it is not retired on these once it has ended.
+        if let Some(c) = self.committing.as_mut() {
+            c.stuck.retain(|p| !partitions.contains(p));
         }
     }
 }

@@ -3,15 +3,17 @@
 use super::cleanup::CLEANUP_ABORTS;
 use super::*;
 
-/// Takes both ids over, as a session's start does.
+/// Takes the three ids over, as a session's start does.
 fn ready(t: &mut Transaction) {
     t.restart(Some("walrelay.7.s".into()));
-    assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
-    assert!(matches!(t.initialized(Ok(())), Next::Go));
-    assert!(!t.may_send(), "not before the spare is taken over too");
+    for spare in ["walrelay.7.s", "walrelay.7.s.spare"] {
+        assert_eq!(t.take_initialization().as_deref(), Some(spare));
+        assert!(matches!(t.initialized(Ok(())), Next::Go));
+        assert!(!t.may_send(), "not before every id is taken over");
+    }
     assert_eq!(
         t.take_initialization().as_deref(),
-        Some("walrelay.7.s.spare")
+        Some("walrelay.7.s.spare2")
     );
     assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
 }
@@ -308,14 +310,27 @@ async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
     match t.leaderless(&[key("a", 3)].into()) {
+        Some(Next::Rest { abandon, next }) => {
+            assert_eq!(abandon, "walrelay.7.s.spare");
+            assert_eq!(next.as_deref(), Some("walrelay.7.s.spare2"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // And so does the third.
+    t.began(0);
+    t.sent_to(&key("c", 5));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    match t.leaderless(&[key("c", 5)].into()) {
         Some(Next::Rest {
             abandon,
             next: None,
-        }) => assert_eq!(abandon, "walrelay.7.s.spare"),
+        }) => assert_eq!(abandon, "walrelay.7.s.spare2"),
         other => panic!("{other:?}"),
     }
     assert!(!t.may_send(), "no id to use");
-    assert_eq!(t.take_initialization(), None, "both rest");
+    assert_eq!(t.take_initialization(), None, "all rest");
     // The first id's partition is back: it is taken over again.
     t.back(&[key("b", 1)].into());
     assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
@@ -355,6 +370,15 @@ async fn a_partition_back_before_the_stuck_ids_abort_ends_leaves_no_id_resting_o
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
     assert!(matches!(
         t.leaderless(&[key("a", 3)].into()),
+        Some(Next::Rest { next: Some(_), .. })
+    ));
+    t.began(0);
+    t.sent_to(&key("c", 5));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert!(matches!(
+        t.leaderless(&[key("c", 5)].into()),
         Some(Next::Rest { next: None, .. })
     ));
     assert_eq!(
@@ -407,7 +431,7 @@ async fn a_stuck_transaction_that_wrote_is_aborted_until_it_goes_through() {
     assert_eq!(t.due(1, false), Some(End::Abort));
     assert!(matches!(
         t.aborted(Err(error), false),
-        Next::Rest { next: None, .. }
+        Next::Rest { next: Some(id), .. } if id == "walrelay.7.s.spare2"
     ));
 }
 
@@ -423,7 +447,12 @@ fn a_new_session_leaves_a_stuck_id_resting_whatever_became_of_its_abort() {
     assert_eq!(
         t.take_initialization().as_deref(),
         Some("walrelay.7.s.spare"),
-        "only the spare is taken over"
+        "only the spares are taken over"
+    );
+    assert!(matches!(t.initialized(Ok(())), Next::Go));
+    assert_eq!(
+        t.take_initialization().as_deref(),
+        Some("walrelay.7.s.spare2")
     );
     assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s.spare"));
 }

@@ -1,0 +1,182 @@
+//! The session's transactional ids: `<id>`, `<id>.spare` and
+//! `<id>.spare2`, each taken over (fencing any earlier holder) before the
+//! first record goes out; which one is in use.
+
+use std::collections::HashSet;
+
+use super::{Next, SPARE_SUFFIXES, State, Transaction};
+use crate::publish::ledgers::PartitionKey;
+use crate::publish::sink::BrokerError;
+
+/// One transactional id of the session.
+#[derive(Debug)]
+pub(super) struct TxnId {
+    pub(super) name: String,
+    /// Taken over in this session, its producer alive.
+    pub(super) ready: bool,
+    /// Stuck: it is not used until each of these partitions has a leader
+    /// again.
+    pub(super) resting: HashSet<PartitionKey>,
+    /// Partitions of its open transaction.
+    pub(super) touched: HashSet<PartitionKey>,
+    /// Partitions of its transaction before (its markers may still be
+    /// unwritten).
+    pub(super) previous: HashSet<PartitionKey>,
+    /// Partitions where its last transaction was aborted: one it left open
+    /// there may be ended with an abort.
+    pub(super) aborted_in: HashSet<PartitionKey>,
+    /// Partitions it must clean up (abort one record in).
+    pub(super) to_clean: HashSet<PartitionKey>,
+}
+
+impl TxnId {
+    pub(super) fn new(name: String) -> Self {
+        TxnId {
+            name,
+            ready: false,
+            resting: HashSet::new(),
+            touched: HashSet::new(),
+            previous: HashSet::new(),
+            aborted_in: HashSet::new(),
+            to_clean: HashSet::new(),
+        }
+    }
+}
+
+impl Transaction {
+    /// A new session takes the transactional ids over: `id` and its two
+    /// spares. Two take turns (the next transaction under one while the
+    /// other commits); the third stays clean, so that with both of the
+    /// others stuck on a partition with no leader (one committing, one
+    /// open, both wrote there) an id is left to carry every other
+    /// partition's records (`stuck.rs`).
+    /// An id resting on an offline partition in this process stays out
+    /// until the partition is back (taking it over now would wait for it).
+    pub fn restart(&mut self, id: Option<String>) {
+        if !self.is_on() {
+            return;
+        }
+        self.rest_stuck();
+        self.state = State::Uninitialized;
+        self.must_abort = false;
+        self.stuck = None;
+        self.current = None;
+        self.initializing = None;
+        self.cleanup = None;
+        self.id = None;
+        let names: Vec<String> = match &id {
+            Some(id) => std::iter::once(id.clone())
+                .chain(SPARE_SUFFIXES.iter().map(|suffix| format!("{id}{suffix}")))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut ids: Vec<TxnId> = Vec::new();
+        for name in names {
+            let mut entry = TxnId::new(name.clone());
+            if let Some(old) = self.ids.iter_mut().find(|o| o.name == name) {
+                // What it aborted is not carried over: another process may
+                // have used the id since, and committed there.
+                entry.resting = std::mem::take(&mut old.resting);
+            }
+            ids.push(entry);
+        }
+        self.ids = ids;
+    }
+
+    /// Everything in flight was abandoned: the producers must be taken over
+    /// again.
+    pub fn abandon(&mut self) {
+        self.rest_stuck();
+        if self.is_on() {
+            self.state = State::Uninitialized;
+            self.must_abort = false;
+            self.stuck = None;
+            self.current = None;
+            self.initializing = None;
+            self.cleanup = None;
+            for id in &mut self.ids {
+                id.to_clean.clear();
+                id.ready = false;
+                id.touched.clear();
+                id.previous.clear();
+            }
+        }
+    }
+
+    /// The id to take over now, if one must be: every id not resting is
+    /// taken over before the first record goes out, so every earlier
+    /// holder of each is fenced.
+    pub fn take_initialization(&mut self) -> Option<String> {
+        if self.state != State::Uninitialized {
+            return None;
+        }
+        let index = self
+            .ids
+            .iter()
+            .position(|id| !id.ready && id.resting.is_empty())?;
+        self.state = State::Initializing;
+        self.initializing = Some(index);
+        self.id = Some(self.ids[index].name.clone());
+        Some(self.ids[index].name.clone())
+    }
+
+    /// The takeover of the transactional id finished.
+    pub fn initialized(&mut self, result: Result<(), BrokerError>) -> Next {
+        let index = self.initializing.take();
+        if let Some(cleanup) = &self.cleanup {
+            // An id taken over to clean up: the current one, if any, waits.
+            self.state = State::Idle;
+            return match (result, index) {
+                (Ok(()), Some(index)) => {
+                    self.ids[index].ready = true;
+                    self.state = State::Cleaning;
+                    Next::CleanUp(self.ids[index].name.clone(), cleanup.partitions.clone())
+                }
+                (Err(error), _) if error.ends_producer() => Next::EndProducer(error),
+                // Retrying could wait as long as what it would end (its
+                // markers pending on a partition still away): give it up.
+                (Err(error), _) => {
+                    tracing::warn!(%error, "cannot take over the transactional id to clean up; its partitions' events are published again instead");
+                    self.give_up_cleanup()
+                }
+                (Ok(()), None) => Next::Go,
+            };
+        }
+        self.state = State::Uninitialized;
+        match result {
+            Ok(()) => {
+                let Some(index) = index else {
+                    return Next::Go;
+                };
+                self.ids[index].ready = true;
+                tracing::debug!(id = %self.ids[index].name, "transactional producer ready");
+                if self.ids.iter().any(|id| !id.ready && id.resting.is_empty()) {
+                    return Next::Go; // the next id is taken over first
+                }
+                match self.pick() {
+                    Some(name) => {
+                        self.state = State::Idle;
+                        Next::Use(name)
+                    }
+                    None => Next::Go,
+                }
+            }
+            Err(error) if error.ends_producer() => Next::EndProducer(error),
+            Err(error) => {
+                tracing::warn!(%error, "cannot take over the transactional id yet");
+                Next::BackOff
+            }
+        }
+    }
+
+    /// Makes the first ready, rested id the current one.
+    pub(super) fn pick(&mut self) -> Option<String> {
+        let index = self
+            .ids
+            .iter()
+            .position(|id| id.ready && id.resting.is_empty())?;
+        self.current = Some(index);
+        self.id = Some(self.ids[index].name.clone());
+        Some(self.ids[index].name.clone())
+    }
+}
