@@ -374,3 +374,45 @@ async fn a_commit_failing_transiently_while_the_next_is_open_is_committed_again(
     assert_eq!(ids(&broker.log(TOPIC)), strings(0..8));
     assert_eq!(broker.log_uncommitted(TOPIC).len(), 8, "nothing sent twice");
 }
+
+/// The commit of the transaction before the open one is fenced: the error
+/// names that one's id, not the open one's.
+#[tokio::test(start_paused = true)]
+async fn a_fenced_commit_before_the_open_transaction_names_its_own_id() {
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    broker.hold_commits();
+    broker.fail_next_commit(BrokerError {
+        class: BrokerErrorClass::Fenced,
+        message: "Broker: Producer attempted an operation with an old epoch".into(),
+    });
+    publish(&mut publisher, 0, 4);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    publish(&mut publisher, 4, 8);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    broker.release_commits();
+    let error = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match publisher.next().await {
+                Ok(outcomes) => assert!(outcomes.is_empty(), "{outcomes:?}"),
+                Err(error) => return error,
+            }
+        }
+    })
+    .await
+    .expect("the fenced commit ends the producer");
+    match error {
+        crate::publish::error::PublishError::Fenced {
+            transactional_id, ..
+        } => assert_eq!(transactional_id, "walrelay.7.walrelay"),
+        other => panic!("{other:?}"),
+    }
+}

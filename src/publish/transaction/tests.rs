@@ -456,3 +456,63 @@ fn a_new_session_leaves_a_stuck_id_resting_whatever_became_of_its_abort() {
     );
     assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s.spare"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_id_begins_nothing_while_the_transaction_before_ends() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert_eq!(t.overlap().as_deref(), Some("walrelay.7.s.spare"));
+    t.began(0);
+    t.sent_to(&key("b", 1));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert_eq!(t.overlap().as_deref(), Some("walrelay.7.s"), "turns");
+    // The first id's transaction before touched a-0, which has no leader
+    // now: it is stuck, with the spare's commit still under way.
+    assert!(t.leaderless(&[key("a", 0)].into()).is_none());
+    assert!(!t.may_send(), "the stuck id begins no transaction");
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    match t.rest_if_stuck() {
+        Some(Next::Rest { abandon, next }) => {
+            assert_eq!(abandon, "walrelay.7.s");
+            assert_eq!(next.as_deref(), Some("walrelay.7.s.spare"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(t.may_send());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_back_before_the_commit_before_ends_does_not_retire_its_id() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    tokio::time::advance(MAX_OPEN).await;
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert_eq!(t.overlap().as_deref(), Some("walrelay.7.s.spare"));
+    t.began(0);
+    t.sent_to(&key("a", 0));
+    // Both ids wrote to a-0, which has no leader, then is back before the
+    // commit before ends.
+    assert!(t.leaderless(&[key("a", 0)].into()).is_none());
+    t.back(&[key("a", 0)].into());
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert_eq!(t.due(1, false), Some(End::Abort), "still aborted");
+    match t.aborted(Ok(()), true) {
+        Next::Rest { abandon, next } => {
+            assert_eq!(abandon, "walrelay.7.s.spare");
+            assert_eq!(
+                next.as_deref(),
+                Some("walrelay.7.s"),
+                "the committing id is not retired on a-0"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
