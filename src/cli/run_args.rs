@@ -176,8 +176,9 @@ pub struct DeliveryArgs {
     #[arg(long, env = "WALRELAY_DELIVERY", value_enum)]
     pub delivery: Option<DeliveryGuarantee>,
     /// Exactly once: the Kafka transactional id this relay's records are
-    /// written under (a relay taking over the slot takes it over too, which
-    /// fences the one before). Default: walrelay.<system identifier>.<slot>.
+    /// written under, with <id>.spare and <id>.spare2 (a relay taking over
+    /// the slot takes them over too, which fences the one before). Default:
+    /// walrelay.<system identifier>.<slot>.
     #[arg(long, env = "WALRELAY_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
     /// Exactly once: records of a partition's tail read at most when looking

@@ -15,7 +15,7 @@
 //! | `outcome.rs` | what sources hand over and get back |
 //! | `outgoing.rs` | the source-independent half: a routed change to its record, the origin headers, a refused record kept |
 //! | `records.rs` | the records in hand, in order, and what holds them back |
-//! | `transaction.rs` | the Kafka transaction's life, and its two transactional ids (`transaction/`: the next transaction open while one commits, an id stuck on an offline partition, a transaction left open) |
+//! | `transaction.rs` | the Kafka transaction's life, and its three transactional ids (`transaction/`: who they are, the next transaction open while one commits, an id stuck on an offline partition, a transaction left open) |
 //! | `offline.rs` | partitions with no leader: their records wait outside transactions |
 //! | `sink.rs` | the broker as the publisher sees it: the `Sink` trait, classified errors |
 //! | `error.rs` | `PublishError`, and what a failed delivery means |

@@ -12,7 +12,7 @@
 //! - Transactions (a transactional sink, `transaction.rs`): a record counts
 //!   as delivered only once its transaction commits; an aborted
 //!   transaction's records are sent again, in order. While one commits,
-//!   the next takes records under the other transactional id.
+//!   the next takes records under another transactional id.
 //! - A failed delivery is sent again after a backoff (it stays in flight
 //!   meanwhile); a record the broker will never take comes back as
 //!   [`Outcome::Refused`] for the source to keep it durably.

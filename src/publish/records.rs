@@ -22,7 +22,7 @@ pub enum State {
     /// Delivered, its transaction not yet committed.
     Acked,
     /// Delivered, its transaction committing (the next one may be open
-    /// meanwhile, under the other transactional id).
+    /// meanwhile, under another transactional id).
     Sealed,
 }
 

@@ -1,8 +1,9 @@
 //! The transaction, with a transactional sink: it takes records for a
 //! short while, then holds new ones back until those sent are delivered,
 //! and commits (or aborts after a failure). While it commits, the next one
-//! takes records under the session's other id (`transaction/overlap.rs`);
-//! with that id resting or cleaning up, new records wait for the commit.
+//! takes records under another of the session's ids
+//! (`transaction/overlap.rs`); with no other id usable (resting, stuck or
+//! cleaning up), new records wait for the commit.
 //!
 //! ```text
 //!   Uninitialized ─init─> Initializing ─> Idle ─first record─> Open ─closing, all delivered─> Committing ─> Idle
@@ -10,9 +11,9 @@
 //!                                                               └───────────> Aborting ─> Idle <────┘ (records sent again)
 //! ```
 //!
-//! The next transaction under the other id while one commits:
-//! `transaction/overlap.rs`; the two ids, and what happens when a partition
-//! has no leader:
+//! The session's three ids, taken over: `transaction/ids.rs`; the next
+//! transaction under another id while one commits:
+//! `transaction/overlap.rs`; what happens when a partition has no leader:
 //! `transaction/stuck.rs`; ending a transaction left open in a partition's
 //! log: `transaction/cleanup.rs`.
 

@@ -4,8 +4,8 @@
 //! A transaction commits only once every record of it is delivered
 //! (appended, acknowledged), so once its commit begins nothing of it is
 //! still on its way to a partition: the next transaction's records can go
-//! out at once, under the session's other transactional id, and land after
-//! it in every partition. What keeps the guarantees:
+//! out at once, under another of the session's transactional ids, and land
+//! after it in every partition. What keeps the guarantees:
 //!
 //! - one commit or abort at a time, and in order: the open transaction
 //!   ends only after the one before has ended (it keeps taking records
