@@ -713,6 +713,20 @@ impl Stack {
             .unwrap();
     }
 
+    /// How many events of `aggregate_type` the outbox holds.
+    pub async fn count_of(&self, aggregate_type: &str) -> usize {
+        let count: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE aggregate_type = $1",
+                &[&aggregate_type],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        count as usize
+    }
+
     /// The slot's confirmed LSN.
     pub async fn confirmed(&self) -> walrelay::lsn::Lsn {
         workload::confirmed(&self.client, "walrelay").await

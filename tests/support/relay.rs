@@ -117,6 +117,12 @@ impl Drop for RelayProcess {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let log = self.log();
+            // WALRELAY_TEST_KEEP_LOGS=DIR keeps a failing run's whole log.
+            if let Ok(dir) = std::env::var("WALRELAY_TEST_KEEP_LOGS") {
+                let path = std::path::Path::new(&dir).join(format!("relay-{}.log", self.http_port));
+                let _ = std::fs::write(&path, &log);
+                eprintln!("--- the whole log: {}", path.display());
+            }
             let tail: Vec<&str> = log.lines().rev().take(150).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             eprintln!(

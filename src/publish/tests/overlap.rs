@@ -416,3 +416,94 @@ async fn a_fenced_commit_before_the_open_transaction_names_its_own_id() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Kafka's hanging transaction (open_transactions.rs): a partition whose
+/// only broker was killed comes back still holding the transaction of id
+/// A (the committing one) open, though A's coordinator completed it. The
+/// tail is read again (the partition is back) while A's commit there is
+/// still under way, under the next transaction. A's last *ended*
+/// transaction there was aborted, so A is scheduled to clean up there; by
+/// the time the cleanup runs, A's transaction there has committed (its
+/// events delivered, confirmable), and A's abort there would end that
+/// committed transaction as aborted: a loss. No id whose transaction
+/// there has not ended may be scheduled to abort there.
+#[tokio::test(start_paused = true)]
+async fn a_cleanup_is_not_scheduled_for_an_id_whose_commit_there_is_still_under_way() {
+    const OTHER: &str = "outbox.event.invoice";
+    const A: &str = "walrelay.7.walrelay";
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    let mut settled = Vec::new();
+    broker.hold_commits();
+    // A's transaction with OTHER fails to commit while B's is open: both
+    // are aborted (A's last transaction in OTHER: aborted).
+    broker.fail_next_commit(BrokerError {
+        class: BrokerErrorClass::Abortable,
+        message: "Broker: Transaction coordinator aborted the transaction".into(),
+    });
+    assert!(publisher.publish(event_to(OTHER, 0)).is_empty());
+    settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+    assert!(publisher.publish(event_to(TOPIC, 1)).is_empty());
+    settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+    broker.let_one_commit_through();
+    settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+    // B carries 0 and 1 again; A and B then take turns with TOPIC only.
+    for n in [3, 5] {
+        assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
+        settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+        broker.let_one_commit_through();
+        settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+    }
+    // A's next transaction writes 6 to OTHER and commits (held) ...
+    assert!(publisher.publish(event_to(OTHER, 6)).is_empty());
+    settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+    broker.let_one_commit_through();
+    settled.extend(run_for(&mut publisher, Duration::from_millis(100)).await);
+    assert_eq!(broker.commits_waiting(), 1, "A commits 6");
+    settled.sort();
+    assert_eq!(settled, [0, 1, 3, 5]);
+    // ... while OTHER's only broker is killed (found while B's record 7
+    // is outstanding) ...
+    broker.take_offline(OTHER, 0);
+    broker.pause();
+    assert!(publisher.publish(event_to(TOPIC, 7)).is_empty());
+    assert!(
+        run_for(&mut publisher, Duration::from_secs(6))
+            .await
+            .is_empty()
+    );
+    assert_eq!(publisher.held_partitions().len(), 1, "OTHER held");
+    // ... and comes back still holding A's transaction open (its marker
+    // lost), before A's commit returns.
+    broker.leave_open(OTHER, 0, A, Vec::new());
+    broker.bring_online(OTHER, 0);
+    broker.resume();
+    assert!(
+        run_for(&mut publisher, Duration::from_secs(3))
+            .await
+            .is_empty()
+    );
+    assert!(publisher.held_partitions().is_empty(), "OTHER back");
+    // 8 goes to OTHER: its tail is read again, and found hidden.
+    assert!(publisher.publish(event_to(OTHER, 8)).is_empty());
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    // A's commit returns: 6 is delivered (and may be confirmed).
+    broker.release_commits();
+    let mut more = run_for(&mut publisher, Duration::from_secs(10)).await;
+    more.sort();
+    assert_eq!(more[..2], [6, 7]);
+    assert!(
+        broker.is_left_open(OTHER, 0),
+        "A's last transaction in OTHER committed: no abort of A's may end what is open there"
+    );
+    // Kafka ends it (the broker's transaction timeout): 8 goes, once.
+    broker.time_out_left_open(OTHER, 0);
+    let mut rest = more[2..].to_vec();
+    rest.extend(run_for(&mut publisher, Duration::from_secs(10)).await);
+    assert_eq!(rest, [8]);
+    assert_eq!(ids(&broker.log(OTHER)), ["0", "6", "8"].map(String::from));
+}

@@ -57,7 +57,13 @@ impl Transaction {
         // is back: the read stands (unsure) rather than wait for it.
         let mut any = false;
         for id in &mut self.ids {
-            if id.aborted_in.contains(partition) && id.resting.is_empty() {
+            // An id whose transaction there has not ended yet (the open
+            // one's, or the one committing) may commit it: its last one
+            // there is not known to be aborted.
+            if id.aborted_in.contains(partition)
+                && !id.touched.contains(partition)
+                && id.resting.is_empty()
+            {
                 id.to_clean.insert(partition.clone());
                 any = true;
             }
