@@ -143,6 +143,12 @@ pub struct Transaction {
     cleanup: Option<Cleanup>,
     /// The transaction before the open one, while it ends (`overlap.rs`).
     committing: Option<Committing>,
+    /// Partitions whose cleanup was dropped because its id began to rest:
+    /// their tails are read again (`take_dropped_cleanups`).
+    dropped_cleanups: Vec<PartitionKey>,
+    /// An abort failed: the next is not tried before this (the publisher's
+    /// pause wakes it then).
+    abort_again_at: Option<Instant>,
     /// The current transactional id (for messages).
     pub id: Option<String>,
 }
@@ -167,6 +173,8 @@ impl Transaction {
             stuck: None,
             cleanup: None,
             committing: None,
+            dropped_cleanups: Vec::new(),
+            abort_again_at: None,
             id: None,
         }
     }
@@ -219,10 +227,7 @@ impl Transaction {
                 Err(error) if wrote => {
                     tracing::warn!(%error, "aborting the stuck transaction failed; trying again");
                     self.state = State::closed();
-                    return Next::Pause(super::outcome::backoff(
-                        1,
-                        super::pause::MAX_RETRY_BACKOFF,
-                    ));
+                    return self.abort_again_later();
                 }
                 // Nothing of it was written (its partitions could not even
                 // be added while the transaction before waits for its
@@ -242,9 +247,17 @@ impl Transaction {
             Err(error) => {
                 tracing::warn!(%error, "aborting the transaction failed; trying again");
                 self.state = State::closed();
-                Next::Pause(super::outcome::backoff(1, super::pause::MAX_RETRY_BACKOFF))
+                self.abort_again_later()
             }
         }
+    }
+
+    /// An abort failed: the next waits a backoff (records are held as
+    /// long), or a failing coordinator would be asked again at once.
+    fn abort_again_later(&mut self) -> Next {
+        let wait = super::outcome::backoff(1, super::pause::MAX_RETRY_BACKOFF);
+        self.abort_again_at = Some(Instant::now() + wait);
+        Next::Pause(wait)
     }
 
     /// Whether a cleanup transaction is under way.
@@ -331,6 +344,10 @@ impl Transaction {
     /// is aborted at once: its records for the offline partition would
     /// never be delivered.
     pub fn due(&mut self, sent: usize, any_acked: bool) -> Option<End> {
+        if self.abort_again_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        self.abort_again_at = None;
         if let Some(previous) = self.previous_due() {
             return previous;
         }

@@ -173,6 +173,18 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
 
     /// Does what the transaction decided after its I/O.
     pub(super) fn follow(&mut self, next: Next, outcomes: &mut Vec<Outcome<T>>) {
+        self.follow_next(next, outcomes);
+        // A cleanup dropped (its id rests): the tail is read again, and may
+        // be cleaned up by another id.
+        for key in self.txn.take_dropped_cleanups() {
+            self.cleaned.remove(&key);
+            if let Some(ledgers) = self.ledgers.as_mut() {
+                ledgers.forget_partition(&key);
+            }
+        }
+    }
+
+    fn follow_next(&mut self, next: Next, outcomes: &mut Vec<Outcome<T>>) {
         match next {
             Next::Go => {}
             Next::Use(id) => self.sink.switch_to(&id),

@@ -94,6 +94,24 @@ impl Transaction {
         any
     }
 
+    /// `index` begins to rest: the cleanups it was to do are dropped (it
+    /// can do none until its partition is back, and the partitions would
+    /// wait for it): their tails are read again, and Kafka ends what is
+    /// open there (past `HIDDEN_WAIT`, published again, unsure).
+    pub(super) fn drop_cleanups(&mut self, index: usize) {
+        let id = &mut self.ids[index];
+        if !id.to_clean.is_empty() {
+            tracing::warn!(id = %id.name, partitions = ?id.to_clean, "a transactional id that was to end what it left open in these partitions rests on a partition with no leader: their tails are read again");
+            self.dropped_cleanups.extend(id.to_clean.drain());
+        }
+    }
+
+    /// Partitions whose cleanup was dropped since last asked: the publisher
+    /// reads their tails again.
+    pub fn take_dropped_cleanups(&mut self) -> Vec<PartitionKey> {
+        std::mem::take(&mut self.dropped_cleanups)
+    }
+
     /// The next step of a cleanup, when one is due and no transaction is
     /// open.
     pub fn next_cleanup(&mut self) -> Option<CleanupStep> {

@@ -157,10 +157,7 @@ impl Transaction {
                 if let Some(c) = self.committing.as_mut() {
                     c.phase = Phase::MustAbort;
                 }
-                Next::Pause(crate::publish::outcome::backoff(
-                    1,
-                    crate::publish::pause::MAX_RETRY_BACKOFF,
-                ))
+                self.abort_again_later()
             }
         }
     }
@@ -172,6 +169,7 @@ impl Transaction {
         if c.stuck.is_empty() {
             return;
         }
+        self.drop_cleanups(c.index);
         let id = &mut self.ids[c.index];
         tracing::warn!(id = %id.name, partitions = ?c.stuck, "a partition this transactional id wrote to has no leader: it rests until the partition is back");
         id.ready = false;

@@ -90,6 +90,7 @@ impl Transaction {
         let Some(index) = self.current.take() else {
             return Next::SendAgain;
         };
+        self.drop_cleanups(index);
         let id = &mut self.ids[index];
         id.ready = false;
         id.resting.extend(stuck);

@@ -109,10 +109,15 @@ async fn a_failed_commit_is_committed_again_or_aborted_by_its_error() {
         Some(End::Abort),
         "a commit that failed is aborted"
     );
-    assert!(matches!(
-        t.aborted(Err(error(BrokerErrorClass::Transient)), true),
-        Next::Pause(_)
-    ));
+    let Next::Pause(wait) = t.aborted(Err(error(BrokerErrorClass::Transient)), true) else {
+        panic!("a failed abort waits");
+    };
+    assert_eq!(
+        t.due(0, true),
+        None,
+        "not asked again at once: a failing coordinator would be asked in a loop"
+    );
+    tokio::time::advance(wait).await;
     assert_eq!(t.due(0, true), Some(End::Abort), "and aborted again");
     assert!(matches!(
         t.aborted(Err(error(BrokerErrorClass::Fenced)), true),
@@ -415,10 +420,11 @@ async fn a_stuck_transaction_that_wrote_is_aborted_until_it_goes_through() {
     t.sent_to(&key("b", 0));
     assert!(t.leaderless(&[key("a", 0)].into()).is_none());
     assert_eq!(t.due(1, true), Some(End::Abort));
-    assert!(
-        matches!(t.aborted(Err(error.clone()), true), Next::Pause(_)),
-        "its records in b would hold b's readers back: abort again"
-    );
+    let Next::Pause(wait) = t.aborted(Err(error.clone()), true) else {
+        panic!("its records in b would hold b's readers back: abort again");
+    };
+    assert_eq!(t.due(0, true), None, "after a backoff");
+    tokio::time::advance(wait).await;
     assert_eq!(t.due(0, true), Some(End::Abort));
     assert!(matches!(
         t.aborted(Ok(()), true),
@@ -515,4 +521,30 @@ async fn a_partition_back_before_the_commit_before_ends_does_not_retire_its_id()
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_id_that_rests_drops_its_cleanups_so_their_partitions_are_read_again() {
+    let p = key("outbox.event.order", 0);
+    let q = key("outbox.event.invoice", 0);
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    transaction_in(&mut t, &q, true).await;
+    transaction_in(&mut t, &p, false).await;
+    assert!(t.clean_up(&p), "the id's last transaction in p was aborted");
+    assert!(t.take_dropped_cleanups().is_empty());
+    // Before the cleanup begins, a partition the id wrote to loses its
+    // leader: the id rests, and could not clean up p until q is back.
+    t.sent_to(&q);
+    match t.leaderless(&[q.clone()].into()) {
+        Some(Next::Rest { abandon, .. }) => assert_eq!(abandon, "walrelay.7.s"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        t.take_dropped_cleanups(),
+        vec![p.clone()],
+        "p's tail is read again rather than wait for q"
+    );
+    assert_eq!(t.next_cleanup(), None);
+    assert!(t.take_dropped_cleanups().is_empty(), "once");
 }
