@@ -133,7 +133,7 @@ pub struct TopicArgs {
 #[command(next_help_heading = "Replication (--source wal)")]
 pub struct StreamArgs {
     /// Most events produced and not yet acknowledged; reading WAL pauses at the limit.
-    #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_EVENTS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_EVENTS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight_events: u64,
     /// Most bytes of events produced and not yet acknowledged.
     #[arg(long, env = "WALRELAY_MAX_IN_FLIGHT_BYTES", default_value = "64MiB", value_parser = parse_size)]
