@@ -433,28 +433,28 @@ async fn one_topics_only_broker_killed_holds_back_only_that_topics_events() {
         async || (relay.metric("walrelay_partitions_unavailable").await? == 1.0).then_some(()),
     )
     .await;
+    // 300 events more than written so far reach a read_committed consumer
+    // of the other topic.
+    let busy_streams_on = async || {
+        let busy_written = stack.count_of("busy").await;
+        let seen = stack
+            .broker
+            .consume(&busy, busy_written + 300, TIMEOUT)
+            .len();
+        assert!(seen >= busy_written + 300, "{seen}");
+    };
     // Events written after the partition went offline reach a
     // read_committed consumer of the other topic: the relay streams on.
     // Transactions commit in order, so once these are readable the one
     // that may have been committing at the kill (its records appended
     // before it) has ended too.
-    let busy_written = stack.count_of("busy").await;
-    let seen = stack
-        .broker
-        .consume(&busy, busy_written + 300, TIMEOUT)
-        .len();
-    assert!(seen >= busy_written + 300, "{seen}");
+    busy_streams_on().await;
     let lone_then = topic_published(&lone).await.unwrap();
     assert!(
         lone_then <= lone_at_kill as f64,
         "{lone_then} events of the offline topic published, {lone_at_kill} written before it went"
     );
-    let busy_written = stack.count_of("busy").await;
-    let seen = stack
-        .broker
-        .consume(&busy, busy_written + 300, TIMEOUT)
-        .len();
-    assert!(seen >= busy_written + 300, "{seen}");
+    busy_streams_on().await;
     assert_eq!(
         topic_published(&lone).await,
         Some(lone_then),

@@ -57,12 +57,7 @@ impl Transaction {
             return;
         }
         self.rest_stuck();
-        self.state = State::Uninitialized;
-        self.must_abort = false;
-        self.stuck = None;
-        self.current = None;
-        self.initializing = None;
-        self.cleanup = None;
+        self.uninitialized();
         self.id = None;
         let names: Vec<String> = match &id {
             Some(id) => std::iter::once(id.clone())
@@ -83,17 +78,23 @@ impl Transaction {
         self.ids = ids;
     }
 
+    /// No id in use, none being taken over, nothing to end: a session
+    /// (re)starts or was abandoned.
+    fn uninitialized(&mut self) {
+        self.state = State::Uninitialized;
+        self.must_abort = false;
+        self.stuck = None;
+        self.current = None;
+        self.initializing = None;
+        self.cleanup = None;
+    }
+
     /// Everything in flight was abandoned: the producers must be taken over
     /// again.
     pub fn abandon(&mut self) {
         self.rest_stuck();
         if self.is_on() {
-            self.state = State::Uninitialized;
-            self.must_abort = false;
-            self.stuck = None;
-            self.current = None;
-            self.initializing = None;
-            self.cleanup = None;
+            self.uninitialized();
             for id in &mut self.ids {
                 id.to_clean.clear();
                 id.ready = false;
