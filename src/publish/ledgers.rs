@@ -81,6 +81,10 @@ pub struct PartitionLedgers {
     replay: Option<Replay>,
     /// `None`: being scanned.
     known: HashMap<PartitionKey, Option<Ledger>>,
+    /// Partitions whose tail was read unsure at least once (their events
+    /// may be published twice): what the tests allow duplicates in.
+    #[cfg(test)]
+    pub unsure: std::collections::HashSet<PartitionKey>,
 }
 
 impl PartitionLedgers {
@@ -89,6 +93,8 @@ impl PartitionLedgers {
             settings,
             replay: None,
             known: HashMap::new(),
+            #[cfg(test)]
+            unsure: Default::default(),
         }
     }
 
@@ -162,6 +168,8 @@ impl PartitionLedgers {
                     "partition tail scanned"
                 );
                 if let Some(reason) = end.reason() {
+                    #[cfg(test)]
+                    self.unsure.insert(key.clone());
                     tracing::warn!(
                         topic,
                         partition,
@@ -175,6 +183,8 @@ impl PartitionLedgers {
                 ledger
             }
             Err(error) => {
+                #[cfg(test)]
+                self.unsure.insert(key.clone());
                 tracing::warn!(topic, partition, %error, "the partition's tail cannot be read: its events are published again (at least once)");
                 metrics::counter!(m::PARTITIONS_AT_LEAST_ONCE_TOTAL, "reason" => "unreadable")
                     .increment(1);

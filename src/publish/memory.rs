@@ -223,6 +223,23 @@ impl MemoryBroker {
         }
     }
 
+    /// Acknowledges (or fails) the oldest record held for `partition` of
+    /// `topic`, if it can be written now: partitions answer in any order,
+    /// each in its own.
+    pub fn release_partition(&self, topic: &str, partition: i32) {
+        let next = {
+            let state = self.state.lock().unwrap();
+            state
+                .held
+                .iter()
+                .position(|h| h.record.topic == topic && h.partition == partition)
+                .filter(|&i| state.writable(&state.held[i]))
+        };
+        if let Some(index) = next {
+            self.release(index);
+        }
+    }
+
     /// `partition` of `topic` loses its leader: records sent to it wait.
     pub fn take_offline(&self, topic: &str, partition: i32) {
         self.state

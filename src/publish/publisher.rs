@@ -172,6 +172,16 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         !(self.records.held.all && self.pause.is_on())
     }
 
+    /// Partitions whose tail was read unsure in this publisher's life: the
+    /// documented at-least-once fallback, where tests allow duplicates.
+    #[cfg(test)]
+    pub fn unsure_partitions(&self) -> HashSet<PartitionKey> {
+        self.ledgers
+            .as_ref()
+            .map(|l| l.unsure.clone())
+            .unwrap_or_default()
+    }
+
     /// Records handed over and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.records.len()

@@ -11,6 +11,7 @@ use crate::lsn::Lsn;
 use crate::record::KafkaRecord;
 use crate::timeline::TimelineHistory;
 
+mod chaos;
 mod offline;
 mod open_transactions;
 mod overlap;

@@ -767,7 +767,11 @@ impl Broker {
         }
         // Then everything up to the high watermarks of this moment.
         let deadline = deadline.max(Instant::now() + Duration::from_secs(30));
-        let ends = watermarks(&consumer, topic, &partitions, deadline);
+        let ends = if isolation == "read_committed" && expected.is_none() {
+            self.settled_ends(topic, &partitions, &consumer, deadline)
+        } else {
+            watermarks(&consumer, topic, &partitions, deadline)
+        };
         loop {
             let behind: Vec<(i32, i64, i64)> = ends
                 .iter()
@@ -788,6 +792,66 @@ impl Broker {
         }
         records.sort_by_key(|r| (r.partition, r.offset));
         records
+    }
+}
+
+impl Broker {
+    /// Each partition's high watermark now, once the last stable offset has
+    /// reached it: a transaction's commit returns to its producer before
+    /// its markers are written, so right after the relay confirms, a
+    /// `read_committed` reader may not see the newest commits for a few
+    /// milliseconds (its watermark is the last stable offset). Past
+    /// `deadline` an open transaction hides records for good (Kafka's
+    /// hanging transaction): that fails, naming what it hides.
+    fn settled_ends(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        committed: &BaseConsumer,
+        deadline: Instant,
+    ) -> HashMap<i32, (i64, i64)> {
+        let uncommitted = self.consumer("read_uncommitted");
+        let highs = watermarks(&uncommitted, topic, partitions, deadline);
+        // Since when the last stable offset was seen below the watermark.
+        let mut waited: Option<Instant> = None;
+        loop {
+            let stable = watermarks(committed, topic, partitions, deadline);
+            let hidden: Vec<(i32, i64, i64)> = highs
+                .iter()
+                .map(|(p, (_, high))| (*p, stable[p].1, *high))
+                .filter(|(_, stable, high)| stable < high)
+                .collect();
+            if hidden.is_empty() {
+                if let Some(since) = waited {
+                    eprintln!(
+                        "{topic}: read_committed readers saw the newest commits {:?} later (their markers were still being written)",
+                        since.elapsed()
+                    );
+                }
+                return highs;
+            }
+            waited.get_or_insert_with(Instant::now);
+            if Instant::now() >= deadline {
+                let records =
+                    self.read_as(topic, None, Duration::from_secs(30), "read_uncommitted");
+                let what: Vec<String> = hidden
+                    .iter()
+                    .map(|(p, stable, high)| {
+                        let ids: Vec<&str> = records
+                            .iter()
+                            .filter(|r| r.partition == *p && r.offset >= *stable)
+                            .filter_map(|r| r.header("id"))
+                            .collect();
+                        format!("partition {p}: offsets {stable}..{high} hidden, ids {ids:?}")
+                    })
+                    .collect();
+                panic!(
+                    "{topic}: an open transaction hides records from read_committed readers for good (a hanging transaction): {}",
+                    what.join("; ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
