@@ -714,7 +714,9 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
         "--max-attempts",
         "3",
         "--max-backoff",
-        "500ms",
+        // Retries 1-2 s then 2-4 s apart: the failing row is seen between
+        // attempts however slowly this test gets to look.
+        "5s",
         "--poll-interval",
         "100ms",
     ]);
@@ -726,27 +728,34 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
         )
         .await
         .unwrap();
-    // The good row does not wait for the failing one.
+    // The failing row counts its attempts and says why, while the good row
+    // has already gone: it does not wait for the failing one.
+    wait_for(
+        "a failed attempt, the good row settled",
+        Duration::from_secs(30),
+        async || {
+            let row = stack
+                .client
+                .query_opt(
+                    "SELECT attempts, last_error,
+                            (SELECT count(*) FROM outbox WHERE aggregate_type = 'good')
+                       FROM outbox WHERE aggregate_type = 'missing'",
+                    &[],
+                )
+                .await
+                .ok()??;
+            let (attempts, error, good): (i32, Option<String>, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            (attempts >= 1 && good == 0).then_some(error)
+        },
+    )
+    .await
+    .filter(|e| e.contains(&format!("{missing} and --no-create-topics is set")))
+    .expect("last_error names the topic and the fix");
     let good = stack
         .broker
         .consume(&stack.topic("good"), 1, Duration::from_secs(30));
     assert_eq!(good.len(), 1);
-    // The failing row counts its attempts and says why.
-    wait_for("a failed attempt", Duration::from_secs(30), async || {
-        let row = stack
-            .client
-            .query_opt(
-                "SELECT attempts, last_error FROM outbox WHERE aggregate_type = 'missing'",
-                &[],
-            )
-            .await
-            .ok()??;
-        let (attempts, error): (i32, Option<String>) = (row.get(0), row.get(1));
-        (attempts >= 1).then_some(error)
-    })
-    .await
-    .filter(|e| e.contains(&format!("{missing} and --no-create-topics is set")))
-    .expect("last_error names the topic and the fix");
     let dead = stack
         .broker
         .consume(&stack.topics.dead_letters(), 1, Duration::from_secs(60));
