@@ -483,6 +483,15 @@ async fn each_alert_fires_for_its_own_fault_and_no_other() {
     // so nothing else pages.
     let killed_port = active.http_port.to_string();
     active.kill9().await;
+    // Until a scrape sees the standby streaming, no relay of the job
+    // streams (WalrelayNotStreaming pending): the takeover comes first.
+    std::mem::swap(&mut active, &mut standby);
+    wait_for(
+        "the standby to take over",
+        Duration::from_secs(30),
+        async || (role(&active).await? == "active").then_some(()),
+    )
+    .await;
     fires_alone(&prometheus, "WalrelayDown", &[("job", POD_JOB)]).await;
     assert!(
         prometheus
@@ -492,13 +501,6 @@ async fn each_alert_fires_for_its_own_fault_and_no_other() {
             .iter()
             .all(|(_, _, l)| l["instance"].as_str().unwrap().ends_with(&killed_port))
     );
-    std::mem::swap(&mut active, &mut standby);
-    wait_for(
-        "the standby to take over",
-        Duration::from_secs(30),
-        async || (role(&active).await? == "active").then_some(()),
-    )
-    .await;
     // Kubernetes replaces the pod: a new one, a standby.
     standby = start_relay();
     wait_for(

@@ -712,10 +712,10 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
         "poll",
         "--no-create-topics",
         "--max-attempts",
-        "3",
+        // Retries 0.5-1, 1-2, 2-4 and 2.5-5 s apart: the failing row is
+        // there to be seen for 6 s or more, however slowly this test looks.
+        "5",
         "--max-backoff",
-        // Retries 1-2 s then 2-4 s apart: the failing row is seen between
-        // attempts however slowly this test gets to look.
         "5s",
         "--poll-interval",
         "100ms",
@@ -763,7 +763,7 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
     assert_eq!(dead[0].header("walrelay_error_kind"), Some("max_attempts"));
     let reason = dead[0].header("walrelay_error").unwrap();
     assert!(
-        reason.starts_with(&format!("failed 3 times; last error: {missing}")),
+        reason.starts_with(&format!("failed 5 times; last error: {missing}")),
         "{reason}"
     );
     assert_eq!(
