@@ -33,8 +33,11 @@ const CHUNK: i64 = 1000;
 /// Longest wait for the broker's next answer (a chunk that keeps arriving,
 /// however slowly, is read to its end: large records on a slow link).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
-/// Scans running at once, each with its own consumer.
-const CONCURRENT_SCANS: usize = 8;
+/// Scans running at once, each with its own consumers. Each waits mostly on
+/// round trips (two watermark queries, a fetch), so a restart at 800
+/// partitions read 16 at a time took 2.6-3.5 s to reach every partition
+/// against 3.2-7.5 s at 8 (`docs/performance.md`).
+const CONCURRENT_SCANS: usize = 16;
 /// How long a scan waits for another producer's open transaction to end.
 const OPEN_TRANSACTION_WAIT: Duration = Duration::from_secs(5);
 /// Most records read of what an open transaction hides.
@@ -86,14 +89,22 @@ impl ConsumerContext for ScanContext {}
 
 type ScanConsumer = BaseConsumer<ScanContext>;
 
+/// One scan's clients, kept for the next scan.
+struct ScanClients {
+    /// Reads the tail: committed records only.
+    committed: ScanConsumer,
+    /// Reads the high watermark, which the `read_committed` reader does not
+    /// see past an open transaction; made when first needed. One per scan,
+    /// not one shared: every scan asks it, and at hundreds of partitions a
+    /// shared one made the scans take turns.
+    uncommitted: Option<ScanConsumer>,
+}
+
 /// Scans partition tails with a small pool of consumers.
 pub struct TailReader {
     config: ClientConfig,
-    idle: Arc<Mutex<Vec<ScanConsumer>>>,
+    idle: Arc<Mutex<Vec<ScanClients>>>,
     permits: Arc<Semaphore>,
-    /// Reads high watermarks, which the `read_committed` readers do not
-    /// see past an open transaction.
-    uncommitted: Arc<Mutex<Option<ScanConsumer>>>,
 }
 
 impl TailReader {
@@ -127,7 +138,6 @@ impl TailReader {
             config,
             idle: Arc::new(Mutex::new(Vec::new())),
             permits: Arc::new(Semaphore::new(CONCURRENT_SCANS)),
-            uncommitted: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -145,33 +155,37 @@ impl TailReader {
             .await
             .map_err(|_| BrokerError::transient("the tail reader is closed"))?;
         let idle = Arc::clone(&self.idle);
-        let uncommitted = Arc::clone(&self.uncommitted);
         let config = self.config.clone();
         tokio::task::spawn_blocking(move || {
-            let consumer = match idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-                Some(consumer) => consumer,
-                None => config
-                    .create_with_context(ScanContext)
-                    .map_err(|e| kafka_error(&e))?,
+            let pooled = idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let (consumer, reader) = match pooled {
+                Some(clients) => (clients.committed, clients.uncommitted),
+                None => (
+                    config
+                        .create_with_context(ScanContext)
+                        .map_err(|e| kafka_error(&e))?,
+                    None,
+                ),
             };
-            let uncommitted = Uncommitted {
-                reader: &uncommitted,
+            let mut uncommitted = Uncommitted {
+                reader,
                 config: &config,
                 topic: &topic,
                 partition,
             };
-            let result = scan_blocking(&consumer, &topic, partition, scan, &uncommitted);
+            let result = scan_blocking(&consumer, &topic, partition, scan, &mut uncommitted);
+            // After a broker died, a client can keep answering from its
+            // stale view of the cluster (a partition "unknown" long after
+            // another broker leads it): after an error, the next try
+            // starts with fresh clients.
             if result.is_ok() {
                 let _ = consumer.unassign();
                 idle.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(consumer);
-            } else {
-                // After a broker died, a client can keep answering from
-                // its stale view of the cluster (a partition "unknown"
-                // long after another broker leads it): the next try starts
-                // with fresh clients.
-                *uncommitted.reader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    .push(ScanClients {
+                        committed: consumer,
+                        uncommitted: uncommitted.reader,
+                    });
             }
             result
         })
@@ -183,7 +197,7 @@ impl TailReader {
 /// The `read_uncommitted` reader of one partition: it sees the high
 /// watermark past an open transaction, and what that transaction hides.
 struct Uncommitted<'a> {
-    reader: &'a Mutex<Option<ScanConsumer>>,
+    reader: Option<ScanConsumer>,
     config: &'a ClientConfig,
     topic: &'a str,
     partition: i32,
@@ -191,26 +205,26 @@ struct Uncommitted<'a> {
 
 impl Uncommitted<'_> {
     fn with_reader<T>(
-        &self,
+        &mut self,
         read: impl FnOnce(&ScanConsumer) -> Result<T, BrokerError>,
     ) -> Result<T, BrokerError> {
-        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        if reader.is_none() {
+        if self.reader.is_none() {
             let mut config = self.config.clone();
             config.set("isolation.level", "read_uncommitted");
-            *reader = Some(
+            self.reader = Some(
                 config
                     .create_with_context(ScanContext)
                     .map_err(|e| kafka_error(&e))?,
             );
         }
-        read(reader.as_ref().expect("made above"))
+        read(self.reader.as_ref().expect("made above"))
     }
 
-    fn high_watermark(&self) -> Result<i64, BrokerError> {
+    fn high_watermark(&mut self) -> Result<i64, BrokerError> {
+        let (topic, partition) = (self.topic, self.partition);
         self.with_reader(|reader| {
             reader
-                .fetch_watermarks(self.topic, self.partition, CHUNK_TIMEOUT)
+                .fetch_watermarks(topic, partition, CHUNK_TIMEOUT)
                 .map(|(_, high)| high)
                 .map_err(|e| kafka_error(&e))
         })
@@ -219,30 +233,30 @@ impl Uncommitted<'_> {
     /// The records from `stable` up to `high`, whatever their transaction,
     /// cleanup records left out (they are only ever aborted); an error
     /// unless the read reached `high`.
-    fn hidden(&self, stable: i64, high: i64) -> Result<Vec<TailRecord>, BrokerError> {
+    fn hidden(&mut self, stable: i64, high: i64) -> Result<Vec<TailRecord>, BrokerError> {
+        let (topic, partition) = (self.topic, self.partition);
         let read = self.with_reader(|reader| {
-            let records = read_chunk(reader, self.topic, self.partition, stable, high, true);
+            let records = read_chunk(reader, topic, partition, stable, high, true);
             let reached = reader
                 .position()
                 .ok()
                 .and_then(|positions| {
                     positions
-                        .find_partition(self.topic, self.partition)
+                        .find_partition(topic, partition)
                         .and_then(|p| p.offset().to_raw())
                 })
                 .is_some_and(|next| next >= high);
             let _ = reader.unassign();
             match records {
                 Ok(_) if !reached => Err(BrokerError::transient(format!(
-                    "{}/{}: the read of what an open transaction hides stopped before {high}",
-                    self.topic, self.partition
+                    "{topic}/{partition}: the read of what an open transaction hides stopped before {high}"
                 ))),
                 records => records,
             }
         });
         if read.is_err() {
             // A fresh client next time (it may hold a stale view).
-            *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.reader = None;
         }
         read
     }
@@ -259,7 +273,7 @@ fn scan_blocking(
     topic: &str,
     partition: i32,
     mut scan: LedgerScan,
-    uncommitted: &Uncommitted,
+    uncommitted: &mut Uncommitted,
 ) -> Result<LedgerScan, BrokerError> {
     // A `read_committed` consumer's high watermark is the last stable
     // offset.
