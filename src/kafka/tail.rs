@@ -125,7 +125,7 @@ impl TailReader {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
             // A scan reads one chunk at a time; librdkafka's default
-            // prefetch (64 MiB per consumer, eight consumers) would hold
+            // prefetch (64 MiB per consumer, sixteen scans) would hold
             // the rest of the tail in memory meanwhile.
             .set("queued.max.messages.kbytes", "1024")
             .set("fetch.max.bytes", "1048576")
@@ -176,9 +176,12 @@ impl TailReader {
             let result = scan_blocking(&consumer, &topic, partition, scan, &mut uncommitted);
             // After a broker died, a client can keep answering from its
             // stale view of the cluster (a partition "unknown" long after
-            // another broker leads it): after an error, the next try
-            // starts with fresh clients.
-            if result.is_ok() {
+            // another broker leads it): after an error, every later scan
+            // starts with fresh clients. Clients are dropped outside the
+            // lock (each waits for its threads).
+            // Idle clients are kept: trimming the pool between scans made a
+            // restart at 800 partitions slower (they were made again).
+            let dropped: Vec<ScanClients> = if result.is_ok() {
                 let _ = consumer.unassign();
                 idle.lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -186,7 +189,11 @@ impl TailReader {
                         committed: consumer,
                         uncommitted: uncommitted.reader,
                     });
-            }
+                Vec::new()
+            } else {
+                std::mem::take(&mut *idle.lock().unwrap_or_else(|e| e.into_inner()))
+            };
+            drop(dropped);
             result
         })
         .await
