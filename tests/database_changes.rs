@@ -10,18 +10,9 @@ mod support;
 use std::time::Duration;
 
 use support::relay::RelayProcess;
+use support::workload::{current_lsn, lsn_of};
 use support::{PgOptions, Stack, StackOptions, pg_major, wait_for};
 use walrelay::lsn::Lsn;
-
-async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
-}
 
 /// Waits until the relay exits, and returns its exit code and log.
 async fn exit_of(relay: &mut RelayProcess) -> (Option<i32>, String) {
@@ -53,13 +44,13 @@ async fn stops_before_the_first_hidden_insert(
         "{}",
         relay.log()
     );
-    let streamed = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
+    let streamed = current_lsn(client).await;
     stack
         .wait_confirmed(streamed, Duration::from_secs(30))
         .await;
 
     client.batch_execute(change).await.unwrap();
-    let before_hidden = lsn(client, "SELECT pg_current_wal_insert_lsn()::text").await;
+    let before_hidden = lsn_of(client, "SELECT pg_current_wal_insert_lsn()::text").await;
     client.batch_execute(insert).await.unwrap();
     // Transactions behind it give the relay commits and keepalives it
     // could confirm past the hidden insert.
@@ -293,7 +284,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_stops_the_relay_with_the_r
             .len(),
         3
     );
-    let streamed = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
+    let streamed = current_lsn(client).await;
     stack
         .wait_confirmed(streamed, Duration::from_secs(30))
         .await;
@@ -410,7 +401,7 @@ async fn publications_for_all_tables_or_a_schema_count_as_covering_the_outbox() 
             relay.log()
         );
         // The checks pass, so the slot confirms the events.
-        let written = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
+        let written = current_lsn(client).await;
         wait_for(
             &format!("slot {slot} to confirm {written}"),
             Duration::from_secs(30),

@@ -16,24 +16,13 @@ use std::time::{Duration, Instant};
 use support::kafka::{Broker, Topics};
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{setup, steady_writer};
+use support::workload::{current_lsn, lsn_of, setup, steady_writer};
 use support::{PgCluster, PgOptions, free_port, wait_for};
-use walrelay::lsn::Lsn;
 
 /// Failover slots came with PostgreSQL 17: the server under test when it
 /// has them (WALRELAY_TEST_PG), else 17.
 fn failover_major() -> u32 {
     support::pg_major().max(17)
-}
-
-async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
 }
 
 /// Primary, standby and a database with the outbox, the failover slot
@@ -172,10 +161,10 @@ async fn fail_over(broker_down_during_promotion: bool) {
 
     // The truth is the new primary's outbox.
     let new_primary = standby.client(&db).await;
-    let end = lsn(&new_primary, "SELECT pg_current_wal_lsn()::text").await;
+    let end = current_lsn(&new_primary).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let confirmed = lsn(
+        let confirmed = lsn_of(
             &new_primary,
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'walrelay'",
         )
@@ -404,7 +393,7 @@ async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_n
         }
     };
     let confirmed_on = async |client: &tokio_postgres::Client| {
-        lsn(
+        lsn_of(
             client,
             "SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = 'walrelay'",
         )
@@ -419,9 +408,9 @@ async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_n
 
     // The standby falls behind; the relay publishes and confirms on.
     wal_link.cut();
-    let fork = lsn(&standby_client, "SELECT pg_last_wal_receive_lsn()::text").await;
+    let fork = lsn_of(&standby_client, "SELECT pg_last_wal_receive_lsn()::text").await;
     insert(&primary_client, 20).await;
-    let end = lsn(&primary_client, "SELECT pg_current_wal_lsn()::text").await;
+    let end = current_lsn(&primary_client).await;
     wait_for(
         "the relay to confirm the primary's WAL",
         Duration::from_secs(60),
@@ -441,7 +430,7 @@ async fn a_lagging_standby_promoted_behind_the_relays_watermark_delivers_every_n
     standby.promote();
     let new_primary = standby.client(&db).await;
     insert(&new_primary, 40).await;
-    let new_end = lsn(&new_primary, "SELECT pg_current_wal_lsn()::text").await;
+    let new_end = current_lsn(&new_primary).await;
     assert!(
         fork < watermark && new_end > watermark,
         "the new commits span S..W"

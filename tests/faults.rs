@@ -11,19 +11,9 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{commit_order, seeded_rng};
+use support::workload::{commit_order, current_lsn, seeded_rng};
 use support::{BrokerChoice, PgOptions, Stack, StackOptions, wait_for};
 use walrelay::lsn::Lsn;
-
-async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
-}
 
 /// Waits until the relay exits, and returns its exit code and log.
 async fn exit_of(relay: &mut RelayProcess) -> (Option<i32>, String) {
@@ -261,7 +251,7 @@ async fn heartbeats_keep_the_slot_moving_while_the_outbox_is_idle_and_another_ta
     })
     .await;
     // About 40 MB of WAL into a table that is not an outbox.
-    let started = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
+    let started = current_lsn(client).await;
     for _ in 0..40 {
         client
             .batch_execute("INSERT INTO busy (v) SELECT repeat(md5(random()::text), 30) FROM generate_series(1, 1000)")
@@ -270,7 +260,7 @@ async fn heartbeats_keep_the_slot_moving_while_the_outbox_is_idle_and_another_ta
         // A checkpoint lets the restart point move as the slot confirms.
         client.batch_execute("CHECKPOINT").await.unwrap();
     }
-    let end = lsn(client, "SELECT pg_current_wal_lsn()::text").await;
+    let end = current_lsn(client).await;
     assert!(end.bytes_since(started) > 30_000_000, "{started} .. {end}");
     let (lag, retained) = wait_for("the slot to follow the WAL", Duration::from_secs(30), async || {
         let row = client

@@ -16,7 +16,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use support::kafka::{Broker, Record, Topics};
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
-use support::workload::{seeded_rng, setup};
+use support::workload::{current_lsn, seeded_rng, setup};
 use support::{PgCluster, Stack, wait_for};
 
 /// The group leaves a killed member behind for this long.
@@ -477,14 +477,7 @@ async fn wal_relay_to_kafka_to_an_inbox_in_another_database_holds_each_event_onc
         eprintln!("killed the relay in round {round}");
         relay = stack.relay(&relay_args);
     }
-    let end: walrelay::lsn::Lsn = stack
-        .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let end = current_lsn(&stack.client).await;
     stack.wait_confirmed(end, Duration::from_secs(120)).await;
     let events: HashSet<String> = stack
         .client

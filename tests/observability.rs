@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::relay::http_get;
+use support::workload::current_lsn;
 use support::{BrokerChoice, PgCluster, PgOptions, Stack, StackOptions, free_port, wait_for};
 use walrelay::lsn::Lsn;
 
@@ -159,13 +160,7 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
 
     // With the broker down, events wait and the lag grows and stays up.
     broker.stop();
-    let before: Lsn = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let before = current_lsn(client).await;
     client
         .batch_execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)

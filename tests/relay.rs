@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use rand::Rng;
 use support::kafka::Record;
-use support::workload::{commit_order, seeded_rng, setup};
+use support::workload::{commit_order, current_lsn, seeded_rng, setup};
 use support::{BrokerChoice, PgCluster, Stack, StackOptions, wait_for};
-use walrelay::lsn::Lsn;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn setup_is_idempotent_and_says_what_it_did() {
@@ -602,13 +601,7 @@ async fn alter_table_messages_rollbacks_deletes_and_idle_outbox_behave() {
             .await
             .unwrap();
     }
-    let wal_now: Lsn = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let wal_now = current_lsn(client).await;
     stack.wait_confirmed(wal_now, Duration::from_secs(30)).await;
     assert!(wal_now.bytes_since(base) > 100_000);
     // Nothing else was published.
@@ -914,14 +907,7 @@ async fn status_updates_go_out_on_time_while_wal_streams_without_pause() {
     for _ in 0..150 {
         stack.insert_events("status", 2_000).await;
     }
-    let end: Lsn = {
-        let row = stack
-            .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap();
-        row.get::<_, String>(0).parse().unwrap()
-    };
+    let end = current_lsn(&stack.client).await;
     let relay = stack.relay(&[
         "--status-interval",
         "1s",

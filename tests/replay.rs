@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use support::kafka::Record;
 use support::relay::RelayProcess;
+use support::workload::current_lsn;
 use support::{BrokerChoice, PgOptions, Stack, StackOptions, wait_for};
 
 /// `walrelay <command>` against the stack, its topics in the test's
@@ -220,14 +221,7 @@ async fn small_slot_stack(name: &str) -> Stack {
 async fn lose_the_slot_during_an_outage(stack: &Stack, n: i32) -> String {
     let mut relay = command(stack, "run", &[]);
     stack.insert_events("order", 1000).await;
-    let lsn: walrelay::lsn::Lsn = stack
-        .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let lsn = current_lsn(&stack.client).await;
     stack.wait_confirmed(lsn, Duration::from_secs(60)).await;
     // The relay records the slot's confirmed position with the inserts
     // counted by then (read at or before it), so that recover can say how
@@ -320,14 +314,7 @@ async fn a_slot_lost_during_a_broker_outage_is_recovered_and_run_delivers_each_e
     // After the recovery: the stream goes on from the new slot.
     let mut relay = command(&stack, "run", &[]);
     stack.insert_events("order", 500).await;
-    let lsn: walrelay::lsn::Lsn = stack
-        .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let lsn = current_lsn(&stack.client).await;
     stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
     relay.terminate(Duration::from_secs(60)).await;
 
@@ -377,14 +364,7 @@ async fn a_dropped_slot_walrelay_streamed_from_is_recovered_from_its_record_and_
 
     let mut relay = command(&stack, "run", &[]);
     stack.insert_events("order", 100).await;
-    let lsn: walrelay::lsn::Lsn = stack
-        .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let lsn = current_lsn(&stack.client).await;
     stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
     relay.terminate(Duration::from_secs(60)).await;
 
@@ -508,14 +488,7 @@ async fn moving_off_a_polling_relay_with_a_first_slot_loses_nothing_and_doubles_
     );
     let mut relay = command(&stack, "run", &[]);
     stack.insert_events("order", 300).await;
-    let lsn: walrelay::lsn::Lsn = stack
-        .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let lsn = current_lsn(&stack.client).await;
     stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
     relay.terminate(Duration::from_secs(60)).await;
 
@@ -573,14 +546,7 @@ async fn a_recovery_killed_after_making_the_new_slot_is_finished_by_the_next_run
     );
     let mut relay = command(&stack, "run", &[]);
     stack.insert_events("order", 200).await;
-    let lsn: walrelay::lsn::Lsn = stack
-        .client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let lsn = current_lsn(&stack.client).await;
     stack.wait_confirmed(lsn, Duration::from_secs(120)).await;
     relay.terminate(Duration::from_secs(60)).await;
 

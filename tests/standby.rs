@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use support::kafka::{Broker, Record, Topics};
 use support::relay::RelayProcess;
-use support::workload::{setup, steady_writer};
+use support::workload::{current_lsn, lsn_of, setup, steady_writer};
 use support::{PgCluster, PgOptions, wait_for};
 use walrelay::lsn::Lsn;
 
@@ -121,7 +121,7 @@ impl Pair {
     /// had written by now (the standby replays it first).
     async fn wait_caught_up(&self, relay: &RelayProcess) {
         let primary = self.primary.client(&self.db).await;
-        let end = lsn(&primary, "SELECT pg_current_wal_lsn()::text").await;
+        let end = current_lsn(&primary).await;
         let standby = self.standby.client(&self.db).await;
         wait_caught_up_on(&standby, end, relay).await;
     }
@@ -143,18 +143,8 @@ async fn wait_caught_up_on(client: &tokio_postgres::Client, end: Lsn, relay: &Re
     }
 }
 
-async fn lsn(client: &tokio_postgres::Client, sql: &str) -> Lsn {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
-}
-
 async fn confirmed(client: &tokio_postgres::Client) -> Lsn {
-    lsn(
+    lsn_of(
         client,
         "SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = 'walrelay'",
     )
@@ -362,7 +352,7 @@ async fn the_standby_promoted_mid_stream_delivers_each_event_once() {
 
     // The truth is the new primary's outbox.
     let new_primary = pair.standby.client(&pair.db).await;
-    let end = lsn(&new_primary, "SELECT pg_current_wal_lsn()::text").await;
+    let end = current_lsn(&new_primary).await;
     wait_caught_up_on(&new_primary, end, &relay).await;
     let ids = outbox_ids(&new_primary).await;
     let records = Broker::shared().consume_all(&pair.topics.topic("promoted"));
@@ -380,7 +370,7 @@ async fn the_standby_promoted_mid_stream_delivers_each_event_once() {
     );
     // The heartbeat now goes to the promoted server: the slot moves on
     // while the outbox is idle.
-    let idle = lsn(&new_primary, "SELECT pg_current_wal_lsn()::text").await;
+    let idle = current_lsn(&new_primary).await;
     wait_caught_up_on(&new_primary, idle, &relay).await;
     eprintln!(
         "promoted mid-stream: {written} events written, {} on the new primary, {} records",
@@ -419,7 +409,7 @@ async fn an_idle_outbox_on_the_standby_still_advances_its_slot() {
             .execute("INSERT INTO busy SELECT generate_series(1, 1000)", &[])
             .await
             .unwrap();
-        let end = lsn(&primary, "SELECT pg_current_wal_lsn()::text").await;
+        let end = current_lsn(&primary).await;
         wait_caught_up_on(&standby, end, &relay).await;
         eprintln!("idle outbox, round {round}: the standby's slot confirmed {end}");
     }
@@ -619,7 +609,7 @@ async fn the_standby_lost_recover_on_the_primary_brings_back_what_its_slot_had_n
         &args,
     );
     insert(20).await;
-    let end = lsn(&primary, "SELECT pg_current_wal_lsn()::text").await;
+    let end = current_lsn(&primary).await;
     wait_caught_up_on(&primary, end, &relay).await;
     let ids = outbox_ids(&primary).await;
     let records = Broker::shared().consume_all(&pair.topics.topic("lost"));

@@ -43,6 +43,22 @@ pub async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> walrelay:
     confirmed_flush_lsn(client, slot).await.parse().unwrap()
 }
 
+/// The LSN `sql` returns as the text of its one column.
+pub async fn lsn_of(client: &tokio_postgres::Client, sql: &str) -> walrelay::lsn::Lsn {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap()
+}
+
+/// Where the server's WAL has been written to (`pg_current_wal_lsn()`).
+pub async fn current_lsn(client: &tokio_postgres::Client) -> walrelay::lsn::Lsn {
+    lsn_of(client, "SELECT pg_current_wal_lsn()::text").await
+}
+
 /// Creates the `test_decoding` slot `twin` beside the relay's, so
 /// `commit_order` can read the same changes as ground truth.
 pub async fn create_twin_slot(client: &tokio_postgres::Client) {
