@@ -16,7 +16,8 @@ use rand::Rng;
 use support::proxy::Proxy;
 use support::relay::RelayProcess;
 use support::workload::{
-    assert_exactly_once_in_order, commit_order, seeded_rng, spawn_writers, steady_writer,
+    assert_exactly_once_in_order, commit_order, current_lsn, seeded_rng, spawn_writers,
+    steady_writer,
 };
 use support::{BrokerChoice, Stack, StackOptions, wait_for};
 
@@ -500,6 +501,61 @@ async fn another_producer_a_raised_partition_count_and_dead_letters_never_cost_a
         "the dead letter is neither lost nor doubled"
     );
     drop(relay);
+}
+
+/// The consumers that read partition tails are kept for the next scans,
+/// and closed once none has used them for a minute: the sixteen pairs a
+/// restart at hundreds of partitions makes are not held while the relay
+/// streams on. A later scan makes new ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_scan_clients_unused_for_a_minute_are_closed() {
+    let stack = Stack::start("eoidle").await;
+    let relay = stack.relay(&["--topic-partitions", "4"]);
+    // Each of the four partitions' tails is read before its first record.
+    stack.insert_events("idle", 200).await;
+    stack
+        .wait_confirmed(current_lsn(&stack.client).await, Duration::from_secs(60))
+        .await;
+    let pid = relay.child.id().expect("running");
+    let after_scans = sockets_of(pid);
+    wait_for(
+        "the idle tail-scan clients to be closed",
+        Duration::from_secs(150),
+        async || {
+            relay
+                .log()
+                .contains("closing idle tail-scan clients")
+                .then_some(())
+        },
+    )
+    .await;
+    let closed = wait_for(
+        "the closed clients' connections to go",
+        Duration::from_secs(10),
+        async || {
+            let now = sockets_of(pid);
+            (now < after_scans).then_some(now)
+        },
+    )
+    .await;
+    eprintln!("{after_scans} sockets after the scans, {closed} once idle clients closed");
+
+    // A new topic's partitions are read with new clients.
+    stack.insert_events("later", 100).await;
+    stack
+        .wait_confirmed(current_lsn(&stack.client).await, Duration::from_secs(60))
+        .await;
+    assert_eq!(stack.broker.consume_all(&stack.topic("later")).len(), 100);
+    assert_eq!(stack.broker.consume_all(&stack.topic("idle")).len(), 200);
+}
+
+/// How many sockets process `pid` holds open.
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
 }
 
 /// Eight broker crashes (`kill -9`, then a restart) under load. Each

@@ -13,7 +13,7 @@
 //! waits a little for it to end, then tells the scan it could not see
 //! everything.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
@@ -38,6 +38,10 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
 /// partitions read 16 at a time took 2.6-3.5 s to reach every partition
 /// against 3.2-7.5 s at 8 (`docs/performance.md`).
 const CONCURRENT_SCANS: usize = 16;
+/// Pooled clients unused this long are closed: a restart at hundreds of
+/// partitions makes sixteen pairs, which steady streaming never needs, and
+/// each holds threads and a connection to every broker.
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
 /// How long a scan waits for another producer's open transaction to end.
 const OPEN_TRANSACTION_WAIT: Duration = Duration::from_secs(5);
 /// Most records read of what an open transaction hides.
@@ -98,12 +102,16 @@ struct ScanClients {
     /// not one shared: every scan asks it, and at hundreds of partitions a
     /// shared one made the scans take turns.
     uncommitted: Option<ScanConsumer>,
+    /// When the last scan gave them back.
+    idle_since: Instant,
 }
+
+type Pool = Mutex<Vec<ScanClients>>;
 
 /// Scans partition tails with a small pool of consumers.
 pub struct TailReader {
     config: ClientConfig,
-    idle: Arc<Mutex<Vec<ScanClients>>>,
+    idle: Arc<Pool>,
     permits: Arc<Semaphore>,
 }
 
@@ -134,9 +142,14 @@ impl TailReader {
             // off too; this says so where the consumer is made).
             .set("allow.auto.create.topics", "false")
             .set("client.id", "walrelay-tail-scan");
+        let idle = Arc::new(Mutex::new(Vec::new()));
+        // Outside a runtime (a one-off command) nothing stays idle long.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(close_idle_clients(Arc::downgrade(&idle)));
+        }
         TailReader {
             config,
-            idle: Arc::new(Mutex::new(Vec::new())),
+            idle,
             permits: Arc::new(Semaphore::new(CONCURRENT_SCANS)),
         }
     }
@@ -179,8 +192,9 @@ impl TailReader {
             // another broker leads it): after an error, every later scan
             // starts with fresh clients. Clients are dropped outside the
             // lock (each waits for its threads).
-            // Idle clients are kept: trimming the pool between scans made a
-            // restart at 800 partitions slower (they were made again).
+            // Idle clients are kept for the next scan (trimming the pool
+            // between scans made a restart at 800 partitions slower: they
+            // were made again); a minute unused closes them.
             let dropped: Vec<ScanClients> = if result.is_ok() {
                 let _ = consumer.unassign();
                 idle.lock()
@@ -188,6 +202,7 @@ impl TailReader {
                     .push(ScanClients {
                         committed: consumer,
                         uncommitted: uncommitted.reader,
+                        idle_since: Instant::now(),
                     });
                 Vec::new()
             } else {
@@ -198,6 +213,33 @@ impl TailReader {
         })
         .await
         .map_err(|e| BrokerError::transient(format!("the tail scan task failed: {e}")))?
+    }
+}
+
+/// Closes the pooled clients no scan has used for [`IDLE_CLOSE`], until the
+/// reader is gone.
+async fn close_idle_clients(idle: Weak<Pool>) {
+    let mut every = tokio::time::interval(IDLE_CLOSE / 4);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(pool) = idle.upgrade() else {
+            return;
+        };
+        let stale: Vec<ScanClients> = {
+            let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+            let (stale, kept) = std::mem::take(&mut *pool)
+                .into_iter()
+                .partition(|clients| clients.idle_since.elapsed() >= IDLE_CLOSE);
+            *pool = kept;
+            stale
+        };
+        drop(pool);
+        if !stale.is_empty() {
+            tracing::debug!(pairs = stale.len(), "closing idle tail-scan clients");
+            // Each client waits for its threads as it closes.
+            let _ = tokio::task::spawn_blocking(move || drop(stale)).await;
+        }
     }
 }
 
