@@ -34,7 +34,8 @@ pub enum Io {
 
 pub enum SessionIo {
     Scanned(PartitionKey, Instant, Result<Box<LedgerScan>, BrokerError>),
-    Initialized(Result<(), BrokerError>),
+    /// A transactional id's takeover finished.
+    Initialized(String, Result<(), BrokerError>),
     Committed(Result<(), BrokerError>),
     Aborted(Result<(), BrokerError>),
     /// A cleanup's time to have its records written is up (its round).

@@ -131,23 +131,24 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
 
     fn initialize_if_needed(&mut self) {
         match self.txn.next_cleanup() {
-            Some(CleanupStep::TakeOver(id)) => {
-                let init = self.sink.init(&id);
-                self.io
-                    .watch(async move { SessionIo::Initialized(init.await) });
-                return;
-            }
+            Some(CleanupStep::TakeOver(id)) => return self.take_over(id),
             Some(CleanupStep::Abort(id, partitions)) => {
                 self.clean_up_under(&id, &partitions);
                 return;
             }
             None => {}
         }
-        if let Some(id) = self.txn.take_initialization() {
-            let init = self.sink.init(&id);
-            self.io
-                .watch(async move { SessionIo::Initialized(init.await) });
+        // Every id the session needs, at once.
+        while let Some(id) = self.txn.take_initialization() {
+            self.take_over(id);
         }
+    }
+
+    /// Takes the transactional id `id` over, fencing any earlier holder.
+    fn take_over(&mut self, id: String) {
+        let init = self.sink.init(&id);
+        self.io
+            .watch(async move { SessionIo::Initialized(id, init.await) });
     }
 
     /// Hands a record over. What became of it may be known at once.

@@ -134,8 +134,10 @@ pub struct Transaction {
     ids: Vec<TxnId>,
     /// The id in use, if any.
     current: Option<usize>,
-    /// The id being taken over.
+    /// The id being taken over to clean up.
     initializing: Option<usize>,
+    /// The ids being taken over for the session, all at once.
+    taking_over: Vec<usize>,
     /// The current id is stuck on these partitions: end its transaction
     /// and rest it.
     stuck: Option<HashSet<PartitionKey>>,
@@ -170,6 +172,7 @@ impl Transaction {
             ids: Vec::new(),
             current: None,
             initializing: None,
+            taking_over: Vec::new(),
             stuck: None,
             cleanup: None,
             committing: None,

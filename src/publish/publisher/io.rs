@@ -97,8 +97,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     }
                 }
             }
-            SessionIo::Initialized(result) => {
-                let next = self.txn.initialized(result);
+            SessionIo::Initialized(id, result) => {
+                let next = self.txn.initialized(&id, result);
                 self.follow(next, outcomes);
             }
             SessionIo::Committed(result) => {

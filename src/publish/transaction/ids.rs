@@ -86,6 +86,7 @@ impl Transaction {
         self.stuck = None;
         self.current = None;
         self.initializing = None;
+        self.taking_over.clear();
         self.cleanup = None;
     }
 
@@ -104,27 +105,28 @@ impl Transaction {
         }
     }
 
-    /// The id to take over now, if one must be: every id not resting is
-    /// taken over before the first record goes out, so every earlier
-    /// holder of each is fenced.
+    /// The next id to take over now, if one must be: every id not resting
+    /// is taken over before the first record goes out, so every earlier
+    /// holder of each is fenced. They are taken over at once (call this
+    /// until it answers `None`): each takeover is a round trip to its
+    /// coordinator, and a restart waits for all of them.
     pub fn take_initialization(&mut self) -> Option<String> {
-        if self.state != State::Uninitialized {
+        let taking_over = self.state == State::Initializing && self.cleanup.is_none();
+        if self.state != State::Uninitialized && !taking_over {
             return None;
         }
-        let index = self
-            .ids
-            .iter()
-            .position(|id| !id.ready && id.resting.is_empty())?;
+        let index = (0..self.ids.len()).find(|&i| {
+            !self.ids[i].ready && self.ids[i].resting.is_empty() && !self.taking_over.contains(&i)
+        })?;
         self.state = State::Initializing;
-        self.initializing = Some(index);
-        self.id = Some(self.ids[index].name.clone());
+        self.taking_over.push(index);
         Some(self.ids[index].name.clone())
     }
 
-    /// The takeover of the transactional id finished.
-    pub fn initialized(&mut self, result: Result<(), BrokerError>) -> Next {
-        let index = self.initializing.take();
+    /// The takeover of the transactional id `name` finished.
+    pub fn initialized(&mut self, name: &str, result: Result<(), BrokerError>) -> Next {
         if let Some(cleanup) = &self.cleanup {
+            let index = self.initializing.take();
             // An id taken over to clean up: the current one, if any, waits.
             self.state = State::Idle;
             return match (result, index) {
@@ -143,16 +145,27 @@ impl Transaction {
                 (Ok(()), None) => Next::Go,
             };
         }
-        self.state = State::Uninitialized;
+        let Some(at) = self
+            .taking_over
+            .iter()
+            .position(|&i| self.ids[i].name == name)
+        else {
+            return Next::Go; // not taken over in this session
+        };
+        let index = self.taking_over.remove(at);
+        // The others under way are waited for; then the next attempt, if
+        // one failed, takes over what is left.
+        if self.taking_over.is_empty() {
+            self.state = State::Uninitialized;
+        }
         match result {
             Ok(()) => {
-                let Some(index) = index else {
-                    return Next::Go;
-                };
                 self.ids[index].ready = true;
                 tracing::debug!(id = %self.ids[index].name, "transactional producer ready");
-                if self.ids.iter().any(|id| !id.ready && id.resting.is_empty()) {
-                    return Next::Go; // the next id is taken over first
+                if !self.taking_over.is_empty()
+                    || self.ids.iter().any(|id| !id.ready && id.resting.is_empty())
+                {
+                    return Next::Go;
                 }
                 match self.pick() {
                     Some(name) => {
@@ -162,9 +175,13 @@ impl Transaction {
                     None => Next::Go,
                 }
             }
-            Err(error) if error.ends_producer() => Next::EndProducer(error),
+            Err(error) if error.ends_producer() => {
+                // The error names the id (no id is in use yet).
+                self.id = Some(self.ids[index].name.clone());
+                Next::EndProducer(error)
+            }
             Err(error) => {
-                tracing::warn!(%error, "cannot take over the transactional id yet");
+                tracing::warn!(%error, id = %self.ids[index].name, "cannot take over the transactional id yet");
                 Next::BackOff
             }
         }

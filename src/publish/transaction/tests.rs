@@ -4,18 +4,20 @@ use super::cleanup::CLEANUP_ABORTS;
 use super::*;
 
 /// Takes the three ids over, as a session's start does.
+/// A session takes its three ids over at once; records go through the
+/// first once every one is.
 fn ready(t: &mut Transaction) {
     t.restart(Some("walrelay.7.s".into()));
-    for spare in ["walrelay.7.s", "walrelay.7.s.spare"] {
-        assert_eq!(t.take_initialization().as_deref(), Some(spare));
-        assert!(matches!(t.initialized(Ok(())), Next::Go));
+    let ids = ["walrelay.7.s", "walrelay.7.s.spare", "walrelay.7.s.spare2"];
+    for id in ids {
+        assert_eq!(t.take_initialization().as_deref(), Some(id));
+    }
+    assert_eq!(t.take_initialization(), None, "all three under way");
+    for id in ids[1..].iter().rev() {
+        assert!(matches!(t.initialized(id, Ok(())), Next::Go));
         assert!(!t.may_send(), "not before every id is taken over");
     }
-    assert_eq!(
-        t.take_initialization().as_deref(),
-        Some("walrelay.7.s.spare2")
-    );
-    assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
+    assert!(matches!(t.initialized(ids[0], Ok(())), Next::Use(id) if id == "walrelay.7.s"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -80,18 +82,30 @@ async fn a_failed_commit_is_committed_again_or_aborted_by_its_error() {
     };
     let mut t = Transaction::new(true);
     t.restart(Some("walrelay.7.s".into()));
-    t.take_initialization();
+    while t.take_initialization().is_some() {}
     assert!(matches!(
-        t.initialized(Err(error(BrokerErrorClass::Transient))),
+        t.initialized("walrelay.7.s.spare", Ok(())),
+        Next::Go
+    ));
+    assert!(matches!(
+        t.initialized("walrelay.7.s.spare2", Ok(())),
+        Next::Go
+    ));
+    assert!(matches!(
+        t.initialized("walrelay.7.s", Err(error(BrokerErrorClass::Transient))),
         Next::BackOff
     ));
-    assert!(
-        !t.may_send() && t.take_initialization().is_some(),
-        "taken over again"
+    assert!(!t.may_send());
+    assert_eq!(
+        t.take_initialization().as_deref(),
+        Some("walrelay.7.s"),
+        "only the one that failed is taken over again"
     );
-    t.initialized(Ok(()));
-    t.take_initialization();
-    t.initialized(Ok(()));
+    assert_eq!(t.take_initialization(), None);
+    assert!(matches!(
+        t.initialized("walrelay.7.s", Ok(())),
+        Next::Use(_)
+    ));
     t.began(0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
@@ -339,13 +353,16 @@ async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries
     // The first id's partition is back: it is taken over again.
     t.back(&[key("b", 1)].into());
     assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
-    assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s"));
+    assert!(matches!(t.initialized("walrelay.7.s", Ok(())), Next::Use(id) if id == "walrelay.7.s"));
     assert!(t.may_send());
     // A new session leaves the resting spare out.
     t.restart(Some("walrelay.7.s".into()));
     assert_eq!(t.take_initialization().as_deref(), Some("walrelay.7.s"));
-    assert!(matches!(t.initialized(Ok(())), Next::Use(_)));
     assert_eq!(t.take_initialization(), None);
+    assert!(matches!(
+        t.initialized("walrelay.7.s", Ok(())),
+        Next::Use(_)
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -455,12 +472,18 @@ fn a_new_session_leaves_a_stuck_id_resting_whatever_became_of_its_abort() {
         Some("walrelay.7.s.spare"),
         "only the spares are taken over"
     );
-    assert!(matches!(t.initialized(Ok(())), Next::Go));
     assert_eq!(
         t.take_initialization().as_deref(),
         Some("walrelay.7.s.spare2")
     );
-    assert!(matches!(t.initialized(Ok(())), Next::Use(id) if id == "walrelay.7.s.spare"));
+    assert_eq!(t.take_initialization(), None);
+    assert!(matches!(
+        t.initialized("walrelay.7.s.spare", Ok(())),
+        Next::Go
+    ));
+    assert!(
+        matches!(t.initialized("walrelay.7.s.spare2", Ok(())), Next::Use(id) if id == "walrelay.7.s.spare")
+    );
 }
 
 #[tokio::test(start_paused = true)]
