@@ -164,6 +164,25 @@ async fn a_relay_taking_over_fences_the_one_before_so_no_event_lands_twice() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_session_takes_its_three_transactional_ids_over_at_once() {
+    let broker = MemoryBroker::default();
+    let mut publisher: Publisher<MemorySink, u64> =
+        Publisher::new(broker.transactional_sink(), config(true));
+    // Nothing is polled: no takeover has answered yet.
+    publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
+    assert_eq!(
+        broker.transactional_ids(),
+        [
+            "walrelay.7.walrelay",
+            "walrelay.7.walrelay.spare",
+            "walrelay.7.walrelay.spare2"
+        ]
+        .map(String::from),
+        "all three asked for at once, before any answered"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_transaction_is_aborted_and_sent_again_whole_and_in_order() {
     let broker = MemoryBroker::default();
     let mut publisher = Publisher::new(broker.transactional_sink(), config(true));

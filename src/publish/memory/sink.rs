@@ -228,9 +228,14 @@ impl Sink for MemorySink {
     }
 
     fn switch_to(&mut self, transactional_id: &str) {
-        if self.producers.contains_key(transactional_id) {
-            self.current = Some(transactional_id.to_owned());
-        }
+        // The publisher only ever switches to an id it took over and did
+        // not abandon: records sent through another producer than the one
+        // that commits would be lost with its transaction.
+        assert!(
+            self.producers.contains_key(transactional_id),
+            "switched to {transactional_id}, which this sink does not hold"
+        );
+        self.current = Some(transactional_id.to_owned());
     }
 
     fn abandon(&mut self, transactional_id: &str) {
