@@ -90,6 +90,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new();
     for name in [
         crate::metrics::COMMIT_TO_ACK_SECONDS,
+        crate::metrics::KAFKA_COMMIT_SECONDS,
         crate::metrics::INBOX_PRODUCED_TO_STORED_SECONDS,
         crate::metrics::POLL_CLAIM_SECONDS,
         crate::metrics::POLL_SETTLE_SECONDS,

@@ -19,6 +19,7 @@ pub const DEAD_LETTERS_TOTAL: &str = "walrelay_dead_letters_total";
 pub const EVENTS_IN_FLIGHT: &str = "walrelay_events_in_flight";
 pub const IN_FLIGHT_BYTES: &str = "walrelay_in_flight_bytes";
 pub const COMMIT_TO_ACK_SECONDS: &str = "walrelay_commit_to_ack_seconds";
+pub const KAFKA_COMMIT_SECONDS: &str = "walrelay_kafka_commit_seconds";
 pub const CONFIRMED_LSN: &str = "walrelay_confirmed_lsn";
 pub const REPLICATION_CONNECTED: &str = "walrelay_replication_connected";
 pub const RECONNECTS_TOTAL: &str = "walrelay_reconnects_total";
@@ -163,6 +164,11 @@ pub fn describe() {
     describe_counter!(
         EVENTS_SKIPPED_TOTAL,
         "events not published because their partition already holds them (exactly-once)"
+    );
+    describe_histogram!(
+        KAFKA_COMMIT_SECONDS,
+        Unit::Seconds,
+        "time a Kafka transaction's commit took, from the call to its answer (exactly-once): its records are readable to read_committed consumers only after it"
     );
     describe_counter!(
         PARTITION_RECOVERIES_TOTAL,
@@ -313,6 +319,7 @@ pub const ALL: &[&str] = &[
     EVENTS_IN_FLIGHT,
     IN_FLIGHT_BYTES,
     COMMIT_TO_ACK_SECONDS,
+    KAFKA_COMMIT_SECONDS,
     CONFIRMED_LSN,
     REPLICATION_CONNECTED,
     RECONNECTS_TOTAL,

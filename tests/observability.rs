@@ -133,6 +133,9 @@ async fn metrics_match_the_slot_and_lag_rises_while_the_broker_is_down() {
     );
     assert_eq!(metrics["walrelay_replication_connected"], 1.0);
     assert_eq!(metrics["walrelay_commit_to_ack_seconds_count"], 200.0);
+    // Exactly once: the 200 events went in at least one Kafka transaction.
+    assert!(metrics["walrelay_kafka_commit_seconds_count"] >= 1.0);
+    assert!(metrics["walrelay_kafka_commit_seconds_sum"] > 0.0);
 
     // The gauges agree with pg_replication_slots once the database is quiet.
     wait_for(

@@ -106,6 +106,11 @@ pub struct KafkaSink {
     tails: Arc<TailReader>,
     /// The transactional id the current producer was made with.
     transactional_id: Option<String>,
+    /// Per transactional id, held while a takeover of it runs. A session
+    /// that ended leaves its takeovers running on blocking threads; one
+    /// answered after the next session's would fence the new producer, so
+    /// the next takeover of the id waits for it.
+    takeovers: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl KafkaSink {
@@ -134,6 +139,7 @@ impl KafkaSink {
             topics: Arc::new(topics),
             tails: Arc::new(TailReader::new(&config)),
             transactional_id: None,
+            takeovers: HashMap::new(),
         })
     }
 
@@ -241,7 +247,7 @@ const TRANSACTION_CALL: Duration = Duration::from_secs(30);
 /// Runs a blocking librdkafka call off the async threads.
 fn blocking(
     producer: &Arc<KafkaProducer>,
-    call: fn(&KafkaProducer) -> Result<(), KafkaError>,
+    call: impl FnOnce(&KafkaProducer) -> Result<(), KafkaError> + Send + 'static,
 ) -> LocalBoxFuture<Result<(), BrokerError>> {
     let producer = Arc::clone(producer);
     Box::pin(async move {
@@ -352,7 +358,22 @@ impl Sink for KafkaSink {
         if let Err(error) = self.renew(Some(transactional_id)) {
             return Box::pin(async move { Err(error) });
         }
-        blocking(&self.producer, |p| p.init_transactions(TRANSACTION_CALL))
+        let producer = Arc::clone(&self.producer);
+        let running = Arc::clone(
+            self.takeovers
+                .entry(transactional_id.to_owned())
+                .or_default(),
+        );
+        Box::pin(async move {
+            let running = running.lock_owned().await;
+            blocking(&producer, move |p| {
+                // Held until the call returns, even if this future is
+                // dropped.
+                let _running = running;
+                p.init_transactions(TRANSACTION_CALL)
+            })
+            .await
+        })
     }
 
     fn begin(&mut self) -> Result<(), BrokerError> {

@@ -46,7 +46,7 @@ use super::offline::{HeldPartition, Offline};
 use super::outcome::{Outcome, Outgoing, PublisherConfig};
 use super::pause::Pause;
 use super::records::Records;
-use super::sink::{RecordId, SendRefused, Sink};
+use super::sink::{BrokerError, RecordId, SendRefused, Sink};
 use super::topics::Topics;
 use super::transaction::{CleanupStep, End, Transaction};
 use crate::lsn::Lsn;
@@ -277,8 +277,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     // What is delivered from now on is the next one's.
                     self.records.seal();
                     let commit = self.sink.commit();
-                    self.io
-                        .watch(async move { SessionIo::Committed(commit.await) });
+                    self.io.watch(timed_commit(commit));
                     // Records waiting go at once, into the next transaction
                     // under the other id (`may_send`).
                     if self.records.next_waiting(None).is_some() {
@@ -409,4 +408,13 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             }
         }
     }
+}
+
+/// A commit's answer, with how long the commit took: a record sent exactly
+/// once is readable only once its transaction's commit returns.
+async fn timed_commit(commit: impl Future<Output = Result<(), BrokerError>>) -> SessionIo {
+    let started = Instant::now();
+    let result = commit.await;
+    metrics::histogram!(m::KAFKA_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+    SessionIo::Committed(result)
 }

@@ -138,6 +138,9 @@ pub struct Transaction {
     initializing: Option<usize>,
     /// The ids being taken over for the session, all at once.
     taking_over: Vec<usize>,
+    /// Ids whose takeover failed in this round: taken over again after
+    /// one backoff, once the round's others have answered.
+    failed_takeovers: Vec<usize>,
     /// The current id is stuck on these partitions: end its transaction
     /// and rest it.
     stuck: Option<HashSet<PartitionKey>>,
@@ -173,6 +176,7 @@ impl Transaction {
             current: None,
             initializing: None,
             taking_over: Vec::new(),
+            failed_takeovers: Vec::new(),
             stuck: None,
             cleanup: None,
             committing: None,

@@ -239,7 +239,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                 let commit = self.under_committing(|sink| sink.commit());
                 self.io.watch(async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    SessionIo::Committed(commit.await)
+                    super::timed_commit(commit).await
                 });
             }
             Next::BackOff => {

@@ -87,6 +87,7 @@ impl Transaction {
         self.current = None;
         self.initializing = None;
         self.taking_over.clear();
+        self.failed_takeovers.clear();
         self.cleanup = None;
     }
 
@@ -116,7 +117,10 @@ impl Transaction {
             return None;
         }
         let index = (0..self.ids.len()).find(|&i| {
-            !self.ids[i].ready && self.ids[i].resting.is_empty() && !self.taking_over.contains(&i)
+            !self.ids[i].ready
+                && self.ids[i].resting.is_empty()
+                && !self.taking_over.contains(&i)
+                && !self.failed_takeovers.contains(&i)
         })?;
         self.state = State::Initializing;
         self.taking_over.push(index);
@@ -153,18 +157,29 @@ impl Transaction {
             return Next::Go; // not taken over in this session
         };
         let index = self.taking_over.remove(at);
-        // The others under way are waited for; then the next attempt, if
-        // one failed, takes over what is left.
-        if self.taking_over.is_empty() {
+        // The others under way are waited for; then, if any failed, one
+        // backoff (not one per id) before the next attempt takes over what
+        // is left.
+        let round_over = self.taking_over.is_empty();
+        if round_over {
             self.state = State::Uninitialized;
         }
+        let back_off_once = |t: &mut Self| {
+            if round_over && !t.failed_takeovers.is_empty() {
+                t.failed_takeovers.clear();
+                Next::BackOff
+            } else {
+                Next::Go
+            }
+        };
         match result {
             Ok(()) => {
                 self.ids[index].ready = true;
                 tracing::debug!(id = %self.ids[index].name, "transactional producer ready");
-                if !self.taking_over.is_empty()
-                    || self.ids.iter().any(|id| !id.ready && id.resting.is_empty())
-                {
+                if !round_over || !self.failed_takeovers.is_empty() {
+                    return back_off_once(self);
+                }
+                if self.ids.iter().any(|id| !id.ready && id.resting.is_empty()) {
                     return Next::Go;
                 }
                 match self.pick() {
@@ -182,7 +197,8 @@ impl Transaction {
             }
             Err(error) => {
                 tracing::warn!(%error, id = %self.ids[index].name, "cannot take over the transactional id yet");
-                Next::BackOff
+                self.failed_takeovers.push(index);
+                back_off_once(self)
             }
         }
     }

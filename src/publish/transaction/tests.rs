@@ -74,6 +74,43 @@ async fn a_transaction_begun_with_a_backlog_takes_records_longer() {
     assert_eq!(t.due(0, true), Some(End::Commit));
 }
 
+#[test]
+fn takeovers_that_fail_together_back_off_once_and_are_taken_over_again_after() {
+    let transient = || BrokerError {
+        class: BrokerErrorClass::Transient,
+        message: "coordinator not available".into(),
+    };
+    let mut t = Transaction::new(true);
+    t.restart(Some("walrelay.7.s".into()));
+    let ids = ["walrelay.7.s", "walrelay.7.s.spare", "walrelay.7.s.spare2"];
+    while t.take_initialization().is_some() {}
+    assert!(matches!(t.initialized(ids[1], Err(transient())), Next::Go));
+    assert_eq!(
+        t.take_initialization(),
+        None,
+        "a failed id waits for the others' answers, then a backoff"
+    );
+    assert!(matches!(t.initialized(ids[0], Err(transient())), Next::Go));
+    assert!(
+        matches!(t.initialized(ids[2], Err(transient())), Next::BackOff),
+        "one backoff for the round, not one per id"
+    );
+    assert!(!t.may_send());
+    let mut again: Vec<String> = std::iter::from_fn(|| t.take_initialization()).collect();
+    again.sort();
+    assert_eq!(again, ids, "every failed id is taken over again");
+    assert!(matches!(t.initialized(ids[2], Ok(())), Next::Go));
+    assert!(matches!(t.initialized(ids[1], Err(transient())), Next::Go));
+    assert!(
+        matches!(t.initialized(ids[0], Ok(())), Next::BackOff),
+        "the round ends with one failed: one backoff"
+    );
+    assert_eq!(t.take_initialization().as_deref(), Some(ids[1]));
+    assert_eq!(t.take_initialization(), None);
+    assert!(matches!(t.initialized(ids[1], Ok(())), Next::Use(id) if id == ids[0]));
+    assert!(t.may_send());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_commit_is_committed_again_or_aborted_by_its_error() {
     let error = |class| BrokerError {
