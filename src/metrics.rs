@@ -168,7 +168,7 @@ pub fn describe() {
     describe_histogram!(
         KAFKA_COMMIT_SECONDS,
         Unit::Seconds,
-        "time a Kafka transaction's commit took, from the call to its answer (exactly-once): its records are readable to read_committed consumers only after it"
+        "time each Kafka transaction commit call took, from the call to its answer, a retry counted apart (exactly-once): a transaction's records are readable to read_committed consumers only once its commit went through"
     );
     describe_counter!(
         PARTITION_RECOVERIES_TOTAL,
