@@ -31,6 +31,13 @@ fn config(exactly_once: bool) -> PublisherConfig {
     }
 }
 
+/// The transactional ids a session under `walrelay.7.walrelay` takes over.
+const SESSION_IDS: [&str; 3] = [
+    "walrelay.7.walrelay",
+    "walrelay.7.walrelay.spare",
+    "walrelay.7.walrelay.spare2",
+];
+
 fn replay() -> Replay {
     Replay {
         origin: Origin::parse("7/walrelay/1").unwrap(),
@@ -172,12 +179,7 @@ async fn a_session_takes_its_three_transactional_ids_over_at_once() {
     publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
     assert_eq!(
         broker.transactional_ids(),
-        [
-            "walrelay.7.walrelay",
-            "walrelay.7.walrelay.spare",
-            "walrelay.7.walrelay.spare2"
-        ]
-        .map(String::from),
+        SESSION_IDS.map(String::from),
         "all three asked for at once, before any answered"
     );
 }

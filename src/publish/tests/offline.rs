@@ -133,12 +133,7 @@ async fn a_partition_without_a_leader_holds_back_only_its_own_records() {
     assert!(publisher.held_partitions().is_empty());
     assert_eq!(
         broker.transactional_ids(),
-        [
-            "walrelay.7.walrelay",
-            "walrelay.7.walrelay.spare",
-            "walrelay.7.walrelay.spare2"
-        ]
-        .map(String::from),
+        SESSION_IDS.map(String::from),
         "a session takes over three ids"
     );
 }
