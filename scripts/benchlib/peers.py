@@ -57,6 +57,21 @@ class Process:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def cpu_by_thread(self):
+        """User + system seconds of each live thread, summed by thread name."""
+        by_name = {}
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except FileNotFoundError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            by_name[name] = round(by_name.get(name, 0) + seconds, 2)
+        return by_name
+
     def peak_rss(self):
         with open(f"/proc/{self.pid}/status") as f:
             return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024

@@ -112,6 +112,12 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         publisher
     }
 
+    /// A transaction takes at most `records` records and `bytes` bytes:
+    /// half the caller's in-flight window (`Transaction::limit`).
+    pub fn limit_transactions(&mut self, records: usize, bytes: usize) {
+        self.txn.limit(records, bytes);
+    }
+
     /// A session starts, nothing in flight: exactly once, partitions are
     /// read again on first use; with transactions, the producer takes over
     /// `transactional_id` first, fencing any earlier holder of it.
@@ -395,10 +401,11 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
         }
         let send = self.records.next_send(id);
         let entry = self.records.get(id).expect("waiting");
+        let bytes = entry.record.size();
         match self.sink.send(&entry.record, key.partition, send) {
             Ok(()) => {
                 self.records.mark_sent(send, key.partition);
-                self.txn.sent_to(&key);
+                self.txn.sent_to(&key, bytes);
                 self.used_in_session.insert(key);
             }
             Err(SendRefused::QueueFull) => self.pause(QUEUE_FULL_PAUSE),

@@ -156,6 +156,18 @@ pub struct Transaction {
     abort_again_at: Option<Instant>,
     /// The current transactional id (for messages).
     pub id: Option<String>,
+    /// What one transaction may take: half the relay's in-flight window,
+    /// so the next fills the other half while it commits.
+    limit: Taken,
+    /// What the open transaction took.
+    taken: Taken,
+}
+
+/// Records and their bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Taken {
+    records: usize,
+    bytes: usize,
 }
 
 use cleanup::Cleanup;
@@ -183,7 +195,29 @@ impl Transaction {
             dropped_cleanups: Vec::new(),
             abort_again_at: None,
             id: None,
+            limit: Taken {
+                records: usize::MAX,
+                bytes: usize::MAX,
+            },
+            taken: Taken::default(),
         }
+    }
+
+    /// One transaction takes at most `records` records and `bytes` bytes
+    /// (at least one record). A record's records are acknowledged only once
+    /// its transaction commits, so one that took the whole in-flight window
+    /// would stop reading WAL for each commit; at half of it, the next one
+    /// takes the other half meanwhile.
+    pub fn limit(&mut self, records: usize, bytes: usize) {
+        self.limit = Taken {
+            records: records.max(1),
+            bytes: bytes.max(1),
+        };
+    }
+
+    /// Whether the open transaction took all it may.
+    fn full(&self) -> bool {
+        self.taken.records >= self.limit.records || self.taken.bytes >= self.limit.bytes
     }
 
     pub fn is_on(&self) -> bool {
@@ -286,7 +320,9 @@ impl Transaction {
             State::Idle => self.stuck.is_none() && self.previous_lets_send(),
             // While the one before commits, the open one takes records on.
             State::Open { since, open_for } => {
-                !self.must_abort && (since.elapsed() < open_for || self.committing.is_some())
+                !self.must_abort
+                    && !self.full()
+                    && (since.elapsed() < open_for || self.committing.is_some())
             }
             _ => false,
         }
@@ -299,6 +335,7 @@ impl Transaction {
 
     /// The transaction began with `waiting` records in hand.
     pub fn began(&mut self, waiting: usize) {
+        self.taken = Taken::default();
         self.state = State::Open {
             since: Instant::now(),
             open_for: if waiting >= BACKLOG {
@@ -309,8 +346,10 @@ impl Transaction {
         };
     }
 
-    /// A record of the open transaction goes to `partition`.
-    pub fn sent_to(&mut self, partition: &PartitionKey) {
+    /// A record of the open transaction, of `bytes`, goes to `partition`.
+    pub fn sent_to(&mut self, partition: &PartitionKey, bytes: usize) {
+        self.taken.records += 1;
+        self.taken.bytes += bytes;
         if let Some(index) = self.current {
             let touched = &mut self.ids[index].touched;
             if !touched.contains(partition) {
@@ -341,7 +380,9 @@ impl Transaction {
     /// When the open transaction stops taking records.
     pub fn closes_at(&self) -> Option<Instant> {
         match self.state {
-            State::Open { since, open_for } if since.elapsed() < open_for => Some(since + open_for),
+            State::Open { since, open_for } if since.elapsed() < open_for && !self.full() => {
+                Some(since + open_for)
+            }
             _ => None,
         }
     }

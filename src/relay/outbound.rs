@@ -94,6 +94,10 @@ impl<S: Sink> Outbound<S> {
             },
         );
         publisher.share_held_partitions(live.held_partitions.clone());
+        publisher.limit_transactions(
+            config.max_in_flight_events / 2,
+            config.max_in_flight_bytes / 2,
+        );
         Outbound {
             window: InFlightWindow::new(config.max_in_flight_events, config.max_in_flight_bytes),
             publisher,

@@ -74,6 +74,35 @@ async fn a_transaction_begun_with_a_backlog_takes_records_longer() {
     assert_eq!(t.due(0, true), Some(End::Commit));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_transaction_takes_no_more_than_its_limit_even_while_the_one_before_commits() {
+    let mut t = Transaction::new(true);
+    t.limit(2, 1000);
+    ready(&mut t);
+    t.began(BACKLOG);
+    t.sent_to(&key("a", 0), 10);
+    assert!(t.may_send() && t.closes_at().is_some());
+    t.sent_to(&key("a", 0), 10);
+    assert!(!t.may_send(), "two records: it takes no more");
+    assert_eq!(t.closes_at(), None, "closed before its time");
+    assert_eq!(t.due(1, true), None, "a record is outstanding");
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    // The next takes records under the other id while that one commits,
+    // up to its own limit, here in bytes.
+    assert!(t.overlap().is_some());
+    assert!(t.needs_begin());
+    t.began(0);
+    t.sent_to(&key("a", 0), 999);
+    assert!(t.may_send());
+    t.sent_to(&key("a", 0), 1);
+    assert!(!t.may_send(), "1,000 bytes: full, though the one before still commits");
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    t.began(0);
+    assert!(t.may_send(), "a new transaction starts empty");
+}
+
 #[test]
 fn takeovers_that_fail_together_back_off_once_and_are_taken_over_again_after() {
     let transient = || BrokerError {
@@ -184,7 +213,7 @@ fn key(topic: &str, partition: i32) -> PartitionKey {
 /// or aborted.
 async fn transaction_in(t: &mut Transaction, p: &PartitionKey, commit: bool) {
     t.began(0);
-    t.sent_to(p);
+    t.sent_to(p, 0);
     if !commit {
         t.fail();
     }
@@ -291,8 +320,8 @@ async fn a_partition_back_is_not_held_for_an_id_resting_on_another() {
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
-    t.sent_to(&key("b", 1));
+    t.sent_to(&key("a", 0), 0);
+    t.sent_to(&key("b", 1), 0);
     assert!(t.leaderless(&[key("b", 1)].into()).is_none());
     assert_eq!(t.due(2, false), Some(End::Abort));
     assert!(matches!(t.aborted(Ok(()), true), Next::Rest { .. }));
@@ -331,8 +360,8 @@ async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
-    t.sent_to(&key("b", 1));
+    t.sent_to(&key("a", 0), 0);
+    t.sent_to(&key("b", 1), 0);
     assert_eq!(t.touched(), [key("a", 0), key("b", 1)].into());
     assert!(
         t.leaderless(&[key("c", 0)].into()).is_none(),
@@ -361,7 +390,7 @@ async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries
     // The spare gets stuck too, between transactions: its last one
     // touched the partition.
     t.began(0);
-    t.sent_to(&key("a", 3));
+    t.sent_to(&key("a", 3), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
@@ -374,7 +403,7 @@ async fn an_id_stuck_on_a_partition_without_a_leader_rests_and_the_spare_carries
     }
     // And so does the third.
     t.began(0);
-    t.sent_to(&key("c", 5));
+    t.sent_to(&key("c", 5), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
@@ -407,7 +436,7 @@ async fn a_partition_back_before_the_stuck_ids_abort_ends_leaves_no_id_resting_o
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("b", 1));
+    t.sent_to(&key("b", 1), 0);
     assert!(t.leaderless(&[key("b", 1)].into()).is_none(), "open");
     assert_eq!(t.due(1, false), Some(End::Abort));
     // The partition is back while the abort is still under way (its
@@ -423,7 +452,7 @@ async fn a_partition_back_before_the_stuck_ids_abort_ends_leaves_no_id_resting_o
     // No answer will say b-1 is back again: the first id must not rest on
     // it, or a later outage of the spare's partition would leave no id.
     t.began(0);
-    t.sent_to(&key("a", 3));
+    t.sent_to(&key("a", 3), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
@@ -432,7 +461,7 @@ async fn a_partition_back_before_the_stuck_ids_abort_ends_leaves_no_id_resting_o
         Some(Next::Rest { next: Some(_), .. })
     ));
     t.began(0);
-    t.sent_to(&key("c", 5));
+    t.sent_to(&key("c", 5), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
@@ -452,7 +481,7 @@ async fn a_stuck_id_whose_commit_was_under_way_rests_once_it_ends() {
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
+    t.sent_to(&key("a", 0), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(t.leaderless(&[key("a", 0)].into()).is_none(), "committing");
@@ -470,8 +499,8 @@ async fn a_stuck_transaction_that_wrote_is_aborted_until_it_goes_through() {
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
-    t.sent_to(&key("b", 0));
+    t.sent_to(&key("a", 0), 0);
+    t.sent_to(&key("b", 0), 0);
     assert!(t.leaderless(&[key("a", 0)].into()).is_none());
     assert_eq!(t.due(1, true), Some(End::Abort));
     let Next::Pause(wait) = t.aborted(Err(error.clone()), true) else {
@@ -486,7 +515,7 @@ async fn a_stuck_transaction_that_wrote_is_aborted_until_it_goes_through() {
     ));
     // One that wrote nothing is given up at once.
     t.began(0);
-    t.sent_to(&key("a", 1));
+    t.sent_to(&key("a", 1), 0);
     assert!(t.leaderless(&[key("a", 1)].into()).is_none());
     assert_eq!(t.due(1, false), Some(End::Abort));
     assert!(matches!(
@@ -500,7 +529,7 @@ fn a_new_session_leaves_a_stuck_id_resting_whatever_became_of_its_abort() {
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
+    t.sent_to(&key("a", 0), 0);
     assert!(t.leaderless(&[key("a", 0)].into()).is_none());
     t.abandon();
     t.restart(Some("walrelay.7.s".into()));
@@ -528,12 +557,12 @@ async fn a_stuck_id_begins_nothing_while_the_transaction_before_ends() {
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
+    t.sent_to(&key("a", 0), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert_eq!(t.overlap().as_deref(), Some("walrelay.7.s.spare"));
     t.began(0);
-    t.sent_to(&key("b", 1));
+    t.sent_to(&key("b", 1), 0);
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
@@ -558,12 +587,12 @@ async fn a_partition_back_before_the_commit_before_ends_does_not_retire_its_id()
     let mut t = Transaction::new(true);
     ready(&mut t);
     t.began(0);
-    t.sent_to(&key("a", 0));
+    t.sent_to(&key("a", 0), 0);
     tokio::time::advance(MAX_OPEN).await;
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert_eq!(t.overlap().as_deref(), Some("walrelay.7.s.spare"));
     t.began(0);
-    t.sent_to(&key("a", 0));
+    t.sent_to(&key("a", 0), 0);
     // Both ids wrote to a-0, which has no leader, then is back before the
     // commit before ends.
     assert!(t.leaderless(&[key("a", 0)].into()).is_none());
@@ -595,7 +624,7 @@ async fn an_id_that_rests_drops_its_cleanups_so_their_partitions_are_read_again(
     assert!(t.take_dropped_cleanups().is_empty());
     // Before the cleanup begins, a partition the id wrote to loses its
     // leader: the id rests, and could not clean up p until q is back.
-    t.sent_to(&q);
+    t.sent_to(&q, 0);
     match t.leaderless(&[q.clone()].into()) {
         Some(Next::Rest { abandon, .. }) => assert_eq!(abandon, "walrelay.7.s"),
         other => panic!("{other:?}"),
