@@ -263,6 +263,23 @@ fn wait_for_delivery_reports(producer: &KafkaProducer) -> i32 {
     }
 }
 
+/// Reads the cluster's metadata twice before a takeover: the first answer,
+/// from a bootstrap address, names the brokers, and librdkafka drops its
+/// bootstrap connection on reading it; the second connects to a named
+/// broker. A takeover begun with only the bootstrap connection up could
+/// send its coordinator query there just before that connection was
+/// dropped, and librdkafka asks again only 500 ms later: one takeover in a
+/// few, so most sessions' starts waited half a second.
+fn connect_to_named_broker(producer: &KafkaProducer) {
+    for _ in 0..2 {
+        if let Err(error) = producer.client().fetch_metadata(None, LEADERS_TIMEOUT) {
+            // The takeover asks for itself, and reports what fails.
+            tracing::debug!(%error, "cannot read the cluster's metadata before a takeover");
+            return;
+        }
+    }
+}
+
 /// Runs a blocking librdkafka call off the async threads.
 fn blocking(
     producer: &Arc<KafkaProducer>,
@@ -377,7 +394,10 @@ impl Sink for KafkaSink {
         if let Err(error) = self.renew(Some(transactional_id)) {
             return Box::pin(async move { Err(error) });
         }
-        blocking(&self.producer, |p| p.init_transactions(TRANSACTION_CALL))
+        blocking(&self.producer, |p| {
+            connect_to_named_broker(p);
+            p.init_transactions(TRANSACTION_CALL)
+        })
     }
 
     fn begin(&mut self) -> Result<(), BrokerError> {

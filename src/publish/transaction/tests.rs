@@ -95,7 +95,10 @@ async fn a_transaction_takes_no_more_than_its_limit_even_while_the_one_before_co
     t.sent_to(&key("a", 0), 999);
     assert!(t.may_send());
     t.sent_to(&key("a", 0), 1);
-    assert!(!t.may_send(), "1,000 bytes: full, though the one before still commits");
+    assert!(
+        !t.may_send(),
+        "1,000 bytes: full, though the one before still commits"
+    );
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
