@@ -263,16 +263,19 @@ fn wait_for_delivery_reports(producer: &KafkaProducer) -> i32 {
     }
 }
 
-/// Reads the cluster's metadata twice before a takeover: the first answer,
-/// from a bootstrap address, names the brokers, and librdkafka drops its
-/// bootstrap connection on reading it; the second connects to a named
-/// broker. A takeover begun with only the bootstrap connection up could
-/// send its coordinator query there just before that connection was
+/// How long each read of the broker list before a takeover may take.
+const BROKERS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads the cluster's broker list twice before a takeover: the first
+/// answer, from a bootstrap address, names the brokers, and librdkafka
+/// drops its bootstrap connection on reading it; the second connects to a
+/// named broker. A takeover begun with only the bootstrap connection up
+/// could send its coordinator query there just before that connection was
 /// dropped, and librdkafka asks again only 500 ms later: one takeover in a
 /// few, so most sessions' starts waited half a second.
 fn connect_to_named_broker(producer: &KafkaProducer) {
     for _ in 0..2 {
-        if let Err(error) = producer.client().fetch_metadata(None, LEADERS_TIMEOUT) {
+        if let Err(error) = super::brokers::read_brokers(producer.client(), BROKERS_TIMEOUT) {
             // The takeover asks for itself, and reports what fails.
             tracing::debug!(%error, "cannot read the cluster's metadata before a takeover");
             return;

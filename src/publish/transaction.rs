@@ -215,9 +215,12 @@ impl Transaction {
         };
     }
 
-    /// Whether the open transaction took all it may.
+    /// Whether the open transaction took all it may: the whole window's
+    /// worth when no other id could take the next one while it commits.
     fn full(&self) -> bool {
-        self.taken.records >= self.limit.records || self.taken.bytes >= self.limit.bytes
+        let share = if self.next_id().is_some() { 1 } else { 2 };
+        self.taken.records >= self.limit.records.saturating_mul(share)
+            || self.taken.bytes >= self.limit.bytes.saturating_mul(share)
     }
 
     pub fn is_on(&self) -> bool {
@@ -348,9 +351,9 @@ impl Transaction {
 
     /// A record of the open transaction, of `bytes`, goes to `partition`.
     pub fn sent_to(&mut self, partition: &PartitionKey, bytes: usize) {
-        self.taken.records += 1;
-        self.taken.bytes += bytes;
         if let Some(index) = self.current {
+            self.taken.records += 1;
+            self.taken.bytes += bytes;
             let touched = &mut self.ids[index].touched;
             if !touched.contains(partition) {
                 touched.insert(partition.clone());

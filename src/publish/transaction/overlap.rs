@@ -55,17 +55,11 @@ impl Transaction {
     /// and the next transaction begins under it at once. Its name, if so
     /// (the publisher sends through it).
     pub fn overlap(&mut self) -> Option<String> {
-        if self.state != State::Committing
-            || self.stuck.is_some()
-            || self.cleanup.is_some()
-            || self.committing.is_some()
-            || self.ids.iter().any(|id| !id.to_clean.is_empty())
-        {
+        if self.state != State::Committing || self.committing.is_some() {
             return None;
         }
         let current = self.current?;
-        let other = (0..self.ids.len())
-            .find(|&i| i != current && self.ids[i].ready && self.ids[i].resting.is_empty())?;
+        let other = self.next_id()?;
         self.committing = Some(Committing {
             index: current,
             phase: Phase::Committing,
@@ -76,6 +70,21 @@ impl Transaction {
         self.must_abort = false;
         self.id = Some(self.ids[other].name.clone());
         self.id.clone()
+    }
+
+    /// The id the next transaction would take while the current one
+    /// commits, if any: the first other id ready, and neither stuck,
+    /// resting nor cleaning up.
+    pub(super) fn next_id(&self) -> Option<usize> {
+        if self.stuck.is_some()
+            || self.cleanup.is_some()
+            || self.ids.iter().any(|id| !id.to_clean.is_empty())
+        {
+            return None;
+        }
+        let current = self.current?;
+        (0..self.ids.len())
+            .find(|&i| i != current && self.ids[i].ready && self.ids[i].resting.is_empty())
     }
 
     /// The id of the transaction before the open one, while it ends.

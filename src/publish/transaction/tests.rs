@@ -104,6 +104,17 @@ async fn a_transaction_takes_no_more_than_its_limit_even_while_the_one_before_co
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
     t.began(0);
     assert!(t.may_send(), "a new transaction starts empty");
+    // With no other id to take the next one, it may take the whole window.
+    let current = t.current.unwrap();
+    for other in (0..3).filter(|&i| i != current) {
+        t.ids[other].ready = false;
+    }
+    t.sent_to(&key("a", 0), 10);
+    t.sent_to(&key("a", 0), 10);
+    assert!(t.may_send(), "no overlap: twice the limit");
+    t.sent_to(&key("a", 0), 10);
+    t.sent_to(&key("a", 0), 10);
+    assert!(!t.may_send());
 }
 
 #[test]
