@@ -38,6 +38,12 @@ DEBEZIUM_JVM = [
 ]
 
 
+def _cpu_seconds(stat):
+    """User + system seconds from a /proc/.../stat line."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Process:
     """A started consumer process: its CPU time (every thread, from
     /proc/PID/stat) and peak resident set (VmHWM)."""
@@ -54,8 +60,7 @@ class Process:
 
     def cpu(self):
         with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return _cpu_seconds(f.read())
 
     def cpu_by_thread(self):
         """User + system seconds of each live thread, summed by thread name."""
@@ -67,9 +72,7 @@ class Process:
             except FileNotFoundError:
                 continue
             name = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat.rsplit(")", 1)[1].split()
-            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            by_name[name] = round(by_name.get(name, 0) + seconds, 2)
+            by_name[name] = round(by_name.get(name, 0) + _cpu_seconds(stat), 2)
         return by_name
 
     def peak_rss(self):

@@ -5,9 +5,9 @@
 //! rust-rdkafka 0.38 has no safe wrapper for librdkafka's DescribeTopics
 //! admin call, the one public way to read a topic's id (the metadata
 //! structs it wraps leave the id out). This module and `brokers.rs` hold
-//! walrelay's only `unsafe` code: one blocking call on a client's own handle (a consumer
-//! may make admin calls), each pointer used only while the object that
-//! owns it lives. DescribeTopics is a metadata request that never creates
+//! walrelay's only `unsafe` code: one blocking call on a client's own
+//! handle (a consumer may make admin calls), each pointer used only while
+//! the object that owns it lives. DescribeTopics is a metadata request that never creates
 //! a topic.
 
 use std::collections::HashMap;

@@ -204,10 +204,10 @@ impl Transaction {
     }
 
     /// One transaction takes at most `records` records and `bytes` bytes
-    /// (at least one record). A record's records are acknowledged only once
-    /// its transaction commits, so one that took the whole in-flight window
-    /// would stop reading WAL for each commit; at half of it, the next one
-    /// takes the other half meanwhile.
+    /// (at least one record). A transaction's records are acknowledged only
+    /// once it commits, so one that took the whole in-flight window would
+    /// stop reading WAL for each commit; at half of it, the next one takes
+    /// the other half meanwhile.
     pub fn limit(&mut self, records: usize, bytes: usize) {
         self.limit = Taken {
             records: records.max(1),
