@@ -142,6 +142,8 @@ def steady(ctx, rate, seconds):
         cpu = proc.cpu() - cpu0
         rss = proc.peak_rss()
         own = proc.status().get("commit_to_ack_since_start") if hasattr(proc, "status") else None
+        # Exactly once: how long each Kafka commit call took (warm-up included).
+        commits = proc.histogram_means_ms("walrelay_kafka_commit_seconds") if hasattr(proc, "status") else {}
         proc.stop()
         created = stack.created_at()
         seen = set()
@@ -160,10 +162,14 @@ def steady(ctx, rate, seconds):
                  "cpu_seconds_per_100k": _round(cpu / written * 100_000, 3), "peak_rss_mib": _round(rss / MIB, 1)}
         if own:
             entry["walrelay_commit_to_ack"] = {k: _round(v) for k, v in own.items() if k.endswith("_ms")}
+        commit = commits.get("walrelay_kafka_commit_seconds", {})
+        if commit.get("count"):
+            entry["kafka_commit_call"] = commit
         result["peers"][peer.name] = entry
         readable = entry["visible_to_consumer"]
         log(f"  readable p50 {readable['p50_ms']} ms, p99 {readable['p99_ms']} ms; appended p50 {entry['p50_ms']} ms, "
-            f"p99 {entry['p99_ms']} ms; CPU {entry['cpu_seconds_per_100k']} s per 100k")
+            f"p99 {entry['p99_ms']} ms; CPU {entry['cpu_seconds_per_100k']} s per 100k"
+            + (f"; {commit['count']} commits, {commit['mean_ms']} ms each" if commit.get("count") else ""))
     return result
 
 

@@ -1,12 +1,13 @@
 //! The Kafka side: the librdkafka client configuration, the producer as a
 //! [`crate::sink::Sink`], topic preparation, what the cluster says of its
-//! topics, partition tail scans, topic ids, the broker list, and the broker
-//! probe.
+//! topics, partition tail scans, topic ids, the broker list, sending
+//! what lingers, and the broker probe.
 
 pub mod brokers;
 pub mod cluster;
 pub mod config;
 pub mod errors;
+pub mod linger;
 pub mod probe;
 pub mod producer;
 pub mod tail;

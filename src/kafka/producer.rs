@@ -238,6 +238,10 @@ fn make_producer(
 /// before it returns a retriable error; the publisher calls it again.
 const TRANSACTION_CALL: Duration = Duration::from_secs(30);
 
+/// How long a producer told to send what lingers keeps doing so, at most:
+/// its transaction's records are usually delivered within milliseconds.
+const SEND_LINGERING_FOR: Duration = Duration::from_secs(1);
+
 /// How long a commit waits for librdkafka to let go of delivered records.
 const DELIVERY_REPORTS_SETTLE: Duration = Duration::from_millis(20);
 
@@ -405,6 +409,13 @@ impl Sink for KafkaSink {
 
     fn begin(&mut self) -> Result<(), BrokerError> {
         self.producer.begin_transaction().map_err(|e| classify(&e))
+    }
+
+    fn send_lingering(&mut self) {
+        let producer = Arc::clone(&self.producer);
+        tokio::task::spawn_blocking(move || {
+            super::linger::send_lingering(&producer, SEND_LINGERING_FOR);
+        });
     }
 
     fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {

@@ -61,6 +61,9 @@ struct BrokerState {
     unauthorized: HashSet<String>,
     /// Every send, in order.
     sent: usize,
+    /// The transactional ids whose producer was told to send what it
+    /// lingers on, in order.
+    sent_lingering: Vec<String>,
     /// Topics that do not exist and may not be created.
     missing_topics: Vec<String>,
     committed: HashSet<u64>,
@@ -394,6 +397,12 @@ impl MemoryBroker {
     /// Records handed to the broker and not yet acknowledged.
     pub fn held(&self) -> usize {
         self.state.lock().unwrap().held.len()
+    }
+
+    /// The transactional ids whose producer was told to send what it
+    /// lingers on, once per call.
+    pub fn sent_lingering(&self) -> Vec<String> {
+        self.state.lock().unwrap().sent_lingering.clone()
     }
 
     /// Every send so far (retries included).

@@ -22,6 +22,8 @@ pub struct Pause {
     /// When waiting records may be tried again.
     until: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// When the timer is set to fire, if it is.
+    armed_for: Option<Instant>,
     /// Failures since the last success, for the backoff.
     failures: u32,
 }
@@ -31,6 +33,7 @@ impl Pause {
         Pause {
             until: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed_for: None,
             failures: 0,
         }
     }
@@ -60,25 +63,36 @@ impl Pause {
         self.failures = 0;
     }
 
-    /// Whether the timer fired: the pause ended (it is cleared) or
-    /// `closes_at` came. Arms the timer for whichever comes first.
+    /// Whether the timer fired: the pause ended (it is cleared) or the
+    /// time it was set for came. Arms it for whichever of the pause's end
+    /// and `closes_at` comes first.
     pub fn poll_timer(&mut self, cx: &mut Context<'_>, closes_at: Option<Instant>) -> bool {
+        let now = Instant::now();
+        // What set the timer may no longer say so once its time came (a
+        // transaction's close is reported only while ahead).
+        let mut fired = self.armed_for.is_some_and(|at| at <= now);
+        if self.until.is_some_and(|p| p <= now) {
+            self.until = None;
+            fired = true;
+        }
         let wake_at = match (self.until, closes_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.armed_for = wake_at;
         let Some(at) = wake_at else {
-            return false;
+            return fired;
         };
         if self.timer.deadline() != at {
             self.timer.as_mut().reset(at);
         }
         if let Poll::Ready(()) = self.timer.as_mut().poll(cx) {
+            self.armed_for = None;
             if self.until.is_some_and(|p| p <= Instant::now()) {
                 self.until = None;
             }
             return true;
         }
-        false
+        fired
     }
 }

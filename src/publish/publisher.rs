@@ -300,7 +300,11 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     self.io
                         .watch(async move { SessionIo::Aborted(abort.await) });
                 }
-                None => {}
+                None => {
+                    if self.txn.send_on_now(self.records.sent()) {
+                        self.sink.send_lingering();
+                    }
+                }
             }
             return;
         }

@@ -190,6 +190,11 @@ pub trait Sink {
         Ok(())
     }
 
+    /// Transactional sinks: sends at once what the current producer holds
+    /// back to batch (the open transaction takes no more records, and
+    /// commits once they are delivered). Returns at once.
+    fn send_lingering(&mut self) {}
+
     /// Commits the open transaction once every record sent in it is
     /// delivered.
     fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {

@@ -34,10 +34,13 @@ use super::sink::{BrokerError, BrokerErrorClass};
 use crate::metrics as m;
 
 /// How long a transaction takes new records (longer while the one before
-/// still commits); then they wait until it commits, or go into the next one
-/// under the other id. Short, because its records count as delivered only once it
-/// commits; librdkafka sends what lingers at once when a commit begins.
-const MAX_OPEN: Duration = Duration::from_millis(10);
+/// still commits: commits then pace transactions); then they wait until it
+/// commits, or go into the next one under the other id. Short, because its
+/// records are readable only once it commits; its producer sends what
+/// lingers once it closes (`send_on_now`). Measured at 2,000 events/s: 10 ms
+/// gave a readable p50 of 10 ms, 3 ms one of 6 ms, with the same CPU per
+/// event on a saturated primary.
+const MAX_OPEN: Duration = Duration::from_millis(3);
 /// How long a transaction takes records when a backlog waits at its start
 /// (`BACKLOG` records or more): a commit costs a round trip to the
 /// coordinator with new records held, so a drain commits fewer, larger
@@ -161,6 +164,8 @@ pub struct Transaction {
     limit: Taken,
     /// What the open transaction took.
     taken: Taken,
+    /// The open transaction's producer was told to send what lingers.
+    sent_on: bool,
 }
 
 /// Records and their bytes.
@@ -200,6 +205,7 @@ impl Transaction {
                 bytes: usize::MAX,
             },
             taken: Taken::default(),
+            sent_on: false,
         }
     }
 
@@ -339,6 +345,7 @@ impl Transaction {
     /// The transaction began with `waiting` records in hand.
     pub fn began(&mut self, waiting: usize) {
         self.taken = Taken::default();
+        self.sent_on = false;
         self.state = State::Open {
             since: Instant::now(),
             open_for: if waiting >= BACKLOG {
@@ -388,6 +395,23 @@ impl Transaction {
             }
             _ => None,
         }
+    }
+
+    /// Whether the open transaction's producer should send what it holds
+    /// back for batching now (once per transaction): it takes no more
+    /// records and `sent` of them are still outstanding. It commits only
+    /// once they are delivered, and the last of them would otherwise
+    /// linger (librdkafka's `linger.ms`) with nothing more to batch.
+    pub fn send_on_now(&mut self, sent: usize) -> bool {
+        let State::Open { since, open_for } = self.state else {
+            return false;
+        };
+        let closed = self.full() || (since.elapsed() >= open_for && self.committing.is_none());
+        if self.sent_on || sent == 0 || self.must_abort || !closed {
+            return false;
+        }
+        self.sent_on = true;
+        true
     }
 
     /// Whether to end the transaction now: nothing is outstanding (`sent`)

@@ -274,6 +274,15 @@ impl Sink for MemorySink {
         Ok(())
     }
 
+    fn send_lingering(&mut self) {
+        // Records here wait for the test's acknowledgement, not a linger:
+        // the call is only noted.
+        if let Some(id) = &self.current {
+            let mut state = self.broker.state.lock().unwrap();
+            state.sent_lingering.push(id.clone());
+        }
+    }
+
     fn commit(&mut self) -> LocalBoxFuture<Result<(), BrokerError>> {
         let broker = self.broker.clone();
         let holder = self.holder();

@@ -103,6 +103,38 @@ async fn records_go_into_the_next_transaction_while_the_one_before_commits() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_transaction_that_stops_taking_records_has_them_sent_at_once() {
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    // Unacknowledged, as records lingering in librdkafka are.
+    broker.pause();
+    publish(&mut publisher, 0, 3);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(1))
+            .await
+            .is_empty()
+    );
+    assert!(
+        broker.sent_lingering().is_empty(),
+        "still open: more records may batch with these"
+    );
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        broker.sent_lingering(),
+        ["walrelay.7.walrelay"],
+        "closed: its producer sends them now, once"
+    );
+    broker.resume();
+    let settled = settle_committed(&mut publisher, &broker, 3).await;
+    assert_eq!(settled, [0, 1, 2]);
+    assert_eq!(broker.sent_lingering().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_commit_that_fails_while_the_next_transaction_is_open_takes_both_back_and_each_event_goes_once_in_order()
  {
     let broker = MemoryBroker::default();

@@ -117,6 +117,48 @@ async fn a_transaction_takes_no_more_than_its_limit_even_while_the_one_before_co
     assert!(!t.may_send());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_closed_transaction_has_its_lingering_records_sent_once() {
+    let mut t = Transaction::new(true);
+    ready(&mut t);
+    t.began(0);
+    t.sent_to(&key("a", 0), 10);
+    assert!(!t.send_on_now(1), "open: more records may batch with it");
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(!t.send_on_now(0), "closed, but nothing is outstanding");
+    assert!(t.send_on_now(1), "closed with a record outstanding");
+    assert!(!t.send_on_now(1), "once per transaction");
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    // The next one, under the other id, stays open while the one before
+    // commits: its records may still batch.
+    assert!(t.overlap().is_some());
+    t.began(0);
+    t.sent_to(&key("a", 0), 10);
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(
+        !t.send_on_now(1),
+        "it takes records while the one before commits"
+    );
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    assert!(t.send_on_now(1), "closed once the one before committed");
+    // A full one is closed before its time.
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    t.limit(1, 1000);
+    t.began(0);
+    t.sent_to(&key("a", 0), 10);
+    t.sent_to(&key("a", 0), 10);
+    assert!(t.send_on_now(2), "full");
+    // One to abort sends nothing on: it is never committed.
+    assert_eq!(t.due(0, true), Some(End::Commit));
+    assert!(matches!(t.committed(Ok(())), Next::Deliver));
+    t.began(0);
+    t.sent_to(&key("a", 0), 10);
+    t.fail();
+    tokio::time::advance(MAX_OPEN).await;
+    assert!(!t.send_on_now(1));
+}
+
 #[test]
 fn takeovers_that_fail_together_back_off_once_and_are_taken_over_again_after() {
     let transient = || BrokerError {
