@@ -96,3 +96,27 @@ impl Pause {
         fired
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_fires_once_when_its_time_comes_though_what_set_it_is_past() {
+        let mut pause = Pause::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let closes_at = Instant::now() + Duration::from_millis(3);
+        assert!(!pause.poll_timer(&mut cx, Some(closes_at)));
+        tokio::time::advance(Duration::from_millis(3)).await;
+        // The transaction's close is no longer reported once reached.
+        assert!(pause.poll_timer(&mut cx, None), "its time came");
+        assert!(!pause.poll_timer(&mut cx, None), "once");
+        // A pause that ends fires too, and is cleared.
+        pause.extend(Duration::from_millis(5));
+        assert!(pause.is_on() && !pause.poll_timer(&mut cx, None));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert!(pause.poll_timer(&mut cx, None));
+        assert!(!pause.is_on());
+        assert!(!pause.poll_timer(&mut cx, None));
+    }
+}

@@ -52,8 +52,10 @@ use super::transaction::{CleanupStep, End, Transaction};
 use crate::lsn::Lsn;
 use crate::metrics as m;
 
-/// How long records wait after the producer's queue turned one away.
-const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+/// How long records wait after the producer's queue turned one away:
+/// less than a transaction's window (`transaction.rs`), so one whose first
+/// record met a full queue still takes it rather than ending empty.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
 
 pub struct Publisher<S: Sink, T> {
     sink: S,
@@ -170,6 +172,8 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
             .add(out.tag, out.record, out.position, out.dead_letter);
         let mut outcomes = Vec::new();
         self.try_send(id, &mut outcomes);
+        // It may have filled the transaction.
+        self.send_lingering_if_closed();
         outcomes
     }
 
@@ -300,13 +304,17 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
                     self.io
                         .watch(async move { SessionIo::Aborted(abort.await) });
                 }
-                None => {
-                    if self.txn.send_on_now(self.records.sent()) {
-                        self.sink.send_lingering();
-                    }
-                }
+                None => self.send_lingering_if_closed(),
             }
             return;
+        }
+    }
+
+    /// Once the open transaction takes no more records, its producer sends
+    /// what it holds back to batch at once: nothing more would join it.
+    fn send_lingering_if_closed(&mut self) {
+        if self.txn.send_on_now(self.records.sent()) {
+            self.sink.send_lingering();
         }
     }
 

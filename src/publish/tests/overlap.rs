@@ -135,6 +135,53 @@ async fn a_transaction_that_stops_taking_records_has_them_sent_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_next_transaction_has_its_records_sent_at_once_only_when_it_stops_taking_them() {
+    let broker = MemoryBroker::default();
+    let mut publisher = session(&broker);
+    broker.pause();
+    broker.hold_commits();
+    publish(&mut publisher, 0, 2);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.sent_lingering(), [SESSION_IDS[0]]);
+    broker.resume();
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(broker.commits_waiting(), 1, "the first transaction commits");
+    broker.pause();
+    publish(&mut publisher, 2, 4);
+    assert!(
+        run_for(&mut publisher, Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        broker.sent_lingering(),
+        [SESSION_IDS[0]],
+        "the next one, under the other id, takes records while the one before commits"
+    );
+    broker.let_one_commit_through();
+    let settled = settle_committed(&mut publisher, &broker, 2).await;
+    assert_eq!(settled, [0, 1]);
+    assert_eq!(
+        broker.sent_lingering(),
+        [SESSION_IDS[0], SESSION_IDS[1]],
+        "closed once the one before committed: its own producer sends"
+    );
+    broker.resume();
+    broker.release_commits();
+    let settled = settle_committed(&mut publisher, &broker, 2).await;
+    assert_eq!(settled, [2, 3]);
+    assert_eq!(ids(&broker.log(TOPIC)), strings(0..4));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_commit_that_fails_while_the_next_transaction_is_open_takes_both_back_and_each_event_goes_once_in_order()
  {
     let broker = MemoryBroker::default();
