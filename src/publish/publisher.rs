@@ -313,7 +313,7 @@ impl<S: Sink, T: Copy> Publisher<S, T> {
     /// Once the open transaction takes no more records, its producer sends
     /// what it holds back to batch at once: nothing more would join it.
     fn send_lingering_if_closed(&mut self) {
-        if self.txn.send_on_now(self.records.sent()) {
+        if self.txn.send_lingering_now(self.records.sent()) {
             self.sink.send_lingering();
         }
     }

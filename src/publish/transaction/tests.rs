@@ -123,11 +123,17 @@ async fn a_closed_transaction_has_its_lingering_records_sent_once() {
     ready(&mut t);
     t.began(0);
     t.sent_to(&key("a", 0), 10);
-    assert!(!t.send_on_now(1), "open: more records may batch with it");
+    assert!(
+        !t.send_lingering_now(1),
+        "open: more records may batch with it"
+    );
     tokio::time::advance(MAX_OPEN).await;
-    assert!(!t.send_on_now(0), "closed, but nothing is outstanding");
-    assert!(t.send_on_now(1), "closed with a record outstanding");
-    assert!(!t.send_on_now(1), "once per transaction");
+    assert!(
+        !t.send_lingering_now(0),
+        "closed, but nothing is outstanding"
+    );
+    assert!(t.send_lingering_now(1), "closed with a record outstanding");
+    assert!(!t.send_lingering_now(1), "once per transaction");
     assert_eq!(t.due(0, true), Some(End::Commit));
     // The next one, under the other id, stays open while the one before
     // commits: its records may still batch.
@@ -136,11 +142,14 @@ async fn a_closed_transaction_has_its_lingering_records_sent_once() {
     t.sent_to(&key("a", 0), 10);
     tokio::time::advance(MAX_OPEN).await;
     assert!(
-        !t.send_on_now(1),
+        !t.send_lingering_now(1),
         "it takes records while the one before commits"
     );
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
-    assert!(t.send_on_now(1), "closed once the one before committed");
+    assert!(
+        t.send_lingering_now(1),
+        "closed once the one before committed"
+    );
     // A full one is closed before its time.
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
@@ -148,7 +157,7 @@ async fn a_closed_transaction_has_its_lingering_records_sent_once() {
     t.began(0);
     t.sent_to(&key("a", 0), 10);
     t.sent_to(&key("a", 0), 10);
-    assert!(t.send_on_now(2), "full");
+    assert!(t.send_lingering_now(2), "full");
     // One to abort sends nothing on: it is never committed.
     assert_eq!(t.due(0, true), Some(End::Commit));
     assert!(matches!(t.committed(Ok(())), Next::Deliver));
@@ -156,7 +165,7 @@ async fn a_closed_transaction_has_its_lingering_records_sent_once() {
     t.sent_to(&key("a", 0), 10);
     t.fail();
     tokio::time::advance(MAX_OPEN).await;
-    assert!(!t.send_on_now(1));
+    assert!(!t.send_lingering_now(1));
 }
 
 #[test]
