@@ -37,9 +37,9 @@ use crate::metrics as m;
 /// still commits: commits then pace transactions); then they wait until it
 /// commits, or go into the next one under the other id. Short, because its
 /// records are readable only once it commits; its producer sends what
-/// lingers once it closes (`send_lingering_now`). Measured at 2,000 events/s: 10 ms
-/// gave a readable p50 of 10 ms, 3 ms one of 6 ms, with the same CPU per
-/// event on a saturated primary.
+/// lingers once it closes (`send_lingering_now`). Measured at 2,000
+/// events/s: 10 ms gave a readable p50 of 10 ms, 3 ms one of 6 ms, with the
+/// same CPU per event on a saturated primary.
 const MAX_OPEN: Duration = Duration::from_millis(3);
 /// How long a transaction takes records when a backlog waits at its start
 /// (`BACKLOG` records or more): a commit costs a round trip to the
