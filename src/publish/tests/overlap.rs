@@ -19,6 +19,11 @@ async fn run_for(publisher: &mut Publisher<MemorySink, u64>, wait: Duration) -> 
     settled
 }
 
+/// Drives the publisher for `wait`: whether nothing settled meanwhile.
+async fn settles_nothing(publisher: &mut Publisher<MemorySink, u64>, wait: Duration) -> bool {
+    run_for(publisher, wait).await.is_empty()
+}
+
 fn session(broker: &MemoryBroker) -> Publisher<MemorySink, u64> {
     let mut publisher = Publisher::new(broker.transactional_sink(), config(true));
     publisher.begin_session(Some(replay()), Some("walrelay.7.walrelay".into()));
@@ -66,19 +71,11 @@ async fn records_go_into_the_next_transaction_while_the_one_before_commits() {
     let mut publisher = session(&broker);
     broker.hold_commits();
     publish(&mut publisher, 0, 4);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1, "the first transaction commits");
     assert_eq!(broker.sent(), 4);
     publish(&mut publisher, 4, 8);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(
         broker.sent(),
         8,
@@ -90,9 +87,7 @@ async fn records_go_into_the_next_transaction_while_the_one_before_commits() {
     let settled = settle_committed(&mut publisher, &broker, 4).await;
     assert_eq!(settled, [0, 1, 2, 3], "the first transaction's, only");
     assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty(),
+        settles_nothing(&mut publisher, Duration::from_millis(100)).await,
         "the next transaction's records settle only once it commits"
     );
     broker.release_commits();
@@ -109,20 +104,12 @@ async fn a_transaction_that_stops_taking_records_has_them_sent_at_once() {
     // Unacknowledged, as records lingering in librdkafka are.
     broker.pause();
     publish(&mut publisher, 0, 3);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(1))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(1)).await);
     assert!(
         broker.sent_lingering().is_empty(),
         "still open: more records may batch with these"
     );
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(
         broker.sent_lingering(),
         ["walrelay.7.walrelay"],
@@ -141,26 +128,14 @@ async fn the_next_transaction_has_its_records_sent_at_once_only_when_it_stops_ta
     broker.pause();
     broker.hold_commits();
     publish(&mut publisher, 0, 2);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.sent_lingering(), [SESSION_IDS[0]]);
     broker.resume();
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1, "the first transaction commits");
     broker.pause();
     publish(&mut publisher, 2, 4);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(
         broker.sent_lingering(),
         [SESSION_IDS[0]],
@@ -192,18 +167,10 @@ async fn a_commit_that_fails_while_the_next_transaction_is_open_takes_both_back_
         message: "Broker: Transaction coordinator aborted the transaction".into(),
     });
     publish(&mut publisher, 0, 5);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1);
     publish(&mut publisher, 5, 10);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.sent(), 10, "the next transaction took records");
     broker.release_commits();
     let settled = settle_committed(&mut publisher, &broker, 10).await;
@@ -238,21 +205,13 @@ async fn with_one_id_resting_the_other_two_take_turns() {
     for n in [3, 5] {
         assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
     }
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1);
     let sent = broker.sent();
     for n in [7, 9] {
         assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
     }
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(
         broker.sent(),
         sent + 2,
@@ -292,11 +251,7 @@ async fn with_both_ids_in_use_a_partition_without_a_leader_still_holds_back_only
         let topic = if n % 2 == 0 { OTHER } else { TOPIC };
         assert!(publisher.publish(event_to(topic, n)).is_empty());
     }
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1);
     broker.take_offline(OTHER, 0);
     let mut outcomes = Vec::new();
@@ -326,21 +281,13 @@ async fn with_both_ids_in_use_a_partition_without_a_leader_still_holds_back_only
     for n in [9, 11] {
         assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
     }
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1);
     let sent = broker.sent();
     for n in [13, 15] {
         assert!(publisher.publish(event_to(TOPIC, n)).is_empty());
     }
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.sent(), sent, "nothing goes out while it commits");
     broker.release_commits();
     let settled = settle(&mut publisher, Vec::new(), 4).await.unwrap();
@@ -371,11 +318,7 @@ async fn a_partition_back_before_the_commit_ends_does_not_rest_ids_forever() {
     let mut publisher = session(&broker);
     broker.hold_commits();
     assert!(publisher.publish(event_to(OTHER, 0)).is_empty());
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1, "N (OTHER) commits");
     broker.take_offline(OTHER, 0);
     // N+1 under the spare: OTHER's record is never acknowledged.
@@ -404,19 +347,11 @@ async fn a_partition_back_before_the_commit_ends_does_not_rest_ids_forever() {
     // one before commits.
     broker.hold_commits();
     publish(&mut publisher, 10, 12);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(broker.commits_waiting(), 1);
     let sent = broker.sent();
     publish(&mut publisher, 12, 14);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     assert_eq!(
         broker.sent(),
         sent + 2,
@@ -436,17 +371,9 @@ async fn a_commit_failing_transiently_while_the_next_is_open_is_committed_again(
     broker.hold_commits();
     broker.fail_next_commit(BrokerError::transient("Local: Timed out"));
     publish(&mut publisher, 0, 4);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     publish(&mut publisher, 4, 8);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     broker.release_commits();
     let settled = settle_committed(&mut publisher, &broker, 8).await;
     assert_eq!(settled, (0..8).collect::<Vec<_>>());
@@ -466,17 +393,9 @@ async fn a_fenced_commit_before_the_open_transaction_names_its_own_id() {
         message: "Broker: Producer attempted an operation with an old epoch".into(),
     });
     publish(&mut publisher, 0, 4);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     publish(&mut publisher, 4, 8);
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     broker.release_commits();
     let error = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -565,11 +484,7 @@ async fn a_cleanup_is_not_scheduled_for_an_id_whose_commit_there_is_still_under_
     assert!(publisher.held_partitions().is_empty(), "OTHER back");
     // 8 goes to OTHER: its tail is read again, and found hidden.
     assert!(publisher.publish(event_to(OTHER, 8)).is_empty());
-    assert!(
-        run_for(&mut publisher, Duration::from_millis(100))
-            .await
-            .is_empty()
-    );
+    assert!(settles_nothing(&mut publisher, Duration::from_millis(100)).await);
     // A's commit returns: 6 is delivered (and may be confirmed).
     broker.release_commits();
     let mut more = run_for(&mut publisher, Duration::from_secs(10)).await;
