@@ -784,3 +784,68 @@ async fn a_row_that_keeps_failing_goes_to_the_dead_letter_topic_after_max_attemp
     );
     assert!(relay.terminate(Duration::from_secs(30)).await.success());
 }
+
+/// A backlog written since the table was last analyzed (here, never: its
+/// autovacuum is off) still has the relay's claims walk the `seq` index
+/// and stop at the batch's size, instead of reading every pending row and
+/// sorting them: PostgreSQL planned that from its missing statistics, and
+/// each claim took 150 ms over 200,000 rows against 8 ms (see
+/// `poll/claim.rs`). The plans are the server's own (`auto_explain`).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relays_claims_walk_the_seq_index_on_a_table_never_analyzed() {
+    let stack = poll_stack("pollplan").await;
+    stack
+        .client
+        .batch_execute(&format!(
+            "ALTER TABLE outbox SET (autovacuum_enabled = false);
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+               SELECT 'plan', 'order-' || (g % 1000), 'OrderPlaced', '{{}}'
+               FROM generate_series(1, 20000) g;
+             ALTER DATABASE {db} SET session_preload_libraries = 'auto_explain';
+             ALTER DATABASE {db} SET auto_explain.log_min_duration = 0",
+            db = stack.db
+        ))
+        .await
+        .unwrap();
+    let analyzed = count(
+        &stack.client,
+        "SELECT count(*) FROM pg_stats WHERE tablename = 'outbox'",
+    )
+    .await;
+    assert_eq!(analyzed, 0, "the table has statistics: the test needs none");
+
+    let mut relay = stack.relay(&["--source", "poll"]);
+    let records = stack
+        .broker
+        .consume(&stack.topic("plan"), 20000, Duration::from_secs(120));
+    assert_eq!(records.len(), 20000, "{}", relay.log());
+    assert!(relay.terminate(Duration::from_secs(30)).await.success());
+
+    // Each claim's plan: the rows to claim come from an ordered walk of the
+    // pending index, straight into the row locks and the limit.
+    let log = stack.pg.log();
+    let claims: Vec<&str> = log
+        .split("LOG:  duration:")
+        .filter(|entry| entry.contains("CTE claimed"))
+        .collect();
+    assert!(
+        claims.len() >= 20000 / 500,
+        "{} claims logged",
+        claims.len()
+    );
+    for plan in claims {
+        let claimed: Vec<&str> = plan
+            .lines()
+            .skip_while(|line| !line.contains("CTE claimed"))
+            .take_while(|line| !line.contains("CTE Scan on claimed"))
+            .collect();
+        let node = |name: &str| claimed.iter().any(|line| line.contains(name));
+        assert!(
+            node("Index Scan using outbox_walrelay_pending on outbox c")
+                && !node("Sort")
+                && !node("Bitmap")
+                && !node("Seq Scan"),
+            "a claim that does not walk the index:\n{plan}"
+        );
+    }
+}

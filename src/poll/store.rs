@@ -152,7 +152,7 @@ impl OutboxStore for PgStore {
     ) -> LocalBoxFuture<Result<Claim, PollError>> {
         Box::pin(async move {
             let client = &conn.client;
-            client.batch_execute("BEGIN").await?;
+            client.batch_execute(claim::BEGIN_CLAIM).await?;
             let claim = claim::claim(client, &table, limit, share).await?;
             if claim.rows.is_empty() {
                 // Nothing to hold: end the transaction now.
