@@ -1,6 +1,6 @@
 //! Claiming rows and settling them: the polling source's SQL.
 //!
-//! A claim runs in the transaction (`BEGIN` on the relay's connection)
+//! A claim runs in the transaction ([`BEGIN_CLAIM`] on the relay's connection)
 //! that later deletes (or marks) the rows,
 //! so a relay that dies mid-batch rolls back and leaves its rows for the
 //! next claim. In that transaction:
@@ -206,17 +206,20 @@ impl OutboxTable {
     }
 }
 
-/// How a claim's transaction begins: its plans walk indexes. The claim
-/// must walk the `seq` index in order and stop at the batch's size, but
-/// where the table's statistics are missing or stale (a backlog written
-/// since autovacuum last analyzed it) PostgreSQL estimated a few hundred
-/// pending rows, read every pending row with a bitmap scan and sorted them
-/// on disk: 150 ms a claim over 200,000 rows, against 8 ms walking the
-/// index (measured). Each query of the transaction has an index to walk
-/// (`seq`, the aggregate index, the in-flight table's key, the settle's
-/// `ctid`), and `SET LOCAL` ends with the transaction.
-pub(super) const BEGIN_CLAIM: &str =
-    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off";
+/// How a claim's transaction begins: its plans walk indexes, and nothing
+/// is JIT-compiled. The claim must walk the `seq` index in order and stop
+/// at the batch's size, but where the table's statistics are missing or
+/// stale (a backlog written since autovacuum last analyzed it) PostgreSQL
+/// estimated a few hundred pending rows, read every pending row with a
+/// bitmap scan and sorted them on disk: 150 ms a claim over 200,000 rows,
+/// against 8 ms walking the index (measured). The claim's subqueries and
+/// the settle of published rows have an index or a `ctid` to go by; the
+/// settle of failed rows plans freely again (`settle.rs`). The claim's
+/// cost estimate is high (a subquery per row), which made PostgreSQL
+/// JIT-compile it on every batch: about half of each claim's time,
+/// measured. `SET LOCAL` ends with the transaction, also behind a pooler.
+pub(super) const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off; \
+     SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off";
 
 /// Claims up to `limit` rows of lane `share`'s aggregates to publish, in
 /// `seq` order. Per aggregate,

@@ -77,6 +77,14 @@ pub async fn settle(
             write_published(tx, table, on_published, published, true).await?;
         }
     }
+    if !failed.is_empty() {
+        // Holding an aggregate's later rows compares the aggregate as text
+        // (whatever the columns' types), which no index answers: a pass
+        // over the pending rows, in the order the planner finds cheapest,
+        // not the index walks the claim began the transaction with.
+        tx.batch_execute("SET LOCAL enable_seqscan = on; SET LOCAL enable_bitmapscan = on")
+            .await?;
+    }
     for row in failed {
         let retry_ms = row.retry_in.as_secs_f64() * 1000.0;
         tx.execute(
